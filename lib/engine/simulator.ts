@@ -1,0 +1,332 @@
+/**
+ * A simulated OpenAI-compatible engine that behaves like vLLM, for client
+ * developers without a GPU and for tests: `/health`, `/v1/models`,
+ * `/v1/chat/completions` (streaming or not, with usage), `/tokenize`,
+ * `/metrics`, vLLM's context-length error, and latency that grows with the
+ * number of requests it is running.
+ *
+ * Replies are deterministic and depend on the conversation received, so a
+ * client can see its history: `[Maze guide] Turn 2: you said "hi".` names the
+ * system prompt's first line, counts the user turns and quotes the last one.
+ *
+ * @module
+ */
+
+import { countTokens, encode } from "gpt-tokenizer";
+import { abortableSleep } from "../_util.ts";
+
+/** Whether simulated answers carry a `<think>` block. */
+export type SimulatedThinking = "never" | "always" | "template";
+
+/** Options of {@linkcode startSimulator}. */
+export interface SimulatorOptions {
+  /**
+   * Port to listen on; 0 picks a free one.
+   * @default {0}
+   */
+  readonly port?: number;
+  /**
+   * Host to bind.
+   * @default {"127.0.0.1"}
+   */
+  readonly hostname?: string;
+  /**
+   * Model id served.
+   * @default {"sim-model"}
+   */
+  readonly model?: string;
+  /**
+   * Context length, in tokens: longer prompts get vLLM's 400.
+   * @default {4096}
+   */
+  readonly maxModelLen?: number;
+  /**
+   * Milliseconds to the first token.
+   * @default {50}
+   */
+  readonly ttftMs?: number;
+  /**
+   * Milliseconds between tokens with one request running.
+   * @default {15}
+   */
+  readonly itlMs?: number;
+  /**
+   * How much each further running request slows every token down:
+   * the gap is `itlMs * (1 + slowdown * (running - 1))`, as batches get bigger.
+   * @default {0.005}
+   */
+  readonly batchSlowdown?: number;
+  /**
+   * Words of filler appended to each answer (longer answers, for benchmarks).
+   * @default {0}
+   */
+  readonly fillerTokens?: number;
+  /**
+   * `always`: every answer starts with a `<think>` block (like QwQ);
+   * `template`: unless `chat_template_kwargs.enable_thinking` is false (like Qwen3);
+   * `never`: no reasoning.
+   * @default {"never"}
+   */
+  readonly thinking?: SimulatedThinking;
+  /**
+   * When set, `/v1/*` requires `Authorization: Bearer <apiKey>`, as `vllm serve --api-key` does.
+   */
+  readonly apiKey?: string;
+}
+
+/** A running simulator. */
+export interface Simulator {
+  /** Base URL including `/v1`. */
+  readonly url: string;
+  readonly port: number;
+  /** The request bodies received by `/v1/chat/completions`, oldest first (the last 1000). */
+  readonly received: readonly Record<string, unknown>[];
+  /** Requests running now. */
+  readonly running: number;
+  close(): Promise<void>;
+}
+
+interface ChatBody {
+  model?: string;
+  messages?: { role: string; content: unknown }[];
+  stream?: boolean;
+  stream_options?: { include_usage?: boolean };
+  max_tokens?: number;
+  max_completion_tokens?: number;
+  chat_template_kwargs?: { enable_thinking?: boolean };
+}
+
+const AS_TEXT = { disallowedSpecial: new Set<string>() };
+const ENCODER = new TextEncoder();
+
+/** Starts a simulated engine. */
+export function startSimulator(options: SimulatorOptions = {}): Promise<Simulator> {
+  const model = options.model ?? "sim-model";
+  const maxModelLen = options.maxModelLen ?? 4096;
+  const ttftMs = options.ttftMs ?? 50;
+  const itlMs = options.itlMs ?? 15;
+  const slowdown = options.batchSlowdown ?? 0.005;
+  const received: Record<string, unknown>[] = [];
+  let running = 0;
+  let requestsTotal = 0;
+  let promptTokensTotal = 0;
+  let generationTokensTotal = 0;
+
+  const tokenGap = () => itlMs * (1 + slowdown * Math.max(0, running - 1));
+
+  const authorized = (request: Request) =>
+    options.apiKey === undefined ||
+    request.headers.get("authorization") === `Bearer ${options.apiKey}`;
+
+  async function chat(request: Request): Promise<Response> {
+    let body: ChatBody;
+    try {
+      body = await request.json();
+    } catch {
+      return error(400, "request body is not valid JSON");
+    }
+    if (!Array.isArray(body.messages) || body.messages.length === 0) {
+      return error(400, "'messages' must be a non-empty array");
+    }
+    received.push(body as Record<string, unknown>);
+    if (received.length > 1000) received.shift();
+
+    const promptTokens = countPromptTokens(body.messages);
+    const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
+    if (promptTokens + maxTokens > maxModelLen) {
+      return error(
+        400,
+        `This model's maximum context length is ${maxModelLen} tokens. However, you requested ${
+          promptTokens + maxTokens
+        } tokens (${promptTokens} in the messages, ${maxTokens} in the completion). Please reduce the length of the messages or completion.`,
+      );
+    }
+    const thinks = options.thinking === "always" ||
+      (options.thinking === "template" && body.chat_template_kwargs?.enable_thinking !== false);
+    const all = replyTokens(body.messages, thinks, options.fillerTokens ?? 0);
+    const tokens = all.slice(0, Math.max(0, maxTokens));
+    const finishReason = tokens.length < all.length ? "length" : "stop";
+    const usage = {
+      prompt_tokens: promptTokens,
+      completion_tokens: tokens.length,
+      total_tokens: promptTokens + tokens.length,
+    };
+    const id = `chatcmpl-sim-${++requestsTotal}`;
+    const created = Math.floor(Date.now() / 1000);
+    running++;
+    promptTokensTotal += promptTokens;
+    generationTokensTotal += tokens.length;
+
+    if (!body.stream) {
+      try {
+        await abortableSleep(ttftMs + tokenGap() * Math.max(0, tokens.length - 1), request.signal);
+      } finally {
+        running--;
+      }
+      return Response.json({
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: [{
+          index: 0,
+          message: { role: "assistant", content: tokens.join("") },
+          finish_reason: finishReason,
+        }],
+        usage,
+      });
+    }
+
+    const chunk = (delta: Record<string, unknown>, finish: string | null) =>
+      ENCODER.encode(`data: ${
+        JSON.stringify({
+          id,
+          object: "chat.completion.chunk",
+          created,
+          model,
+          choices: [{ index: 0, delta, finish_reason: finish }],
+        })
+      }\n\n`);
+    const includeUsage = body.stream_options?.include_usage === true;
+    const signal = request.signal;
+    const stream = new ReadableStream<Uint8Array>({
+      async start(controller) {
+        try {
+          controller.enqueue(chunk({ role: "assistant", content: "" }, null));
+          if (ttftMs > 0) await abortableSleep(ttftMs, signal);
+          for (let i = 0; i < tokens.length; i++) {
+            const gap = tokenGap();
+            if (i > 0 && gap > 0) await abortableSleep(gap, signal);
+            controller.enqueue(chunk({ content: tokens[i] }, null));
+          }
+          controller.enqueue(chunk({}, finishReason));
+          if (includeUsage) {
+            controller.enqueue(ENCODER.encode(`data: ${
+              JSON.stringify({
+                id,
+                object: "chat.completion.chunk",
+                created,
+                model,
+                choices: [],
+                usage,
+              })
+            }\n\n`));
+          }
+          controller.enqueue(ENCODER.encode("data: [DONE]\n\n"));
+          controller.close();
+        } catch {
+          // The client went away: stop generating, as vLLM aborts the request.
+        } finally {
+          running--;
+        }
+      },
+    });
+    return new Response(stream, {
+      headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
+    });
+  }
+
+  async function tokenize(request: Request): Promise<Response> {
+    const body = await request.json().catch(() => ({})) as {
+      prompt?: string;
+      messages?: ChatBody["messages"];
+    };
+    const tokens = body.messages
+      ? encode(body.messages.map((m) => String(m.content)).join("\n"), AS_TEXT)
+      : encode(String(body.prompt ?? ""), AS_TEXT);
+    return Response.json({ count: tokens.length, max_model_len: maxModelLen, tokens });
+  }
+
+  const metrics = () =>
+    new Response(
+      [
+        `vllm:num_requests_running{model_name="${model}"} ${running}`,
+        `vllm:request_success_total{model_name="${model}"} ${requestsTotal}`,
+        `vllm:prompt_tokens_total{model_name="${model}"} ${promptTokensTotal}`,
+        `vllm:generation_tokens_total{model_name="${model}"} ${generationTokensTotal}`,
+        "",
+      ].join("\n"),
+      { headers: { "content-type": "text/plain; version=0.0.4" } },
+    );
+
+  const handler = (request: Request): Response | Promise<Response> => {
+    const { pathname } = new URL(request.url);
+    if (pathname === "/health") return new Response(null, { status: 200 });
+    if (pathname === "/metrics") return metrics();
+    if (pathname === "/tokenize" && request.method === "POST") return tokenize(request);
+    if (pathname.startsWith("/v1/") && !authorized(request)) return error(401, "Unauthorized");
+    if (pathname === "/v1/models") {
+      return Response.json({
+        object: "list",
+        data: [{
+          id: model,
+          object: "model",
+          created: 0,
+          owned_by: "vllm",
+          root: model,
+          max_model_len: maxModelLen,
+        }],
+      });
+    }
+    if (pathname === "/v1/chat/completions" && request.method === "POST") return chat(request);
+    return error(404, `no route for ${request.method} ${pathname}`);
+  };
+
+  return new Promise((resolve) => {
+    const server = Deno.serve({
+      port: options.port ?? 0,
+      hostname: options.hostname ?? "127.0.0.1",
+      onListen: () => {},
+    }, handler);
+    const { port } = server.addr as Deno.NetAddr;
+    resolve({
+      url: `http://${options.hostname ?? "127.0.0.1"}:${port}/v1`,
+      port,
+      received,
+      get running() {
+        return running;
+      },
+      close: () => server.shutdown(),
+    });
+  });
+}
+
+/** vLLM's error body: `{"error": {"message", "type", "param", "code"}}`. */
+function error(status: number, message: string): Response {
+  const type = status === 400 ? "BadRequestError" : status === 401 ? "Unauthorized" : "NotFoundError";
+  return Response.json({ error: { message, type, param: null, code: status } }, { status });
+}
+
+function countPromptTokens(messages: { content: unknown }[]): number {
+  let total = 3;
+  for (const message of messages) {
+    total += countTokens(String(message.content ?? ""), AS_TEXT) + 4;
+  }
+  return total;
+}
+
+/** The answer, as tokens (a word and its trailing space each). */
+function replyTokens(
+  messages: { role: string; content: unknown }[],
+  thinks: boolean,
+  filler: number,
+): string[] {
+  const system = messages.find((m) => m.role === "system");
+  const users = messages.filter((m) => m.role === "user");
+  const last = String(users.at(-1)?.content ?? "");
+  const tag = system
+    ? String(system.content).split("\n").find((line) => line.trim() !== "")?.replace(/^#+\s*/, "")
+      .slice(0, 60)
+    : undefined;
+  const quoted = last.length > 200 ? `${last.slice(0, 200)}...` : last;
+  let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${quoted}".`;
+  for (let i = 0; i < filler; i++) text += ` w${i}`;
+  if (thinks) text = `<think>\nThe user said "${quoted}". I should answer briefly.\n</think>\n\n${text}`;
+  return text.match(/\S+\s*|\s+/g) ?? [];
+}
+
+if (import.meta.main) {
+  const port = Number(Deno.args[0] ?? 8000);
+  const sim = await startSimulator({ port });
+  console.log(`simulated engine on ${sim.url}`);
+}

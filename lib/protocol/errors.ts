@@ -1,0 +1,42 @@
+/**
+ * The protocol's error codes and the one error class that carries them, so a
+ * failure anywhere (parsing, queueing, the engine) reaches the client as
+ * `{"type":"error","error":{"code":...}}` without string matching on messages.
+ *
+ * @module
+ */
+
+/** Error codes of protocol v1, as clients see them. */
+export type ErrorCode =
+  | "invalid_request"
+  | "payload_too_large"
+  | "unknown_project"
+  | "queue_full"
+  | "rate_limited"
+  | "context_overflow"
+  | "engine_unavailable"
+  | "timeout"
+  | "cancelled"
+  | "shutting_down"
+  | "internal";
+
+/** A failure with a protocol error code, answered to the client that caused it. */
+export class ServiceError extends Error {
+  readonly code: ErrorCode;
+  /** When set, the client may retry after this many milliseconds. */
+  readonly retryAfterMs: number | undefined;
+
+  constructor(code: ErrorCode, message: string, options?: { retryAfterMs?: number; cause?: unknown }) {
+    super(message, { cause: options?.cause });
+    this.name = "ServiceError";
+    this.code = code;
+    this.retryAfterMs = options?.retryAfterMs;
+  }
+}
+
+/** Any thrown value as a {@linkcode ServiceError}; unknown failures become `internal`. */
+export function toServiceError(error: unknown): ServiceError {
+  if (error instanceof ServiceError) return error;
+  const message = error instanceof Error ? error.message : String(error);
+  return new ServiceError("internal", `internal error: ${message}`, { cause: error });
+}

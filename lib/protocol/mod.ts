@@ -1,0 +1,10 @@
+/**
+ * Protocol v1: request parsing, reply encoding, topics and error codes.
+ *
+ * @module
+ */
+
+export * from "./errors.ts";
+export * from "./reply.ts";
+export * from "./request.ts";
+export * from "./topics.ts";

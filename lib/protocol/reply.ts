@@ -1,0 +1,64 @@
+/**
+ * Reply payloads: v1 JSON (`delta`, `done`, `error`) or, for the original
+ * deployment's clients, plain text once per answer.
+ *
+ * @module
+ */
+
+import type { ErrorCode } from "./errors.ts";
+import type { ReplyStyle } from "./request.ts";
+
+/** Token counts of one answer, as the engine reported them. */
+export interface Usage {
+  readonly prompt_tokens: number;
+  readonly completion_tokens: number;
+  readonly total_tokens: number;
+}
+
+/** Where the time of one request went, in milliseconds. */
+export interface Timing {
+  readonly queue_ms: number;
+  readonly ttft_ms: number | null;
+  readonly total_ms: number;
+}
+
+/** The reply bodies, without the `session_id` and `request_id` every reply carries. */
+export type ReplyBody =
+  | { readonly type: "delta"; readonly seq: number; readonly delta: string }
+  | {
+    readonly type: "done";
+    readonly response: string;
+    readonly finish_reason: string;
+    readonly usage: Usage | null;
+    readonly timing: Timing;
+  }
+  | {
+    readonly type: "error";
+    readonly error: { readonly code: ErrorCode; readonly message: string; readonly retry_after_ms?: number };
+  };
+
+/** The text the original deployment answered a full queue with; its clients look for it. */
+export const OVERLOADED_TEXT = "Server is overloaded. Please try again in a moment.";
+
+/**
+ * Encodes a reply in the request's style, or returns undefined when that style
+ * sends nothing for it (plain-text clients get no deltas).
+ */
+export function encodeReply(
+  body: ReplyBody,
+  style: ReplyStyle,
+  sessionId: string,
+  requestId: string | undefined,
+): string | undefined {
+  if (style === "json") {
+    return JSON.stringify({ session_id: sessionId, request_id: requestId ?? null, ...body });
+  }
+  switch (body.type) {
+    case "delta":
+      return undefined;
+    case "done":
+      return body.response;
+    case "error":
+      return body.error.code === "queue_full" ? OVERLOADED_TEXT : `Error: ${body.error.message}`;
+  }
+}

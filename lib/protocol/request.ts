@@ -1,0 +1,254 @@
+/**
+ * Parsing and validation of a request payload (protocol v1, and the original
+ * deployment's camelCase form). Runs on the gateway thread for every message,
+ * so it checks the size before it decodes and decodes before it parses.
+ *
+ * @module
+ */
+
+import { z } from "zod";
+import { ServiceError } from "./errors.ts";
+import { SESSION_ID_PATTERN } from "./topics.ts";
+
+/** How replies to a request are written: v1 JSON, or the original's plain text. */
+export type ReplyStyle = "json" | "text";
+
+/** Sampling parameters a client may set, after clamping. */
+export interface SamplingParams {
+  readonly max_tokens: number;
+  readonly temperature: number;
+  readonly top_p: number;
+  readonly top_k?: number;
+  readonly stop?: readonly string[];
+  readonly seed?: number;
+}
+
+/** A validated request. */
+export interface ChatRequest {
+  readonly project: string;
+  readonly sessionId: string;
+  readonly requestId: string | undefined;
+  /** The user's text; undefined for a bare `reset` or `cancel`. */
+  readonly message: string | undefined;
+  readonly priority: number;
+  readonly stream: boolean;
+  readonly params: SamplingParams;
+  readonly reset: boolean;
+  readonly cancel: boolean;
+  readonly style: ReplyStyle;
+  /** A per-request system prompt replacing the project's (the original's `systemPrompt`). */
+  readonly systemPrompt: string | undefined;
+  /** A validated reply topic under the project's response root (the original's `replyTopic`). */
+  readonly replyTopic: string | undefined;
+  readonly clientId: string | undefined;
+}
+
+/** The limits and defaults requests are checked and clamped against. */
+export interface RequestLimits {
+  readonly maxPayloadBytes: number;
+  readonly maxMessageChars: number;
+  readonly maxPriority: number;
+  readonly maxTokens: number;
+  readonly temperature: number;
+  readonly topP: number;
+  readonly stream: boolean;
+}
+
+/** Where an invalid request can still be answered. */
+export interface ReplyAddress {
+  readonly sessionId: string;
+  readonly requestId: string | undefined;
+  readonly style: ReplyStyle;
+  readonly replyTopic: string | undefined;
+}
+
+/** The outcome of parsing: a request, or an error with the address to answer it at, if any. */
+export type ParseOutcome =
+  | { ok: true; request: ChatRequest }
+  | { ok: false; error: ServiceError; address: ReplyAddress | undefined };
+
+/** camelCase fields of the original deployment and the v1 fields they stand for. */
+const ALIASES: Readonly<Record<string, string>> = {
+  sessionId: "session_id",
+  requestId: "request_id",
+  maxTokens: "max_tokens",
+  topP: "top_p",
+  topK: "top_k",
+  systemPrompt: "system_prompt",
+  replyTopic: "reply_topic",
+  clientId: "client_id",
+};
+
+/** Sampling fields the original took at the top level of the request. */
+const TOP_LEVEL_PARAMS = ["temperature", "top_p", "max_tokens"] as const;
+
+const shortString = z.string().max(256);
+
+const paramsSchema = z.object({
+  max_tokens: z.number().int().optional(),
+  temperature: z.number().optional(),
+  top_p: z.number().optional(),
+  top_k: z.number().int().optional(),
+  stop: z.union([z.string().max(64), z.array(z.string().max(64)).max(4)]).optional(),
+  seed: z.number().int().optional(),
+}).strict();
+
+const requestSchema = z.object({
+  session_id: z.string().regex(SESSION_ID_PATTERN, {
+    message: "session_id must match ^[A-Za-z0-9._-]{1,128}$ (no / + # or control characters)",
+  }),
+  message: z.string().optional(),
+  request_id: shortString.optional(),
+  priority: z.number().int().optional(),
+  stream: z.boolean().optional(),
+  params: paramsSchema.optional(),
+  reset: z.boolean().optional(),
+  cancel: z.boolean().optional(),
+  format: z.enum(["json", "text"]).optional(),
+  system_prompt: z.string().max(32_768).optional(),
+  reply_topic: z.string().max(512).optional(),
+  client_id: shortString.optional(),
+});
+
+const DECODER = new TextDecoder("utf-8", { fatal: true });
+
+const clamp = (value: number, low: number, high: number) => Math.min(high, Math.max(low, value));
+
+/**
+ * Parses one request payload published on `{project}/user_input`.
+ *
+ * @param payload The raw MQTT payload.
+ * @param project The (enabled) project whose input topic it came on.
+ * @param responseRoot The project's `.../assistant_response/` topic, which a `replyTopic` must lie under.
+ */
+export function parseRequest(
+  payload: Uint8Array,
+  project: string,
+  responseRoot: string,
+  limits: RequestLimits,
+): ParseOutcome {
+  const fail = (message: string, address?: ReplyAddress, code: "invalid_request" | "payload_too_large" = "invalid_request"): ParseOutcome => ({
+    ok: false,
+    error: new ServiceError(code, message),
+    address,
+  });
+
+  if (payload.byteLength > limits.maxPayloadBytes) {
+    return fail(
+      `payload is ${payload.byteLength} bytes, more than the limit of ${limits.maxPayloadBytes}`,
+      undefined,
+      "payload_too_large",
+    );
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(DECODER.decode(payload));
+  } catch (error) {
+    const why = error instanceof TypeError ? "not valid UTF-8" : "not valid JSON";
+    return fail(`payload is ${why}`);
+  }
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
+    return fail("payload must be a JSON object");
+  }
+
+  const fields: Record<string, unknown> = {};
+  let camelCase = false;
+  for (const [key, value] of Object.entries(raw)) {
+    const v1 = ALIASES[key];
+    if (v1 !== undefined) {
+      camelCase ||= key === "sessionId";
+      if (!(v1 in raw)) fields[v1] = value;
+    } else {
+      fields[key] = value;
+    }
+  }
+  // The original took sampling parameters at the top level; v1 takes them in `params`.
+  const topLevel: Record<string, unknown> = {};
+  for (const name of TOP_LEVEL_PARAMS) {
+    if (name in fields) {
+      topLevel[name] = fields[name];
+      delete fields[name];
+    }
+  }
+  if (Object.keys(topLevel).length > 0) {
+    const params = fields.params;
+    fields.params = typeof params === "object" && params !== null ? { ...topLevel, ...params } : topLevel;
+  }
+
+  const parsed = requestSchema.safeParse(fields);
+  const styleOf = (format: unknown): ReplyStyle =>
+    format === "json" || format === "text" ? format : camelCase ? "text" : "json";
+  if (!parsed.success) {
+    const sessionId = fields.session_id;
+    const address = typeof sessionId === "string" && SESSION_ID_PATTERN.test(sessionId)
+      ? {
+        sessionId,
+        requestId: typeof fields.request_id === "string" ? fields.request_id.slice(0, 256) : undefined,
+        style: styleOf(fields.format),
+        replyTopic: validReplyTopic(fields.reply_topic, responseRoot),
+      }
+      : undefined;
+    const issue = parsed.error.issues[0];
+    const where = issue.path.length > 0 ? `'${issue.path.join(".")}': ` : "";
+    return fail(`${where}${issue.message}`, address);
+  }
+
+  const body = parsed.data;
+  const address: ReplyAddress = {
+    sessionId: body.session_id,
+    requestId: body.request_id,
+    style: styleOf(body.format),
+    replyTopic: validReplyTopic(body.reply_topic, responseRoot),
+  };
+  const reset = body.reset ?? false;
+  const cancel = body.cancel ?? false;
+  if (body.message === undefined && !reset && !cancel) {
+    return fail("'message' is required unless 'reset' or 'cancel' is set", address);
+  }
+  if (body.message !== undefined && body.message.length > limits.maxMessageChars) {
+    return fail(
+      `'message' is ${body.message.length} characters, more than the limit of ${limits.maxMessageChars}`,
+      address,
+    );
+  }
+  if (body.message !== undefined && body.message.trim() === "" && !reset) {
+    return fail("'message' is empty", address);
+  }
+
+  const p = body.params ?? {};
+  const params: SamplingParams = {
+    max_tokens: clamp(p.max_tokens ?? limits.maxTokens, 1, limits.maxTokens),
+    temperature: clamp(p.temperature ?? limits.temperature, 0, 2),
+    top_p: p.top_p === undefined ? limits.topP : clamp(p.top_p, 0.01, 1),
+    ...(p.top_k !== undefined && { top_k: clamp(p.top_k, -1, 1000) }),
+    ...(p.stop !== undefined && { stop: typeof p.stop === "string" ? [p.stop] : p.stop }),
+    ...(p.seed !== undefined && { seed: p.seed }),
+  };
+
+  return {
+    ok: true,
+    request: {
+      project,
+      sessionId: body.session_id,
+      requestId: body.request_id,
+      message: body.message,
+      priority: clamp(body.priority ?? 0, -limits.maxPriority, limits.maxPriority),
+      stream: address.style === "json" && (body.stream ?? limits.stream),
+      params,
+      reset,
+      cancel,
+      style: address.style,
+      systemPrompt: body.system_prompt,
+      replyTopic: address.replyTopic,
+      clientId: body.client_id,
+    },
+  };
+}
+
+/** A reply topic is honoured only under the project's response root and without wildcards. */
+function validReplyTopic(value: unknown, responseRoot: string): string | undefined {
+  if (typeof value !== "string") return undefined;
+  if (!value.startsWith(responseRoot) || value.length === responseRoot.length) return undefined;
+  if (/[+#\u0000-\u001f\u007f]/.test(value)) return undefined;
+  return value;
+}

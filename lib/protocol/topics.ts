@@ -1,0 +1,83 @@
+/**
+ * Topic names of protocol v1. Every topic the program reads or writes is built
+ * here, so the layout is in one place.
+ *
+ * @module
+ */
+
+/** A session id as it may stand in a topic level: no `/ + #`, no control characters. */
+export const SESSION_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
+
+/** The topics of one deployment, given its prefix and service name. */
+export class Topics {
+  readonly #prefix: string;
+  readonly #service: string;
+
+  constructor(prefix: string, serviceName: string) {
+    this.#prefix = prefix;
+    this.#service = serviceName;
+  }
+
+  /** `{prefix}{project}/user_input`: where clients send requests. */
+  input(project: string): string {
+    return `${this.#prefix}${project}/user_input`;
+  }
+
+  /** `{prefix}{project}/assistant_response/{sessionId}`: where replies go. */
+  response(project: string, sessionId: string): string {
+    return `${this.responseRoot(project)}${sessionId}`;
+  }
+
+  /** `{prefix}{project}/assistant_response/`: every reply topic of a project starts so. */
+  responseRoot(project: string): string {
+    return `${this.#prefix}${project}/assistant_response/`;
+  }
+
+  /** `{prefix}{project}/{command}` and `.../{command}/+`, for the control topics. */
+  control(project: string, command: ControlCommand): string[] {
+    return [`${this.#prefix}${project}/${command}`, `${this.#prefix}${project}/${command}/+`];
+  }
+
+  /** The retained online/offline message. */
+  get status(): string {
+    return `${this.#service}/status`;
+  }
+
+  /** The periodic statistics message. */
+  get stats(): string {
+    return `${this.#service}/stats`;
+  }
+
+  /**
+   * What an incoming topic addresses: a project's input, a control command
+   * (with the session id of its last level, if any), or nothing of ours.
+   */
+  parse(topic: string): TopicTarget | undefined {
+    if (!topic.startsWith(this.#prefix)) return undefined;
+    const levels = topic.slice(this.#prefix.length).split("/");
+    const [project, kind, sessionId] = levels;
+    if (levels.length === 2 && kind === "user_input") return { kind: "input", project };
+    if ((levels.length === 2 || levels.length === 3) && isControlCommand(kind)) {
+      return { kind: "control", project, command: kind, sessionId };
+    }
+    return undefined;
+  }
+}
+
+/** The control topics the original deployment served. */
+export type ControlCommand = "clear_history" | "delete_session" | "template";
+
+export const CONTROL_COMMANDS: readonly ControlCommand[] = [
+  "clear_history",
+  "delete_session",
+  "template",
+];
+
+function isControlCommand(value: string): value is ControlCommand {
+  return (CONTROL_COMMANDS as readonly string[]).includes(value);
+}
+
+/** What an incoming topic addresses. */
+export type TopicTarget =
+  | { kind: "input"; project: string }
+  | { kind: "control"; project: string; command: ControlCommand; sessionId: string | undefined };

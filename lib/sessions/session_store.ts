@@ -1,0 +1,232 @@
+/**
+ * Conversation history in Deno KV, one key per message (a value holds at most
+ * 64 KiB). A session's meta record is the commit point: it names the range of
+ * message keys that make up the history, so a turn whose messages were written
+ * but whose meta was not (a crash, an aborted stream) is simply not there.
+ *
+ * Keys:
+ * - `["session", project, sessionId]` → {@linkcode SessionMeta}
+ * - `["message", project, sessionId, seq]` → {@linkcode StoredMessage}
+ *
+ * Every key carries `expireIn` (the session TTL), refreshed on each turn. KV
+ * expiry is lazy, so reads also check `expiresAt`.
+ *
+ * @module
+ */
+
+/** One message of a session's history. */
+export interface StoredMessage {
+  readonly role: "user" | "assistant";
+  readonly content: string;
+  /** Its share of the prompt in tokens: exact when the engine reported usage. */
+  readonly tokens: number;
+}
+
+/** A stored message with its position. */
+export interface HistoryEntry extends StoredMessage {
+  readonly seq: number;
+}
+
+/** The record that says which messages make up a session. */
+export interface SessionMeta {
+  /** Sequence number of the oldest message kept. */
+  readonly firstSeq: number;
+  /** Sequence number the next message gets. */
+  readonly nextSeq: number;
+  readonly lastActive: number;
+  readonly expiresAt: number;
+  /** A system prompt set for this session alone (the `template` control topic). */
+  readonly systemPrompt?: string;
+}
+
+/** A session as loaded: its meta (if it exists and is live) and its messages. */
+export interface Session {
+  readonly meta: SessionMeta | undefined;
+  readonly history: readonly HistoryEntry[];
+}
+
+/** A live session as listed by {@linkcode SessionStore.list}. */
+export interface SessionRef {
+  readonly project: string;
+  readonly sessionId: string;
+  readonly lastActive: number;
+  readonly expiresAt: number;
+}
+
+// Deno KV allows 1000 mutations in one atomic operation; stay well below, and
+// below its 800 KB total, when refreshing a long history.
+const BATCH_MUTATIONS = 500;
+const BATCH_BYTES = 512 * 1024;
+
+/** Session history on one Deno KV database. */
+export class SessionStore {
+  readonly #kv: Deno.Kv;
+  readonly #ttlMs: number;
+
+  constructor(kv: Deno.Kv, ttlMs: number) {
+    this.#kv = kv;
+    this.#ttlMs = ttlMs;
+  }
+
+  /** Opens (creating if needed) the store at `path`. */
+  static async open(path: string, ttlMs: number): Promise<SessionStore> {
+    return new SessionStore(await Deno.openKv(path), ttlMs);
+  }
+
+  /** Loads a session's history; an expired or unknown session is empty. */
+  async load(project: string, sessionId: string, now = Date.now()): Promise<Session> {
+    const entry = await this.#kv.get<SessionMeta>(["session", project, sessionId]);
+    const meta = entry.value;
+    if (!meta || meta.expiresAt <= now) return { meta: undefined, history: [] };
+    const history: HistoryEntry[] = [];
+    const prefix = ["message", project, sessionId];
+    const list = this.#kv.list<StoredMessage>({
+      start: [...prefix, meta.firstSeq],
+      end: [...prefix, meta.nextSeq],
+    });
+    for await (const { key, value } of list) {
+      history.push({ ...value, seq: key[3] as number });
+    }
+    return { meta, history };
+  }
+
+  /**
+   * Commits a turn: keeps `history.slice(drop)`, appends `added`, and refreshes
+   * the expiry of everything kept. The meta record is written last, so the
+   * turn appears whole or not at all.
+   */
+  async commitTurn(
+    project: string,
+    sessionId: string,
+    session: Session,
+    drop: number,
+    added: readonly StoredMessage[],
+    now = Date.now(),
+  ): Promise<void> {
+    const expireIn = this.#ttlMs;
+    const base = session.meta?.nextSeq ?? 0;
+    const kept = session.history.slice(drop);
+    const writes: [Deno.KvKey, StoredMessage][] = [
+      ...kept.map(({ seq, ...message }): [Deno.KvKey, StoredMessage] => [
+        ["message", project, sessionId, seq],
+        message,
+      ]),
+      ...added.map((message, i): [Deno.KvKey, StoredMessage] => [
+        ["message", project, sessionId, base + i],
+        message,
+      ]),
+    ];
+    await this.#writeBatches(writes, expireIn);
+    const meta: SessionMeta = {
+      firstSeq: kept[0]?.seq ?? base,
+      nextSeq: base + added.length,
+      lastActive: now,
+      expiresAt: now + expireIn,
+      ...(session.meta?.systemPrompt !== undefined && { systemPrompt: session.meta.systemPrompt }),
+    };
+    await this.#kv.set(["session", project, sessionId], meta, { expireIn });
+    await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
+  }
+
+  /** Forgets a session's history; keeps a per-session system prompt unless `deleteSession`. */
+  async clear(project: string, sessionId: string, deleteSession = false): Promise<void> {
+    const key = ["session", project, sessionId];
+    const meta = (await this.#kv.get<SessionMeta>(key)).value;
+    if (!deleteSession && meta?.systemPrompt !== undefined) {
+      const now = Date.now();
+      await this.#kv.set(key, {
+        firstSeq: meta.nextSeq,
+        nextSeq: meta.nextSeq,
+        lastActive: now,
+        expiresAt: now + this.#ttlMs,
+        systemPrompt: meta.systemPrompt,
+      } satisfies SessionMeta, { expireIn: this.#ttlMs });
+    } else {
+      await this.#kv.delete(key);
+    }
+    await this.#deleteRange(project, sessionId, 0, Infinity);
+  }
+
+  /** Sets (or, with undefined, removes) a session's own system prompt. */
+  async setSystemPrompt(
+    project: string,
+    sessionId: string,
+    systemPrompt: string | undefined,
+  ): Promise<void> {
+    const key = ["session", project, sessionId];
+    const meta = (await this.#kv.get<SessionMeta>(key)).value;
+    const now = Date.now();
+    const { systemPrompt: _old, ...rest } = meta && meta.expiresAt > now
+      ? meta
+      : { firstSeq: 0, nextSeq: 0 };
+    await this.#kv.set(key, {
+      ...rest,
+      lastActive: now,
+      expiresAt: now + this.#ttlMs,
+      ...(systemPrompt !== undefined && { systemPrompt }),
+    } satisfies SessionMeta, { expireIn: this.#ttlMs });
+  }
+
+  /** Every live session, of one project or all. */
+  async list(project?: string, now = Date.now()): Promise<SessionRef[]> {
+    const sessions: SessionRef[] = [];
+    const prefix = project === undefined ? ["session"] : ["session", project];
+    for await (const { key, value } of this.#kv.list<SessionMeta>({ prefix })) {
+      if (value.expiresAt <= now) continue;
+      sessions.push({
+        project: key[1] as string,
+        sessionId: key[2] as string,
+        lastActive: value.lastActive,
+        expiresAt: value.expiresAt,
+      });
+    }
+    return sessions;
+  }
+
+  close(): void {
+    this.#kv.close();
+  }
+
+  async #writeBatches(writes: [Deno.KvKey, StoredMessage][], expireIn: number): Promise<void> {
+    let op = this.#kv.atomic();
+    let count = 0;
+    let bytes = 0;
+    for (const [key, value] of writes) {
+      const size = value.content.length * 3 + 64;
+      if (count > 0 && (count >= BATCH_MUTATIONS || bytes + size > BATCH_BYTES)) {
+        await commitOrThrow(op);
+        op = this.#kv.atomic();
+        count = 0;
+        bytes = 0;
+      }
+      op.set(key, value, { expireIn });
+      count++;
+      bytes += size;
+    }
+    if (count > 0) await commitOrThrow(op);
+  }
+
+  async #deleteRange(project: string, sessionId: string, from: number, to: number): Promise<void> {
+    if (from >= to) return;
+    const prefix = ["message", project, sessionId];
+    const selector = Number.isFinite(to)
+      ? { start: [...prefix, from], end: [...prefix, to] }
+      : { prefix };
+    let op = this.#kv.atomic();
+    let count = 0;
+    for await (const { key } of this.#kv.list(selector)) {
+      op.delete(key);
+      if (++count === BATCH_MUTATIONS) {
+        await commitOrThrow(op);
+        op = this.#kv.atomic();
+        count = 0;
+      }
+    }
+    if (count > 0) await commitOrThrow(op);
+  }
+}
+
+async function commitOrThrow(op: Deno.AtomicOperation): Promise<void> {
+  const result = await op.commit();
+  if (!result.ok) throw new Error("session store: atomic write was rejected");
+}

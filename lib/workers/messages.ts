@@ -1,0 +1,69 @@
+/**
+ * The messages between the gateway thread and the request workers. Both sides
+ * import these types, so a change to one side that the other does not follow
+ * fails `deno check`.
+ *
+ * @module
+ */
+
+import type { ErrorCode } from "../protocol/errors.ts";
+import type { SamplingParams, Usage } from "../protocol/mod.ts";
+import type { EngineEndpoint } from "../engine/engine_client.ts";
+
+/** What a worker needs to know, sent once before any job. */
+export interface WorkerSettings {
+  readonly endpoint: EngineEndpoint;
+  readonly kvPath: string;
+  readonly sessionTtlMs: number;
+  readonly maxHistoryTokens: number;
+  readonly maxModelLen: number;
+  readonly requestTimeoutMs: number;
+  readonly engineRetries: number;
+  readonly skipThinking: boolean;
+}
+
+/** One turn of one session, as the gateway hands it to a worker. */
+export interface TurnJob {
+  readonly id: number;
+  readonly project: string;
+  readonly sessionId: string;
+  readonly message: string | undefined;
+  readonly reset: boolean;
+  /** The project's system prompt (or the request's own); a per-session one in KV wins. */
+  readonly systemPrompt: string;
+  /** Whether the request asked for its own system prompt, which then beats the session's. */
+  readonly systemPromptFromRequest: boolean;
+  readonly params: SamplingParams;
+  readonly stream: boolean;
+}
+
+/** The outcome of a turn that produced an answer. */
+export interface TurnResult {
+  readonly response: string;
+  readonly finishReason: string;
+  readonly usage: Usage | null;
+  /** Milliseconds from the job reaching the worker to the first token. */
+  readonly ttftMs: number | null;
+}
+
+/** Gateway → worker. */
+export type ToWorker =
+  | { readonly type: "init"; readonly settings: WorkerSettings }
+  | { readonly type: "endpoint"; readonly endpoint: EngineEndpoint }
+  | { readonly type: "run"; readonly job: TurnJob }
+  | { readonly type: "cancel"; readonly id: number; readonly code: ErrorCode; readonly message: string }
+  | { readonly type: "close" };
+
+/** Worker → gateway. */
+export type FromWorker =
+  | { readonly type: "ready" }
+  | { readonly type: "delta"; readonly id: number; readonly seq: number; readonly text: string }
+  | { readonly type: "done"; readonly id: number; readonly result: TurnResult }
+  | {
+    readonly type: "error";
+    readonly id: number;
+    readonly code: ErrorCode;
+    readonly message: string;
+    readonly retryAfterMs?: number;
+  }
+  | { readonly type: "closed" };

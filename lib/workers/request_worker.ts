@@ -1,0 +1,81 @@
+/**
+ * A request worker (Web Worker entry). It runs many turns at once: the engine
+ * batches them, and the in-flight cap, not the number of workers, bounds
+ * concurrency. It exists to keep session I/O, tokenizing and JSON off the
+ * thread that holds the MQTT connection.
+ *
+ * @module
+ */
+
+/// <reference lib="deno.worker" />
+
+import { EngineClient } from "../engine/engine_client.ts";
+import { ServiceError, toServiceError } from "../protocol/errors.ts";
+import { SessionStore } from "../sessions/session_store.ts";
+import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
+import { runTurn, type TurnContext } from "./run_turn.ts";
+
+let context: Promise<TurnContext> | undefined;
+const running = new Map<number, AbortController>();
+
+const post = (message: FromWorker) => self.postMessage(message);
+
+async function open(settings: WorkerSettings): Promise<TurnContext> {
+  return {
+    store: await SessionStore.open(settings.kvPath, settings.sessionTtlMs),
+    engine: new EngineClient(settings.endpoint, {
+      timeoutMs: settings.requestTimeoutMs,
+      retries: settings.engineRetries,
+      disableThinking: settings.skipThinking,
+    }),
+    maxHistoryTokens: settings.maxHistoryTokens,
+    maxModelLen: settings.maxModelLen,
+    skipThinking: settings.skipThinking,
+  };
+}
+
+// Set before any await: a message that arrives while the module awaits is lost.
+self.onmessage = (event: MessageEvent<ToWorker>) => {
+  const message = event.data;
+  switch (message.type) {
+    case "init":
+      context = open(message.settings);
+      context.then(() => post({ type: "ready" }));
+      break;
+    case "endpoint":
+      context?.then((ctx) => ctx.engine.setEndpoint(message.endpoint));
+      break;
+    case "run": {
+      const { job } = message;
+      const controller = new AbortController();
+      running.set(job.id, controller);
+      context!
+        .then((ctx) =>
+          runTurn(job, ctx, controller.signal, (seq, text) => {
+            post({ type: "delta", id: job.id, seq, text });
+          })
+        )
+        .then((result) => post({ type: "done", id: job.id, result }))
+        .catch((error) => {
+          const failure = controller.signal.aborted && controller.signal.reason instanceof ServiceError
+            ? controller.signal.reason
+            : toServiceError(error);
+          post({
+            type: "error",
+            id: job.id,
+            code: failure.code,
+            message: failure.message,
+            retryAfterMs: failure.retryAfterMs,
+          });
+        })
+        .finally(() => running.delete(job.id));
+      break;
+    }
+    case "cancel":
+      running.get(message.id)?.abort(new ServiceError(message.code, message.message));
+      break;
+    case "close":
+      context?.then((ctx) => ctx.store.close()).finally(() => post({ type: "closed" }));
+      break;
+  }
+};

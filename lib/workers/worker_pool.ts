@@ -1,0 +1,154 @@
+/**
+ * The gateway's side of the request workers: hands each turn to the least
+ * busy worker and routes its deltas and outcome back. A worker that dies fails
+ * only its own turns (`internal`) and is replaced.
+ *
+ * @module
+ */
+
+import type { EngineEndpoint } from "../engine/engine_client.ts";
+import { ServiceError } from "../protocol/errors.ts";
+import type { FromWorker, ToWorker, TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
+
+interface Pending {
+  readonly slot: Slot;
+  readonly onDelta: (seq: number, text: string) => void;
+  readonly resolve: (result: TurnResult) => void;
+  readonly reject: (error: ServiceError) => void;
+}
+
+interface Slot {
+  worker: Worker;
+  busy: number;
+}
+
+const WORKER_URL = new URL("./request_worker.ts", import.meta.url);
+
+/** A fixed number of request workers. */
+export class WorkerPool {
+  readonly #slots: Slot[] = [];
+  readonly #pending = new Map<number, Pending>();
+  #settings: WorkerSettings;
+  #closing = false;
+
+  private constructor(settings: WorkerSettings) {
+    this.#settings = settings;
+  }
+
+  /** Starts `size` workers and waits until each has opened the session store. */
+  static async start(size: number, settings: WorkerSettings): Promise<WorkerPool> {
+    const pool = new WorkerPool(settings);
+    const ready: Promise<void>[] = [];
+    for (let i = 0; i < size; i++) ready.push(pool.#spawn());
+    await Promise.all(ready);
+    return pool;
+  }
+
+  /** Turns being run right now. */
+  get running(): number {
+    return this.#pending.size;
+  }
+
+  /**
+   * Runs one turn. Resolves with its result or rejects with a
+   * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text.
+   */
+  run(job: TurnJob, onDelta: (seq: number, text: string) => void): Promise<TurnResult> {
+    let slot = this.#slots[0];
+    for (const candidate of this.#slots) if (candidate.busy < slot.busy) slot = candidate;
+    slot.busy++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(job.id, { slot, onDelta, resolve, reject });
+      this.#send(slot, { type: "run", job });
+    });
+  }
+
+  /** Aborts a running turn; it then fails with `error`. */
+  cancel(id: number, error: ServiceError): void {
+    const pending = this.#pending.get(id);
+    if (pending) {
+      this.#send(pending.slot, { type: "cancel", id, code: error.code, message: error.message });
+    }
+  }
+
+  /** Points every worker at a new engine endpoint (a restarted vLLM). */
+  setEndpoint(endpoint: EngineEndpoint): void {
+    this.#settings = { ...this.#settings, endpoint };
+    for (const slot of this.#slots) this.#send(slot, { type: "endpoint", endpoint });
+  }
+
+  /** Closes the workers' stores and terminates them. Turns still running are failed. */
+  async close(): Promise<void> {
+    this.#closing = true;
+    await Promise.all(this.#slots.map((slot) =>
+      new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, 2000);
+        slot.worker.addEventListener("message", (event) => {
+          if ((event as MessageEvent<FromWorker>).data.type === "closed") {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+        this.#send(slot, { type: "close" });
+      })
+    ));
+    for (const slot of this.#slots) slot.worker.terminate();
+    for (const [id, pending] of this.#pending) {
+      this.#pending.delete(id);
+      pending.reject(new ServiceError("shutting_down", "the service is shutting down"));
+    }
+  }
+
+  #spawn(replacing?: Slot): Promise<void> {
+    const worker = new Worker(WORKER_URL, { type: "module" });
+    const slot: Slot = replacing ?? { worker, busy: 0 };
+    slot.worker = worker;
+    if (!replacing) this.#slots.push(slot);
+    return new Promise((resolve, reject) => {
+      worker.onmessage = (event: MessageEvent<FromWorker>) => {
+        if (event.data.type === "ready") resolve();
+        else this.#receive(event.data);
+      };
+      worker.onerror = (event) => {
+        event.preventDefault();
+        reject(new Error(`request worker failed: ${event.message}`));
+        this.#crashed(slot, event.message);
+      };
+      this.#send(slot, { type: "init", settings: this.#settings });
+    });
+  }
+
+  #crashed(slot: Slot, why: string): void {
+    for (const [id, pending] of this.#pending) {
+      if (pending.slot !== slot) continue;
+      this.#pending.delete(id);
+      pending.reject(new ServiceError("internal", `request worker failed: ${why}`));
+    }
+    slot.busy = 0;
+    slot.worker.terminate();
+    if (!this.#closing) this.#spawn(slot).catch(() => {});
+  }
+
+  #receive(message: FromWorker): void {
+    if (message.type === "ready" || message.type === "closed") return;
+    const pending = this.#pending.get(message.id);
+    if (!pending) return;
+    if (message.type === "delta") {
+      pending.onDelta(message.seq, message.text);
+      return;
+    }
+    this.#pending.delete(message.id);
+    pending.slot.busy--;
+    if (message.type === "done") {
+      pending.resolve(message.result);
+    } else {
+      pending.reject(
+        new ServiceError(message.code, message.message, { retryAfterMs: message.retryAfterMs }),
+      );
+    }
+  }
+
+  #send(slot: Slot, message: ToWorker): void {
+    slot.worker.postMessage(message);
+  }
+}
