@@ -44,11 +44,19 @@ export interface Config {
   readonly tensorParallelSize: number;
   readonly gpuMemoryUtilization: number;
   readonly quantization: string | undefined;
+  readonly pipelineParallelSize: number;
+  readonly dtype: string;
+  readonly trustRemoteCode: boolean;
+  readonly enforceEager: boolean;
+  readonly vllmArgs: readonly string[];
+  readonly vllmStartupTimeoutMs: number;
+  readonly vllmMaxRestarts: number;
   readonly visibleDevices: string | undefined;
   readonly modelProvider: string;
 
   /** The broker to connect to; undefined means localhost or the embedded broker. */
   readonly mqttUrl: string | undefined;
+  readonly embeddedBrokerPort: number;
   readonly mqttClientId: string;
   readonly mqttUsername: string | undefined;
   readonly mqttPassword: string | undefined;
@@ -292,9 +300,17 @@ export function parseConfig(
     tensorParallelSize: get("tensor-parallel-size"),
     gpuMemoryUtilization: get("gpu-memory-utilization"),
     quantization: get("quantization"),
+    pipelineParallelSize: get("pipeline-parallel-size"),
+    dtype: get("dtype"),
+    trustRemoteCode: get("trust-remote-code"),
+    enforceEager: get("enforce-eager"),
+    vllmArgs: Object.freeze(get<string>("vllm-args").split(/\s+/).filter((arg) => arg !== "")),
+    vllmStartupTimeoutMs: get<number>("vllm-startup-timeout") * 1000,
+    vllmMaxRestarts: get("vllm-max-restarts"),
     visibleDevices: get("visible-devices"),
     modelProvider: get("model-provider"),
     mqttUrl,
+    embeddedBrokerPort: get("embedded-broker-port"),
     mqttClientId: get("mqtt-client-id"),
     mqttUsername: get("mqtt-username"),
     mqttPassword,

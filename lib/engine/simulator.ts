@@ -159,7 +159,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
 
     if (!body.stream) {
       try {
-        await abortableSleep(ttftMs + tokenGap() * Math.max(0, tokens.length - 1), request.signal);
+        await abortableSleep(ttftMs + tokenGap() * Math.max(0, tokens.length - 1));
       } finally {
         running--;
       }
@@ -188,8 +188,13 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
         })
       }\n\n`);
     const includeUsage = body.stream_options?.include_usage === true;
-    const signal = request.signal;
+    // The client going away cancels the body stream: stop generating, as vLLM aborts the request.
+    const gone = new AbortController();
+    const signal = gone.signal;
     const stream = new ReadableStream<Uint8Array>({
+      cancel() {
+        gone.abort();
+      },
       async start(controller) {
         try {
           controller.enqueue(chunk({ role: "assistant", content: "" }, null));
@@ -215,7 +220,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
           controller.enqueue(ENCODER.encode("data: [DONE]\n\n"));
           controller.close();
         } catch {
-          // The client went away: stop generating, as vLLM aborts the request.
+          // Cancelled.
         } finally {
           running--;
         }

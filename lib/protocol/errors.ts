@@ -17,7 +17,6 @@ export type ErrorCode =
   | "engine_unavailable"
   | "timeout"
   | "cancelled"
-  | "shutting_down"
   | "internal";
 
 /** A failure with a protocol error code, answered to the client that caused it. */

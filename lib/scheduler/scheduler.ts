@@ -65,6 +65,11 @@ export class Scheduler<T extends Schedulable> {
     return this.#running.size;
   }
 
+  /** Whether a session has requests queued or running. */
+  hasSession(sessionKey: string): boolean {
+    return this.#sessions.has(sessionKey);
+  }
+
   /** Queues `item`; throws `queue_full` when the queue holds `maxQueue` already. */
   submit(item: T): void {
     if (this.#queued >= this.#options.maxQueue) {

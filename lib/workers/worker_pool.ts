@@ -95,7 +95,7 @@ export class WorkerPool {
     for (const slot of this.#slots) slot.worker.terminate();
     for (const [id, pending] of this.#pending) {
       this.#pending.delete(id);
-      pending.reject(new ServiceError("shutting_down", "the service is shutting down"));
+      pending.reject(new ServiceError("cancelled", "the service is shutting down"));
     }
   }
 

@@ -1,0 +1,298 @@
+/**
+ * Managed mode: runs `vllm serve` as a child in its own process group, waits
+ * for `/health`, restarts it with backoff when it dies, gives up after too many
+ * crashes, and on shutdown signals the whole group (vLLM's EngineCore and GPU
+ * workers are separate processes that hold GPU memory if left behind).
+ *
+ * @module
+ */
+
+import { abortableSleep } from "../_util.ts";
+import type { Config } from "../config/config.ts";
+import { logger } from "../log.ts";
+import type { EngineEndpoint } from "./engine_client.ts";
+import type { RunningEngine } from "./start_engine.ts";
+
+/** Raised when vLLM cannot be started at all. */
+export class EngineStartError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "EngineStartError";
+  }
+}
+
+const log = logger("vllm");
+const childLog = logger("vllm-child");
+
+/** Seconds within which crashes count towards `--vllm-max-restarts`. */
+const CRASH_WINDOW_MS = 10 * 60_000;
+/** Seconds between SIGTERM and SIGKILL at shutdown. */
+const STOP_GRACE_MS = 10_000;
+
+/** The `vllm serve` arguments for a configuration (exported for tests and `--help`). */
+export function vllmArgs(config: Config, port: number, apiKey: string): string[] {
+  const args = [
+    "serve",
+    config.model,
+    "--served-model-name",
+    config.servedModelName,
+    "--host",
+    "127.0.0.1",
+    "--port",
+    String(port),
+    "--api-key",
+    apiKey,
+    "--tensor-parallel-size",
+    String(config.tensorParallelSize),
+    "--pipeline-parallel-size",
+    String(config.pipelineParallelSize),
+    "--max-model-len",
+    String(config.maxModelLen),
+    "--gpu-memory-utilization",
+    String(config.gpuMemoryUtilization),
+    "--max-num-seqs",
+    String(config.maxInFlight),
+    "--dtype",
+    config.dtype,
+  ];
+  if (config.quantization) args.push("--quantization", config.quantization);
+  if (config.trustRemoteCode) args.push("--trust-remote-code");
+  if (config.enforceEager) args.push("--enforce-eager");
+  args.push(...config.vllmArgs);
+  return args;
+}
+
+/** The child's environment: ours, plus the GPU and model-source settings. */
+export function vllmEnv(config: Config, base: Record<string, string>): Record<string, string> {
+  const env = { ...base };
+  if (config.visibleDevices !== undefined) env.CUDA_VISIBLE_DEVICES = config.visibleDevices;
+  if (config.modelProvider === "modelscope") env.VLLM_USE_MODELSCOPE = "True";
+  return env;
+}
+
+/** Finds `name` on `PATH`, as the shell would. */
+export function findOnPath(name: string, path = Deno.env.get("PATH") ?? ""): string | undefined {
+  for (const dir of path.split(":")) {
+    if (dir === "") continue;
+    const candidate = `${dir}/${name}`;
+    try {
+      const info = Deno.statSync(candidate);
+      if (info.isFile && info.mode !== null && (info.mode & 0o111) !== 0) return candidate;
+    } catch {
+      // Not here.
+    }
+  }
+  return undefined;
+}
+
+/** Starts vLLM and supervises it until `close()`. */
+export async function startVllm(config: Config): Promise<RunningEngine> {
+  const binary = findOnPath("vllm");
+  if (!binary) {
+    throw new EngineStartError(
+      "`vllm` is not on PATH. Install vLLM on a GPU machine (pip install vllm), or attach to a " +
+        "running engine with --engine url --engine-url http://HOST:8000/v1, or try the program " +
+        "without a GPU with --engine sim.",
+    );
+  }
+  const supervisor = new VllmSupervisor(config, binary, await freePort());
+  await supervisor.start();
+  return supervisor;
+}
+
+class VllmSupervisor implements RunningEngine {
+  readonly #config: Config;
+  readonly #binary: string;
+  readonly #port: number;
+  readonly #listeners: ((endpoint: EngineEndpoint) => void)[] = [];
+  readonly #crashes: number[] = [];
+  readonly #stopping = new AbortController();
+  #child: Deno.ChildProcess | undefined;
+  #endpoint!: EngineEndpoint;
+  #fail!: (reason: Error) => void;
+  readonly failed: Promise<Error>;
+  /** Restarts since start, by cause. */
+  restarts = 0;
+
+  constructor(config: Config, binary: string, port: number) {
+    this.#config = config;
+    this.#binary = binary;
+    this.#port = port;
+    this.failed = new Promise((resolve) => this.#fail = resolve);
+  }
+
+  get endpoint(): EngineEndpoint {
+    return this.#endpoint;
+  }
+
+  onEndpointChange(listener: (endpoint: EngineEndpoint) => void): void {
+    this.#listeners.push(listener);
+  }
+
+  /** Spawns vLLM and waits until it is healthy. */
+  async start(): Promise<void> {
+    const apiKey = crypto.randomUUID();
+    const child = this.#spawn(apiKey);
+    this.#child = child;
+    const baseUrl = `http://127.0.0.1:${this.#port}`;
+    const exited = child.status.then((status) => status);
+    const deadline = Date.now() + this.#config.vllmStartupTimeoutMs;
+    log.info("Started vllm (pid {pid}) on port {port}; waiting for /health", {
+      pid: child.pid,
+      port: this.#port,
+    });
+    while (true) {
+      const outcome = await Promise.race([
+        exited.then((status) => ({ status })),
+        abortableSleep(500, this.#stopping.signal).then(() => undefined, () => undefined),
+      ]);
+      if (outcome) {
+        throw new EngineStartError(
+          `vllm exited during start-up with code ${outcome.status.code}${
+            outcome.status.signal ? ` (${outcome.status.signal})` : ""
+          }; see the vllm lines above`,
+        );
+      }
+      if (this.#stopping.signal.aborted) throw new EngineStartError("stopped during start-up");
+      if (await healthy(baseUrl)) break;
+      if (Date.now() > deadline) {
+        await this.#stopChild(child);
+        throw new EngineStartError(
+          `vllm did not become healthy within ${this.#config.vllmStartupTimeoutMs / 1000} s ` +
+            "(raise --vllm-startup-timeout for large models)",
+        );
+      }
+    }
+    this.#endpoint = { baseUrl: `${baseUrl}/v1`, apiKey, model: this.#config.servedModelName };
+    log.info("vllm is ready at {url}", { url: this.#endpoint.baseUrl });
+    exited.then((status) => this.#onExit(status));
+  }
+
+  /** Stops vLLM: SIGTERM to its process group, then SIGKILL after a grace period. */
+  async close(): Promise<void> {
+    this.#stopping.abort();
+    if (this.#child) await this.#stopChild(this.#child);
+  }
+
+  /** Kills the whole group at once, for a program that is dying. */
+  killNow(): void {
+    if (this.#child) signalGroup(this.#child.pid, "SIGKILL");
+  }
+
+  async #onExit(status: Deno.CommandStatus): Promise<void> {
+    if (this.#stopping.signal.aborted) return;
+    // The API server is gone; make sure its engine processes are too.
+    signalGroup(this.#child!.pid, "SIGKILL");
+    const now = Date.now();
+    this.#crashes.push(now);
+    while (this.#crashes[0] < now - CRASH_WINDOW_MS) this.#crashes.shift();
+    log.error("vllm exited unexpectedly (code {code}, signal {signal}); crash {n} in 10 min", {
+      code: status.code,
+      signal: status.signal,
+      n: this.#crashes.length,
+    });
+    if (this.#crashes.length > this.#config.vllmMaxRestarts) {
+      this.#fail(new Error(`vllm crashed ${this.#crashes.length} times within 10 minutes; giving up`));
+      return;
+    }
+    const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
+    try {
+      await abortableSleep(delay, this.#stopping.signal);
+      this.restarts++;
+      await this.start();
+      for (const listener of this.#listeners) listener(this.#endpoint);
+    } catch (error) {
+      if (this.#stopping.signal.aborted) return;
+      this.#fail(error as Error);
+    }
+  }
+
+  #spawn(apiKey: string): Deno.ChildProcess {
+    const args = vllmArgs(this.#config, this.#port, apiKey);
+    const env = vllmEnv(this.#config, Deno.env.toObject());
+    const command = (environment: Record<string, string>) =>
+      new Deno.Command(this.#binary, {
+        args,
+        env: environment,
+        clearEnv: true,
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+        // Its own process group, so that one signal reaches vLLM's engine and worker processes.
+        detached: true,
+      });
+    let child: Deno.ChildProcess;
+    try {
+      child = command(env).spawn();
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotCapable)) throw error;
+      // A scoped --allow-run refuses children whose environment sets LD_* variables.
+      const dropped = Object.keys(env).filter((name) => name.startsWith("LD_"));
+      log.warn(
+        "Starting vllm without {dropped}: a scoped --allow-run refuses LD_* variables. " +
+          "Grant --allow-run without a list if vLLM needs them.",
+        { dropped },
+      );
+      for (const name of dropped) delete env[name];
+      child = command(env).spawn();
+    }
+    forwardLines(child.stdout, "stdout");
+    forwardLines(child.stderr, "stderr");
+    return child;
+  }
+
+  async #stopChild(child: Deno.ChildProcess): Promise<void> {
+    signalGroup(child.pid, "SIGTERM");
+    const exited = await Promise.race([
+      child.status.then(() => true),
+      abortableSleep(STOP_GRACE_MS).then(() => false),
+    ]);
+    if (!exited) {
+      log.warn("vllm did not stop within {s} s of SIGTERM; sending SIGKILL", { s: STOP_GRACE_MS / 1000 });
+    }
+    // Whatever is left of the group (engine cores, workers) goes now.
+    signalGroup(child.pid, "SIGKILL");
+    await child.status;
+  }
+}
+
+function signalGroup(pid: number, signal: Deno.Signal): void {
+  try {
+    Deno.kill(-pid, signal);
+  } catch {
+    // The group is already gone.
+  }
+}
+
+async function healthy(baseUrl: string): Promise<boolean> {
+  try {
+    const response = await fetch(`${baseUrl}/health`, { signal: AbortSignal.timeout(2000) });
+    await response.body?.cancel();
+    return response.ok;
+  } catch {
+    return false;
+  }
+}
+
+async function forwardLines(stream: ReadableStream<Uint8Array>, name: string): Promise<void> {
+  let rest = "";
+  const decoder = new TextDecoder();
+  try {
+    for await (const chunk of stream) {
+      const lines = (rest + decoder.decode(chunk, { stream: true })).split("\n");
+      rest = lines.pop()!;
+      for (const line of lines) if (line.trim() !== "") childLog.info("vllm {stream} | {line}", { stream: name, line });
+    }
+  } catch {
+    // The child is gone.
+  }
+  if (rest.trim() !== "") childLog.info("vllm {stream} | {line}", { stream: name, line: rest });
+}
+
+async function freePort(): Promise<number> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr as Deno.NetAddr;
+  listener.close();
+  await Promise.resolve();
+  return port;
+}

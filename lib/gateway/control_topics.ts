@@ -1,0 +1,164 @@
+/**
+ * The original deployment's control topics, kept so its tools keep working:
+ *
+ * - `{project}/clear_history[/{sessionId}]`: forget a session's history (`all`: every session of the project);
+ * - `{project}/delete_session[/{sessionId}]`: delete sessions the same way;
+ * - `{project}/template[/{sessionId}]` with `{"template": "...", "reset": true}`:
+ *   replace the system prompt of one session, or of the whole project until restart.
+ *
+ * The session id comes from the topic's last level or the payload (`sessionId`
+ * or `session_id`). Each command is acknowledged on the session's reply topic
+ * in the session's reply style (plain text unless the payload uses `session_id`
+ * or asks for `"format":"json"`).
+ *
+ * @module
+ */
+
+import { logger } from "../log.ts";
+import {
+  type ControlCommand,
+  type ReplyBody,
+  type ReplyStyle,
+  SESSION_ID_PATTERN,
+  type Topics,
+} from "../protocol/mod.ts";
+import type { SessionDirectory } from "../sessions/session_directory.ts";
+import type { SessionStore } from "../sessions/session_store.ts";
+import type { ReplyTarget } from "./gateway.ts";
+
+/** What the control topics act on. */
+export interface ControlTopicsOptions {
+  readonly store: SessionStore;
+  readonly directory: SessionDirectory;
+  readonly topics: Topics;
+  readonly publish: (target: ReplyTarget, body: ReplyBody) => void;
+  readonly setPrompt: (project: string, prompt: string) => void;
+  /** The project's prompt from its file, restored by an empty template. */
+  readonly defaultPrompt: (project: string) => string;
+}
+
+/** The word that addresses every session of a project. */
+const ALL = "all";
+const DECODER = new TextDecoder();
+const MAX_TEMPLATE_CHARS = 32_768;
+
+const log = logger("control");
+
+/** Handles messages on the control topics. */
+export class ControlTopics {
+  readonly #options: ControlTopicsOptions;
+
+  constructor(options: ControlTopicsOptions) {
+    this.#options = options;
+  }
+
+  /** The subscription filters of one project. */
+  filters(project: string): string[] {
+    return (["clear_history", "delete_session", "template"] as const).flatMap((command) =>
+      this.#options.topics.control(project, command)
+    );
+  }
+
+  /** Carries out one control message. Never throws. */
+  handle(
+    target: { project: string; command: ControlCommand; sessionId: string | undefined },
+    payload: Uint8Array,
+    mqtt5: { topic: string; correlationData: Uint8Array | undefined } | undefined,
+  ): void {
+    const body = parseBody(payload);
+    const sessionId = target.sessionId ?? stringField(body, "sessionId", "session_id") ?? ALL;
+    const style: ReplyStyle = body.format === "json" || body.format === "text"
+      ? body.format
+      : "session_id" in body
+      ? "json"
+      : "text";
+    const reply: ReplyTarget = {
+      topic: mqtt5?.topic ?? this.#options.topics.response(target.project, sessionId),
+      style,
+      sessionId,
+      requestId: stringField(body, "requestId", "request_id"),
+      correlationData: mqtt5?.correlationData,
+    };
+    if (sessionId !== ALL && !SESSION_ID_PATTERN.test(sessionId)) {
+      this.#options.publish(reply, errorBody(`session id ${JSON.stringify(sessionId)} is not valid`));
+      return;
+    }
+    this.#run(target.project, target.command, sessionId, body)
+      .then((done) => this.#options.publish(reply, doneBody(done)))
+      .catch((error) => {
+        log.warn("Control command {command} failed: {message}", {
+          command: target.command,
+          message: (error as Error).message,
+        });
+        this.#options.publish(reply, errorBody((error as Error).message));
+      });
+  }
+
+  async #run(
+    project: string,
+    command: ControlCommand,
+    sessionId: string,
+    body: Record<string, unknown>,
+  ): Promise<string> {
+    const { store, directory } = this.#options;
+    const sessions = sessionId === ALL ? directory.sessionsOf(project) : [sessionId];
+    const scope = sessionId === ALL ? `all ${sessions.length} sessions of ${project}` : `session ${sessionId}`;
+    switch (command) {
+      case "clear_history":
+        for (const id of sessions) await store.clear(project, id);
+        return `History cleared for ${scope}.`;
+      case "delete_session":
+        for (const id of sessions) {
+          await store.clear(project, id, true);
+          directory.forget(project, id);
+        }
+        return `Deleted ${scope}.`;
+      case "template": {
+        const template = body.template;
+        if (typeof template !== "string" || template.length > MAX_TEMPLATE_CHARS) {
+          throw new Error(`'template' must be a string of at most ${MAX_TEMPLATE_CHARS} characters`);
+        }
+        const prompt = template.trim() === "" ? undefined : template;
+        if (sessionId === ALL) {
+          this.#options.setPrompt(project, prompt ?? this.#options.defaultPrompt(project));
+        } else {
+          await store.setSystemPrompt(project, sessionId, prompt);
+        }
+        if (body.reset === true) {
+          for (const id of sessions) await store.clear(project, id);
+        }
+        return `System prompt ${prompt === undefined ? "restored" : "set"} for ${
+          sessionId === ALL ? `project ${project}` : scope
+        }${body.reset === true ? "; history cleared" : ""}.`;
+      }
+    }
+  }
+}
+
+function parseBody(payload: Uint8Array): Record<string, unknown> {
+  try {
+    const value = JSON.parse(DECODER.decode(payload));
+    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : {};
+  } catch {
+    return {};
+  }
+}
+
+function stringField(body: Record<string, unknown>, ...names: string[]): string | undefined {
+  for (const name of names) if (typeof body[name] === "string") return body[name] as string;
+  return undefined;
+}
+
+function doneBody(text: string): ReplyBody {
+  return {
+    type: "done",
+    response: text,
+    finish_reason: "control",
+    usage: null,
+    timing: { queue_ms: 0, ttft_ms: null, total_ms: 0 },
+  };
+}
+
+function errorBody(message: string): ReplyBody {
+  return { type: "error", error: { code: "invalid_request", message } };
+}

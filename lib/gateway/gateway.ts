@@ -1,0 +1,318 @@
+/**
+ * The gateway: the thread that holds the MQTT connection. It parses each
+ * request, answers what is wrong with it at once, hands the rest to the
+ * scheduler, and publishes what the workers produce. It never waits on the
+ * session store or the engine itself.
+ *
+ * @module
+ */
+
+import type { MqttClient } from "mqtt";
+import type { IPublishPacket } from "mqtt";
+import { logger } from "../log.ts";
+import {
+  type ChatRequest,
+  type ErrorCode,
+  encodeReply,
+  parseRequest,
+  type ReplyBody,
+  type ReplyStyle,
+  type RequestLimits,
+  ServiceError,
+  type Topics,
+} from "../protocol/mod.ts";
+import { Scheduler } from "../scheduler/scheduler.ts";
+import type { SessionDirectory } from "../sessions/session_directory.ts";
+import type { SessionStore } from "../sessions/session_store.ts";
+import type { Stats } from "../stats.ts";
+import type { WorkerPool } from "../workers/worker_pool.ts";
+import { ControlTopics } from "./control_topics.ts";
+import { RecentRequests } from "./recent_requests.ts";
+
+/** Where and how the replies to one request go. */
+export interface ReplyTarget {
+  readonly topic: string;
+  readonly style: ReplyStyle;
+  readonly sessionId: string;
+  readonly requestId: string | undefined;
+  /** MQTT 5 Correlation Data of the request, echoed on every reply. */
+  readonly correlationData: Uint8Array | undefined;
+}
+
+/** A request accepted into the scheduler. */
+interface Job {
+  readonly id: number;
+  readonly sessionKey: string;
+  readonly priority: number;
+  readonly request: ChatRequest;
+  readonly target: ReplyTarget;
+  readonly receivedAt: number;
+  readonly dedupKey: string | undefined;
+}
+
+/** What the gateway is built from. */
+export interface GatewayOptions {
+  readonly client: MqttClient;
+  readonly topics: Topics;
+  readonly projects: ReadonlyMap<string, string>;
+  readonly pool: WorkerPool;
+  readonly directory: SessionDirectory;
+  readonly stats: Stats;
+  readonly limits: RequestLimits;
+  readonly qos: 0 | 1 | 2;
+  readonly maxQueue: number;
+  readonly maxInFlight: number;
+  readonly dedupWindowMs: number;
+  /** The session store, for the control topics; undefined turns them off. */
+  readonly controlStore: SessionStore | undefined;
+}
+
+const log = logger("gateway");
+
+/** Routes MQTT requests through the scheduler to the workers, and replies back. */
+export class Gateway {
+  readonly #options: GatewayOptions;
+  readonly #scheduler: Scheduler<Job>;
+  readonly #recent: RecentRequests;
+  /** Project prompts, replaceable at run time through the `template` control topic. */
+  readonly #prompts: Map<string, string>;
+  readonly #control: ControlTopics | undefined;
+  #nextId = 1;
+  #accepting = true;
+
+  constructor(options: GatewayOptions) {
+    this.#options = options;
+    this.#prompts = new Map(options.projects);
+    this.#recent = new RecentRequests(options.dedupWindowMs);
+    this.#scheduler = new Scheduler<Job>({
+      maxQueue: options.maxQueue,
+      maxInFlight: options.maxInFlight,
+      run: (job, signal) => this.#run(job, signal),
+    });
+    this.#control = options.controlStore && new ControlTopics({
+      store: options.controlStore,
+      directory: options.directory,
+      topics: options.topics,
+      publish: (target, body) => this.#publish(target, body),
+      setPrompt: (project, prompt) => this.#prompts.set(project, prompt),
+      defaultPrompt: (project) => options.projects.get(project)!,
+    });
+  }
+
+  /** Requests waiting in the queue. */
+  get queued(): number {
+    return this.#scheduler.queued;
+  }
+
+  /** Requests being run. */
+  get inFlight(): number {
+    return this.#scheduler.inFlight;
+  }
+
+  /** Whether a session has a request queued or running. */
+  isBusy(project: string, sessionId: string): boolean {
+    return this.#scheduler.hasSession(sessionKey(project, sessionId));
+  }
+
+  /** Subscribes to every enabled project's input (and control) topics. */
+  async subscribe(): Promise<void> {
+    const { client, topics, qos } = this.#options;
+    const filters: string[] = [];
+    for (const project of this.#prompts.keys()) {
+      filters.push(topics.input(project));
+      if (this.#control) filters.push(...this.#control.filters(project));
+    }
+    await client.subscribeAsync(filters, { qos });
+    log.info("Subscribed to {filters}", { filters });
+  }
+
+  /**
+   * Takes no new requests: those that still arrive are answered `cancelled`
+   * with a retry hint. The subscriptions stay, so the broker queues what is
+   * sent while the service is down for its next start (persistent session, QoS 1).
+   */
+  stopAccepting(): void {
+    this.#accepting = false;
+  }
+
+  /** Handles one incoming MQTT message. Never throws. */
+  handle(topic: string, payload: Uint8Array, packet: IPublishPacket): void {
+    const target = this.#options.topics.parse(topic);
+    if (!target) return;
+    if (target.kind === "control") {
+      if (this.#prompts.has(target.project)) {
+        this.#control?.handle(target, payload, this.#mqtt5Reply(packet));
+      }
+      return;
+    }
+    this.#options.stats.request();
+    const { project } = target;
+    const { topics, limits } = this.#options;
+    if (!this.#prompts.has(project)) {
+      this.#options.stats.unaddressable("unknown_project");
+      log.warn("Request for project {project}, which is not served", { project });
+      return;
+    }
+    const outcome = parseRequest(payload, project, topics.responseRoot(project), limits);
+    const mqtt5 = this.#mqtt5Reply(packet);
+    if (!outcome.ok) {
+      const { error, address } = outcome;
+      if (!address && !mqtt5) {
+        this.#options.stats.unaddressable(error.code);
+        log.warn("Unanswerable request on {topic}: {message}", { topic, message: error.message });
+        return;
+      }
+      const target = this.#target(project, address ?? { sessionId: "", requestId: undefined, style: "json", replyTopic: undefined }, mqtt5);
+      this.#fail(target, error);
+      return;
+    }
+    const request = outcome.request;
+    const reply = this.#target(project, { ...request }, mqtt5);
+    if (!this.#accepting) {
+      this.#fail(reply, new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }));
+      return;
+    }
+    const key = sessionKey(project, request.sessionId);
+
+    if (request.cancel) {
+      const reason = new ServiceError("cancelled", "cancelled by the client");
+      const matches = request.requestId !== undefined && request.message === undefined
+        ? (job: Job) => job.request.requestId === request.requestId
+        : () => true;
+      for (const job of this.#scheduler.cancel(key, reason, matches)) this.#fail(job.target, reason, job);
+      if (request.message === undefined && !request.reset) return;
+    }
+
+    const dedupKey = request.requestId === undefined ? undefined : `${key}/${request.requestId}`;
+    if (dedupKey) {
+      const repeat = this.#recent.check(dedupKey);
+      if (repeat.kind === "running") return;
+      if (repeat.kind === "answered") {
+        this.#publish(reply, repeat.answer);
+        return;
+      }
+    }
+    const job: Job = {
+      id: this.#nextId++,
+      sessionKey: key,
+      priority: request.priority,
+      request,
+      target: reply,
+      receivedAt: performance.now(),
+      dedupKey,
+    };
+    try {
+      this.#scheduler.submit(job);
+    } catch (error) {
+      this.#fail(reply, error as ServiceError, job);
+    }
+  }
+
+  /**
+   * Stops taking requests and waits up to `timeoutMs` for accepted ones to
+   * finish; what is left is cancelled with an error reply.
+   */
+  async drain(timeoutMs: number): Promise<void> {
+    this.stopAccepting();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<"timeout">((resolve) => {
+      timer = setTimeout(() => resolve("timeout"), timeoutMs);
+    });
+    const outcome = await Promise.race([this.#scheduler.idle(), timedOut]);
+    clearTimeout(timer);
+    if (outcome !== "timeout") return;
+    const reason = new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 });
+    for (const job of this.#scheduler.drainQueue()) this.#fail(job.target, reason, job);
+    this.#scheduler.abortRunning(reason);
+    await this.#scheduler.idle();
+  }
+
+  async #run(job: Job, signal: AbortSignal): Promise<void> {
+    const { request, target } = job;
+    const startedAt = performance.now();
+    const onAbort = () => this.#options.pool.cancel(job.id, signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    const prompt = request.systemPrompt ?? this.#prompts.get(request.project)!;
+    try {
+      const result = await this.#options.pool.run({
+        id: job.id,
+        project: request.project,
+        sessionId: request.sessionId,
+        message: request.message,
+        reset: request.reset,
+        systemPrompt: prompt,
+        systemPromptFromRequest: request.systemPrompt !== undefined,
+        params: request.params,
+        stream: request.stream,
+      }, (seq, delta) => this.#publish(target, { type: "delta", seq, delta }));
+      const now = performance.now();
+      const done: ReplyBody = {
+        type: "done",
+        response: result.response,
+        finish_reason: result.finishReason,
+        usage: result.usage,
+        timing: {
+          queue_ms: Math.round(startedAt - job.receivedAt),
+          ttft_ms: result.ttftMs === null ? null : Math.round(startedAt - job.receivedAt + result.ttftMs),
+          total_ms: Math.round(now - job.receivedAt),
+        },
+      };
+      this.#publish(target, done);
+      if (job.dedupKey) this.#recent.answered(job.dedupKey, done);
+      this.#options.directory.touch(request.project, request.sessionId);
+      this.#options.stats.answered(now - job.receivedAt);
+    } catch (error) {
+      this.#fail(target, error instanceof ServiceError ? error : new ServiceError("internal", String(error)), job);
+    } finally {
+      signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  #fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
+    if (job?.dedupKey) this.#recent.forget(job.dedupKey);
+    this.#options.stats.error(error.code);
+    if (error.code === "internal") log.error("Request failed: {message}", { message: error.message });
+    this.#publish(target, {
+      type: "error",
+      error: {
+        code: error.code as ErrorCode,
+        message: error.message,
+        ...(error.retryAfterMs !== undefined && { retry_after_ms: error.retryAfterMs }),
+      },
+    });
+  }
+
+  #publish(target: ReplyTarget, body: ReplyBody): void {
+    const payload = encodeReply(body, target.style, target.sessionId, target.requestId);
+    if (payload === undefined) return;
+    const properties = target.correlationData ? { correlationData: target.correlationData as never } : undefined;
+    this.#options.client.publish(target.topic, payload, { qos: this.#options.qos, properties }, (error) => {
+      if (error) log.warn("Reply to {topic} not sent: {message}", { topic: target.topic, message: error.message });
+    });
+  }
+
+  /** The MQTT 5 Response Topic and Correlation Data of a request, when it has a usable one. */
+  #mqtt5Reply(packet: IPublishPacket): { topic: string; correlationData: Uint8Array | undefined } | undefined {
+    const topic = packet.properties?.responseTopic;
+    if (!topic || /[+#]/.test(topic) || topic.startsWith("$")) return undefined;
+    return { topic, correlationData: packet.properties?.correlationData };
+  }
+
+  #target(
+    project: string,
+    address: { sessionId: string; requestId: string | undefined; style: ReplyStyle; replyTopic: string | undefined },
+    mqtt5: { topic: string; correlationData: Uint8Array | undefined } | undefined,
+  ): ReplyTarget {
+    return {
+      topic: mqtt5?.topic ?? address.replyTopic ?? this.#options.topics.response(project, address.sessionId),
+      style: address.style,
+      sessionId: address.sessionId,
+      requestId: address.requestId,
+      correlationData: mqtt5?.correlationData,
+    };
+  }
+}
+
+function sessionKey(project: string, sessionId: string): string {
+  return `${project}/${sessionId}`;
+}

@@ -1,0 +1,71 @@
+/**
+ * Remembers recently seen `request_id`s, so that a repeat (a QoS 1
+ * redelivery, a client's retry) is not generated twice: while the first is
+ * running the repeat is dropped, and after it finished its answer is sent again.
+ *
+ * @module
+ */
+
+import type { ReplyBody } from "../protocol/reply.ts";
+
+interface Entry {
+  readonly seenAt: number;
+  /** The final answer, once there is one. */
+  answer: ReplyBody | undefined;
+}
+
+/** What to do with a request that carries a `request_id`. */
+export type Repeat =
+  | { readonly kind: "new" }
+  | { readonly kind: "running" }
+  | { readonly kind: "answered"; readonly answer: ReplyBody };
+
+/** A window of recently seen request ids, bounded in time and in number. */
+export class RecentRequests {
+  readonly #windowMs: number;
+  readonly #maxEntries: number;
+  readonly #entries = new Map<string, Entry>();
+  #duplicates = 0;
+
+  constructor(windowMs: number, maxEntries = 100_000) {
+    this.#windowMs = windowMs;
+    this.#maxEntries = maxEntries;
+  }
+
+  /** Repeats recognised since start. */
+  get duplicates(): number {
+    return this.#duplicates;
+  }
+
+  /** Records `key` as seen, unless it is a repeat within the window. */
+  check(key: string, now = Date.now()): Repeat {
+    if (this.#windowMs === 0) return { kind: "new" };
+    const entry = this.#entries.get(key);
+    if (entry && now - entry.seenAt < this.#windowMs) {
+      this.#duplicates++;
+      return entry.answer ? { kind: "answered", answer: entry.answer } : { kind: "running" };
+    }
+    this.#entries.delete(key);
+    this.#entries.set(key, { seenAt: now, answer: undefined });
+    this.#prune(now);
+    return { kind: "new" };
+  }
+
+  /** Keeps the final answer of `key` to send again on a repeat. */
+  answered(key: string, answer: ReplyBody): void {
+    const entry = this.#entries.get(key);
+    if (entry) entry.answer = answer;
+  }
+
+  /** Forgets `key`: a request that failed may be retried under the same id. */
+  forget(key: string): void {
+    this.#entries.delete(key);
+  }
+
+  #prune(now: number): void {
+    for (const [key, entry] of this.#entries) {
+      if (this.#entries.size <= this.#maxEntries && now - entry.seenAt < this.#windowMs) break;
+      this.#entries.delete(key);
+    }
+  }
+}

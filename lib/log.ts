@@ -1,0 +1,57 @@
+/**
+ * Logging set-up (`@logtape/logtape`): text or JSON lines on standard error.
+ * Modules log through `getLogger(["vllm-mqtt", ...])`.
+ *
+ * @module
+ */
+
+import {
+  configure,
+  getLogger,
+  getTextFormatter,
+  jsonLinesFormatter,
+  type Logger,
+  type LogRecord,
+  reset,
+} from "@logtape/logtape";
+
+/** Options of {@linkcode setupLogging}. */
+export interface LogOptions {
+  readonly level: "debug" | "info" | "warning" | "error";
+  readonly format: "text" | "json";
+}
+
+const encoder = new TextEncoder();
+
+// Strings as they are, everything else as compact JSON: one line per record.
+const textFormatter = getTextFormatter({
+  value: (value) => typeof value === "string" ? value : JSON.stringify(value),
+});
+
+/** Routes every `vllm-mqtt` logger to standard error at `level` and above. */
+export async function setupLogging(options: LogOptions): Promise<void> {
+  const format = options.format === "json" ? jsonLinesFormatter : textFormatter;
+  await configure({
+    reset: true,
+    sinks: {
+      stderr: (record: LogRecord) => {
+        const line = format(record);
+        Deno.stderr.writeSync(encoder.encode(line.endsWith("\n") ? line : `${line}\n`));
+      },
+    },
+    loggers: [
+      { category: ["vllm-mqtt"], lowestLevel: options.level, sinks: ["stderr"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+    ],
+  });
+}
+
+/** Stops logging (at exit). */
+export async function closeLogging(): Promise<void> {
+  await reset();
+}
+
+/** The logger of one part of the program, e.g. `logger("gateway")`. */
+export function logger(part: string): Logger {
+  return getLogger(["vllm-mqtt", part]);
+}

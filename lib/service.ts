@@ -1,0 +1,193 @@
+/**
+ * The service, wired: prompts, engine, session store, workers, broker
+ * connection, gateway and statistics, started in that order and stopped in
+ * reverse.
+ *
+ * @module
+ */
+
+import { join } from "node:path";
+import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
+import { type Config, ConfigError } from "./config/config.ts";
+import { startEngine } from "./engine/start_engine.ts";
+import { Gateway } from "./gateway/gateway.ts";
+import { logger } from "./log.ts";
+import { connectMqtt, redact } from "./mqtt/connect.ts";
+import { Topics } from "./protocol/topics.ts";
+import { SessionDirectory } from "./sessions/session_directory.ts";
+import { SessionStore } from "./sessions/session_store.ts";
+import { Stats } from "./stats.ts";
+import { WorkerPool } from "./workers/worker_pool.ts";
+
+/** A running service. */
+export interface Service {
+  /** The broker it is connected to. */
+  readonly brokerUrl: string;
+  /** Resolves with a reason when a part fails for good (vLLM gave up). */
+  readonly failed: Promise<Error>;
+  /** Stops taking requests, finishes or cancels accepted ones, and closes everything. */
+  stop(): Promise<void>;
+  /** Kills child processes at once, for a program that is dying. */
+  killNow(): void;
+}
+
+const log = logger("service");
+
+/** Reads `prompts/NAME.md` for every project; a missing one is a configuration error. */
+export async function loadPrompts(config: Config): Promise<Map<string, string>> {
+  const prompts = new Map<string, string>();
+  for (const project of config.projects) {
+    const path = join(config.promptsDir, `${project}.md`);
+    try {
+      prompts.set(project, (await Deno.readTextFile(path)).trim());
+    } catch {
+      throw new ConfigError(
+        `project "${project}" has no system prompt: create ${path}, or leave it out of '--projects'`,
+      );
+    }
+  }
+  return prompts;
+}
+
+/** Starts the whole service. */
+export async function startService(config: Config): Promise<Service> {
+  const prompts = await loadPrompts(config);
+  const topics = new Topics(config.topicPrefix, config.serviceName);
+  const cleanup: (() => Promise<void> | void)[] = [];
+  const undo = async () => {
+    for (const step of cleanup.reverse()) await step();
+  };
+  try {
+    const engine = await startEngine(config);
+    cleanup.push(() => engine.close());
+
+    await Deno.mkdir(config.dataDir, { recursive: true });
+    const kvPath = join(config.dataDir, "sessions.kv");
+    const store = await SessionStore.open(kvPath, config.sessionTtlMs);
+    cleanup.push(() => store.close());
+
+    const pool = await WorkerPool.start(config.workers, {
+      endpoint: engine.endpoint,
+      kvPath,
+      sessionTtlMs: config.sessionTtlMs,
+      maxHistoryTokens: config.maxHistoryTokens,
+      maxModelLen: config.maxModelLen,
+      requestTimeoutMs: config.requestTimeoutMs,
+      engineRetries: config.engineRetries,
+      skipThinking: config.skipThinking,
+    });
+    cleanup.push(() => pool.close());
+    engine.onEndpointChange((endpoint) => pool.setEndpoint(endpoint));
+
+    let brokerUrl = config.mqttUrl;
+    let protocolVersion = config.mqttVersion;
+    if (brokerUrl === undefined) {
+      const port = config.embeddedBrokerPort;
+      if (await isListening("127.0.0.1", port)) {
+        brokerUrl = `mqtt://127.0.0.1:${port}`;
+      } else {
+        const broker = await startEmbeddedBroker(port);
+        cleanup.push(() => broker.close());
+        brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
+        // The embedded broker speaks MQTT 3.1.1 only.
+        protocolVersion = 4;
+        log.info("No broker answered on localhost:{port}; started the embedded broker there", { port });
+      }
+    }
+
+    const offline = JSON.stringify({ status: "offline", model: config.servedModelName });
+    const client = await connectMqtt({
+      url: brokerUrl,
+      clientId: config.mqttClientId,
+      protocolVersion,
+      username: config.mqttUsername,
+      password: config.mqttPassword,
+      tlsCa: config.tlsCa,
+      tlsCert: config.tlsCert,
+      tlsKey: config.tlsKey,
+      will: { topic: topics.status, payload: offline },
+    });
+    cleanup.push(() => client.endAsync());
+    log.info("Connected to broker {url} (MQTT {version})", {
+      url: redact(brokerUrl),
+      version: protocolVersion === 5 ? "5" : "3.1.1",
+    });
+
+    const stats = new Stats();
+    // deno-lint-ignore prefer-const
+    let gateway: Gateway;
+    const directory = new SessionDirectory({
+      store,
+      maxSessions: config.maxSessions,
+      ttlMs: config.sessionTtlMs,
+      isBusy: (project, sessionId) => gateway.isBusy(project, sessionId),
+    });
+    await directory.load();
+    gateway = new Gateway({
+      client,
+      topics,
+      projects: prompts,
+      pool,
+      directory,
+      stats,
+      limits: config,
+      qos: config.qos,
+      maxQueue: config.maxQueue,
+      maxInFlight: config.maxInFlight,
+      dedupWindowMs: config.dedupWindowMs,
+      controlStore: config.controlTopics ? store : undefined,
+    });
+    client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
+    const online = JSON.stringify({
+      status: "online",
+      model: config.servedModelName,
+      projects: config.projects,
+      started_at: new Date().toISOString(),
+    });
+    const announce = () =>
+      client.publish(topics.status, online, { qos: 1, retain: true }, () => {});
+    // After a reconnect the Last Will may have said `offline`; say `online` again.
+    client.on("connect", (connack) => {
+      log.info("Reconnected to the broker");
+      if (!connack.sessionPresent) gateway.subscribe().catch(() => {});
+      announce();
+    });
+    await gateway.subscribe();
+    announce();
+    log.info("Serving {projects} with model {model}", {
+      projects: config.projects,
+      model: config.servedModelName,
+    });
+
+    const statsTimer = setInterval(() => {
+      const report = stats.report({
+        queued: gateway.queued,
+        inFlight: gateway.inFlight,
+        liveSessions: directory.size,
+      });
+      log.info("Stats: {report}", { report: JSON.stringify(report) });
+      client.publish(topics.stats, JSON.stringify(report), { qos: 0 });
+    }, config.statsIntervalMs);
+    cleanup.push(() => clearInterval(statsTimer));
+
+    return {
+      brokerUrl,
+      failed: engine.failed,
+      stop: async () => {
+        log.info("Shutting down: finishing accepted requests (up to {s} s)", {
+          s: config.shutdownTimeoutMs / 1000,
+        });
+        clearInterval(statsTimer);
+        await gateway.drain(config.shutdownTimeoutMs);
+        await client.publishAsync(topics.status, offline, { qos: 1, retain: true }).catch(() => {});
+        await undo();
+        log.info("Stopped");
+      },
+      killNow: () => engine.killNow(),
+    };
+  } catch (error) {
+    await undo();
+    throw error;
+  }
+}
+

@@ -1,0 +1,97 @@
+/**
+ * The live sessions, least recently used first, kept on the gateway thread so
+ * that the `--max-sessions` cap and the live-session count need no scan of the
+ * store. Rebuilt from the store at start-up.
+ *
+ * @module
+ */
+
+import type { SessionStore } from "./session_store.ts";
+
+interface Entry {
+  readonly project: string;
+  readonly sessionId: string;
+  expiresAt: number;
+}
+
+/** Live sessions in LRU order, with eviction beyond a cap. */
+export class SessionDirectory {
+  readonly #store: SessionStore;
+  readonly #maxSessions: number;
+  readonly #ttlMs: number;
+  readonly #isBusy: (project: string, sessionId: string) => boolean;
+  /** Insertion order is recency order: the first entry is the least recently used. */
+  readonly #entries = new Map<string, Entry>();
+  #evicted = 0;
+
+  constructor(options: {
+    store: SessionStore;
+    maxSessions: number;
+    ttlMs: number;
+    /** A session with a request queued or running is never evicted. */
+    isBusy: (project: string, sessionId: string) => boolean;
+  }) {
+    this.#store = options.store;
+    this.#maxSessions = options.maxSessions;
+    this.#ttlMs = options.ttlMs;
+    this.#isBusy = options.isBusy;
+  }
+
+  /** Loads the live sessions of the store. */
+  async load(): Promise<void> {
+    const sessions = await this.#store.list();
+    sessions.sort((a, b) => a.lastActive - b.lastActive);
+    for (const { project, sessionId, expiresAt } of sessions) {
+      this.#entries.set(key(project, sessionId), { project, sessionId, expiresAt });
+    }
+  }
+
+  /** Live sessions now. */
+  get size(): number {
+    this.sweep();
+    return this.#entries.size;
+  }
+
+  /** Sessions evicted by the cap since start. */
+  get evicted(): number {
+    return this.#evicted;
+  }
+
+  /** Marks a session as just used; evicts the least recently used beyond the cap. */
+  touch(project: string, sessionId: string, now = Date.now()): void {
+    const k = key(project, sessionId);
+    this.#entries.delete(k);
+    this.#entries.set(k, { project, sessionId, expiresAt: now + this.#ttlMs });
+    if (this.#entries.size <= this.#maxSessions) return;
+    for (const [candidate, entry] of this.#entries) {
+      if (this.#entries.size <= this.#maxSessions) break;
+      if (this.#isBusy(entry.project, entry.sessionId)) continue;
+      this.#entries.delete(candidate);
+      this.#evicted++;
+      this.#store.clear(entry.project, entry.sessionId, true).catch(() => {});
+    }
+  }
+
+  /** Forgets a session (deleted by a client). */
+  forget(project: string, sessionId: string): void {
+    this.#entries.delete(key(project, sessionId));
+  }
+
+  /** The sessions of a project. */
+  sessionsOf(project: string): string[] {
+    const ids: string[] = [];
+    for (const entry of this.#entries.values()) if (entry.project === project) ids.push(entry.sessionId);
+    return ids;
+  }
+
+  /** Drops expired entries (their data expires in the store by itself). */
+  sweep(now = Date.now()): void {
+    for (const [k, entry] of this.#entries) {
+      if (entry.expiresAt <= now) this.#entries.delete(k);
+    }
+  }
+}
+
+function key(project: string, sessionId: string): string {
+  return `${project}/${sessionId}`;
+}

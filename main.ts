@@ -1,0 +1,75 @@
+/**
+ * vllm-mqtt: serve a large language model to MQTT clients.
+ *
+ * Parses the configuration, starts the service and stops it gracefully on
+ * SIGINT or SIGTERM. Exit codes: 0 after a clean stop, 1 when start-up fails
+ * or the engine gives up, 2 for a configuration error.
+ *
+ * @module
+ */
+
+import { ConfigError, helpText, parseConfig } from "./lib/config/config.ts";
+import { closeLogging, logger, setupLogging } from "./lib/log.ts";
+import { type Service, startService } from "./lib/service.ts";
+
+async function main(): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseConfig(Deno.args, Deno.env.toObject());
+  } catch (error) {
+    if (!(error instanceof ConfigError)) throw error;
+    console.error(`vllm-mqtt: ${error.message}`);
+    return 2;
+  }
+  if (parsed.help) {
+    console.log(helpText());
+    return 0;
+  }
+  const { config } = parsed;
+  await setupLogging({ level: config.logLevel, format: config.logFormat });
+  const log = logger("main");
+  for (const warning of config.warnings) log.warn(warning);
+
+  let service: Service;
+  try {
+    service = await startService(config);
+  } catch (error) {
+    const code = error instanceof ConfigError ? 2 : 1;
+    log.error("Start-up failed: {message}", { message: (error as Error).message });
+    await closeLogging();
+    return code;
+  }
+
+  // A dying program must not leave vLLM's processes holding the GPU.
+  globalThis.addEventListener("error", () => service.killNow());
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    event.preventDefault();
+    log.error("Unhandled rejection: {reason}", { reason: String(event.reason) });
+  });
+
+  const stopped = new Promise<number>((resolve) => {
+    let stopping = false;
+    const stop = (why: string, code: number) => {
+      if (stopping) return;
+      stopping = true;
+      log.info("{why}: stopping", { why });
+      service.stop().then(() => resolve(code), (error) => {
+        log.error("Shutdown failed: {message}", { message: (error as Error).message });
+        service.killNow();
+        resolve(1);
+      });
+    };
+    for (const signal of ["SIGINT", "SIGTERM"] as const) {
+      Deno.addSignalListener(signal, () => stop(signal, 0));
+    }
+    service.failed.then((error) => {
+      log.error("{message}", { message: error.message });
+      stop("engine failed", 1);
+    });
+  });
+  const code = await stopped;
+  await closeLogging();
+  return code;
+}
+
+Deno.exit(await main());
