@@ -148,6 +148,8 @@ export class EngineClient {
       }
       if (choice.finish_reason) finishReason = choice.finish_reason;
     }
+    // An aborted stream may end quietly instead of throwing: never report it as finished.
+    signal.throwIfAborted();
     return { text, finishReason, usage, firstTokenAt };
   }
 }

@@ -1,0 +1,243 @@
+/**
+ * Test helpers: a mosquitto broker on a free port, the service as a real
+ * child process, and MQTT clients that collect what they receive.
+ *
+ * @module
+ */
+
+import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+
+export const ROOT = new URL("..", import.meta.url).pathname;
+
+/** Whether the mosquitto broker is installed; tests that need it are skipped otherwise. */
+export const HAS_MOSQUITTO = (() => {
+  try {
+    return new Deno.Command("mosquitto", { args: ["-h"], stdout: "null", stderr: "null" })
+      .outputSync().code !== 127;
+  } catch {
+    return false;
+  }
+})();
+if (!HAS_MOSQUITTO) {
+  console.warn("mosquitto is not installed: the mosquitto-only tests are skipped");
+}
+
+/** A free TCP port on the loopback interface. */
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr as Deno.NetAddr;
+  listener.close();
+  return port;
+}
+
+/** Waits until `check` holds, polling every 20 ms, or fails after `timeoutMs`. */
+export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = "condition"): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+async function listening(port: number): Promise<boolean> {
+  try {
+    (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** A mosquitto started by a test. */
+export interface Mosquitto {
+  readonly port: number;
+  readonly url: string;
+  readonly dir: string;
+  stop(): Promise<void>;
+  /** Starts it again on the same port (after {@linkcode stop}). */
+  start(): Promise<void>;
+}
+
+/**
+ * Starts mosquitto on a free port with `set_tcp_nodelay true` (Nagle costs
+ * ~40 ms per small message on loopback) and any extra configuration lines.
+ */
+export async function startMosquitto(extra: string[] = [], port = freePort()): Promise<Mosquitto> {
+  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-mosquitto-" });
+  const hasListener = extra.some((line) => line.startsWith("listener"));
+  const conf = [
+    ...(hasListener ? [] : [`listener ${port} 127.0.0.1`, "allow_anonymous true"]),
+    "set_tcp_nodelay true",
+    "persistence false",
+    "max_queued_messages 100000",
+    ...extra,
+  ].join("\n");
+  await Deno.writeTextFile(`${dir}/mosquitto.conf`, conf + "\n");
+  let child: Deno.ChildProcess | undefined;
+  const broker: Mosquitto = {
+    port,
+    url: `mqtt://127.0.0.1:${port}`,
+    dir,
+    async start() {
+      child = new Deno.Command("mosquitto", {
+        args: ["-c", `${dir}/mosquitto.conf`],
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      await waitFor(() => listening(port), 10_000, `mosquitto on port ${port}`);
+    },
+    async stop() {
+      if (!child) return;
+      try {
+        child.kill("SIGKILL");
+      } catch { /* gone */ }
+      await child.status;
+      child = undefined;
+    },
+  };
+  await broker.start();
+  return broker;
+}
+
+/** The service running as a child process. */
+export interface ServiceProcess {
+  readonly child: Deno.ChildProcess;
+  /** Everything it logged so far. */
+  readonly log: () => string;
+  /** Sends `signal` and waits for the exit code. */
+  stop(signal?: Deno.Signal): Promise<number>;
+}
+
+/**
+ * Starts `main.ts` with `args` and waits for its "Serving" log line (or for it
+ * to exit, when `expectExit`).
+ */
+export async function startService(
+  args: string[],
+  options: { env?: Record<string, string>; expectExit?: boolean; timeoutMs?: number } = {},
+): Promise<ServiceProcess> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "--unstable-kv", `${ROOT}main.ts`, ...args],
+    cwd: ROOT,
+    env: options.env,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output = "";
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
+  };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  let exited = false;
+  child.status.then(() => exited = true);
+  const service: ServiceProcess = {
+    child,
+    log: () => output,
+    async stop(signal: Deno.Signal = "SIGTERM") {
+      if (!exited) {
+        try {
+          child.kill(signal);
+        } catch { /* gone */ }
+      }
+      const status = await child.status;
+      await pumped;
+      return status.code;
+    },
+  };
+  try {
+    await waitFor(
+      () => options.expectExit ? exited : output.includes("Serving ") || exited,
+      options.timeoutMs ?? 30_000,
+      "the service to start",
+    );
+  } catch (error) {
+    await service.stop("SIGKILL");
+    throw new Error(`${(error as Error).message}\n--- service log ---\n${output}`);
+  }
+  if (exited && !options.expectExit) {
+    await pumped;
+    throw new Error(`the service exited during start-up:\n${output}`);
+  }
+  return service;
+}
+
+/** A received message. */
+export interface Received {
+  readonly topic: string;
+  readonly text: string;
+  readonly packet: IPublishPacket;
+  /** The payload parsed as JSON, or undefined for plain text. */
+  readonly json: Record<string, unknown> | undefined;
+}
+
+/** An MQTT test client that keeps everything it receives. */
+export class TestClient {
+  readonly client: MqttClient;
+  readonly received: Received[] = [];
+  readonly #waiters = new Set<() => void>();
+
+  private constructor(client: MqttClient) {
+    this.client = client;
+    client.on("message", (topic, payload, packet) => {
+      const text = new TextDecoder().decode(payload);
+      let json: Record<string, unknown> | undefined;
+      try {
+        const parsed = JSON.parse(text);
+        if (typeof parsed === "object" && parsed !== null) json = parsed;
+      } catch { /* plain text */ }
+      this.received.push({ topic, text, packet, json });
+      for (const wake of this.#waiters) wake();
+    });
+  }
+
+  static async connect(url: string, options: IClientOptions = {}): Promise<TestClient> {
+    const client = await mqtt.connectAsync(url, { reconnectPeriod: 200, ...options });
+    return new TestClient(client);
+  }
+
+  async subscribe(filter: string | string[], qos: 0 | 1 = 1): Promise<void> {
+    await this.client.subscribeAsync(filter, { qos });
+  }
+
+  async send(topic: string, payload: unknown, options: mqtt.IClientPublishOptions = {}): Promise<void> {
+    const body = typeof payload === "string" || payload instanceof Uint8Array
+      ? payload
+      : JSON.stringify(payload);
+    await this.client.publishAsync(topic, body as string, { qos: 1, ...options });
+  }
+
+  /** Waits for the first received message `match` accepts (earlier ones included). */
+  next(match: (message: Received) => boolean, timeoutMs = 15_000): Promise<Received> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        const found = this.received.find(match);
+        if (!found) return false;
+        clearTimeout(timer);
+        this.#waiters.delete(wake);
+        resolve(found);
+        return true;
+      };
+      const wake = () => void check();
+      const timer = setTimeout(() => {
+        this.#waiters.delete(wake);
+        reject(new Error(`no matching message within ${timeoutMs} ms; received:\n${
+          this.received.map((m) => `${m.topic} ${m.text}`).join("\n").slice(-3000)
+        }`));
+      }, timeoutMs);
+      if (!check()) this.#waiters.add(wake);
+    });
+  }
+
+  /** The final reply (`done` or `error`) for a session, optionally for one request id. */
+  final(sessionId: string, requestId?: string, timeoutMs?: number): Promise<Received> {
+    return this.next((m) =>
+      m.json?.session_id === sessionId &&
+      (m.json.type === "done" || m.json.type === "error") &&
+      (requestId === undefined || m.json.request_id === requestId), timeoutMs);
+  }
+
+  async close(): Promise<void> {
+    await this.client.endAsync(true);
+  }
+}
