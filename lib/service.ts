@@ -91,7 +91,9 @@ export async function startService(config: Config): Promise<Service> {
         brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
         // The embedded broker speaks MQTT 3.1.1 only.
         protocolVersion = 4;
-        log.info("No broker answered on localhost:{port}; started the embedded broker there", { port });
+        log.info("No broker answered on localhost:{port}; started the embedded broker there", {
+          port,
+        });
       }
     }
 
@@ -190,4 +192,3 @@ export async function startService(config: Config): Promise<Service> {
     throw error;
   }
 }
-

@@ -24,7 +24,11 @@ export interface StatsReport extends Gauges {
   readonly error_rate: number;
   readonly latency_ms: { readonly avg: number; readonly p50: number; readonly p95: number } | null;
   readonly rejected_unaddressable: number;
-  readonly totals: { readonly requests: number; readonly answered: number; readonly errors: number };
+  readonly totals: {
+    readonly requests: number;
+    readonly answered: number;
+    readonly errors: number;
+  };
 }
 
 /** Counts requests and outcomes; {@linkcode report} returns and resets the interval's figures. */
@@ -50,7 +54,9 @@ export class Stats {
     this.#answered++;
     this.#totalAnswered++;
     // Bounded: beyond 100k samples an interval keeps every other one.
-    if (this.#latencies.length >= 100_000) this.#latencies = this.#latencies.filter((_, i) => i % 2 === 0);
+    if (this.#latencies.length >= 100_000) {
+      this.#latencies = this.#latencies.filter((_, i) => i % 2 === 0);
+    }
     this.#latencies.push(latencyMs);
   }
 

@@ -31,7 +31,11 @@ export function freePort(): number {
 }
 
 /** Waits until `check` holds, polling every 20 ms, or fails after `timeoutMs`. */
-export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs = 10_000, what = "condition"): Promise<void> {
+export async function waitFor(
+  check: () => boolean | Promise<boolean>,
+  timeoutMs = 10_000,
+  what = "condition",
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await check())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
@@ -200,7 +204,11 @@ export class TestClient {
     await this.client.subscribeAsync(filter, { qos });
   }
 
-  async send(topic: string, payload: unknown, options: mqtt.IClientPublishOptions = {}): Promise<void> {
+  async send(
+    topic: string,
+    payload: unknown,
+    options: mqtt.IClientPublishOptions = {},
+  ): Promise<void> {
     const body = typeof payload === "string" || payload instanceof Uint8Array
       ? payload
       : JSON.stringify(payload);
@@ -221,9 +229,13 @@ export class TestClient {
       const wake = () => void check();
       const timer = setTimeout(() => {
         this.#waiters.delete(wake);
-        reject(new Error(`no matching message within ${timeoutMs} ms; received:\n${
-          this.received.map((m) => `${m.topic} ${m.text}`).join("\n").slice(-3000)
-        }`));
+        reject(
+          new Error(
+            `no matching message within ${timeoutMs} ms; received:\n${
+              this.received.map((m) => `${m.topic} ${m.text}`).join("\n").slice(-3000)
+            }`,
+          ),
+        );
       }, timeoutMs);
       if (!check()) this.#waiters.add(wake);
     });

@@ -79,7 +79,9 @@ test("an answer streams to the session's topic and reflects the project's prompt
     const timing = done.json!.timing as Record<string, number>;
     assert(timing.total_ms >= timing.ttft_ms && timing.ttft_ms >= timing.queue_ms);
     // Deltas, in order, concatenate to the final response.
-    const deltas = client.received.filter((m) => m.json?.type === "delta" && m.json.request_id === "r1");
+    const deltas = client.received.filter((m) =>
+      m.json?.type === "delta" && m.json.request_id === "r1"
+    );
     assert(deltas.length >= 1);
     deepEqual(deltas.map((m) => m.json!.seq), deltas.map((_, i) => i));
     deepEqual(deltas.map((m) => m.json!.delta).join(""), done.json!.response);
@@ -93,7 +95,11 @@ test("an answer streams to the session's topic and reflects the project's prompt
     deepEqual(general.topic, "maze/assistant_response/p1");
     const other = await client.next((m) => m.topic === "general/assistant_response/p1");
     deepEqual(other.json!.response, '[General assistant] Turn 1: you said "hello".');
-    deepEqual(client.received.filter((m) => m.topic.startsWith("general/") && m.json?.type === "delta").length, 0);
+    deepEqual(
+      client.received.filter((m) => m.topic.startsWith("general/") && m.json?.type === "delta")
+        .length,
+      0,
+    );
   });
 });
 
@@ -103,13 +109,19 @@ test("history is kept across turns and trimmed to the low-water mark over budget
     const long = "tell me about walls and corridors ".repeat(8).trim();
     const sizes: number[] = [];
     for (let turn = 1; turn <= 12; turn++) {
-      await client.send("maze/user_input", { session_id: "h", message: `${turn} ${long}`, request_id: `t${turn}` });
+      await client.send("maze/user_input", {
+        session_id: "h",
+        message: `${turn} ${long}`,
+        request_id: `t${turn}`,
+      });
       const done = await client.final("h", `t${turn}`);
       deepEqual(done.json!.type, "done", done.text);
       const messages = sim.received.at(-1)!.messages as { role: string; content: string }[];
       sizes.push(messages.length);
       // The engine sees the previous turns as alternating user/assistant messages.
-      for (let i = 1; i < messages.length; i++) deepEqual(messages[i].role, i % 2 === 1 ? "user" : "assistant");
+      for (let i = 1; i < messages.length; i++) {
+        deepEqual(messages[i].role, i % 2 === 1 ? "user" : "assistant");
+      }
       deepEqual(messages.at(-1)!.content, `${turn} ${long}`);
     }
     // Grows by one turn (two messages) at a time, then drops several turns at once.
@@ -136,7 +148,9 @@ test("one session's turns run in order while another session runs in parallel", 
     assert(order.indexOf("a1") < order.indexOf("a2"), `order: ${order}`);
     deepEqual(a2.json!.response, '[Maze guide] Turn 2: you said "second".');
     // The second turn of a was sent to the engine only after the first finished: it saw it in history.
-    const seen = sim.received.find((b) => (b.messages as { content: string }[]).at(-1)!.content === "second")!;
+    const seen = sim.received.find((b) =>
+      (b.messages as { content: string }[]).at(-1)!.content === "second"
+    )!;
     deepEqual((seen.messages as unknown[]).length, 4);
   });
 });
@@ -152,7 +166,12 @@ test("reset clears the history, alone or before a message", async () => {
     deepEqual(reset.json!.finish_reason, "reset");
     await client.send("maze/user_input", { session_id: "r", message: "three", request_id: "4" });
     match((await client.final("r", "4")).json!.response as string, /Turn 1: you said "three"/);
-    await client.send("maze/user_input", { session_id: "r", message: "four", reset: true, request_id: "5" });
+    await client.send("maze/user_input", {
+      session_id: "r",
+      message: "four",
+      reset: true,
+      request_id: "5",
+    });
     match((await client.final("r", "5")).json!.response as string, /Turn 1: you said "four"/);
   });
 });
@@ -160,14 +179,23 @@ test("reset clears the history, alone or before a message", async () => {
 test("cancel aborts a running request and drops a queued one; history keeps neither", async () => {
   await withService({ sim: { ttftMs: 50, itlMs: 50, fillerTokens: 100 } }, async ({ client }) => {
     await client.send("maze/user_input", { session_id: "c", message: "slow", request_id: "run" });
-    await client.send("maze/user_input", { session_id: "c", message: "queued", request_id: "wait" });
+    await client.send("maze/user_input", {
+      session_id: "c",
+      message: "queued",
+      request_id: "wait",
+    });
     await client.next((m) => m.json?.type === "delta" && m.json.request_id === "run");
     await client.send("maze/user_input", { session_id: "c", cancel: true });
     const running = await client.final("c", "run");
     const queued = await client.final("c", "wait");
     deepEqual((running.json!.error as { code: string }).code, "cancelled");
     deepEqual((queued.json!.error as { code: string }).code, "cancelled");
-    await client.send("maze/user_input", { session_id: "c", message: "after", request_id: "after", params: { max_tokens: 8 } });
+    await client.send("maze/user_input", {
+      session_id: "c",
+      message: "after",
+      request_id: "after",
+      params: { max_tokens: 8 },
+    });
     const after = await client.final("c", "after");
     match(after.json!.response as string, /Turn 1: you said "after"/);
   });
@@ -181,7 +209,10 @@ test("MQTT 5: replies go to the Response Topic with the Correlation Data", async
       properties: { responseTopic: "replies/me", correlationData: correlationData as never },
     });
     const done = await client.next((m) => m.topic === "replies/me" && m.json?.type === "done");
-    deepEqual(new TextDecoder().decode(done.packet.properties!.correlationData as Uint8Array), "corr-42");
+    deepEqual(
+      new TextDecoder().decode(done.packet.properties!.correlationData as Uint8Array),
+      "corr-42",
+    );
     // Even a request that names no session is answered there.
     await client.send("maze/user_input", "{not json", {
       properties: { responseTopic: "replies/me", correlationData: correlationData as never },
@@ -192,38 +223,50 @@ test("MQTT 5: replies go to the Response Topic with the Correlation Data", async
 });
 
 test("each kind of bad input gets its error code and the service keeps answering", async () => {
-  await withService({ args: ["--max-payload-bytes=2048", "--stats-interval=0.3"], mqtt5: false }, async ({ client }) => {
-    await client.subscribe("vllm-mqtt/stats");
-    const code = async (payload: unknown, sessionId: string) => {
-      await client.send("maze/user_input", payload);
-      const reply = await client.final(sessionId);
-      deepEqual(reply.json!.type, "error", reply.text);
-      return (reply.json!.error as { code: string }).code;
-    };
-    deepEqual(await code({ session_id: "e1" }, "e1"), "invalid_request");
-    deepEqual(await code({ session_id: "e2", message: 42 }, "e2"), "invalid_request");
-    deepEqual(await code({ session_id: "e3", message: "x", params: { max_tokens: "many" } }, "e3"), "invalid_request");
-    deepEqual(await code({ session_id: "e4", message: "x", priority: 1.5 }, "e4"), "invalid_request");
-    deepEqual(await code({ session_id: "e5", message: "   " }, "e5"), "invalid_request");
-    // Unaddressable: counted, not answered.
-    await client.send("maze/user_input", "{not json");
-    await client.send("maze/user_input", { session_id: "a/b", message: "inject a level" });
-    await client.send("maze/user_input", { session_id: "#", message: "wildcard" });
-    await client.send("maze/user_input", new Uint8Array([0x7b, 0xff, 0xfe, 0x7d]));
-    await client.send("maze/user_input", JSON.stringify({ session_id: "big", message: "x".repeat(5000) }));
-    await client.send("maze/user_input", "[".repeat(1000) + "]".repeat(1000));
-    // Every other client is still served.
-    await client.send("maze/user_input", { session_id: "ok", message: "still there?" });
-    deepEqual((await client.final("ok")).json!.type, "done");
-    assert(!client.received.some((m) => m.topic.includes("/big") || m.topic.includes("a/b")));
-    const stats = await client.next((m) =>
-      m.topic === "vllm-mqtt/stats" && ((m.json!.totals as { requests: number }).requests >= 12)
-    );
-    const totals = stats.json!.totals as Record<string, number>;
-    deepEqual(totals.requests, 12);
-    deepEqual(totals.answered, 1);
-    deepEqual(totals.errors, 11);
-  });
+  await withService(
+    { args: ["--max-payload-bytes=2048", "--stats-interval=0.3"], mqtt5: false },
+    async ({ client }) => {
+      await client.subscribe("vllm-mqtt/stats");
+      const code = async (payload: unknown, sessionId: string) => {
+        await client.send("maze/user_input", payload);
+        const reply = await client.final(sessionId);
+        deepEqual(reply.json!.type, "error", reply.text);
+        return (reply.json!.error as { code: string }).code;
+      };
+      deepEqual(await code({ session_id: "e1" }, "e1"), "invalid_request");
+      deepEqual(await code({ session_id: "e2", message: 42 }, "e2"), "invalid_request");
+      deepEqual(
+        await code({ session_id: "e3", message: "x", params: { max_tokens: "many" } }, "e3"),
+        "invalid_request",
+      );
+      deepEqual(
+        await code({ session_id: "e4", message: "x", priority: 1.5 }, "e4"),
+        "invalid_request",
+      );
+      deepEqual(await code({ session_id: "e5", message: "   " }, "e5"), "invalid_request");
+      // Unaddressable: counted, not answered.
+      await client.send("maze/user_input", "{not json");
+      await client.send("maze/user_input", { session_id: "a/b", message: "inject a level" });
+      await client.send("maze/user_input", { session_id: "#", message: "wildcard" });
+      await client.send("maze/user_input", new Uint8Array([0x7b, 0xff, 0xfe, 0x7d]));
+      await client.send(
+        "maze/user_input",
+        JSON.stringify({ session_id: "big", message: "x".repeat(5000) }),
+      );
+      await client.send("maze/user_input", "[".repeat(1000) + "]".repeat(1000));
+      // Every other client is still served.
+      await client.send("maze/user_input", { session_id: "ok", message: "still there?" });
+      deepEqual((await client.final("ok")).json!.type, "done");
+      assert(!client.received.some((m) => m.topic.includes("/big") || m.topic.includes("a/b")));
+      const stats = await client.next((m) =>
+        m.topic === "vllm-mqtt/stats" && ((m.json!.totals as { requests: number }).requests >= 12)
+      );
+      const totals = stats.json!.totals as Record<string, number>;
+      deepEqual(totals.requests, 12);
+      deepEqual(totals.answered, 1);
+      deepEqual(totals.errors, 11);
+    },
+  );
 });
 
 test("a flood beyond the queue gets queue_full at once; accepted requests finish", async () => {
@@ -231,10 +274,15 @@ test("a flood beyond the queue gets queue_full at once; accepted requests finish
   await withService({ args, sim: { ttftMs: 100, itlMs: 5 } }, async ({ client }) => {
     const n = 40;
     await Promise.all(
-      Array.from({ length: n }, (_, i) => client.send("maze/user_input", { session_id: `f${i}`, message: "go" })),
+      Array.from(
+        { length: n },
+        (_, i) => client.send("maze/user_input", { session_id: `f${i}`, message: "go" }),
+      ),
     );
     const finals = await Promise.all(Array.from({ length: n }, (_, i) => client.final(`f${i}`)));
-    const full = finals.filter((m) => (m.json!.error as { code?: string } | undefined)?.code === "queue_full");
+    const full = finals.filter((m) =>
+      (m.json!.error as { code?: string } | undefined)?.code === "queue_full"
+    );
     const done = finals.filter((m) => m.json!.type === "done");
     deepEqual(full.length + done.length, n);
     assert(done.length >= 7 && full.length >= 20, `done ${done.length}, queue_full ${full.length}`);
@@ -285,22 +333,30 @@ test("the least recently used session is evicted beyond --max-sessions", async (
 
 test("shutdown answers or cancels every accepted request, says offline and exits 0", async () => {
   const args = ["--shutdown-timeout=0.5", "--max-in-flight=2"];
-  await withService({ args, sim: { ttftMs: 20, itlMs: 40, fillerTokens: 200 } }, async ({ client, service }) => {
-    await client.subscribe("vllm-mqtt/status");
-    const online = await client.next((m) => m.topic === "vllm-mqtt/status");
-    deepEqual(online.json!.status, "online");
-    deepEqual(online.packet.retain, true);
-    for (let i = 0; i < 6; i++) await client.send("maze/user_input", { session_id: `x${i}`, message: "long" });
-    await client.next((m) => m.json?.type === "delta");
-    deepEqual(await service.stop("SIGTERM"), 0);
-    for (let i = 0; i < 6; i++) {
-      const reply = await client.final(`x${i}`, undefined, 5000);
-      if (reply.json!.type === "error") {
-        deepEqual((reply.json!.error as { code: string }).code, "cancelled");
+  await withService(
+    { args, sim: { ttftMs: 20, itlMs: 40, fillerTokens: 200 } },
+    async ({ client, service }) => {
+      await client.subscribe("vllm-mqtt/status");
+      const online = await client.next((m) => m.topic === "vllm-mqtt/status");
+      deepEqual(online.json!.status, "online");
+      deepEqual(online.packet.retain, true);
+      for (let i = 0; i < 6; i++) {
+        await client.send("maze/user_input", {
+          session_id: `x${i}`,
+          message: "long",
+        });
       }
-    }
-    await client.next((m) => m.topic === "vllm-mqtt/status" && m.json?.status === "offline");
-  });
+      await client.next((m) => m.json?.type === "delta");
+      deepEqual(await service.stop("SIGTERM"), 0);
+      for (let i = 0; i < 6; i++) {
+        const reply = await client.final(`x${i}`, undefined, 5000);
+        if (reply.json!.type === "error") {
+          deepEqual((reply.json!.error as { code: string }).code, "cancelled");
+        }
+      }
+      await client.next((m) => m.topic === "vllm-mqtt/status" && m.json?.status === "offline");
+    },
+  );
 });
 
 Deno.test("without a broker URL, the embedded broker serves the main flow", async () => {

@@ -16,7 +16,10 @@ export interface EmbeddedBroker {
 }
 
 /** Starts an embedded broker on `port` (0: a free one) on the loopback interface. */
-export async function startEmbeddedBroker(port: number, hostname = "127.0.0.1"): Promise<EmbeddedBroker> {
+export async function startEmbeddedBroker(
+  port: number,
+  hostname = "127.0.0.1",
+): Promise<EmbeddedBroker> {
   const aedes = await Aedes.createBroker();
   const server: Server = createServer((socket) => {
     socket.setNoDelay(true);

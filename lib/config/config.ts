@@ -10,7 +10,7 @@
  * @module
  */
 
-import { envName, type OptionSpec, OPTIONS } from "./options.ts";
+import { envName, OPTIONS, type OptionSpec } from "./options.ts";
 
 /** Raised when the command line or the environment holds a bad value. */
 export class ConfigError extends Error {

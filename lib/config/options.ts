@@ -65,7 +65,8 @@ export const OPTIONS: readonly OptionSpec[] = [
     default: "vllm",
     choices: ["vllm", "url", "sim"],
     group: "Engine",
-    help: "vllm: start and supervise `vllm serve`; url: attach to --engine-url; sim: simulated engine",
+    help:
+      "vllm: start and supervise `vllm serve`; url: attach to --engine-url; sim: simulated engine",
   },
   {
     name: "engine-url",
@@ -123,7 +124,8 @@ export const OPTIONS: readonly OptionSpec[] = [
     kind: "boolean",
     default: true,
     group: "Engine",
-    help: "Remove <think>...</think> reasoning from replies and history; ask the model not to think",
+    help:
+      "Remove <think>...</think> reasoning from replies and history; ask the model not to think",
   },
   {
     name: "sim-ttft-ms",
@@ -248,7 +250,8 @@ export const OPTIONS: readonly OptionSpec[] = [
     min: 0,
     max: 65535,
     group: "MQTT",
-    help: "Without --mqtt-url: the localhost port probed for a broker, where the embedded one starts if none answers",
+    help:
+      "Without --mqtt-url: the localhost port probed for a broker, where the embedded one starts if none answers",
   },
   {
     name: "mqtt-broker",

@@ -103,9 +103,11 @@ export class EngineClient {
         const retriable = mapped.code === "engine_unavailable" && !streamed &&
           attempt < this.#retries;
         if (!retriable) throw mapped;
-        await abortableSleep(RETRY_BASE_MS * 2 ** attempt * (0.5 + Math.random()), combined).catch(() => {
-          throw mapError(combined.reason, signal, deadline);
-        });
+        await abortableSleep(RETRY_BASE_MS * 2 ** attempt * (0.5 + Math.random()), combined).catch(
+          () => {
+            throw mapError(combined.reason, signal, deadline);
+          },
+        );
       }
     }
   }
@@ -191,8 +193,12 @@ function mapError(error: unknown, signal: AbortSignal, deadline: AbortSignal): S
     });
   }
   // A stream cut in the middle surfaces as a plain Error from the SSE reader.
-  return new ServiceError("engine_unavailable", `engine stream failed: ${(error as Error)?.message}`, {
-    cause: error,
-    retryAfterMs: 1000,
-  });
+  return new ServiceError(
+    "engine_unavailable",
+    `engine stream failed: ${(error as Error)?.message}`,
+    {
+      cause: error,
+      retryAfterMs: 1000,
+    },
+  );
 }

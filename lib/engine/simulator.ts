@@ -298,7 +298,11 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
 
 /** vLLM's error body: `{"error": {"message", "type", "param", "code"}}`. */
 function error(status: number, message: string): Response {
-  const type = status === 400 ? "BadRequestError" : status === 401 ? "Unauthorized" : "NotFoundError";
+  const type = status === 400
+    ? "BadRequestError"
+    : status === 401
+    ? "Unauthorized"
+    : "NotFoundError";
   return Response.json({ error: { message, type, param: null, code: status } }, { status });
 }
 
@@ -326,7 +330,9 @@ function replyTokens(
   const quoted = last.length > 200 ? `${last.slice(0, 200)}...` : last;
   let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${quoted}".`;
   for (let i = 0; i < filler; i++) text += ` w${i}`;
-  if (thinks) text = `<think>\nThe user said "${quoted}". I should answer briefly.\n</think>\n\n${text}`;
+  if (thinks) {
+    text = `<think>\nThe user said "${quoted}". I should answer briefly.\n</think>\n\n${text}`;
+  }
   return text.match(/\S+\s*|\s+/g) ?? [];
 }
 

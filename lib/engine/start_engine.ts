@@ -76,7 +76,9 @@ async function attach(config: Config): Promise<RunningEngine> {
       signal: AbortSignal.timeout(10_000),
     });
     if (!response.ok) throw new Error(`GET /models answered ${response.status}`);
-    const served = ((await response.json()).data ?? []).map((m: { id: string }) => m.id) as string[];
+    const served = ((await response.json()).data ?? []).map((m: { id: string }) =>
+      m.id
+    ) as string[];
     if (!served.includes(model) && served.length === 1) {
       log.info("Engine serves one model, {served}; using it", { served: served[0] });
       model = served[0];
@@ -84,10 +86,13 @@ async function attach(config: Config): Promise<RunningEngine> {
       log.warn("Engine does not list model {model}; it serves {served}", { model, served });
     }
   } catch (error) {
-    log.warn("Engine at {url} not reachable yet ({message}); requests get engine_unavailable until it is", {
-      url: baseUrl,
-      message: (error as Error).message,
-    });
+    log.warn(
+      "Engine at {url} not reachable yet ({message}); requests get engine_unavailable until it is",
+      {
+        url: baseUrl,
+        message: (error as Error).message,
+      },
+    );
   }
   return {
     endpoint: { baseUrl, apiKey, model },

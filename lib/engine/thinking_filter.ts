@@ -26,7 +26,9 @@ export class ThinkingFilter {
         const close = this.#pending.indexOf(CLOSE);
         if (close === -1) {
           // Keep only what could be the start of the closing tag.
-          this.#pending = this.#pending.slice(this.#pending.length - partialSuffix(this.#pending, CLOSE));
+          this.#pending = this.#pending.slice(
+            this.#pending.length - partialSuffix(this.#pending, CLOSE),
+          );
           return out;
         }
         this.#pending = this.#pending.slice(close + CLOSE.length);

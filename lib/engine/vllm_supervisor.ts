@@ -192,7 +192,9 @@ class VllmSupervisor implements RunningEngine {
       n: this.#crashes.length,
     });
     if (this.#crashes.length > this.#config.vllmMaxRestarts) {
-      this.#fail(new Error(`vllm crashed ${this.#crashes.length} times within 10 minutes; giving up`));
+      this.#fail(
+        new Error(`vllm crashed ${this.#crashes.length} times within 10 minutes; giving up`),
+      );
       return;
     }
     const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
@@ -248,7 +250,9 @@ class VllmSupervisor implements RunningEngine {
       abortableSleep(STOP_GRACE_MS).then(() => false),
     ]);
     if (!exited) {
-      log.warn("vllm did not stop within {s} s of SIGTERM; sending SIGKILL", { s: STOP_GRACE_MS / 1000 });
+      log.warn("vllm did not stop within {s} s of SIGTERM; sending SIGKILL", {
+        s: STOP_GRACE_MS / 1000,
+      });
     }
     // Whatever is left of the group (engine cores, workers) goes now.
     signalGroup(child.pid, "SIGKILL");
@@ -281,7 +285,9 @@ async function forwardLines(stream: ReadableStream<Uint8Array>, name: string): P
     for await (const chunk of stream) {
       const lines = (rest + decoder.decode(chunk, { stream: true })).split("\n");
       rest = lines.pop()!;
-      for (const line of lines) if (line.trim() !== "") childLog.info("vllm {stream} | {line}", { stream: name, line });
+      for (const line of lines) {
+        if (line.trim() !== "") childLog.info("vllm {stream} | {line}", { stream: name, line });
+      }
     }
   } catch {
     // The child is gone.

@@ -80,7 +80,10 @@ export class ControlTopics {
       correlationData: mqtt5?.correlationData,
     };
     if (sessionId !== ALL && !SESSION_ID_PATTERN.test(sessionId)) {
-      this.#options.publish(reply, errorBody(`session id ${JSON.stringify(sessionId)} is not valid`));
+      this.#options.publish(
+        reply,
+        errorBody(`session id ${JSON.stringify(sessionId)} is not valid`),
+      );
       return;
     }
     this.#run(target.project, target.command, sessionId, body)
@@ -102,7 +105,9 @@ export class ControlTopics {
   ): Promise<string> {
     const { store, directory } = this.#options;
     const sessions = sessionId === ALL ? directory.sessionsOf(project) : [sessionId];
-    const scope = sessionId === ALL ? `all ${sessions.length} sessions of ${project}` : `session ${sessionId}`;
+    const scope = sessionId === ALL
+      ? `all ${sessions.length} sessions of ${project}`
+      : `session ${sessionId}`;
     switch (command) {
       case "clear_history":
         for (const id of sessions) await store.clear(project, id);
@@ -116,7 +121,9 @@ export class ControlTopics {
       case "template": {
         const template = body.template;
         if (typeof template !== "string" || template.length > MAX_TEMPLATE_CHARS) {
-          throw new Error(`'template' must be a string of at most ${MAX_TEMPLATE_CHARS} characters`);
+          throw new Error(
+            `'template' must be a string of at most ${MAX_TEMPLATE_CHARS} characters`,
+          );
         }
         const prompt = template.trim() === "" ? undefined : template;
         if (sessionId === ALL) {

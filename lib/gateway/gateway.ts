@@ -12,8 +12,8 @@ import type { IPublishPacket } from "mqtt";
 import { logger } from "../log.ts";
 import {
   type ChatRequest,
-  type ErrorCode,
   encodeReply,
+  type ErrorCode,
   parseRequest,
   type ReplyBody,
   type ReplyStyle,
@@ -162,14 +162,21 @@ export class Gateway {
         log.warn("Unanswerable request on {topic}: {message}", { topic, message: error.message });
         return;
       }
-      const target = this.#target(project, address ?? { sessionId: "", requestId: undefined, style: "json", replyTopic: undefined }, mqtt5);
+      const target = this.#target(
+        project,
+        address ?? { sessionId: "", requestId: undefined, style: "json", replyTopic: undefined },
+        mqtt5,
+      );
       this.#fail(target, error);
       return;
     }
     const request = outcome.request;
     const reply = this.#target(project, { ...request }, mqtt5);
     if (!this.#accepting) {
-      this.#fail(reply, new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }));
+      this.#fail(
+        reply,
+        new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }),
+      );
       return;
     }
     const key = sessionKey(project, request.sessionId);
@@ -179,7 +186,9 @@ export class Gateway {
       const matches = request.requestId !== undefined && request.message === undefined
         ? (job: Job) => job.request.requestId === request.requestId
         : () => true;
-      for (const job of this.#scheduler.cancel(key, reason, matches)) this.#fail(job.target, reason, job);
+      for (const job of this.#scheduler.cancel(key, reason, matches)) {
+        this.#fail(job.target, reason, job);
+      }
       if (request.message === undefined && !request.reset) return;
     }
 
@@ -221,7 +230,9 @@ export class Gateway {
     const outcome = await Promise.race([this.#scheduler.idle(), timedOut]);
     clearTimeout(timer);
     if (outcome !== "timeout") return;
-    const reason = new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 });
+    const reason = new ServiceError("cancelled", "the service is shutting down", {
+      retryAfterMs: 5000,
+    });
     for (const job of this.#scheduler.drainQueue()) this.#fail(job.target, reason, job);
     this.#scheduler.abortRunning(reason);
     await this.#scheduler.idle();
@@ -253,7 +264,9 @@ export class Gateway {
         usage: result.usage,
         timing: {
           queue_ms: Math.round(startedAt - job.receivedAt),
-          ttft_ms: result.ttftMs === null ? null : Math.round(startedAt - job.receivedAt + result.ttftMs),
+          ttft_ms: result.ttftMs === null
+            ? null
+            : Math.round(startedAt - job.receivedAt + result.ttftMs),
           total_ms: Math.round(now - job.receivedAt),
         },
       };
@@ -262,7 +275,11 @@ export class Gateway {
       this.#options.directory.touch(request.project, request.sessionId);
       this.#options.stats.answered(now - job.receivedAt);
     } catch (error) {
-      this.#fail(target, error instanceof ServiceError ? error : new ServiceError("internal", String(error)), job);
+      this.#fail(
+        target,
+        error instanceof ServiceError ? error : new ServiceError("internal", String(error)),
+        job,
+      );
     } finally {
       signal.removeEventListener("abort", onAbort);
     }
@@ -271,7 +288,9 @@ export class Gateway {
   #fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
     if (job?.dedupKey) this.#recent.forget(job.dedupKey);
     this.#options.stats.error(error.code);
-    if (error.code === "internal") log.error("Request failed: {message}", { message: error.message });
+    if (error.code === "internal") {
+      log.error("Request failed: {message}", { message: error.message });
+    }
     this.#publish(target, {
       type: "error",
       error: {
@@ -285,14 +304,28 @@ export class Gateway {
   #publish(target: ReplyTarget, body: ReplyBody): void {
     const payload = encodeReply(body, target.style, target.sessionId, target.requestId);
     if (payload === undefined) return;
-    const properties = target.correlationData ? { correlationData: target.correlationData as never } : undefined;
-    this.#options.client.publish(target.topic, payload, { qos: this.#options.qos, properties }, (error) => {
-      if (error) log.warn("Reply to {topic} not sent: {message}", { topic: target.topic, message: error.message });
-    });
+    const properties = target.correlationData
+      ? { correlationData: target.correlationData as never }
+      : undefined;
+    this.#options.client.publish(
+      target.topic,
+      payload,
+      { qos: this.#options.qos, properties },
+      (error) => {
+        if (error) {
+          log.warn("Reply to {topic} not sent: {message}", {
+            topic: target.topic,
+            message: error.message,
+          });
+        }
+      },
+    );
   }
 
   /** The MQTT 5 Response Topic and Correlation Data of a request, when it has a usable one. */
-  #mqtt5Reply(packet: IPublishPacket): { topic: string; correlationData: Uint8Array | undefined } | undefined {
+  #mqtt5Reply(
+    packet: IPublishPacket,
+  ): { topic: string; correlationData: Uint8Array | undefined } | undefined {
     const topic = packet.properties?.responseTopic;
     if (!topic || /[+#]/.test(topic) || topic.startsWith("$")) return undefined;
     return { topic, correlationData: packet.properties?.correlationData };
@@ -300,11 +333,17 @@ export class Gateway {
 
   #target(
     project: string,
-    address: { sessionId: string; requestId: string | undefined; style: ReplyStyle; replyTopic: string | undefined },
+    address: {
+      sessionId: string;
+      requestId: string | undefined;
+      style: ReplyStyle;
+      replyTopic: string | undefined;
+    },
     mqtt5: { topic: string; correlationData: Uint8Array | undefined } | undefined,
   ): ReplyTarget {
     return {
-      topic: mqtt5?.topic ?? address.replyTopic ?? this.#options.topics.response(project, address.sessionId),
+      topic: mqtt5?.topic ?? address.replyTopic ??
+        this.#options.topics.response(project, address.sessionId),
       style: address.style,
       sessionId: address.sessionId,
       requestId: address.requestId,

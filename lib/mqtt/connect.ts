@@ -80,7 +80,9 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
       if (typeof error.code === "number" && error.code !== 0) {
         client.off("connect", onConnect);
         client.end(true);
-        reject(new Error(`broker at ${redact(options.url)} refused the connection: ${error.message}`));
+        reject(
+          new Error(`broker at ${redact(options.url)} refused the connection: ${error.message}`),
+        );
       }
     };
     client.once("connect", onConnect);

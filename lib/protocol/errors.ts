@@ -25,7 +25,11 @@ export class ServiceError extends Error {
   /** When set, the client may retry after this many milliseconds. */
   readonly retryAfterMs: number | undefined;
 
-  constructor(code: ErrorCode, message: string, options?: { retryAfterMs?: number; cause?: unknown }) {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    options?: { retryAfterMs?: number; cause?: unknown },
+  ) {
     super(message, { cause: options?.cause });
     this.name = "ServiceError";
     this.code = code;

@@ -34,7 +34,11 @@ export type ReplyBody =
   }
   | {
     readonly type: "error";
-    readonly error: { readonly code: ErrorCode; readonly message: string; readonly retry_after_ms?: number };
+    readonly error: {
+      readonly code: ErrorCode;
+      readonly message: string;
+      readonly retry_after_ms?: number;
+    };
   };
 
 /** The text the original deployment answered a full queue with; its clients look for it. */

@@ -127,7 +127,11 @@ export function parseRequest(
   responseRoot: string,
   limits: RequestLimits,
 ): ParseOutcome {
-  const fail = (message: string, address?: ReplyAddress, code: "invalid_request" | "payload_too_large" = "invalid_request"): ParseOutcome => ({
+  const fail = (
+    message: string,
+    address?: ReplyAddress,
+    code: "invalid_request" | "payload_too_large" = "invalid_request",
+  ): ParseOutcome => ({
     ok: false,
     error: new ServiceError(code, message),
     address,
@@ -172,7 +176,9 @@ export function parseRequest(
   }
   if (Object.keys(topLevel).length > 0) {
     const params = fields.params;
-    fields.params = typeof params === "object" && params !== null ? { ...topLevel, ...params } : topLevel;
+    fields.params = typeof params === "object" && params !== null
+      ? { ...topLevel, ...params }
+      : topLevel;
   }
 
   const parsed = requestSchema.safeParse(fields);
@@ -183,7 +189,9 @@ export function parseRequest(
     const address = typeof sessionId === "string" && SESSION_ID_PATTERN.test(sessionId)
       ? {
         sessionId,
-        requestId: typeof fields.request_id === "string" ? fields.request_id.slice(0, 256) : undefined,
+        requestId: typeof fields.request_id === "string"
+          ? fields.request_id.slice(0, 256)
+          : undefined,
         style: styleOf(fields.format),
         replyTopic: validReplyTopic(fields.reply_topic, responseRoot),
       }
@@ -249,6 +257,8 @@ export function parseRequest(
 function validReplyTopic(value: unknown, responseRoot: string): string | undefined {
   if (typeof value !== "string") return undefined;
   if (!value.startsWith(responseRoot) || value.length === responseRoot.length) return undefined;
+  // Control characters are what is being refused here.
+  // deno-lint-ignore no-control-regex
   if (/[+#\u0000-\u001f\u007f]/.test(value)) return undefined;
   return value;
 }

@@ -40,9 +40,7 @@ export class Scheduler<T extends Schedulable> {
   readonly #options: SchedulerOptions<T>;
   /** Heads of idle sessions' queues, ready to run. */
   readonly #ready = new PriorityQueue<Entry<T>>((a, b) =>
-    a.item.priority !== b.item.priority
-      ? a.item.priority < b.item.priority
-      : a.arrival < b.arrival
+    a.item.priority !== b.item.priority ? a.item.priority < b.item.priority : a.arrival < b.arrival
   );
   /** Every session with queued or running requests: its waiting entries in order. */
   readonly #sessions = new Map<string, Entry<T>[]>();
@@ -73,9 +71,13 @@ export class Scheduler<T extends Schedulable> {
   /** Queues `item`; throws `queue_full` when the queue holds `maxQueue` already. */
   submit(item: T): void {
     if (this.#queued >= this.#options.maxQueue) {
-      throw new ServiceError("queue_full", `the queue is full (${this.#options.maxQueue} waiting)`, {
-        retryAfterMs: 1000,
-      });
+      throw new ServiceError(
+        "queue_full",
+        `the queue is full (${this.#options.maxQueue} waiting)`,
+        {
+          retryAfterMs: 1000,
+        },
+      );
     }
     const entry = { item, arrival: this.#arrivals++ };
     this.#queued++;
@@ -94,7 +96,11 @@ export class Scheduler<T extends Schedulable> {
    * Cancels a session's requests that `matches` selects: queued ones are
    * removed and returned; a running one is aborted with `reason`.
    */
-  cancel(sessionKey: string, reason: ServiceError, matches: (item: T) => boolean = () => true): T[] {
+  cancel(
+    sessionKey: string,
+    reason: ServiceError,
+    matches: (item: T) => boolean = () => true,
+  ): T[] {
     const waiting = this.#sessions.get(sessionKey);
     if (!waiting) return [];
     for (const [item, controller] of this.#running) {

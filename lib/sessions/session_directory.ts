@@ -80,7 +80,9 @@ export class SessionDirectory {
   /** The sessions of a project. */
   sessionsOf(project: string): string[] {
     const ids: string[] = [];
-    for (const entry of this.#entries.values()) if (entry.project === project) ids.push(entry.sessionId);
+    for (const entry of this.#entries.values()) {
+      if (entry.project === project) ids.push(entry.sessionId);
+    }
     return ids;
   }
 

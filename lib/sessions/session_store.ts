@@ -134,13 +134,17 @@ export class SessionStore {
     const meta = (await this.#kv.get<SessionMeta>(key)).value;
     if (!deleteSession && meta?.systemPrompt !== undefined) {
       const now = Date.now();
-      await this.#kv.set(key, {
-        firstSeq: meta.nextSeq,
-        nextSeq: meta.nextSeq,
-        lastActive: now,
-        expiresAt: now + this.#ttlMs,
-        systemPrompt: meta.systemPrompt,
-      } satisfies SessionMeta, { expireIn: this.#ttlMs });
+      await this.#kv.set(
+        key,
+        {
+          firstSeq: meta.nextSeq,
+          nextSeq: meta.nextSeq,
+          lastActive: now,
+          expiresAt: now + this.#ttlMs,
+          systemPrompt: meta.systemPrompt,
+        } satisfies SessionMeta,
+        { expireIn: this.#ttlMs },
+      );
     } else {
       await this.#kv.delete(key);
     }
@@ -159,12 +163,16 @@ export class SessionStore {
     const { systemPrompt: _old, ...rest } = meta && meta.expiresAt > now
       ? meta
       : { firstSeq: 0, nextSeq: 0 };
-    await this.#kv.set(key, {
-      ...rest,
-      lastActive: now,
-      expiresAt: now + this.#ttlMs,
-      ...(systemPrompt !== undefined && { systemPrompt }),
-    } satisfies SessionMeta, { expireIn: this.#ttlMs });
+    await this.#kv.set(
+      key,
+      {
+        ...rest,
+        lastActive: now,
+        expiresAt: now + this.#ttlMs,
+        ...(systemPrompt !== undefined && { systemPrompt }),
+      } satisfies SessionMeta,
+      { expireIn: this.#ttlMs },
+    );
   }
 
   /** Every live session, of one project or all. */

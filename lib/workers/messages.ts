@@ -51,7 +51,12 @@ export type ToWorker =
   | { readonly type: "init"; readonly settings: WorkerSettings }
   | { readonly type: "endpoint"; readonly endpoint: EngineEndpoint }
   | { readonly type: "run"; readonly job: TurnJob }
-  | { readonly type: "cancel"; readonly id: number; readonly code: ErrorCode; readonly message: string }
+  | {
+    readonly type: "cancel";
+    readonly id: number;
+    readonly code: ErrorCode;
+    readonly message: string;
+  }
   | { readonly type: "close" };
 
 /** Worker → gateway. */

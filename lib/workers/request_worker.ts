@@ -57,9 +57,10 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
         )
         .then((result) => post({ type: "done", id: job.id, result }))
         .catch((error) => {
-          const failure = controller.signal.aborted && controller.signal.reason instanceof ServiceError
-            ? controller.signal.reason
-            : toServiceError(error);
+          const failure =
+            controller.signal.aborted && controller.signal.reason instanceof ServiceError
+              ? controller.signal.reason
+              : toServiceError(error);
           post({
             type: "error",
             id: job.id,

@@ -1,0 +1,274 @@
+/**
+ * Unit tests of the pure parts: configuration, request parsing, trimming,
+ * the thinking filter and the scheduler's ordering.
+ */
+
+import assert, { deepEqual, equal, match, throws } from "node:assert/strict";
+import { ConfigError, helpText, parseConfig } from "../lib/config/config.ts";
+import { OPTIONS } from "../lib/config/options.ts";
+import { stripThinking, ThinkingFilter } from "../lib/engine/thinking_filter.ts";
+import { parseRequest, type RequestLimits, ServiceError } from "../lib/protocol/mod.ts";
+import { Scheduler } from "../lib/scheduler/scheduler.ts";
+import { historyBudget, messagesToDrop } from "../lib/sessions/trim.ts";
+
+const config = (argv: string[], env: Record<string, string> = {}) => {
+  const result = parseConfig(argv, env, () => "file-secret\n");
+  if (result.help) throw new Error("unexpected help");
+  return result.config;
+};
+
+Deno.test("config: defaults, flags, environment fallbacks, frozen", () => {
+  const c = config([]);
+  deepEqual(c.projects, ["general"]);
+  equal(c.engine, "vllm");
+  equal(c.maxModelLen, 4096);
+  equal(c.temperature, 0.6);
+  equal(c.maxInFlight, 256);
+  assert(Object.isFrozen(c));
+  const d = config(["--projects", "maze,driving", "--max-tokens=100"], {
+    VLLM_MQTT_TEMPERATURE: "0",
+  });
+  deepEqual(d.projects, ["maze", "driving"]);
+  equal(d.maxTokens, 100);
+  equal(d.temperature, 0);
+});
+
+Deno.test("config: the original script's command line means the same as the new one", () => {
+  const old = config([
+    "--projects",
+    "maze",
+    "driving",
+    "--model",
+    "Qwen/Qwen3-8B",
+    "--max_model_len",
+    "8192",
+    "--tensor_parallel_size",
+    "2",
+    "--gpu_memory_utilization",
+    "0.8",
+    "--max_history_tokens",
+    "2000",
+    "--num_workers",
+    "3",
+    "--skip_thinking",
+    "False",
+    "--mqtt_broker",
+    "broker.local",
+    "--mqtt_port",
+    "1884",
+    "--max_concurrent_sessions",
+    "64",
+    "--visible_devices",
+    "2",
+    "--model_provider",
+    "modelscope",
+    "--top_p",
+    "0.8",
+  ]);
+  const now = config([
+    "--projects=maze,driving",
+    "--model=Qwen/Qwen3-8B",
+    "--max-model-len=8192",
+    "--tensor-parallel-size=2",
+    "--gpu-memory-utilization=0.8",
+    "--max-history-tokens=2000",
+    "--workers=3",
+    "--no-skip-thinking",
+    "--mqtt-url=mqtt://broker.local:1884",
+    "--max-in-flight=64",
+    "--visible-devices=2",
+    "--model-provider=modelscope",
+    "--top-p=0.8",
+  ]);
+  deepEqual({ ...old, warnings: [] }, { ...now, warnings: [] });
+});
+
+Deno.test("config: bad values stop start-up naming the option", () => {
+  throws(
+    () => config(["--max-tokens", "0"]),
+    /'--max-tokens' must be at least 1: current value is "0"/,
+  );
+  throws(() => config(["--engine", "gpu"]), /'--engine' must be one of vllm, url, sim/);
+  throws(() => config(["--engine", "url"]), /needs '--engine-url'/);
+  throws(() => config(["--bogus"]), /unknown option '--bogus'/);
+  throws(() => config(["--projects", "a/b"]), ConfigError);
+  throws(() => config(["--mqtt-url", "http://x"]), /'--mqtt-url' must be/);
+  throws(() => config(["--max-tokens", "5000"]), /below '--max-model-len'/);
+});
+
+Deno.test("config: secrets come from the environment or a file; on the command line they warn", () => {
+  equal(config([], { VLLM_MQTT_MQTT_PASSWORD: "env-secret" }).mqttPassword, "env-secret");
+  equal(config(["--mqtt-password-file", "/x"]).mqttPassword, "file-secret");
+  const c = config(["--mqtt_password", "cli-secret"]);
+  equal(c.mqttPassword, "cli-secret");
+  match(c.warnings[0], /visible to other users/);
+  assert(!c.warnings[0].includes("cli-secret"));
+});
+
+Deno.test("config: --help lists every option with its default", () => {
+  const help = helpText();
+  for (const option of OPTIONS) assert(help.includes(`--${option.name}`), option.name);
+  match(help, /--max-model-len <int>\n.*\[default: 4096\]/);
+});
+
+const LIMITS: RequestLimits = {
+  maxPayloadBytes: 1024,
+  maxMessageChars: 100,
+  maxPriority: 10,
+  maxTokens: 512,
+  temperature: 0.6,
+  topP: 0.9,
+  stream: true,
+};
+const ROOT = "maze/assistant_response/";
+const parse = (value: unknown) =>
+  parseRequest(
+    new TextEncoder().encode(typeof value === "string" ? value : JSON.stringify(value)),
+    "maze",
+    ROOT,
+    LIMITS,
+  );
+
+Deno.test("request: v1 fields, clamping and defaults", () => {
+  const outcome = parse({
+    session_id: "s-1.a_b",
+    message: "hi",
+    priority: 99,
+    params: { max_tokens: 9999, temperature: 0, top_k: 5, stop: "END" },
+  });
+  assert(outcome.ok);
+  const r = outcome.request;
+  equal(r.priority, 10);
+  deepEqual(r.params, { max_tokens: 512, temperature: 0, top_p: 0.9, top_k: 5, stop: ["END"] });
+  equal(r.style, "json");
+  equal(r.stream, true);
+});
+
+Deno.test("request: the original camelCase form gets plain-text replies", () => {
+  const outcome = parse({
+    sessionId: "p",
+    message: "hi",
+    temperature: 0,
+    topP: 0.5,
+    maxTokens: 64,
+    systemPrompt: "You are terse.",
+    replyTopic: "maze/assistant_response/custom",
+    requestId: "r",
+    clientId: "game-1",
+  });
+  assert(outcome.ok);
+  const r = outcome.request;
+  deepEqual([r.sessionId, r.style, r.stream, r.requestId, r.clientId], [
+    "p",
+    "text",
+    false,
+    "r",
+    "game-1",
+  ]);
+  deepEqual(r.params, { max_tokens: 64, temperature: 0, top_p: 0.5 });
+  equal(r.systemPrompt, "You are terse.");
+  equal(r.replyTopic, "maze/assistant_response/custom");
+  const json = parse({ sessionId: "p", message: "hi", format: "json" });
+  assert(json.ok && json.request.style === "json");
+  for (
+    const replyTopic of ["other/topic", "maze/assistant_response/#", "maze/assistant_response/"]
+  ) {
+    const r2 = parse({ sessionId: "p", message: "hi", replyTopic });
+    assert(r2.ok && r2.request.replyTopic === undefined, replyTopic);
+  }
+});
+
+Deno.test("request: each bad input has its code, and an address when it names a session", () => {
+  const bad = (value: unknown) => {
+    const outcome = parse(value);
+    assert(!outcome.ok);
+    return [outcome.error.code, outcome.address?.sessionId];
+  };
+  deepEqual(bad("{oops"), ["invalid_request", undefined]);
+  deepEqual(bad("[1]"), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "a/b", message: "x" }), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "a+", message: "x" }), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "a\u0000", message: "x" }), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "s" }), ["invalid_request", "s"]);
+  deepEqual(bad({ session_id: "s", message: "x".repeat(101) }), ["invalid_request", "s"]);
+  deepEqual(bad({ session_id: "s", message: "x", params: { logit_bias: {} } }), [
+    "invalid_request",
+    "s",
+  ]);
+  deepEqual(bad({ session_id: "s", message: "x".repeat(2000) }), ["payload_too_large", undefined]);
+  const invalidUtf8 = parseRequest(new Uint8Array([0x22, 0xff, 0x22]), "maze", ROOT, LIMITS);
+  assert(!invalidUtf8.ok && /UTF-8/.test(invalidUtf8.error.message));
+});
+
+Deno.test("trim: nothing while under budget, whole turns down to the low-water mark beyond it", () => {
+  const turn = (
+    u: number,
+    a: number,
+  ) => [{ role: "user" as const, tokens: u }, { role: "assistant" as const, tokens: a }];
+  const history = [...turn(50, 50), ...turn(50, 50), ...turn(50, 50), ...turn(50, 50)];
+  equal(messagesToDrop(history, 100, 500), 0);
+  // 400 + 150 > 500: drop turns until history and message fit 300 (60%): three turns.
+  equal(messagesToDrop(history, 150, 500), 6);
+  // Never splits a turn: a user message with two answers goes as one.
+  const odd = [{ role: "user" as const, tokens: 10 }, { role: "assistant" as const, tokens: 10 }, {
+    role: "assistant" as const,
+    tokens: 10,
+  }, ...turn(10, 10)];
+  equal(messagesToDrop(odd, 100, 100), 5);
+  equal(
+    historyBudget({ maxHistoryTokens: 3000, maxModelLen: 4096, maxTokens: 512, systemTokens: 200 }),
+    3000,
+  );
+  equal(
+    historyBudget({ maxHistoryTokens: 3000, maxModelLen: 2048, maxTokens: 512, systemTokens: 200 }),
+    2048 - 512 - 200 - 41,
+  );
+});
+
+Deno.test("thinking: reasoning is removed however the stream splits it", () => {
+  const text = "<think>\nsecret plan\n</think>\n\nThe answer is 42.";
+  for (let size = 1; size <= text.length; size++) {
+    const filter = new ThinkingFilter();
+    let out = "";
+    for (let i = 0; i < text.length; i += size) out += filter.push(text.slice(i, i + size));
+    out += filter.end();
+    equal(out, "The answer is 42.", `chunk size ${size}`);
+  }
+  equal(stripThinking("Before <think>x</think>after"), "Before after");
+  equal(stripThinking("Answer <think>never closed"), "Answer ");
+  equal(stripThinking("a < b and <thin ice"), "a < b and <thin ice");
+});
+
+Deno.test("scheduler: priority then arrival; one per session; cap; queue_full; cancel", async () => {
+  const started: string[] = [];
+  const finishers = new Map<string, () => void>();
+  const scheduler = new Scheduler<{ sessionKey: string; priority: number; name: string }>({
+    maxQueue: 4,
+    maxInFlight: 1,
+    run: (item) =>
+      new Promise<void>((resolve) => {
+        started.push(item.name);
+        finishers.set(item.name, resolve);
+      }),
+  });
+  const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
+  scheduler.submit({ sessionKey: "a", priority: 0, name: "a1" });
+  scheduler.submit({ sessionKey: "a", priority: -5, name: "a2" });
+  scheduler.submit({ sessionKey: "b", priority: 5, name: "b1" });
+  scheduler.submit({ sessionKey: "c", priority: -1, name: "c1" });
+  scheduler.submit({ sessionKey: "d", priority: 0, name: "d1" });
+  throws(
+    () => scheduler.submit({ sessionKey: "e", priority: 0, name: "e1" }),
+    (e: ServiceError) => e.code === "queue_full",
+  );
+  const removed = scheduler.cancel("d", new ServiceError("cancelled", "x"));
+  deepEqual(removed.map((i) => i.name), ["d1"]);
+  // a2 (priority -5) becomes ready when a1 finishes and beats c1 (-1).
+  for (const name of ["a1", "a2", "c1", "b1"]) {
+    await tick();
+    equal(started.at(-1), name);
+    finishers.get(name)!();
+  }
+  await scheduler.idle();
+  deepEqual(started, ["a1", "a2", "c1", "b1"]);
+});
