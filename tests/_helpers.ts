@@ -6,6 +6,7 @@
  */
 
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+import { type Simulator, type SimulatorOptions, startSimulator } from "../lib/engine/simulator.ts";
 
 export const ROOT = new URL("..", import.meta.url).pathname;
 
@@ -251,5 +252,53 @@ export class TestClient {
 
   async close(): Promise<void> {
     await this.client.endAsync(true);
+  }
+}
+
+export interface Fixture {
+  broker: Mosquitto;
+  sim: Simulator;
+  service: ServiceProcess;
+  client: TestClient;
+  dataDir: string;
+  args: string[];
+}
+
+/** Runs `fn` against a fresh broker, simulator, service and client. */
+export async function withService(
+  options: { args?: string[]; sim?: SimulatorOptions; mqtt5?: boolean },
+  fn: (f: Fixture) => Promise<void>,
+): Promise<void> {
+  const broker = await startMosquitto();
+  const sim = await startSimulator({ ttftMs: 5, itlMs: 1, ...options.sim });
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const args = [
+    "--engine=url",
+    `--engine-url=${sim.url}`,
+    `--mqtt-url=${broker.url}`,
+    `--data-dir=${dataDir}`,
+    "--projects=maze,general",
+    "--workers=2",
+    `--mqtt-client-id=svc-${crypto.randomUUID()}`,
+    ...(options.args ?? []),
+  ];
+  let fixture: Fixture | undefined;
+  let client: TestClient | undefined;
+  try {
+    const service = await startService(args);
+    fixture = { broker, sim, service, client: undefined!, dataDir, args };
+    client = await TestClient.connect(broker.url, { protocolVersion: options.mqtt5 ? 5 : 4 });
+    fixture.client = client;
+    await client.subscribe(["maze/assistant_response/#", "general/assistant_response/#"]);
+    await fn(fixture);
+  } catch (error) {
+    if (fixture) console.error(`--- service log ---\n${fixture.service.log().slice(-4000)}`);
+    throw error;
+  } finally {
+    await client?.close();
+    await fixture?.service.stop();
+    await sim.close();
+    await broker.stop();
+    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
   }
 }
