@@ -77,7 +77,6 @@ export async function startService(config: Config): Promise<Service> {
       skipThinking: config.skipThinking,
     });
     cleanup.push(() => pool.close());
-    engine.onEndpointChange((endpoint) => pool.setEndpoint(endpoint));
 
     let brokerUrl = config.mqttUrl;
     let protocolVersion = config.mqttVersion;

@@ -43,7 +43,11 @@ test("an original client holds a plain-text conversation with its sampling param
         '[You are a pirate.] Turn 3: you said "who are you?".',
       );
       // `format: json` switches an original client to v1 replies.
-      await game.send("maze/user_input", { sessionId: "player7", message: "json?", format: "json" });
+      await game.send("maze/user_input", {
+        sessionId: "player7",
+        message: "json?",
+        format: "json",
+      });
       const done = await game.next((m) => m.json?.type === "done");
       equal(done.json!.response, '[Maze guide] Turn 4: you said "json?".');
     } finally {

@@ -51,6 +51,7 @@ export interface Config {
   readonly vllmArgs: readonly string[];
   readonly vllmStartupTimeoutMs: number;
   readonly vllmMaxRestarts: number;
+  readonly vllmStopGraceMs: number;
   readonly visibleDevices: string | undefined;
   readonly modelProvider: string;
 
@@ -307,6 +308,7 @@ export function parseConfig(
     vllmArgs: Object.freeze(get<string>("vllm-args").split(/\s+/).filter((arg) => arg !== "")),
     vllmStartupTimeoutMs: get<number>("vllm-startup-timeout") * 1000,
     vllmMaxRestarts: get("vllm-max-restarts"),
+    vllmStopGraceMs: get<number>("vllm-stop-grace") * 1000,
     visibleDevices: get("visible-devices"),
     modelProvider: get("model-provider"),
     mqttUrl,

@@ -213,6 +213,14 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "Seconds vLLM may take to become healthy (large models compile for minutes)",
   },
   {
+    name: "vllm-stop-grace",
+    kind: "number",
+    default: 10,
+    min: 0,
+    group: "vLLM",
+    help: "Seconds between SIGTERM and SIGKILL when vLLM is stopped",
+  },
+  {
     name: "vllm-max-restarts",
     kind: "int",
     default: 5,

@@ -56,8 +56,8 @@ const RETRY_BASE_MS = 200;
 
 /** Streams chat completions from one OpenAI-compatible engine. */
 export class EngineClient {
-  #client: OpenAI;
-  #model: string;
+  readonly #client: OpenAI;
+  readonly #model: string;
   readonly #timeoutMs: number;
   readonly #retries: number;
   readonly #disableThinking: boolean;
@@ -68,12 +68,6 @@ export class EngineClient {
     this.#timeoutMs = options.timeoutMs ?? 120_000;
     this.#retries = options.retries ?? 2;
     this.#disableThinking = options.disableThinking ?? false;
-  }
-
-  /** Points the client at a new endpoint (a restarted engine has a new API key). */
-  setEndpoint(endpoint: EngineEndpoint): void {
-    this.#client = makeClient(endpoint);
-    this.#model = endpoint.model;
   }
 
   /**

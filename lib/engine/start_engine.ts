@@ -14,8 +14,6 @@ import { startVllm } from "./vllm_supervisor.ts";
 /** A running engine. */
 export interface RunningEngine {
   readonly endpoint: EngineEndpoint;
-  /** Called with the new endpoint when a restarted engine is reachable differently. */
-  onEndpointChange(listener: (endpoint: EngineEndpoint) => void): void;
   /** Resolves (with a reason) if the engine gives up for good. */
   readonly failed: Promise<Error>;
   close(): Promise<void>;
@@ -55,7 +53,6 @@ async function startSimulatorWorker(config: Config): Promise<RunningEngine> {
   log.info("Simulated engine serving {model} at {url}", { model: config.servedModelName, url });
   return {
     endpoint: { baseUrl: url, apiKey: "sim", model: config.servedModelName },
-    onEndpointChange: () => {},
     failed: new Promise(() => {}),
     close: () => {
       worker.terminate();
@@ -96,7 +93,6 @@ async function attach(config: Config): Promise<RunningEngine> {
   }
   return {
     endpoint: { baseUrl, apiKey, model },
-    onEndpointChange: () => {},
     failed: new Promise(() => {}),
     close: () => Promise.resolve(),
     killNow: () => {},

@@ -24,10 +24,8 @@ export class EngineStartError extends Error {
 const log = logger("vllm");
 const childLog = logger("vllm-child");
 
-/** Seconds within which crashes count towards `--vllm-max-restarts`. */
+/** Milliseconds within which crashes count towards `--vllm-max-restarts`. */
 const CRASH_WINDOW_MS = 10 * 60_000;
-/** Seconds between SIGTERM and SIGKILL at shutdown. */
-const STOP_GRACE_MS = 10_000;
 
 /** The `vllm serve` arguments for a configuration (exported for tests and `--help`). */
 export function vllmArgs(config: Config, port: number, apiKey: string): string[] {
@@ -104,9 +102,10 @@ class VllmSupervisor implements RunningEngine {
   readonly #config: Config;
   readonly #binary: string;
   readonly #port: number;
-  readonly #listeners: ((endpoint: EngineEndpoint) => void)[] = [];
   readonly #crashes: number[] = [];
   readonly #stopping = new AbortController();
+  /** One key for the program's life: a restarted vLLM is reached exactly as before. */
+  readonly #apiKey = crypto.randomUUID();
   #child: Deno.ChildProcess | undefined;
   #endpoint!: EngineEndpoint;
   #fail!: (reason: Error) => void;
@@ -125,13 +124,9 @@ class VllmSupervisor implements RunningEngine {
     return this.#endpoint;
   }
 
-  onEndpointChange(listener: (endpoint: EngineEndpoint) => void): void {
-    this.#listeners.push(listener);
-  }
-
   /** Spawns vLLM and waits until it is healthy. */
   async start(): Promise<void> {
-    const apiKey = crypto.randomUUID();
+    const apiKey = this.#apiKey;
     const child = this.#spawn(apiKey);
     this.#child = child;
     const baseUrl = `http://127.0.0.1:${this.#port}`;
@@ -202,7 +197,6 @@ class VllmSupervisor implements RunningEngine {
       await abortableSleep(delay, this.#stopping.signal);
       this.restarts++;
       await this.start();
-      for (const listener of this.#listeners) listener(this.#endpoint);
     } catch (error) {
       if (this.#stopping.signal.aborted) return;
       this.#fail(error as Error);
@@ -247,11 +241,11 @@ class VllmSupervisor implements RunningEngine {
     signalGroup(child.pid, "SIGTERM");
     const exited = await Promise.race([
       child.status.then(() => true),
-      abortableSleep(STOP_GRACE_MS).then(() => false),
+      abortableSleep(this.#config.vllmStopGraceMs).then(() => false),
     ]);
     if (!exited) {
       log.warn("vllm did not stop within {s} s of SIGTERM; sending SIGKILL", {
-        s: STOP_GRACE_MS / 1000,
+        s: this.#config.vllmStopGraceMs / 1000,
       });
     }
     // Whatever is left of the group (engine cores, workers) goes now.

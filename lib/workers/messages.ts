@@ -49,7 +49,6 @@ export interface TurnResult {
 /** Gateway → worker. */
 export type ToWorker =
   | { readonly type: "init"; readonly settings: WorkerSettings }
-  | { readonly type: "endpoint"; readonly endpoint: EngineEndpoint }
   | { readonly type: "run"; readonly job: TurnJob }
   | {
     readonly type: "cancel";

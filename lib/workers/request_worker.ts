@@ -42,9 +42,6 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
       context = open(message.settings);
       context.then(() => post({ type: "ready" }));
       break;
-    case "endpoint":
-      context?.then((ctx) => ctx.engine.setEndpoint(message.endpoint));
-      break;
     case "run": {
       const { job } = message;
       const controller = new AbortController();

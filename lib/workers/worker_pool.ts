@@ -6,7 +6,6 @@
  * @module
  */
 
-import type { EngineEndpoint } from "../engine/engine_client.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { FromWorker, ToWorker, TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
 
@@ -28,7 +27,7 @@ const WORKER_URL = new URL("./request_worker.ts", import.meta.url);
 export class WorkerPool {
   readonly #slots: Slot[] = [];
   readonly #pending = new Map<number, Pending>();
-  #settings: WorkerSettings;
+  readonly #settings: WorkerSettings;
   #closing = false;
 
   private constructor(settings: WorkerSettings) {
@@ -69,12 +68,6 @@ export class WorkerPool {
     if (pending) {
       this.#send(pending.slot, { type: "cancel", id, code: error.code, message: error.message });
     }
-  }
-
-  /** Points every worker at a new engine endpoint (a restarted vLLM). */
-  setEndpoint(endpoint: EngineEndpoint): void {
-    this.#settings = { ...this.#settings, endpoint };
-    for (const slot of this.#slots) this.#send(slot, { type: "endpoint", endpoint });
   }
 
   /** Closes the workers' stores and terminates them. Turns still running are failed. */

@@ -1,0 +1,61 @@
+/**
+ * A stand-in for `vllm serve`, for tests on machines without a GPU. It takes
+ * vLLM's command line, records it, starts a child process (as vLLM starts its
+ * EngineCore) and serves the simulated engine on the given port.
+ *
+ * Behaviour is set by environment variables:
+ * - STAND_IN_RECORD: file to write `{"args": [...], "pid": n, "childPid": n}` to;
+ * - STAND_IN_HANG=1: never become healthy;
+ * - STAND_IN_CRASH_AFTER=N: exit with code 3 after N chat completions;
+ * - STAND_IN_EXIT_AFTER_MS=N: exit with code 4 N ms after becoming healthy;
+ * - STAND_IN_IGNORE_SIGTERM=1: ignore SIGTERM (then only SIGKILL stops it).
+ */
+
+import { startSimulator } from "../../lib/engine/simulator.ts";
+
+const args = Deno.args;
+const flag = (name: string) => {
+  const i = args.indexOf(name);
+  return i === -1 ? undefined : args[i + 1];
+};
+const env = (name: string) => Deno.env.get(name);
+
+if (args[0] !== "serve" || !args[1]) {
+  console.error("usage: vllm serve MODEL [options]");
+  Deno.exit(2);
+}
+// vLLM's engine core runs as another process of the same group.
+const engineCore = new Deno.Command("sleep", { args: ["3600"], stdout: "null", stderr: "null" })
+  .spawn();
+const record = env("STAND_IN_RECORD");
+if (record) {
+  Deno.writeTextFileSync(record, JSON.stringify({ args, pid: Deno.pid, childPid: engineCore.pid }));
+}
+if (env("STAND_IN_IGNORE_SIGTERM")) {
+  Deno.addSignalListener("SIGTERM", () => console.log("ignoring SIGTERM"));
+}
+console.log(`INFO stand-in vllm serving ${args[1]}`);
+if (env("STAND_IN_HANG")) {
+  await new Promise(() => {});
+}
+const sim = await startSimulator({
+  port: Number(flag("--port")),
+  model: flag("--served-model-name") ?? args[1],
+  maxModelLen: Number(flag("--max-model-len") ?? 4096),
+  apiKey: flag("--api-key"),
+  ttftMs: 5,
+  itlMs: 1,
+});
+console.log("INFO Application startup complete.");
+const crashAfter = Number(env("STAND_IN_CRASH_AFTER") ?? 0);
+if (crashAfter > 0) {
+  const timer = setInterval(() => {
+    if (sim.received.length >= crashAfter && sim.running === 0) {
+      clearInterval(timer);
+      console.error("ERROR EngineCore died");
+      Deno.exit(3);
+    }
+  }, 20);
+}
+const exitAfter = Number(env("STAND_IN_EXIT_AFTER_MS") ?? 0);
+if (exitAfter > 0) setTimeout(() => Deno.exit(4), exitAfter);

@@ -1,0 +1,233 @@
+/**
+ * Managed vLLM: the supervisor against a stand-in `vllm` executable that takes
+ * the same command line and serves the simulated engine.
+ */
+
+import assert, { deepEqual, equal, match } from "node:assert/strict";
+import { startSimulator } from "../lib/engine/simulator.ts";
+import {
+  freePort,
+  HAS_MOSQUITTO,
+  type Mosquitto,
+  ROOT,
+  startMosquitto,
+  startService,
+  TestClient,
+  waitFor,
+} from "./_helpers.ts";
+
+const test = (name: string, fn: () => Promise<void>) =>
+  Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
+
+/** A folder holding an executable `vllm` that runs the stand-in. */
+async function standInPath(): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix: "vllm-stand-in-" });
+  await Deno.writeTextFile(
+    `${dir}/vllm`,
+    `#!/bin/sh\nexec "${Deno.execPath()}" run -A "${ROOT}tests/stand_in/vllm_stand_in.ts" "$@"\n`,
+  );
+  await Deno.chmod(`${dir}/vllm`, 0o755);
+  return dir;
+}
+
+const alive = (pid: number) => {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    return !/^\d+ \(.*\) Z/.test(stat); // a zombie is dead
+  } catch {
+    return false;
+  }
+};
+
+interface Managed {
+  broker: Mosquitto;
+  record: string;
+  dataDir: string;
+  env: Record<string, string>;
+  args: string[];
+}
+
+async function managed(
+  standInEnv: Record<string, string>,
+  extraArgs: string[] = [],
+): Promise<Managed> {
+  const broker = await startMosquitto();
+  const dir = await standInPath();
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const record = `${dir}/record.json`;
+  return {
+    broker,
+    record,
+    dataDir,
+    env: { PATH: `${dir}:${Deno.env.get("PATH")}`, STAND_IN_RECORD: record, ...standInEnv },
+    args: [
+      "--engine=vllm",
+      `--mqtt-url=${broker.url}`,
+      `--data-dir=${dataDir}`,
+      "--projects=maze",
+      "--workers=1",
+      ...extraArgs,
+    ],
+  };
+}
+
+test("managed vLLM: arguments mapped, answers served, no process left after SIGTERM", async () => {
+  const m = await managed({}, [
+    "--model=Qwen/Qwen2.5-1.5B-Instruct",
+    "--served-model-name=qwen",
+    "--max-model-len=8192",
+    "--tensor-parallel-size=2",
+    "--gpu-memory-utilization=0.85",
+    "--quantization=awq",
+    "--max-in-flight=128",
+    "--trust-remote-code",
+    "--vllm-args=--enable-prefix-caching --kv-cache-dtype fp8",
+  ]);
+  const service = await startService(m.args, { env: m.env });
+  const client = await TestClient.connect(m.broker.url);
+  try {
+    const { args, pid, childPid } = JSON.parse(await Deno.readTextFile(m.record));
+    equal(args[0], "serve");
+    equal(args[1], "Qwen/Qwen2.5-1.5B-Instruct");
+    const value = (name: string) => args[args.indexOf(name) + 1];
+    deepEqual(
+      [
+        "--served-model-name",
+        "--host",
+        "--tensor-parallel-size",
+        "--max-model-len",
+        "--gpu-memory-utilization",
+      ]
+        .map(value),
+      ["qwen", "127.0.0.1", "2", "8192", "0.85"],
+    );
+    deepEqual([value("--quantization"), value("--max-num-seqs")], ["awq", "128"]);
+    assert(args.includes("--trust-remote-code") && !args.includes("--enforce-eager"));
+    match(value("--api-key"), /^[0-9a-f-]{36}$/);
+    deepEqual(args.slice(-3), ["--enable-prefix-caching", "--kv-cache-dtype", "fp8"]);
+    // vLLM's output is forwarded to the log with a prefix.
+    await waitFor(() => service.log().includes("vllm stdout | INFO Application startup complete."));
+
+    await client.subscribe("maze/assistant_response/#");
+    await client.send("maze/user_input", { session_id: "g", message: "hi" });
+    equal((await client.final("g")).json!.response, '[Maze guide] Turn 1: you said "hi".');
+
+    assert(alive(pid) && alive(childPid));
+    equal(await service.stop("SIGTERM"), 0);
+    assert(!alive(pid), "vllm survived");
+    assert(!alive(childPid), "vllm's engine process survived");
+  } finally {
+    await client.close();
+    await service.stop();
+    await m.broker.stop();
+  }
+});
+
+test("managed vLLM: a crash is followed by a restart, and answers resume", async () => {
+  const m = await managed({ STAND_IN_CRASH_AFTER: "1" });
+  const service = await startService(m.args, { env: m.env });
+  const client = await TestClient.connect(m.broker.url);
+  try {
+    await client.subscribe("maze/assistant_response/#");
+    await client.send("maze/user_input", { session_id: "c", message: "one", request_id: "1" });
+    equal((await client.final("c", "1")).json!.type, "done");
+    await waitFor(() => service.log().includes("exited unexpectedly"), 10_000, "the crash");
+    // Retry as a client would until the restarted engine answers.
+    let answered = false;
+    for (let attempt = 0; attempt < 40 && !answered; attempt++) {
+      await client.send("maze/user_input", {
+        session_id: "c",
+        message: "two",
+        request_id: `r${attempt}`,
+      });
+      const reply = await client.final("c", `r${attempt}`);
+      if (reply.json!.type === "done") {
+        answered = true;
+        match(reply.json!.response as string, /Turn 2: you said "two"/);
+      } else {
+        equal((reply.json!.error as { code: string }).code, "engine_unavailable");
+        await new Promise((resolve) => setTimeout(resolve, 250));
+      }
+    }
+    assert(answered, "no answer after the restart");
+    match(service.log(), /vllm is ready/);
+  } finally {
+    await client.close();
+    equal(await service.stop(), 0);
+    await m.broker.stop();
+  }
+});
+
+test("managed vLLM: repeated crashes make the program give up with a non-zero exit", async () => {
+  const m = await managed({ STAND_IN_EXIT_AFTER_MS: "1000" }, ["--vllm-max-restarts=1"]);
+  const service = await startService(m.args, { env: m.env });
+  await waitFor(() => service.log().includes("giving up"), 20_000, "the give-up");
+  equal(await service.stop(), 1);
+  const { pid, childPid } = JSON.parse(await Deno.readTextFile(m.record));
+  assert(!alive(pid) && !alive(childPid));
+  await m.broker.stop();
+});
+
+test("managed vLLM: a start-up that hangs times out; one that ignores SIGTERM is killed", async () => {
+  const hang = await managed({ STAND_IN_HANG: "1" }, ["--vllm-startup-timeout=1.5"]);
+  const service = await startService(hang.args, { env: hang.env, expectExit: true });
+  equal(await service.stop(), 1);
+  match(service.log(), /did not become healthy within 1\.5 s/);
+  const first = JSON.parse(await Deno.readTextFile(hang.record));
+  assert(!alive(first.pid) && !alive(first.childPid));
+  await hang.broker.stop();
+
+  const stubborn = await managed({ STAND_IN_IGNORE_SIGTERM: "1" }, ["--vllm-stop-grace=0.5"]);
+  const service2 = await startService(stubborn.args, { env: stubborn.env });
+  const second = JSON.parse(await Deno.readTextFile(stubborn.record));
+  equal(await service2.stop("SIGTERM"), 0);
+  match(service2.log(), /sending SIGKILL/);
+  assert(!alive(second.pid) && !alive(second.childPid));
+  await stubborn.broker.stop();
+});
+
+Deno.test("managed vLLM: without vllm on PATH start-up fails at once, naming the alternatives", async () => {
+  const started = performance.now();
+  const service = await startService(["--engine=vllm", "--mqtt-url=mqtt://127.0.0.1:1"], {
+    env: { PATH: "/nonexistent" },
+    expectExit: true,
+  });
+  equal(await service.stop(), 1);
+  match(service.log(), /`vllm` is not on PATH.*--engine url.*--engine sim/s);
+  // The program's own start (Deno, module loading) plus the check; no waiting.
+  assert(performance.now() - started < 5000);
+});
+
+test("attach mode: the engine going away gives engine_unavailable, and it recovers by itself", async () => {
+  const broker = await startMosquitto();
+  const port = freePort();
+  let sim = await startSimulator({ port, ttftMs: 5, itlMs: 1 });
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const service = await startService([
+    "--engine=url",
+    `--engine-url=${sim.url}`,
+    `--mqtt-url=${broker.url}`,
+    `--data-dir=${dataDir}`,
+    "--projects=maze",
+  ]);
+  const client = await TestClient.connect(broker.url);
+  try {
+    await client.subscribe("maze/assistant_response/#");
+    await client.send("maze/user_input", { session_id: "a", message: "up", request_id: "1" });
+    equal((await client.final("a", "1")).json!.type, "done");
+    await sim.close();
+    await client.send("maze/user_input", { session_id: "a", message: "down", request_id: "2" });
+    equal(
+      ((await client.final("a", "2")).json!.error as { code: string }).code,
+      "engine_unavailable",
+    );
+    sim = await startSimulator({ port, ttftMs: 5, itlMs: 1 });
+    await client.send("maze/user_input", { session_id: "a", message: "back", request_id: "3" });
+    match((await client.final("a", "3")).json!.response as string, /Turn 2: you said "back"/);
+  } finally {
+    await client.close();
+    await service.stop();
+    await sim.close();
+    await broker.stop();
+  }
+});
