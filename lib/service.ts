@@ -145,8 +145,12 @@ export async function startService(config: Config): Promise<Service> {
       projects: config.projects,
       started_at: new Date().toISOString(),
     });
-    const announce = () =>
+    // The status also goes to a file, for container health checks that speak no MQTT.
+    const statusFile = join(config.dataDir, "status.json");
+    const announce = () => {
       client.publish(topics.status, online, { qos: 1, retain: true }, () => {});
+      Deno.writeTextFile(statusFile, online).catch(() => {});
+    };
     // After a reconnect the Last Will may have said `offline`; say `online` again.
     client.on("connect", (connack) => {
       log.info("Reconnected to the broker");
@@ -181,6 +185,7 @@ export async function startService(config: Config): Promise<Service> {
         clearInterval(statsTimer);
         await gateway.drain(config.shutdownTimeoutMs);
         await client.publishAsync(topics.status, offline, { qos: 1, retain: true }).catch(() => {});
+        await Deno.writeTextFile(statusFile, offline).catch(() => {});
         await undo();
         log.info("Stopped");
       },
