@@ -110,8 +110,6 @@ class VllmSupervisor implements RunningEngine {
   #endpoint!: EngineEndpoint;
   #fail!: (reason: Error) => void;
   readonly failed: Promise<Error>;
-  /** Restarts since start, by cause. */
-  restarts = 0;
 
   constructor(config: Config, binary: string, port: number) {
     this.#config = config;
@@ -195,7 +193,6 @@ class VllmSupervisor implements RunningEngine {
     const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
     try {
       await abortableSleep(delay, this.#stopping.signal);
-      this.restarts++;
       await this.start();
     } catch (error) {
       if (this.#stopping.signal.aborted) return;

@@ -16,6 +16,7 @@
 
 import { logger } from "../log.ts";
 import {
+  CONTROL_COMMANDS,
   type ControlCommand,
   type ReplyBody,
   type ReplyStyle,
@@ -54,9 +55,7 @@ export class ControlTopics {
 
   /** The subscription filters of one project. */
   filters(project: string): string[] {
-    return (["clear_history", "delete_session", "template"] as const).flatMap((command) =>
-      this.#options.topics.control(project, command)
-    );
+    return CONTROL_COMMANDS.flatMap((command) => this.#options.topics.control(project, command));
   }
 
   /** Carries out one control message. Never throws. */

@@ -7,13 +7,11 @@
  * @module
  */
 
-import type { MqttClient } from "mqtt";
-import type { IPublishPacket } from "mqtt";
+import type { IPublishPacket, MqttClient } from "mqtt";
 import { logger } from "../log.ts";
 import {
   type ChatRequest,
   encodeReply,
-  type ErrorCode,
   parseRequest,
   type ReplyBody,
   type ReplyStyle,
@@ -294,7 +292,7 @@ export class Gateway {
     this.#publish(target, {
       type: "error",
       error: {
-        code: error.code as ErrorCode,
+        code: error.code,
         message: error.message,
         ...(error.retryAfterMs !== undefined && { retry_after_ms: error.retryAfterMs }),
       },
