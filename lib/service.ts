@@ -9,6 +9,7 @@
 import { join } from "node:path";
 import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
 import { type Config, ConfigError } from "./config/config.ts";
+import { EngineHealth } from "./engine/engine_health.ts";
 import { startEngine } from "./engine/start_engine.ts";
 import { Gateway } from "./gateway/gateway.ts";
 import { logger } from "./log.ts";
@@ -16,7 +17,8 @@ import { connectMqtt, redact } from "./mqtt/connect.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
 import { SessionStore } from "./sessions/session_store.ts";
-import { Stats } from "./stats.ts";
+import { serveHttpEndpoint } from "./observability/http_endpoint.ts";
+import { Stats } from "./observability/stats.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
 
 /** A running service. */
@@ -60,6 +62,11 @@ export async function startService(config: Config): Promise<Service> {
   try {
     const engine = await startEngine(config);
     cleanup.push(() => engine.close());
+    const engineHealth = new EngineHealth({
+      probeUrl: engine.probeUrl,
+      apiKey: engine.endpoint.apiKey,
+    }).start();
+    cleanup.push(() => engineHealth.close());
 
     await Deno.mkdir(config.dataDir, { recursive: true });
     const kvPath = join(config.dataDir, "sessions.kv");
@@ -114,9 +121,15 @@ export async function startService(config: Config): Promise<Service> {
       version: protocolVersion === 5 ? "5" : "3.1.1",
     });
 
-    const stats = new Stats();
     // deno-lint-ignore prefer-const
     let gateway: Gateway;
+    const stats = new Stats(() => ({
+      queued: gateway.queued,
+      inFlight: gateway.inFlight,
+      liveSessions: directory.size,
+      engineReady: engineHealth.state === "ready",
+      engineRestarts: engine.restarts,
+    }));
     const directory = new SessionDirectory({
       store,
       maxSessions: config.maxSessions,
@@ -131,6 +144,8 @@ export async function startService(config: Config): Promise<Service> {
       pool,
       directory,
       stats,
+      engineHealth,
+      engineWaitMs: config.engineWaitMs,
       limits: config,
       qos: config.qos,
       maxQueue: config.maxQueue,
@@ -154,6 +169,7 @@ export async function startService(config: Config): Promise<Service> {
     // After a reconnect the Last Will may have said `offline`; say `online` again.
     client.on("connect", (connack) => {
       log.info("Reconnected to the broker");
+      stats.brokerReconnected();
       if (!connack.sessionPresent) gateway.subscribe().catch(() => {});
       announce();
     });
@@ -165,15 +181,31 @@ export async function startService(config: Config): Promise<Service> {
     });
 
     const statsTimer = setInterval(() => {
-      const report = stats.report({
-        queued: gateway.queued,
-        inFlight: gateway.inFlight,
-        liveSessions: directory.size,
-      });
+      const report = stats.report();
       log.info("Stats: {report}", { report: JSON.stringify(report) });
       client.publish(topics.stats, JSON.stringify(report), { qos: 0 });
     }, config.statsIntervalMs);
     cleanup.push(() => clearInterval(statsTimer));
+
+    if (config.httpPort !== 0) {
+      const http = serveHttpEndpoint(config.httpHost, config.httpPort, {
+        readiness: () => {
+          const broker = client.connected;
+          const engineReady = engineHealth.state === "ready";
+          return { ready: broker && engineReady, broker, engine: engineReady };
+        },
+        metrics: () => stats.prometheus(),
+        status: () => ({
+          ...JSON.parse(online),
+          broker: { url: redact(brokerUrl), connected: client.connected },
+          engine: { mode: config.engine, state: engineHealth.state, restarts: engine.restarts },
+          queued: gateway.queued,
+          in_flight: gateway.inFlight,
+          live_sessions: directory.size,
+        }),
+      });
+      cleanup.push(() => http.close());
+    }
 
     return {
       brokerUrl,

@@ -114,6 +114,40 @@ export interface ServiceProcess {
 }
 
 /**
+ * The permissions `deno task start` grants (the `service` set in deno.json),
+ * widened as a user would for the folders and files named in `args`. A flag
+ * given next to `-P` replaces the set's list for its kind, so the set's paths
+ * are repeated.
+ */
+export function servicePermissions(args: readonly string[]): string[] {
+  const set = JSON.parse(Deno.readTextFileSync(`${ROOT}deno.json`)).permissions.service;
+  const paths = (...flags: string[]) =>
+    flags.flatMap((flag) =>
+      args.flatMap((arg, i) =>
+        arg === flag
+          ? [args[i + 1]]
+          : arg.startsWith(`${flag}=`)
+          ? [arg.slice(flag.length + 1)]
+          : []
+      )
+    );
+  const readable = paths(
+    "--data-dir",
+    "--prompts-dir",
+    "--mqtt-password-file",
+    "--tls-ca",
+    "--tls-cert",
+    "--tls-key",
+  );
+  const writable = paths("--data-dir");
+  return [
+    "-P=service",
+    ...(readable.length > 0 ? [`--allow-read=${[...set.read, ...readable].join(",")}`] : []),
+    ...(writable.length > 0 ? [`--allow-write=${[...set.write, ...writable].join(",")}`] : []),
+  ];
+}
+
+/**
  * Starts `main.ts` with `args` and waits for its "Serving" log line (or for it
  * to exit, when `expectExit`).
  */
@@ -122,7 +156,14 @@ export async function startService(
   options: { env?: Record<string, string>; expectExit?: boolean; timeoutMs?: number } = {},
 ): Promise<ServiceProcess> {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--unstable-kv", `${ROOT}main.ts`, ...args],
+    args: [
+      "run",
+      ...servicePermissions(args),
+      `${ROOT}main.ts`,
+      // Several services run side by side in the tests: no fixed HTTP port unless asked.
+      ...(args.some((arg) => arg.startsWith("--http-port")) ? [] : ["--http-port=0"]),
+      ...args,
+    ],
     cwd: ROOT,
     env: options.env,
     stdout: "piped",

@@ -3,9 +3,16 @@
  * process, the simulated engine over HTTP, and real MQTT clients.
  */
 
-import assert, { deepEqual, match } from "node:assert/strict";
+import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { startSimulator } from "../lib/engine/simulator.ts";
-import { freePort, HAS_MOSQUITTO, startService, TestClient, withService } from "./_helpers.ts";
+import {
+  freePort,
+  HAS_MOSQUITTO,
+  startService,
+  TestClient,
+  waitFor,
+  withService,
+} from "./_helpers.ts";
 
 const test = (name: string, fn: () => Promise<void>) =>
   Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
@@ -330,4 +337,44 @@ Deno.test("without a broker URL, the embedded broker serves the main flow", asyn
     await sim.close();
     await Deno.remove(dataDir, { recursive: true });
   }
+});
+
+test("the HTTP endpoint reports health, readiness, status and metrics during traffic", async () => {
+  const port = freePort();
+  await withService(
+    { args: [`--http-port=${port}`], sim: { ttftMs: 300, itlMs: 5 } },
+    async ({ client }) => {
+      const get = (path: string) => fetch(`http://127.0.0.1:${port}${path}`);
+      equal(await (await get("/healthz")).text(), "ok\n");
+      const ready = await get("/readyz");
+      equal(ready.status, 200);
+      deepEqual(await ready.json(), { ready: true, broker: true, engine: true });
+
+      for (let i = 0; i < 4; i++) {
+        await client.send("maze/user_input", { session_id: `m${i}`, message: "hi" });
+      }
+      await client.send("general/user_input", "{not json");
+      await client.send("general/user_input", { session_id: "bad/id", message: "x" });
+      // Scraped while the four are in the engine.
+      await waitFor(async () => (await (await get("/status")).json()).in_flight === 4);
+      const during = await (await get("/metrics")).text();
+      match(during, /^vllm_mqtt_in_flight 4$/m);
+      match(during, /^vllm_mqtt_unaddressable_total\{code="invalid_request"\} 2$/m);
+
+      for (let i = 0; i < 4; i++) equal((await client.final(`m${i}`)).json!.type, "done");
+      const after = await (await get("/metrics")).text();
+      match(after, /^vllm_mqtt_requests_total\{project="maze",outcome="answered"\} 4$/m);
+      match(after, /^vllm_mqtt_request_duration_seconds_count 4$/m);
+      match(after, /^vllm_mqtt_time_to_first_token_seconds_bucket\{le="0.05"\} 0$/m);
+      match(after, /^vllm_mqtt_time_to_first_token_seconds_bucket\{le="\+Inf"\} 4$/m);
+      match(after, /^vllm_mqtt_generation_tokens_total\{project="maze"\} [1-9]\d*$/m);
+      match(after, /^vllm_mqtt_engine_up 1$/m);
+      const status = await (await get("/status")).json();
+      equal(status.status, "online");
+      deepEqual(status.engine, { mode: "url", state: "ready", restarts: {} });
+      const missing = await get("/nope");
+      await missing.body?.cancel();
+      equal(missing.status, 404);
+    },
+  );
 });

@@ -272,3 +272,25 @@ Deno.test("scheduler: priority then arrival; one per session; cap; queue_full; c
   await scheduler.idle();
   deepEqual(started, ["a1", "a2", "c1", "b1"]);
 });
+
+Deno.test("compile: every module started as a worker is named in the compile task", async () => {
+  const task: string =
+    JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url))).tasks
+      .compile;
+  const included = [...task.matchAll(/--include (\S+)/g)].map((m) => m[1]);
+  const workers: string[] = [];
+  for await (const entry of Deno.readDir(new URL("../lib", import.meta.url))) {
+    if (!entry.isDirectory) continue;
+    for await (const file of Deno.readDir(new URL(`../lib/${entry.name}`, import.meta.url))) {
+      const source = await Deno.readTextFile(
+        new URL(`../lib/${entry.name}/${file.name}`, import.meta.url),
+      );
+      for (const m of source.matchAll(/new URL\("\.\/(\w+\.ts)", import\.meta\.url\)/g)) {
+        workers.push(`lib/${entry.name}/${m[1]}`);
+      }
+    }
+  }
+  deepEqual(workers.sort(), ["lib/engine/simulator_worker.ts", "lib/workers/request_worker.ts"]);
+  for (const worker of workers) assert(included.includes(worker), `${worker} is not included`);
+  assert(included.includes("prompts"), "prompts/ is not included");
+});

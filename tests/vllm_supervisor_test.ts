@@ -125,14 +125,15 @@ test("managed vLLM: arguments mapped, answers served, no process left after SIGT
 });
 
 test("managed vLLM: a crash is followed by a restart, and answers resume", async () => {
-  const m = await managed({ STAND_IN_CRASH_AFTER: "1" });
+  const httpPort = freePort();
+  const m = await managed({ STAND_IN_CRASH_AFTER: "1" }, [`--http-port=${httpPort}`]);
   const service = await startService(m.args, { env: m.env });
   const client = await TestClient.connect(m.broker.url);
   try {
     await client.subscribe("maze/assistant_response/#");
     await client.send("maze/user_input", { session_id: "c", message: "one", request_id: "1" });
     equal((await client.final("c", "1")).json!.type, "done");
-    await waitFor(() => service.log().includes("exited unexpectedly"), 10_000, "the crash");
+    await waitFor(() => service.log().includes("stopped unexpectedly"), 10_000, "the crash");
     // Retry as a client would until the restarted engine answers.
     let answered = false;
     for (let attempt = 0; attempt < 40 && !answered; attempt++) {
@@ -152,6 +153,29 @@ test("managed vLLM: a crash is followed by a restart, and answers resume", async
     }
     assert(answered, "no answer after the restart");
     match(service.log(), /vllm is ready/);
+    // The restart and its cause are in the statistics.
+    const metrics = await (await fetch(`http://127.0.0.1:${httpPort}/metrics`)).text();
+    match(metrics, /^vllm_mqtt_engine_restarts_total\{cause="exit_\d+"\} 1$/m);
+  } finally {
+    await client.close();
+    const code = await service.stop();
+    equal(code, 0, service.log());
+    await m.broker.stop();
+  }
+});
+
+test("managed vLLM: starts under a scoped --allow-run although LD_* variables are set", async () => {
+  const m = await managed({});
+  // A scoped --allow-run refuses to spawn a child whose environment holds LD_*.
+  const service = await startService(m.args, {
+    env: { ...m.env, LD_LIBRARY_PATH: "/opt/nowhere/lib" },
+  });
+  const client = await TestClient.connect(m.broker.url);
+  try {
+    match(service.log(), /Starting vllm without \["LD_LIBRARY_PATH"\]/);
+    await client.subscribe("maze/assistant_response/#");
+    await client.send("maze/user_input", { session_id: "ld", message: "hi" });
+    equal((await client.final("ld")).json!.type, "done");
   } finally {
     await client.close();
     equal(await service.stop(), 0);

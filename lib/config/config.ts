@@ -37,6 +37,7 @@ export interface Config {
   readonly maxModelLen: number;
   readonly requestTimeoutMs: number;
   readonly engineRetries: number;
+  readonly engineWaitMs: number;
   readonly skipThinking: boolean;
   readonly simTtftMs: number;
   readonly simItlMs: number;
@@ -89,6 +90,9 @@ export interface Config {
 
   readonly statsIntervalMs: number;
   readonly shutdownTimeoutMs: number;
+  /** 0: no HTTP endpoint. */
+  readonly httpPort: number;
+  readonly httpHost: string;
   readonly logLevel: "debug" | "info" | "warning" | "error";
   readonly logFormat: "text" | "json";
 
@@ -295,6 +299,7 @@ export function parseConfig(
     maxModelLen: get("max-model-len"),
     requestTimeoutMs: get<number>("request-timeout") * 1000,
     engineRetries: get("engine-retries"),
+    engineWaitMs: get<number>("engine-wait") * 1000,
     skipThinking: get("skip-thinking"),
     simTtftMs: get("sim-ttft-ms"),
     simItlMs: get("sim-itl-ms"),
@@ -340,6 +345,8 @@ export function parseConfig(
     stream: get("stream"),
     statsIntervalMs: get<number>("stats-interval") * 1000,
     shutdownTimeoutMs: get<number>("shutdown-timeout") * 1000,
+    httpPort: get("http-port"),
+    httpHost: get("http-host"),
     logLevel: get("log-level"),
     logFormat: get("log-format"),
     warnings: Object.freeze(warnings),

@@ -120,6 +120,15 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "Retries of a request the engine could not be reached for, before `engine_unavailable`",
   },
   {
+    name: "engine-wait",
+    kind: "number",
+    default: 30,
+    min: 0,
+    group: "Engine",
+    help:
+      "Seconds a request waits for an engine that is down (restarting, unreachable) before `engine_unavailable`",
+  },
+  {
     name: "skip-thinking",
     kind: "boolean",
     default: true,
@@ -497,6 +506,22 @@ export const OPTIONS: readonly OptionSpec[] = [
     min: 0,
     group: "Operation",
     help: "Seconds in-flight requests may take to finish on SIGTERM before they are cancelled",
+  },
+  {
+    name: "http-port",
+    kind: "int",
+    default: 8081,
+    min: 0,
+    max: 65535,
+    group: "Operation",
+    help: "Port of /healthz, /readyz, /metrics and /status; 0 turns the HTTP endpoint off",
+  },
+  {
+    name: "http-host",
+    kind: "string",
+    default: "127.0.0.1",
+    group: "Operation",
+    help: "Address the HTTP endpoint listens on; 0.0.0.0 exposes it to the network",
   },
   {
     name: "log-level",

@@ -14,6 +14,10 @@ import { startVllm } from "./vllm_supervisor.ts";
 /** A running engine. */
 export interface RunningEngine {
   readonly endpoint: EngineEndpoint;
+  /** Polled by the health probe: vLLM's `/health`, else `{base}/models`. */
+  readonly probeUrl: string;
+  /** Restarts of a managed engine, by cause (`exit_1`, `signal_SIGKILL`, ...). */
+  readonly restarts: Readonly<Record<string, number>>;
   /** Resolves (with a reason) if the engine gives up for good. */
   readonly failed: Promise<Error>;
   close(): Promise<void>;
@@ -53,6 +57,8 @@ async function startSimulatorWorker(config: Config): Promise<RunningEngine> {
   log.info("Simulated engine serving {model} at {url}", { model: config.servedModelName, url });
   return {
     endpoint: { baseUrl: url, apiKey: "sim", model: config.servedModelName },
+    probeUrl: `${url}/models`,
+    restarts: {},
     failed: new Promise(() => {}),
     close: () => {
       worker.terminate();
@@ -93,6 +99,8 @@ async function attach(config: Config): Promise<RunningEngine> {
   }
   return {
     endpoint: { baseUrl, apiKey, model },
+    probeUrl: `${baseUrl}/models`,
+    restarts: {},
     failed: new Promise(() => {}),
     close: () => Promise.resolve(),
     killNow: () => {},

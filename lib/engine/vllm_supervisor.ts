@@ -68,58 +68,38 @@ export function vllmEnv(config: Config, base: Record<string, string>): Record<st
   return env;
 }
 
-/** Finds `name` on `PATH`, as the shell would. */
-export function findOnPath(name: string, path = Deno.env.get("PATH") ?? ""): string | undefined {
-  for (const dir of path.split(":")) {
-    if (dir === "") continue;
-    const candidate = `${dir}/${name}`;
-    try {
-      const info = Deno.statSync(candidate);
-      if (info.isFile && info.mode !== null && (info.mode & 0o111) !== 0) return candidate;
-    } catch {
-      // Not here.
-    }
-  }
-  return undefined;
-}
-
 /** Starts vLLM and supervises it until `close()`. */
 export async function startVllm(config: Config): Promise<RunningEngine> {
-  const binary = findOnPath("vllm");
-  if (!binary) {
-    throw new EngineStartError(
-      "`vllm` is not on PATH. Install vLLM on a GPU machine (pip install vllm), or attach to a " +
-        "running engine with --engine url --engine-url http://HOST:8000/v1, or try the program " +
-        "without a GPU with --engine sim.",
-    );
-  }
-  const supervisor = new VllmSupervisor(config, binary, await freePort());
+  const supervisor = new VllmSupervisor(config, await freePort());
   await supervisor.start();
   return supervisor;
 }
 
 class VllmSupervisor implements RunningEngine {
   readonly #config: Config;
-  readonly #binary: string;
   readonly #port: number;
   readonly #crashes: number[] = [];
   readonly #stopping = new AbortController();
   /** One key for the program's life: a restarted vLLM is reached exactly as before. */
   readonly #apiKey = crypto.randomUUID();
+  readonly restarts: Record<string, number> = {};
   #child: Deno.ChildProcess | undefined;
   #endpoint!: EngineEndpoint;
   #fail!: (reason: Error) => void;
   readonly failed: Promise<Error>;
 
-  constructor(config: Config, binary: string, port: number) {
+  constructor(config: Config, port: number) {
     this.#config = config;
-    this.#binary = binary;
     this.#port = port;
     this.failed = new Promise((resolve) => this.#fail = resolve);
   }
 
   get endpoint(): EngineEndpoint {
     return this.#endpoint;
+  }
+
+  get probeUrl(): string {
+    return `http://127.0.0.1:${this.#port}/health`;
   }
 
   /** Spawns vLLM and waits until it is healthy. */
@@ -176,27 +156,33 @@ class VllmSupervisor implements RunningEngine {
     if (this.#stopping.signal.aborted) return;
     // The API server is gone; make sure its engine processes are too.
     signalGroup(this.#child!.pid, "SIGKILL");
-    const now = Date.now();
-    this.#crashes.push(now);
-    while (this.#crashes[0] < now - CRASH_WINDOW_MS) this.#crashes.shift();
-    log.error("vllm exited unexpectedly (code {code}, signal {signal}); crash {n} in 10 min", {
-      code: status.code,
-      signal: status.signal,
-      n: this.#crashes.length,
-    });
-    if (this.#crashes.length > this.#config.vllmMaxRestarts) {
-      this.#fail(
-        new Error(`vllm crashed ${this.#crashes.length} times within 10 minutes; giving up`),
-      );
-      return;
-    }
-    const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
-    try {
-      await abortableSleep(delay, this.#stopping.signal);
-      await this.start();
-    } catch (error) {
-      if (this.#stopping.signal.aborted) return;
-      this.#fail(error as Error);
+    let cause = status.signal ? `signal_${status.signal}` : `exit_${status.code}`;
+    // A restart that fails to come up is one more crash, not the end.
+    while (true) {
+      const now = Date.now();
+      this.#crashes.push(now);
+      while (this.#crashes[0] < now - CRASH_WINDOW_MS) this.#crashes.shift();
+      log.error("vllm stopped unexpectedly ({cause}); crash {n} in 10 min", {
+        cause,
+        n: this.#crashes.length,
+      });
+      if (this.#crashes.length > this.#config.vllmMaxRestarts) {
+        this.#fail(
+          new Error(`vllm crashed ${this.#crashes.length} times within 10 minutes; giving up`),
+        );
+        return;
+      }
+      this.restarts[cause] = (this.restarts[cause] ?? 0) + 1;
+      const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
+      try {
+        await abortableSleep(delay, this.#stopping.signal);
+        await this.start();
+        return;
+      } catch (error) {
+        if (this.#stopping.signal.aborted) return;
+        cause = "restart_failed";
+        log.error("vllm restart failed: {message}", { message: (error as Error).message });
+      }
     }
   }
 
@@ -204,7 +190,8 @@ class VllmSupervisor implements RunningEngine {
     const args = vllmArgs(this.#config, this.#port, apiKey);
     const env = vllmEnv(this.#config, Deno.env.toObject());
     const command = (environment: Record<string, string>) =>
-      new Deno.Command(this.#binary, {
+      // By name, so that PATH is searched as a scoped `--allow-run=vllm` expects.
+      new Deno.Command("vllm", {
         args,
         env: environment,
         clearEnv: true,
@@ -218,6 +205,7 @@ class VllmSupervisor implements RunningEngine {
     try {
       child = command(env).spawn();
     } catch (error) {
+      if (error instanceof Deno.errors.NotFound) throw notOnPath();
       if (!(error instanceof Deno.errors.NotCapable)) throw error;
       // A scoped --allow-run refuses children whose environment sets LD_* variables.
       const dropped = Object.keys(env).filter((name) => name.startsWith("LD_"));
@@ -247,15 +235,46 @@ class VllmSupervisor implements RunningEngine {
     }
     // Whatever is left of the group (engine cores, workers) goes now.
     signalGroup(child.pid, "SIGKILL");
+    try {
+      child.kill("SIGKILL"); // In case the group could not be signalled at all.
+    } catch {
+      // Already gone.
+    }
     await child.status;
   }
 }
 
+function notOnPath(): EngineStartError {
+  return new EngineStartError(
+    "`vllm` is not on PATH. Install vLLM on a GPU machine (pip install vllm), or attach to a " +
+      "running engine with --engine url --engine-url http://HOST:8000/v1, or try the program " +
+      "without a GPU with --engine sim.",
+  );
+}
+
+/**
+ * Signals the whole process group led by `pid`. `Deno.kill` needs an
+ * unscoped `--allow-run`; under `--allow-run=vllm,kill` the `kill` command
+ * does it instead.
+ */
 function signalGroup(pid: number, signal: Deno.Signal): void {
   try {
     Deno.kill(-pid, signal);
-  } catch {
-    // The group is already gone.
+    return;
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotCapable)) return; // The group is already gone.
+  }
+  try {
+    new Deno.Command("kill", {
+      args: ["-s", signal.replace(/^SIG/, ""), "--", `-${pid}`],
+      clearEnv: true,
+      stdout: "null",
+      stderr: "null",
+    }).outputSync();
+  } catch (error) {
+    log.error("Cannot signal vllm's process group ({message}); grant --allow-run=vllm,kill", {
+      message: (error as Error).message,
+    });
   }
 }
 

@@ -72,6 +72,7 @@ export class ControlTopics {
       ? "json"
       : "text";
     const reply: ReplyTarget = {
+      project: target.project,
       topic: mqtt5?.topic ?? this.#options.topics.response(target.project, sessionId),
       style,
       sessionId,

@@ -22,13 +22,15 @@ import {
 import { Scheduler } from "../scheduler/scheduler.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
-import type { Stats } from "../stats.ts";
+import type { EngineHealth } from "../engine/engine_health.ts";
+import type { Stats } from "../observability/stats.ts";
 import type { WorkerPool } from "../workers/worker_pool.ts";
 import { ControlTopics } from "./control_topics.ts";
 import { RecentRequests } from "./recent_requests.ts";
 
 /** Where and how the replies to one request go. */
 export interface ReplyTarget {
+  readonly project: string;
   readonly topic: string;
   readonly style: ReplyStyle;
   readonly sessionId: string;
@@ -56,6 +58,10 @@ export interface GatewayOptions {
   readonly pool: WorkerPool;
   readonly directory: SessionDirectory;
   readonly stats: Stats;
+  /** Gate in front of the engine: a request waits while it is down. */
+  readonly engineHealth: EngineHealth;
+  /** Milliseconds a request waits for an engine that is down. */
+  readonly engineWaitMs: number;
   readonly limits: RequestLimits;
   readonly qos: 0 | 1 | 2;
   readonly maxQueue: number;
@@ -242,7 +248,10 @@ export class Gateway {
     const onAbort = () => this.#options.pool.cancel(job.id, signal.reason);
     signal.addEventListener("abort", onAbort, { once: true });
     const prompt = request.systemPrompt ?? this.#prompts.get(request.project)!;
+    const { engineHealth, engineWaitMs } = this.#options;
     try {
+      await this.#options.directory.settled(request.project, request.sessionId);
+      await engineHealth.ready(engineWaitMs, signal);
       const result = await this.#options.pool.run({
         id: job.id,
         project: request.project,
@@ -254,30 +263,34 @@ export class Gateway {
         params: request.params,
         stream: request.stream,
       }, (seq, delta) => this.#publish(target, { type: "delta", seq, delta }));
-      const now = performance.now();
+      engineHealth.succeeded();
+      const queueMs = startedAt - job.receivedAt;
+      const timing = {
+        queueMs,
+        ttftMs: result.ttftMs === null ? null : queueMs + result.ttftMs,
+        totalMs: performance.now() - job.receivedAt,
+      };
       const done: ReplyBody = {
         type: "done",
         response: result.response,
         finish_reason: result.finishReason,
         usage: result.usage,
         timing: {
-          queue_ms: Math.round(startedAt - job.receivedAt),
-          ttft_ms: result.ttftMs === null
-            ? null
-            : Math.round(startedAt - job.receivedAt + result.ttftMs),
-          total_ms: Math.round(now - job.receivedAt),
+          queue_ms: Math.round(timing.queueMs),
+          ttft_ms: timing.ttftMs === null ? null : Math.round(timing.ttftMs),
+          total_ms: Math.round(timing.totalMs),
         },
       };
       this.#publish(target, done);
       if (job.dedupKey) this.#recent.answered(job.dedupKey, done);
       this.#options.directory.touch(request.project, request.sessionId);
-      this.#options.stats.answered(now - job.receivedAt);
+      this.#options.stats.answered(request.project, timing, result.usage);
     } catch (error) {
-      this.#fail(
-        target,
-        error instanceof ServiceError ? error : new ServiceError("internal", String(error)),
-        job,
-      );
+      const failure = error instanceof ServiceError
+        ? error
+        : new ServiceError("internal", String(error));
+      if (failure.code === "engine_unavailable") engineHealth.failed();
+      this.#fail(target, failure, job);
     } finally {
       signal.removeEventListener("abort", onAbort);
     }
@@ -285,7 +298,7 @@ export class Gateway {
 
   #fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
     if (job?.dedupKey) this.#recent.forget(job.dedupKey);
-    this.#options.stats.error(error.code);
+    this.#options.stats.error(target.project, error.code);
     if (error.code === "internal") {
       log.error("Request failed: {message}", { message: error.message });
     }
@@ -340,6 +353,7 @@ export class Gateway {
     mqtt5: { topic: string; correlationData: Uint8Array | undefined } | undefined,
   ): ReplyTarget {
     return {
+      project,
       topic: mqtt5?.topic ?? address.replyTopic ??
         this.#options.topics.response(project, address.sessionId),
       style: address.style,

@@ -23,6 +23,7 @@ export class SessionDirectory {
   /** Insertion order is recency order: the first entry is the least recently used. */
   readonly #entries = new Map<string, Entry>();
   #evicted = 0;
+  readonly #clearing = new Map<string, Promise<void>>();
 
   constructor(options: {
     store: SessionStore;
@@ -68,8 +69,18 @@ export class SessionDirectory {
       if (this.#isBusy(entry.project, entry.sessionId)) continue;
       this.#entries.delete(candidate);
       this.#evicted++;
-      this.#store.clear(entry.project, entry.sessionId, true).catch(() => {});
+      const clearing = this.#store.clear(entry.project, entry.sessionId, true).catch(() => {})
+        .finally(() => this.#clearing.delete(candidate));
+      this.#clearing.set(candidate, clearing);
     }
+  }
+
+  /**
+   * Resolves once an eviction of this session still being written is done, so
+   * that a new turn never reads the history it is deleting.
+   */
+  settled(project: string, sessionId: string): Promise<void> {
+    return this.#clearing.get(key(project, sessionId)) ?? Promise.resolve();
   }
 
   /** Forgets a session (deleted by a client). */

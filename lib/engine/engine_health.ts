@@ -1,0 +1,175 @@
+/**
+ * Whether the engine can take requests: a circuit breaker fed by request
+ * outcomes and by a background health probe. While the circuit is open no
+ * request is sent; each waits (up to a bound) for the probe to see the engine
+ * back, instead of piling failed calls onto an engine that is restarting.
+ *
+ * @module
+ */
+
+import { abortableSleep } from "../_util.ts";
+import { logger } from "../log.ts";
+import { ServiceError } from "../protocol/errors.ts";
+
+/** Options of {@linkcode EngineHealth}. */
+export interface EngineHealthOptions {
+  /** URL probed with GET; a 2xx answer means healthy. */
+  readonly probeUrl: string;
+  /** Sent as `Authorization: Bearer` with each probe. */
+  readonly apiKey?: string;
+  /**
+   * Milliseconds between probes while the engine is healthy.
+   * @default {5000}
+   */
+  readonly intervalMs?: number;
+  /**
+   * Milliseconds between probes while the circuit is open.
+   * @default {1000}
+   */
+  readonly downIntervalMs?: number;
+  /**
+   * Consecutive requests failing with `engine_unavailable` that open the circuit.
+   * @default {3}
+   */
+  readonly failureThreshold?: number;
+}
+
+/** `ready`: requests flow. `down`: the circuit is open and the probe waits for the engine. */
+export type EngineState = "ready" | "down";
+
+const log = logger("engine");
+
+/** A circuit breaker with a health probe, for one engine. */
+export class EngineHealth {
+  readonly #options: Required<Omit<EngineHealthOptions, "apiKey">> & { apiKey?: string };
+  readonly #stop = new AbortController();
+  #state: EngineState = "ready";
+  #failures = 0;
+  #outages = 0;
+  #waiters = new Set<() => void>();
+  #probing: Promise<void> | undefined;
+
+  constructor(options: EngineHealthOptions) {
+    this.#options = {
+      intervalMs: 5000,
+      downIntervalMs: 1000,
+      failureThreshold: 3,
+      ...options,
+    };
+  }
+
+  /** Starts probing in the background. */
+  start(): this {
+    this.#probing ??= this.#probeLoop();
+    return this;
+  }
+
+  /** Stops probing and releases every waiting request with `engine_unavailable`. */
+  async close(): Promise<void> {
+    this.#stop.abort();
+    this.#release();
+    await this.#probing;
+  }
+
+  get state(): EngineState {
+    return this.#state;
+  }
+
+  /** Times the circuit has opened. */
+  get outages(): number {
+    return this.#outages;
+  }
+
+  /** A request reached the engine and got an answer. */
+  succeeded(): void {
+    this.#failures = 0;
+  }
+
+  /** A request could not be served by the engine (`engine_unavailable`). */
+  failed(): void {
+    if (++this.#failures >= this.#options.failureThreshold) this.#open("requests are failing");
+  }
+
+  /**
+   * Resolves at once while the engine is ready; otherwise waits up to
+   * `timeoutMs` for it to come back.
+   *
+   * @throws {ServiceError} `engine_unavailable` when it does not come back in time,
+   * or the reason `signal` aborts with.
+   */
+  async ready(timeoutMs: number, signal: AbortSignal): Promise<void> {
+    if (this.#state === "ready") return;
+    let wake!: () => void;
+    const woken = new Promise<void>((resolve) => wake = resolve);
+    this.#waiters.add(wake);
+    const settled = new AbortController();
+    const timer = abortableSleep(timeoutMs, AbortSignal.any([signal, settled.signal]));
+    timer.catch(() => {});
+    try {
+      await Promise.race([woken, timer]);
+    } catch {
+      throw signal.reason instanceof ServiceError ? signal.reason : unavailable();
+    } finally {
+      settled.abort();
+      this.#waiters.delete(wake);
+    }
+    // Woken by close() rather than by recovery.
+    if (this.#stop.signal.aborted) throw unavailable();
+  }
+
+  #open(why: string): void {
+    if (this.#state === "down") return;
+    this.#state = "down";
+    this.#outages++;
+    log.warn("Engine unavailable ({why}); holding requests until it answers again", { why });
+  }
+
+  #close(): void {
+    this.#state = "ready";
+    this.#failures = 0;
+    log.info("Engine is answering again");
+    this.#release();
+  }
+
+  #release(): void {
+    for (const wake of this.#waiters) wake();
+    this.#waiters.clear();
+  }
+
+  async #probeLoop(): Promise<void> {
+    const { intervalMs, downIntervalMs } = this.#options;
+    while (!this.#stop.signal.aborted) {
+      try {
+        await abortableSleep(
+          this.#state === "ready" ? intervalMs : downIntervalMs,
+          this.#stop.signal,
+        );
+      } catch {
+        return;
+      }
+      const healthy = await this.#probe();
+      if (healthy && this.#state === "down") this.#close();
+      if (!healthy && this.#state === "ready") this.#open("health probe failed");
+    }
+  }
+
+  async #probe(): Promise<boolean> {
+    const { probeUrl, apiKey } = this.#options;
+    try {
+      const response = await fetch(probeUrl, {
+        headers: apiKey ? { authorization: `Bearer ${apiKey}` } : {},
+        signal: AbortSignal.any([AbortSignal.timeout(5000), this.#stop.signal]),
+      });
+      await response.body?.cancel();
+      return response.ok;
+    } catch {
+      return false;
+    }
+  }
+}
+
+function unavailable(): ServiceError {
+  return new ServiceError("engine_unavailable", "the engine is not answering; try again later", {
+    retryAfterMs: 5000,
+  });
+}
