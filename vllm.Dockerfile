@@ -14,7 +14,11 @@ COPY prompts ./prompts
 # Dependencies cached at build time.
 RUN deno-bin install && deno-bin cache main.ts lib/workers/request_worker.ts lib/engine/simulator_worker.ts
 
-EXPOSE 1883
+EXPOSE 8081
+# Ready: broker connected and engine taking requests (the image has python3, not always curl).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s \
-  CMD grep -q "\"online\"" /data/status.json || exit 1
-ENTRYPOINT ["deno-bin", "run", "--allow-net", "--allow-read", "--allow-write", "--allow-env", "--allow-sys", "--allow-run", "main.ts"]
+  CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081/readyz', timeout=4)" || exit 1
+# The permissions of deno.json's `service` set, widened for the compose network's broker host and
+# /data. --allow-run is unscoped here: the CUDA image sets LD_LIBRARY_PATH, which vLLM needs and a
+# scoped --allow-run refuses to pass on.
+ENTRYPOINT ["deno-bin", "run", "--allow-net=127.0.0.1,localhost,mosquitto", "--allow-read=prompts,lib,/data", "--allow-write=/data", "--allow-env", "--allow-run", "main.ts", "--data-dir=/data"]

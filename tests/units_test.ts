@@ -294,3 +294,15 @@ Deno.test("compile: every module started as a worker is named in the compile tas
   for (const worker of workers) assert(included.includes(worker), `${worker} is not included`);
   assert(included.includes("prompts"), "prompts/ is not included");
 });
+
+Deno.test("README: every option is listed with its default", async () => {
+  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
+  for (const option of OPTIONS) {
+    const row = readme.split("\n").find((line) => line.startsWith(`| \`--${option.name}\``));
+    assert(row, `--${option.name} is not in the README`);
+    if (option.default !== undefined) {
+      const value = Array.isArray(option.default) ? option.default.join(",") : option.default;
+      assert(row.includes(`\`${value}\``), `README's default of --${option.name} is not ${value}`);
+    }
+  }
+});
