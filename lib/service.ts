@@ -78,6 +78,7 @@ export async function startService(config: Config): Promise<Service> {
       kvPath,
       sessionTtlMs: config.sessionTtlMs,
       maxHistoryTokens: config.maxHistoryTokens,
+      trimLowWater: config.trimLowWater,
       maxModelLen: config.maxModelLen,
       requestTimeoutMs: config.requestTimeoutMs,
       engineRetries: config.engineRetries,

@@ -6,6 +6,7 @@
 import assert, { deepEqual, equal, match, throws } from "node:assert/strict";
 import { ConfigError, helpText, parseConfig } from "../lib/config/config.ts";
 import { OPTIONS } from "../lib/config/options.ts";
+import { PrefixCache } from "../lib/engine/prefix_cache.ts";
 import { stripThinking, ThinkingFilter } from "../lib/engine/thinking_filter.ts";
 import { parseRequest, type RequestLimits, ServiceError } from "../lib/protocol/mod.ts";
 import { Scheduler } from "../lib/scheduler/scheduler.ts";
@@ -305,4 +306,19 @@ Deno.test("README: every option is listed with its default", async () => {
       assert(row.includes(`\`${value}\``), `README's default of --${option.name} is not ${value}`);
     }
   }
+});
+
+Deno.test("prefix cache: whole blocks of an unchanged prefix hit; a change early misses the rest", () => {
+  const cache = new PrefixCache(1000);
+  const turn1 = Array.from({ length: 40 }, (_, i) => i); // 2 full blocks
+  equal(cache.lookup(turn1), 0);
+  const turn2 = [...turn1, ...Array.from({ length: 30 }, (_, i) => 100 + i)]; // 4 full blocks
+  equal(cache.lookup(turn2), 32);
+  // Dropping the first turn changes every block after it.
+  equal(cache.lookup(turn2.slice(5)), 0);
+  deepEqual([cache.queries, cache.hits], [40 + 70 + 65, 32]);
+  // Least recently used blocks go beyond capacity.
+  const small = new PrefixCache(2);
+  small.lookup(turn2);
+  equal(small.lookup(turn1), 0);
 });

@@ -82,6 +82,8 @@ export interface Config {
   readonly sessionTtlMs: number;
   readonly maxSessions: number;
   readonly maxHistoryTokens: number;
+  /** Share of the history budget trimming drops down to. */
+  readonly trimLowWater: number;
 
   readonly maxTokens: number;
   readonly temperature: number;
@@ -339,6 +341,7 @@ export function parseConfig(
     sessionTtlMs: get<number>("session-ttl") * 1000,
     maxSessions: get("max-sessions"),
     maxHistoryTokens: get("max-history-tokens"),
+    trimLowWater: get("trim-low-water"),
     maxTokens: get("max-tokens"),
     temperature: get("temperature"),
     topP: get("top-p"),

@@ -454,6 +454,16 @@ export const OPTIONS: readonly OptionSpec[] = [
     group: "Sessions",
     help: "Token budget of a session's history (also bounded by --max-model-len)",
   },
+  {
+    name: "trim-low-water",
+    kind: "number",
+    default: 0.6,
+    min: 0.1,
+    max: 1,
+    group: "Sessions",
+    help:
+      "Over budget, drop oldest turns down to this share of it in one go, so the next turns reuse vLLM's prefix cache (1: drop just enough)",
+  },
 
   // Generation defaults
   {

@@ -12,8 +12,9 @@
  * @module
  */
 
-import { countTokens, encode } from "gpt-tokenizer";
+import { encode } from "gpt-tokenizer";
 import { abortableSleep } from "../_util.ts";
+import { PrefixCache } from "./prefix_cache.ts";
 
 /** Whether simulated answers carry a `<think>` block. */
 export type SimulatedThinking = "never" | "always" | "template";
@@ -69,6 +70,17 @@ export interface SimulatorOptions {
    */
   readonly thinking?: SimulatedThinking;
   /**
+   * Extra milliseconds to the first token per prompt token not found in the
+   * prefix cache (prefill work); 0 makes the cache invisible in timing.
+   * @default {0}
+   */
+  readonly prefillMsPerToken?: number;
+  /**
+   * Blocks of 16 tokens the prefix cache holds.
+   * @default {65536}
+   */
+  readonly prefixCacheBlocks?: number;
+  /**
    * When set, `/v1/*` requires `Authorization: Bearer <apiKey>`, as `vllm serve --api-key` does.
    */
   readonly apiKey?: string;
@@ -107,6 +119,8 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
   const itlMs = options.itlMs ?? 15;
   const slowdown = options.batchSlowdown ?? 0.005;
   const received: Record<string, unknown>[] = [];
+  const prefixCache = new PrefixCache(options.prefixCacheBlocks ?? 65536);
+  const prefillMsPerToken = options.prefillMsPerToken ?? 0;
   let running = 0;
   let requestsTotal = 0;
   let promptTokensTotal = 0;
@@ -131,7 +145,8 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     received.push(body as Record<string, unknown>);
     if (received.length > 1000) received.shift();
 
-    const promptTokens = countPromptTokens(body.messages);
+    const prompt = promptTokenIds(body.messages);
+    const promptTokens = prompt.length;
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
     if (promptTokens + maxTokens > maxModelLen) {
       return error(
@@ -153,13 +168,14 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     };
     const id = `chatcmpl-sim-${++requestsTotal}`;
     const created = Math.floor(Date.now() / 1000);
+    const firstTokenMs = ttftMs + prefillMsPerToken * (promptTokens - prefixCache.lookup(prompt));
     running++;
     promptTokensTotal += promptTokens;
     generationTokensTotal += tokens.length;
 
     if (!body.stream) {
       try {
-        await abortableSleep(ttftMs + tokenGap() * Math.max(0, tokens.length - 1));
+        await abortableSleep(firstTokenMs + tokenGap() * Math.max(0, tokens.length - 1));
       } finally {
         running--;
       }
@@ -198,7 +214,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       async start(controller) {
         try {
           controller.enqueue(chunk({ role: "assistant", content: "" }, null));
-          if (ttftMs > 0) await abortableSleep(ttftMs, signal);
+          if (firstTokenMs > 0) await abortableSleep(firstTokenMs, signal);
           for (let i = 0; i < tokens.length; i++) {
             const gap = tokenGap();
             if (i > 0 && gap > 0) await abortableSleep(gap, signal);
@@ -249,6 +265,8 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
         `vllm:request_success_total{model_name="${model}"} ${requestsTotal}`,
         `vllm:prompt_tokens_total{model_name="${model}"} ${promptTokensTotal}`,
         `vllm:generation_tokens_total{model_name="${model}"} ${generationTokensTotal}`,
+        `vllm:prefix_cache_queries_total{model_name="${model}"} ${prefixCache.queries}`,
+        `vllm:prefix_cache_hits_total{model_name="${model}"} ${prefixCache.hits}`,
         "",
       ].join("\n"),
       { headers: { "content-type": "text/plain; version=0.0.4" } },
@@ -306,12 +324,12 @@ function error(status: number, message: string): Response {
   return Response.json({ error: { message, type, param: null, code: status } }, { status });
 }
 
-function countPromptTokens(messages: { content: unknown }[]): number {
-  let total = 3;
-  for (const message of messages) {
-    total += countTokens(String(message.content ?? ""), AS_TEXT) + 4;
-  }
-  return total;
+/** The prompt as a chat template would render it, as token ids. */
+function promptTokenIds(messages: { role: string; content: unknown }[]): number[] {
+  const rendered =
+    messages.map((m) => `<|im_start|>${m.role}\n${String(m.content ?? "")}<|im_end|>\n`)
+      .join("") + "<|im_start|>assistant\n";
+  return encode(rendered, AS_TEXT);
 }
 
 /** The answer, as tokens (a word and its trailing space each). */

@@ -37,7 +37,8 @@ export class DeltaCoalescer {
   push(text: string): void {
     if (text === "") return;
     this.#buffer += text;
-    if (this.#buffer.length >= this.#maxChars) {
+    // The first piece goes out at once: time to first delta is what a user notices.
+    if (this.#seq === 0 || this.#buffer.length >= this.#maxChars) {
       this.flush();
     } else {
       this.#timer ??= setTimeout(() => this.flush(), this.#maxDelayMs);

@@ -16,6 +16,7 @@ export interface WorkerSettings {
   readonly kvPath: string;
   readonly sessionTtlMs: number;
   readonly maxHistoryTokens: number;
+  readonly trimLowWater: number;
   readonly maxModelLen: number;
   readonly requestTimeoutMs: number;
   readonly engineRetries: number;

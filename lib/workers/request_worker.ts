@@ -29,6 +29,7 @@ async function open(settings: WorkerSettings): Promise<TurnContext> {
       disableThinking: settings.skipThinking,
     }),
     maxHistoryTokens: settings.maxHistoryTokens,
+    trimLowWater: settings.trimLowWater,
     maxModelLen: settings.maxModelLen,
     skipThinking: settings.skipThinking,
   };

@@ -20,6 +20,8 @@ export interface TurnContext {
   readonly store: SessionStore;
   readonly engine: EngineClient;
   readonly maxHistoryTokens: number;
+  /** Share of the budget trimming drops down to. */
+  readonly trimLowWater: number;
   readonly maxModelLen: number;
   readonly skipThinking: boolean;
 }
@@ -49,7 +51,12 @@ export async function runTurn(
     maxTokens: job.params.max_tokens,
     systemTokens,
   });
-  let drop = messagesToDrop(session.history, userTokens, budget);
+  let drop = messagesToDrop(
+    session.history,
+    userTokens,
+    budget,
+    Math.floor(budget * context.trimLowWater),
+  );
 
   const prompt = (dropped: number): ChatMessage[] => [
     { role: "system", content: systemPrompt },
