@@ -1,12 +1,14 @@
 /**
  * Token estimates for text the engine has not counted yet. The engine's own
  * `usage` is exact for the served model and wins wherever it is known
- * (DESIGN principle 5); this is the fallback, with o200k_base as a stand-in.
+ * (DESIGN principle 5); this is the fallback, with cl100k_base as a stand-in:
+ * its tables take half the memory of o200k_base's (38 MB against 75 MB in
+ * every worker that loads them) for an estimate that is only ever a guess.
  *
  * @module
  */
 
-import { countTokens } from "gpt-tokenizer";
+import { countTokens } from "gpt-tokenizer/encoding/cl100k_base";
 
 /** Tokens a chat template adds around each message (role markers, separators). */
 export const MESSAGE_OVERHEAD_TOKENS = 4;

@@ -12,7 +12,7 @@
  * @module
  */
 
-import { encode } from "gpt-tokenizer";
+import { encode } from "gpt-tokenizer/encoding/cl100k_base";
 import { abortableSleep } from "../_util.ts";
 import { PrefixCache } from "./prefix_cache.ts";
 

@@ -1,146 +1,357 @@
 /**
  * `deno task bench`: the bridge against the engine it fronts, in one run.
- * For each scenario it sends the same requests (a) through mosquitto and the
- * service and (b) straight to the same simulated engine with the `openai`
- * client, at the same concurrency, and prints throughput and latency ratios.
- * Writes `bench-results.json`.
+ *
+ * (a), (b): the same requests go (1) through mosquitto and the service from
+ * many MQTT connections and (2) straight to the same simulated engine with the
+ * `openai` client, at the same concurrency; throughput, time to first delta
+ * and latency percentiles are compared. (c): multi-turn sessions near their
+ * history budget, trimmed to the low-water mark versus one turn at a time,
+ * with the engine's prefix cache hit rate and time to first token. (d): 10,000
+ * live sessions and the service's memory. Prints tables and writes
+ * `bench-results.json`.
  */
 
+import mqtt from "mqtt";
 import OpenAI from "openai";
-import { startSimulator } from "../../lib/engine/simulator.ts";
-import { startMosquitto, startService, TestClient } from "../_helpers.ts";
+import { type Simulator, startSimulator } from "../../lib/engine/simulator.ts";
+import { freePort, startMosquitto, startService } from "../_helpers.ts";
 
-interface Result {
+interface Timings {
+  readonly total: number[];
+  readonly firstDelta: number[];
+}
+
+interface Summary {
   readonly rps: number;
   readonly p50: number;
   readonly p95: number;
+  readonly p99: number;
+  readonly ttfd_p50: number | null;
 }
 
-const percentile = (sorted: number[], q: number) =>
-  sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
-const summarize = (latencies: number[], seconds: number): Result => {
-  const sorted = latencies.sort((a, b) => a - b);
-  return {
-    rps: latencies.length / seconds,
-    p50: percentile(sorted, 0.5),
-    p95: percentile(sorted, 0.95),
-  };
+const percentile = (values: number[], q: number) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
 };
+const round = (value: number, digits = 1) => +value.toFixed(digits);
 
-/** Runs `total` requests with `concurrency` workers; `one(i)` sends request i and resolves when answered. */
+/** Runs `total` requests from `concurrency` loops; `one(i, loop)` resolves with its first-delta time. */
 async function drive(
   total: number,
   concurrency: number,
-  one: (i: number) => Promise<void>,
-): Promise<Result> {
-  const latencies: number[] = [];
+  one: (i: number, loop: number) => Promise<number | undefined>,
+): Promise<Summary> {
+  const timings: Timings = { total: [], firstDelta: [] };
   let next = 0;
   const started = performance.now();
-  await Promise.all(Array.from({ length: concurrency }, async () => {
+  await Promise.all(Array.from({ length: concurrency }, async (_, loop) => {
     while (next < total) {
       const i = next++;
       const t = performance.now();
-      await one(i);
-      latencies.push(performance.now() - t);
+      const firstDeltaAt = await one(i, loop);
+      timings.total.push(performance.now() - t);
+      if (firstDeltaAt !== undefined) timings.firstDelta.push(firstDeltaAt - t);
     }
   }));
-  return summarize(latencies, (performance.now() - started) / 1000);
+  const seconds = (performance.now() - started) / 1000;
+  return {
+    rps: timings.total.length / seconds,
+    p50: percentile(timings.total, 0.5),
+    p95: percentile(timings.total, 0.95),
+    p99: percentile(timings.total, 0.99),
+    ttfd_p50: timings.firstDelta.length ? percentile(timings.firstDelta, 0.5) : null,
+  };
 }
 
-const scenarios = [
-  {
-    name: "zero-latency engine",
-    ttftMs: 0,
-    itlMs: 0,
-    filler: 0,
-    concurrency: [1, 16],
-    rounds: 200,
-  },
-  {
-    name: "realistic engine (50 ms + 15 ms/token, 64 tokens)",
-    ttftMs: 50,
-    itlMs: 15,
-    filler: 56,
-    concurrency: [1, 64],
-    rounds: 4,
-  },
-];
+/** Peak and current resident memory of a process, in MB (from /proc). */
+function memoryMb(pid: number): { peak: number; now: number } {
+  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+  const kb = (field: string) => Number(status.match(new RegExp(`${field}:\\s+(\\d+)`))?.[1] ?? 0);
+  return { peak: round(kb("VmHWM") / 1024), now: round(kb("VmRSS") / 1024) };
+}
 
-const broker = await startMosquitto();
-const rows: Record<string, unknown>[] = [];
-for (const scenario of scenarios) {
-  const sim = await startSimulator({
-    ttftMs: scenario.ttftMs,
-    itlMs: scenario.itlMs,
-    fillerTokens: scenario.filler,
-    maxModelLen: 32768,
-  });
-  const dataDir = await Deno.makeTempDir();
+/** Prometheus counters of the simulated engine. */
+async function engineCounters(sim: Simulator): Promise<Record<string, number>> {
+  const text = await (await fetch(sim.url.replace(/\/v1$/, "/metrics"))).text();
+  const counters: Record<string, number> = {};
+  for (const [, name, value] of text.matchAll(/^vllm:(\w+)\{[^}]*\} (\S+)$/gm)) {
+    counters[name] = Number(value);
+  }
+  return counters;
+}
+
+/**
+ * MQTT load generator: `connections` clients; each request waits for its own
+ * `done` (or `error`) and reports when its first delta arrived.
+ */
+class Load {
+  readonly #clients: mqtt.MqttClient[];
+  readonly #pending = new Map<string, { done: () => void; firstDelta?: number }>();
+  readonly #subscribed = new Set<string>();
+
+  private constructor(clients: mqtt.MqttClient[]) {
+    this.#clients = clients;
+    for (const client of clients) {
+      client.on("message", (_topic, payload) => {
+        const reply = JSON.parse(new TextDecoder().decode(payload));
+        const waiting = this.#pending.get(reply.request_id);
+        if (!waiting) return;
+        if (reply.type === "delta") waiting.firstDelta ??= performance.now();
+        if (reply.type === "done" || reply.type === "error") waiting.done();
+      });
+    }
+  }
+
+  static async open(url: string, connections: number): Promise<Load> {
+    const clients = await Promise.all(
+      Array.from({ length: connections }, () => mqtt.connectAsync(url, { reconnectPeriod: 0 })),
+    );
+    // The load generator's sockets, like the service's, must not wait on Nagle.
+    for (const client of clients) {
+      (client.stream as unknown as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
+    }
+    return new Load(clients);
+  }
+
+  /** Sends one request and resolves when it is answered, with its first-delta time. */
+  async ask(
+    loop: number,
+    sessionId: string,
+    requestId: string,
+    message: string,
+  ): Promise<{ firstDelta?: number }> {
+    const client = this.#clients[loop % this.#clients.length];
+    const topic = `general/assistant_response/${sessionId}`;
+    if (!this.#subscribed.has(topic)) {
+      this.#subscribed.add(topic);
+      await client.subscribeAsync(topic, { qos: 1 });
+    }
+    return await new Promise((resolve) => {
+      const entry: { done: () => void; firstDelta?: number } = {
+        done: () => {
+          this.#pending.delete(requestId);
+          resolve(entry);
+        },
+      };
+      this.#pending.set(requestId, entry);
+      client.publish(
+        "general/user_input",
+        JSON.stringify({ session_id: sessionId, message, request_id: requestId }),
+        { qos: 1 },
+      );
+    });
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.#clients.map((client) => client.endAsync(true)));
+  }
+}
+
+interface Running {
+  readonly sim: Simulator;
+  readonly service: Awaited<ReturnType<typeof startService>>;
+  readonly load: Load;
+  readonly httpPort: number;
+  stop(): Promise<void>;
+}
+
+async function run(
+  brokerUrl: string,
+  sim: Simulator,
+  args: string[],
+  connections: number,
+): Promise<Running> {
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-bench-" });
+  const httpPort = freePort();
   const service = await startService([
     "--engine=url",
     `--engine-url=${sim.url}`,
-    `--mqtt-url=${broker.url}`,
+    `--mqtt-url=${brokerUrl}`,
     `--data-dir=${dataDir}`,
     "--projects=general",
-
-    "--max-history-tokens=1000",
     "--max-model-len=32768",
+    `--http-port=${httpPort}`,
     `--mqtt-client-id=bench-${crypto.randomUUID()}`,
+    ...args,
   ]);
-  const client = await TestClient.connect(broker.url);
-  await client.subscribe("general/assistant_response/#");
-  const pending = new Map<string, () => void>();
-  client.client.on("message", (_topic, payload) => {
-    const reply = JSON.parse(new TextDecoder().decode(payload));
-    if (reply.type === "done" || reply.type === "error") pending.get(reply.request_id)?.();
-  });
-  const openai = new OpenAI({ baseURL: sim.url, apiKey: "bench", maxRetries: 0 });
-  for (const concurrency of scenario.concurrency) {
-    const tag = `${scenario.ttftMs}-${concurrency}`;
-    const total = Math.max(16, concurrency * scenario.rounds);
-    const bridge = await drive(total, concurrency, (i) =>
-      new Promise<void>((resolve) => {
-        const id = `${tag}-${i}`;
-        pending.set(id, () => {
-          pending.delete(id);
-          resolve();
-        });
-        client.send("general/user_input", {
-          session_id: `s${i % concurrency}-${tag}`,
-          message: `hello ${i}`,
-          request_id: id,
-        });
-      }));
+  const load = await Load.open(brokerUrl, connections);
+  return {
+    sim,
+    service,
+    load,
+    httpPort,
+    async stop() {
+      await load.close();
+      await service.stop();
+      await sim.close();
+      await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    },
+  };
+}
+
+const broker = await startMosquitto();
+const results: Record<string, unknown> = {};
+
+// (a), (b): bridge against direct.
+const throughputScenarios = [
+  {
+    name: "(a) zero-latency engine",
+    sim: { ttftMs: 0, itlMs: 0, fillerTokens: 0 },
+    runs: [{ concurrency: 1, total: 400 }, { concurrency: 16, total: 2000 }, {
+      concurrency: 256,
+      total: 4000,
+    }],
+  },
+  {
+    name: "(b) realistic engine: 50 ms + 15 ms/token, 64 tokens",
+    sim: { ttftMs: 50, itlMs: 15, fillerTokens: 56 },
+    runs: [{ concurrency: 1, total: 6 }, { concurrency: 64, total: 256 }, {
+      concurrency: 256,
+      total: 768,
+    }],
+  },
+];
+const throughputRows: Record<string, unknown>[] = [];
+for (const scenario of throughputScenarios) {
+  for (const { concurrency, total } of scenario.runs) {
+    const sim = await startSimulator({ ...scenario.sim, maxModelLen: 32768 });
+    const bench = await run(broker.url, sim, [
+      "--max-history-tokens=1000",
+      `--max-in-flight=${Math.max(256, concurrency)}`,
+    ], Math.min(concurrency, 32));
+    const tag = `${concurrency}-${crypto.randomUUID().slice(0, 8)}`;
+    const bridge = await drive(total, concurrency, async (i, loop) => {
+      const { firstDelta } = await bench.load.ask(
+        loop,
+        `s${loop}-${tag}`,
+        `${tag}-${i}`,
+        `hello ${i}`,
+      );
+      return firstDelta;
+    });
+    const memory = memoryMb(bench.service.child.pid);
+    const openai = new OpenAI({ baseURL: sim.url, apiKey: "bench", maxRetries: 0 });
     const direct = await drive(total, concurrency, async (i) => {
       const stream = await openai.chat.completions.create({
         model: "sim-model",
-        messages: [{ role: "system", content: "You are a helpful assistant." }, {
-          role: "user",
-          content: `hello ${i}`,
-        }],
+        messages: [
+          { role: "system", content: "You are a helpful assistant." },
+          { role: "user", content: `hello ${i}` },
+        ],
         stream: true,
         max_tokens: 512,
       });
-      for await (const _ of stream) { /* consume */ }
+      let first: number | undefined;
+      for await (const chunk of stream) {
+        if (chunk.choices[0]?.delta?.content) first ??= performance.now();
+      }
+      return first;
     });
+    await bench.stop();
     const row = {
       scenario: scenario.name,
       concurrency,
-      bridge_rps: +bridge.rps.toFixed(1),
-      direct_rps: +direct.rps.toFixed(1),
-      throughput_ratio: +(bridge.rps / direct.rps).toFixed(3),
-      bridge_p50_ms: +bridge.p50.toFixed(1),
-      direct_p50_ms: +direct.p50.toFixed(1),
-      added_p50_ms: +(bridge.p50 - direct.p50).toFixed(1),
-      bridge_p95_ms: +bridge.p95.toFixed(1),
+      requests: total,
+      bridge_rps: round(bridge.rps),
+      direct_rps: round(direct.rps),
+      throughput_ratio: round(bridge.rps / direct.rps, 3),
+      bridge_p50_ms: round(bridge.p50),
+      direct_p50_ms: round(direct.p50),
+      added_p50_ms: round(bridge.p50 - direct.p50),
+      bridge_p95_ms: round(bridge.p95),
+      bridge_p99_ms: round(bridge.p99),
+      added_ttfd_p50_ms: bridge.ttfd_p50 === null || direct.ttfd_p50 === null
+        ? null
+        : round(bridge.ttfd_p50 - direct.ttfd_p50),
+      service_peak_rss_mb: memory.peak,
     };
-    rows.push(row);
+    throughputRows.push(row);
     console.log(JSON.stringify(row));
   }
-  await client.close();
-  await service.stop();
-  await sim.close();
+}
+results.throughput = throughputRows;
+
+// (c): sessions whose history sits near its budget; trimming strategies compared.
+const trimRows: Record<string, unknown>[] = [];
+for (
+  const [strategy, lowWater] of [["drop to low water (0.6)", "0.6"], ["drop one turn", "1"]]
+) {
+  const sim = await startSimulator({
+    ttftMs: 10,
+    itlMs: 1,
+    fillerTokens: 30,
+    prefillMsPerToken: 0.2,
+    maxModelLen: 32768,
+  });
+  const sessions = 16;
+  const turns = 40;
+  const bench = await run(broker.url, sim, [
+    "--max-history-tokens=1200",
+    `--trim-low-water=${lowWater}`,
+  ], sessions);
+  const before = await engineCounters(sim);
+  const ttfts: number[] = [];
+  const tag = crypto.randomUUID().slice(0, 8);
+  await Promise.all(Array.from({ length: sessions }, async (_, s) => {
+    for (let turn = 0; turn < turns; turn++) {
+      const started = performance.now();
+      // Each session its own words, so that only its own earlier turns can be cached.
+      const text = `Player ${s}, move ${turn}: which way now that the corridor splits in three?`;
+      const { firstDelta } = await bench.load.ask(s, `c${s}-${tag}`, `c${s}-${turn}-${tag}`, text);
+      if (firstDelta !== undefined && turn >= 10) ttfts.push(firstDelta - started);
+    }
+  }));
+  const after = await engineCounters(sim);
+  await bench.stop();
+  const hits = after.prefix_cache_hits_total - before.prefix_cache_hits_total;
+  const queries = after.prefix_cache_queries_total - before.prefix_cache_queries_total;
+  const row = {
+    strategy,
+    sessions,
+    turns,
+    cache_hit_rate: round(hits / queries, 3),
+    ttfd_p50_ms: round(percentile(ttfts, 0.5)),
+    ttfd_p95_ms: round(percentile(ttfts, 0.95)),
+  };
+  trimRows.push(row);
+  console.log(JSON.stringify(row));
+}
+results.trimming = trimRows;
+
+// (d): 10,000 live sessions.
+{
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0, maxModelLen: 32768 });
+  const bench = await run(broker.url, sim, ["--max-sessions=20000"], 32);
+  const sessions = 10_000;
+  const tag = crypto.randomUUID().slice(0, 8);
+  const summary = await drive(sessions, 256, async (i, loop) => {
+    await bench.load.ask(loop, `d${i}-${tag}`, `d${i}-${tag}`, `hello ${i}`);
+    return undefined;
+  });
+  const status = await (await fetch(`http://127.0.0.1:${bench.httpPort}/status`)).json();
+  const memory = memoryMb(bench.service.child.pid);
+  await bench.stop();
+  const row = {
+    sessions,
+    live_sessions: status.live_sessions,
+    rps: round(summary.rps),
+    service_rss_mb: memory.now,
+    service_peak_rss_mb: memory.peak,
+  };
+  results.sessions = row;
+  console.log(JSON.stringify(row));
 }
 await broker.stop();
-console.table(rows);
-await Deno.writeTextFile("bench-results.json", JSON.stringify(rows, null, 2));
+
+console.log(
+  "\n(a), (b) bridge against direct (targets: ratio >= 0.97 at 64 and 256 with the realistic",
+);
+console.log(
+  "engine, added p50 <= 2 ms, added time to first delta <= 1 ms, >= 2000 req/s zero-latency)",
+);
+console.table(throughputRows);
+console.log("(c) trimming near the budget (target: low water beats one turn on hit rate and TTFD)");
+console.table(trimRows);
+console.log("(d) 10,000 live sessions (target: service RSS under 300 MB)");
+console.table([results.sessions]);
+await Deno.writeTextFile("bench-results.json", JSON.stringify(results, null, 2));
