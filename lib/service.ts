@@ -152,6 +152,11 @@ export async function startService(config: Config): Promise<Service> {
       maxQueue: config.maxQueue,
       maxInFlight: config.maxInFlight,
       dedupWindowMs: config.dedupWindowMs,
+      rateLimit: {
+        perSession: config.rateLimit,
+        perClient: config.rateLimitClient,
+        burst: config.rateLimitBurst,
+      },
       controlStore: config.controlTopics ? store : undefined,
     });
     client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));

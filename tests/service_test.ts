@@ -56,34 +56,37 @@ test("an answer streams to the session's topic and reflects the project's prompt
 
 test("history is kept across turns and trimmed to the low-water mark over budget", async () => {
   // A budget of 600 tokens: turns of ~130 tokens, so about four fit, then it trims.
-  await withService({ args: ["--max-history-tokens=600"] }, async ({ client, sim }) => {
-    const long = "tell me about walls and corridors ".repeat(8).trim();
-    const sizes: number[] = [];
-    for (let turn = 1; turn <= 12; turn++) {
-      await client.send("maze/user_input", {
-        session_id: "h",
-        message: `${turn} ${long}`,
-        request_id: `t${turn}`,
-      });
-      const done = await client.final("h", `t${turn}`);
-      deepEqual(done.json!.type, "done", done.text);
-      const messages = sim.received.at(-1)!.messages as { role: string; content: string }[];
-      sizes.push(messages.length);
-      // The engine sees the previous turns as alternating user/assistant messages.
-      for (let i = 1; i < messages.length; i++) {
-        deepEqual(messages[i].role, i % 2 === 1 ? "user" : "assistant");
+  await withService(
+    { args: ["--max-history-tokens=600", "--rate-limit=0"] },
+    async ({ client, sim }) => {
+      const long = "tell me about walls and corridors ".repeat(8).trim();
+      const sizes: number[] = [];
+      for (let turn = 1; turn <= 12; turn++) {
+        await client.send("maze/user_input", {
+          session_id: "h",
+          message: `${turn} ${long}`,
+          request_id: `t${turn}`,
+        });
+        const done = await client.final("h", `t${turn}`);
+        deepEqual(done.json!.type, "done", done.text);
+        const messages = sim.received.at(-1)!.messages as { role: string; content: string }[];
+        sizes.push(messages.length);
+        // The engine sees the previous turns as alternating user/assistant messages.
+        for (let i = 1; i < messages.length; i++) {
+          deepEqual(messages[i].role, i % 2 === 1 ? "user" : "assistant");
+        }
+        deepEqual(messages.at(-1)!.content, `${turn} ${long}`);
       }
-      deepEqual(messages.at(-1)!.content, `${turn} ${long}`);
-    }
-    // Grows by one turn (two messages) at a time, then drops several turns at once.
-    deepEqual(sizes.slice(0, 3), [2, 4, 6]);
-    const drops = sizes.slice(1).map((n, i) => n - sizes[i]).filter((d) => d < 0);
-    assert(drops.length >= 1, `history never trimmed: ${sizes}`);
-    assert(drops.every((d) => d <= -4), `trimmed one turn at a time: ${sizes}`);
-    // The turn counter in the answer counts the user turns the engine saw.
-    const last = await client.final("h", "t12");
-    match(last.json!.response as string, /Turn \d+:/);
-  });
+      // Grows by one turn (two messages) at a time, then drops several turns at once.
+      deepEqual(sizes.slice(0, 3), [2, 4, 6]);
+      const drops = sizes.slice(1).map((n, i) => n - sizes[i]).filter((d) => d < 0);
+      assert(drops.length >= 1, `history never trimmed: ${sizes}`);
+      assert(drops.every((d) => d <= -4), `trimmed one turn at a time: ${sizes}`);
+      // The turn counter in the answer counts the user turns the engine saw.
+      const last = await client.final("h", "t12");
+      match(last.json!.response as string, /Turn \d+:/);
+    },
+  );
 });
 
 test("one session's turns run in order while another session runs in parallel", async () => {
@@ -375,6 +378,33 @@ test("the HTTP endpoint reports health, readiness, status and metrics during tra
       const missing = await get("/nope");
       await missing.body?.cancel();
       equal(missing.status, 404);
+    },
+  );
+});
+
+test("a session over its rate gets rate_limited with a retry time; others are served", async () => {
+  await withService(
+    { args: ["--rate-limit=6", "--rate-limit-burst=2", "--rate-limit-client=0"] },
+    async ({ client }) => {
+      for (const id of ["1", "2", "3"]) {
+        await client.send("maze/user_input", { session_id: "r", message: id, request_id: id });
+      }
+      equal((await client.final("r", "1")).json!.type, "done");
+      equal((await client.final("r", "2")).json!.type, "done");
+      const limited = (await client.final("r", "3")).json!.error as Record<string, unknown>;
+      equal(limited.code, "rate_limited");
+      // 6 a minute: the next token is about 10 s away.
+      assert(
+        (limited.retry_after_ms as number) > 5000 && (limited.retry_after_ms as number) <= 10_000,
+      );
+      await client.send("maze/user_input", { session_id: "other", message: "hi" });
+      equal((await client.final("other")).json!.type, "done");
+      // The original clients get the original plain-text error.
+      await client.send("maze/user_input", { sessionId: "r", message: "again" });
+      match(
+        (await client.next((m) => m.topic === "maze/assistant_response/r" && !m.json)).text,
+        /^Error: /,
+      );
     },
   );
 });

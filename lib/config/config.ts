@@ -77,6 +77,11 @@ export interface Config {
   readonly maxPayloadBytes: number;
   readonly maxMessageChars: number;
   readonly dedupWindowMs: number;
+  /** Requests per minute per session; 0: off. */
+  readonly rateLimit: number;
+  /** Requests per minute per client id; 0: off. */
+  readonly rateLimitClient: number;
+  readonly rateLimitBurst: number;
 
   readonly dataDir: string;
   readonly sessionTtlMs: number;
@@ -337,6 +342,9 @@ export function parseConfig(
     maxPayloadBytes: get("max-payload-bytes"),
     maxMessageChars: get("max-message-chars"),
     dedupWindowMs: get<number>("dedup-window") * 1000,
+    rateLimit: get("rate-limit"),
+    rateLimitClient: get("rate-limit-client"),
+    rateLimitBurst: get("rate-limit-burst"),
     dataDir: get("data-dir"),
     sessionTtlMs: get<number>("session-ttl") * 1000,
     maxSessions: get("max-sessions"),

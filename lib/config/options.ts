@@ -421,6 +421,30 @@ export const OPTIONS: readonly OptionSpec[] = [
     group: "Scheduling",
     help: "Seconds a request_id is remembered: a repeat is answered again, not generated twice",
   },
+  {
+    name: "rate-limit",
+    kind: "number",
+    default: 60,
+    min: 0,
+    group: "Scheduling",
+    help: "Requests per minute per session, after a burst of --rate-limit-burst; 0 turns it off",
+  },
+  {
+    name: "rate-limit-client",
+    kind: "number",
+    default: 600,
+    min: 0,
+    group: "Scheduling",
+    help: "Requests per minute per client id (the request's clientId/client_id); 0 turns it off",
+  },
+  {
+    name: "rate-limit-burst",
+    kind: "int",
+    default: 10,
+    min: 1,
+    group: "Scheduling",
+    help: "Requests a session (or ten times as many, a client) may send at once",
+  },
 
   // Sessions
   {

@@ -26,6 +26,7 @@ import type { EngineHealth } from "../engine/engine_health.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { WorkerPool } from "../workers/worker_pool.ts";
 import { ControlTopics } from "./control_topics.ts";
+import { RateLimiter } from "./rate_limiter.ts";
 import { RecentRequests } from "./recent_requests.ts";
 
 /** Where and how the replies to one request go. */
@@ -67,6 +68,12 @@ export interface GatewayOptions {
   readonly maxQueue: number;
   readonly maxInFlight: number;
   readonly dedupWindowMs: number;
+  /** Requests per minute per session and per client id (0: off), after a burst. */
+  readonly rateLimit: {
+    readonly perSession: number;
+    readonly perClient: number;
+    readonly burst: number;
+  };
   /** The session store, for the control topics; undefined turns them off. */
   readonly controlStore: SessionStore | undefined;
 }
@@ -78,6 +85,8 @@ export class Gateway {
   readonly #options: GatewayOptions;
   readonly #scheduler: Scheduler<Job>;
   readonly #recent: RecentRequests;
+  readonly #sessionLimit: RateLimiter;
+  readonly #clientLimit: RateLimiter;
   /** Project prompts, replaceable at run time through the `template` control topic. */
   readonly #prompts: Map<string, string>;
   readonly #control: ControlTopics | undefined;
@@ -88,6 +97,9 @@ export class Gateway {
     this.#options = options;
     this.#prompts = new Map(options.projects);
     this.#recent = new RecentRequests(options.dedupWindowMs);
+    const { perSession, perClient, burst } = options.rateLimit;
+    this.#sessionLimit = new RateLimiter({ perMinute: perSession, burst });
+    this.#clientLimit = new RateLimiter({ perMinute: perClient, burst: burst * 10 });
     this.#scheduler = new Scheduler<Job>({
       maxQueue: options.maxQueue,
       maxInFlight: options.maxInFlight,
@@ -204,6 +216,17 @@ export class Gateway {
         this.#publish(reply, repeat.answer);
         return;
       }
+    }
+    const wait = Math.max(
+      this.#sessionLimit.take(key),
+      request.clientId === undefined ? 0 : this.#clientLimit.take(request.clientId),
+    );
+    if (wait > 0) {
+      this.#fail(
+        reply,
+        new ServiceError("rate_limited", "too many requests; slow down", { retryAfterMs: wait }),
+      );
+      return;
     }
     const job: Job = {
       id: this.#nextId++,
