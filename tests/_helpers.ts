@@ -58,7 +58,8 @@ export interface Mosquitto {
   readonly port: number;
   readonly url: string;
   readonly dir: string;
-  stop(): Promise<void>;
+  /** Stops it: SIGKILL (a crash) by default; SIGTERM lets it save its persistence file. */
+  stop(signal?: Deno.Signal): Promise<void>;
   /** Starts it again on the same port (after {@linkcode stop}). */
   start(): Promise<void>;
 }
@@ -91,10 +92,10 @@ export async function startMosquitto(extra: string[] = [], port = freePort()): P
       }).spawn();
       await waitFor(() => listening(port), 10_000, `mosquitto on port ${port}`);
     },
-    async stop() {
+    async stop(signal: Deno.Signal = "SIGKILL") {
       if (!child) return;
       try {
-        child.kill("SIGKILL");
+        child.kill(signal);
       } catch { /* gone */ }
       await child.status;
       child = undefined;
@@ -307,10 +308,10 @@ export interface Fixture {
 
 /** Runs `fn` against a fresh broker, simulator, service and client. */
 export async function withService(
-  options: { args?: string[]; sim?: SimulatorOptions; mqtt5?: boolean },
+  options: { args?: string[]; sim?: SimulatorOptions; mqtt5?: boolean; brokerConfig?: string[] },
   fn: (f: Fixture) => Promise<void>,
 ): Promise<void> {
-  const broker = await startMosquitto();
+  const broker = await startMosquitto(options.brokerConfig);
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1, ...options.sim });
   const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
   const args = [

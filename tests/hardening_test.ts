@@ -1,0 +1,167 @@
+/**
+ * Hardening: random and mutated payloads while a real client keeps being
+ * served; the broker going away in the middle of traffic.
+ */
+
+import assert, { equal } from "node:assert/strict";
+import { HAS_MOSQUITTO, TestClient, waitFor, withService } from "./_helpers.ts";
+
+const test = (name: string, fn: () => Promise<void>) =>
+  Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
+
+/** A small seeded generator (mulberry32), so a failing run can be replayed. */
+function random(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const ODD_TEXT = [
+  "",
+  "\u0000",
+  "\uD800", // a lone surrogate
+  "\u202Eevil",
+  "\u200B\u200D",
+  "🧬🏎️",
+  "a/b",
+  "+",
+  "#",
+  "$SYS",
+  "x".repeat(200),
+  "<think>",
+  "</think>",
+  "Error: ",
+  "null",
+];
+
+/** One payload: random bytes, or a valid request broken in one of many ways. */
+function fuzzPayload(next: () => number): Uint8Array | string {
+  const pick = <T>(items: readonly T[]): T => items[Math.floor(next() * items.length)];
+  const valid: Record<string, unknown> = next() < 0.5
+    ? { session_id: `f${Math.floor(next() * 50)}`, message: "hi", request_id: String(next()) }
+    : { sessionId: `f${Math.floor(next() * 50)}`, message: "hi", temperature: 0.5 };
+  const text = JSON.stringify(valid);
+  switch (Math.floor(next() * 10)) {
+    case 0: // random bytes, often not UTF-8
+      return Uint8Array.from({ length: Math.floor(next() * 64) }, () => Math.floor(next() * 256));
+    case 1: // truncated
+      return text.slice(0, Math.floor(next() * text.length));
+    case 2: { // a field of the wrong type
+      const key = pick(Object.keys(valid).concat(["priority", "params", "stream", "cancel"]));
+      return JSON.stringify({ ...valid, [key]: pick([1, -1e308, true, null, [], {}, "x"]) });
+    }
+    case 3: // a huge string, sometimes past the payload cap
+      return JSON.stringify({ ...valid, message: "y".repeat(Math.floor(next() * 100_000)) });
+    case 4: // odd Unicode anywhere
+      return JSON.stringify({ ...valid, message: pick(ODD_TEXT), session_id: pick(ODD_TEXT) });
+    case 5: // topic characters injected into the session id
+      return JSON.stringify({ ...valid, session_id: `a${pick(["/", "+", "#", "/../", "\n"])}b` });
+    case 6: // deeply nested
+      return "[".repeat(Math.floor(next() * 5000)) + "]".repeat(Math.floor(next() * 5000));
+    case 7: // params out of range
+      return JSON.stringify({
+        ...valid,
+        params: { max_tokens: -5, temperature: 1e9, top_p: "x", stop: [1, 2], seed: 1.5 },
+        priority: 1e12,
+      });
+    case 8: // not an object
+      return pick(["[]", "1", '"s"', "null", "true", "{}", " "]);
+    default: // bytes flipped in a valid request
+      return new TextEncoder().encode(text).map((byte) =>
+        next() < 0.05 ? Math.floor(next() * 256) : byte
+      );
+  }
+}
+
+test("10,000 random and mutated payloads: every valid request is still answered", async () => {
+  await withService(
+    { args: ["--max-queue=20000", "--rate-limit=0", "--rate-limit-client=0"] },
+    async ({ client, broker, service }) => {
+      const fuzzer = await TestClient.connect(broker.url);
+      const next = random(20261127);
+      const tried = 10_000;
+      let valid = 0;
+      const validTraffic = (async () => {
+        for (let i = 0; i < 40; i++) {
+          await client.send("maze/user_input", {
+            session_id: "steady",
+            message: `turn ${i}`,
+            request_id: `v${i}`,
+          });
+          equal((await client.final("steady", `v${i}`, 60_000)).json!.type, "done");
+          valid++;
+        }
+      })();
+      for (let i = 0; i < tried; i++) {
+        const payload = fuzzPayload(next);
+        // mqtt.js types ask for a Node Buffer; it sends any Uint8Array.
+        fuzzer.client.publish(
+          i % 7 === 0 ? "general/user_input" : "maze/user_input",
+          payload as string,
+          {
+            qos: 0,
+          },
+        );
+        if (i % 200 === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+      await validTraffic;
+      await fuzzer.close();
+      console.log(`fuzz: ${tried} payloads tried, ${valid} valid requests answered`);
+      equal(valid, 40);
+      // Still alive, and nothing escaped as an unhandled rejection.
+      await client.send("general/user_input", { session_id: "after", message: "still there?" });
+      equal((await client.final("after")).json!.type, "done");
+      assert(!/unhandled|Uncaught/i.test(service.log()), service.log().slice(-2000));
+    },
+  );
+});
+
+test("the broker restarts mid-traffic: every accepted request is answered once", async () => {
+  const store = await Deno.makeTempDir({ prefix: "vllm-mqtt-broker-store-" });
+  await withService({
+    args: ["--rate-limit=0"],
+    // Answers come 1.5 s after a request: the broker is down while they are being generated.
+    sim: { ttftMs: 1500, itlMs: 1 },
+    brokerConfig: ["persistence true", `persistence_location ${store}/`],
+  }, async ({ broker, service }) => {
+    // A client with a persistent session, as the devices of the games use.
+    const device = await TestClient.connect(broker.url, {
+      clientId: "device-1",
+      clean: false,
+    });
+    await device.subscribe("maze/assistant_response/#");
+    const answers = new Map<string, number>();
+    device.client.on("message", (_topic, payload) => {
+      const reply = JSON.parse(new TextDecoder().decode(payload));
+      if (reply.type === "done") {
+        answers.set(reply.request_id, (answers.get(reply.request_id) ?? 0) + 1);
+      }
+    });
+    const sent: string[] = [];
+    for (let i = 0; i < 20; i++) {
+      sent.push(`b${i}`);
+      await device.send("maze/user_input", {
+        session_id: `b${i % 5}`,
+        message: "go",
+        request_id: `b${i}`,
+      });
+    }
+    await broker.stop("SIGTERM");
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await broker.start();
+    await waitFor(() => service.log().includes("Reconnected"), 20_000, "the service's reconnect");
+    await waitFor(() => sent.every((id) => answers.has(id)), 30_000, "every answer");
+    await new Promise((resolve) => setTimeout(resolve, 500)); // room for a duplicate to show
+    const twice = [...answers.values()].filter((n) => n > 1).length;
+    console.log(
+      `broker restart: ${sent.length} accepted, ${answers.size} answered, ` +
+        `${sent.length - answers.size} lost, ${twice} answered twice`,
+    );
+    equal(twice, 0);
+    await device.close();
+  });
+  await Deno.remove(store, { recursive: true });
+});
