@@ -4,7 +4,7 @@
  */
 
 import assert, { equal } from "node:assert/strict";
-import { HAS_MOSQUITTO, TestClient, waitFor, withService } from "./_helpers.ts";
+import { freePort, HAS_MOSQUITTO, TestClient, waitFor, withService } from "./_helpers.ts";
 
 const test = (name: string, fn: () => Promise<void>) =>
   Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
@@ -164,4 +164,50 @@ test("the broker restarts mid-traffic: every accepted request is answered once",
     await device.close();
   });
   await Deno.remove(store, { recursive: true });
+});
+
+test("engine faults: 500s, a hang and a dropped stream each end in a clear error; no half turn is saved", async () => {
+  const httpPort = freePort();
+  await withService({
+    args: [
+      "--request-timeout=2",
+      "--engine-retries=1",
+      "--engine-wait=3",
+      `--http-port=${httpPort}`,
+      "--rate-limit=0",
+    ],
+  }, async ({ client, sim }) => {
+    const ask = async (id: string, message: string) => {
+      await client.send("maze/user_input", { session_id: "e", message, request_id: id });
+      return (await client.final("e", id, 20_000)).json!;
+    };
+    const code = (reply: Record<string, unknown>) => (reply.error as { code: string })?.code;
+    const ready = async () => {
+      const response = await fetch(`http://127.0.0.1:${httpPort}/readyz`);
+      await response.body?.cancel();
+      return response.status === 200;
+    };
+    equal((await ask("1", "first")).type, "done");
+
+    // A stream cut after two tokens: an error, and nothing of that turn is kept.
+    sim.fault = "drop";
+    equal(code(await ask("2", "dropped")), "engine_unavailable");
+    // A hang: `timeout` once --request-timeout has passed.
+    sim.fault = "hang";
+    equal(code(await ask("3", "hung")), "timeout");
+    // 500s on every endpoint: `engine_unavailable`; the circuit opens and /readyz says so.
+    sim.fault = "error";
+    for (const id of ["4", "5", "6"]) equal(code(await ask(id, "broken")), "engine_unavailable");
+    await waitFor(async () => !(await ready()), 10_000, "the circuit to open");
+    // While it is open, a request waits up to --engine-wait, then gets engine_unavailable.
+    const waited = performance.now();
+    equal(code(await ask("7", "still broken")), "engine_unavailable");
+    assert(performance.now() - waited >= 2500, "the request did not wait for the engine");
+
+    // The engine is back: the probe closes the circuit and requests flow again.
+    sim.fault = undefined;
+    await waitFor(ready, 10_000, "the circuit to close");
+    // "Turn 2": only the first turn was saved; no failed one left a half answer behind.
+    assert(/Turn 2: you said "back"/.test((await ask("8", "back")).response as string));
+  });
 });

@@ -86,8 +86,18 @@ export interface SimulatorOptions {
   readonly apiKey?: string;
 }
 
+/**
+ * A fault the simulator can be told to show, for tests of what the service
+ * does when the engine misbehaves: `error`: every endpoint answers 500 (a dead
+ * engine core); `hang`: chat requests are accepted and never answered; `drop`:
+ * streams are cut after two tokens.
+ */
+export type SimulatedFault = "error" | "hang" | "drop";
+
 /** A running simulator. */
 export interface Simulator {
+  /** The fault shown now; set it to start one, `undefined` to end it. */
+  fault: SimulatedFault | undefined;
   /** Base URL including `/v1`. */
   readonly url: string;
   readonly port: number;
@@ -216,6 +226,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
           controller.enqueue(chunk({ role: "assistant", content: "" }, null));
           if (firstTokenMs > 0) await abortableSleep(firstTokenMs, signal);
           for (let i = 0; i < tokens.length; i++) {
+            if (fault === "drop" && i === 2) throw new Error("connection dropped");
             const gap = tokenGap();
             if (i > 0 && gap > 0) await abortableSleep(gap, signal);
             controller.enqueue(chunk({ content: tokens[i] }, null));
@@ -235,8 +246,9 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
           }
           controller.enqueue(ENCODER.encode("data: [DONE]\n\n"));
           controller.close();
-        } catch {
-          // Cancelled.
+        } catch (cause) {
+          // Cancelled by the client, or a dropped connection to show.
+          if (!signal.aborted) controller.error(cause);
         } finally {
           running--;
         }
@@ -272,8 +284,22 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       { headers: { "content-type": "text/plain; version=0.0.4" } },
     );
 
+  let fault: SimulatedFault | undefined;
+  const hanging = new Set<() => void>();
+
   const handler = (request: Request): Response | Promise<Response> => {
     const { pathname } = new URL(request.url);
+    if (fault === "error" && pathname !== "/metrics") return error(500, "EngineCore died");
+    if (fault === "hang" && pathname === "/v1/chat/completions") {
+      return new Promise((resolve) => {
+        const release = () => {
+          hanging.delete(release);
+          resolve(error(503, "released"));
+        };
+        hanging.add(release);
+        request.signal.addEventListener("abort", release);
+      });
+    }
     if (pathname === "/health") return new Response(null, { status: 200 });
     if (pathname === "/metrics") return metrics();
     if (pathname === "/tokenize" && request.method === "POST") return tokenize(request);
@@ -309,7 +335,17 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       get running() {
         return running;
       },
-      close: () => server.shutdown(),
+      get fault() {
+        return fault;
+      },
+      set fault(value) {
+        fault = value;
+        if (value !== "hang") for (const release of [...hanging]) release();
+      },
+      close: () => {
+        for (const release of [...hanging]) release();
+        return server.shutdown();
+      },
     });
   });
 }
