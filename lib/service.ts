@@ -158,6 +158,7 @@ export async function startService(config: Config): Promise<Service> {
         burst: config.rateLimitBurst,
       },
       controlStore: config.controlTopics ? store : undefined,
+      answerUnknownProjects: config.answerUnknownProjects,
     });
     client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
     const online = JSON.stringify({

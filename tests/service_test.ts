@@ -408,3 +408,21 @@ test("a session over its rate gets rate_limited with a retry time; others are se
     },
   );
 });
+
+test("with --answer-unknown-projects, a project not served is answered unknown_project", async () => {
+  await withService({ args: ["--answer-unknown-projects"] }, async ({ client }) => {
+    await client.subscribe("racing/assistant_response/#");
+    await client.send("racing/user_input", { session_id: "u", message: "hi" });
+    const reply = await client.final("u");
+    equal(reply.topic, "racing/assistant_response/u");
+    equal((reply.json!.error as { code: string }).code, "unknown_project");
+    // Served projects are still answered, once.
+    await client.send("maze/user_input", { session_id: "k", message: "hi", request_id: "k1" });
+    equal((await client.final("k", "k1")).json!.type, "done");
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    equal(
+      client.received.filter((m) => m.json?.request_id === "k1" && m.json.type === "done").length,
+      1,
+    );
+  });
+});

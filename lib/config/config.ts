@@ -28,6 +28,7 @@ export interface Config {
   readonly projects: readonly string[];
   readonly promptsDir: string;
   readonly controlTopics: boolean;
+  readonly answerUnknownProjects: boolean;
 
   readonly engine: EngineMode;
   readonly engineUrl: string | undefined;
@@ -298,6 +299,7 @@ export function parseConfig(
     projects: Object.freeze([...new Set(projects)]),
     promptsDir: get("prompts-dir"),
     controlTopics: get("control-topics"),
+    answerUnknownProjects: get("answer-unknown-projects"),
     engine,
     engineUrl: engineUrl?.replace(/\/+$/, ""),
     engineApiKey: get("engine-api-key"),

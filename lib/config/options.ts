@@ -51,6 +51,14 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "Folder holding one system prompt per project (NAME.md)",
   },
   {
+    name: "answer-unknown-projects",
+    kind: "boolean",
+    default: false,
+    group: "Projects",
+    help:
+      "Also subscribe +/user_input and answer `unknown_project` for projects not served (off: several services may share a broker, each with its projects)",
+  },
+  {
     name: "control-topics",
     kind: "boolean",
     default: true,

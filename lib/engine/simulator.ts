@@ -340,7 +340,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       },
       set fault(value) {
         fault = value;
-        if (value !== "hang") for (const release of [...hanging]) release();
+        if (value !== "hang") { for (const release of [...hanging]) release(); }
       },
       close: () => {
         for (const release of [...hanging]) release();

@@ -76,6 +76,8 @@ export interface GatewayOptions {
   };
   /** The session store, for the control topics; undefined turns them off. */
   readonly controlStore: SessionStore | undefined;
+  /** Subscribe every project's input and answer `unknown_project` for those not served. */
+  readonly answerUnknownProjects: boolean;
 }
 
 const log = logger("gateway");
@@ -133,9 +135,11 @@ export class Gateway {
   /** Subscribes to every enabled project's input (and control) topics. */
   async subscribe(): Promise<void> {
     const { client, topics, qos } = this.#options;
-    const filters: string[] = [];
+    // One wildcard rather than both: overlapping filters may deliver a message twice.
+    const every = this.#options.answerUnknownProjects;
+    const filters: string[] = every ? [topics.input("+")] : [];
     for (const project of this.#prompts.keys()) {
-      filters.push(topics.input(project));
+      if (!every) filters.push(topics.input(project));
       if (this.#control) filters.push(...this.#control.filters(project));
     }
     await client.subscribeAsync(filters, { qos });
@@ -164,13 +168,15 @@ export class Gateway {
     this.#options.stats.request();
     const { project } = target;
     const { topics, limits } = this.#options;
-    if (!this.#prompts.has(project)) {
-      this.#options.stats.unaddressable("unknown_project");
-      log.warn("Request for project {project}, which is not served", { project });
-      return;
-    }
     const outcome = parseRequest(payload, project, topics.responseRoot(project), limits);
     const mqtt5 = this.#mqtt5Reply(packet);
+    if (!this.#prompts.has(project)) {
+      const error = new ServiceError("unknown_project", `project "${project}" is not served here`);
+      const address = outcome.ok ? outcome.request : outcome.address;
+      if (address) this.#fail(this.#target(project, address, mqtt5), error);
+      else this.#options.stats.unaddressable(error.code);
+      return;
+    }
     if (!outcome.ok) {
       const { error, address } = outcome;
       if (!address && !mqtt5) {
