@@ -80,13 +80,20 @@ async function engineCounters(sim: Simulator): Promise<Record<string, number>> {
   return counters;
 }
 
+/** How one request ended (`done` or the error code), and when its first delta came. */
+interface Answer {
+  done: () => void;
+  outcome: string;
+  firstDelta?: number;
+}
+
 /**
  * MQTT load generator: `connections` clients; each request waits for its own
  * `done` (or `error`) and reports when its first delta arrived.
  */
 class Load {
   readonly #clients: mqtt.MqttClient[];
-  readonly #pending = new Map<string, { done: () => void; firstDelta?: number }>();
+  readonly #pending = new Map<string, Answer>();
   readonly #subscribed = new Set<string>();
 
   private constructor(clients: mqtt.MqttClient[]) {
@@ -97,7 +104,10 @@ class Load {
         const waiting = this.#pending.get(reply.request_id);
         if (!waiting) return;
         if (reply.type === "delta") waiting.firstDelta ??= performance.now();
-        if (reply.type === "done" || reply.type === "error") waiting.done();
+        if (reply.type === "done" || reply.type === "error") {
+          waiting.outcome = reply.type === "done" ? "done" : reply.error.code;
+          waiting.done();
+        }
       });
     }
   }
@@ -119,7 +129,7 @@ class Load {
     sessionId: string,
     requestId: string,
     message: string,
-  ): Promise<{ firstDelta?: number }> {
+  ): Promise<Answer> {
     const client = this.#clients[loop % this.#clients.length];
     const topic = `general/assistant_response/${sessionId}`;
     if (!this.#subscribed.has(topic)) {
@@ -127,7 +137,8 @@ class Load {
       await client.subscribeAsync(topic, { qos: 1 });
     }
     return await new Promise((resolve) => {
-      const entry: { done: () => void; firstDelta?: number } = {
+      const entry: Answer = {
+        outcome: "",
         done: () => {
           this.#pending.delete(requestId);
           resolve(entry);
@@ -172,6 +183,9 @@ async function run(
     "--max-model-len=32768",
     `--http-port=${httpPort}`,
     `--mqtt-client-id=bench-${crypto.randomUUID()}`,
+    // The load generator sends far faster than any person: no rate limits.
+    "--rate-limit=0",
+    "--rate-limit-client=0",
     ...args,
   ]);
   const load = await Load.open(brokerUrl, connections);
@@ -220,13 +234,15 @@ for (const scenario of throughputScenarios) {
       `--max-in-flight=${Math.max(256, concurrency)}`,
     ], Math.min(concurrency, 32));
     const tag = `${concurrency}-${crypto.randomUUID().slice(0, 8)}`;
+    let bridgeErrors = 0;
     const bridge = await drive(total, concurrency, async (i, loop) => {
-      const { firstDelta } = await bench.load.ask(
+      const { firstDelta, outcome } = await bench.load.ask(
         loop,
         `s${loop}-${tag}`,
         `${tag}-${i}`,
         `hello ${i}`,
       );
+      if (outcome !== "done") bridgeErrors++;
       return firstDelta;
     });
     const memory = memoryMb(bench.service.child.pid);
@@ -252,6 +268,7 @@ for (const scenario of throughputScenarios) {
       scenario: scenario.name,
       concurrency,
       requests: total,
+      bridge_errors: bridgeErrors,
       bridge_rps: round(bridge.rps),
       direct_rps: round(direct.rps),
       throughput_ratio: round(bridge.rps / direct.rps, 3),
@@ -341,6 +358,39 @@ results.trimming = trimRows;
   results.sessions = row;
   console.log(JSON.stringify(row));
 }
+// (e): a flood 50 times the queue, against a slow engine.
+{
+  const sim = await startSimulator({ ttftMs: 200, itlMs: 5, maxModelLen: 32768 });
+  const bench = await run(broker.url, sim, [
+    "--max-queue=200",
+    "--max-in-flight=64",
+  ], 8);
+  const flood = 10_000;
+  const tag = crypto.randomUUID().slice(0, 8);
+  const outcomes: Record<string, number> = {};
+  const rejectedIn: number[] = [];
+  const started = performance.now();
+  await Promise.all(Array.from({ length: flood }, async (_, i) => {
+    const t = performance.now();
+    const { outcome } = await bench.load.ask(i, `e${i}-${tag}`, `e${i}-${tag}`, "flood");
+    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1;
+    if (outcome === "queue_full") rejectedIn.push(performance.now() - t);
+  }));
+  const memory = memoryMb(bench.service.child.pid);
+  await bench.stop();
+  const row = {
+    flood,
+    queue: 200,
+    answered: outcomes.done ?? 0,
+    queue_full: outcomes.queue_full ?? 0,
+    other: flood - (outcomes.done ?? 0) - (outcomes.queue_full ?? 0),
+    queue_full_p50_ms: round(percentile(rejectedIn, 0.5)),
+    seconds: round((performance.now() - started) / 1000),
+    service_peak_rss_mb: memory.peak,
+  };
+  results.flood = row;
+  console.log(JSON.stringify(row));
+}
 await broker.stop();
 
 console.log(
@@ -354,4 +404,6 @@ console.log("(c) trimming near the budget (target: low water beats one turn on h
 console.table(trimRows);
 console.log("(d) 10,000 live sessions (target: service RSS under 300 MB)");
 console.table([results.sessions]);
+console.log("(e) a flood 50 times the queue (queue_full quickly; accepted requests finish)");
+console.table([results.flood]);
 await Deno.writeTextFile("bench-results.json", JSON.stringify(results, null, 2));
