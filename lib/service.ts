@@ -54,7 +54,12 @@ export async function loadPrompts(config: Config): Promise<Map<string, string>> 
 /** Starts the whole service. */
 export async function startService(config: Config): Promise<Service> {
   const prompts = await loadPrompts(config);
-  const topics = new Topics(config.topicPrefix, config.serviceName);
+  const topics = new Topics(
+    config.topicPrefix,
+    config.serviceName,
+    config.shareGroup,
+    config.mqttClientId,
+  );
   const cleanup: (() => Promise<void> | void)[] = [];
   const undo = async () => {
     for (const step of cleanup.reverse()) await step();
@@ -104,7 +109,8 @@ export async function startService(config: Config): Promise<Service> {
       }
     }
 
-    const offline = JSON.stringify({ status: "offline", model: config.servedModelName });
+    const instance = config.mqttClientId;
+    const offline = JSON.stringify({ status: "offline", instance, model: config.servedModelName });
     const client = await connectMqtt({
       url: brokerUrl,
       clientId: config.mqttClientId,
@@ -163,6 +169,7 @@ export async function startService(config: Config): Promise<Service> {
     client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
     const online = JSON.stringify({
       status: "online",
+      instance,
       model: config.servedModelName,
       projects: config.projects,
       started_at: new Date().toISOString(),
@@ -188,7 +195,7 @@ export async function startService(config: Config): Promise<Service> {
     });
 
     const statsTimer = setInterval(() => {
-      const report = stats.report();
+      const report = { instance, ...stats.report() };
       log.info("Stats: {report}", { report: JSON.stringify(report) });
       client.publish(topics.stats, JSON.stringify(report), { qos: 0 });
     }, config.statsIntervalMs);

@@ -61,6 +61,8 @@ export interface Config {
   readonly mqttUrl: string | undefined;
   readonly embeddedBrokerPort: number;
   readonly mqttClientId: string;
+  /** Shared-subscription group, for several instances; undefined: one instance. */
+  readonly shareGroup: string | undefined;
   readonly mqttUsername: string | undefined;
   readonly mqttPassword: string | undefined;
   readonly mqttVersion: 4 | 5;
@@ -328,6 +330,7 @@ export function parseConfig(
     mqttUrl,
     embeddedBrokerPort: get("embedded-broker-port"),
     mqttClientId: get("mqtt-client-id"),
+    shareGroup: get("share-group"),
     mqttUsername: get("mqtt-username"),
     mqttPassword,
     mqttVersion: get<number>("mqtt-version") as 4 | 5,
@@ -364,6 +367,11 @@ export function parseConfig(
     logFormat: get("log-format"),
     warnings: Object.freeze(warnings),
   };
+  if (config.shareGroup !== undefined && !/^[^/+#\s]+$/.test(config.shareGroup)) {
+    throw new ConfigError(
+      `'--share-group' must be one topic level without / + # or spaces: current value is ${config.shareGroup}`,
+    );
+  }
   if (config.maxTokens >= config.maxModelLen) {
     throw new ConfigError(
       `'--max-tokens' must be below '--max-model-len' (${config.maxModelLen}): current value is ${config.maxTokens}`,

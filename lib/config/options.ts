@@ -301,6 +301,13 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "MQTT client id; keep it stable so the broker keeps the session across reconnects",
   },
   {
+    name: "share-group",
+    kind: "string",
+    group: "MQTT",
+    help:
+      "Shared-subscription group: instances in one group split the requests ($share/NAME/...); give each its own --mqtt-client-id",
+  },
+  {
     name: "mqtt-username",
     kind: "string",
     group: "MQTT",

@@ -142,7 +142,7 @@ export class Gateway {
       if (!every) filters.push(topics.input(project));
       if (this.#control) filters.push(...this.#control.filters(project));
     }
-    await client.subscribeAsync(filters, { qos });
+    await client.subscribeAsync(filters.map((filter) => topics.subscription(filter)), { qos });
     log.info("Subscribed to {filters}", { filters });
   }
 

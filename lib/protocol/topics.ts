@@ -12,10 +12,23 @@ export const SESSION_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
 export class Topics {
   readonly #prefix: string;
   readonly #service: string;
+  readonly #shareGroup: string | undefined;
+  readonly #instance: string | undefined;
 
-  constructor(prefix: string, serviceName: string) {
+  /**
+   * With `shareGroup`, input is subscribed as an MQTT shared subscription and
+   * the status topic is this `instance`'s own.
+   */
+  constructor(prefix: string, serviceName: string, shareGroup?: string, instance?: string) {
     this.#prefix = prefix;
     this.#service = serviceName;
+    this.#shareGroup = shareGroup;
+    this.#instance = instance;
+  }
+
+  /** The subscription for a topic filter: `$share/{group}/{filter}` within a share group. */
+  subscription(filter: string): string {
+    return this.#shareGroup === undefined ? filter : `$share/${this.#shareGroup}/${filter}`;
   }
 
   /** `{prefix}{project}/user_input`: where clients send requests. */
@@ -40,7 +53,9 @@ export class Topics {
 
   /** The retained online/offline message. */
   get status(): string {
-    return `${this.#service}/status`;
+    return this.#shareGroup === undefined
+      ? `${this.#service}/status`
+      : `${this.#service}/status/${this.#instance}`;
   }
 
   /** The periodic statistics message. */

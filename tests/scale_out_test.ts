@@ -1,0 +1,75 @@
+/**
+ * Scale-out, first part: instances in one share group split the requests of
+ * one broker and share one session store.
+ */
+
+import assert, { equal } from "node:assert/strict";
+import { startSimulator } from "../lib/engine/simulator.ts";
+import {
+  freePort,
+  HAS_MOSQUITTO,
+  startMosquitto,
+  startService,
+  TestClient,
+  waitFor,
+} from "./_helpers.ts";
+
+Deno.test({
+  name: "two instances in a share group: each request answered exactly once, both serve",
+  ignore: !HAS_MOSQUITTO,
+  fn: async () => {
+    const broker = await startMosquitto();
+    const sim = await startSimulator({ ttftMs: 20, itlMs: 1 });
+    const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+    const ports = [freePort(), freePort()];
+    const instances = await Promise.all(["a", "b"].map((name, i) =>
+      startService([
+        "--engine=url",
+        `--engine-url=${sim.url}`,
+        `--mqtt-url=${broker.url}`,
+        `--data-dir=${dataDir}`,
+        "--projects=maze",
+        "--share-group=maze-bridge",
+        `--mqtt-client-id=vllm-mqtt-${name}`,
+        `--http-port=${ports[i]}`,
+      ])
+    ));
+    const client = await TestClient.connect(broker.url);
+    try {
+      await client.subscribe(["maze/assistant_response/#", "vllm-mqtt/status/#"]);
+      const n = 20;
+      for (let i = 0; i < n; i++) {
+        await client.send("maze/user_input", {
+          session_id: `s${i}`,
+          message: "hi",
+          request_id: `r${i}`,
+        });
+      }
+      for (let i = 0; i < n; i++) equal((await client.final(`s${i}`, `r${i}`)).json!.type, "done");
+      await new Promise((resolve) => setTimeout(resolve, 300)); // room for a duplicate to show
+      const done = client.received.filter((m) => m.json?.type === "done");
+      equal(done.length, n, "a request was answered twice or not at all");
+      // mosquitto hands shared-subscription messages out in turn: both instances served.
+      const served = await Promise.all(ports.map(async (port) => {
+        const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+        return Number(metrics.match(/outcome="answered"\} (\d+)/)?.[1] ?? 0);
+      }));
+      equal(served[0] + served[1], n);
+      assert(served[0] > 0 && served[1] > 0, `one instance served all: ${served}`);
+      // Each instance keeps its own retained status.
+      await waitFor(() =>
+        ["a", "b"].every((name) =>
+          client.received.some((m) =>
+            m.topic === `vllm-mqtt/status/vllm-mqtt-${name}` && m.json?.status === "online"
+          )
+        )
+      );
+    } finally {
+      await client.close();
+      for (const instance of instances) await instance.stop();
+      await sim.close();
+      await broker.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
