@@ -10,6 +10,7 @@ import { PrefixCache } from "../lib/engine/prefix_cache.ts";
 import { stripThinking, ThinkingFilter } from "../lib/engine/thinking_filter.ts";
 import { parseRequest, type RequestLimits, ServiceError } from "../lib/protocol/mod.ts";
 import { Scheduler } from "../lib/scheduler/scheduler.ts";
+import { SessionStore } from "../lib/sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../lib/sessions/trim.ts";
 
 const config = (argv: string[], env: Record<string, string> = {}) => {
@@ -321,4 +322,34 @@ Deno.test("prefix cache: whole blocks of an unchanged prefix hit; a change early
   const small = new PrefixCache(2);
   small.lookup(turn2);
   equal(small.lookup(turn1), 0);
+});
+
+Deno.test("session store: two writers on one base both keep their turn, one after the other", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-kv-" });
+  const [a, b] = await Promise.all([
+    SessionStore.open(`${dir}/s.kv`, 60_000),
+    SessionStore.open(`${dir}/s.kv`, 60_000),
+  ]);
+  try {
+    const turn = (text: string) => [
+      { role: "user" as const, content: text, tokens: 5 },
+      { role: "assistant" as const, content: `re: ${text}`, tokens: 5 },
+    ];
+    // Both instances load the same (empty) session, then both commit.
+    const [seenByA, seenByB] = await Promise.all([a.load("p", "s"), b.load("p", "s")]);
+    await a.commitTurn("p", "s", seenByA, 0, turn("from a"));
+    await b.commitTurn("p", "s", seenByB, 0, turn("from b"));
+    const { history, meta } = await a.load("p", "s");
+    deepEqual(history.map((m) => [m.seq, m.content]), [
+      [0, "from a"],
+      [1, "re: from a"],
+      [2, "from b"],
+      [3, "re: from b"],
+    ]);
+    deepEqual([meta!.firstSeq, meta!.nextSeq], [0, 4]);
+  } finally {
+    a.close();
+    b.close();
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -43,6 +43,8 @@ export interface SessionMeta {
 export interface Session {
   readonly meta: SessionMeta | undefined;
   readonly history: readonly HistoryEntry[];
+  /** The meta record's versionstamp when loaded (null: none), checked when the turn commits. */
+  readonly versionstamp: string | null;
 }
 
 /** A live session as listed by {@linkcode SessionStore.list}. */
@@ -56,6 +58,8 @@ export interface SessionRef {
 // Deno KV allows 1000 mutations in one atomic operation; stay well below, and
 // below its 800 KB total, when refreshing a long history.
 const BATCH_MUTATIONS = 500;
+/** Tries of a turn's commit against writers that keep changing the session. */
+const COMMIT_ATTEMPTS = 5;
 const BATCH_BYTES = 512 * 1024;
 
 /** Session history on one Deno KV database. */
@@ -77,7 +81,8 @@ export class SessionStore {
   async load(project: string, sessionId: string, now = Date.now()): Promise<Session> {
     const entry = await this.#kv.get<SessionMeta>(["session", project, sessionId]);
     const meta = entry.value;
-    if (!meta || meta.expiresAt <= now) return { meta: undefined, history: [] };
+    const { versionstamp } = entry;
+    if (!meta || meta.expiresAt <= now) return { meta: undefined, history: [], versionstamp };
     const history: HistoryEntry[] = [];
     const prefix = ["message", project, sessionId];
     const list = this.#kv.list<StoredMessage>({
@@ -87,13 +92,16 @@ export class SessionStore {
     for await (const { key, value } of list) {
       history.push({ ...value, seq: key[3] as number });
     }
-    return { meta, history };
+    return { meta, history, versionstamp };
   }
 
   /**
    * Commits a turn: keeps `history.slice(drop)`, appends `added`, and refreshes
-   * the expiry of everything kept. The meta record is written last, so the
-   * turn appears whole or not at all.
+   * the expiry of everything kept. The new messages and the meta record are
+   * written in one atomic operation checked against the versionstamp the
+   * session was loaded with, so the turn appears whole or not at all, and two
+   * instances never both append on the same base: the one that loses reloads
+   * and appends after the other's turn.
    */
   async commitTurn(
     project: string,
@@ -104,28 +112,38 @@ export class SessionStore {
     now = Date.now(),
   ): Promise<void> {
     const expireIn = this.#ttlMs;
-    const base = session.meta?.nextSeq ?? 0;
-    const kept = session.history.slice(drop);
-    const writes: [Deno.KvKey, StoredMessage][] = [
-      ...kept.map(({ seq, ...message }): [Deno.KvKey, StoredMessage] => [
-        ["message", project, sessionId, seq],
-        message,
-      ]),
-      ...added.map((message, i): [Deno.KvKey, StoredMessage] => [
-        ["message", project, sessionId, base + i],
-        message,
-      ]),
-    ];
-    await this.#writeBatches(writes, expireIn);
-    const meta: SessionMeta = {
-      firstSeq: kept[0]?.seq ?? base,
-      nextSeq: base + added.length,
-      lastActive: now,
-      expiresAt: now + expireIn,
-      ...(session.meta?.systemPrompt !== undefined && { systemPrompt: session.meta.systemPrompt }),
-    };
-    await this.#kv.set(["session", project, sessionId], meta, { expireIn });
-    await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
+    const metaKey = ["session", project, sessionId];
+    for (let attempt = 0; attempt < COMMIT_ATTEMPTS; attempt++) {
+      const base = session.meta?.nextSeq ?? 0;
+      const kept = session.history.slice(drop);
+      // Kept messages only get their expiry refreshed: rewriting them is harmless even if this
+      // attempt loses.
+      await this.#writeBatches(
+        kept.map(({ seq, ...message }) => [["message", project, sessionId, seq], message]),
+        expireIn,
+      );
+      const meta: SessionMeta = {
+        firstSeq: kept[0]?.seq ?? base,
+        nextSeq: base + added.length,
+        lastActive: now,
+        expiresAt: now + expireIn,
+        ...(session.meta?.systemPrompt !== undefined &&
+          { systemPrompt: session.meta.systemPrompt }),
+      };
+      const op = this.#kv.atomic().check({ key: metaKey, versionstamp: session.versionstamp });
+      added.forEach((message, i) =>
+        op.set(["message", project, sessionId, base + i], message, { expireIn })
+      );
+      op.set(metaKey, meta, { expireIn });
+      if ((await op.commit()).ok) {
+        await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
+        return;
+      }
+      // Another writer (another instance, a control command) changed the session first.
+      session = await this.load(project, sessionId, now);
+      drop = 0;
+    }
+    throw new Error(`session store: ${project}/${sessionId} kept changing under this turn`);
   }
 
   /** Forgets a session's history; keeps a per-session system prompt unless `deleteSession`. */
