@@ -91,7 +91,8 @@ test("10,000 random and mutated payloads: every valid request is still answered"
             message: `turn ${i}`,
             request_id: `v${i}`,
           });
-          equal((await client.final("steady", `v${i}`, 60_000)).json!.type, "done");
+          const reply = (await client.final("steady", `v${i}`, 60_000)).json!;
+          equal(reply.type, "done", JSON.stringify(reply));
           valid++;
         }
       })();

@@ -58,8 +58,8 @@ export interface SessionRef {
 // Deno KV allows 1000 mutations in one atomic operation; stay well below, and
 // below its 800 KB total, when refreshing a long history.
 const BATCH_MUTATIONS = 500;
-/** Tries of a turn's commit against writers that keep changing the session. */
-const COMMIT_ATTEMPTS = 5;
+/** Tries of a turn's commit against writers that keep changing or locking the session. */
+const COMMIT_ATTEMPTS = 20;
 const BATCH_BYTES = 512 * 1024;
 
 /** Session history on one Deno KV database. */
@@ -135,7 +135,9 @@ export class SessionStore {
         op.set(["message", project, sessionId, base + i], message, { expireIn })
       );
       op.set(metaKey, meta, { expireIn });
-      if ((await op.commit()).ok) {
+      const committed = await commitUnlessBusy(op);
+      if (committed === "busy") continue;
+      if (committed.ok) {
         await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
         return;
       }
@@ -249,6 +251,23 @@ export class SessionStore {
       }
     }
     if (count > 0) await commitOrThrow(op);
+  }
+}
+
+/**
+ * Commits, or says "busy" when SQLite refused the lock: a checked write reads
+ * inside its transaction, and SQLite answers a read lock's upgrade under
+ * contention with "database is locked" at once rather than waiting.
+ */
+async function commitUnlessBusy(
+  op: Deno.AtomicOperation,
+): Promise<Deno.KvCommitResult | Deno.KvCommitError | "busy"> {
+  try {
+    return await op.commit();
+  } catch (error) {
+    if (!/database is locked/i.test((error as Error).message)) throw error;
+    await new Promise((resolve) => setTimeout(resolve, 1 + Math.random() * 10));
+    return "busy";
   }
 }
 
