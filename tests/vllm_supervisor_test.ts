@@ -153,9 +153,10 @@ test("managed vLLM: a crash is followed by a restart, and answers resume", async
     }
     assert(answered, "no answer after the restart");
     match(service.log(), /vllm is ready/);
-    // The restart and its cause are in the statistics.
+    // The restart and its cause are in the statistics (the stand-in may have crashed again
+    // after answering, so at least one).
     const metrics = await (await fetch(`http://127.0.0.1:${httpPort}/metrics`)).text();
-    match(metrics, /^vllm_mqtt_engine_restarts_total\{cause="exit_\d+"\} 1$/m);
+    match(metrics, /^vllm_mqtt_engine_restarts_total\{cause="exit_\d+"\} [1-9]\d*$/m);
   } finally {
     await client.close();
     const code = await service.stop();
