@@ -16,6 +16,7 @@ import { logger } from "./log.ts";
 import { connectMqtt, redact } from "./mqtt/connect.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
+import { SessionLeases } from "./sessions/session_lease.ts";
 import { SessionStore } from "./sessions/session_store.ts";
 import { serveHttpEndpoint } from "./observability/http_endpoint.ts";
 import { Stats } from "./observability/stats.ts";
@@ -77,6 +78,10 @@ export async function startService(config: Config): Promise<Service> {
     const kvPath = join(config.dataDir, "sessions.kv");
     const store = await SessionStore.open(kvPath, config.sessionTtlMs);
     cleanup.push(() => store.close());
+    const leases = config.shareGroup === undefined
+      ? undefined
+      : await SessionLeases.open(kvPath, { owner: config.mqttClientId });
+    if (leases) cleanup.push(() => leases.close());
 
     const pool = await WorkerPool.start(config.workers, {
       endpoint: engine.endpoint,
@@ -165,6 +170,7 @@ export async function startService(config: Config): Promise<Service> {
       },
       controlStore: config.controlTopics ? store : undefined,
       answerUnknownProjects: config.answerUnknownProjects,
+      leases,
     });
     client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
     const online = JSON.stringify({

@@ -15,6 +15,61 @@ import {
 } from "./_helpers.ts";
 
 Deno.test({
+  name: "two instances: quick turns of one session never run at once (the session lease)",
+  ignore: !HAS_MOSQUITTO,
+  fn: async () => {
+    const broker = await startMosquitto();
+    const sim = await startSimulator({ ttftMs: 30, itlMs: 1 });
+    const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+    const instances = await Promise.all(["a", "b"].map((name) =>
+      startService([
+        "--engine=url",
+        `--engine-url=${sim.url}`,
+        `--mqtt-url=${broker.url}`,
+        `--data-dir=${dataDir}`,
+        "--projects=maze",
+        "--share-group=maze-bridge",
+        `--mqtt-client-id=vllm-mqtt-${name}`,
+        "--rate-limit=0",
+      ])
+    ));
+    const client = await TestClient.connect(broker.url);
+    try {
+      await client.subscribe("maze/assistant_response/#");
+      // Odd, so that the broker's round robin sends a session's turns to both instances.
+      const sessions = 5;
+      const turns = 4;
+      // Every turn of every session sent at once: the broker spreads them over both instances.
+      for (let t = 1; t <= turns; t++) {
+        for (let s = 0; s < sessions; s++) {
+          await client.send("maze/user_input", {
+            session_id: `q${s}`,
+            message: `turn ${t}`,
+            request_id: `q${s}-${t}`,
+          });
+        }
+      }
+      for (let s = 0; s < sessions; s++) {
+        const seen = new Set<number>();
+        for (let t = 1; t <= turns; t++) {
+          const reply = await client.final(`q${s}`, `q${s}-${t}`, 30_000);
+          const n = Number((reply.json!.response as string).match(/Turn (\d+)/)?.[1]);
+          seen.add(n);
+        }
+        // Each turn saw every turn before it: no two ran on the same history.
+        equal([...seen].sort().join(","), "1,2,3,4", `session q${s}`);
+      }
+    } finally {
+      await client.close();
+      for (const instance of instances) await instance.stop();
+      await sim.close();
+      await broker.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
   name: "two instances in a share group: each request answered exactly once, both serve",
   ignore: !HAS_MOSQUITTO,
   fn: async () => {

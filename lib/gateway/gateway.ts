@@ -21,6 +21,7 @@ import {
 } from "../protocol/mod.ts";
 import { Scheduler } from "../scheduler/scheduler.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
+import type { SessionLeases } from "../sessions/session_lease.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { Stats } from "../observability/stats.ts";
@@ -76,6 +77,8 @@ export interface GatewayOptions {
   };
   /** The session store, for the control topics; undefined turns them off. */
   readonly controlStore: SessionStore | undefined;
+  /** Per-session leases shared with other instances (a share group); undefined: one instance. */
+  readonly leases: SessionLeases | undefined;
   /** Subscribe every project's input and answer `unknown_project` for those not served. */
   readonly answerUnknownProjects: boolean;
 }
@@ -277,9 +280,12 @@ export class Gateway {
     const onAbort = () => this.#options.pool.cancel(job.id, signal.reason);
     signal.addEventListener("abort", onAbort, { once: true });
     const prompt = request.systemPrompt ?? this.#prompts.get(request.project)!;
-    const { engineHealth, engineWaitMs } = this.#options;
+    const { engineHealth, engineWaitMs, leases } = this.#options;
+    let release: (() => void) | undefined;
     try {
       await this.#options.directory.settled(request.project, request.sessionId);
+      // Another instance may be running a turn of this session: wait for it.
+      release = await leases?.acquire(request.project, request.sessionId, signal);
       await engineHealth.ready(engineWaitMs, signal);
       const result = await this.#options.pool.run({
         id: job.id,
@@ -321,6 +327,7 @@ export class Gateway {
       if (failure.code === "engine_unavailable") engineHealth.failed();
       this.#fail(target, failure, job);
     } finally {
+      release?.();
       signal.removeEventListener("abort", onAbort);
     }
   }
