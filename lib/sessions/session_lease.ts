@@ -8,6 +8,7 @@
  */
 
 import { abortableSleep } from "../_util.ts";
+import { commitUnlessBusy } from "./_util.ts";
 
 interface Lease {
   /** `{instance}/{uuid}`: the instance and the turn holding it. */
@@ -85,28 +86,20 @@ export class SessionLeases {
     const entry = await this.#kv.get<Lease>(key);
     const lease = entry.value;
     if (lease && lease.holder !== holder && lease.until > now) return false;
-    try {
-      const result = await this.#kv.atomic()
+    const result = await commitUnlessBusy(
+      this.#kv.atomic()
         .check(entry)
-        .set(key, { holder, until: now + this.#ttlMs }, { expireIn: this.#ttlMs })
-        .commit();
-      return result.ok;
-    } catch (error) {
-      // SQLite refuses a contended lock upgrade at once: another writer is busy; try again.
-      if (/database is locked/i.test((error as Error).message)) return false;
-      throw error;
-    }
+        .set(key, { holder, until: now + this.#ttlMs }, { expireIn: this.#ttlMs }),
+    );
+    return result !== "busy" && result.ok;
   }
 
   async #release(key: Deno.KvKey, holder: string): Promise<void> {
     for (let attempt = 0; attempt < 20; attempt++) {
       const entry = await this.#kv.get<Lease>(key);
       if (entry.value?.holder !== holder) return;
-      try {
-        if ((await this.#kv.atomic().check(entry).delete(key).commit()).ok) return;
-      } catch (error) {
-        if (!/database is locked/i.test((error as Error).message)) throw error;
-      }
+      const result = await commitUnlessBusy(this.#kv.atomic().check(entry).delete(key));
+      if (result !== "busy" && result.ok) return;
       await abortableSleep(1 + Math.random() * 10);
     }
   }

@@ -14,6 +14,9 @@
  * @module
  */
 
+import { abortableSleep } from "../_util.ts";
+import { commitUnlessBusy } from "./_util.ts";
+
 /** One message of a session's history. */
 export interface StoredMessage {
   readonly role: "user" | "assistant";
@@ -136,7 +139,10 @@ export class SessionStore {
       );
       op.set(metaKey, meta, { expireIn });
       const committed = await commitUnlessBusy(op);
-      if (committed === "busy") continue;
+      if (committed === "busy") {
+        await abortableSleep(1 + Math.random() * 10);
+        continue;
+      }
       if (committed.ok) {
         await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
         return;
@@ -251,23 +257,6 @@ export class SessionStore {
       }
     }
     if (count > 0) await commitOrThrow(op);
-  }
-}
-
-/**
- * Commits, or says "busy" when SQLite refused the lock: a checked write reads
- * inside its transaction, and SQLite answers a read lock's upgrade under
- * contention with "database is locked" at once rather than waiting.
- */
-async function commitUnlessBusy(
-  op: Deno.AtomicOperation,
-): Promise<Deno.KvCommitResult | Deno.KvCommitError | "busy"> {
-  try {
-    return await op.commit();
-  } catch (error) {
-    if (!/database is locked/i.test((error as Error).message)) throw error;
-    await new Promise((resolve) => setTimeout(resolve, 1 + Math.random() * 10));
-    return "busy";
   }
 }
 
