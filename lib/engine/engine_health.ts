@@ -153,18 +153,29 @@ export class EngineHealth {
     }
   }
 
-  async #probe(): Promise<boolean> {
+  #probe(): Promise<boolean> {
     const { probeUrl, apiKey } = this.#options;
-    try {
-      const response = await fetch(probeUrl, {
-        headers: apiKey ? { authorization: `Bearer ${apiKey}` } : {},
-        signal: AbortSignal.any([AbortSignal.timeout(5000), this.#stop.signal]),
-      });
-      await response.body?.cancel();
-      return response.ok;
-    } catch {
-      return false;
-    }
+    return probe(probeUrl, {
+      apiKey,
+      signal: AbortSignal.any([AbortSignal.timeout(5000), this.#stop.signal]),
+    });
+  }
+}
+
+/** Whether GET `url` answers 2xx before `signal` aborts; never throws. */
+export async function probe(
+  url: string,
+  options: { apiKey?: string; signal: AbortSignal },
+): Promise<boolean> {
+  try {
+    const response = await fetch(url, {
+      headers: options.apiKey ? { authorization: `Bearer ${options.apiKey}` } : {},
+      signal: options.signal,
+    });
+    await response.body?.cancel();
+    return response.ok;
+  } catch {
+    return false;
   }
 }
 

@@ -11,6 +11,7 @@ import { abortableSleep } from "../_util.ts";
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
 import type { EngineEndpoint } from "./engine_client.ts";
+import { probe } from "./engine_health.ts";
 import type { RunningEngine } from "./start_engine.ts";
 
 /** Raised when vLLM cannot be started at all. */
@@ -127,7 +128,7 @@ class VllmSupervisor implements RunningEngine {
         );
       }
       if (this.#stopping.signal.aborted) throw new EngineStartError("stopped during start-up");
-      if (await healthy(baseUrl)) break;
+      if (await probe(`${baseUrl}/health`, { signal: AbortSignal.timeout(2000) })) break;
       if (Date.now() > deadline) {
         await this.#stopChild(child);
         throw new EngineStartError(
@@ -275,16 +276,6 @@ function signalGroup(pid: number, signal: Deno.Signal): void {
     log.error("Cannot signal vllm's process group ({message}); grant --allow-run=vllm,kill", {
       message: (error as Error).message,
     });
-  }
-}
-
-async function healthy(baseUrl: string): Promise<boolean> {
-  try {
-    const response = await fetch(`${baseUrl}/health`, { signal: AbortSignal.timeout(2000) });
-    await response.body?.cancel();
-    return response.ok;
-  } catch {
-    return false;
   }
 }
 
