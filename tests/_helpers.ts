@@ -64,6 +64,11 @@ export interface Mosquitto {
   start(): Promise<void>;
 }
 
+/** A test that needs mosquitto: reported as ignored where it is not installed. */
+export function mosquittoTest(name: string, fn: () => Promise<void>): void {
+  Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
+}
+
 /**
  * Starts mosquitto on a free port with `set_tcp_nodelay true` (Nagle costs
  * ~40 ms per small message on loopback) and any extra configuration lines.

@@ -6,10 +6,7 @@
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { OVERLOADED_TEXT } from "../lib/protocol/reply.ts";
-import { HAS_MOSQUITTO, TestClient, withService } from "./_helpers.ts";
-
-const test = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
+import { mosquittoTest as test, TestClient, withService } from "./_helpers.ts";
 
 /** The original game clients: QoS 0 subscription, plain text in order of arrival. */
 async function gameClient(url: string, topic: string): Promise<TestClient> {

@@ -4,10 +4,7 @@
  */
 
 import assert, { equal } from "node:assert/strict";
-import { freePort, HAS_MOSQUITTO, TestClient, waitFor, withService } from "./_helpers.ts";
-
-const test = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
+import { freePort, mosquittoTest as test, TestClient, waitFor, withService } from "./_helpers.ts";
 
 /** A small seeded generator (mulberry32), so a failing run can be replayed. */
 function random(seed: number): () => number {

@@ -7,15 +7,12 @@ import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   freePort,
-  HAS_MOSQUITTO,
+  mosquittoTest as test,
   startService,
   TestClient,
   waitFor,
   withService,
 } from "./_helpers.ts";
-
-const test = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
 
 test("an answer streams to the session's topic and reflects the project's prompt", async () => {
   await withService({}, async ({ client, sim }) => {

@@ -7,17 +7,14 @@ import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   freePort,
-  HAS_MOSQUITTO,
   type Mosquitto,
+  mosquittoTest as test,
   ROOT,
   startMosquitto,
   startService,
   TestClient,
   waitFor,
 } from "./_helpers.ts";
-
-const test = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, ignore: !HAS_MOSQUITTO, fn });
 
 /** A folder holding an executable `vllm` that runs the stand-in. */
 async function standInPath(): Promise<string> {
