@@ -173,13 +173,14 @@ export async function startService(config: Config): Promise<Service> {
       leases,
     });
     client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
-    const online = JSON.stringify({
+    const onlineStatus = {
       status: "online",
       instance,
       model: config.servedModelName,
       projects: config.projects,
       started_at: new Date().toISOString(),
-    });
+    };
+    const online = JSON.stringify(onlineStatus);
     // The status also goes to a file, for container health checks that speak no MQTT.
     const statusFile = join(config.dataDir, "status.json");
     const announce = () => {
@@ -216,7 +217,7 @@ export async function startService(config: Config): Promise<Service> {
         },
         metrics: () => stats.prometheus(),
         status: () => ({
-          ...JSON.parse(online),
+          ...onlineStatus,
           broker: { url: redact(brokerUrl), connected: client.connected },
           engine: { mode: config.engine, state: engineHealth.state, restarts: engine.restarts },
           queued: gateway.queued,
