@@ -16,8 +16,8 @@ import { logger } from "./log.ts";
 import { connectMqtt, redact } from "./mqtt/connect.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
-import { SessionLeases } from "./sessions/session_lease.ts";
 import { SessionStore } from "./sessions/session_store.ts";
+import { TurnOrder } from "./sessions/turn_order.ts";
 import { serveHttpEndpoint } from "./observability/http_endpoint.ts";
 import { Stats } from "./observability/stats.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
@@ -75,13 +75,16 @@ export async function startService(config: Config): Promise<Service> {
     cleanup.push(() => engineHealth.close());
 
     await Deno.mkdir(config.dataDir, { recursive: true });
-    const kvPath = join(config.dataDir, "sessions.kv");
+    const kvPath = config.kvUrl ?? join(config.dataDir, "sessions.kv");
     const store = await SessionStore.open(kvPath, config.sessionTtlMs);
     cleanup.push(() => store.close());
-    const leases = config.shareGroup === undefined
-      ? undefined
-      : await SessionLeases.open(kvPath, { owner: config.mqttClientId });
-    if (leases) cleanup.push(() => leases.close());
+    if (config.kvUrl !== undefined) await checkRemoteStore(store, config.kvUrl);
+    const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
+      instance: config.mqttClientId,
+      instanceTimeoutMs: config.instanceTimeoutMs,
+      keepMs: config.sessionTtlMs,
+    });
+    if (turnOrder) cleanup.push(() => turnOrder.close());
 
     const pool = await WorkerPool.start(config.workers, {
       endpoint: engine.endpoint,
@@ -170,7 +173,7 @@ export async function startService(config: Config): Promise<Service> {
       },
       controlStore: config.controlTopics ? store : undefined,
       answerUnknownProjects: config.answerUnknownProjects,
-      leases,
+      turnOrder,
     });
     client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
     const onlineStatus = {
@@ -247,5 +250,21 @@ export async function startService(config: Config): Promise<Service> {
   } catch (error) {
     await undo();
     throw error;
+  }
+}
+
+/**
+ * Reads from the remote store once, so that a wrong URL or token stops the
+ * start-up with its reason instead of failing every request.
+ */
+async function checkRemoteStore(store: SessionStore, url: string): Promise<void> {
+  try {
+    await store.load("_", "_");
+  } catch (error) {
+    throw new ConfigError(
+      `'--kv-url' ${url} cannot be used (is DENO_KV_ACCESS_TOKEN set, and --allow-net given for its host?): ${
+        (error as Error).message
+      }`,
+    );
   }
 }

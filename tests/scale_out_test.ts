@@ -90,7 +90,10 @@ test("two instances in a share group: each request answered exactly once, both s
         request_id: `r${i}`,
       });
     }
-    for (let i = 0; i < n; i++) equal((await client.final(`s${i}`, `r${i}`)).json!.type, "done");
+    for (let i = 0; i < n; i++) {
+      const reply = await client.final(`s${i}`, `r${i}`);
+      equal(reply.json!.type, "done", JSON.stringify(reply.json));
+    }
     await new Promise((resolve) => setTimeout(resolve, 300)); // room for a duplicate to show
     const done = client.received.filter((m) => m.json?.type === "done");
     equal(done.length, n, "a request was answered twice or not at all");

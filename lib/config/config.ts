@@ -63,6 +63,8 @@ export interface Config {
   readonly mqttClientId: string;
   /** Shared-subscription group, for several instances; undefined: one instance. */
   readonly shareGroup: string | undefined;
+  /** With `shareGroup`: milliseconds without a heartbeat before an instance counts as gone. */
+  readonly instanceTimeoutMs: number;
   readonly mqttUsername: string | undefined;
   readonly mqttPassword: string | undefined;
   readonly mqttVersion: 4 | 5;
@@ -87,6 +89,8 @@ export interface Config {
   readonly rateLimitBurst: number;
 
   readonly dataDir: string;
+  /** A remote Deno KV (KV Connect) holding the sessions instead of `{dataDir}/sessions.kv`. */
+  readonly kvUrl: string | undefined;
   readonly sessionTtlMs: number;
   readonly maxSessions: number;
   readonly maxHistoryTokens: number;
@@ -331,6 +335,7 @@ export function parseConfig(
     embeddedBrokerPort: get("embedded-broker-port"),
     mqttClientId: get("mqtt-client-id"),
     shareGroup: get("share-group"),
+    instanceTimeoutMs: get<number>("instance-timeout") * 1000,
     mqttUsername: get("mqtt-username"),
     mqttPassword,
     mqttVersion: get<number>("mqtt-version") as 4 | 5,
@@ -351,6 +356,7 @@ export function parseConfig(
     rateLimitClient: get("rate-limit-client"),
     rateLimitBurst: get("rate-limit-burst"),
     dataDir: get("data-dir"),
+    kvUrl: get("kv-url"),
     sessionTtlMs: get<number>("session-ttl") * 1000,
     maxSessions: get("max-sessions"),
     maxHistoryTokens: get("max-history-tokens"),
@@ -370,6 +376,11 @@ export function parseConfig(
   if (config.shareGroup !== undefined && !/^[^/+#\s]+$/.test(config.shareGroup)) {
     throw new ConfigError(
       `'--share-group' must be one topic level without / + # or spaces: current value is ${config.shareGroup}`,
+    );
+  }
+  if (config.kvUrl !== undefined && !/^https?:\/\/[^/]/.test(config.kvUrl)) {
+    throw new ConfigError(
+      `'--kv-url' must be an http(s) URL of a KV Connect server: current value is ${config.kvUrl}`,
     );
   }
   if (config.maxTokens >= config.maxModelLen) {

@@ -308,6 +308,15 @@ export const OPTIONS: readonly OptionSpec[] = [
       "Shared-subscription group: instances in one group split the requests ($share/NAME/...); give each its own --mqtt-client-id",
   },
   {
+    name: "instance-timeout",
+    kind: "number",
+    default: 10,
+    min: 1,
+    group: "MQTT",
+    help:
+      "With --share-group: seconds without a heartbeat after which an instance counts as gone, so the turns it held stop holding up their sessions",
+  },
+  {
     name: "mqtt-username",
     kind: "string",
     group: "MQTT",
@@ -468,6 +477,13 @@ export const OPTIONS: readonly OptionSpec[] = [
     default: "./data",
     group: "Sessions",
     help: "Where the session store (sessions.kv) lives",
+  },
+  {
+    name: "kv-url",
+    kind: "string",
+    group: "Sessions",
+    help:
+      "A remote session store instead (a denokv server's URL; its token in DENO_KV_ACCESS_TOKEN), shared by instances on several hosts",
   },
   {
     name: "session-ttl",

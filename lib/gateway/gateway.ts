@@ -21,8 +21,8 @@ import {
 } from "../protocol/mod.ts";
 import { Scheduler } from "../scheduler/scheduler.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
-import type { SessionLeases } from "../sessions/session_lease.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
+import type { TurnOrder, TurnTicket } from "../sessions/turn_order.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { WorkerPool } from "../workers/worker_pool.ts";
@@ -50,6 +50,8 @@ interface Job {
   readonly target: ReplyTarget;
   readonly receivedAt: number;
   readonly dedupKey: string | undefined;
+  /** Its place in the session's line across instances (a share group). */
+  ticket?: TurnTicket;
 }
 
 /** What the gateway is built from. */
@@ -77,8 +79,8 @@ export interface GatewayOptions {
   };
   /** The session store, for the control topics; undefined turns them off. */
   readonly controlStore: SessionStore | undefined;
-  /** Per-session leases shared with other instances (a share group); undefined: one instance. */
-  readonly leases: SessionLeases | undefined;
+  /** The order of a session's turns across instances (a share group); undefined: one instance. */
+  readonly turnOrder: TurnOrder | undefined;
   /** Subscribe every project's input and answer `unknown_project` for those not served. */
   readonly answerUnknownProjects: boolean;
 }
@@ -95,6 +97,8 @@ export class Gateway {
   /** Project prompts, replaceable at run time through the `template` control topic. */
   readonly #prompts: Map<string, string>;
   readonly #control: ControlTopics | undefined;
+  /** Requests waiting for their session's earlier turns on other instances, before the queue. */
+  readonly #inLine = new Map<Job, AbortController>();
   #nextId = 1;
   #accepting = true;
 
@@ -132,7 +136,9 @@ export class Gateway {
 
   /** Whether a session has a request queued or running. */
   isBusy(project: string, sessionId: string): boolean {
-    return this.#scheduler.hasSession(sessionKey(project, sessionId));
+    const key = sessionKey(project, sessionId);
+    return this.#scheduler.hasSession(key) ||
+      [...this.#inLine.keys()].some((job) => job.sessionKey === key);
   }
 
   /** Subscribes to every enabled project's input (and control) topics. */
@@ -214,6 +220,9 @@ export class Gateway {
       for (const job of this.#scheduler.cancel(key, reason, matches)) {
         this.#fail(job.target, reason, job);
       }
+      for (const [job, line] of this.#inLine) {
+        if (job.sessionKey === key && matches(job)) line.abort(reason);
+      }
       if (request.message === undefined && !request.reset) return;
     }
 
@@ -246,11 +255,42 @@ export class Gateway {
       receivedAt: performance.now(),
       dedupKey,
     };
+    if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
+    else this.#submit(job);
+  }
+
+  #submit(job: Job): void {
     try {
       this.#scheduler.submit(job);
     } catch (error) {
-      this.#fail(reply, error as ServiceError, job);
+      this.#fail(job.target, error as ServiceError, job);
     }
+  }
+
+  /**
+   * Takes the job's ticket at once, so that its place is the order it arrived
+   * in, and queues it when the session's earlier turns on other instances are
+   * done. Waiting jobs count against the queue's bound but hold no in-flight
+   * slot: two instances waiting on each other's queued turns cannot deadlock.
+   */
+  async #waitInLine(job: Job, order: TurnOrder): Promise<void> {
+    const { maxQueue } = this.#options;
+    if (this.#inLine.size + this.#scheduler.queued >= maxQueue) {
+      this.#submit(job); // refused with the scheduler's own queue_full
+      return;
+    }
+    const line = new AbortController();
+    this.#inLine.set(job, line);
+    try {
+      job.ticket = await order.take(job.request.project, job.request.sessionId);
+      await job.ticket.turn(line.signal);
+    } catch (error) {
+      this.#fail(job.target, asServiceError(error), job);
+      return;
+    } finally {
+      this.#inLine.delete(job);
+    }
+    this.#submit(job);
   }
 
   /**
@@ -259,6 +299,10 @@ export class Gateway {
    */
   async drain(timeoutMs: number): Promise<void> {
     this.stopAccepting();
+    const leaving = new ServiceError("cancelled", "the service is shutting down", {
+      retryAfterMs: 5000,
+    });
+    for (const line of this.#inLine.values()) line.abort(leaving);
     let timer: ReturnType<typeof setTimeout> | undefined;
     const timedOut = new Promise<"timeout">((resolve) => {
       timer = setTimeout(() => resolve("timeout"), timeoutMs);
@@ -266,11 +310,8 @@ export class Gateway {
     const outcome = await Promise.race([this.#scheduler.idle(), timedOut]);
     clearTimeout(timer);
     if (outcome !== "timeout") return;
-    const reason = new ServiceError("cancelled", "the service is shutting down", {
-      retryAfterMs: 5000,
-    });
-    for (const job of this.#scheduler.drainQueue()) this.#fail(job.target, reason, job);
-    this.#scheduler.abortRunning(reason);
+    for (const job of this.#scheduler.drainQueue()) this.#fail(job.target, leaving, job);
+    this.#scheduler.abortRunning(leaving);
     await this.#scheduler.idle();
   }
 
@@ -280,12 +321,9 @@ export class Gateway {
     const onAbort = () => this.#options.pool.cancel(job.id, signal.reason);
     signal.addEventListener("abort", onAbort, { once: true });
     const prompt = request.systemPrompt ?? this.#prompts.get(request.project)!;
-    const { engineHealth, engineWaitMs, leases } = this.#options;
-    let release: (() => void) | undefined;
+    const { engineHealth, engineWaitMs } = this.#options;
     try {
       await this.#options.directory.settled(request.project, request.sessionId);
-      // Another instance may be running a turn of this session: wait for it.
-      release = await leases?.acquire(request.project, request.sessionId, signal);
       await engineHealth.ready(engineWaitMs, signal);
       const result = await this.#options.pool.run({
         id: job.id,
@@ -321,19 +359,19 @@ export class Gateway {
       this.#options.directory.touch(request.project, request.sessionId);
       this.#options.stats.answered(request.project, timing, result.usage);
     } catch (error) {
-      const failure = error instanceof ServiceError
-        ? error
-        : new ServiceError("internal", String(error));
+      const failure = asServiceError(error);
       if (failure.code === "engine_unavailable") engineHealth.failed();
       this.#fail(target, failure, job);
     } finally {
-      release?.();
+      // The next turn of the session, on any instance, may start once this one is saved.
+      await this.#finishTurn(job);
       signal.removeEventListener("abort", onAbort);
     }
   }
 
   #fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
     if (job?.dedupKey) this.#recent.forget(job.dedupKey);
+    if (job) this.#finishTurn(job);
     this.#options.stats.error(target.project, error.code);
     if (error.code === "internal") {
       log.error("Request failed: {message}", { message: error.message });
@@ -346,6 +384,18 @@ export class Gateway {
         ...(error.retryAfterMs !== undefined && { retry_after_ms: error.retryAfterMs }),
       },
     });
+  }
+
+  /** Lets the session's next turn start, on any instance (once per job, however often called). */
+  async #finishTurn(job: Job): Promise<void> {
+    try {
+      await job.ticket?.finish();
+    } catch (error) {
+      log.error("Turn of {session} not marked finished; its later turns wait: {message}", {
+        session: job.sessionKey,
+        message: String(error),
+      });
+    }
   }
 
   #publish(target: ReplyTarget, body: ReplyBody): void {
@@ -402,4 +452,8 @@ export class Gateway {
 
 function sessionKey(project: string, sessionId: string): string {
   return `${project}/${sessionId}`;
+}
+
+function asServiceError(error: unknown): ServiceError {
+  return error instanceof ServiceError ? error : new ServiceError("internal", String(error));
 }
