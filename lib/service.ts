@@ -81,6 +81,7 @@ export async function startService(config: Config): Promise<Service> {
     if (config.kvUrl !== undefined) await checkRemoteStore(store, config.kvUrl);
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
+      windowMs: config.orderWindowMs,
       instanceTimeoutMs: config.instanceTimeoutMs,
       keepMs: config.sessionTtlMs,
     });

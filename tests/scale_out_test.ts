@@ -1,31 +1,44 @@
 /**
- * Scale-out: instances in one share group split the requests of one broker,
- * share one session store, and never run two turns of one session at once.
+ * Scale-out: three instances in one share group split the requests of one
+ * broker, share one session store, and run a session's turns one at a time in
+ * the order they were sent, also when one of them is killed.
  */
 
-import assert, { equal } from "node:assert/strict";
+import assert, { deepEqual, equal } from "node:assert/strict";
+import { join } from "node:path";
 import { startSimulator } from "../lib/engine/simulator.ts";
+import { SessionStore } from "../lib/sessions/session_store.ts";
 import {
   freePort,
   mosquittoTest as test,
+  type ServiceProcess,
   startMosquitto,
   startService,
   TestClient,
   waitFor,
 } from "./_helpers.ts";
 
+const GAP_MS = Number(Deno.env.get("GAP") ?? 25);
+
+interface Instances {
+  readonly client: TestClient;
+  readonly instances: ServiceProcess[];
+  /** The user messages of a session's stored history, in order. */
+  readonly history: (sessionId: string) => Promise<string[]>;
+}
+
 /**
- * Runs `fn` against instances `a` and `b` of one share group, on one broker,
- * one simulated engine (first token after `ttftMs`) and one data directory.
+ * Runs `fn` against three instances of one share group, on one broker, one
+ * simulated engine (first token after `ttftMs`) and one data directory.
  */
 async function withInstances(
-  options: { ttftMs: number; args: (index: number) => string[] },
-  fn: (client: TestClient) => Promise<void>,
+  options: { ttftMs: number; args?: (index: number) => string[] },
+  fn: (fixture: Instances) => Promise<void>,
 ): Promise<void> {
   const broker = await startMosquitto();
   const sim = await startSimulator({ ttftMs: options.ttftMs, itlMs: 1 });
   const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
-  const instances = await Promise.all(["a", "b"].map((name, i) =>
+  const instances = await Promise.all(["a", "b", "c"].map((name, i) =>
     startService([
       "--engine=url",
       `--engine-url=${sim.url}`,
@@ -34,13 +47,20 @@ async function withInstances(
       "--projects=maze",
       "--share-group=maze-bridge",
       `--mqtt-client-id=vllm-mqtt-${name}`,
-      ...options.args(i),
+      "--rate-limit=0",
+      ...options.args?.(i) ?? [],
     ])
   ));
   const client = await TestClient.connect(broker.url);
+  const store = await SessionStore.open(join(dataDir, "sessions.kv"), 3_600_000);
+  const history = async (sessionId: string) =>
+    (await store.load("maze", sessionId)).history
+      .filter((m) => m.role === "user")
+      .map((m) => m.content);
   try {
-    await fn(client);
+    await fn({ client, instances, history });
   } finally {
+    store.close();
     await client.close();
     for (const instance of instances) await instance.stop();
     await sim.close();
@@ -49,13 +69,58 @@ async function withInstances(
   }
 }
 
-test("two instances: quick turns of one session never run at once (the session lease)", async () => {
-  await withInstances({ ttftMs: 30, args: () => ["--rate-limit=0"] }, async (client) => {
+/** The turn number the simulated engine saw: how many user messages its prompt held. */
+function turnSeen(reply: { json?: Record<string, unknown> }): number {
+  return Number(String(reply.json?.response).match(/Turn (\d+)/)?.[1]);
+}
+
+test("three instances in a share group: each request answered exactly once, all serve", async () => {
+  const ports = [freePort(), freePort(), freePort()];
+  await withInstances(
+    { ttftMs: 20, args: (i) => [`--http-port=${ports[i]}`] },
+    async ({ client }) => {
+      await client.subscribe(["maze/assistant_response/#", "vllm-mqtt/status/#"]);
+      const n = 30;
+      for (let i = 0; i < n; i++) {
+        await client.send("maze/user_input", {
+          session_id: `s${i}`,
+          message: "hi",
+          request_id: `r${i}`,
+        });
+      }
+      for (let i = 0; i < n; i++) {
+        const reply = await client.final(`s${i}`, `r${i}`);
+        equal(reply.json!.type, "done", JSON.stringify(reply.json));
+      }
+      await new Promise((resolve) => setTimeout(resolve, 300)); // room for a duplicate to show
+      const done = client.received.filter((m) => m.json?.type === "done");
+      equal(done.length, n, "a request was answered twice or not at all");
+      // mosquitto hands shared-subscription messages out in turn: every instance served.
+      const served = await Promise.all(ports.map(async (port) => {
+        const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+        return Number(metrics.match(/outcome="answered"\} (\d+)/)?.[1] ?? 0);
+      }));
+      equal(served.reduce((a, b) => a + b), n);
+      assert(served.every((count) => count > 0), `an instance served nothing: ${served}`);
+      // Each instance keeps its own retained status.
+      await waitFor(() =>
+        ["a", "b", "c"].every((name) =>
+          client.received.some((m) =>
+            m.topic === `vllm-mqtt/status/vllm-mqtt-${name}` && m.json?.status === "online"
+          )
+        )
+      );
+    },
+  );
+});
+
+test("three instances: a session's quick turns run one at a time, in the order sent", async () => {
+  await withInstances({ ttftMs: 30 }, async ({ client, history }) => {
     await client.subscribe("maze/assistant_response/#");
-    // Odd, so that the broker's round robin sends a session's turns to both instances.
-    const sessions = 5;
-    const turns = 4;
-    // Every turn of every session sent at once: the broker spreads them over both instances.
+    // Not a multiple of three, so that the broker's round robin spreads each session's
+    // turns over the instances.
+    const sessions = 7;
+    const turns = 5;
     for (let t = 1; t <= turns; t++) {
       for (let s = 0; s < sessions; s++) {
         await client.send("maze/user_input", {
@@ -64,53 +129,22 @@ test("two instances: quick turns of one session never run at once (the session l
           request_id: `q${s}-${t}`,
         });
       }
+      // Quicker than an answer, but far enough apart for the instances that receive them to
+      // tell the order (see the README: turns sent within a few ms keep their arrival order).
+      await new Promise((resolve) => setTimeout(resolve, GAP_MS));
     }
     for (let s = 0; s < sessions; s++) {
-      const seen = new Set<number>();
+      // The t-th turn sent saw t user messages: the t - 1 before it, all saved, and itself.
+      const seen = [];
       for (let t = 1; t <= turns; t++) {
-        const reply = await client.final(`q${s}`, `q${s}-${t}`, 30_000);
-        const n = Number((reply.json!.response as string).match(/Turn (\d+)/)?.[1]);
-        seen.add(n);
+        seen.push(turnSeen(await client.final(`q${s}`, `q${s}-${t}`)));
       }
-      // Each turn saw every turn before it: no two ran on the same history.
-      equal([...seen].sort().join(","), "1,2,3,4", `session q${s}`);
+      deepEqual(
+        seen,
+        [1, 2, 3, 4, 5],
+        `session q${s}: turns ran out of order or at once: ${seen} ${await history(`q${s}`)}`,
+      );
+      deepEqual(await history(`q${s}`), ["turn 1", "turn 2", "turn 3", "turn 4", "turn 5"]);
     }
-  });
-});
-
-test("two instances in a share group: each request answered exactly once, both serve", async () => {
-  const ports = [freePort(), freePort()];
-  await withInstances({ ttftMs: 20, args: (i) => [`--http-port=${ports[i]}`] }, async (client) => {
-    await client.subscribe(["maze/assistant_response/#", "vllm-mqtt/status/#"]);
-    const n = 20;
-    for (let i = 0; i < n; i++) {
-      await client.send("maze/user_input", {
-        session_id: `s${i}`,
-        message: "hi",
-        request_id: `r${i}`,
-      });
-    }
-    for (let i = 0; i < n; i++) {
-      const reply = await client.final(`s${i}`, `r${i}`);
-      equal(reply.json!.type, "done", JSON.stringify(reply.json));
-    }
-    await new Promise((resolve) => setTimeout(resolve, 300)); // room for a duplicate to show
-    const done = client.received.filter((m) => m.json?.type === "done");
-    equal(done.length, n, "a request was answered twice or not at all");
-    // mosquitto hands shared-subscription messages out in turn: both instances served.
-    const served = await Promise.all(ports.map(async (port) => {
-      const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-      return Number(metrics.match(/outcome="answered"\} (\d+)/)?.[1] ?? 0);
-    }));
-    equal(served[0] + served[1], n);
-    assert(served[0] > 0 && served[1] > 0, `one instance served all: ${served}`);
-    // Each instance keeps its own retained status.
-    await waitFor(() =>
-      ["a", "b"].every((name) =>
-        client.received.some((m) =>
-          m.topic === `vllm-mqtt/status/vllm-mqtt-${name}` && m.json?.status === "online"
-        )
-      )
-    );
   });
 });

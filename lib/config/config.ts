@@ -63,6 +63,8 @@ export interface Config {
   readonly mqttClientId: string;
   /** Shared-subscription group, for several instances; undefined: one instance. */
   readonly shareGroup: string | undefined;
+  /** With `shareGroup`: milliseconds a turn waits for earlier turns to reach the store. */
+  readonly orderWindowMs: number;
   /** With `shareGroup`: milliseconds without a heartbeat before an instance counts as gone. */
   readonly instanceTimeoutMs: number;
   readonly mqttUsername: string | undefined;
@@ -335,6 +337,7 @@ export function parseConfig(
     embeddedBrokerPort: get("embedded-broker-port"),
     mqttClientId: get("mqtt-client-id"),
     shareGroup: get("share-group"),
+    orderWindowMs: get("order-window"),
     instanceTimeoutMs: get<number>("instance-timeout") * 1000,
     mqttUsername: get("mqtt-username"),
     mqttPassword,

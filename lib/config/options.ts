@@ -308,6 +308,15 @@ export const OPTIONS: readonly OptionSpec[] = [
       "Shared-subscription group: instances in one group split the requests ($share/NAME/...); give each its own --mqtt-client-id",
   },
   {
+    name: "order-window",
+    kind: "number",
+    default: 50,
+    min: 0,
+    group: "MQTT",
+    help:
+      "With --share-group: milliseconds a turn waits from its arrival for an earlier turn of its session, sent to another instance, to show up (0: arrival order as stored)",
+  },
+  {
     name: "instance-timeout",
     kind: "number",
     default: 10,

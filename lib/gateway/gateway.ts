@@ -282,7 +282,8 @@ export class Gateway {
     const line = new AbortController();
     this.#inLine.set(job, line);
     try {
-      job.ticket = await order.take(job.request.project, job.request.sessionId);
+      const { project, sessionId } = job.request;
+      job.ticket = await order.take(project, sessionId, performance.timeOrigin + job.receivedAt);
       await job.ticket.turn(line.signal);
     } catch (error) {
       this.#fail(job.target, asServiceError(error), job);
@@ -325,6 +326,7 @@ export class Gateway {
     try {
       await this.#options.directory.settled(request.project, request.sessionId);
       await engineHealth.ready(engineWaitMs, signal);
+      await job.ticket?.start();
       const result = await this.#options.pool.run({
         id: job.id,
         project: request.project,

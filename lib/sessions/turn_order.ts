@@ -1,24 +1,26 @@
 /**
  * The order of a session's turns across instances that share one session
- * store (a share group). Each request takes a ticket, the session's next
- * number, as it arrives, whichever instance it lands on; its turn may start
- * when every earlier ticket is finished, abandoned, held by this instance
- * (whose scheduler already runs a session's turns in arrival order), or held
- * by an instance whose heartbeat has stopped (it crashed). So two instances
- * never run turns of one session at once, turns run in the order they
- * reached the instances, and a crashed instance holds a session up for at
- * most `instanceTimeoutMs`.
+ * store (a share group, whose broker hands consecutive requests to different
+ * instances). Each request leaves a ticket in the store stamped with the time
+ * it arrived; its turn may start when no earlier ticket of the session is held
+ * by another live instance, and no later one is already running there. So
+ * two instances never run turns of one session at once, turns run in the
+ * order they reached the instances, and a crashed instance, whose heartbeat
+ * stops, holds a session up for at most `instanceTimeoutMs`.
+ *
+ * A ticket takes a moment to reach the store, so a turn first waits
+ * `windowMs` from its arrival: time for a turn that arrived a little earlier
+ * at another instance to show up.
  *
  * @module
  */
 
 import { abortableSleep } from "../_util.ts";
-import { commitChecked } from "./_util.ts";
 
-/** A session's line: tickets handed out, and the last one finished or skipped. */
-interface Line {
-  readonly issued: number;
-  readonly done: number;
+/** A ticket as stored: who holds it, and whether its turn has started. */
+interface Holder {
+  readonly instance: string;
+  readonly running: boolean;
 }
 
 /** Options of {@linkcode TurnOrder}. */
@@ -26,18 +28,24 @@ export interface TurnOrderOptions {
   /** This instance's name (its MQTT client id); a random suffix tells its runs apart. */
   readonly instance: string;
   /**
+   * Milliseconds a turn waits from its arrival for earlier turns that arrived
+   * at other instances to reach the store.
+   * @default {50}
+   */
+  readonly windowMs?: number;
+  /**
    * Milliseconds without a heartbeat after which an instance counts as gone
    * (the heartbeat is written every third of it).
    * @default {10000}
    */
   readonly instanceTimeoutMs?: number;
   /**
-   * Milliseconds between looks while an earlier turn runs on another instance.
+   * Milliseconds between looks while a turn of the session runs on another instance.
    * @default {25}
    */
   readonly pollMs?: number;
   /**
-   * Milliseconds a session's line is kept after its last ticket.
+   * Milliseconds a ticket is kept at most (a turn never takes as long).
    * @default {3600000}
    */
   readonly keepMs?: number;
@@ -45,27 +53,29 @@ export interface TurnOrderOptions {
 
 /** A request's place in its session's line. */
 export class TurnTicket {
-  readonly project: string;
-  readonly sessionId: string;
-  readonly number: number;
+  /** `["turn", project, sessionId, arrival ms, instance, number]`: sorts by arrival. */
+  readonly key: readonly [string, string, string, number, string, number];
   readonly #order: TurnOrder;
   #finished: Promise<void> | undefined;
 
-  constructor(order: TurnOrder, project: string, sessionId: string, number: number) {
+  constructor(order: TurnOrder, key: TurnTicket["key"]) {
     this.#order = order;
-    this.project = project;
-    this.sessionId = sessionId;
-    this.number = number;
+    this.key = key;
   }
 
   /**
-   * Resolves when every earlier turn of the session is finished or belongs to
-   * this instance.
+   * Resolves when the session's earlier turns on other instances are done
+   * (this instance's own run first anyway: its scheduler keeps their order).
    *
    * @throws the reason `signal` aborts with.
    */
   turn(signal: AbortSignal): Promise<void> {
     return this.#order.waitFor(this, signal);
+  }
+
+  /** Marks the turn as running, so that a ticket that reached the store late waits for it. */
+  start(): Promise<void> {
+    return this.#order.start(this);
   }
 
   /** Lets the next turn go, whether this one ran or was given up; once is enough. */
@@ -78,24 +88,25 @@ export class TurnTicket {
 export class TurnOrder {
   readonly #kv: Deno.Kv;
   readonly #instance: string;
+  readonly #windowMs: number;
   readonly #timeoutMs: number;
   readonly #pollMs: number;
   readonly #keepMs: number;
-  /** Tickets being taken here, per session: taken one after another, in arrival order. */
-  readonly #taking = new Map<string, Promise<unknown>>();
-  /** Waits for turns here, per session: ended one after another, in ticket order. */
+  /** Waits for turns here, per session: ended one after another, in arrival order. */
   readonly #waiting = new Map<string, Promise<unknown>>();
+  #issued = 0;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
 
   private constructor(kv: Deno.Kv, options: TurnOrderOptions) {
     this.#kv = kv;
     this.#instance = `${options.instance}/${crypto.randomUUID()}`;
+    this.#windowMs = options.windowMs ?? 50;
     this.#timeoutMs = options.instanceTimeoutMs ?? 10_000;
     this.#pollMs = options.pollMs ?? 25;
     this.#keepMs = options.keepMs ?? 3_600_000;
   }
 
-  /** Opens the line records kept in the store at `path` and starts this instance's heartbeat. */
+  /** Opens the tickets kept in the store at `path` and starts this instance's heartbeat. */
   static async open(path: string, options: TurnOrderOptions): Promise<TurnOrder> {
     const order = new TurnOrder(await Deno.openKv(path), options);
     await order.#beat();
@@ -103,31 +114,45 @@ export class TurnOrder {
     return order;
   }
 
-  /** Takes the session's next ticket, after any this instance is already taking for it. */
-  take(project: string, sessionId: string): Promise<TurnTicket> {
-    const session = { project, sessionId };
-    return this.#chain(this.#taking, session, () => this.#issue(project, sessionId));
+  /**
+   * Leaves a ticket for a request of the session that arrived at `arrivedAt`
+   * (milliseconds since the epoch).
+   */
+  async take(project: string, sessionId: string, arrivedAt: number): Promise<TurnTicket> {
+    const ticket = new TurnTicket(this, [
+      "turn",
+      project,
+      sessionId,
+      arrivedAt,
+      this.#instance,
+      this.#issued++,
+    ]);
+    await this.#write(ticket, false);
+    return ticket;
   }
 
   /** See {@linkcode TurnTicket.turn}. */
   waitFor(ticket: TurnTicket, signal: AbortSignal): Promise<void> {
     // After this instance's earlier tickets of the session: they reach the scheduler first.
-    return this.#chain(this.#waiting, ticket, () => this.#waitForEarlier(ticket, signal), signal);
+    const session = ticket.key.slice(0, 3).join("/");
+    const previous = this.#waiting.get(session);
+    const waited = untilSettled(previous, signal).then(() => this.#waitForOthers(ticket, signal));
+    const tail = Promise.allSettled([previous, waited]);
+    this.#waiting.set(session, tail);
+    tail.then(() => {
+      if (this.#waiting.get(session) === tail) this.#waiting.delete(session);
+    });
+    return waited;
+  }
+
+  /** See {@linkcode TurnTicket.start}. */
+  start(ticket: TurnTicket): Promise<void> {
+    return this.#write(ticket, true);
   }
 
   /** See {@linkcode TurnTicket.finish}. */
   async finish(ticket: TurnTicket): Promise<void> {
-    const lineKey = this.#lineKey(ticket);
-    const ticketKey = [...this.#ticketsKey(ticket), ticket.number];
-    await commitChecked(this.#kv, `the line of ${sessionKey(ticket)}`, async (op) => {
-      const line = await this.#kv.get<Line>(lineKey);
-      op.check(line).delete(ticketKey);
-      // A ticket given up before its turn only leaves the line; the turn after it skips it.
-      if (line.value?.done === ticket.number - 1) {
-        op.set(lineKey, { ...line.value, done: ticket.number }, { expireIn: this.#keepMs });
-      }
-      return true;
-    });
+    await this.#kv.delete(ticket.key);
   }
 
   close(): void {
@@ -135,87 +160,35 @@ export class TurnOrder {
     this.#kv.close();
   }
 
-  /**
-   * Runs `step` once the session's previous step in `steps` settled (or
-   * `signal` aborted); the next step waits for both.
-   */
-  #chain<T>(
-    steps: Map<string, Promise<unknown>>,
-    session: { project: string; sessionId: string },
-    step: () => Promise<T>,
-    signal?: AbortSignal,
-  ): Promise<T> {
-    const key = sessionKey(session);
-    const previous = steps.get(key);
-    const result = untilSettled(previous, signal).then(step);
-    const tail = Promise.allSettled([previous, result]);
-    steps.set(key, tail);
-    tail.then(() => {
-      if (steps.get(key) === tail) steps.delete(key);
-    });
-    return result;
-  }
-
-  /**
-   * Waits while a ticket before `ticket` is held by another live instance,
-   * skipping the leading ones nobody holds any more.
-   */
-  async #waitForEarlier(ticket: TurnTicket, signal: AbortSignal): Promise<void> {
-    const lineKey = this.#lineKey(ticket);
+  async #waitForOthers(ticket: TurnTicket, signal: AbortSignal): Promise<void> {
+    const [, project, sessionId, arrivedAt] = ticket.key;
+    const settled = arrivedAt + this.#windowMs - Date.now();
+    if (settled > 0) await abortableSleep(settled, signal);
+    const alive = new Map<string, Promise<boolean>>();
     for (;;) {
-      signal.throwIfAborted();
-      const line = await this.#kv.get<Line>(lineKey);
-      // No line: it expired, so nothing before this ticket is waiting.
-      const done = line.value?.done ?? ticket.number - 1;
-      let gone = done;
       let blocked = false;
-      for (let number = done + 1; number < ticket.number && !blocked; number++) {
-        const holder = await this.#holder(ticket, number);
-        if (holder === "gone" && gone === number - 1) gone = number;
-        blocked = holder === "there";
-      }
-      if (gone > done) {
-        await commitChecked(this.#kv, `the line of ${sessionKey(ticket)}`, async (op) => {
-          const current = await this.#kv.get<Line>(lineKey);
-          if (!current.value || current.value.done >= gone) return false;
-          op.check(current)
-            .set(lineKey, { ...current.value, done: gone }, { expireIn: this.#keepMs });
-          return true;
-        });
+      for await (const entry of this.#kv.list<Holder>({ prefix: ["turn", project, sessionId] })) {
+        const { instance, running } = entry.value;
+        if (instance === this.#instance) continue;
+        if (!running && !before(entry.key, ticket.key)) continue;
+        if (!alive.has(instance)) alive.set(instance, this.#alive(instance));
+        if (await alive.get(instance)) blocked = true;
+        else await this.#kv.delete(entry.key); // its instance is gone
       }
       if (!blocked) return;
+      alive.clear();
       await abortableSleep(this.#pollMs * (0.5 + Math.random()), signal);
     }
   }
 
-  async #issue(project: string, sessionId: string): Promise<TurnTicket> {
-    const lineKey = ["turn_line", project, sessionId];
-    let number = 0;
-    await commitChecked(
-      this.#kv,
-      `the line of ${sessionKey({ project, sessionId })}`,
-      async (op) => {
-        const line = await this.#kv.get<Line>(lineKey);
-        const { issued, done } = line.value ?? { issued: 0, done: 0 };
-        number = issued + 1;
-        op.check(line)
-          .set(lineKey, { issued: number, done }, { expireIn: this.#keepMs })
-          .set(["turn_ticket", project, sessionId, number], this.#instance, {
-            expireIn: this.#keepMs,
-          });
-        return true;
-      },
-    );
-    return new TurnTicket(this, project, sessionId, number);
+  async #alive(instance: string): Promise<boolean> {
+    const beat = await this.#kv.get<number>(["turn_instance", instance]);
+    return (beat.value ?? 0) > Date.now();
   }
 
-  /** Who holds ticket `number` of the session: this instance, another live one, or nobody. */
-  async #holder(ticket: TurnTicket, number: number): Promise<"here" | "there" | "gone"> {
-    const holder = await this.#kv.get<string>([...this.#ticketsKey(ticket), number]);
-    if (holder.value === null) return "gone";
-    if (holder.value === this.#instance) return "here";
-    const beat = await this.#kv.get<number>(["turn_instance", holder.value]);
-    return (beat.value ?? 0) > Date.now() ? "there" : "gone";
+  async #write(ticket: TurnTicket, running: boolean): Promise<void> {
+    const holder: Holder = { instance: this.#instance, running };
+    await this.#kv.set(ticket.key, holder, { expireIn: this.#keepMs });
   }
 
   /** Writes this instance's heartbeat: alive until the time it names. */
@@ -224,29 +197,25 @@ export class TurnOrder {
       expireIn: 2 * this.#timeoutMs,
     });
   }
-
-  #lineKey(ticket: TurnTicket): Deno.KvKey {
-    return ["turn_line", ticket.project, ticket.sessionId];
-  }
-
-  #ticketsKey(ticket: TurnTicket): Deno.KvKey {
-    return ["turn_ticket", ticket.project, ticket.sessionId];
-  }
 }
 
-function sessionKey(session: { project: string; sessionId: string }): string {
-  return `${session.project}/${session.sessionId}`;
+/** Whether ticket key `a` sorts before `b`: by arrival, then instance, then number. */
+function before(a: Deno.KvKey, b: TurnTicket["key"]): boolean {
+  const [, , , arrivedAt, instance, number] = a as TurnTicket["key"];
+  if (arrivedAt !== b[3]) return arrivedAt < b[3];
+  if (instance !== b[4]) return instance < b[4];
+  return number < b[5];
 }
 
 /** Resolves when `promise` settles; rejects with the reason if `signal` aborts first. */
-function untilSettled(promise: Promise<unknown> | undefined, signal?: AbortSignal): Promise<void> {
+function untilSettled(promise: Promise<unknown> | undefined, signal: AbortSignal): Promise<void> {
   if (!promise) return Promise.resolve();
   return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
-    const onAbort = () => reject(signal!.reason);
-    signal?.addEventListener("abort", onAbort, { once: true });
+    if (signal.aborted) return reject(signal.reason);
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
     const settled = () => {
-      signal?.removeEventListener("abort", onAbort);
+      signal.removeEventListener("abort", onAbort);
       resolve();
     };
     promise.then(settled, settled);
