@@ -130,6 +130,7 @@ export async function startService(config: Config): Promise<Service> {
       tlsCert: config.tlsCert,
       tlsKey: config.tlsKey,
       will: { topic: topics.status, payload: offline },
+      persistentSession: config.shareGroup === undefined,
     });
     cleanup.push(() => client.endAsync());
     log.info("Connected to broker {url} (MQTT {version})", {

@@ -148,3 +148,73 @@ test("three instances: a session's quick turns run one at a time, in the order s
     }
   });
 });
+
+test("three instances: one killed mid-traffic, the others answer every session in order", async () => {
+  const instanceTimeoutMs = 2_000;
+  // Longer than the instance timeout: a retry only for what the killed instance held.
+  const retryAfterMs = 4_000;
+  await withInstances(
+    { ttftMs: 150, args: () => [`--instance-timeout=${instanceTimeoutMs / 1000}`] },
+    async ({ client, instances, history }) => {
+      await client.subscribe("maze/assistant_response/#");
+      const sessions = 9;
+      const turns = 6;
+      let killedAt = 0;
+      const figures = { requests: 0, retried: 0, answeredAfterRetry: 0, lost: 0 };
+      const stalls: number[] = [];
+      const converse = async (s: number) => {
+        let lastAnswer = 0;
+        for (let t = 1; t <= turns; t++) {
+          const request = { session_id: `k${s}`, message: `turn ${t}`, request_id: `k${s}-${t}` };
+          figures.requests++;
+          let answered = false;
+          for (let attempt = 0; attempt < 4 && !answered; attempt++) {
+            if (attempt === 1) figures.retried++;
+            await client.send("maze/user_input", request);
+            try {
+              const reply = await client.final(
+                request.session_id,
+                request.request_id,
+                retryAfterMs,
+              );
+              equal(reply.json!.type, "done", JSON.stringify(reply.json));
+              answered = true;
+              if (attempt > 0) figures.answeredAfterRetry++;
+            } catch (error) {
+              if (!(error as Error).message.startsWith("no matching message")) throw error;
+            }
+          }
+          if (!answered) figures.lost++;
+          const now = performance.now();
+          if (killedAt && lastAnswer <= killedAt) stalls.push(now - killedAt);
+          lastAnswer = now;
+        }
+      };
+      const conversations = Array.from({ length: sessions }, (_, s) => converse(s));
+      // Kill one instance while every session is mid-conversation.
+      await waitFor(
+        () => client.received.filter((m) => m.json?.type === "done").length >= 2 * sessions,
+        30_000,
+      );
+      killedAt = performance.now();
+      await instances[0].stop("SIGKILL");
+      await Promise.all(conversations);
+
+      const stalled = Math.max(...stalls);
+      console.log(
+        `one of three instances killed: ${figures.requests} requests, ${figures.retried} held by ` +
+          `the killed instance and retried by the client, ${figures.answeredAfterRetry} of them ` +
+          `answered after the retry, ${figures.lost} lost; longest wait of a session after the ` +
+          `kill ${Math.round(stalled)} ms`,
+      );
+      equal(figures.lost, 0, "a request was lost even after retries");
+      assert(stalled < instanceTimeoutMs + 2 * retryAfterMs, `a session was stuck ${stalled} ms`);
+      for (let s = 0; s < sessions; s++) {
+        // A turn the killed instance saved but never answered comes again with its retry.
+        const turnsStored = await history(`k${s}`);
+        const distinct = turnsStored.filter((turn, i) => turnsStored[i - 1] !== turn);
+        deepEqual(distinct, Array.from({ length: turns }, (_, t) => `turn ${t + 1}`), `k${s}`);
+      }
+    },
+  );
+});

@@ -22,6 +22,15 @@ export interface ConnectOptions {
   /** The Last Will: published by the broker, retained, when the connection is lost. */
   readonly will: { readonly topic: string; readonly payload: string };
   /**
+   * Keep a persistent session: the broker keeps our subscriptions and queues
+   * QoS 1 requests while we are away. Off for a member of a share group:
+   * brokers go on handing a share of the requests to a member's persistent
+   * session while it is offline (mosquitto does), where they wait for its
+   * restart instead of going to the members that are up.
+   * @default {true}
+   */
+  readonly persistentSession?: boolean;
+  /**
    * Reconnect backoff: first delay and cap, in milliseconds.
    * @default {[250, 30000]}
    */
@@ -37,13 +46,14 @@ const log = logger("mqtt");
  */
 export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
   const [firstDelay, maxDelay] = options.backoffMs ?? [250, 30_000];
+  const persistent = options.persistentSession ?? true;
   const clientOptions: IClientOptions = {
     clientId: options.clientId,
     protocolVersion: options.protocolVersion,
-    // A persistent session: the broker keeps our subscriptions and queues QoS 1
-    // requests while we are away; we keep unacknowledged replies and resend them.
-    clean: false,
-    ...(options.protocolVersion === 5 && { properties: { sessionExpiryInterval: 3600 } }),
+    // With a persistent session we also keep unacknowledged replies and resend them.
+    clean: !persistent,
+    ...(options.protocolVersion === 5 && persistent &&
+      { properties: { sessionExpiryInterval: 3600 } }),
     reconnectPeriod: firstDelay,
     connectTimeout: 10_000,
     keepalive: 30,
