@@ -76,9 +76,8 @@ export async function startService(config: Config): Promise<Service> {
 
     await Deno.mkdir(config.dataDir, { recursive: true });
     const kvPath = config.kvUrl ?? join(config.dataDir, "sessions.kv");
-    const store = await SessionStore.open(kvPath, config.sessionTtlMs);
+    const store = await openStore(kvPath, config);
     cleanup.push(() => store.close());
-    if (config.kvUrl !== undefined) await checkRemoteStore(store, config.kvUrl);
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
       windowMs: config.orderWindowMs,
@@ -256,15 +255,20 @@ export async function startService(config: Config): Promise<Service> {
 }
 
 /**
- * Reads from the remote store once, so that a wrong URL or token stops the
- * start-up with its reason instead of failing every request.
+ * Opens the session store; a remote one is read once, so that a wrong URL or
+ * token stops the start-up with its reason instead of failing every request.
  */
-async function checkRemoteStore(store: SessionStore, url: string): Promise<void> {
+async function openStore(path: string, config: Config): Promise<SessionStore> {
+  if (config.kvUrl === undefined) return await SessionStore.open(path, config.sessionTtlMs);
+  let store: SessionStore | undefined;
   try {
+    store = await SessionStore.open(path, config.sessionTtlMs);
     await store.load("_", "_");
+    return store;
   } catch (error) {
+    store?.close();
     throw new ConfigError(
-      `'--kv-url' ${url} cannot be used (is DENO_KV_ACCESS_TOKEN set, and --allow-net given for its host?): ${
+      `'--kv-url' ${config.kvUrl} cannot be used (is DENO_KV_ACCESS_TOKEN set, and --allow-net given for its host?): ${
         (error as Error).message
       }`,
     );

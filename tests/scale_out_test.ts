@@ -218,3 +218,30 @@ test("three instances: one killed mid-traffic, the others answer every session i
     },
   );
 });
+
+Deno.test("--kv-url: the token goes to the store's URL, and a refusal stops the start-up with the reason", async () => {
+  const seen: { path: string; authorization: string | null }[] = [];
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (request) => {
+    seen.push({
+      path: new URL(request.url).pathname,
+      authorization: request.headers.get("authorization"),
+    });
+    return new Response("bad token", { status: 401 });
+  });
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  try {
+    const url = `http://127.0.0.1:${server.addr.port}/`;
+    const service = await startService(
+      ["--engine=sim", "--mqtt-url=mqtt://127.0.0.1:1", `--data-dir=${dataDir}`, `--kv-url=${url}`],
+      { env: { DENO_KV_ACCESS_TOKEN: "test-token-123" }, expectExit: true },
+    );
+    equal(await service.stop(), 2, "a start-up error of the configuration exits 2");
+    assert(service.log().includes(`'--kv-url' ${url} cannot be used`), service.log());
+    // KV Connect's metadata exchange, with the token from the environment.
+    assert(seen.some((r) => r.authorization === "Bearer test-token-123"), JSON.stringify(seen));
+    assert(!service.log().includes("test-token-123"), "the token was logged");
+  } finally {
+    await server.shutdown();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});
