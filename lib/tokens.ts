@@ -20,3 +20,19 @@ const AS_TEXT = { disallowedSpecial: new Set<string>() };
 export function estimateMessageTokens(text: string): number {
   return countTokens(text, AS_TEXT) + MESSAGE_OVERHEAD_TOKENS;
 }
+
+const promptEstimates = new Map<string, number>();
+
+/**
+ * {@linkcode estimateMessageTokens} of a system prompt, remembered: the same
+ * few prompts come with every turn, and a long one costs real time to count.
+ */
+export function estimatePromptTokens(prompt: string): number {
+  let tokens = promptEstimates.get(prompt);
+  if (tokens === undefined) {
+    tokens = estimateMessageTokens(prompt);
+    if (promptEstimates.size >= 64) promptEstimates.clear();
+    promptEstimates.set(prompt, tokens);
+  }
+  return tokens;
+}

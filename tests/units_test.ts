@@ -353,3 +353,31 @@ Deno.test("session store: two writers on one base both keep their turn, one afte
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("session store: kept messages outlive the meta record, rewritten about once a TTL", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-kv-" });
+  const ttl = 60_000;
+  const store = await SessionStore.open(`${dir}/s.kv`, ttl);
+  try {
+    const t0 = Date.now();
+    const lifetimes: number[] = [];
+    for (let turn = 0; turn < 12; turn++) {
+      const now = t0 + turn * (ttl / 4);
+      const session = await store.load("p", "s", now);
+      await store.commitTurn("p", "s", session, 0, [
+        { role: "user", content: `turn ${turn}`, tokens: 5 },
+        { role: "assistant", content: "ok", tokens: 5 },
+      ], now);
+      const { meta, history } = await store.load("p", "s", now);
+      equal(history.length, 2 * (turn + 1));
+      // Every kept message lives at least as long as the record that names it.
+      assert(meta!.messagesExpireAt! >= meta!.expiresAt, `turn ${turn}`);
+      lifetimes.push(meta!.messagesExpireAt!);
+    }
+    // 12 turns over 2.75 TTLs: the history was written 3 times, not 12.
+    equal(new Set(lifetimes).size, 3, String(lifetimes.map((t) => t - t0)));
+  } finally {
+    store.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -8,8 +8,15 @@
  * - `["session", project, sessionId]` → {@linkcode SessionMeta}
  * - `["message", project, sessionId, seq]` → {@linkcode StoredMessage}
  *
- * Every key carries `expireIn` (the session TTL), refreshed on each turn. KV
- * expiry is lazy, so reads also check `expiresAt`.
+ * The meta record carries `expireIn` (the session TTL), refreshed on each
+ * turn; KV expiry is lazy, so reads also check `expiresAt`. Messages live twice
+ * as long and are rewritten only when a live session's oldest ones would
+ * otherwise expire before its meta record, about once a TTL: rewriting the
+ * whole history on every turn made a turn's cost grow with its history.
+ *
+ * A store keeps the sessions it loaded or saved last, each with its meta
+ * record's versionstamp: a load whose meta record still has that versionstamp
+ * (nobody wrote the session since) reads no messages.
  *
  * @module
  */
@@ -40,6 +47,8 @@ export interface SessionMeta {
   readonly expiresAt: number;
   /** A system prompt set for this session alone (the `template` control topic). */
   readonly systemPrompt?: string;
+  /** No kept message expires before this time (absent: unknown, rewrite them). */
+  readonly messagesExpireAt?: number;
 }
 
 /** A session as loaded: its meta (if it exists and is live) and its messages. */
@@ -63,12 +72,15 @@ export interface SessionRef {
 const BATCH_MUTATIONS = 500;
 /** Tries of a turn's commit against writers that keep changing or locking the session. */
 const COMMIT_ATTEMPTS = 20;
+/** Sessions a store remembers, most recently used first out of the way last. */
+const CACHED_SESSIONS = 1024;
 const BATCH_BYTES = 512 * 1024;
 
 /** Session history on one Deno KV database. */
 export class SessionStore {
   readonly #kv: Deno.Kv;
   readonly #ttlMs: number;
+  readonly #cache = new Map<string, Session>();
 
   constructor(kv: Deno.Kv, ttlMs: number) {
     this.#kv = kv;
@@ -85,7 +97,11 @@ export class SessionStore {
     const entry = await this.#kv.get<SessionMeta>(["session", project, sessionId]);
     const meta = entry.value;
     const { versionstamp } = entry;
+    const cacheKey = `${project}/${sessionId}`;
+    const cached = this.#cache.get(cacheKey);
+    this.#cache.delete(cacheKey);
     if (!meta || meta.expiresAt <= now) return { meta: undefined, history: [], versionstamp };
+    if (cached?.versionstamp === versionstamp) return this.#remember(cacheKey, cached);
     const history: HistoryEntry[] = [];
     const prefix = ["message", project, sessionId];
     const list = this.#kv.list<StoredMessage>({
@@ -95,7 +111,7 @@ export class SessionStore {
     for await (const { key, value } of list) {
       history.push({ ...value, seq: key[3] as number });
     }
-    return { meta, history, versionstamp };
+    return this.#remember(cacheKey, { meta, history, versionstamp });
   }
 
   /**
@@ -115,27 +131,33 @@ export class SessionStore {
     now = Date.now(),
   ): Promise<void> {
     const expireIn = this.#ttlMs;
+    const messageExpireIn = 2 * expireIn;
     const metaKey = ["session", project, sessionId];
     for (let attempt = 0; attempt < COMMIT_ATTEMPTS; attempt++) {
       const base = session.meta?.nextSeq ?? 0;
       const kept = session.history.slice(drop);
-      // Kept messages only get their expiry refreshed: rewriting them is harmless even if this
-      // attempt loses.
-      await this.#writeBatches(
-        kept.map(({ seq, ...message }) => [["message", project, sessionId, seq], message]),
-        expireIn,
-      );
+      let messagesExpireAt = session.meta?.messagesExpireAt ?? 0;
+      if (messagesExpireAt < now + expireIn) {
+        // The oldest kept messages would expire before the meta record: give them a new
+        // lifetime. Rewriting them is harmless even if this attempt loses.
+        await this.#writeBatches(
+          kept.map(({ seq, ...message }) => [["message", project, sessionId, seq], message]),
+          messageExpireIn,
+        );
+        messagesExpireAt = now + messageExpireIn;
+      }
       const meta: SessionMeta = {
         firstSeq: kept[0]?.seq ?? base,
         nextSeq: base + added.length,
         lastActive: now,
         expiresAt: now + expireIn,
+        messagesExpireAt,
         ...(session.meta?.systemPrompt !== undefined &&
           { systemPrompt: session.meta.systemPrompt }),
       };
       const op = this.#kv.atomic().check({ key: metaKey, versionstamp: session.versionstamp });
       added.forEach((message, i) =>
-        op.set(["message", project, sessionId, base + i], message, { expireIn })
+        op.set(["message", project, sessionId, base + i], message, { expireIn: messageExpireIn })
       );
       op.set(metaKey, meta, { expireIn });
       const committed = await commitUnlessBusy(op);
@@ -144,6 +166,11 @@ export class SessionStore {
         continue;
       }
       if (committed.ok) {
+        this.#remember(`${project}/${sessionId}`, {
+          meta,
+          history: [...kept, ...added.map((message, i) => ({ ...message, seq: base + i }))],
+          versionstamp: committed.versionstamp,
+        });
         await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
         return;
       }
@@ -219,6 +246,15 @@ export class SessionStore {
 
   close(): void {
     this.#kv.close();
+  }
+
+  /** Keeps `session` as the most recently used, forgetting the least recently used beyond the cap. */
+  #remember(key: string, session: Session): Session {
+    this.#cache.set(key, session);
+    if (this.#cache.size > CACHED_SESSIONS) {
+      this.#cache.delete(this.#cache.keys().next().value!);
+    }
+    return session;
   }
 
   async #writeBatches(writes: [Deno.KvKey, StoredMessage][], expireIn: number): Promise<void> {

@@ -11,7 +11,7 @@ import { ThinkingFilter } from "../engine/thinking_filter.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { Session, SessionStore } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
-import { estimateMessageTokens } from "../tokens.ts";
+import { estimateMessageTokens, estimatePromptTokens } from "../tokens.ts";
 import { DeltaCoalescer } from "./delta_coalescer.ts";
 import type { TurnJob, TurnResult } from "./messages.ts";
 
@@ -43,7 +43,7 @@ export async function runTurn(
   const systemPrompt = job.systemPromptFromRequest
     ? job.systemPrompt
     : session.meta?.systemPrompt ?? job.systemPrompt;
-  const systemTokens = estimateMessageTokens(systemPrompt);
+  const systemTokens = estimatePromptTokens(systemPrompt);
   const userTokens = estimateMessageTokens(job.message);
   const budget = historyBudget({
     maxHistoryTokens: context.maxHistoryTokens,

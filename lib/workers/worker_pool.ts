@@ -22,6 +22,8 @@ interface Slot {
 }
 
 const WORKER_URL = new URL("./request_worker.ts", import.meta.url);
+/** Turns a session's own worker may run beyond the least busy one's before another takes it. */
+const AFFINITY_SLACK = 8;
 
 /** A fixed number of request workers. */
 export class WorkerPool {
@@ -53,13 +55,25 @@ export class WorkerPool {
    * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text.
    */
   run(job: TurnJob, onDelta: (seq: number, text: string) => void): Promise<TurnResult> {
-    let slot = this.#slots[0];
-    for (const candidate of this.#slots) if (candidate.busy < slot.busy) slot = candidate;
+    const slot = this.#pick(`${job.project}/${job.sessionId}`);
     slot.busy++;
     return new Promise((resolve, reject) => {
       this.#pending.set(job.id, { slot, onDelta, resolve, reject });
       this.#send(slot, { type: "run", job });
     });
+  }
+
+  /**
+   * The session's own worker, which likely still holds its history (the
+   * store's cache), unless it is much busier than the least busy one.
+   */
+  #pick(session: string): Slot {
+    let least = this.#slots[0];
+    for (const candidate of this.#slots) if (candidate.busy < least.busy) least = candidate;
+    let hash = 0;
+    for (let i = 0; i < session.length; i++) hash = (hash * 31 + session.charCodeAt(i)) | 0;
+    const own = this.#slots[(hash >>> 0) % this.#slots.length];
+    return own.busy - least.busy > AFFINITY_SLACK ? least : own;
   }
 
   /** Aborts a running turn; it then fails with `error`. */
