@@ -18,6 +18,7 @@ import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
 import { SessionStore } from "./sessions/session_store.ts";
 import { TurnOrder } from "./sessions/turn_order.ts";
+import { WriteGenerations } from "./sessions/write_generations.ts";
 import { serveHttpEndpoint } from "./observability/http_endpoint.ts";
 import { Stats } from "./observability/stats.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
@@ -76,7 +77,12 @@ export async function startService(config: Config): Promise<Service> {
 
     await Deno.mkdir(config.dataDir, { recursive: true });
     const kvPath = config.kvUrl ?? join(config.dataDir, "sessions.kv");
-    const store = await openStore(kvPath, config);
+    // Alone on its sessions, the process's threads tell each other of their writes, and a
+    // turn whose session nobody else wrote reads nothing from the store.
+    const generations = config.shareGroup === undefined && config.kvUrl === undefined
+      ? WriteGenerations.create()
+      : undefined;
+    const store = await openStore(kvPath, config, generations);
     cleanup.push(() => store.close());
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
@@ -89,6 +95,7 @@ export async function startService(config: Config): Promise<Service> {
     const pool = await WorkerPool.start(config.workers, {
       endpoint: engine.endpoint,
       kvPath,
+      writeGenerations: generations?.buffer,
       sessionTtlMs: config.sessionTtlMs,
       maxHistoryTokens: config.maxHistoryTokens,
       trimLowWater: config.trimLowWater,
@@ -258,8 +265,14 @@ export async function startService(config: Config): Promise<Service> {
  * Opens the session store; a remote one is read once, so that a wrong URL or
  * token stops the start-up with its reason instead of failing every request.
  */
-async function openStore(path: string, config: Config): Promise<SessionStore> {
-  if (config.kvUrl === undefined) return await SessionStore.open(path, config.sessionTtlMs);
+async function openStore(
+  path: string,
+  config: Config,
+  generations: WriteGenerations | undefined,
+): Promise<SessionStore> {
+  if (config.kvUrl === undefined) {
+    return await SessionStore.open(path, config.sessionTtlMs, generations);
+  }
   let store: SessionStore | undefined;
   try {
     store = await SessionStore.open(path, config.sessionTtlMs);

@@ -11,6 +11,7 @@ import { stripThinking, ThinkingFilter } from "../lib/engine/thinking_filter.ts"
 import { parseRequest, type RequestLimits, ServiceError } from "../lib/protocol/mod.ts";
 import { Scheduler } from "../lib/scheduler/scheduler.ts";
 import { SessionStore } from "../lib/sessions/session_store.ts";
+import { WriteGenerations } from "../lib/sessions/write_generations.ts";
 import { historyBudget, messagesToDrop } from "../lib/sessions/trim.ts";
 
 const config = (argv: string[], env: Record<string, string> = {}) => {
@@ -378,6 +379,38 @@ Deno.test("session store: kept messages outlive the meta record, rewritten about
     equal(new Set(lifetimes).size, 3, String(lifetimes.map((t) => t - t0)));
   } finally {
     store.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("session store: threads sharing write counters see each other's turns without re-reading", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-kv-" });
+  const generations = WriteGenerations.create();
+  // Two workers of one process: each store gets the counters from the shared buffer.
+  const [a, b] = await Promise.all([
+    SessionStore.open(`${dir}/s.kv`, 60_000, generations),
+    SessionStore.open(`${dir}/s.kv`, 60_000, WriteGenerations.from(generations.buffer)),
+  ]);
+  const turn = (text: string) => [
+    { role: "user" as const, content: text, tokens: 5 },
+    { role: "assistant" as const, content: `re: ${text}`, tokens: 5 },
+  ];
+  try {
+    await a.commitTurn("p", "s", await a.load("p", "s"), 0, turn("one"));
+    const cached = await a.load("p", "s");
+    equal(await a.load("p", "s"), cached, "an unchanged session is served from memory");
+    await b.commitTurn("p", "s", await b.load("p", "s"), 0, turn("two"));
+    deepEqual((await a.load("p", "s")).history.map((m) => m.content), [
+      "one",
+      "re: one",
+      "two",
+      "re: two",
+    ]);
+    await b.clear("p", "s");
+    deepEqual((await a.load("p", "s")).history, []);
+  } finally {
+    a.close();
+    b.close();
     await Deno.remove(dir, { recursive: true });
   }
 });

@@ -16,13 +16,16 @@
  *
  * A store keeps the sessions it loaded or saved last, each with its meta
  * record's versionstamp: a load whose meta record still has that versionstamp
- * (nobody wrote the session since) reads no messages.
+ * (nobody wrote the session since) reads no messages. Given the process's
+ * {@linkcode WriteGenerations} (when it is the sessions' only writer), a load
+ * reads nothing at all while the session's counter is unchanged.
  *
  * @module
  */
 
 import { abortableSleep } from "../_util.ts";
 import { commitUnlessBusy } from "./_util.ts";
+import type { WriteGenerations } from "./write_generations.ts";
 
 /** One message of a session's history. */
 export interface StoredMessage {
@@ -80,28 +83,45 @@ const BATCH_BYTES = 512 * 1024;
 export class SessionStore {
   readonly #kv: Deno.Kv;
   readonly #ttlMs: number;
-  readonly #cache = new Map<string, Session>();
+  readonly #generations: WriteGenerations | undefined;
+  /** Recently used sessions, with the write counter seen when they were read or written. */
+  readonly #cache = new Map<string, { session: Session; generation: number | undefined }>();
 
-  constructor(kv: Deno.Kv, ttlMs: number) {
+  constructor(kv: Deno.Kv, ttlMs: number, generations?: WriteGenerations) {
     this.#kv = kv;
     this.#ttlMs = ttlMs;
+    this.#generations = generations;
   }
 
   /** Opens (creating if needed) the store at `path`. */
-  static async open(path: string, ttlMs: number): Promise<SessionStore> {
-    return new SessionStore(await Deno.openKv(path), ttlMs);
+  static async open(
+    path: string,
+    ttlMs: number,
+    generations?: WriteGenerations,
+  ): Promise<SessionStore> {
+    return new SessionStore(await Deno.openKv(path), ttlMs, generations);
   }
 
   /** Loads a session's history; an expired or unknown session is empty. */
   async load(project: string, sessionId: string, now = Date.now()): Promise<Session> {
-    const entry = await this.#kv.get<SessionMeta>(["session", project, sessionId]);
-    const meta = entry.value;
-    const { versionstamp } = entry;
     const cacheKey = `${project}/${sessionId}`;
     const cached = this.#cache.get(cacheKey);
     this.#cache.delete(cacheKey);
+    // Read before the store: a write after this makes the next load read again.
+    const generation = this.#generations?.current(project, sessionId);
+    if (
+      cached && generation !== undefined && cached.generation === generation &&
+      cached.session.meta && cached.session.meta.expiresAt > now
+    ) {
+      return this.#remember(cacheKey, cached.session, generation);
+    }
+    const entry = await this.#kv.get<SessionMeta>(["session", project, sessionId]);
+    const meta = entry.value;
+    const { versionstamp } = entry;
     if (!meta || meta.expiresAt <= now) return { meta: undefined, history: [], versionstamp };
-    if (cached?.versionstamp === versionstamp) return this.#remember(cacheKey, cached);
+    if (cached?.session.versionstamp === versionstamp) {
+      return this.#remember(cacheKey, cached.session, generation);
+    }
     const history: HistoryEntry[] = [];
     const prefix = ["message", project, sessionId];
     const list = this.#kv.list<StoredMessage>({
@@ -111,7 +131,7 @@ export class SessionStore {
     for await (const { key, value } of list) {
       history.push({ ...value, seq: key[3] as number });
     }
-    return this.#remember(cacheKey, { meta, history, versionstamp });
+    return this.#remember(cacheKey, { meta, history, versionstamp }, generation);
   }
 
   /**
@@ -160,17 +180,19 @@ export class SessionStore {
         op.set(["message", project, sessionId, base + i], message, { expireIn: messageExpireIn })
       );
       op.set(metaKey, meta, { expireIn });
+      const before = this.#generations?.current(project, sessionId);
       const committed = await commitUnlessBusy(op);
       if (committed === "busy") {
         await abortableSleep(1 + Math.random() * 10);
         continue;
       }
       if (committed.ok) {
+        const after = this.#generations?.bump(project, sessionId);
         this.#remember(`${project}/${sessionId}`, {
           meta,
           history: [...kept, ...added.map((message, i) => ({ ...message, seq: base + i }))],
           versionstamp: committed.versionstamp,
-        });
+        }, after !== undefined && after === before! + 1 ? after : undefined); // else: another wrote too
         await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
         return;
       }
@@ -202,6 +224,7 @@ export class SessionStore {
       await this.#kv.delete(key);
     }
     await this.#deleteRange(project, sessionId, 0, Infinity);
+    this.#written(project, sessionId);
   }
 
   /** Sets (or, with undefined, removes) a session's own system prompt. */
@@ -226,6 +249,7 @@ export class SessionStore {
       } satisfies SessionMeta,
       { expireIn: this.#ttlMs },
     );
+    this.#written(project, sessionId);
   }
 
   /** Every live session, of one project or all. */
@@ -248,9 +272,19 @@ export class SessionStore {
     this.#kv.close();
   }
 
-  /** Keeps `session` as the most recently used, forgetting the least recently used beyond the cap. */
-  #remember(key: string, session: Session): Session {
-    this.#cache.set(key, session);
+  /** Counts a write of the session and forgets what this store remembered of it. */
+  #written(project: string, sessionId: string): void {
+    this.#generations?.bump(project, sessionId);
+    this.#cache.delete(`${project}/${sessionId}`);
+  }
+
+  /**
+   * Keeps `session` as the most recently used, forgetting the least recently
+   * used beyond the cap; `generation` is the session's write counter when it
+   * was read or written (undefined: unknown, read the meta record next time).
+   */
+  #remember(key: string, session: Session, generation: number | undefined): Session {
+    this.#cache.set(key, { session, generation });
     if (this.#cache.size > CACHED_SESSIONS) {
       this.#cache.delete(this.#cache.keys().next().value!);
     }

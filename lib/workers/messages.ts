@@ -14,6 +14,8 @@ import type { EngineEndpoint } from "../engine/engine_client.ts";
 export interface WorkerSettings {
   readonly endpoint: EngineEndpoint;
   readonly kvPath: string;
+  /** The process's session write counters, when it is the sessions' only writer. */
+  readonly writeGenerations: SharedArrayBuffer | undefined;
   readonly sessionTtlMs: number;
   readonly maxHistoryTokens: number;
   readonly trimLowWater: number;

@@ -12,6 +12,7 @@
 import { EngineClient } from "../engine/engine_client.ts";
 import { ServiceError, toServiceError } from "../protocol/errors.ts";
 import { SessionStore } from "../sessions/session_store.ts";
+import { WriteGenerations } from "../sessions/write_generations.ts";
 import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
 import { runTurn, type TurnContext } from "./run_turn.ts";
 
@@ -22,7 +23,11 @@ const post = (message: FromWorker) => self.postMessage(message);
 
 async function open(settings: WorkerSettings): Promise<TurnContext> {
   return {
-    store: await SessionStore.open(settings.kvPath, settings.sessionTtlMs),
+    store: await SessionStore.open(
+      settings.kvPath,
+      settings.sessionTtlMs,
+      settings.writeGenerations && WriteGenerations.from(settings.writeGenerations),
+    ),
     engine: new EngineClient(settings.endpoint, {
       timeoutMs: settings.requestTimeoutMs,
       retries: settings.engineRetries,
