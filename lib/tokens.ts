@@ -1,14 +1,17 @@
 /**
- * Token estimates for text the engine has not counted yet. The engine's own
+ * Token counts for text the engine has not counted yet. The engine's own
  * `usage` is exact for the served model and wins wherever it is known
- * (DESIGN principle 5); this is the fallback, with cl100k_base as a stand-in:
- * its tables take half the memory of o200k_base's (38 MB against 75 MB in
- * every worker that loads them) for an estimate that is only ever a guess.
+ * (DESIGN principle 5); gpt-tokenizer's estimate is the fallback, with
+ * cl100k_base as a stand-in: its tables take half the memory of o200k_base's
+ * (38 MB against 75 MB in every thread that loads them) for an estimate that
+ * is only ever a guess.
+ *
+ * The tables load on first use. A cheap upper bound answers the common
+ * question "does this still fit?" without them: a thread that never needs a
+ * real estimate never pays for the tables.
  *
  * @module
  */
-
-import { countTokens } from "gpt-tokenizer/encoding/cl100k_base";
 
 /** Tokens a chat template adds around each message (role markers, separators). */
 export const MESSAGE_OVERHEAD_TOKENS = 4;
@@ -16,9 +19,27 @@ export const MESSAGE_OVERHEAD_TOKENS = 4;
 // User text may contain strings that look like special tokens; count them as text.
 const AS_TEXT = { disallowedSpecial: new Set<string>() };
 
+let tokenizer: Promise<typeof import("gpt-tokenizer/encoding/cl100k_base")> | undefined;
+
 /** Estimated tokens of one chat message holding `text`, template overhead included. */
-export function estimateMessageTokens(text: string): number {
+export async function estimateMessageTokens(text: string): Promise<number> {
+  const { countTokens } = await (tokenizer ??= import("gpt-tokenizer/encoding/cl100k_base"));
   return countTokens(text, AS_TEXT) + MESSAGE_OVERHEAD_TOKENS;
+}
+
+/**
+ * Most tokens one chat message holding `text` can take: a byte-level BPE
+ * token covers at least one UTF-8 byte. Exact enough to tell that a message
+ * fits, never to tell that it does not.
+ */
+export function messageTokenBound(text: string): number {
+  let bytes = 0;
+  for (let i = 0; i < text.length; i++) {
+    const unit = text.charCodeAt(i);
+    // Each half of a surrogate pair counts 3: 6 for 4 bytes, still a bound.
+    bytes += unit < 0x80 ? 1 : unit < 0x800 ? 2 : 3;
+  }
+  return bytes + MESSAGE_OVERHEAD_TOKENS;
 }
 
 const promptEstimates = new Map<string, number>();
@@ -27,10 +48,10 @@ const promptEstimates = new Map<string, number>();
  * {@linkcode estimateMessageTokens} of a system prompt, remembered: the same
  * few prompts come with every turn, and a long one costs real time to count.
  */
-export function estimatePromptTokens(prompt: string): number {
+export async function estimatePromptTokens(prompt: string): Promise<number> {
   let tokens = promptEstimates.get(prompt);
   if (tokens === undefined) {
-    tokens = estimateMessageTokens(prompt);
+    tokens = await estimateMessageTokens(prompt);
     if (promptEstimates.size >= 64) promptEstimates.clear();
     promptEstimates.set(prompt, tokens);
   }

@@ -26,6 +26,7 @@ import type { TurnOrder, TurnTicket } from "../sessions/turn_order.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { WorkerPool } from "../workers/worker_pool.ts";
+import { estimateMessageTokens } from "../tokens.ts";
 import { ControlTopics } from "./control_topics.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import { RecentRequests } from "./recent_requests.ts";
@@ -96,6 +97,12 @@ export class Gateway {
   readonly #clientLimit: RateLimiter;
   /** Project prompts, replaceable at run time through the `template` control topic. */
   readonly #prompts: Map<string, string>;
+  /**
+   * Estimated tokens of the project prompts, counted here once (when set) so
+   * that the workers need not load the tokenizer's tables for them.
+   */
+  readonly #promptTokens = new Map<string, number>();
+  readonly #promptsCounted: Promise<unknown>;
   readonly #control: ControlTopics | undefined;
   /** Requests waiting for their session's earlier turns on other instances, before the queue. */
   readonly #inLine = new Map<Job, AbortController>();
@@ -105,6 +112,9 @@ export class Gateway {
   constructor(options: GatewayOptions) {
     this.#options = options;
     this.#prompts = new Map(options.projects);
+    this.#promptsCounted = Promise.all(
+      [...this.#prompts.values()].map((p) => this.#countPrompt(p)),
+    );
     this.#recent = new RecentRequests(options.dedupWindowMs);
     const { perSession, perClient, burst } = options.rateLimit;
     this.#sessionLimit = new RateLimiter({ perMinute: perSession, burst });
@@ -119,7 +129,10 @@ export class Gateway {
       directory: options.directory,
       topics: options.topics,
       publish: (target, body) => this.#publish(target, body),
-      setPrompt: (project, prompt) => this.#prompts.set(project, prompt),
+      setPrompt: (project, prompt) => {
+        this.#prompts.set(project, prompt);
+        this.#countPrompt(prompt);
+      },
       defaultPrompt: (project) => options.projects.get(project)!,
     });
   }
@@ -143,6 +156,7 @@ export class Gateway {
 
   /** Subscribes to every enabled project's input (and control) topics. */
   async subscribe(): Promise<void> {
+    await this.#promptsCounted;
     const { client, topics, qos } = this.#options;
     // One wildcard rather than both: overlapping filters may deliver a message twice.
     const every = this.#options.answerUnknownProjects;
@@ -334,6 +348,7 @@ export class Gateway {
         message: request.message,
         reset: request.reset,
         systemPrompt: prompt,
+        systemTokens: this.#promptTokens.get(prompt),
         systemPromptFromRequest: request.systemPrompt !== undefined,
         params: request.params,
         stream: request.stream,
@@ -386,6 +401,19 @@ export class Gateway {
         ...(error.retryAfterMs !== undefined && { retry_after_ms: error.retryAfterMs }),
       },
     });
+  }
+
+  /** Counts a project prompt's tokens in the background; until then the workers count it. */
+  async #countPrompt(prompt: string): Promise<void> {
+    if (this.#promptTokens.has(prompt)) return;
+    await estimateMessageTokens(prompt).then((tokens) => {
+      // Replaced prompts are forgotten: the map holds the prompts in use.
+      const inUse = new Set(this.#prompts.values());
+      for (const counted of this.#promptTokens.keys()) {
+        if (!inUse.has(counted)) this.#promptTokens.delete(counted);
+      }
+      if (inUse.has(prompt)) this.#promptTokens.set(prompt, tokens);
+    }).catch(() => {});
   }
 
   /** Lets the session's next turn start, on any instance (once per job, however often called). */

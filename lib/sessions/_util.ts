@@ -4,6 +4,8 @@
  * @module
  */
 
+import { abortableSleep } from "../_util.ts";
+
 /**
  * Commits `op`, or says "busy" when SQLite refused the lock: a checked write
  * reads inside its transaction, and SQLite answers a read lock's upgrade under
@@ -18,5 +20,21 @@ export async function commitUnlessBusy(
   } catch (error) {
     if (!/database is locked/i.test((error as Error).message)) throw error;
     return "busy";
+  }
+}
+
+/**
+ * Opens the Deno KV at `path`, trying again while another process holds the
+ * lock: opening a new SQLite file writes its schema, and instances started
+ * together on one data directory meet there.
+ */
+export async function openKv(path: string): Promise<Deno.Kv> {
+  for (let attempt = 1;; attempt++) {
+    try {
+      return await Deno.openKv(path);
+    } catch (error) {
+      if (attempt === 20 || !/database is locked/i.test((error as Error).message)) throw error;
+      await abortableSleep(attempt * 10 * (0.5 + Math.random()));
+    }
   }
 }

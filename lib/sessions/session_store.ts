@@ -24,7 +24,7 @@
  */
 
 import { abortableSleep } from "../_util.ts";
-import { commitUnlessBusy } from "./_util.ts";
+import { commitUnlessBusy, openKv } from "./_util.ts";
 import type { WriteGenerations } from "./write_generations.ts";
 
 /** One message of a session's history. */
@@ -99,7 +99,7 @@ export class SessionStore {
     ttlMs: number,
     generations?: WriteGenerations,
   ): Promise<SessionStore> {
-    return new SessionStore(await Deno.openKv(path), ttlMs, generations);
+    return new SessionStore(await openKv(path), ttlMs, generations);
   }
 
   /** Loads a session's history; an expired or unknown session is empty. */

@@ -16,6 +16,7 @@
  */
 
 import { abortableSleep } from "../_util.ts";
+import { openKv } from "./_util.ts";
 
 /** A ticket as stored: who holds it, and whether its turn has started. */
 interface Holder {
@@ -108,7 +109,7 @@ export class TurnOrder {
 
   /** Opens the tickets kept in the store at `path` and starts this instance's heartbeat. */
   static async open(path: string, options: TurnOrderOptions): Promise<TurnOrder> {
-    const order = new TurnOrder(await Deno.openKv(path), options);
+    const order = new TurnOrder(await openKv(path), options);
     await order.#beat();
     order.#heartbeat = setInterval(() => order.#beat().catch(() => {}), order.#timeoutMs / 3);
     return order;

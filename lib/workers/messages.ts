@@ -34,6 +34,8 @@ export interface TurnJob {
   readonly reset: boolean;
   /** The project's system prompt (or the request's own); a per-session one in KV wins. */
   readonly systemPrompt: string;
+  /** Estimated tokens of `systemPrompt`, when the gateway has counted it (the project's). */
+  readonly systemTokens: number | undefined;
   /** Whether the request asked for its own system prompt, which then beats the session's. */
   readonly systemPromptFromRequest: boolean;
   readonly params: SamplingParams;

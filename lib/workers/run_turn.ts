@@ -11,7 +11,7 @@ import { ThinkingFilter } from "../engine/thinking_filter.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { Session, SessionStore } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
-import { estimateMessageTokens, estimatePromptTokens } from "../tokens.ts";
+import { estimateMessageTokens, estimatePromptTokens, messageTokenBound } from "../tokens.ts";
 import { DeltaCoalescer } from "./delta_coalescer.ts";
 import type { TurnJob, TurnResult } from "./messages.ts";
 
@@ -43,20 +43,21 @@ export async function runTurn(
   const systemPrompt = job.systemPromptFromRequest
     ? job.systemPrompt
     : session.meta?.systemPrompt ?? job.systemPrompt;
-  const systemTokens = estimatePromptTokens(systemPrompt);
-  const userTokens = estimateMessageTokens(job.message);
+  // The gateway counted the project's prompt; a session's or a request's own is counted here.
+  const systemTokens = systemPrompt === job.systemPrompt && job.systemTokens !== undefined
+    ? job.systemTokens
+    : await estimatePromptTokens(systemPrompt);
   const budget = historyBudget({
     maxHistoryTokens: context.maxHistoryTokens,
     maxModelLen: context.maxModelLen,
     maxTokens: job.params.max_tokens,
     systemTokens,
   });
-  let drop = messagesToDrop(
-    session.history,
-    userTokens,
-    budget,
-    Math.floor(budget * context.trimLowWater),
-  );
+  const toDrop = (userTokens: number) =>
+    messagesToDrop(session.history, userTokens, budget, Math.floor(budget * context.trimLowWater));
+  // Most turns fit even at the message's largest possible size: no estimate needed.
+  let drop = toDrop(messageTokenBound(job.message));
+  if (drop > 0) drop = toDrop(await estimateMessageTokens(job.message));
 
   const prompt = (dropped: number): ChatMessage[] => [
     { role: "system", content: systemPrompt },
@@ -100,7 +101,7 @@ export async function runTurn(
   }
   const { completion, visible, firstVisibleAt } = outcome;
 
-  await saveTurn(context, job, session, drop, systemTokens, userTokens, completion, visible);
+  await saveTurn(context, job, session, drop, systemTokens, completion, visible);
   return {
     response: visible,
     finishReason: completion.finishReason,
@@ -110,13 +111,12 @@ export async function runTurn(
 }
 
 /** Stores the turn with token counts from the engine's usage where it gave them. */
-function saveTurn(
+async function saveTurn(
   context: TurnContext,
   job: TurnJob,
   session: Session,
   drop: number,
   systemTokens: number,
-  userEstimate: number,
   completion: { text: string; usage: TurnResult["usage"] | undefined },
   visible: string,
 ): Promise<void> {
@@ -126,12 +126,12 @@ function saveTurn(
   // The prompt's exact size, less what is already accounted for, is this message's share.
   const userTokens = usage
     ? Math.max(1, usage.prompt_tokens - systemTokens - historyTokens)
-    : userEstimate;
+    : await estimateMessageTokens(job.message!);
   // Reasoning counts in completion_tokens but is not stored: estimate when it was removed.
   const assistantTokens = usage && visible === completion.text
     ? usage.completion_tokens
-    : estimateMessageTokens(visible);
-  return context.store.commitTurn(job.project, job.sessionId, session, drop, [
+    : await estimateMessageTokens(visible);
+  await context.store.commitTurn(job.project, job.sessionId, session, drop, [
     { role: "user", content: job.message!, tokens: userTokens },
     { role: "assistant", content: visible, tokens: assistantTokens },
   ]);

@@ -219,7 +219,7 @@ const throughputScenarios = [
   {
     name: "(b) realistic engine: 50 ms + 15 ms/token, 64 tokens",
     sim: { ttftMs: 50, itlMs: 15, fillerTokens: 56 },
-    runs: [{ concurrency: 1, total: 6 }, { concurrency: 64, total: 256 }, {
+    runs: [{ concurrency: 1, total: 20 }, { concurrency: 64, total: 256 }, {
       concurrency: 256,
       total: 768,
     }],
