@@ -123,19 +123,37 @@ class Load {
     return new Load(clients);
   }
 
-  /** Sends one request and resolves when it is answered, with its first-delta time. */
+  /**
+   * Subscribes, before any timing starts, to the reply topics of the
+   * requests `ask` will send: request `index` of session `sessionId` each.
+   */
+  async prepare(requests: readonly (readonly [index: number, sessionId: string])[]): Promise<void> {
+    const topics = this.#clients.map(() => [] as string[]);
+    for (const [index, sessionId] of requests) {
+      const topic = `general/assistant_response/${sessionId}`;
+      if (this.#subscribed.has(topic)) continue;
+      this.#subscribed.add(topic);
+      topics[index % this.#clients.length].push(topic);
+    }
+    await Promise.all(this.#clients.map(async (client, k) => {
+      for (let start = 0; start < topics[k].length; start += 500) {
+        await client.subscribeAsync(topics[k].slice(start, start + 500), { qos: 1 });
+      }
+    }));
+  }
+
+  /**
+   * Sends request `index` (on connection `index` modulo their number) and
+   * resolves when it is answered, with its first-delta time.
+   */
   async ask(
-    loop: number,
+    index: number,
     sessionId: string,
     requestId: string,
     message: string,
   ): Promise<Answer> {
-    const client = this.#clients[loop % this.#clients.length];
-    const topic = `general/assistant_response/${sessionId}`;
-    if (!this.#subscribed.has(topic)) {
-      this.#subscribed.add(topic);
-      await client.subscribeAsync(topic, { qos: 1 });
-    }
+    const client = this.#clients[index % this.#clients.length];
+    await this.prepare([[index, sessionId]]);
     return await new Promise((resolve) => {
       const entry: Answer = {
         outcome: "",
@@ -203,6 +221,10 @@ async function run(
   };
 }
 
+/** The system prompt the service sends for project `general`, sent by the direct client too. */
+const GENERAL_PROMPT =
+  (await Deno.readTextFile(new URL("../../prompts/general.md", import.meta.url)))
+    .trim();
 const broker = await startMosquitto();
 const results: Record<string, unknown> = {};
 
@@ -234,11 +256,15 @@ for (const scenario of throughputScenarios) {
       `--max-in-flight=${Math.max(256, concurrency)}`,
     ], Math.min(concurrency, 32));
     const tag = `${concurrency}-${crypto.randomUUID().slice(0, 8)}`;
+    // The same requests both ways: one message to a new session, so that the engine sees the
+    // same prompt from the bridge as from the direct client (history is scenario (c)'s matter).
+    const session = (i: number) => `s${i}-${tag}`;
+    await bench.load.prepare(Array.from({ length: total }, (_, i) => [i, session(i)] as const));
     let bridgeErrors = 0;
-    const bridge = await drive(total, concurrency, async (i, loop) => {
+    const bridge = await drive(total, concurrency, async (i) => {
       const { firstDelta, outcome } = await bench.load.ask(
-        loop,
-        `s${loop}-${tag}`,
+        i,
+        session(i),
         `${tag}-${i}`,
         `hello ${i}`,
       );
@@ -251,7 +277,7 @@ for (const scenario of throughputScenarios) {
       const stream = await openai.chat.completions.create({
         model: "sim-model",
         messages: [
-          { role: "system", content: "You are a helpful assistant." },
+          { role: "system", content: GENERAL_PROMPT },
           { role: "user", content: `hello ${i}` },
         ],
         stream: true,
@@ -342,8 +368,11 @@ results.trimming = trimRows;
   const before = memoryMb(bench.service.child.pid);
   const sessions = 10_000;
   const tag = crypto.randomUUID().slice(0, 8);
-  const summary = await drive(sessions, 256, async (i, loop) => {
-    await bench.load.ask(loop, `d${i}-${tag}`, `d${i}-${tag}`, `hello ${i}`);
+  await bench.load.prepare(
+    Array.from({ length: sessions }, (_, i) => [i, `d${i}-${tag}`] as const),
+  );
+  const summary = await drive(sessions, 256, async (i) => {
+    await bench.load.ask(i, `d${i}-${tag}`, `d${i}-${tag}`, `hello ${i}`);
     return undefined;
   });
   const status = await (await fetch(`http://127.0.0.1:${bench.httpPort}/status`)).json();
@@ -378,6 +407,7 @@ results.trimming = trimRows;
   const tag = crypto.randomUUID().slice(0, 8);
   const outcomes: Record<string, number> = {};
   const rejectedIn: number[] = [];
+  await bench.load.prepare(Array.from({ length: flood }, (_, i) => [i, `e${i}-${tag}`] as const));
   const started = performance.now();
   await Promise.all(Array.from({ length: flood }, async (_, i) => {
     const t = performance.now();
