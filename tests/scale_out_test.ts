@@ -245,3 +245,35 @@ Deno.test("--kv-url: the token goes to the store's URL, and a refusal stops the 
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+test("three instances: one stopped (SIGTERM) mid-traffic leaves the group first, and nothing is refused", async () => {
+  await withInstances({ ttftMs: 100 }, async ({ client, instances }) => {
+    await client.subscribe("maze/assistant_response/#");
+    const sessions = 9;
+    const turns = 5;
+    const replies: string[] = [];
+    let stopping: Promise<number> | undefined;
+    await Promise.all(Array.from({ length: sessions }, async (_, s) => {
+      for (let t = 1; t <= turns; t++) {
+        if (s === 0 && t === 3) stopping = instances[0].stop("SIGTERM");
+        const request_id = `g${s}-${t}`;
+        await client.send("maze/user_input", {
+          session_id: `g${s}`,
+          message: `turn ${t}`,
+          request_id,
+        });
+        const reply = await client.final(`g${s}`, request_id);
+        replies.push(
+          reply.json!.type === "done"
+            ? "done"
+            : String((reply.json!.error as { code: string }).code),
+        );
+      }
+    }));
+    equal(await stopping, 0, "the stopped instance exits cleanly");
+    deepEqual(
+      Object.entries(Object.groupBy(replies, (r) => r)).map(([k, v]) => [k, v!.length]),
+      [["done", sessions * turns]],
+    );
+  });
+});

@@ -106,6 +106,9 @@ export class Gateway {
   readonly #control: ControlTopics | undefined;
   /** Requests waiting for their session's earlier turns on other instances, before the queue. */
   readonly #inLine = new Map<Job, AbortController>();
+  /** Requests waiting in line, until each is queued or has failed. */
+  readonly #lines = new Set<Promise<void>>();
+  #subscriptions: string[] = [];
   #nextId = 1;
   #accepting = true;
 
@@ -165,7 +168,8 @@ export class Gateway {
       if (!every) filters.push(topics.input(project));
       if (this.#control) filters.push(...this.#control.filters(project));
     }
-    await client.subscribeAsync(filters.map((filter) => topics.subscription(filter)), { qos });
+    this.#subscriptions = filters.map((filter) => topics.subscription(filter));
+    await client.subscribeAsync(this.#subscriptions, { qos });
     log.info("Subscribed to {filters}", { filters });
   }
 
@@ -269,8 +273,13 @@ export class Gateway {
       receivedAt: performance.now(),
       dedupKey,
     };
-    if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
-    else this.#submit(job);
+    if (this.#options.turnOrder) {
+      const line = this.#waitInLine(job, this.#options.turnOrder);
+      this.#lines.add(line);
+      line.finally(() => this.#lines.delete(line));
+    } else {
+      this.#submit(job);
+    }
   }
 
   #submit(job: Job): void {
@@ -310,21 +319,33 @@ export class Gateway {
 
   /**
    * Stops taking requests and waits up to `timeoutMs` for accepted ones to
-   * finish; what is left is cancelled with an error reply.
+   * finish; what is left is cancelled with an error reply. A member of a
+   * share group first leaves the group, so that the broker hands new
+   * requests to the other members instead of to one that refuses them.
    */
   async drain(timeoutMs: number): Promise<void> {
+    const deadline = performance.now() + timeoutMs;
+    if (this.#options.topics.shared && this.#subscriptions.length > 0) {
+      // Requests the broker sent before it took the unsubscribe arrive before its answer, and
+      // are taken. A broker that is gone does not answer: do not wait on it for long.
+      await withTimeout(this.#options.client.unsubscribeAsync(this.#subscriptions), 2000)
+        .catch((error) =>
+          log.warn("Leaving the share group: {message}", { message: String(error) })
+        );
+    }
     this.stopAccepting();
     const leaving = new ServiceError("cancelled", "the service is shutting down", {
       retryAfterMs: 5000,
     });
-    for (const line of this.#inLine.values()) line.abort(leaving);
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timedOut = new Promise<"timeout">((resolve) => {
-      timer = setTimeout(() => resolve("timeout"), timeoutMs);
-    });
-    const outcome = await Promise.race([this.#scheduler.idle(), timedOut]);
-    clearTimeout(timer);
+    const idle = (async () => {
+      await Promise.all(this.#lines);
+      await this.#scheduler.idle();
+    })();
+    const outcome = await withTimeout(idle, Math.max(0, deadline - performance.now()))
+      .catch(() => "timeout" as const);
     if (outcome !== "timeout") return;
+    for (const line of this.#inLine.values()) line.abort(leaving);
+    await Promise.all(this.#lines);
     for (const job of this.#scheduler.drainQueue()) this.#fail(job.target, leaving, job);
     this.#scheduler.abortRunning(leaving);
     await this.#scheduler.idle();
@@ -486,4 +507,13 @@ function sessionKey(project: string, sessionId: string): string {
 
 function asServiceError(error: unknown): ServiceError {
   return error instanceof ServiceError ? error : new ServiceError("internal", String(error));
+}
+
+/** `promise`, or a rejection once `ms` milliseconds have passed. */
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }

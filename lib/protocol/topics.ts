@@ -27,6 +27,11 @@ export class Topics {
   }
 
   /** The subscription for a topic filter: `$share/{group}/{filter}` within a share group. */
+  /** Whether input is subscribed as a shared subscription (several instances). */
+  get shared(): boolean {
+    return this.#shareGroup !== undefined;
+  }
+
   subscription(filter: string): string {
     return this.#shareGroup === undefined ? filter : `$share/${this.#shareGroup}/${filter}`;
   }
