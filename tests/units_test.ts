@@ -96,6 +96,7 @@ Deno.test("config: bad values stop start-up naming the option", () => {
   throws(() => config(["--bogus"]), /unknown option '--bogus'/);
   throws(() => config(["--projects", "a/b"]), ConfigError);
   throws(() => config(["--mqtt-url", "http://x"]), /'--mqtt-url' must be/);
+  throws(() => config(["--kv-url", "kv.example:4512"]), /'--kv-url' must be an http\(s\) URL/);
   throws(() => config(["--max-tokens", "5000"]), /below '--max-model-len'/);
 });
 

@@ -424,17 +424,21 @@ export class Gateway {
     });
   }
 
-  /** Counts a project prompt's tokens in the background; until then the workers count it. */
+  /** Counts a project prompt's tokens; until it is counted (or if that fails) the workers count it. */
   async #countPrompt(prompt: string): Promise<void> {
     if (this.#promptTokens.has(prompt)) return;
-    await estimateMessageTokens(prompt).then((tokens) => {
-      // Replaced prompts are forgotten: the map holds the prompts in use.
-      const inUse = new Set(this.#prompts.values());
-      for (const counted of this.#promptTokens.keys()) {
-        if (!inUse.has(counted)) this.#promptTokens.delete(counted);
-      }
-      if (inUse.has(prompt)) this.#promptTokens.set(prompt, tokens);
-    }).catch(() => {});
+    let tokens: number;
+    try {
+      tokens = await estimateMessageTokens(prompt);
+    } catch {
+      return;
+    }
+    // Only the prompts in use are kept: one replaced through `template` is forgotten.
+    const inUse = new Set(this.#prompts.values());
+    for (const counted of this.#promptTokens.keys()) {
+      if (!inUse.has(counted)) this.#promptTokens.delete(counted);
+    }
+    if (inUse.has(prompt)) this.#promptTokens.set(prompt, tokens);
   }
 
   /** Lets the session's next turn start, on any instance (once per job, however often called). */

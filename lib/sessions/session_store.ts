@@ -75,7 +75,7 @@ export interface SessionRef {
 const BATCH_MUTATIONS = 500;
 /** Tries of a turn's commit against writers that keep changing or locking the session. */
 const COMMIT_ATTEMPTS = 20;
-/** Sessions a store remembers, most recently used first out of the way last. */
+/** Sessions a store remembers; the least recently used is forgotten first. */
 const CACHED_SESSIONS = 1024;
 const BATCH_BYTES = 512 * 1024;
 
@@ -188,11 +188,14 @@ export class SessionStore {
       }
       if (committed.ok) {
         const after = this.#generations?.bump(project, sessionId);
+        // Another thread's write in between (the counter moved by more than ours) leaves the
+        // generation unknown: the next load then checks the versionstamp.
+        const generation = after !== undefined && after === before! + 1 ? after : undefined;
         this.#remember(`${project}/${sessionId}`, {
           meta,
           history: [...kept, ...added.map((message, i) => ({ ...message, seq: base + i }))],
           versionstamp: committed.versionstamp,
-        }, after !== undefined && after === before! + 1 ? after : undefined); // else: another wrote too
+        }, generation);
         await this.#deleteRange(project, sessionId, session.meta?.firstSeq ?? 0, meta.firstSeq);
         return;
       }
