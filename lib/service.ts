@@ -10,6 +10,7 @@ import { join } from "node:path";
 import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
 import { type Config, ConfigError } from "./config/config.ts";
 import { EngineHealth } from "./engine/engine_health.ts";
+import { engineTokenCount } from "./engine/engine_tokenizer.ts";
 import { startEngine } from "./engine/start_engine.ts";
 import { Gateway } from "./gateway/gateway.ts";
 import { logger } from "./log.ts";
@@ -182,6 +183,7 @@ export async function startService(config: Config): Promise<Service> {
       controlStore: config.controlTopics ? store : undefined,
       answerUnknownProjects: config.answerUnknownProjects,
       turnOrder,
+      engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
     });
     client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
     const onlineStatus = {

@@ -7,6 +7,9 @@ import assert, { deepEqual, equal, match, throws } from "node:assert/strict";
 import { ConfigError, helpText, parseConfig } from "../lib/config/config.ts";
 import { OPTIONS } from "../lib/config/options.ts";
 import { PrefixCache } from "../lib/engine/prefix_cache.ts";
+import { startSimulator } from "../lib/engine/simulator.ts";
+import { engineTokenCount } from "../lib/engine/engine_tokenizer.ts";
+import { messageTokenBound } from "../lib/tokens.ts";
 import { stripThinking, ThinkingFilter } from "../lib/engine/thinking_filter.ts";
 import { parseRequest, type RequestLimits, ServiceError } from "../lib/protocol/mod.ts";
 import { Scheduler } from "../lib/scheduler/scheduler.ts";
@@ -413,5 +416,30 @@ Deno.test("session store: threads sharing write counters see each other's turns 
     a.close();
     b.close();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("token counts: the engine's /tokenize where it has one, nothing where it has not", async () => {
+  const sim = await startSimulator({ apiKey: "k" });
+  const bare = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    () => new Response("not found", { status: 404 }),
+  );
+  try {
+    const text = "You guide the player through the maze.";
+    const counted = await engineTokenCount({ baseUrl: sim.url, apiKey: "k", model: "m" }, text);
+    assert(counted !== undefined && counted > 0 && counted < messageTokenBound(text));
+    const endpoint = { baseUrl: `http://127.0.0.1:${bare.addr.port}/v1`, apiKey: "", model: "m" };
+    equal(await engineTokenCount(endpoint, text), undefined);
+  } finally {
+    await sim.close();
+    await bare.shutdown();
+  }
+});
+
+Deno.test("token bound: never below the UTF-8 size, whatever the script", () => {
+  for (const text of ["hello", "héllo wörld", "迷宫的出口在哪里", "🙂🙃 emoji", "\ud800 lone"]) {
+    const bytes = new TextEncoder().encode(text).length;
+    assert(messageTokenBound(text) >= bytes, text);
   }
 });

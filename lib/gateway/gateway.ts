@@ -26,7 +26,7 @@ import type { TurnOrder, TurnTicket } from "../sessions/turn_order.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { WorkerPool } from "../workers/worker_pool.ts";
-import { estimateMessageTokens } from "../tokens.ts";
+import { estimateMessageTokens, MESSAGE_OVERHEAD_TOKENS } from "../tokens.ts";
 import { ControlTopics } from "./control_topics.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import { RecentRequests } from "./recent_requests.ts";
@@ -84,6 +84,8 @@ export interface GatewayOptions {
   readonly turnOrder: TurnOrder | undefined;
   /** Subscribe every project's input and answer `unknown_project` for those not served. */
   readonly answerUnknownProjects: boolean;
+  /** The engine's own count of a text's tokens, where it offers one (vLLM's `/tokenize`). */
+  readonly engineTokenCount: (text: string) => Promise<number | undefined>;
 }
 
 const log = logger("gateway");
@@ -98,8 +100,9 @@ export class Gateway {
   /** Project prompts, replaceable at run time through the `template` control topic. */
   readonly #prompts: Map<string, string>;
   /**
-   * Estimated tokens of the project prompts, counted here once (when set) so
-   * that the workers need not load the tokenizer's tables for them.
+   * Tokens of the project prompts, counted once (when set) by the engine, or
+   * else estimated here, so that the workers need not load the tokenizer's
+   * tables for them.
    */
   readonly #promptTokens = new Map<string, number>();
   readonly #promptsCounted: Promise<unknown>;
@@ -429,7 +432,10 @@ export class Gateway {
     if (this.#promptTokens.has(prompt)) return;
     let tokens: number;
     try {
-      tokens = await estimateMessageTokens(prompt);
+      const counted = await this.#options.engineTokenCount(prompt);
+      tokens = counted === undefined
+        ? await estimateMessageTokens(prompt)
+        : counted + MESSAGE_OVERHEAD_TOKENS;
     } catch {
       return;
     }
