@@ -13,7 +13,7 @@
 
 import mqtt from "mqtt";
 import OpenAI from "openai";
-import { type Simulator, startSimulator } from "../../lib/engine/simulator.ts";
+import type { SimulatorOptions } from "../../lib/engine/simulator.ts";
 import { freePort, startMosquitto, startService } from "../_helpers.ts";
 
 interface Timings {
@@ -68,6 +68,31 @@ function memoryMb(pid: number): { peak: number; now: number } {
   const status = Deno.readTextFileSync(`/proc/${pid}/status`);
   const kb = (field: string) => Number(status.match(new RegExp(`${field}:\\s+(\\d+)`))?.[1] ?? 0);
   return { peak: round(kb("VmHWM") / 1024), now: round(kb("VmRSS") / 1024) };
+}
+
+/** The simulated engine, running on a thread of its own. */
+interface Simulator {
+  readonly url: string;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts the simulated engine in a Web Worker (as `--engine sim` does): its
+ * token timers must not wait on the load generator's MQTT work, as a real
+ * engine, in its own process, would not.
+ */
+async function startSimulator(options: SimulatorOptions): Promise<Simulator> {
+  const worker = new Worker(new URL("../../lib/engine/simulator_worker.ts", import.meta.url), {
+    type: "module",
+  });
+  const url = await new Promise<string>((resolve) => {
+    worker.onmessage = (event: MessageEvent<{ url: string }>) => resolve(event.data.url);
+    worker.postMessage(options);
+  });
+  return {
+    url,
+    close: () => Promise.resolve(worker.terminate()),
+  };
 }
 
 /** Prometheus counters of the simulated engine. */
