@@ -18,7 +18,12 @@ import {
   waitFor,
 } from "./_helpers.ts";
 
-const GAP_MS = Number(Deno.env.get("GAP") ?? 25);
+/**
+ * Milliseconds between a session's quick turns in the ordering test: far below
+ * an answer's time, above the instances' receive jitter (at 1.5 ms apart they
+ * reach the instances out of order; see the README).
+ */
+const GAP_MS = 25;
 
 interface Instances {
   readonly client: TestClient;
@@ -129,8 +134,6 @@ test("three instances: a session's quick turns run one at a time, in the order s
           request_id: `q${s}-${t}`,
         });
       }
-      // Quicker than an answer, but far enough apart for the instances that receive them to
-      // tell the order (see the README: turns sent within a few ms keep their arrival order).
       await new Promise((resolve) => setTimeout(resolve, GAP_MS));
     }
     for (let s = 0; s < sessions; s++) {
@@ -142,7 +145,7 @@ test("three instances: a session's quick turns run one at a time, in the order s
       deepEqual(
         seen,
         [1, 2, 3, 4, 5],
-        `session q${s}: turns ran out of order or at once: ${seen} ${await history(`q${s}`)}`,
+        `session q${s}: turns ran out of order or at once (stored: ${await history(`q${s}`)})`,
       );
       deepEqual(await history(`q${s}`), ["turn 1", "turn 2", "turn 3", "turn 4", "turn 5"]);
     }
