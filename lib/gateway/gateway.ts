@@ -107,10 +107,14 @@ export class Gateway {
   readonly #promptTokens = new Map<string, number>();
   readonly #promptsCounted: Promise<unknown>;
   readonly #control: ControlTopics | undefined;
-  /** Requests waiting for their session's earlier turns on other instances, before the queue. */
-  readonly #inLine = new Map<Job, AbortController>();
-  /** Requests waiting in line, until each is queued or has failed. */
-  readonly #lines = new Set<Promise<void>>();
+  /**
+   * Requests waiting for their session's earlier turns on other instances,
+   * before the queue: how to give one up, and when it is queued or has failed.
+   */
+  readonly #inLine = new Map<
+    Job,
+    { readonly abort: AbortController; readonly waited: Promise<void> }
+  >();
   #subscriptions: string[] = [];
   #nextId = 1;
   #accepting = true;
@@ -241,8 +245,8 @@ export class Gateway {
       for (const job of this.#scheduler.cancel(key, reason, matches)) {
         this.#fail(job.target, reason, job);
       }
-      for (const [job, line] of this.#inLine) {
-        if (job.sessionKey === key && matches(job)) line.abort(reason);
+      for (const [job, { abort }] of this.#inLine) {
+        if (job.sessionKey === key && matches(job)) abort.abort(reason);
       }
       if (request.message === undefined && !request.reset) return;
     }
@@ -276,13 +280,8 @@ export class Gateway {
       receivedAt: performance.now(),
       dedupKey,
     };
-    if (this.#options.turnOrder) {
-      const line = this.#waitInLine(job, this.#options.turnOrder);
-      this.#lines.add(line);
-      line.finally(() => this.#lines.delete(line));
-    } else {
-      this.#submit(job);
-    }
+    if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
+    else this.#submit(job);
   }
 
   #submit(job: Job): void {
@@ -299,23 +298,25 @@ export class Gateway {
    * done. Waiting jobs count against the queue's bound but hold no in-flight
    * slot: two instances waiting on each other's queued turns cannot deadlock.
    */
-  async #waitInLine(job: Job, order: TurnOrder): Promise<void> {
-    const { maxQueue } = this.#options;
-    if (this.#inLine.size + this.#scheduler.queued >= maxQueue) {
+  #waitInLine(job: Job, order: TurnOrder): void {
+    if (this.#inLine.size + this.#scheduler.queued >= this.#options.maxQueue) {
       this.#submit(job); // refused with the scheduler's own queue_full
       return;
     }
-    const line = new AbortController();
-    this.#inLine.set(job, line);
+    const abort = new AbortController();
+    const waited = this.#takeTurn(job, order, abort.signal)
+      .finally(() => this.#inLine.delete(job));
+    this.#inLine.set(job, { abort, waited });
+  }
+
+  async #takeTurn(job: Job, order: TurnOrder, signal: AbortSignal): Promise<void> {
     try {
       const { project, sessionId } = job.request;
       job.ticket = await order.take(project, sessionId, performance.timeOrigin + job.receivedAt);
-      await job.ticket.turn(line.signal);
+      await job.ticket.turn(signal);
     } catch (error) {
       this.#fail(job.target, asServiceError(error), job);
       return;
-    } finally {
-      this.#inLine.delete(job);
     }
     this.#submit(job);
   }
@@ -340,15 +341,16 @@ export class Gateway {
     const leaving = new ServiceError("cancelled", "the service is shutting down", {
       retryAfterMs: 5000,
     });
+    const lines = () => Promise.all([...this.#inLine.values()].map(({ waited }) => waited));
     const idle = (async () => {
-      await Promise.all(this.#lines);
+      await lines();
       await this.#scheduler.idle();
     })();
     const outcome = await withTimeout(idle, Math.max(0, deadline - performance.now()))
       .catch(() => "timeout" as const);
     if (outcome !== "timeout") return;
-    for (const line of this.#inLine.values()) line.abort(leaving);
-    await Promise.all(this.#lines);
+    for (const { abort } of this.#inLine.values()) abort.abort(leaving);
+    await lines();
     for (const job of this.#scheduler.drainQueue()) this.#fail(job.target, leaving, job);
     this.#scheduler.abortRunning(leaving);
     await this.#scheduler.idle();

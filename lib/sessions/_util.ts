@@ -18,7 +18,7 @@ export async function commitUnlessBusy(
   try {
     return await op.commit();
   } catch (error) {
-    if (!/database is locked/i.test((error as Error).message)) throw error;
+    if (!isLocked(error)) throw error;
     return "busy";
   }
 }
@@ -33,8 +33,13 @@ export async function openKv(path: string): Promise<Deno.Kv> {
     try {
       return await Deno.openKv(path);
     } catch (error) {
-      if (attempt === 20 || !/database is locked/i.test((error as Error).message)) throw error;
+      if (attempt === 20 || !isLocked(error)) throw error;
       await abortableSleep(attempt * 10 * (0.5 + Math.random()));
     }
   }
+}
+
+/** Whether `error` is SQLite refusing a lock another connection holds. */
+function isLocked(error: unknown): boolean {
+  return /database is locked/i.test((error as Error)?.message ?? "");
 }

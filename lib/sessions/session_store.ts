@@ -143,8 +143,9 @@ export class SessionStore {
   }
 
   /**
-   * Commits a turn: keeps `history.slice(drop)`, appends `added`, and refreshes
-   * the expiry of everything kept. The new messages and the meta record are
+   * Commits a turn: keeps `history.slice(drop)`, appends `added`, and renews
+   * the kept messages' expiry when it would come before the meta record's
+   * (about once a TTL). The new messages and the meta record are
    * written in one atomic operation checked against the versionstamp the
    * session was loaded with, so the turn appears whole or not at all, and two
    * instances never both append on the same base: the one that loses reloads
