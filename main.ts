@@ -2,8 +2,10 @@
  * vllm-mqtt: serve a large language model to MQTT clients.
  *
  * Parses the configuration, starts the service and stops it gracefully on
- * SIGINT or SIGTERM. Exit codes: 0 after a clean stop, 1 when start-up fails
- * or the engine gives up, 2 for a configuration error.
+ * SIGINT or SIGTERM (a second one stops at once). Exit codes: 0 after a clean
+ * stop, 1 when start-up fails, a part fails for good (the engine gives up,
+ * another instance takes the MQTT client id) or the stop is forced, 2 for a
+ * configuration error.
  *
  * @module
  */
@@ -11,6 +13,9 @@
 import { ConfigError, helpText, parseConfig } from "./lib/config/config.ts";
 import { closeLogging, logger, setupLogging } from "./lib/log.ts";
 import { type Service, startService } from "./lib/service.ts";
+
+/** Time for closing the parts after accepted requests had their `--shutdown-timeout`. */
+const SHUTDOWN_MARGIN_MS = 5000;
 
 async function main(): Promise<number> {
   let parsed;
@@ -52,19 +57,34 @@ async function main(): Promise<number> {
     const stop = (why: string, code: number) => {
       if (stopping) return;
       stopping = true;
-      log.info("{why}: stopping", { why });
+      log.info("{why}: stopping (a second SIGINT or SIGTERM stops at once)", { why });
+      // Whatever the broker and the engine do, the stop ends: past the time accepted requests
+      // may take, and a margin for closing, vLLM is killed and the program exits.
+      const deadline = setTimeout(() => {
+        log.error("Shutdown took longer than {s} s: stopping now", { s: deadlineMs / 1000 });
+        service.killNow();
+        resolve(1);
+      }, deadlineMs);
       service.stop().then(() => resolve(code), (error) => {
         log.error("Shutdown failed: {message}", { message: (error as Error).message });
         service.killNow();
         resolve(1);
-      });
+      }).finally(() => clearTimeout(deadline));
     };
+    const deadlineMs = config.shutdownTimeoutMs + SHUTDOWN_MARGIN_MS;
     for (const signal of ["SIGINT", "SIGTERM"] as const) {
-      Deno.addSignalListener(signal, () => stop(signal, 0));
+      Deno.addSignalListener(signal, () => {
+        if (!stopping) return stop(signal, 0);
+        log.warn("{signal} again: stopping now, without waiting for accepted requests", {
+          signal,
+        });
+        service.killNow();
+        resolve(1);
+      });
     }
     service.failed.then((error) => {
       log.error("{message}", { message: error.message });
-      stop("engine failed", 1);
+      stop("a part failed for good", 1);
     });
   });
   const code = await stopped;

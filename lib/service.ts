@@ -7,20 +7,22 @@
  */
 
 import { join } from "node:path";
+import { withTimeout } from "./_util.ts";
 import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
 import { type Config, ConfigError } from "./config/config.ts";
 import { EngineHealth } from "./engine/engine_health.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
-import { startEngine } from "./engine/start_engine.ts";
+import { type RunningEngine, startEngine } from "./engine/start_engine.ts";
 import { Gateway } from "./gateway/gateway.ts";
 import { logger } from "./log.ts";
-import { connectMqtt, redact } from "./mqtt/connect.ts";
+import type { MqttClient } from "mqtt";
+import { connectMqtt, type MessageHandler, redact } from "./mqtt/connect.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
 import { SessionStore } from "./sessions/session_store.ts";
 import { TurnOrder } from "./sessions/turn_order.ts";
 import { WriteGenerations } from "./sessions/write_generations.ts";
-import { serveHttpEndpoint } from "./observability/http_endpoint.ts";
+import { type HttpEndpoint, serveHttpEndpoint } from "./observability/http_endpoint.ts";
 import { Stats } from "./observability/stats.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
 
@@ -28,7 +30,10 @@ import { WorkerPool } from "./workers/worker_pool.ts";
 export interface Service {
   /** The broker it is connected to. */
   readonly brokerUrl: string;
-  /** Resolves with a reason when a part fails for good (vLLM gave up). */
+  /**
+   * Resolves with a reason when a part fails for good (vLLM gave up, or
+   * another instance took our MQTT client id).
+   */
   readonly failed: Promise<Error>;
   /** Stops taking requests, finishes or cancels accepted ones, and closes everything. */
   stop(): Promise<void>;
@@ -54,6 +59,12 @@ export async function loadPrompts(config: Config): Promise<Map<string, string>> 
   return prompts;
 }
 
+/**
+ * How long a step of the shutdown may wait on the broker: it may be gone, and
+ * the Last Will says `offline` for us then.
+ */
+const BROKER_GOODBYE_MS = 2000;
+
 /** Starts the whole service. */
 export async function startService(config: Config): Promise<Service> {
   const prompts = await loadPrompts(config);
@@ -67,13 +78,26 @@ export async function startService(config: Config): Promise<Service> {
   const undo = async () => {
     for (const step of cleanup.reverse()) await step();
   };
+  const parts: Parts = {};
+  // Messages the broker delivers before the gateway exists wait, unacknowledged, for it.
+  const handler = Promise.withResolvers<MessageHandler>();
+  const takenOver = Promise.withResolvers<Error>();
   try {
+    // First, so that liveness answers during a long engine start, and so that a port in use
+    // stops the start-up before it touches the broker (where it could knock off a live
+    // instance with the same client id).
+    if (config.httpPort !== 0) {
+      const http = serveOperatorEndpoint(config, parts);
+      cleanup.push(() => http.close());
+    }
     const engine = await startEngine(config);
+    parts.engine = engine;
     cleanup.push(() => engine.close());
     const engineHealth = new EngineHealth({
       probeUrl: engine.probeUrl,
       apiKey: engine.endpoint.apiKey,
     }).start();
+    parts.engineHealth = engineHealth;
     cleanup.push(() => engineHealth.close());
 
     await Deno.mkdir(config.dataDir, { recursive: true });
@@ -138,8 +162,14 @@ export async function startService(config: Config): Promise<Service> {
       tlsKey: config.tlsKey,
       will: { topic: topics.status, payload: offline },
       persistentSession: config.shareGroup === undefined,
+      handler: handler.promise,
+      onTakeover: (error) => takenOver.resolve(error),
     });
-    cleanup.push(() => client.endAsync());
+    parts.client = client;
+    // A broker that is gone would keep a graceful end waiting for ever.
+    cleanup.push(() =>
+      withTimeout(client.endAsync(), BROKER_GOODBYE_MS).catch(() => client.endAsync(true))
+    );
     log.info("Connected to broker {url} (MQTT {version})", {
       url: redact(brokerUrl),
       version: protocolVersion === 5 ? "5" : "3.1.1",
@@ -185,7 +215,8 @@ export async function startService(config: Config): Promise<Service> {
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
     });
-    client.on("message", (topic, payload, packet) => gateway.handle(topic, payload, packet));
+    parts.serving = { gateway, directory, stats };
+    handler.resolve((topic, payload, packet) => gateway.handle(topic, payload, packet));
     const onlineStatus = {
       status: "online",
       instance,
@@ -221,36 +252,21 @@ export async function startService(config: Config): Promise<Service> {
     }, config.statsIntervalMs);
     cleanup.push(() => clearInterval(statsTimer));
 
-    if (config.httpPort !== 0) {
-      const http = serveHttpEndpoint(config.httpHost, config.httpPort, {
-        readiness: () => {
-          const broker = client.connected;
-          const engineReady = engineHealth.state === "ready";
-          return { ready: broker && engineReady, broker, engine: engineReady };
-        },
-        metrics: () => stats.prometheus(),
-        status: () => ({
-          ...onlineStatus,
-          broker: { url: redact(brokerUrl), connected: client.connected },
-          engine: { mode: config.engine, state: engineHealth.state, restarts: engine.restarts },
-          queued: gateway.queued,
-          in_flight: gateway.inFlight,
-          live_sessions: directory.size,
-        }),
-      });
-      cleanup.push(() => http.close());
-    }
-
     return {
       brokerUrl,
-      failed: engine.failed,
+      failed: Promise.race([engine.failed, takenOver.promise]),
       stop: async () => {
         log.info("Shutting down: finishing accepted requests (up to {s} s)", {
           s: config.shutdownTimeoutMs / 1000,
         });
         clearInterval(statsTimer);
         await gateway.drain(config.shutdownTimeoutMs);
-        await client.publishAsync(topics.status, offline, { qos: 1, retain: true }).catch(() => {});
+        if (client.connected) {
+          await withTimeout(
+            client.publishAsync(topics.status, offline, { qos: 1, retain: true }),
+            BROKER_GOODBYE_MS,
+          ).catch(() => {});
+        }
         await Deno.writeTextFile(statusFile, offline).catch(() => {});
         await undo();
         log.info("Stopped");
@@ -258,6 +274,8 @@ export async function startService(config: Config): Promise<Service> {
       killNow: () => engine.killNow(),
     };
   } catch (error) {
+    // Nothing held for the gateway is acknowledged: the broker delivers it at the next start.
+    handler.reject(error);
     await undo();
     throw error;
   }
@@ -286,6 +304,56 @@ async function openStore(
       `'--kv-url' ${config.kvUrl} cannot be used (is DENO_KV_ACCESS_TOKEN set, and --allow-net given for its host?): ${
         (error as Error).message
       }`,
+    );
+  }
+}
+
+/** The service's parts as they come up, for the HTTP endpoint (which comes up first). */
+interface Parts {
+  engine?: RunningEngine;
+  engineHealth?: EngineHealth;
+  client?: MqttClient;
+  serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats };
+}
+
+/** The HTTP endpoint, reporting on the parts that are up so far. */
+function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): HttpEndpoint {
+  const startedAt = new Date().toISOString();
+  const engineState = () => parts.engineHealth?.state ?? "starting";
+  try {
+    return serveHttpEndpoint(config.httpHost, config.httpPort, {
+      readiness: () => {
+        const broker = parts.client?.connected ?? false;
+        const engine = engineState() === "ready";
+        const serving = parts.serving !== undefined;
+        return { ready: broker && engine && serving, broker, engine, serving };
+      },
+      metrics: () => parts.serving?.stats.prometheus() ?? "",
+      status: () => ({
+        status: parts.serving ? "online" : "starting",
+        instance: config.mqttClientId,
+        model: config.servedModelName,
+        projects: config.projects,
+        started_at: startedAt,
+        broker: {
+          url: config.mqttUrl === undefined ? undefined : redact(config.mqttUrl),
+          connected: parts.client?.connected ?? false,
+        },
+        engine: {
+          mode: config.engine,
+          state: engineState(),
+          restarts: parts.engine?.restarts ?? {},
+        },
+        queued: parts.serving?.gateway.queued ?? 0,
+        in_flight: parts.serving?.gateway.inFlight ?? 0,
+        live_sessions: parts.serving?.directory.size ?? 0,
+      }),
+    });
+  } catch (error) {
+    if (!(error instanceof Deno.errors.AddrInUse)) throw error;
+    throw new ConfigError(
+      `'--http-port' ${config.httpPort} on ${config.httpHost} is in use (is another instance running?): ` +
+        `choose another port, or 0 to turn the HTTP endpoint off`,
     );
   }
 }

@@ -195,27 +195,29 @@ test("each kind of bad input gets its error code and the service keeps answering
         "invalid_request",
       );
       deepEqual(await code({ session_id: "e5", message: "   " }, "e5"), "invalid_request");
+      // Too large to parse, but its session id can still be read: answered.
+      deepEqual(
+        await code(JSON.stringify({ session_id: "big", message: "x".repeat(5000) }), "big"),
+        "payload_too_large",
+      );
       // Unaddressable: counted, not answered.
       await client.send("maze/user_input", "{not json");
       await client.send("maze/user_input", { session_id: "a/b", message: "inject a level" });
       await client.send("maze/user_input", { session_id: "#", message: "wildcard" });
       await client.send("maze/user_input", new Uint8Array([0x7b, 0xff, 0xfe, 0x7d]));
-      await client.send(
-        "maze/user_input",
-        JSON.stringify({ session_id: "big", message: "x".repeat(5000) }),
-      );
+      await client.send("maze/user_input", JSON.stringify({ message: "x".repeat(5000) }));
       await client.send("maze/user_input", "[".repeat(1000) + "]".repeat(1000));
       // Every other client is still served.
       await client.send("maze/user_input", { session_id: "ok", message: "still there?" });
       deepEqual((await client.final("ok")).json!.type, "done");
-      assert(!client.received.some((m) => m.topic.includes("/big") || m.topic.includes("a/b")));
+      assert(!client.received.some((m) => m.topic.includes("a/b")));
       const stats = await client.next((m) =>
-        m.topic === "vllm-mqtt/stats" && ((m.json!.totals as { requests: number }).requests >= 12)
+        m.topic === "vllm-mqtt/stats" && ((m.json!.totals as { requests: number }).requests >= 13)
       );
       const totals = stats.json!.totals as Record<string, number>;
-      deepEqual(totals.requests, 12);
+      deepEqual(totals.requests, 13);
       deepEqual(totals.answered, 1);
-      deepEqual(totals.errors, 11);
+      deepEqual(totals.errors, 12);
     },
   );
 });
@@ -348,7 +350,7 @@ test("the HTTP endpoint reports health, readiness, status and metrics during tra
       equal(await (await get("/healthz")).text(), "ok\n");
       const ready = await get("/readyz");
       equal(ready.status, 200);
-      deepEqual(await ready.json(), { ready: true, broker: true, engine: true });
+      deepEqual(await ready.json(), { ready: true, broker: true, engine: true, serving: true });
 
       for (let i = 0; i < 4; i++) {
         await client.send("maze/user_input", { session_id: `m${i}`, message: "hi" });

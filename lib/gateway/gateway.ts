@@ -8,6 +8,7 @@
  */
 
 import type { IPublishPacket, MqttClient } from "mqtt";
+import { withTimeout } from "../_util.ts";
 import { logger } from "../log.ts";
 import {
   type ChatRequest,
@@ -50,7 +51,7 @@ interface Job {
   readonly request: ChatRequest;
   readonly target: ReplyTarget;
   readonly receivedAt: number;
-  readonly dedupKey: string | undefined;
+  readonly dedupKey: string;
   /** Its place in the session's line across instances (a share group). */
   ticket?: TurnTicket;
 }
@@ -115,6 +116,8 @@ export class Gateway {
     Job,
     { readonly abort: AbortController; readonly waited: Promise<void> }
   >();
+  /** Topics already logged as holding a retained message (once each, bounded). */
+  readonly #retainedTopics = new Set<string>();
   #subscriptions: string[] = [];
   #nextId = 1;
   #accepting = true;
@@ -191,6 +194,13 @@ export class Gateway {
 
   /** Handles one incoming MQTT message. Never throws. */
   handle(topic: string, payload: Uint8Array, packet: IPublishPacket): void {
+    // A message the broker delivers with the retain flag was kept from some time ago and is
+    // replayed at every subscription (every start): acting on it would answer a stale request,
+    // or clear histories, once per start.
+    if (packet.retain) {
+      this.#ignoreRetained(topic);
+      return;
+    }
     const target = this.#options.topics.parse(topic);
     if (!target) return;
     if (target.kind === "control") {
@@ -242,23 +252,40 @@ export class Gateway {
       const matches = request.requestId !== undefined && request.message === undefined
         ? (job: Job) => job.request.requestId === request.requestId
         : () => true;
+      const lined = [...this.#inLine].filter(([job]) => job.sessionKey === key && matches(job));
+      const found = lined.length > 0 || this.#scheduler.hasSession(key, matches);
       for (const job of this.#scheduler.cancel(key, reason, matches)) {
         this.#fail(job.target, reason, job);
       }
-      for (const [job, { abort }] of this.#inLine) {
-        if (job.sessionKey === key && matches(job)) abort.abort(reason);
-      }
-      if (request.message === undefined && !request.reset) return;
-    }
-
-    const dedupKey = request.requestId === undefined ? undefined : `${key}/${request.requestId}`;
-    if (dedupKey) {
-      const repeat = this.#recent.check(dedupKey);
-      if (repeat.kind === "running") return;
-      if (repeat.kind === "answered") {
-        this.#publish(reply, repeat.answer);
+      for (const [, { abort }] of lined) abort.abort(reason);
+      if (request.message === undefined && !request.reset) {
+        if (!found) {
+          const what = request.requestId === undefined
+            ? `session ${request.sessionId} has no request`
+            : `session ${request.sessionId} has no request ${request.requestId}`;
+          this.#fail(
+            reply,
+            new ServiceError("not_found", `nothing to cancel: ${what} waiting or running`),
+          );
+        }
         return;
       }
+    }
+
+    // A copy of a request already taken: the broker's redelivery (DUP flag) or a client's
+    // retry under the same request_id. A redelivered copy is dropped whatever became of the
+    // first (its answer is on its way, queued for the client's session like every reply); a
+    // retry is sent the first's answer again, as the client may have missed it.
+    const dedupKey = request.requestId !== undefined
+      ? `${key}/${request.requestId}`
+      : `${key}#${payloadHash(payload)}`;
+    const repeat = request.requestId !== undefined || packet.dup
+      ? this.#recent.check(dedupKey)
+      : this.#recent.record(dedupKey);
+    if (repeat.kind !== "new") {
+      this.#options.stats.ignored("duplicate");
+      if (repeat.kind === "answered" && !packet.dup) this.#publish(reply, repeat.answer);
+      return;
     }
     const wait = Math.max(
       this.#sessionLimit.take(key),
@@ -356,6 +383,17 @@ export class Gateway {
     await this.#scheduler.idle();
   }
 
+  #ignoreRetained(topic: string): void {
+    this.#options.stats.ignored("retained");
+    if (this.#retainedTopics.has(topic) || this.#retainedTopics.size >= 1000) return;
+    this.#retainedTopics.add(topic);
+    log.warn(
+      "Ignoring the retained message on {topic}: a retained request or command is stale, " +
+        "replayed at every subscription; clear it with an empty retained message on that topic",
+      { topic },
+    );
+  }
+
   async #run(job: Job, signal: AbortSignal): Promise<void> {
     const { request, target } = job;
     const startedAt = performance.now();
@@ -398,7 +436,8 @@ export class Gateway {
         },
       };
       this.#publish(target, done);
-      if (job.dedupKey) this.#recent.answered(job.dedupKey, done);
+      // Kept for a client's retry under the same id; a copy without one is only ever dropped.
+      if (request.requestId !== undefined) this.#recent.answered(job.dedupKey, done);
       this.#options.directory.touch(request.project, request.sessionId);
       this.#options.stats.answered(request.project, timing, result.usage);
     } catch (error) {
@@ -413,7 +452,7 @@ export class Gateway {
   }
 
   #fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
-    if (job?.dedupKey) this.#recent.forget(job.dedupKey);
+    if (job) this.#recent.forget(job.dedupKey);
     if (job) this.#finishTurn(job);
     this.#options.stats.error(target.project, error.code);
     if (error.code === "internal") {
@@ -513,19 +552,20 @@ export class Gateway {
   }
 }
 
+/** FNV-1a over the payload: a copy of a request without a `request_id` has the same bytes. */
+function payloadHash(payload: Uint8Array): string {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < payload.length; i++) {
+    hash ^= payload[i];
+    hash = Math.imul(hash, 0x01000193);
+  }
+  return `${(hash >>> 0).toString(36)}:${payload.length}`;
+}
+
 function sessionKey(project: string, sessionId: string): string {
   return `${project}/${sessionId}`;
 }
 
 function asServiceError(error: unknown): ServiceError {
   return error instanceof ServiceError ? error : new ServiceError("internal", String(error));
-}
-
-/** `promise`, or a rejection once `ms` milliseconds have passed. */
-function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }

@@ -1,7 +1,8 @@
 /**
- * Remembers recently seen `request_id`s, so that a repeat (a QoS 1
- * redelivery, a client's retry) is not generated twice: while the first is
- * running the repeat is dropped, and after it finished its answer is sent again.
+ * Remembers recently seen requests (by `request_id`, or by their bytes), so
+ * that a repeat (a QoS 1 redelivery, a client's retry) is not generated twice:
+ * while the first is running the repeat is dropped, and after it finished its
+ * answer can be sent again.
  *
  * @module
  */
@@ -45,6 +46,19 @@ export class RecentRequests {
       this.#duplicates++;
       return entry.answer ? { kind: "answered", answer: entry.answer } : { kind: "running" };
     }
+    this.#entries.delete(key);
+    this.#entries.set(key, { seenAt: now, answer: undefined });
+    this.#prune(now);
+    return { kind: "new" };
+  }
+
+  /**
+   * Records `key` as seen now, without asking whether it was seen before: for
+   * a request whose repeat is legitimate (the same text sent again) unless it
+   * comes flagged as a redelivery, which is then {@linkcode check}ed.
+   */
+  record(key: string, now = Date.now()): Repeat {
+    if (this.#windowMs === 0) return { kind: "new" };
     this.#entries.delete(key);
     this.#entries.set(key, { seenAt: now, answer: undefined });
     this.#prune(now);

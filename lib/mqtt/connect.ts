@@ -6,8 +6,27 @@
  * @module
  */
 
-import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
+import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
 import { logger } from "../log.ts";
+
+/**
+ * Handles one incoming message. Messages are handed over one at a time, in
+ * the order the broker sent them; a QoS 1 message is acknowledged only after
+ * its handler returned.
+ */
+export type MessageHandler = (topic: string, payload: Uint8Array, packet: IPublishPacket) => void;
+
+/** The broker gave our client id to another connection. */
+export class SessionTakenOverError extends Error {
+  readonly code = "session_taken_over";
+  constructor(readonly clientId: string) {
+    super(
+      `another client connected with the MQTT client id "${clientId}" and took over our session ` +
+        `(is a second instance running?): give each instance its own '--mqtt-client-id'`,
+    );
+    this.name = "SessionTakenOverError";
+  }
+}
 
 /** What the connection needs to know. */
 export interface ConnectOptions {
@@ -35,6 +54,18 @@ export interface ConnectOptions {
    * @default {[250, 30000]}
    */
   readonly backoffMs?: readonly [number, number];
+  /**
+   * Who handles incoming messages, once it exists. Until it resolves, what the
+   * broker delivers (requests it queued for our persistent session while we
+   * were down) is held, unacknowledged and in order; if it rejects, nothing
+   * held is acknowledged, so the broker delivers it again at the next start.
+   */
+  readonly handler: Promise<MessageHandler>;
+  /**
+   * Called once when another connection takes our client id over and we
+   * should stop rather than take it back (see {@link TakeoverWatch}).
+   */
+  readonly onTakeover: (error: SessionTakenOverError) => void;
 }
 
 const log = logger("mqtt");
@@ -66,13 +97,34 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
     ...(options.tlsKey && { key: Deno.readTextFileSync(options.tlsKey) }),
   };
   const client = mqtt.connect(options.url, clientOptions);
+  holdMessagesFor(client, options.handler);
+  const takeover = new TakeoverWatch();
+  let reported = false;
+  const takenOver = () => {
+    if (takeover.takenOver(performance.now()) && !reported) {
+      reported = true;
+      options.onTakeover(new SessionTakenOverError(options.clientId));
+    }
+  };
+  // MQTT 5 says why: reason code 142, "session taken over".
+  client.on("disconnect", (packet) => {
+    if (packet.reasonCode === 142) takenOver();
+  });
+  let connectedAt: number | undefined;
   let failures = 0;
   client.on("connect", () => {
+    connectedAt = performance.now();
     failures = 0;
     client.options.reconnectPeriod = firstDelay;
     setNoDelay(client);
   });
   client.on("close", () => {
+    // MQTT 3.1.1 does not say why; a connection the broker closes right after
+    // accepting it, again and again, is another client with our id.
+    if (options.protocolVersion === 4 && connectedAt !== undefined) {
+      if (performance.now() - connectedAt < TakeoverWatch.QUICK_CLOSE_MS) takenOver();
+    }
+    connectedAt = undefined;
     // Exponential backoff with full jitter, so many instances do not reconnect in step.
     failures++;
     const ceiling = Math.min(maxDelay, firstDelay * 2 ** failures);
@@ -98,6 +150,61 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
     client.once("connect", onConnect);
     client.on("error", onFirstError);
   });
+}
+
+/**
+ * Replaces the client's message hook (which runs before the acknowledgement)
+ * with one that waits for the handler: the client reads no further packet
+ * until it returns, so a message is never acknowledged before it is handled.
+ */
+function holdMessagesFor(client: MqttClient, handler: Promise<MessageHandler>): void {
+  let ready: MessageHandler | undefined;
+  handler.then((h) => ready = h, () => {});
+  client.handleMessage = (packet, callback) => {
+    if (ready) {
+      ready(packet.topic, packet.payload as Uint8Array, packet);
+      callback();
+      return;
+    }
+    handler.then(
+      (h) => {
+        h(packet.topic, packet.payload as Uint8Array, packet);
+        callback();
+      },
+      (error) => callback(error),
+    );
+  };
+}
+
+/**
+ * Tells a takeover (another connection with our client id) from ordinary
+ * disconnects. Two instances with one id would knock each other off for ever;
+ * one of them should stop instead, and it should be the newcomer: an instance
+ * taken over within its first {@link STARTUP_MS} stops at once, while one that
+ * has been serving reconnects (taking its id back) and stops only after
+ * {@link REPEATS} takeovers within {@link REPEAT_WINDOW_MS}.
+ */
+export class TakeoverWatch {
+  /** A close this soon after the broker accepted us counts as a takeover (MQTT 3.1.1). */
+  static readonly QUICK_CLOSE_MS = 2000;
+  static readonly STARTUP_MS = 5000;
+  static readonly REPEATS = 3;
+  static readonly REPEAT_WINDOW_MS = 60_000;
+
+  readonly #startedAt: number;
+  readonly #times: number[] = [];
+
+  constructor(now = performance.now()) {
+    this.#startedAt = now;
+  }
+
+  /** Records a takeover at `now`; whether to stop. */
+  takenOver(now: number): boolean {
+    if (now - this.#startedAt < TakeoverWatch.STARTUP_MS) return true;
+    this.#times.push(now);
+    while (now - this.#times[0] > TakeoverWatch.REPEAT_WINDOW_MS) this.#times.shift();
+    return this.#times.length >= TakeoverWatch.REPEATS;
+  }
 }
 
 /**

@@ -37,6 +37,8 @@ export interface StatsReport {
   readonly error_rate: number;
   readonly latency_ms: { readonly avg: number; readonly p50: number; readonly p95: number } | null;
   readonly rejected_unaddressable: number;
+  /** Messages deliberately not acted on, by reason. */
+  readonly ignored: Readonly<Partial<Record<IgnoredReason, number>>>;
   readonly queued: number;
   readonly in_flight: number;
   readonly live_sessions: number;
@@ -51,6 +53,12 @@ export interface StatsReport {
     readonly errors: number;
   };
 }
+
+/**
+ * Why a message was not acted on: `retained` (a stale message the broker
+ * replays at subscription), `duplicate` (a copy of a request already taken).
+ */
+export type IgnoredReason = "retained" | "duplicate";
 
 /** How long an answered request took, in milliseconds. */
 export interface Timing {
@@ -68,6 +76,7 @@ export class Stats {
   #errors: Partial<Record<ErrorCode, number>> = {};
   #latencies: number[] = [];
   #unaddressable = 0;
+  #ignored: Partial<Record<IgnoredReason, number>> = {};
   #totalRequests = 0;
   #totalAnswered = 0;
   #totalErrors = 0;
@@ -80,6 +89,10 @@ export class Stats {
   readonly #unanswerable = new Counter(
     "vllm_mqtt_unaddressable_total",
     "Messages that could not be answered (no session to reply to), by error code",
+  );
+  readonly #ignoredTotal = new Counter(
+    "vllm_mqtt_ignored_total",
+    "Messages not acted on, by reason (retained: replayed at subscription; duplicate: a copy)",
   );
   readonly #queueWait = new Histogram(
     "vllm_mqtt_queue_wait_seconds",
@@ -118,6 +131,7 @@ export class Stats {
     this.#metrics = [
       this.#outcomes,
       this.#unanswerable,
+      this.#ignoredTotal,
       this.#queueWait,
       this.#ttft,
       this.#latency,
@@ -181,6 +195,12 @@ export class Stats {
     this.#unanswerable.inc({ code });
   }
 
+  /** A message was deliberately not acted on. */
+  ignored(reason: IgnoredReason): void {
+    this.#ignored[reason] = (this.#ignored[reason] ?? 0) + 1;
+    this.#ignoredTotal.inc({ reason });
+  }
+
   /** The MQTT connection was re-established. */
   brokerReconnected(): void {
     this.#brokerReconnects++;
@@ -211,6 +231,7 @@ export class Stats {
         p95: Math.round(pick(0.95)),
       },
       rejected_unaddressable: this.#unaddressable,
+      ignored: this.#ignored,
       queued: gauges.queued,
       in_flight: gauges.inFlight,
       live_sessions: gauges.liveSessions,
@@ -228,6 +249,7 @@ export class Stats {
     this.#errors = {};
     this.#latencies = [];
     this.#unaddressable = 0;
+    this.#ignored = {};
     return report;
   }
 

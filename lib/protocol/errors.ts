@@ -17,6 +17,7 @@ export type ErrorCode =
   | "engine_unavailable"
   | "timeout"
   | "cancelled"
+  | "not_found"
   | "internal";
 
 /** A failure with a protocol error code, answered to the client that caused it. */

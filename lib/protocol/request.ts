@@ -140,7 +140,7 @@ export function parseRequest(
   if (payload.byteLength > limits.maxPayloadBytes) {
     return fail(
       `payload is ${payload.byteLength} bytes, more than the limit of ${limits.maxPayloadBytes}`,
-      undefined,
+      peekAddress(payload, responseRoot),
       "payload_too_large",
     );
   }
@@ -250,6 +250,40 @@ export function parseRequest(
       replyTopic: address.replyTopic,
       clientId: body.client_id,
     },
+  };
+}
+
+/** A string field of a JSON text, found without parsing it: `"name": "value"`. */
+function peekField(text: string, names: readonly string[]): string | undefined {
+  for (const name of names) {
+    const found = new RegExp(`"${name}"\\s*:\\s*"((?:[^"\\\\]|\\\\.){0,512})"`).exec(text);
+    if (found) {
+      try {
+        return JSON.parse(`"${found[1]}"`);
+      } catch { /* not a JSON string after all */ }
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Where to answer a payload too large to parse: its session id (and request
+ * id, reply style, reply topic), read from the text without parsing the whole.
+ */
+function peekAddress(payload: Uint8Array, responseRoot: string): ReplyAddress | undefined {
+  const text = new TextDecoder().decode(payload);
+  const sessionId = peekField(text, ["session_id", "sessionId"]);
+  if (sessionId === undefined || !SESSION_ID_PATTERN.test(sessionId)) return undefined;
+  const format = peekField(text, ["format"]);
+  return {
+    sessionId,
+    requestId: peekField(text, ["request_id", "requestId"])?.slice(0, 256),
+    style: format === "json" || format === "text"
+      ? format
+      : peekField(text, ["session_id"]) === undefined
+      ? "text"
+      : "json",
+    replyTopic: validReplyTopic(peekField(text, ["reply_topic", "replyTopic"]), responseRoot),
   };
 }
 

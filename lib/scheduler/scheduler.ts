@@ -63,9 +63,11 @@ export class Scheduler<T extends Schedulable> {
     return this.#running.size;
   }
 
-  /** Whether a session has requests queued or running. */
-  hasSession(sessionKey: string): boolean {
-    return this.#sessions.has(sessionKey);
+  /** Whether a session has requests queued or running (that `matches` accepts). */
+  hasSession(sessionKey: string, matches?: (item: T) => boolean): boolean {
+    const waiting = this.#sessions.get(sessionKey);
+    if (!waiting || !matches) return waiting !== undefined;
+    return waiting.some((entry) => matches(entry.item));
   }
 
   /** Queues `item`; throws `queue_full` when the queue holds `maxQueue` already. */
