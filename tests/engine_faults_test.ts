@@ -1,0 +1,501 @@
+/**
+ * An engine that misbehaves on purpose: replies cut short or not streamed at
+ * all, error pages instead of errors, absurd token counts. A real HTTP
+ * stand-in engine (written on raw TCP, so it controls the framing of every
+ * reply, including a body that ends when the connection closes), the service
+ * as a child process, a real mosquitto and real MQTT clients. What is checked
+ * is what a client sees and what the engine is sent on the next turn: the
+ * history the service kept.
+ */
+
+import assert, { deepEqual, equal } from "node:assert/strict";
+import {
+  mosquittoTest as test,
+  type ServiceProcess,
+  startMosquitto,
+  startService,
+  TestClient,
+} from "./_helpers.ts";
+
+const MODEL = "stand-in";
+const ENCODER = new TextEncoder();
+const DECODER = new TextDecoder();
+
+interface ChatMessage {
+  role: string;
+  content: string;
+}
+interface ChatBody {
+  messages: ChatMessage[];
+  max_tokens?: number;
+}
+
+/** How a reply is framed on the wire. */
+type Framing =
+  /** `content-length`. */
+  | "length"
+  /** `transfer-encoding: chunked`, ending with the last chunk: a body that ends properly. */
+  | "chunked"
+  /** Neither: the body ends when the connection closes. */
+  | "close";
+
+interface Reply {
+  readonly status: number;
+  readonly contentType: string;
+  readonly framing: Framing;
+  readonly pieces: readonly string[];
+}
+
+/** The answer a well-behaved engine gives to `message`. */
+const answerTo = (message: string) => `You said "${message}".`;
+
+const words = (text: string) => text.match(/\S+\s*/g) ?? [];
+
+/** One SSE event of a chat completion chunk. */
+function event(delta: Record<string, unknown>, finish: string | null = null): string {
+  return `data: ${
+    JSON.stringify({
+      id: "chatcmpl-stand-in",
+      object: "chat.completion.chunk",
+      created: 0,
+      model: MODEL,
+      choices: [{ index: 0, delta, finish_reason: finish }],
+    })
+  }\n\n`;
+}
+
+function usageEvent(usage: Record<string, number>): string {
+  return `data: ${
+    JSON.stringify({
+      id: "chatcmpl-stand-in",
+      object: "chat.completion.chunk",
+      created: 0,
+      model: MODEL,
+      choices: [],
+      usage,
+    })
+  }\n\n`;
+}
+
+const sse = (framing: Framing, pieces: string[]): Reply => ({
+  status: 200,
+  contentType: "text/event-stream",
+  framing,
+  pieces,
+});
+
+/** A whole, well-formed stream answering `text`, with `usage`. */
+function goodStream(text: string, usage: Record<string, number>): Reply {
+  return sse("chunked", [
+    event({ role: "assistant", content: "" }),
+    ...words(text).map((word) => event({ content: word })),
+    event({}, "stop"),
+    usageEvent(usage),
+    "data: [DONE]\n\n",
+  ]);
+}
+
+const CUT_TEXT = "Half an answer that";
+const cutTokens = () => words(CUT_TEXT).map((word) => event({ content: word }));
+const SOME_USAGE = { prompt_tokens: 50, completion_tokens: 4, total_tokens: 54 };
+
+const HTML_PAGE = "<html>\r\n<head><title>400 Bad Request</title></head>\r\n<body>\r\n" +
+  "<center><h1>400 Bad Request</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n" +
+  "</body>\r\n</html>\r\n";
+const WELCOME_PAGE = "<!DOCTYPE html>\n<html><head><title>Welcome to nginx!</title></head>" +
+  "<body><h1>Welcome to nginx!</h1></body></html>\n";
+const CONTEXT_MESSAGE = "This model's maximum context length is 4096 tokens. However, you " +
+  "requested 9000 tokens (8488 in the messages, 512 in the completion). Please reduce the " +
+  "length of the messages or completion.";
+
+/**
+ * The replies of the stand-in engine, chosen by the last user message; any
+ * other message gets a whole, well-formed answer.
+ */
+const FAULTS: Record<string, (body: ChatBody) => Reply> = {
+  // A stream cut in the middle: no finish_reason, no [DONE], then the connection closes.
+  "cut-close": () => sse("close", [event({ role: "assistant", content: "" }), ...cutTokens()]),
+  // The same, in a chunked body that ends properly after the cut.
+  "cut-chunked": () => sse("chunked", [event({ role: "assistant", content: "" }), ...cutTokens()]),
+  // A finish_reason and usage, but the body ends before [DONE].
+  "no-done": () =>
+    sse("chunked", [
+      event({ role: "assistant", content: "" }),
+      ...cutTokens(),
+      event({}, "stop"),
+      usageEvent(SOME_USAGE),
+    ]),
+  // [DONE], but no chunk ever said why the answer ended.
+  "no-finish": () =>
+    sse("chunked", [
+      event({ role: "assistant", content: "" }),
+      ...cutTokens(),
+      usageEvent(SOME_USAGE),
+      "data: [DONE]\n\n",
+    ]),
+  // The body ends before any text: nothing was streamed, so this one is retried.
+  "empty-stream": () => sse("chunked", [event({ role: "assistant", content: "" })]),
+  // A 200 that is a web page (a proxy's default page), not an event stream.
+  "html-200": () => ({
+    status: 200,
+    contentType: "text/html",
+    framing: "length",
+    pieces: [WELCOME_PAGE],
+  }),
+  // A 200 with a whole, non-streamed completion: an engine that ignored `stream: true`.
+  "json-200": () => ({
+    status: 200,
+    contentType: "application/json",
+    framing: "length",
+    pieces: [JSON.stringify({
+      id: "chatcmpl-stand-in",
+      object: "chat.completion",
+      created: 0,
+      model: MODEL,
+      choices: [{
+        index: 0,
+        message: { role: "assistant", content: "A whole answer, not streamed." },
+        finish_reason: "stop",
+      }],
+      usage: SOME_USAGE,
+    })],
+  }),
+  // A proxy's error page.
+  "html-400": () => ({
+    status: 400,
+    contentType: "text/html",
+    framing: "length",
+    pieces: [HTML_PAGE],
+  }),
+  // vLLM's own error body: its message is worth passing on.
+  "json-400": () => ({
+    status: 400,
+    contentType: "application/json",
+    framing: "length",
+    pieces: [JSON.stringify({
+      error: {
+        message: "temperature must be at most 2, got 7",
+        type: "BadRequestError",
+        param: null,
+        code: 400,
+      },
+    })],
+  }),
+  "overflow-400": () => ({
+    status: 400,
+    contentType: "application/json",
+    framing: "length",
+    pieces: [JSON.stringify({
+      error: { message: CONTEXT_MESSAGE, type: "BadRequestError", param: null, code: 400 },
+    })],
+  }),
+  // Token counts no engine could mean: 10^9 prompt tokens for a prompt of a few hundred.
+  "absurd-prompt": () =>
+    goodStream(answerTo("absurd-prompt"), {
+      prompt_tokens: 1e9,
+      completion_tokens: 6,
+      total_tokens: 1e9 + 6,
+    }),
+  "absurd-completion": () =>
+    goodStream(answerTo("absurd-completion"), {
+      prompt_tokens: 300,
+      completion_tokens: 1e9,
+      total_tokens: 1e9 + 300,
+    }),
+};
+
+/** The stand-in engine. */
+interface StandIn {
+  /** Base URL including `/v1`. */
+  readonly url: string;
+  /** The chat requests received, oldest first. */
+  readonly requests: ChatBody[];
+  /** Chat requests whose last user message was `message`. */
+  count(message: string): number;
+  close(): Promise<void>;
+}
+
+const lastUser = (body: ChatBody) => body.messages.findLast((m) => m.role === "user")?.content;
+
+function json(status: number, body: unknown): Reply {
+  return {
+    status,
+    contentType: "application/json",
+    framing: "length",
+    pieces: [JSON.stringify(body)],
+  };
+}
+
+function route(method: string, path: string, body: string, requests: ChatBody[]): Reply {
+  if (method === "GET" && path === "/v1/models") {
+    return json(200, { object: "list", data: [{ id: MODEL, object: "model", owned_by: "test" }] });
+  }
+  if (method === "POST" && path === "/v1/chat/completions") {
+    const chat = JSON.parse(body) as ChatBody;
+    requests.push(chat);
+    const message = lastUser(chat) ?? "";
+    const fault = FAULTS[message];
+    if (fault) return fault(chat);
+    const text = answerTo(message);
+    return goodStream(text, { prompt_tokens: 300, completion_tokens: 6, total_tokens: 306 });
+  }
+  return json(404, { error: { message: `no route for ${method} ${path}`, code: 404 } });
+}
+
+/** Writes `reply` with its framing, then closes the connection. */
+async function write(conn: Deno.Conn, reply: Reply): Promise<void> {
+  const bodies = reply.pieces.map((piece) => ENCODER.encode(piece));
+  const length = bodies.reduce((sum, body) => sum + body.length, 0);
+  const framing = reply.framing === "length"
+    ? `content-length: ${length}\r\n`
+    : reply.framing === "chunked"
+    ? "transfer-encoding: chunked\r\n"
+    : "";
+  const writeAll = async (bytes: Uint8Array) => {
+    for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+  };
+  await writeAll(ENCODER.encode(
+    `HTTP/1.1 ${reply.status} X\r\ncontent-type: ${reply.contentType}\r\n` +
+      `${framing}connection: close\r\n\r\n`,
+  ));
+  for (const body of bodies) {
+    if (reply.framing === "chunked") {
+      await writeAll(ENCODER.encode(`${body.length.toString(16)}\r\n`));
+      await writeAll(body);
+      await writeAll(ENCODER.encode("\r\n"));
+    } else {
+      await writeAll(body);
+    }
+  }
+  if (reply.framing === "chunked") await writeAll(ENCODER.encode("0\r\n\r\n"));
+}
+
+/** Reads one request (head and a `content-length` body) from `conn`. */
+async function read(
+  conn: Deno.Conn,
+): Promise<{ method: string; path: string; body: string } | undefined> {
+  let buffer = new Uint8Array(0);
+  const more = async () => {
+    const chunk = new Uint8Array(65536);
+    const n = await conn.read(chunk);
+    if (n === null) return false;
+    const next = new Uint8Array(buffer.length + n);
+    next.set(buffer);
+    next.set(chunk.subarray(0, n), buffer.length);
+    buffer = next;
+    return true;
+  };
+  let headEnd: number;
+  while ((headEnd = DECODER.decode(buffer).indexOf("\r\n\r\n")) === -1) {
+    if (!(await more())) return undefined;
+  }
+  // Heads are ASCII: string and byte offsets agree.
+  const [requestLine, ...headers] = DECODER.decode(buffer.subarray(0, headEnd)).split("\r\n");
+  const [method, path] = requestLine.split(" ");
+  const lengthHeader = headers.find((h) => /^content-length:/i.test(h));
+  const length = lengthHeader ? Number(lengthHeader.split(":")[1]) : 0;
+  while (buffer.length < headEnd + 4 + length) {
+    if (!(await more())) return undefined;
+  }
+  return { method, path, body: DECODER.decode(buffer.subarray(headEnd + 4, headEnd + 4 + length)) };
+}
+
+/** Starts the stand-in engine on a free port. */
+function startStandIn(): StandIn {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const requests: ChatBody[] = [];
+  const handling = new Set<Promise<void>>();
+  const serve = async (conn: Deno.Conn) => {
+    try {
+      const request = await read(conn);
+      if (request) await write(conn, route(request.method, request.path, request.body, requests));
+    } catch {
+      // The service hung up first.
+    } finally {
+      try {
+        conn.close();
+      } catch { /* closed */ }
+    }
+  };
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      const handled = serve(conn);
+      handling.add(handled);
+      handled.finally(() => handling.delete(handled));
+    }
+  })().catch(() => {});
+  const { port } = listener.addr as Deno.NetAddr;
+  return {
+    url: `http://127.0.0.1:${port}/v1`,
+    requests,
+    count: (message) => requests.filter((body) => lastUser(body) === message).length,
+    async close() {
+      listener.close();
+      await accepting;
+      await Promise.all(handling);
+    },
+  };
+}
+
+interface Fixture {
+  engine: StandIn;
+  service: ServiceProcess;
+  client: TestClient;
+  /** Sends `message` in `session` and returns the final reply (`done` or `error`). */
+  ask(session: string, id: string, message: string): Promise<Record<string, unknown>>;
+  /** Every `done` the client received for request `id`. */
+  dones(id: string): Record<string, unknown>[];
+}
+
+/** Runs `fn` against a fresh broker, stand-in engine, service (one worker) and client. */
+async function withStandIn(args: string[], fn: (f: Fixture) => Promise<void>): Promise<void> {
+  const broker = await startMosquitto();
+  const engine = startStandIn();
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-engine-faults-" });
+  let service: ServiceProcess | undefined;
+  let client: TestClient | undefined;
+  try {
+    service = await startService([
+      "--engine=url",
+      `--engine-url=${engine.url}`,
+      `--mqtt-url=${broker.url}`,
+      `--data-dir=${dataDir}`,
+      "--projects=maze",
+      "--workers=1",
+      `--mqtt-client-id=svc-${crypto.randomUUID()}`,
+      "--rate-limit=0",
+      "--engine-retries=1",
+      ...args,
+    ]);
+    client = await TestClient.connect(broker.url);
+    await client.subscribe("maze/assistant_response/#");
+    const c = client;
+    await fn({
+      engine,
+      service,
+      client,
+      async ask(session, id, message) {
+        await c.send("maze/user_input", { session_id: session, message, request_id: id });
+        return (await c.final(session, id, 30_000)).json!;
+      },
+      dones: (id) =>
+        c.received.filter((m) => m.json?.type === "done" && m.json.request_id === id)
+          .map((m) => m.json!),
+    });
+  } catch (error) {
+    if (service) console.error(`--- service log ---\n${service.log().slice(-4000)}`);
+    throw error;
+  } finally {
+    await client?.close();
+    await service?.stop();
+    await engine.close();
+    await broker.stop();
+    await Deno.remove(broker.dir, { recursive: true }).catch(() => {});
+    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+  }
+}
+
+type JsonReply = Record<string, unknown>;
+const errorOf = (reply: JsonReply) => reply.error as { code: string; message: string } | undefined;
+
+/**
+ * The conversation the engine was last sent, without the system prompt:
+ * what the service kept of the session, plus the new message.
+ */
+function lastConversation(engine: StandIn): ChatMessage[] {
+  const messages = engine.requests.at(-1)!.messages;
+  equal(messages[0].role, "system");
+  return messages.slice(1).map(({ role, content }) => ({ role, content }));
+}
+
+/** The history of whole turns answering `messages`, then `next` from the user. */
+function turns(messages: string[], next: string): ChatMessage[] {
+  return [
+    ...messages.flatMap((message) => [
+      { role: "user", content: message },
+      { role: "assistant", content: answerTo(message) },
+    ]),
+    { role: "user", content: next },
+  ];
+}
+
+test("a stream that ends before its finish_reason or [DONE] is an engine_unavailable error; no half turn is saved", async () => {
+  await withStandIn([], async ({ engine, ask, dones }) => {
+    equal((await ask("s", "0", "first")).type, "done");
+    const good = ["first"];
+    for (const fault of ["cut-close", "cut-chunked", "no-done", "no-finish", "empty-stream"]) {
+      const reply = await ask("s", fault, fault);
+      equal(errorOf(reply)?.code, "engine_unavailable", `${fault}: ${JSON.stringify(reply)}`);
+      // The next turn's prompt holds the whole turns only: nothing of the cut answer.
+      const next = `after ${fault}`;
+      equal((await ask("s", next, next)).type, "done");
+      deepEqual(lastConversation(engine), turns(good, next), fault);
+      good.push(next);
+      equal(dones(fault).length, 0, `${fault} was also answered with done`);
+    }
+    // Text was streamed before the cut: not retried. Nothing was: retried (--engine-retries=1).
+    for (const fault of ["cut-close", "cut-chunked", "no-done", "no-finish"]) {
+      equal(engine.count(fault), 1, fault);
+    }
+    equal(engine.count("empty-stream"), 2);
+  });
+});
+
+test("a 200 that is not an event stream (a web page, a whole JSON completion) is an engine_unavailable error, retried; no empty turn is saved", async () => {
+  await withStandIn([], async ({ engine, ask, dones }) => {
+    equal((await ask("s", "0", "first")).type, "done");
+    const good = ["first"];
+    for (const fault of ["html-200", "json-200"]) {
+      const reply = await ask("s", fault, fault);
+      equal(errorOf(reply)?.code, "engine_unavailable", `${fault}: ${JSON.stringify(reply)}`);
+      assert(!/[<>]/.test(errorOf(reply)!.message), errorOf(reply)!.message);
+      equal(engine.count(fault), 2, `${fault} was not retried once`);
+      const next = `after ${fault}`;
+      equal((await ask("s", next, next)).type, "done");
+      deepEqual(lastConversation(engine), turns(good, next), fault);
+      good.push(next);
+      equal(dones(fault).length, 0, `${fault} was also answered with done`);
+    }
+  });
+});
+
+test("an engine's 400 is described in short, never echoed as HTML; a JSON error's message is kept", async () => {
+  await withStandIn([], async ({ engine, ask }) => {
+    const html = errorOf(await ask("s", "1", "html-400"))!;
+    assert(html.message.includes("400"), html.message);
+    assert(!/[<>]|html|nginx/i.test(html.message), `raw HTML echoed: ${html.message}`);
+    assert(html.message.length <= 120, `not short: ${html.message}`);
+    equal(engine.count("html-400"), 1);
+
+    const refused = errorOf(await ask("s", "2", "json-400"))!;
+    assert(refused.message.includes("temperature must be at most 2, got 7"), refused.message);
+
+    const overflow = errorOf(await ask("s", "3", "overflow-400"))!;
+    equal(overflow.code, "context_overflow");
+    assert(overflow.message.includes(CONTEXT_MESSAGE), overflow.message);
+  });
+});
+
+test("absurd usage figures are replaced by estimates, logged once, and do not empty the history", async () => {
+  await withStandIn([], async ({ engine, service, ask }) => {
+    for (const fault of ["absurd-prompt", "absurd-completion"]) {
+      const reply = await ask(fault, fault, fault);
+      equal(reply.type, "done", JSON.stringify(reply));
+      // The next turn still carries the first: a 10^9-token turn would have been dropped.
+      equal((await ask(fault, `${fault}-next`, "next")).type, "done");
+      deepEqual(lastConversation(engine), turns([fault], "next"), fault);
+      const usage = reply.usage as Record<string, number>;
+      // Bounded by what was sent and received: a prompt of a few hundred tokens, a short answer.
+      assert(usage.prompt_tokens > 0 && usage.prompt_tokens < 20_000, JSON.stringify(usage));
+      assert(
+        usage.completion_tokens > 0 && usage.completion_tokens <= 512,
+        JSON.stringify(usage),
+      );
+      equal(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+    }
+    // Stopped first, so that all it wrote has been read.
+    await service.stop();
+    const warnings = service.log().split("\n").filter((line) => /usage out of bounds/i.test(line));
+    equal(warnings.length, 1, service.log().slice(-3000));
+  });
+});
