@@ -7,6 +7,13 @@
 import { abortableSleep } from "../_util.ts";
 
 /**
+ * How long a write waits for a store that another connection keeps locked
+ * (Deno KV's expiry sweep deletes every expired key in one transaction, which
+ * takes seconds with many expired sessions) before it fails.
+ */
+export const BUSY_PATIENCE_MS = 30_000;
+
+/**
  * Commits `op`, or says "busy" when SQLite refused the lock: a checked write
  * reads inside its transaction, and SQLite answers a read lock's upgrade under
  * contention with "database is locked" at once rather than waiting. The caller
@@ -20,6 +27,33 @@ export async function commitUnlessBusy(
   } catch (error) {
     if (!isLocked(error)) throw error;
     return "busy";
+  }
+}
+
+/**
+ * Backs off after the `busyTries`-th "busy" answer in a row (1, 2, 4 … 64 ms,
+ * with jitter); throws once the store has been busy for {@linkcode BUSY_PATIENCE_MS}
+ * since `busySince`.
+ */
+export async function waitWhileBusy(busyTries: number, busySince: number): Promise<void> {
+  if (performance.now() - busySince > BUSY_PATIENCE_MS) {
+    throw new Error(`session store: busy (locked by another writer) for ${BUSY_PATIENCE_MS} ms`);
+  }
+  const step = 2 ** Math.min(busyTries, 6);
+  await abortableSleep(step * (0.5 + Math.random()));
+}
+
+/** Commits `op`, waiting while the store is locked; throws if a check failed. */
+export async function commitOrThrow(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult> {
+  const since = performance.now();
+  for (let tries = 0;; tries++) {
+    const result = await commitUnlessBusy(op);
+    if (result === "busy") {
+      await waitWhileBusy(tries, since);
+      continue;
+    }
+    if (!result.ok) throw new Error("session store: atomic write was rejected");
+    return result;
   }
 }
 
@@ -42,4 +76,21 @@ export async function openKv(path: string): Promise<Deno.Kv> {
 /** Whether `error` is SQLite refusing a lock another connection holds. */
 function isLocked(error: unknown): boolean {
   return /database is locked/i.test((error as Error)?.message ?? "");
+}
+
+/**
+ * Whether `error` says that a stored record cannot be read: a value Deno KV
+ * cannot deserialize, a damaged SQLite page, or a message missing some of its
+ * chunks ({@linkcode DamagedRecord}).
+ */
+export function isDamage(error: unknown): boolean {
+  if (error instanceof DamagedRecord) return true;
+  return /could not deserialize|disk image is malformed|not a database|database corrupt/i.test(
+    (error as Error)?.message ?? "",
+  );
+}
+
+/** A record that was read but does not make sense (e.g. a message missing a chunk). */
+export class DamagedRecord extends Error {
+  override name = "DamagedRecord";
 }

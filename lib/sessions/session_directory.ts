@@ -6,7 +6,10 @@
  * @module
  */
 
+import { logger } from "../log.ts";
 import type { SessionStore } from "./session_store.ts";
+
+const log = logger("sessions");
 
 interface Entry {
   readonly project: string;
@@ -38,9 +41,30 @@ export class SessionDirectory {
     this.#isBusy = options.isBusy;
   }
 
-  /** Loads the live sessions of the store. */
+  /**
+   * Loads the live sessions of the store, reading every record of it on the
+   * way: sessions whose records cannot be read, and a store damaged beyond
+   * single records, are reported as warnings.
+   */
   async load(): Promise<void> {
-    const sessions = await this.#store.list();
+    const started = performance.now();
+    const { sessions, unreadable, records, error } = await this.#store.check();
+    if (unreadable.length > 0) {
+      log.warn(
+        "Session store: {count} sessions cannot be read ({names}); each is dropped when its client next writes",
+        { count: unreadable.length, names: unreadable.slice(0, 20).join(", ") },
+      );
+    }
+    if (error !== undefined) {
+      log.warn(
+        "Session store is damaged beyond single records; the check stopped after {records} records: {error}",
+        { records, error },
+      );
+    }
+    log.debug("Session store: {records} records checked in {ms} ms", {
+      records,
+      ms: Math.round(performance.now() - started),
+    });
     sessions.sort((a, b) => a.lastActive - b.lastActive);
     for (const { project, sessionId, expiresAt } of sessions) {
       this.#entries.set(key(project, sessionId), { project, sessionId, expiresAt });

@@ -9,6 +9,7 @@
 import type { ErrorCode } from "../protocol/errors.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import type { EngineEndpoint } from "../engine/engine_client.ts";
+import type { LogOptions } from "../log.ts";
 
 /** What a worker needs to know, sent once before any job. */
 export interface WorkerSettings {
@@ -23,6 +24,8 @@ export interface WorkerSettings {
   readonly requestTimeoutMs: number;
   readonly engineRetries: number;
   readonly skipThinking: boolean;
+  /** How the worker logs (a dropped damaged session is a warning); default info, text. */
+  readonly log?: LogOptions;
 }
 
 /** One turn of one session, as the gateway hands it to a worker. */
@@ -40,6 +43,13 @@ export interface TurnJob {
   readonly systemPromptFromRequest: boolean;
   readonly params: SamplingParams;
   readonly stream: boolean;
+  /**
+   * The request's `request_id`: kept with the stored turn, and a request whose
+   * id is already in the session's history is answered from there, not
+   * generated again (a repeat after a restart, which the gateway's memory of
+   * answers does not outlive).
+   */
+  readonly requestId?: string;
 }
 
 /** The outcome of a turn that produced an answer. */
@@ -49,6 +59,13 @@ export interface TurnResult {
   readonly usage: Usage | null;
   /** Milliseconds from the job reaching the worker to the first token. */
   readonly ttftMs: number | null;
+  /**
+   * The session's history could not be read (a damaged store): it was dropped,
+   * and this turn started a fresh conversation.
+   */
+  readonly historyLost?: boolean;
+  /** The answer was not generated but repeated from history (its request_id was there). */
+  readonly repeated?: boolean;
 }
 
 /** Gateway → worker. */

@@ -10,6 +10,7 @@
 /// <reference lib="deno.worker" />
 
 import { EngineClient } from "../engine/engine_client.ts";
+import { setupLogging } from "../log.ts";
 import { ServiceError, toServiceError } from "../protocol/errors.ts";
 import { SessionStore } from "../sessions/session_store.ts";
 import { WriteGenerations } from "../sessions/write_generations.ts";
@@ -22,6 +23,8 @@ const running = new Map<number, AbortController>();
 const post = (message: FromWorker) => self.postMessage(message);
 
 async function open(settings: WorkerSettings): Promise<TurnContext> {
+  // A worker is an isolate of its own: its log records go nowhere until it is set up.
+  await setupLogging(settings.log ?? { level: "info", format: "text" });
   return {
     store: await SessionStore.open(
       settings.kvPath,

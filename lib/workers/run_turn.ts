@@ -2,6 +2,9 @@
  * One turn of a conversation, as a worker runs it: load the session, trim it,
  * call the engine with streaming, save the turn. Nothing is saved unless the
  * engine finished, so a failed or cancelled turn leaves the history as it was.
+ * A request whose `request_id` is already in the session's history was
+ * answered before (a client resending after a restart): its stored answer is
+ * returned, and nothing is generated or saved.
  *
  * @module
  */
@@ -9,7 +12,7 @@
 import type { ChatMessage, EngineClient } from "../engine/engine_client.ts";
 import { ThinkingFilter } from "../engine/thinking_filter.ts";
 import { ServiceError } from "../protocol/errors.ts";
-import type { Session, SessionStore } from "../sessions/session_store.ts";
+import type { HistoryEntry, Session, SessionStore } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
 import { estimateMessageTokens, estimatePromptTokens, messageTokenBound } from "../tokens.ts";
 import { DeltaCoalescer } from "./delta_coalescer.ts";
@@ -35,11 +38,30 @@ export async function runTurn(
 ): Promise<TurnResult> {
   const started = performance.now();
   const { store } = context;
+  let historyLost = false;
+  let loaded: Session | undefined;
+  if (job.requestId !== undefined && job.message !== undefined) {
+    // Before a reset too: a repeat of "reset and ask" must not clear the turn it made.
+    const earlier = await store.load(job.project, job.sessionId);
+    historyLost = earlier.lost === true;
+    const answer = storedAnswer(earlier.history, job.requestId);
+    if (answer) {
+      return {
+        response: answer.content,
+        finishReason: answer.finishReason ?? "stop",
+        usage: answer.usage ?? null,
+        ttftMs: null,
+        repeated: true,
+      };
+    }
+    if (!job.reset) loaded = earlier;
+  }
   if (job.reset) await store.clear(job.project, job.sessionId);
   if (job.message === undefined) {
     return { response: "", finishReason: "reset", usage: null, ttftMs: null };
   }
-  const session = await store.load(job.project, job.sessionId);
+  const session = loaded ?? await store.load(job.project, job.sessionId);
+  historyLost ||= session.lost === true;
   const systemPrompt = job.systemPromptFromRequest
     ? job.systemPrompt
     : session.meta?.systemPrompt ?? job.systemPrompt;
@@ -107,7 +129,21 @@ export async function runTurn(
     finishReason: completion.finishReason,
     usage: completion.usage ?? null,
     ttftMs: firstVisibleAt === undefined ? null : Math.round(firstVisibleAt - started),
+    ...(historyLost && { historyLost }),
   };
+}
+
+/** The answer stored after the user message that came with `requestId`, if any. */
+function storedAnswer(
+  history: readonly HistoryEntry[],
+  requestId: string,
+): HistoryEntry | undefined {
+  for (let i = history.length - 2; i >= 0; i--) {
+    if (history[i].role === "user" && history[i].requestId === requestId) {
+      return history[i + 1].role === "assistant" ? history[i + 1] : undefined;
+    }
+  }
+  return undefined;
 }
 
 /** Stores the turn with token counts from the engine's usage where it gave them. */
@@ -117,7 +153,7 @@ async function saveTurn(
   session: Session,
   drop: number,
   systemTokens: number,
-  completion: { text: string; usage: TurnResult["usage"] | undefined },
+  completion: { text: string; usage: TurnResult["usage"] | undefined; finishReason: string },
   visible: string,
 ): Promise<void> {
   const usage = completion.usage;
@@ -132,7 +168,18 @@ async function saveTurn(
     ? usage.completion_tokens
     : await estimateMessageTokens(visible);
   await context.store.commitTurn(job.project, job.sessionId, session, drop, [
-    { role: "user", content: job.message!, tokens: userTokens },
-    { role: "assistant", content: visible, tokens: assistantTokens },
+    {
+      role: "user",
+      content: job.message!,
+      tokens: userTokens,
+      ...(job.requestId !== undefined && { requestId: job.requestId }),
+    },
+    {
+      role: "assistant",
+      content: visible,
+      tokens: assistantTokens,
+      finishReason: completion.finishReason,
+      ...(usage && { usage }),
+    },
   ]);
 }
