@@ -2,6 +2,13 @@
  * The one place that talks to the engine: a streaming chat completion through
  * the `openai` client, with engine failures mapped to protocol error codes.
  *
+ * Only a whole stream is an answer: one that said why it ended
+ * (`finish_reason`) and ended with `data: [DONE]`. The `openai` client takes
+ * any body that ends quietly for a finished stream (a cut connection, a
+ * chunked body that just ends, even an HTML page or a plain JSON completion,
+ * which hold no events), so the check is done here. The engine's `usage` is
+ * checked against what was sent and received before anyone relies on it.
+ *
  * @module
  */
 
@@ -9,6 +16,7 @@ import OpenAI from "openai";
 import { abortableSleep } from "../_util.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
+import { estimateMessageTokens, MESSAGE_OVERHEAD_TOKENS, messageTokenBound } from "../tokens.ts";
 
 /** How to reach the engine. */
 export interface EngineEndpoint {
@@ -35,6 +43,11 @@ export interface EngineClientOptions {
    * @default {false}
    */
   readonly disableThinking?: boolean;
+  /**
+   * Where warnings go (request workers have no logger of their own).
+   * @default {console.warn}
+   */
+  readonly warn?: (message: string) => void;
 }
 
 /** A chat message as sent to the engine. */
@@ -61,6 +74,8 @@ export class EngineClient {
   readonly #timeoutMs: number;
   readonly #retries: number;
   readonly #disableThinking: boolean;
+  readonly #warn: (message: string) => void;
+  #usageWarned = false;
 
   constructor(endpoint: EngineEndpoint, options: EngineClientOptions = {}) {
     this.#client = makeClient(endpoint);
@@ -68,6 +83,7 @@ export class EngineClient {
     this.#timeoutMs = options.timeoutMs ?? 120_000;
     this.#retries = options.retries ?? 2;
     this.#disableThinking = options.disableThinking ?? false;
+    this.#warn = options.warn ?? ((message) => console.warn(message));
   }
 
   /**
@@ -126,7 +142,8 @@ export class EngineClient {
     };
     const stream = await this.#client.chat.completions.create(body, { signal, maxRetries: 0 });
     let text = "";
-    let finishReason = "stop";
+    let reasoning = "";
+    let finishReason: string | undefined;
     let usage: Usage | undefined;
     let firstTokenAt: number | undefined;
     for await (const chunk of stream) {
@@ -134,7 +151,7 @@ export class EngineClient {
         const { prompt_tokens, completion_tokens, total_tokens } = chunk.usage;
         usage = { prompt_tokens, completion_tokens, total_tokens };
       }
-      const choice = chunk.choices[0];
+      const choice = chunk.choices?.[0];
       if (!choice) continue;
       const piece = choice.delta?.content;
       if (piece) {
@@ -142,16 +159,168 @@ export class EngineClient {
         text += piece;
         onText(piece);
       }
+      // Reasoning a reasoning parser split off counts in completion_tokens too.
+      const thought = reasoningOf(choice.delta);
+      if (thought) reasoning += thought;
       if (choice.finish_reason) finishReason = choice.finish_reason;
     }
     // An aborted stream may end quietly instead of throwing: never report it as finished.
     signal.throwIfAborted();
+    if (finishReason === undefined) {
+      throw new ServiceError(
+        "engine_unavailable",
+        "the engine's stream ended without saying why (no finish_reason): the answer is incomplete",
+        { retryAfterMs: 1000 },
+      );
+    }
+    if (usage) usage = await this.#checkUsage(usage, messages, params, text + reasoning);
     return { text, finishReason, usage, firstTokenAt };
+  }
+
+  /**
+   * `usage` as reported when it is possible for what was sent and received;
+   * figures out of bounds are replaced by estimates (and logged, once).
+   */
+  async #checkUsage(
+    usage: Usage,
+    messages: readonly ChatMessage[],
+    params: SamplingParams,
+    generated: string,
+  ): Promise<Usage> {
+    const bounds = usageBounds(messages, params, generated);
+    const within = (value: number, [low, high]: readonly [number, number]) =>
+      Number.isSafeInteger(value) && value >= low && value <= high;
+    let { prompt_tokens, completion_tokens } = usage;
+    const wrong: string[] = [];
+    if (!within(prompt_tokens, bounds.prompt)) {
+      wrong.push(`prompt_tokens ${prompt_tokens} (possible: ${bounds.prompt.join("..")})`);
+      prompt_tokens = 0;
+      for (const { content } of messages) prompt_tokens += await estimateMessageTokens(content);
+    }
+    if (!within(completion_tokens, bounds.completion)) {
+      wrong.push(
+        `completion_tokens ${completion_tokens} (possible: ${bounds.completion.join("..")})`,
+      );
+      const estimate = await estimateMessageTokens(generated) - MESSAGE_OVERHEAD_TOKENS;
+      completion_tokens = Math.min(bounds.completion[1], Math.max(bounds.completion[0], estimate));
+    }
+    if (wrong.length === 0) {
+      return usage.total_tokens === prompt_tokens + completion_tokens
+        ? usage
+        : { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
+    }
+    if (!this.#usageWarned) {
+      this.#usageWarned = true;
+      this.#warn(
+        `vllm-mqtt engine: usage out of bounds: ${wrong.join(", ")}; ` +
+          "estimates are used instead (logged once per worker)",
+      );
+    }
+    return { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
   }
 }
 
+/** Tokens a chat template may add beyond its per-message markers (a default date line, BOS). */
+const TEMPLATE_SLACK_TOKENS = 256;
+/** Tokens a template's markers of one message may take beyond `MESSAGE_OVERHEAD_TOKENS`. */
+const EXTRA_MARKER_TOKENS = 4;
+/** Tokens a completion may hold that never show as text (EOS, reasoning markers). */
+const HIDDEN_COMPLETION_TOKENS = 16;
+
+/**
+ * The range of `usage` figures possible for a completion of `messages` that
+ * generated `generated` (answer and reasoning): a prompt holds at most a token
+ * per UTF-8 byte plus template markers; a completion at most `max_tokens`, and
+ * at most a token per byte generated plus a stop string and hidden tokens.
+ */
+function usageBounds(
+  messages: readonly ChatMessage[],
+  params: Pick<SamplingParams, "max_tokens" | "stop">,
+  generated: string,
+): { prompt: readonly [number, number]; completion: readonly [number, number] } {
+  let prompt = TEMPLATE_SLACK_TOKENS;
+  for (const { content } of messages) prompt += messageTokenBound(content) + EXTRA_MARKER_TOKENS;
+  let stop = 0;
+  for (const string of params.stop ?? []) stop = Math.max(stop, messageTokenBound(string));
+  const fromText = messageTokenBound(generated) + stop + HIDDEN_COMPLETION_TOKENS;
+  return {
+    prompt: [1, prompt],
+    completion: [generated === "" ? 0 : 1, Math.min(params.max_tokens, fromText)],
+  };
+}
+
+/** Reasoning text of a delta, under the names vLLM's reasoning parsers have used. */
+function reasoningOf(delta: unknown): string | undefined {
+  const fields = delta as { reasoning_content?: unknown; reasoning?: unknown } | undefined;
+  const text = fields?.reasoning_content ?? fields?.reasoning;
+  return typeof text === "string" ? text : undefined;
+}
+
 function makeClient(endpoint: EngineEndpoint): OpenAI {
-  return new OpenAI({ baseURL: endpoint.baseUrl, apiKey: endpoint.apiKey, maxRetries: 0 });
+  return new OpenAI({
+    baseURL: endpoint.baseUrl,
+    apiKey: endpoint.apiKey,
+    maxRetries: 0,
+    fetch: fetchWholeStream,
+  });
+}
+
+/** Bytes kept of the end of a reply: enough for `data: [DONE]` and the blank line after it. */
+const TAIL_BYTES = 32;
+const ENDS_WITH_DONE = /(?:^|\n)data: ?\[DONE\][ \t]*(?:\r?\n)*$/;
+
+/**
+ * `fetch` for the engine's streams (the only requests this client makes): a
+ * 2xx body that ends other than with `data: [DONE]` fails at its end with
+ * `engine_unavailable`, where the `openai` client would end the stream
+ * quietly and the answer would pass as finished.
+ */
+async function fetchWholeStream(
+  input: string | URL | Request,
+  init?: RequestInit,
+): Promise<Response> {
+  const response = await fetch(input, init);
+  if (!response.ok || response.body === null) return response;
+  // Named in an error a client sees: a media type's characters only.
+  const contentType = (response.headers.get("content-type") ?? "").split(";")[0]
+    .replace(/[^\w.+/-]/g, "").slice(0, 60) || "no content-type";
+  const whole = () => ENDS_WITH_DONE.test(new TextDecoder().decode(tail));
+  const incomplete = () =>
+    new ServiceError(
+      "engine_unavailable",
+      contentType === "text/event-stream"
+        ? "the engine's stream ended before [DONE]: the answer is incomplete"
+        : `the engine answered ${response.status} with ${contentType}, not an event stream`,
+      { retryAfterMs: 1000 },
+    );
+  let tail = new Uint8Array(0);
+  // A pull source, not a TransformStream: one read per chunk, no piping machinery.
+  const reader = response.body.getReader();
+  const checked = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const { done, value } = await reader.read();
+      if (done) {
+        if (whole()) controller.close();
+        else controller.error(incomplete());
+        return;
+      }
+      if (value.length >= TAIL_BYTES) {
+        tail = value.slice(-TAIL_BYTES);
+      } else {
+        const joined = new Uint8Array(tail.length + value.length);
+        joined.set(tail);
+        joined.set(value, tail.length);
+        tail = joined.slice(-TAIL_BYTES);
+      }
+      controller.enqueue(value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
+  return new Response(checked, {
+    status: response.status,
+    statusText: response.statusText,
+    headers: response.headers,
+  });
 }
 
 const CONTEXT_OVERFLOW = /maximum context length|context length|too many tokens|input is too long/i;
@@ -168,17 +337,20 @@ function mapError(error: unknown, signal: AbortSignal, deadline: AbortSignal): S
     return new ServiceError("timeout", "the engine did not finish in time");
   }
   if (error instanceof OpenAI.APIError && error.status !== undefined) {
-    const message = error.message ?? "";
-    if (error.status === 400 && CONTEXT_OVERFLOW.test(message)) {
-      return new ServiceError("context_overflow", message, { cause: error });
+    const { status } = error;
+    const described = describeRefusal(error);
+    if (status === 400 && CONTEXT_OVERFLOW.test(error.message ?? "")) {
+      return new ServiceError("context_overflow", described, { cause: error });
     }
-    if (error.status >= 500 || error.status === 429) {
-      return new ServiceError("engine_unavailable", `engine answered ${error.status}`, {
+    if (status >= 500 || status === 429) {
+      return new ServiceError("engine_unavailable", `engine answered ${described}`, {
         cause: error,
         retryAfterMs: 1000,
       });
     }
-    return new ServiceError("internal", `engine refused the request: ${message}`, { cause: error });
+    return new ServiceError("internal", `engine refused the request: ${described}`, {
+      cause: error,
+    });
   }
   if (error instanceof OpenAI.APIConnectionError || error instanceof TypeError) {
     return new ServiceError("engine_unavailable", "the engine cannot be reached", {
@@ -195,4 +367,53 @@ function mapError(error: unknown, signal: AbortSignal, deadline: AbortSignal): S
       retryAfterMs: 1000,
     },
   );
+}
+
+/** Reason phrases of the statuses an engine or a proxy in front of it may answer. */
+const REASONS: Record<number, string> = {
+  400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  408: "Request Timeout",
+  409: "Conflict",
+  413: "Content Too Large",
+  415: "Unsupported Media Type",
+  422: "Unprocessable Content",
+  429: "Too Many Requests",
+  500: "Internal Server Error",
+  501: "Not Implemented",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout",
+};
+
+/** Characters of an engine's error message passed on to a client. */
+const MAX_DETAIL_CHARS = 400;
+
+/**
+ * An engine's error answer in short, for a client: the status and the message
+ * of a JSON error (vLLM's say what was wrong, e.g. the context length), or
+ * else a short plain-text body; never an HTML page, which becomes the status's
+ * reason phrase.
+ */
+function describeRefusal(error: InstanceType<typeof OpenAI.APIError>): string {
+  const status = error.status!;
+  // `{"error": {"message": ...}}` (OpenAI, vLLM) or `{"error": "..."}` (some other servers).
+  const fromJson = typeof error.error === "string"
+    ? error.error
+    : (error.error as { message?: unknown } | undefined)?.message;
+  // Without a JSON error, the client's message is "<status> <body text>".
+  const fromText = error.error === undefined
+    ? error.message.replace(/^\d{3} /, "").replace(/^status code \(no body\)$/, "")
+    : "";
+  const detail = (typeof fromJson === "string" ? fromJson : fromText)
+    .replace(/\p{Cc}+/gu, " ").replace(/\s+/g, " ").trim();
+  if (detail === "" || /<[a-z!/?][^>]*>/i.test(detail)) {
+    return `${status} ${REASONS[status] ?? "(no reason given)"}`;
+  }
+  return `${status}: ${
+    detail.length > MAX_DETAIL_CHARS ? `${detail.slice(0, MAX_DETAIL_CHARS)}…` : detail
+  }`;
 }
