@@ -82,6 +82,7 @@ export async function startService(config: Config): Promise<Service> {
   // Messages the broker delivers before the gateway exists wait, unacknowledged, for it.
   const handler = Promise.withResolvers<MessageHandler>();
   const takenOver = Promise.withResolvers<Error>();
+  let takeover: Error | undefined;
   try {
     // First, so that liveness answers during a long engine start, and so that a port in use
     // stops the start-up before it touches the broker (where it could knock off a live
@@ -163,7 +164,10 @@ export async function startService(config: Config): Promise<Service> {
       will: { topic: topics.status, payload: offline },
       persistentSession: config.shareGroup === undefined,
       handler: handler.promise,
-      onTakeover: (error) => takenOver.resolve(error),
+      onTakeover: (error) => {
+        takeover = error;
+        takenOver.resolve(error);
+      },
     });
     parts.client = client;
     // A broker that is gone would keep a graceful end waiting for ever.
@@ -277,7 +281,8 @@ export async function startService(config: Config): Promise<Service> {
     // Nothing held for the gateway is acknowledged: the broker delivers it at the next start.
     handler.reject(error);
     await undo();
-    throw error;
+    // Taken over during start-up, what failed next is only a consequence.
+    throw takeover ?? error;
   }
 }
 

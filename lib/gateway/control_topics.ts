@@ -36,6 +36,12 @@ export interface ControlTopicsOptions {
   readonly setPrompt: (project: string, prompt: string) => void;
   /** The project's prompt from its file, restored by an empty template. */
   readonly defaultPrompt: (project: string) => string;
+  /**
+   * Runs a command for one session in that session's order: after its turns
+   * sent before, before those sent after (a history cleared under a running
+   * turn would come back with that turn's save).
+   */
+  readonly inOrder: (target: ReplyTarget, run: () => Promise<void>) => void;
 }
 
 /** The word that addresses every session of a project. */
@@ -86,15 +92,19 @@ export class ControlTopics {
       );
       return;
     }
-    this.#run(target.project, target.command, sessionId, body)
-      .then((done) => this.#options.publish(reply, doneBody(done)))
-      .catch((error) => {
-        log.warn("Control command {command} failed: {message}", {
-          command: target.command,
-          message: (error as Error).message,
+    const run = () =>
+      this.#run(target.project, target.command, sessionId, body)
+        .then((done) => this.#options.publish(reply, doneBody(done)))
+        .catch((error) => {
+          log.warn("Control command {command} failed: {message}", {
+            command: target.command,
+            message: (error as Error).message,
+          });
+          this.#options.publish(reply, errorBody((error as Error).message));
         });
-        this.#options.publish(reply, errorBody((error as Error).message));
-      });
+    // Every session of a project at once is not ordered with any one session's turns.
+    if (sessionId === ALL) run();
+    else this.#options.inOrder(reply, run);
   }
 
   async #run(

@@ -43,8 +43,12 @@ export interface ReplyTarget {
   readonly correlationData: Uint8Array | undefined;
 }
 
+/** What the scheduler runs: a turn, or a control command in its session's order. */
+type Job = TurnJob | ControlJob;
+
 /** A request accepted into the scheduler. */
-interface Job {
+interface TurnJob {
+  readonly kind: "turn";
   readonly id: number;
   readonly sessionKey: string;
   readonly priority: number;
@@ -54,6 +58,19 @@ interface Job {
   readonly dedupKey: string;
   /** Its place in the session's line across instances (a share group). */
   ticket?: TurnTicket;
+}
+
+/**
+ * A control command for one session (clear, delete, template), run between
+ * the session's turns: after those sent before it, before those sent after.
+ */
+interface ControlJob {
+  readonly kind: "control";
+  readonly sessionKey: string;
+  readonly priority: number;
+  readonly target: ReplyTarget;
+  /** Carries the command out and answers it; never rejects. */
+  readonly run: () => Promise<void>;
 }
 
 /** What the gateway is built from. */
@@ -113,7 +130,7 @@ export class Gateway {
    * before the queue: how to give one up, and when it is queued or has failed.
    */
   readonly #inLine = new Map<
-    Job,
+    TurnJob,
     { readonly abort: AbortController; readonly waited: Promise<void> }
   >();
   /** Topics already logged as holding a retained message (once each, bounded). */
@@ -147,6 +164,15 @@ export class Gateway {
         this.#countPrompt(prompt);
       },
       defaultPrompt: (project) => options.projects.get(project)!,
+      inOrder: (target, run) =>
+        this.#submit({
+          kind: "control",
+          sessionKey: sessionKey(target.project, target.sessionId),
+          // Cheap, and only ever behind its own session's turns.
+          priority: -options.limits.maxPriority,
+          target,
+          run,
+        }),
     });
   }
 
@@ -250,8 +276,8 @@ export class Gateway {
     if (request.cancel) {
       const reason = new ServiceError("cancelled", "cancelled by the client");
       const matches = request.requestId !== undefined && request.message === undefined
-        ? (job: Job) => job.request.requestId === request.requestId
-        : () => true;
+        ? (job: Job) => job.kind === "turn" && job.request.requestId === request.requestId
+        : (job: Job) => job.kind === "turn";
       const lined = [...this.#inLine].filter(([job]) => job.sessionKey === key && matches(job));
       const found = lined.length > 0 || this.#scheduler.hasSession(key, matches);
       for (const job of this.#scheduler.cancel(key, reason, matches)) {
@@ -298,7 +324,8 @@ export class Gateway {
       );
       return;
     }
-    const job: Job = {
+    const job: TurnJob = {
+      kind: "turn",
       id: this.#nextId++,
       sessionKey: key,
       priority: request.priority,
@@ -325,7 +352,7 @@ export class Gateway {
    * done. Waiting jobs count against the queue's bound but hold no in-flight
    * slot: two instances waiting on each other's queued turns cannot deadlock.
    */
-  #waitInLine(job: Job, order: TurnOrder): void {
+  #waitInLine(job: TurnJob, order: TurnOrder): void {
     if (this.#inLine.size + this.#scheduler.queued >= this.#options.maxQueue) {
       this.#submit(job); // refused with the scheduler's own queue_full
       return;
@@ -336,7 +363,7 @@ export class Gateway {
     this.#inLine.set(job, { abort, waited });
   }
 
-  async #takeTurn(job: Job, order: TurnOrder, signal: AbortSignal): Promise<void> {
+  async #takeTurn(job: TurnJob, order: TurnOrder, signal: AbortSignal): Promise<void> {
     try {
       const { project, sessionId } = job.request;
       job.ticket = await order.take(project, sessionId, performance.timeOrigin + job.receivedAt);
@@ -395,6 +422,7 @@ export class Gateway {
   }
 
   async #run(job: Job, signal: AbortSignal): Promise<void> {
+    if (job.kind === "control") return await job.run();
     const { request, target } = job;
     const startedAt = performance.now();
     const onAbort = () => this.#options.pool.cancel(job.id, signal.reason);
@@ -452,8 +480,10 @@ export class Gateway {
   }
 
   #fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
-    if (job) this.#recent.forget(job.dedupKey);
-    if (job) this.#finishTurn(job);
+    if (job?.kind === "turn") {
+      this.#recent.forget(job.dedupKey);
+      this.#finishTurn(job);
+    }
     this.#options.stats.error(target.project, error.code);
     if (error.code === "internal") {
       log.error("Request failed: {message}", { message: error.message });
@@ -489,7 +519,7 @@ export class Gateway {
   }
 
   /** Lets the session's next turn start, on any instance (once per job, however often called). */
-  async #finishTurn(job: Job): Promise<void> {
+  async #finishTurn(job: TurnJob): Promise<void> {
     try {
       await job.ticket?.finish();
     } catch (error) {

@@ -100,31 +100,27 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
   holdMessagesFor(client, options.handler);
   const takeover = new TakeoverWatch();
   let reported = false;
-  const takenOver = () => {
-    if (takeover.takenOver(performance.now()) && !reported) {
+  let saidTakenOver = false;
+  // MQTT 5 brokers may say why (reason code 142, "session taken over"); others just close.
+  client.on("disconnect", (packet) => saidTakenOver = packet.reasonCode === 142);
+  client.on("close", () => {
+    const stop = takeover.closed(performance.now(), saidTakenOver);
+    saidTakenOver = false;
+    if (stop && !reported) {
       reported = true;
+      // No reconnect: it would knock the other instance off again.
+      client.end(true);
       options.onTakeover(new SessionTakenOverError(options.clientId));
     }
-  };
-  // MQTT 5 says why: reason code 142, "session taken over".
-  client.on("disconnect", (packet) => {
-    if (packet.reasonCode === 142) takenOver();
   });
-  let connectedAt: number | undefined;
   let failures = 0;
   client.on("connect", () => {
-    connectedAt = performance.now();
+    takeover.connected(performance.now());
     failures = 0;
     client.options.reconnectPeriod = firstDelay;
     setNoDelay(client);
   });
   client.on("close", () => {
-    // MQTT 3.1.1 does not say why; a connection the broker closes right after
-    // accepting it, again and again, is another client with our id.
-    if (options.protocolVersion === 4 && connectedAt !== undefined) {
-      if (performance.now() - connectedAt < TakeoverWatch.QUICK_CLOSE_MS) takenOver();
-    }
-    connectedAt = undefined;
     // Exponential backoff with full jitter, so many instances do not reconnect in step.
     failures++;
     const ceiling = Math.min(maxDelay, firstDelay * 2 ** failures);
@@ -177,33 +173,35 @@ function holdMessagesFor(client: MqttClient, handler: Promise<MessageHandler>): 
 }
 
 /**
- * Tells a takeover (another connection with our client id) from ordinary
- * disconnects. Two instances with one id would knock each other off for ever;
- * one of them should stop instead, and it should be the newcomer: an instance
- * taken over within its first {@link STARTUP_MS} stops at once, while one that
- * has been serving reconnects (taking its id back) and stops only after
- * {@link REPEATS} takeovers within {@link REPEAT_WINDOW_MS}.
+ * Tells a fight over our client id from ordinary disconnects. Two instances
+ * with one id would knock each other off for ever; the newcomer should stop.
+ * An instance that has been connected for a while and is taken over
+ * reconnects at once, taking its id back, so the newcomer is the first to be
+ * closed twice in a row within {@link TakeoverWatch.QUICK_MS} of being
+ * accepted (once, where the broker says it was taken over), and stops.
  */
 export class TakeoverWatch {
-  /** A close this soon after the broker accepted us counts as a takeover (MQTT 3.1.1). */
-  static readonly QUICK_CLOSE_MS = 2000;
-  static readonly STARTUP_MS = 5000;
-  static readonly REPEATS = 3;
-  static readonly REPEAT_WINDOW_MS = 60_000;
+  static readonly QUICK_MS = 2000;
 
-  readonly #startedAt: number;
-  readonly #times: number[] = [];
+  #connectedAt: number | undefined;
+  #quick = 0;
 
-  constructor(now = performance.now()) {
-    this.#startedAt = now;
+  /** The broker accepted the connection at `now`. */
+  connected(now: number): void {
+    this.#connectedAt = now;
   }
 
-  /** Records a takeover at `now`; whether to stop. */
-  takenOver(now: number): boolean {
-    if (now - this.#startedAt < TakeoverWatch.STARTUP_MS) return true;
-    this.#times.push(now);
-    while (now - this.#times[0] > TakeoverWatch.REPEAT_WINDOW_MS) this.#times.shift();
-    return this.#times.length >= TakeoverWatch.REPEATS;
+  /** The connection ended at `now` (`takenOver`: the broker said so); whether to stop. */
+  closed(now: number, takenOver: boolean): boolean {
+    const quick = this.#connectedAt !== undefined &&
+      now - this.#connectedAt < TakeoverWatch.QUICK_MS;
+    this.#connectedAt = undefined;
+    if (!quick) {
+      this.#quick = 0;
+      return false;
+    }
+    this.#quick++;
+    return takenOver || this.#quick >= 2;
   }
 }
 
