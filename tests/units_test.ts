@@ -302,6 +302,25 @@ Deno.test("compile: every module started as a worker is named in the compile tas
   assert(included.includes("prompts"), "prompts/ is not included");
 });
 
+Deno.test("deploy: every production path runs the real deno binary, never the npm shim", async () => {
+  const read = (path: string) => Deno.readTextFile(new URL(`../${path}`, import.meta.url));
+  // The npm `deno` may be a Node script that does not pass SIGTERM on: a stop would leave the
+  // service running. The production paths run `deno-bin`, the real binary linked at install.
+  const unit = await read("deploy/vllm-mqtt.service");
+  match(unit, /^ExecStart=\/usr\/local\/bin\/deno-bin run /m);
+  const readme = await read("README.md");
+  assert(
+    readme.includes(`ln -sf "$(deno eval 'console.log(Deno.execPath())')" /usr/local/bin/deno-bin`),
+    "README's bare-metal steps do not link /usr/local/bin/deno-bin",
+  );
+  const dockerfile = await read("vllm.Dockerfile");
+  match(
+    dockerfile,
+    /ln -sf "\$\(deno eval 'console.log\(Deno.execPath\(\)\)'\)" \/usr\/local\/bin\/deno-bin/,
+  );
+  match(dockerfile, /^ENTRYPOINT \["deno-bin", "run"/m);
+});
+
 Deno.test("README: every option is listed with its default", async () => {
   const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
   for (const option of OPTIONS) {
