@@ -181,6 +181,22 @@ const FAULTS: Record<string, (body: ChatBody) => Reply> = {
       },
     })],
   }),
+  // vLLM before 0.10.1: the message at the top level.
+  "old-overflow-400": () =>
+    json(400, {
+      object: "error",
+      message: CONTEXT_MESSAGE,
+      type: "BadRequestError",
+      param: null,
+      code: 400,
+    }),
+  // A plain-text body: short and readable, so passed on.
+  "text-400": () => ({
+    status: 400,
+    contentType: "text/plain",
+    framing: "length",
+    pieces: ["unknown model\n"],
+  }),
   "overflow-400": () => ({
     status: 400,
     contentType: "application/json",
@@ -470,9 +486,15 @@ test("an engine's 400 is described in short, never echoed as HTML; a JSON error'
     const refused = errorOf(await ask("s", "2", "json-400"))!;
     assert(refused.message.includes("temperature must be at most 2, got 7"), refused.message);
 
-    const overflow = errorOf(await ask("s", "3", "overflow-400"))!;
+    const text = errorOf(await ask("s", "3", "text-400"))!;
+    assert(text.message.includes("400: unknown model"), text.message);
+
+    const overflow = errorOf(await ask("s", "4", "overflow-400"))!;
     equal(overflow.code, "context_overflow");
     assert(overflow.message.includes(CONTEXT_MESSAGE), overflow.message);
+    const old = errorOf(await ask("s", "5", "old-overflow-400"))!;
+    equal(old.code, "context_overflow", old.message);
+    assert(old.message.includes(CONTEXT_MESSAGE), old.message);
   });
 });
 

@@ -280,7 +280,8 @@ async function fetchWholeStream(
   init?: RequestInit,
 ): Promise<Response> {
   const response = await fetch(input, init);
-  if (!response.ok || response.body === null) return response;
+  if (!response.ok) return await withErrorObject(response);
+  if (response.body === null) return response;
   // Named in an error a client sees: a media type's characters only.
   const contentType = (response.headers.get("content-type") ?? "").split(";")[0]
     .replace(/[^\w.+/-]/g, "").slice(0, 60) || "no content-type";
@@ -323,6 +324,28 @@ async function fetchWholeStream(
   });
 }
 
+/**
+ * An error answer whose JSON carries its message at the top level (vLLM
+ * before 0.10.1: `{"object": "error", "message": ...}`; `{"detail": ...}`
+ * elsewhere) rewritten in OpenAI's shape, `{"error": {"message": ...}}`, the
+ * only one the `openai` client reads a message from.
+ */
+async function withErrorObject(response: Response): Promise<Response> {
+  if (!/json/i.test(response.headers.get("content-type") ?? "")) return response;
+  const text = await response.text();
+  let body = text;
+  try {
+    const parsed = JSON.parse(text);
+    const message = parsed?.message ?? parsed?.detail;
+    if (parsed?.error === undefined && typeof message === "string") {
+      body = JSON.stringify({ error: { ...parsed, message } });
+    }
+  } catch { /* not JSON after all: left as it is */ }
+  const headers = new Headers(response.headers);
+  headers.delete("content-length");
+  return new Response(body, { status: response.status, statusText: response.statusText, headers });
+}
+
 const CONTEXT_OVERFLOW = /maximum context length|context length|too many tokens|input is too long/i;
 
 /** Maps whatever the client threw to a protocol error. */
@@ -358,14 +381,13 @@ function mapError(error: unknown, signal: AbortSignal, deadline: AbortSignal): S
       retryAfterMs: 1000,
     });
   }
-  // A stream cut in the middle surfaces as a plain Error from the SSE reader.
+  // A stream cut in the middle surfaces as a plain Error from the SSE reader; an error event
+  // in the stream as an APIError without a status.
+  const detail = clientSafe(String((error as Error)?.message ?? error));
   return new ServiceError(
     "engine_unavailable",
-    `engine stream failed: ${(error as Error)?.message}`,
-    {
-      cause: error,
-      retryAfterMs: 1000,
-    },
+    detail === undefined ? "engine stream failed" : `engine stream failed: ${detail}`,
+    { cause: error, retryAfterMs: 1000 },
   );
 }
 
@@ -408,12 +430,18 @@ function describeRefusal(error: InstanceType<typeof OpenAI.APIError>): string {
   const fromText = error.error === undefined
     ? error.message.replace(/^\d{3} /, "").replace(/^status code \(no body\)$/, "")
     : "";
-  const detail = (typeof fromJson === "string" ? fromJson : fromText)
-    .replace(/\p{Cc}+/gu, " ").replace(/\s+/g, " ").trim();
-  if (detail === "" || /<[a-z!/?][^>]*>/i.test(detail)) {
-    return `${status} ${REASONS[status] ?? "(no reason given)"}`;
-  }
-  return `${status}: ${
-    detail.length > MAX_DETAIL_CHARS ? `${detail.slice(0, MAX_DETAIL_CHARS)}…` : detail
-  }`;
+  const detail = clientSafe(typeof fromJson === "string" ? fromJson : fromText);
+  return detail === undefined
+    ? `${status} ${REASONS[status] ?? "(no reason given)"}`
+    : `${status}: ${detail}`;
+}
+
+/**
+ * `text` from the engine made fit for a client: on one line, at most
+ * {@linkcode MAX_DETAIL_CHARS} long; undefined when empty or markup.
+ */
+function clientSafe(text: string): string | undefined {
+  const line = text.replace(/\p{Cc}+/gu, " ").replace(/\s+/g, " ").trim();
+  if (line === "" || /<[a-z!/?][^>]*>/i.test(line)) return undefined;
+  return line.length > MAX_DETAIL_CHARS ? `${line.slice(0, MAX_DETAIL_CHARS)}…` : line;
 }
