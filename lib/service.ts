@@ -16,7 +16,7 @@ import { type RunningEngine, startEngine } from "./engine/start_engine.ts";
 import { Gateway } from "./gateway/gateway.ts";
 import { logger } from "./log.ts";
 import type { MqttClient } from "mqtt";
-import { connectMqtt, type MessageHandler, redact } from "./mqtt/connect.ts";
+import { connectMqtt, type MessageHandler, redact, TakeoverWatch } from "./mqtt/connect.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
 import { SessionStore } from "./sessions/session_store.ts";
@@ -82,7 +82,7 @@ export async function startService(config: Config): Promise<Service> {
   // Messages the broker delivers before the gateway exists wait, unacknowledged, for it.
   const handler = Promise.withResolvers<MessageHandler>();
   const takenOver = Promise.withResolvers<Error>();
-  let takeover: Error | undefined;
+  let takeoverError: Error | undefined;
   try {
     // First, so that liveness answers during a long engine start, and so that a port in use
     // stops the start-up before it touches the broker (where it could knock off a live
@@ -129,6 +129,7 @@ export async function startService(config: Config): Promise<Service> {
       requestTimeoutMs: config.requestTimeoutMs,
       engineRetries: config.engineRetries,
       skipThinking: config.skipThinking,
+      log: { level: config.logLevel, format: config.logFormat },
     });
     cleanup.push(() => pool.close());
 
@@ -151,6 +152,8 @@ export async function startService(config: Config): Promise<Service> {
     }
 
     const instance = config.mqttClientId;
+    const startedAt = new Date().toISOString();
+    const takeover = new TakeoverWatch();
     const offline = JSON.stringify({ status: "offline", instance, model: config.servedModelName });
     const client = await connectMqtt({
       url: brokerUrl,
@@ -164,8 +167,9 @@ export async function startService(config: Config): Promise<Service> {
       will: { topic: topics.status, payload: offline },
       persistentSession: config.shareGroup === undefined,
       handler: handler.promise,
+      takeover,
       onTakeover: (error) => {
-        takeover = error;
+        takeoverError = error;
         takenOver.resolve(error);
       },
     });
@@ -220,13 +224,16 @@ export async function startService(config: Config): Promise<Service> {
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
     });
     parts.serving = { gateway, directory, stats };
-    handler.resolve((topic, payload, packet) => gateway.handle(topic, payload, packet));
+    handler.resolve((topic, payload, packet) => {
+      if (topic === topics.status) noteStatus(payload, instance, startedAt, takeover);
+      else gateway.handle(topic, payload, packet);
+    });
     const onlineStatus = {
       status: "online",
       instance,
       model: config.servedModelName,
       projects: config.projects,
-      started_at: new Date().toISOString(),
+      started_at: startedAt,
     };
     const online = JSON.stringify(onlineStatus);
     // The status also goes to a file, for container health checks that speak no MQTT.
@@ -239,10 +246,15 @@ export async function startService(config: Config): Promise<Service> {
     client.on("connect", (connack) => {
       log.info("Reconnected to the broker");
       stats.brokerReconnected();
-      if (!connack.sessionPresent) gateway.subscribe().catch(() => {});
+      if (!connack.sessionPresent) {
+        gateway.subscribe().catch(() => {});
+        client.subscribeAsync(topics.status, { qos: 1 }).catch(() => {});
+      }
       announce();
     });
     await gateway.subscribe();
+    // Our own status topic: another instance with our client id shows itself there.
+    await client.subscribeAsync(topics.status, { qos: 1 });
     announce();
     log.info("Serving {projects} with model {model}", {
       projects: config.projects,
@@ -282,7 +294,7 @@ export async function startService(config: Config): Promise<Service> {
     handler.reject(error);
     await undo();
     // Taken over during start-up, what failed next is only a consequence.
-    throw takeover ?? error;
+    throw takeoverError ?? error;
   }
 }
 
@@ -311,6 +323,28 @@ async function openStore(
       }`,
     );
   }
+}
+
+/**
+ * A status message on our own status topic: an `online` one from an instance
+ * with our client id that started before us is the instance we would be
+ * fighting for the id.
+ */
+function noteStatus(
+  payload: Uint8Array,
+  instance: string,
+  startedAt: string,
+  takeover: TakeoverWatch,
+): void {
+  try {
+    const status = JSON.parse(new TextDecoder().decode(payload));
+    if (
+      status?.status === "online" && status.instance === instance &&
+      typeof status.started_at === "string" && status.started_at < startedAt
+    ) {
+      takeover.olderInstanceSeen();
+    }
+  } catch { /* not a status of ours */ }
 }
 
 /** The service's parts as they come up, for the HTTP endpoint (which comes up first). */

@@ -7,7 +7,7 @@
  */
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
-import { TakeoverWatch } from "../lib/mqtt/connect.ts";
+import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   freePort,
   mosquittoTest as test,
@@ -122,61 +122,136 @@ test("a retained request or command is acted on once, not again at every start",
   });
 });
 
-test("a request the broker redelivers to a frozen service is answered once", async () => {
-  const store = await Deno.makeTempDir({ prefix: "vllm-mqtt-broker-store-" });
-  try {
-    await withService({
-      brokerConfig: ["persistence true", `persistence_location ${store}/`],
-    }, async ({ broker, service }) => {
-      const device = await TestClient.connect(broker.url, { clientId: "frozen-dev", clean: false });
-      try {
-        await device.subscribe("maze/assistant_response/#");
-        Deno.kill(service.child.pid, "SIGSTOP");
-        // With and without a request_id: a redelivered packet is the same request either way.
-        await device.send("maze/user_input", {
-          session_id: "dup-a",
-          message: "one",
-          request_id: "r1",
-        });
-        await device.send("maze/user_input", { session_id: "dup-b", message: "one" });
-        // The broker hands both to the frozen service's socket, then restarts from its
-        // persistence, where they wait unacknowledged; it sends them again (DUP) on resume.
-        await new Promise((resolve) => setTimeout(resolve, 300));
-        await broker.stop("SIGTERM");
-        await broker.start();
-        Deno.kill(service.child.pid, "SIGCONT");
-        await device.final("dup-a", "r1", 30_000);
-        await device.next((m) => m.json?.response === answer(1, "one") && /dup-b$/.test(m.topic));
-        // A later turn of each session: its answer follows any second answer to the first.
-        await device.send("maze/user_input", {
-          session_id: "dup-a",
-          message: "two",
-          request_id: "r2",
-        });
-        await device.send("maze/user_input", { session_id: "dup-b", message: "two" });
-        const a2 = await device.final("dup-a", "r2", 30_000);
-        const b2 = await device.next((m) =>
-          m.json?.type === "done" && /dup-b$/.test(m.topic) &&
-          /"two"/.test(String(m.json.response)), 30_000);
-        const finals = (session: string) =>
-          device.received.filter((m) => m.topic.endsWith(`/${session}`) && m.json?.type === "done")
-            .length;
-        console.log(
-          `frozen service, broker restarted: dup-a ${finals("dup-a")} answers, dup-b ${
-            finals("dup-b")
-          } answers (2 each expected)`,
-        );
-        deepEqual(finals("dup-a"), 2);
-        deepEqual(finals("dup-b"), 2);
-        // The history holds each first turn once.
-        deepEqual(a2.json!.response, answer(2, "two"));
-        deepEqual(b2.json!.response, answer(2, "two"));
-      } finally {
-        await device.close();
+/**
+ * A TCP proxy between the service and the broker that can swallow the
+ * service's next PUBACK and cut the connection, as a freeze or a network
+ * fault does: the broker then delivers that request again, flagged DUP, when
+ * the service reconnects (its persistent session still holds it).
+ */
+class AckLosingProxy {
+  readonly port: number;
+  loseNextAck = false;
+  readonly #listener: Deno.Listener;
+  readonly #conns = new Set<Deno.Conn>();
+  readonly #accepting: Promise<void>;
+
+  constructor(upstreamPort: number) {
+    this.#listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    this.port = (this.#listener.addr as Deno.NetAddr).port;
+    this.#accepting = this.#accept(upstreamPort);
+  }
+
+  async #accept(upstreamPort: number): Promise<void> {
+    for await (const service of this.#listener) {
+      const broker = await Deno.connect({ hostname: "127.0.0.1", port: upstreamPort });
+      this.#conns.add(service).add(broker);
+      const cut = () => {
+        for (const conn of [service, broker]) {
+          this.#conns.delete(conn);
+          try {
+            conn.close();
+          } catch { /* closed */ }
+        }
+      };
+      this.#pipe(broker, service, () => true).finally(cut);
+      this.#pipe(service, broker, (frame) => {
+        if (frame[0] >> 4 !== 4 || !this.loseNextAck) return true; // not a PUBACK
+        this.loseNextAck = false;
+        return false;
+      }).finally(cut);
+    }
+  }
+
+  /** Copies whole MQTT packets; stops (and so cuts) at the first one `pass` refuses. */
+  async #pipe(from: Deno.Conn, to: Deno.Conn, pass: (frame: Uint8Array) => boolean) {
+    let pending = new Uint8Array(0);
+    const chunk = new Uint8Array(65_536);
+    while (true) {
+      const n = await from.read(chunk).catch(() => null);
+      if (n === null) return;
+      pending = new Uint8Array([...pending, ...chunk.subarray(0, n)]);
+      while (pending.length >= 2) {
+        let length = 0, i = 1, byte: number;
+        do {
+          byte = pending[i];
+          length += (byte & 127) * 128 ** (i - 1);
+          i++;
+        } while (byte & 128 && i < pending.length);
+        if (byte & 128 || pending.length < i + length) break;
+        const frame = pending.slice(0, i + length);
+        pending = pending.slice(i + length);
+        if (!pass(frame)) return;
+        await to.write(frame).catch(() => {});
       }
-    });
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#listener.close();
+    for (const conn of this.#conns) {
+      try {
+        conn.close();
+      } catch { /* closed */ }
+    }
+    await this.#accepting.catch(() => {});
+  }
+}
+
+test("a request the broker delivers again (its acknowledgement lost) is answered once", async () => {
+  const broker = await startMosquitto();
+  const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
+  const proxy = new AckLosingProxy(broker.port);
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const client = await TestClient.connect(broker.url);
+  let service: ServiceProcess | undefined;
+  try {
+    await client.subscribe("maze/assistant_response/#");
+    service = await startService([
+      "--engine=url",
+      `--engine-url=${sim.url}`,
+      `--mqtt-url=mqtt://127.0.0.1:${proxy.port}`,
+      `--data-dir=${dataDir}`,
+      "--projects=maze",
+      `--mqtt-client-id=svc-${crypto.randomUUID()}`,
+    ]);
+    // With and without a request_id: a packet delivered again is the same request either way.
+    for (const session of ["dup-a", "dup-b"]) {
+      proxy.loseNextAck = true;
+      const requestId = session === "dup-a" ? { request_id: "r1" } : {};
+      await client.send("maze/user_input", { session_id: session, message: "one", ...requestId });
+      await waitFor(() => !proxy.loseNextAck, 10_000, "the acknowledgement to be lost");
+      // A later turn: the broker sends the copy before it, so any second answer comes first.
+      await client.send("maze/user_input", {
+        session_id: session,
+        message: "two",
+        request_id: "r2",
+      });
+      await client.final(session, "r2", 30_000);
+    }
+    const finals = (session: string) =>
+      client.received.filter((m) => m.topic.endsWith(`/${session}`) && m.json?.type === "done");
+    console.log(
+      `acknowledgement lost, request delivered again: dup-a answered ${
+        finals("dup-a").length - 1
+      } time(s), dup-b ${finals("dup-b").length - 1} time(s)`,
+    );
+    deepEqual(finals("dup-a").map((m) => m.json!.request_id), ["r1", "r2"]);
+    deepEqual(finals("dup-b").length, 2);
+    // The history holds each first turn once.
+    for (const session of ["dup-a", "dup-b"]) {
+      deepEqual(finals(session).at(-1)!.json!.response, answer(2, "two"));
+    }
+  } catch (error) {
+    console.error(`--- service log ---\n${service?.log().slice(-4000)}`);
+    throw error;
   } finally {
-    await Deno.remove(store, { recursive: true }).catch(() => {});
+    await client.close();
+    await service?.stop();
+    await proxy.close();
+    await sim.close();
+    await broker.stop();
+    await Deno.remove(broker.dir, { recursive: true }).catch(() => {});
+    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
   }
 });
 
@@ -279,10 +354,8 @@ test("a second instance with the same client id stops, naming the option; the fi
     match(same.log(), new RegExp(`'--http-port' ${httpPort} .* is in use`));
     assert(!/Reconnected/.test(service.log()), "the first instance was knocked off");
 
-    // Another HTTP port, the same client id: the newcomer is taken over and stops. (An instance
-    // taken over within its first seconds on a connection may be the newcomer itself: the
-    // first one here has been connected for longer.)
-    await new Promise((resolve) => setTimeout(resolve, TakeoverWatch.QUICK_MS + 500));
+    // Another HTTP port, the same client id: the newcomer sees the older instance announce
+    // itself, is taken over when that one reconnects, and stops.
     const other = args.filter((arg) => !arg.startsWith("--http-port")).concat("--http-port=0");
     const second = await startService(other, { expectExit: true, timeoutMs: 60_000 })
       .catch((error) => {
@@ -333,5 +406,35 @@ test("control commands take their place in the session's order, like turns", asy
     await client.send("maze/user_input", { session_id: "c", message: "three", request_id: "3" });
     deepEqual(text(await client.final("c", "2")), answer(2, "two"));
     deepEqual(text(await client.final("c", "3")), answer(1, "three"));
+  });
+});
+
+test("a request answered before a crash is answered from history when resent, not generated again", async () => {
+  await withService({}, async ({ client, service, args }) => {
+    await client.send("maze/user_input", { session_id: "crash", message: "one", request_id: "c1" });
+    const first = await client.final("crash", "c1");
+    // The client missed that answer and the service died: nothing of it is left in memory.
+    equal(await service.stop("SIGKILL"), 137);
+    const restarted = await startService(args);
+    try {
+      await client.send("maze/user_input", {
+        session_id: "crash",
+        message: "one",
+        request_id: "c1",
+      });
+      const again = await client.next((m) =>
+        m.json?.request_id === "c1" && m.json.type === "done" && m !== first
+      );
+      deepEqual(again.json!.response, first.json!.response);
+      deepEqual(again.json!.repeated, true);
+      await client.send("maze/user_input", {
+        session_id: "crash",
+        message: "two",
+        request_id: "c2",
+      });
+      deepEqual((await client.final("crash", "c2")).json!.response, answer(2, "two"));
+    } finally {
+      await restarted.stop();
+    }
   });
 });

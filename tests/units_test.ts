@@ -202,7 +202,10 @@ Deno.test("request: each bad input has its code, and an address when it names a 
     "invalid_request",
     "s",
   ]);
-  deepEqual(bad({ session_id: "s", message: "x".repeat(2000) }), ["payload_too_large", undefined]);
+  // Too large to parse whole, yet its session can be read and answered.
+  deepEqual(bad({ session_id: "s", message: "x".repeat(2000) }), ["payload_too_large", "s"]);
+  deepEqual(bad({ message: "x".repeat(2000), sessionId: "t" }), ["payload_too_large", "t"]);
+  deepEqual(bad({ message: "x".repeat(2000) }), ["payload_too_large", undefined]);
   const invalidUtf8 = parseRequest(new Uint8Array([0x22, 0xff, 0x22]), "maze", ROOT, LIMITS);
   assert(!invalidUtf8.ok && /UTF-8/.test(invalidUtf8.error.message));
 });

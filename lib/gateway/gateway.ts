@@ -437,6 +437,7 @@ export class Gateway {
         id: job.id,
         project: request.project,
         sessionId: request.sessionId,
+        requestId: request.requestId,
         message: request.message,
         reset: request.reset,
         systemPrompt: prompt,
@@ -462,12 +463,16 @@ export class Gateway {
           ttft_ms: timing.ttftMs === null ? null : Math.round(timing.ttftMs),
           total_ms: Math.round(timing.totalMs),
         },
+        ...(result.repeated && { repeated: true }),
+        ...(result.historyLost && { history_lost: true }),
       };
       this.#publish(target, done);
       // Kept for a client's retry under the same id; a copy without one is only ever dropped.
       if (request.requestId !== undefined) this.#recent.answered(job.dedupKey, done);
       this.#options.directory.touch(request.project, request.sessionId);
-      this.#options.stats.answered(request.project, timing, result.usage);
+      // A repeat sent from history generated nothing: no engine figures to count.
+      if (result.repeated) this.#options.stats.ignored("duplicate");
+      else this.#options.stats.answered(request.project, timing, result.usage);
     } catch (error) {
       const failure = asServiceError(error);
       if (failure.code === "engine_unavailable") engineHealth.failed();

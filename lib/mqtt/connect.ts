@@ -61,6 +61,8 @@ export interface ConnectOptions {
    * held is acknowledged, so the broker delivers it again at the next start.
    */
   readonly handler: Promise<MessageHandler>;
+  /** Tells a takeover of our client id from other disconnects. */
+  readonly takeover: TakeoverWatch;
   /**
    * Called once when another connection takes our client id over and we
    * should stop rather than take it back (see {@link TakeoverWatch}).
@@ -98,7 +100,7 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
   };
   const client = mqtt.connect(options.url, clientOptions);
   holdMessagesFor(client, options.handler);
-  const takeover = new TakeoverWatch();
+  const { takeover } = options;
   let reported = false;
   let saidTakenOver = false;
   // MQTT 5 brokers may say why (reason code 142, "session taken over"); others just close.
@@ -174,34 +176,38 @@ function holdMessagesFor(client: MqttClient, handler: Promise<MessageHandler>): 
 
 /**
  * Tells a fight over our client id from ordinary disconnects. Two instances
- * with one id would knock each other off for ever; the newcomer should stop.
- * An instance that has been connected for a while and is taken over
- * reconnects at once, taking its id back, so the newcomer is the first to be
- * closed twice in a row within {@link TakeoverWatch.QUICK_MS} of being
- * accepted (once, where the broker says it was taken over), and stops.
+ * with one id knock each other off for ever; the newcomer should stop. It
+ * knows it is the newcomer when an instance with its id that started earlier
+ * announced itself (its `online` status), and then its own connection is
+ * closed within {@link TakeoverWatch.QUICK_MS} of being accepted: the other
+ * one reconnected, taking the id back. A network that drops connections
+ * shows no such announcement, and is ridden out like any other.
  */
 export class TakeoverWatch {
   static readonly QUICK_MS = 2000;
 
   #connectedAt: number | undefined;
-  #quick = 0;
+  #olderInstance = false;
+
+  /** An instance with our client id that started before us is (or was lately) online. */
+  olderInstanceSeen(): void {
+    this.#olderInstance = true;
+  }
 
   /** The broker accepted the connection at `now`. */
   connected(now: number): void {
     this.#connectedAt = now;
   }
 
-  /** The connection ended at `now` (`takenOver`: the broker said so); whether to stop. */
+  /**
+   * The connection ended at `now` (`takenOver`: an MQTT 5 broker said so,
+   * which mosquitto 2.0 does not); whether to stop.
+   */
   closed(now: number, takenOver: boolean): boolean {
     const quick = this.#connectedAt !== undefined &&
       now - this.#connectedAt < TakeoverWatch.QUICK_MS;
     this.#connectedAt = undefined;
-    if (!quick) {
-      this.#quick = 0;
-      return false;
-    }
-    this.#quick++;
-    return takenOver || this.#quick >= 2;
+    return quick && (takenOver || this.#olderInstance);
   }
 }
 

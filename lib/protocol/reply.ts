@@ -31,6 +31,13 @@ export type ReplyBody =
     readonly finish_reason: string;
     readonly usage: Usage | null;
     readonly timing: Timing;
+    /** The answer was not generated again: its `request_id` was answered before (a retry). */
+    readonly repeated?: true;
+    /**
+     * The session's stored history could not be read (a damaged store) and
+     * was dropped: this turn started a fresh conversation.
+     */
+    readonly history_lost?: true;
   }
   | {
     readonly type: "error";
