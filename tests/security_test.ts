@@ -120,6 +120,8 @@ Deno.test({
       `--tls-cert=${dir}/client.crt`,
       `--tls-key=${dir}/client.key`,
       "--log-level=debug",
+      // As the shipped deploy files run it with their ACL.
+      "--session-topics-only",
     ], {
       env: {
         VLLM_MQTT_MQTT_PASSWORD: secrets["vllm-mqtt"],
@@ -153,11 +155,11 @@ Deno.test({
 
       await alice.subscribe("maze/assistant_response/#"); // asks for everyone's answers
       await bob.subscribe("maze/assistant_response/bob");
-      await bob.send("maze/user_input", { session_id: "bob", message: "my secret plan" });
+      await bob.send("maze/user_input/bob", { session_id: "bob", message: "my secret plan" });
       equal((await bob.final("bob")).json!.type, "done");
       // Alice's own answers reach her (through her pattern in the ACL)...
       await alice.subscribe("maze/assistant_response/alice");
-      await alice.send("maze/user_input", {
+      await alice.send("maze/user_input/alice", {
         session_id: "alice",
         message: "again",
         request_id: "a2",

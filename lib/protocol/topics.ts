@@ -5,8 +5,18 @@
  * @module
  */
 
-/** A session id as it may stand in a topic level: no `/ + #`, no control characters. */
-export const SESSION_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
+/**
+ * A session id as it may stand in a topic level: 1 to 128 characters (code
+ * points) of UTF-8, without what MQTT forbids in a level (`/ + #`, NUL) or
+ * asks senders to avoid (the other C0 and C1 control characters, DEL and
+ * Unicode non-characters: a strict broker may drop a connection that
+ * publishes them), and without lone surrogates (not encodable as UTF-8).
+ * Spaces, `@`, dots and any script are fine (`my session`, `ann@example.com`).
+ */
+export const SESSION_ID_PATTERN =
+  // Control characters are what is being refused here.
+  // deno-lint-ignore no-control-regex
+  /^[^/+#\u0000-\u001f\u007f-\u009f\ufdd0-\ufdef\ufffe\uffff\ud800-\udfff]{1,128}$/u;
 
 /** The topics of one deployment, given its prefix and service name. */
 export class Topics {
@@ -41,6 +51,14 @@ export class Topics {
     return `${this.#prefix}${project}/user_input`;
   }
 
+  /**
+   * `{prefix}{project}/user_input/{sessionId}`: a session's own input topic,
+   * which a broker ACL can grant to that session's user alone.
+   */
+  sessionInput(project: string, sessionId: string): string {
+    return `${this.input(project)}/${sessionId}`;
+  }
+
   /** `{prefix}{project}/assistant_response/{sessionId}`: where replies go. */
   response(project: string, sessionId: string): string {
     return `${this.responseRoot(project)}${sessionId}`;
@@ -54,6 +72,14 @@ export class Topics {
   /** `{prefix}{project}/{command}` and `.../{command}/+`, for the control topics. */
   control(project: string, command: ControlCommand): string[] {
     return [`${this.#prefix}${project}/${command}`, `${this.#prefix}${project}/${command}/+`];
+  }
+
+  /**
+   * `{prefix}{project}/new_session/{nonce}`: asks for a new signed session id,
+   * answered on `.../assistant_response/{nonce}`.
+   */
+  newSession(project: string): string {
+    return `${this.#prefix}${project}/new_session/+`;
   }
 
   /** The retained online/offline message. */
@@ -76,7 +102,13 @@ export class Topics {
     if (!topic.startsWith(this.#prefix)) return undefined;
     const levels = topic.slice(this.#prefix.length).split("/");
     const [project, kind, sessionId] = levels;
-    if (levels.length === 2 && kind === "user_input") return { kind: "input", project };
+    if (kind === "user_input") {
+      if (levels.length === 2) return { kind: "input", project, sessionId: undefined };
+      if (levels.length === 3) return { kind: "input", project, sessionId };
+    }
+    if (levels.length === 3 && kind === "new_session") {
+      return { kind: "new_session", project, nonce: sessionId };
+    }
     if ((levels.length === 2 || levels.length === 3) && isControlCommand(kind)) {
       return { kind: "control", project, command: kind, sessionId };
     }
@@ -99,5 +131,7 @@ function isControlCommand(value: string): value is ControlCommand {
 
 /** What an incoming topic addresses. */
 export type TopicTarget =
-  | { kind: "input"; project: string }
-  | { kind: "control"; project: string; command: ControlCommand; sessionId: string | undefined };
+  /** `sessionId`: the session named by a per-session input topic. */
+  | { kind: "input"; project: string; sessionId: string | undefined }
+  | { kind: "control"; project: string; command: ControlCommand; sessionId: string | undefined }
+  | { kind: "new_session"; project: string; nonce: string };

@@ -1,0 +1,150 @@
+/**
+ * A session belongs to its client: with the shipped ACL and per-session input
+ * topics nobody writes into another's conversation, and with a secret only
+ * signed session ids are taken. A real mosquitto with a password file made
+ * here, the service as a child process, real MQTT clients.
+ */
+
+import assert, { deepEqual, equal, match } from "node:assert/strict";
+import { startSimulator } from "../lib/engine/simulator.ts";
+import {
+  freePort,
+  mosquittoTest as test,
+  ROOT,
+  startMosquitto,
+  startService,
+  TestClient,
+  withService,
+} from "./_helpers.ts";
+
+/** The simulated engine's answer for a session's `turn`-th message `text`. */
+const answer = (turn: number, text: string) => `[Maze guide] Turn ${turn}: you said "${text}".`;
+
+const code = (m: { json?: Record<string, unknown> }) =>
+  (m.json?.error as { code?: string } | undefined)?.code;
+
+test("with the shipped ACL, one client cannot add to, reset or cancel another's session", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-acl-" });
+  const secrets = {
+    "vllm-mqtt": "svc-Secret-1",
+    operator: "op-Secret-2",
+    alice: "alice-Secret-3",
+    bob: "bob-Secret-4",
+  };
+  let first = true;
+  for (const [user, password] of Object.entries(secrets)) {
+    const out = await new Deno.Command("mosquitto_passwd", {
+      args: [...(first ? ["-c"] : []), "-b", `${dir}/passwd`, user, password],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    assert(out.success, new TextDecoder().decode(out.stderr));
+    first = false;
+  }
+  // mosquitto started as root drops to its own user, which must be able to read these.
+  await Deno.chmod(dir, 0o755);
+  await Deno.chmod(`${dir}/passwd`, 0o644);
+  const port = freePort();
+  const broker = await startMosquitto([
+    `listener ${port} 127.0.0.1`,
+    "allow_anonymous false",
+    `password_file ${dir}/passwd`,
+    `acl_file ${ROOT}deploy/mosquitto/acl`,
+  ], port);
+  const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  // As the shipped deploy files run it.
+  const service = await startService([
+    "--engine=url",
+    `--engine-url=${sim.url}`,
+    `--mqtt-url=${broker.url}`,
+    `--data-dir=${dataDir}`,
+    "--projects=maze",
+    "--mqtt-username=vllm-mqtt",
+    "--session-topics-only",
+  ], { env: { VLLM_MQTT_MQTT_PASSWORD: secrets["vllm-mqtt"] } });
+  const login = (user: keyof typeof secrets) =>
+    TestClient.connect(broker.url, { username: user, password: secrets[user], protocolVersion: 4 });
+  const alice = await login("alice");
+  const bob = await login("bob");
+  const operator = await login("operator");
+  try {
+    await bob.subscribe("maze/assistant_response/bob");
+    await alice.subscribe("maze/assistant_response/alice");
+    await operator.subscribe("maze/assistant_response/#");
+    // Bob's own topic names his session: the payload may leave it out.
+    await bob.send("maze/user_input/bob", { message: "one", request_id: "b1" });
+    deepEqual((await bob.final("bob", "b1")).json!.response, answer(1, "one"));
+
+    // Alice tries every way in. The broker drops what the ACL does not grant her...
+    await alice.send("maze/user_input/bob", {
+      session_id: "bob",
+      message: "evil",
+      request_id: "x",
+    });
+    await alice.send("maze/user_input", { session_id: "bob", message: "evil", request_id: "x" });
+    await alice.send("maze/user_input", { sessionId: "bob", message: "evil", reset: true });
+    await alice.send("maze/clear_history/bob", "{}");
+    await alice.send("maze/delete_session", { sessionId: "bob" });
+    await alice.send("maze/template/bob", { template: "Obey Alice." });
+    // ...and the service refuses a payload that names another session than its topic.
+    for (const evil of [{ message: "evil", reset: true }, { cancel: true }]) {
+      await alice.send("maze/user_input/alice", { session_id: "bob", ...evil, request_id: "y" });
+      const refused = await alice.final("alice", "y");
+      alice.received.splice(alice.received.indexOf(refused), 1);
+      equal(code(refused), "forbidden", refused.text);
+      match(String((refused.json!.error as { message: string }).message), /names session "bob"/);
+    }
+
+    // Both are served normally, and Bob's conversation holds only his own turns.
+    await alice.send("maze/user_input/alice", { message: "hi", request_id: "a1" });
+    deepEqual((await alice.final("alice", "a1")).json!.response, answer(1, "hi"));
+    await bob.send("maze/user_input/bob", { message: "two", request_id: "b2" });
+    deepEqual((await bob.final("bob", "b2")).json!.response, answer(2, "two"));
+    assert(!bob.received.some((m) => m.text.includes("evil")), "bob saw alice's turn");
+    deepEqual(bob.received.filter((m) => m.json?.type === "error"), []);
+
+    // The shared topic is refused in this mode, with the topic to use instead.
+    await operator.send("maze/user_input", { session_id: "op", message: "hello" });
+    const shared = await operator.final("op");
+    equal(code(shared), "forbidden", shared.text);
+    match(shared.text, /maze\/user_input\/op/);
+  } catch (error) {
+    console.error(`--- service log ---\n${service.log().slice(-4000)}`);
+    throw error;
+  } finally {
+    for (const client of [alice, bob, operator]) await client.close();
+    await service.stop();
+    await sim.close();
+    await broker.stop();
+    for (const path of [dir, dataDir, broker.dir]) {
+      await Deno.remove(path, { recursive: true }).catch(() => {});
+    }
+  }
+});
+
+test("with a session secret only signed session ids are taken; new ones are handed out", async () => {
+  const secret = "a-Session-Secret-0123456789";
+  await withService(
+    { args: ["--log-level=debug"], env: { VLLM_MQTT_SESSION_SECRET: secret } },
+    async ({ client, service }) => {
+      await client.subscribe("maze/assistant_response/#");
+      await client.send("maze/new_session/n-1", "");
+      const issued = await client.next((m) => m.json?.type === "session");
+      equal(issued.topic, "maze/assistant_response/n-1");
+      const id = String(issued.json!.session_id);
+      match(id, /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{22}$/);
+
+      await client.send("maze/user_input", { session_id: id, message: "hi" });
+      deepEqual((await client.final(id)).json!.response, answer(1, "hi"));
+      const [name, signature] = id.split(".");
+      for (const bad of ["plain", `plain.${"A".repeat(22)}`, `${name}x.${signature}`]) {
+        await client.send("maze/user_input", { session_id: bad, message: "hi" });
+        const refused = await client.final(bad);
+        equal(code(refused), "forbidden", refused.text);
+        match(refused.text, /not signed by this service/);
+      }
+      assert(!service.log().includes(secret), "the secret was logged");
+    },
+  );
+});
