@@ -20,6 +20,7 @@ import { connectMqtt, type MessageHandler, redact, TakeoverWatch } from "./mqtt/
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
 import { SessionStore } from "./sessions/session_store.ts";
+import { checkHeadroom, storageFailure, StorageHealth } from "./sessions/storage_health.ts";
 import { TurnOrder } from "./sessions/turn_order.ts";
 import { WriteGenerations } from "./sessions/write_generations.ts";
 import { type HttpEndpoint, serveHttpEndpoint } from "./observability/http_endpoint.ts";
@@ -110,6 +111,9 @@ export async function startService(config: Config): Promise<Service> {
       : undefined;
     const store = await openStore(kvPath, config, generations);
     cleanup.push(() => store.close());
+    const storageHealth = await watchStorage(store, config);
+    parts.storageHealth = storageHealth;
+    cleanup.push(() => storageHealth.close());
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
       windowMs: config.orderWindowMs,
@@ -207,6 +211,7 @@ export async function startService(config: Config): Promise<Service> {
       directory,
       stats,
       engineHealth,
+      storageHealth,
       engineWaitMs: config.engineWaitMs,
       limits: config,
       qos: config.qos,
@@ -298,6 +303,40 @@ export async function startService(config: Config): Promise<Service> {
   }
 }
 
+/** Room a store that ran out of space must have again before it takes turns. */
+const STORAGE_HEADROOM_BYTES = 1024 * 1024;
+
+/**
+ * Checks that the session store can be written, and keeps checking.
+ *
+ * A store that cannot be written at start-up (a full disk) stops the start
+ * with the reason, rather than starting not ready: opening a store needs room
+ * too (SQLite writes its `-shm` and `-wal` files; on a full disk it fails with
+ * "disk I/O error"), and so does each request worker's own connection, so a
+ * process started on a full disk would have no store to come back with. The
+ * process manager starts it again (the systemd unit: `Restart=on-failure`,
+ * every 5 s), and meanwhile the broker keeps the requests sent to it (a
+ * persistent session). A store that fills up while the service runs is
+ * watched instead: turns are refused until the probe finds room again.
+ */
+async function watchStorage(store: SessionStore, config: Config): Promise<StorageHealth> {
+  const local = config.kvUrl === undefined;
+  const health = new StorageHealth({
+    probe: async (down) => {
+      await store.probe(config.mqttClientId);
+      // A local disk that filled up must have room for more than one record again.
+      if (down && local) await checkHeadroom(config.dataDir, STORAGE_HEADROOM_BYTES);
+    },
+  });
+  if (!(await health.probeNow())) {
+    throw new Error(
+      `the session store ${config.kvUrl ?? config.dataDir} cannot be written (${health.reason}): ` +
+        `free some space on its disk and start again; its sessions are kept`,
+    );
+  }
+  return health.start();
+}
+
 /**
  * Opens the session store; a remote one is read once, so that a wrong URL or
  * token stops the start-up with its reason instead of failing every request.
@@ -308,7 +347,18 @@ async function openStore(
   generations: WriteGenerations | undefined,
 ): Promise<SessionStore> {
   if (config.kvUrl === undefined) {
-    return await SessionStore.open(path, config.sessionTtlMs, generations);
+    try {
+      return await SessionStore.open(path, config.sessionTtlMs, generations);
+    } catch (error) {
+      // SQLite's "disk I/O error" here most often means no room for its `-shm` file.
+      const why = storageFailure(error);
+      if (why === undefined) throw error;
+      const full = await checkHeadroom(config.dataDir, 64 * 1024).then(() => false, () => true);
+      throw new Error(
+        `the session store ${path} cannot be opened (${full ? "the disk is full" : why}): ` +
+          `free some space on its disk and start again; its sessions are kept`,
+      );
+    }
   }
   let store: SessionStore | undefined;
   try {
@@ -351,6 +401,7 @@ function noteStatus(
 interface Parts {
   engine?: RunningEngine;
   engineHealth?: EngineHealth;
+  storageHealth?: StorageHealth;
   client?: MqttClient;
   serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats };
 }
@@ -365,7 +416,16 @@ function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): HttpEndp
         const broker = parts.client?.connected ?? false;
         const engine = engineState() === "ready";
         const serving = parts.serving !== undefined;
-        return { ready: broker && engine && serving, broker, engine, serving };
+        const storage = parts.storageHealth?.available ?? false;
+        const reason = parts.storageHealth?.reason;
+        return {
+          ready: broker && engine && serving && storage,
+          broker,
+          engine,
+          serving,
+          storage,
+          ...(reason !== undefined && { reason: `session store: ${reason}` }),
+        };
       },
       metrics: () => parts.serving?.stats.prometheus() ?? "",
       status: () => ({

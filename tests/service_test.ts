@@ -350,7 +350,13 @@ test("the HTTP endpoint reports health, readiness, status and metrics during tra
       equal(await (await get("/healthz")).text(), "ok\n");
       const ready = await get("/readyz");
       equal(ready.status, 200);
-      deepEqual(await ready.json(), { ready: true, broker: true, engine: true, serving: true });
+      deepEqual(await ready.json(), {
+        ready: true,
+        broker: true,
+        engine: true,
+        serving: true,
+        storage: true,
+      });
 
       for (let i = 0; i < 4; i++) {
         await client.send("maze/user_input", { session_id: `m${i}`, message: "hi" });

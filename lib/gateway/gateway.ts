@@ -25,6 +25,7 @@ import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { TurnOrder, TurnTicket } from "../sessions/turn_order.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
+import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { WorkerPool } from "../workers/worker_pool.ts";
 import { estimateMessageTokens, MESSAGE_OVERHEAD_TOKENS } from "../tokens.ts";
@@ -83,6 +84,11 @@ export interface GatewayOptions {
   readonly stats: Stats;
   /** Gate in front of the engine: a request waits while it is down. */
   readonly engineHealth: EngineHealth;
+  /**
+   * Whether the session store can be written: while it cannot (a full disk),
+   * turns are refused before anything is generated.
+   */
+  readonly storageHealth?: StorageHealth;
   /** Milliseconds a request waits for an engine that is down. */
   readonly engineWaitMs: number;
   readonly limits: RequestLimits;
@@ -431,6 +437,8 @@ export class Gateway {
     const { engineHealth, engineWaitMs } = this.#options;
     try {
       await this.#options.directory.settled(request.project, request.sessionId);
+      // A turn that cannot be saved is not generated: refused at once, the client retries.
+      this.#options.storageHealth?.check();
       await engineHealth.ready(engineWaitMs, signal);
       await job.ticket?.start();
       const result = await this.#options.pool.run({
@@ -476,6 +484,7 @@ export class Gateway {
     } catch (error) {
       const failure = asServiceError(error);
       if (failure.code === "engine_unavailable") engineHealth.failed();
+      if (failure.code === "storage_unavailable") this.#options.storageHealth?.failed(failure);
       this.#fail(target, failure, job);
     } finally {
       // The next turn of the session, on any instance, may start once this one is saved.

@@ -1,6 +1,6 @@
 /**
  * The operator's HTTP endpoint: `/healthz` (the process is alive), `/readyz`
- * (broker connected and engine taking requests), `/metrics` (Prometheus) and
+ * (broker connected, engine taking requests, session store writable), `/metrics` (Prometheus) and
  * `/status` (JSON).
  *
  * @module
@@ -11,7 +11,15 @@ import { logger } from "../log.ts";
 /** What the endpoint reports on. */
 export interface HttpEndpointSource {
   /** Whether the service can answer requests now, and if not, why. */
-  readiness(): { readonly ready: boolean; readonly broker: boolean; readonly engine: boolean };
+  readiness(): {
+    readonly ready: boolean;
+    readonly broker: boolean;
+    readonly engine: boolean;
+    /** Whether the session store can be written (not: a full disk). */
+    readonly storage?: boolean;
+    /** Why it is not ready, when it can tell. */
+    readonly reason?: string;
+  };
   metrics(): string;
   status(): unknown;
 }

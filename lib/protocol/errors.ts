@@ -15,6 +15,8 @@ export type ErrorCode =
   | "rate_limited"
   | "context_overflow"
   | "engine_unavailable"
+  /** The session store cannot be written (a full disk): nothing was generated or saved. */
+  | "storage_unavailable"
   | "timeout"
   | "cancelled"
   | "not_found"

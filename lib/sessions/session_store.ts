@@ -137,6 +137,8 @@ const TURN_BYTES = 640 * 1024;
 const CHUNK_UNITS = 30_000;
 /** Tries of a turn's commit against writers that keep changing the session. */
 const COMMIT_ATTEMPTS = 20;
+/** What {@linkcode SessionStore.probe} writes: about a short turn's size. */
+const PROBE_VALUE = "p".repeat(4096);
 /** Sessions a store remembers; the least recently used is forgotten first. */
 const CACHED_SESSIONS = 1024;
 
@@ -399,6 +401,17 @@ export class SessionStore {
       { expireIn: this.#ttlMs },
     );
     this.#written(project, sessionId);
+  }
+
+  /**
+   * Writes and deletes a small record of its own (`["probe", id]`, never read
+   * by anything else): rejects when the store cannot be written.
+   */
+  async probe(id: string): Promise<void> {
+    const key = ["probe", id];
+    // Left behind when the delete fails, it expires by itself.
+    await commitOrThrow(this.#kv.atomic().set(key, PROBE_VALUE, { expireIn: 60_000 }));
+    await commitOrThrow(this.#kv.atomic().delete(key));
   }
 
   /** Every live session, of one project or all; sessions whose record cannot be read are left out. */

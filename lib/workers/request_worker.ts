@@ -13,6 +13,7 @@ import { EngineClient } from "../engine/engine_client.ts";
 import { setupLogging } from "../log.ts";
 import { ServiceError, toServiceError } from "../protocol/errors.ts";
 import { SessionStore } from "../sessions/session_store.ts";
+import { asStorageError } from "../sessions/storage_health.ts";
 import { WriteGenerations } from "../sessions/write_generations.ts";
 import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
 import { runTurn, type TurnContext } from "./run_turn.ts";
@@ -66,7 +67,8 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
           const failure =
             controller.signal.aborted && controller.signal.reason instanceof ServiceError
               ? controller.signal.reason
-              : toServiceError(error);
+              // A write the disk had no room for: the client may retry once there is.
+              : asStorageError(error) ?? toServiceError(error);
           post({
             type: "error",
             id: job.id,
