@@ -313,7 +313,14 @@ export interface Fixture {
 
 /** Runs `fn` against a fresh broker, simulator, service and client. */
 export async function withService(
-  options: { args?: string[]; sim?: SimulatorOptions; mqtt5?: boolean; brokerConfig?: string[] },
+  options: {
+    args?: string[];
+    sim?: SimulatorOptions;
+    mqtt5?: boolean;
+    brokerConfig?: string[];
+    /** The service's environment (secrets go there rather than on its command line). */
+    env?: Record<string, string>;
+  },
   fn: (f: Fixture) => Promise<void>,
 ): Promise<void> {
   const broker = await startMosquitto(options.brokerConfig);
@@ -332,7 +339,7 @@ export async function withService(
   let fixture: Fixture | undefined;
   let client: TestClient | undefined;
   try {
-    const service = await startService(args);
+    const service = await startService(args, { env: options.env });
     fixture = { broker, sim, service, client: undefined!, dataDir, args };
     client = await TestClient.connect(broker.url, { protocolVersion: options.mqtt5 ? 5 : 4 });
     fixture.client = client;
