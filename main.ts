@@ -11,6 +11,12 @@
  */
 
 import { ConfigError, helpText, parseConfig } from "./lib/config/config.ts";
+import {
+  missingPermissions,
+  neededBy,
+  permissionAdvice,
+  requiredPermissions,
+} from "./lib/config/permissions.ts";
 import { closeLogging, logger, setupLogging } from "./lib/log.ts";
 import { type Service, startService } from "./lib/service.ts";
 
@@ -31,6 +37,13 @@ async function main(): Promise<number> {
     return 0;
   }
   const { config } = parsed;
+  // Before anything starts: a folder or host the permissions do not cover is named with the
+  // command that grants it (Deno's own message suggests a flag `deno task start` cannot pass).
+  const missing = missingPermissions(requiredPermissions(config));
+  if (missing) {
+    console.error(`vllm-mqtt: ${permissionAdvice(missing, Deno.args)}`);
+    return 2;
+  }
   await setupLogging({ level: config.logLevel, format: config.logFormat });
   const log = logger("main");
   for (const warning of config.warnings) log.warn(warning);
@@ -40,7 +53,9 @@ async function main(): Promise<number> {
     service = await startService(config);
   } catch (error) {
     const code = error instanceof ConfigError ? 2 : 1;
-    log.error("Start-up failed: {message}", { message: (error as Error).message });
+    const needs = neededBy(error);
+    const message = needs ? permissionAdvice(needs, Deno.args) : (error as Error).message;
+    log.error("Start-up failed: {message}", { message });
     await closeLogging();
     return code;
   }

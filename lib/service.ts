@@ -44,18 +44,38 @@ export interface Service {
 
 const log = logger("service");
 
-/** Reads `prompts/NAME.md` for every project; a missing one is a configuration error. */
+/** The general prompt when the prompts folder has none (`general.md`). */
+const FALLBACK_PROMPT = "You are a helpful assistant. Answer clearly, concisely and accurately.";
+
+/**
+ * Reads `prompts/NAME.md` for every project. A project without one is served
+ * with the general prompt (`general.md`), as the original did for any name,
+ * and a warning names the file to create. A file that cannot be read for
+ * another reason (permissions) stops the start-up.
+ */
 export async function loadPrompts(config: Config): Promise<Map<string, string>> {
   const prompts = new Map<string, string>();
-  for (const project of config.projects) {
-    const path = join(config.promptsDir, `${project}.md`);
+  const read = async (name: string) => {
     try {
-      prompts.set(project, (await Deno.readTextFile(path)).trim());
-    } catch {
-      throw new ConfigError(
-        `project "${project}" has no system prompt: create ${path}, or leave it out of '--projects'`,
-      );
+      return (await Deno.readTextFile(join(config.promptsDir, `${name}.md`))).trim();
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return undefined;
+      throw error;
     }
+  };
+  let general: string | undefined;
+  for (const project of config.projects) {
+    const prompt = await read(project);
+    if (prompt !== undefined) {
+      prompts.set(project, prompt);
+      continue;
+    }
+    general ??= await read("general") ?? FALLBACK_PROMPT;
+    prompts.set(project, general);
+    log.warn(
+      "Project {project} has no system prompt: serving it with the general prompt; create {path} for its own",
+      { project, path: join(config.promptsDir, `${project}.md`) },
+    );
   }
   return prompts;
 }
@@ -130,6 +150,7 @@ export async function startService(config: Config): Promise<Service> {
       maxHistoryTokens: config.maxHistoryTokens,
       trimLowWater: config.trimLowWater,
       maxModelLen: config.maxModelLen,
+      maxTokens: config.maxTokens,
       requestTimeoutMs: config.requestTimeoutMs,
       engineRetries: config.engineRetries,
       skipThinking: config.skipThinking,

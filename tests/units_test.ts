@@ -81,7 +81,7 @@ Deno.test("config: the original script's command line means the same as the new 
     "--workers=3",
     "--no-skip-thinking",
     "--mqtt-url=mqtt://broker.local:1884",
-    "--max-in-flight=64",
+    "--max-sessions=64",
     "--visible-devices=2",
     "--model-provider=modelscope",
     "--top-p=0.8",

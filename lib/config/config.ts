@@ -56,6 +56,12 @@ export interface Config {
   readonly vllmStopGraceMs: number;
   readonly visibleDevices: string | undefined;
   readonly modelProvider: string;
+  /** vLLM's `--download-dir`. */
+  readonly modelCacheDir: string | undefined;
+  /** vLLM's `--revision`. */
+  readonly modelRevision: string | undefined;
+  /** False: vLLM loads only models already cached (offline). */
+  readonly autoDownload: boolean;
 
   /** The broker to connect to; undefined means localhost or the embedded broker. */
   readonly mqttUrl: string | undefined;
@@ -69,6 +75,8 @@ export interface Config {
   readonly instanceTimeoutMs: number;
   readonly mqttUsername: string | undefined;
   readonly mqttPassword: string | undefined;
+  /** Where the password came from, if from a file (read access is checked at start). */
+  readonly mqttPasswordFile: string | undefined;
   readonly mqttVersion: 4 | 5;
   readonly qos: 0 | 1 | 2;
   readonly topicPrefix: string;
@@ -100,6 +108,8 @@ export interface Config {
   readonly trimLowWater: number;
 
   readonly maxTokens: number;
+  /** Upper bound of a request's max_tokens; 0: only the model's context. */
+  readonly maxTokensCap: number;
   readonly temperature: number;
   readonly topP: number;
   readonly stream: boolean;
@@ -248,8 +258,14 @@ export function parseConfig(
     return option.default as T;
   };
 
-  const engine = get<EngineMode>("engine");
-  const engineUrl = get<string | undefined>("engine-url");
+  const given = (name: string) => {
+    const option = BY_NAME.get(name)!;
+    return values.has(name) || (env[envName(option)] ?? "") !== "";
+  };
+  // The original llama.cpp script's `--server_url`: attach to that server.
+  const serverUrl = get<string | undefined>("server-url");
+  const engine = serverUrl !== undefined && !given("engine") ? "url" : get<EngineMode>("engine");
+  const engineUrl = get<string | undefined>("engine-url") ?? serverUrl;
   if (engine === "url" && !engineUrl) {
     throw new ConfigError("'--engine url' needs '--engine-url', e.g. http://gpu-box:8000/v1");
   }
@@ -279,9 +295,12 @@ export function parseConfig(
     try {
       mqttPassword = readTextFile(passwordFile).trim();
     } catch (error) {
-      throw new ConfigError(
-        `'--mqtt-password-file' could not be read: ${(error as Error).message}`,
-      );
+      // Without read access, the start-up's permission check names the command that grants it.
+      if (!(error instanceof Deno.errors.NotCapable)) {
+        throw new ConfigError(
+          `'--mqtt-password-file' could not be read: ${(error as Error).message}`,
+        );
+      }
     }
   }
 
@@ -333,6 +352,9 @@ export function parseConfig(
     vllmStopGraceMs: get<number>("vllm-stop-grace") * 1000,
     visibleDevices: get("visible-devices"),
     modelProvider: get("model-provider"),
+    modelCacheDir: get("model-cache-dir"),
+    modelRevision: get("model-revision"),
+    autoDownload: get("auto-download"),
     mqttUrl,
     embeddedBrokerPort: get("embedded-broker-port"),
     mqttClientId: get("mqtt-client-id"),
@@ -341,6 +363,7 @@ export function parseConfig(
     instanceTimeoutMs: get<number>("instance-timeout") * 1000,
     mqttUsername: get("mqtt-username"),
     mqttPassword,
+    mqttPasswordFile: passwordFile,
     mqttVersion: get<number>("mqtt-version") as 4 | 5,
     qos: get<number>("qos") as 0 | 1 | 2,
     topicPrefix,
@@ -365,6 +388,7 @@ export function parseConfig(
     maxHistoryTokens: get("max-history-tokens"),
     trimLowWater: get("trim-low-water"),
     maxTokens: get("max-tokens"),
+    maxTokensCap: get("max-tokens-cap"),
     temperature: get("temperature"),
     topP: get("top-p"),
     stream: get("stream"),
@@ -372,7 +396,10 @@ export function parseConfig(
     shutdownTimeoutMs: get<number>("shutdown-timeout") * 1000,
     httpPort: get("http-port"),
     httpHost: get("http-host"),
-    logLevel: get("log-level"),
+    // The original script's `--enable_debug_logging` asks for what `--log-level debug` does.
+    logLevel: get<boolean>("enable-debug-logging") && !given("log-level")
+      ? "debug"
+      : get("log-level"),
     logFormat: get("log-format"),
     warnings: Object.freeze(warnings),
   };
@@ -389,6 +416,11 @@ export function parseConfig(
   if (config.maxTokens >= config.maxModelLen) {
     throw new ConfigError(
       `'--max-tokens' must be below '--max-model-len' (${config.maxModelLen}): current value is ${config.maxTokens}`,
+    );
+  }
+  if (config.maxTokensCap > 0 && config.maxTokensCap < config.maxTokens) {
+    throw new ConfigError(
+      `'--max-tokens-cap' must be at least '--max-tokens' (${config.maxTokens}), or 0 for none: current value is ${config.maxTokensCap}`,
     );
   }
   return { help: false, config: Object.freeze(config) };

@@ -83,6 +83,13 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "OpenAI-compatible base URL for --engine url, e.g. http://gpu-box:8000/v1",
   },
   {
+    name: "server-url",
+    kind: "string",
+    group: "Engine",
+    help:
+      "The original llama.cpp script's form: attach to this OpenAI-compatible server (--engine url --engine-url URL, unless those are given)",
+  },
+  {
     name: "engine-api-key",
     kind: "string",
     secret: true,
@@ -115,6 +122,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     kind: "number",
     default: 120,
     min: 1,
+    aliases: ["server-timeout"],
     group: "Engine",
     help: "Seconds one request may take in the engine before it is answered with `timeout`",
   },
@@ -258,6 +266,26 @@ export const OPTIONS: readonly OptionSpec[] = [
     choices: ["auto", "modelscope", "local", "huggingface"],
     group: "vLLM",
     help: "Where vLLM loads the model from; modelscope sets VLLM_USE_MODELSCOPE=True",
+  },
+  {
+    name: "model-cache-dir",
+    kind: "string",
+    group: "vLLM",
+    help: "Where vLLM downloads and keeps model weights (vLLM --download-dir)",
+  },
+  {
+    name: "model-revision",
+    kind: "string",
+    group: "vLLM",
+    help: "Model revision (branch, tag or commit) to load (vLLM --revision)",
+  },
+  {
+    name: "auto-download",
+    kind: "boolean",
+    default: true,
+    group: "vLLM",
+    help:
+      "Let vLLM download a model it does not have; false: only what is cached (sets HF_HUB_OFFLINE=1)",
   },
 
   // MQTT
@@ -410,7 +438,6 @@ export const OPTIONS: readonly OptionSpec[] = [
     kind: "int",
     default: 256,
     min: 1,
-    aliases: ["max-concurrent-sessions"],
     group: "Scheduling",
     help: "Requests sent to the engine at once (vLLM's --max-num-seqs)",
   },
@@ -465,18 +492,20 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "rate-limit-client",
     kind: "number",
-    default: 600,
+    default: 0,
     min: 0,
     group: "Scheduling",
-    help: "Requests per minute per client id (the request's clientId/client_id); 0 turns it off",
+    help:
+      "Requests per minute per client id (the request's clientId/client_id); 0 (default) turns it off: a backend relays many users under one id",
   },
   {
     name: "rate-limit-burst",
     kind: "int",
-    default: 10,
+    default: 20,
     min: 1,
     group: "Scheduling",
-    help: "Requests a session (or ten times as many, a client) may send at once",
+    help:
+      "Requests a session (or ten times as many, a client) may send at once (20: the original's 20 a minute)",
   },
 
   // Sessions
@@ -507,6 +536,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     kind: "int",
     default: 100000,
     min: 1,
+    aliases: ["max-concurrent-sessions"],
     group: "Sessions",
     help: "Live sessions kept; beyond it the least recently used is evicted",
   },
@@ -536,7 +566,16 @@ export const OPTIONS: readonly OptionSpec[] = [
     default: 512,
     min: 1,
     group: "Generation",
-    help: "Default and upper bound of max_tokens per answer",
+    help:
+      "Default max_tokens per answer; a request may ask for more, up to what its prompt leaves of --max-model-len",
+  },
+  {
+    name: "max-tokens-cap",
+    kind: "int",
+    default: 0,
+    min: 0,
+    group: "Generation",
+    help: "Upper bound of a request's max_tokens; 0: none but the model's context",
   },
   {
     name: "temperature",
@@ -604,6 +643,13 @@ export const OPTIONS: readonly OptionSpec[] = [
     choices: ["debug", "info", "warning", "error"],
     group: "Operation",
     help: "Least severe level logged",
+  },
+  {
+    name: "enable-debug-logging",
+    kind: "boolean",
+    default: false,
+    group: "Operation",
+    help: "The original script's switch: the same as --log-level debug",
   },
   {
     name: "log-format",

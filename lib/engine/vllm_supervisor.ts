@@ -57,6 +57,8 @@ export function vllmArgs(config: Config, port: number, apiKey: string): string[]
   if (config.quantization) args.push("--quantization", config.quantization);
   if (config.trustRemoteCode) args.push("--trust-remote-code");
   if (config.enforceEager) args.push("--enforce-eager");
+  if (config.modelCacheDir) args.push("--download-dir", config.modelCacheDir);
+  if (config.modelRevision) args.push("--revision", config.modelRevision);
   args.push(...config.vllmArgs);
   return args;
 }
@@ -66,6 +68,8 @@ export function vllmEnv(config: Config, base: Record<string, string>): Record<st
   const env = { ...base };
   if (config.visibleDevices !== undefined) env.CUDA_VISIBLE_DEVICES = config.visibleDevices;
   if (config.modelProvider === "modelscope") env.VLLM_USE_MODELSCOPE = "True";
+  // Only what is cached: the original's `--auto_download False`.
+  if (!config.autoDownload) env.HF_HUB_OFFLINE = "1";
   return env;
 }
 

@@ -5,9 +5,12 @@
  * - `{project}/delete_session[/{sessionId}]`: delete sessions the same way;
  * - `{project}/template[/{sessionId}]` with `{"template": "...", "reset": true}`:
  *   replace the system prompt of one session, or of the whole project until restart.
+ *   As the original, it also takes `system_prompt` or `prompt_template`, each a
+ *   string or an object with `content`, and `reset` is true unless it says false.
  *
- * The session id comes from the topic's last level or the payload (`sessionId`
- * or `session_id`). Each command is acknowledged on the session's reply topic
+ * The session id comes from the topic's last level or the payload (`sessionId`,
+ * `session_id` or `target`; a number stands for its decimal string; `all`, in
+ * any case, for every session). Each command is acknowledged on the session's reply topic
  * in the session's reply style (plain text unless the payload uses `session_id`
  * or asks for `"format":"json"`).
  *
@@ -71,7 +74,8 @@ export class ControlTopics {
     mqtt5: { topic: string; correlationData: Uint8Array | undefined } | undefined,
   ): void {
     const body = parseBody(payload);
-    const sessionId = target.sessionId ?? stringField(body, "sessionId", "session_id") ?? ALL;
+    const named = target.sessionId ?? sessionField(body);
+    const sessionId = named === undefined || named.toLowerCase() === ALL ? ALL : named;
     const style: ReplyStyle = body.format === "json" || body.format === "text"
       ? body.format
       : "session_id" in body
@@ -129,24 +133,26 @@ export class ControlTopics {
         }
         return `Deleted ${scope}.`;
       case "template": {
-        const template = body.template;
+        const template = templateField(body);
         if (typeof template !== "string" || template.length > MAX_TEMPLATE_CHARS) {
           throw new Error(
-            `'template' must be a string of at most ${MAX_TEMPLATE_CHARS} characters`,
+            `'template' must be a string, or an object with a string 'content', of at most ${MAX_TEMPLATE_CHARS} characters`,
           );
         }
         const prompt = template.trim() === "" ? undefined : template;
+        // The original cleared the history with a new template unless told not to.
+        const reset = body.reset !== false;
         if (sessionId === ALL) {
           this.#options.setPrompt(project, prompt ?? this.#options.defaultPrompt(project));
         } else {
           await store.setSystemPrompt(project, sessionId, prompt);
         }
-        if (body.reset === true) {
+        if (reset) {
           for (const id of sessions) await store.clear(project, id);
         }
         return `System prompt ${prompt === undefined ? "restored" : "set"} for ${
           sessionId === ALL ? `project ${project}` : scope
-        }${body.reset === true ? "; history cleared" : ""}.`;
+        }${reset ? "; history cleared" : ""}.`;
       }
     }
   }
@@ -159,6 +165,32 @@ function parseBody(payload: Uint8Array): Record<string, unknown> {
   } catch {
     return {};
   }
+}
+
+/** The session a payload names (`sessionId`, `session_id` or `target`), as a string. */
+function sessionField(body: Record<string, unknown>): string | undefined {
+  for (const name of ["sessionId", "session_id", "target"]) {
+    const value = body[name];
+    if (typeof value === "number" && Number.isFinite(value)) return String(value);
+    if (typeof value === "string" && value.trim() !== "") return value.trim();
+  }
+  return undefined;
+}
+
+/**
+ * The template of a payload: `template`, `system_prompt` or `prompt_template`,
+ * each a string or an object holding it as `content` (or `template`).
+ */
+function templateField(body: Record<string, unknown>): unknown {
+  for (const name of ["template", "system_prompt", "prompt_template"]) {
+    let value = body[name];
+    if (typeof value === "object" && value !== null && !Array.isArray(value)) {
+      const inner = value as Record<string, unknown>;
+      value = inner.content ?? inner.template;
+    }
+    if (value !== undefined && value !== null) return value;
+  }
+  return undefined;
 }
 
 function stringField(body: Record<string, unknown>, ...names: string[]): string | undefined {

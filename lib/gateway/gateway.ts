@@ -326,7 +326,10 @@ export class Gateway {
     if (wait > 0) {
       this.#fail(
         reply,
-        new ServiceError("rate_limited", "too many requests; slow down", { retryAfterMs: wait }),
+        // The original's words: its plain-text clients show them.
+        new ServiceError("rate_limited", "Rate limit exceeded. Please slow down your requests.", {
+          retryAfterMs: wait,
+        }),
       );
       return;
     }

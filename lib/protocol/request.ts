@@ -48,7 +48,15 @@ export interface RequestLimits {
   readonly maxPayloadBytes: number;
   readonly maxMessageChars: number;
   readonly maxPriority: number;
+  /** The default of `max_tokens`. */
   readonly maxTokens: number;
+  /**
+   * The operator's upper bound of `max_tokens`; 0 or absent: none but the
+   * model's context (the worker fits the answer into what the prompt leaves).
+   */
+  readonly maxTokensCap?: number;
+  /** The model's context length, the largest `max_tokens` without a cap. */
+  readonly maxModelLen?: number;
   readonly temperature: number;
   readonly topP: number;
   readonly stream: boolean;
@@ -84,6 +92,10 @@ const TOP_LEVEL_PARAMS = ["temperature", "top_p", "max_tokens"] as const;
 
 const shortString = z.string().max(256);
 
+/** What a session id must be, as the error message says it. */
+const SESSION_ID_RULE =
+  "session id must be 1 to 128 characters without / + # or control characters (it is a topic level)";
+
 const paramsSchema = z.object({
   max_tokens: z.number().int().optional(),
   temperature: z.number().optional(),
@@ -94,9 +106,7 @@ const paramsSchema = z.object({
 }).strict();
 
 const requestSchema = z.object({
-  session_id: z.string().regex(SESSION_ID_PATTERN, {
-    message: "session_id must match ^[A-Za-z0-9._-]{1,128}$ (no / + # or control characters)",
-  }),
+  session_id: z.string().regex(SESSION_ID_PATTERN, { message: SESSION_ID_RULE }),
   message: z.string().optional(),
   request_id: shortString.optional(),
   priority: z.number().int().optional(),
@@ -155,17 +165,32 @@ export function parseRequest(
     return fail("payload must be a JSON object");
   }
 
+  // A field sent as null is a field not given, as the original took it: a relay sends every
+  // option its user left empty as null.
+  const given = withoutNulls(raw);
   const fields: Record<string, unknown> = {};
-  let camelCase = false;
-  for (const [key, value] of Object.entries(raw)) {
+  // The original's clients name the session `sessionId`, or leave it out and use other
+  // camelCase fields.
+  const camelCase = "sessionId" in raw ||
+    (!("session_id" in raw) && Object.keys(raw).some((key) => key in ALIASES));
+  for (const [key, value] of Object.entries(given)) {
     const v1 = ALIASES[key];
     if (v1 !== undefined) {
-      camelCase ||= key === "sessionId";
-      if (!(v1 in raw)) fields[v1] = value;
+      if (!(v1 in given)) fields[v1] = value;
     } else {
       fields[key] = value;
     }
   }
+  // The original took a prompt template (a string, or an object with `content`) as the
+  // request's system prompt.
+  const template = fields.prompt_template;
+  delete fields.prompt_template;
+  if (fields.system_prompt === undefined && template !== undefined) {
+    fields.system_prompt = isObject(template) ? template.content : template;
+  }
+  fields.session_id = normalizeSessionId(fields.session_id);
+  // A request without a session id is a conversation of its own, as the original made it.
+  fields.session_id ??= generatedSessionId();
   // The original took sampling parameters at the top level; v1 takes them in `params`.
   const topLevel: Record<string, unknown> = {};
   for (const name of TOP_LEVEL_PARAMS) {
@@ -180,20 +205,24 @@ export function parseRequest(
       ? { ...topLevel, ...params }
       : topLevel;
   }
+  if (isObject(fields.params)) fields.params = withoutNulls(fields.params);
 
   const parsed = requestSchema.safeParse(fields);
   const styleOf = (format: unknown): ReplyStyle =>
     format === "json" || format === "text" ? format : camelCase ? "text" : "json";
   if (!parsed.success) {
     const sessionId = fields.session_id;
-    const address = typeof sessionId === "string" && SESSION_ID_PATTERN.test(sessionId)
+    const replyTopic = validReplyTopic(fields.reply_topic, responseRoot);
+    // A session id that cannot be a topic level is answered only where the client said.
+    const addressable = typeof sessionId === "string" && SESSION_ID_PATTERN.test(sessionId);
+    const address = addressable || replyTopic !== undefined
       ? {
-        sessionId,
+        sessionId: typeof sessionId === "string" ? sessionId.slice(0, 128) : "",
         requestId: typeof fields.request_id === "string"
           ? fields.request_id.slice(0, 256)
           : undefined,
         style: styleOf(fields.format),
-        replyTopic: validReplyTopic(fields.reply_topic, responseRoot),
+        replyTopic,
       }
       : undefined;
     const issue = parsed.error.issues[0];
@@ -225,7 +254,12 @@ export function parseRequest(
 
   const p = body.params ?? {};
   const params: SamplingParams = {
-    max_tokens: clamp(p.max_tokens ?? limits.maxTokens, 1, limits.maxTokens),
+    // The client's value, as the original passed it on; the worker bounds it by the context.
+    max_tokens: clamp(
+      p.max_tokens ?? limits.maxTokens,
+      1,
+      limits.maxTokensCap || (limits.maxModelLen ?? limits.maxTokens + 1) - 1,
+    ),
     temperature: clamp(p.temperature ?? limits.temperature, 0, 2),
     top_p: p.top_p === undefined ? limits.topP : clamp(p.top_p, 0.01, 1),
     ...(p.top_k !== undefined && { top_k: clamp(p.top_k, -1, 1000) }),
@@ -295,4 +329,30 @@ function validReplyTopic(value: unknown, responseRoot: string): string | undefin
   // deno-lint-ignore no-control-regex
   if (/[+#\u0000-\u001f\u007f]/.test(value)) return undefined;
   return value;
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** The fields of `object` whose value is not null. */
+function withoutNulls(object: object): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(object).filter(([, value]) => value !== null));
+}
+
+/**
+ * A session id as the original read it: a number stands for its decimal
+ * string, spaces around an id are not part of it, and an empty one is none.
+ * Anything else is left for validation to refuse.
+ */
+function normalizeSessionId(value: unknown): unknown {
+  if (typeof value === "number" && Number.isFinite(value)) return String(value);
+  if (typeof value !== "string") return value;
+  const trimmed = value.trim();
+  return trimmed === "" ? undefined : trimmed;
+}
+
+/** `default-` and 8 hexadecimal digits: the original's id for a request that names none. */
+function generatedSessionId(): string {
+  return `default-${crypto.randomUUID().slice(0, 8)}`;
 }

@@ -21,6 +21,8 @@ export interface WorkerSettings {
   readonly maxHistoryTokens: number;
   readonly trimLowWater: number;
   readonly maxModelLen: number;
+  /** `--max-tokens`: the answer length a session's history is budgeted for. */
+  readonly maxTokens?: number;
   readonly requestTimeoutMs: number;
   readonly engineRetries: number;
   readonly skipThinking: boolean;

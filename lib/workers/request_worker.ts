@@ -40,6 +40,7 @@ async function open(settings: WorkerSettings): Promise<TurnContext> {
     maxHistoryTokens: settings.maxHistoryTokens,
     trimLowWater: settings.trimLowWater,
     maxModelLen: settings.maxModelLen,
+    defaultMaxTokens: settings.maxTokens,
     skipThinking: settings.skipThinking,
   };
 }

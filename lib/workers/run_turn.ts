@@ -27,6 +27,11 @@ export interface TurnContext {
   readonly trimLowWater: number;
   readonly maxModelLen: number;
   readonly skipThinking: boolean;
+  /**
+   * The answer length history is budgeted for (`--max-tokens`): a request
+   * asking for more keeps its history and gets what the context leaves.
+   */
+  readonly defaultMaxTokens?: number;
 }
 
 /** Runs `job`; streamed text goes to `onDelta` coalesced, when the job streams. */
@@ -69,10 +74,11 @@ export async function runTurn(
   const systemTokens = systemPrompt === job.systemPrompt && job.systemTokens !== undefined
     ? job.systemTokens
     : await estimatePromptTokens(systemPrompt);
+  const requested = job.params.max_tokens;
   const budget = historyBudget({
     maxHistoryTokens: context.maxHistoryTokens,
     maxModelLen: context.maxModelLen,
-    maxTokens: job.params.max_tokens,
+    maxTokens: Math.min(requested, context.defaultMaxTokens ?? requested),
     systemTokens,
   });
   const toDrop = (userTokens: number) =>
@@ -87,7 +93,24 @@ export async function runTurn(
     { role: "user", content: job.message! },
   ];
 
+  // The answer gets what was asked, or what the context leaves after the prompt: a bound first
+  // (no tokenizer needed), an estimate only when the bound leaves too little.
+  const margin = Math.max(16, Math.ceil(context.maxModelLen * 0.02));
+  const room = (dropped: number, userTokens: number) => {
+    let prompt = systemTokens + userTokens;
+    for (const message of session.history.slice(dropped)) prompt += message.tokens;
+    return context.maxModelLen - prompt - margin;
+  };
+  const answerTokens = async (dropped: number) => {
+    if (requested <= room(dropped, messageTokenBound(job.message!))) return requested;
+    return Math.max(
+      1,
+      Math.min(requested, room(dropped, await estimateMessageTokens(job.message!))),
+    );
+  };
+
   const attempt = async () => {
+    const params = { ...job.params, max_tokens: await answerTokens(drop) };
     const filter = context.skipThinking ? new ThinkingFilter() : undefined;
     const coalescer = job.stream ? new DeltaCoalescer(onDelta) : undefined;
     let visible = "";
@@ -99,7 +122,7 @@ export async function runTurn(
       coalescer?.push(text);
     };
     try {
-      const completion = await context.engine.complete(prompt(drop), job.params, signal, (text) => {
+      const completion = await context.engine.complete(prompt(drop), params, signal, (text) => {
         show(filter ? filter.push(text) : text);
       });
       if (filter) show(filter.end());
