@@ -14,6 +14,7 @@ import { EngineHealth } from "./engine/engine_health.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
 import { type RunningEngine, startEngine } from "./engine/start_engine.ts";
 import { Gateway } from "./gateway/gateway.ts";
+import { SessionSigner } from "./gateway/session_signer.ts";
 import { logger } from "./log.ts";
 import type { MqttClient } from "mqtt";
 import { connectMqtt, type MessageHandler, redact, TakeoverWatch } from "./mqtt/connect.ts";
@@ -112,16 +113,8 @@ export async function startService(config: Config): Promise<Service> {
       const http = serveOperatorEndpoint(config, parts);
       cleanup.push(() => http.close());
     }
-    const engine = await startEngine(config);
-    parts.engine = engine;
-    cleanup.push(() => engine.close());
-    const engineHealth = new EngineHealth({
-      probeUrl: engine.probeUrl,
-      apiKey: engine.endpoint.apiKey,
-    }).start();
-    parts.engineHealth = engineHealth;
-    cleanup.push(() => engineHealth.close());
-
+    // The store before the engine: a store that cannot be opened (a full disk) stops the
+    // start-up before vLLM spends minutes loading a model for nothing.
     await Deno.mkdir(config.dataDir, { recursive: true });
     const kvPath = config.kvUrl ?? join(config.dataDir, "sessions.kv");
     // Alone on its sessions, the process's threads tell each other of their writes, and a
@@ -134,6 +127,16 @@ export async function startService(config: Config): Promise<Service> {
     const storageHealth = await watchStorage(store, config);
     parts.storageHealth = storageHealth;
     cleanup.push(() => storageHealth.close());
+
+    const engine = await startEngine(config);
+    parts.engine = engine;
+    cleanup.push(() => engine.close());
+    const engineHealth = new EngineHealth({
+      probeUrl: engine.probeUrl,
+      apiKey: engine.endpoint.apiKey,
+    }).start();
+    parts.engineHealth = engineHealth;
+    cleanup.push(() => engineHealth.close());
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
       windowMs: config.orderWindowMs,
@@ -246,6 +249,10 @@ export async function startService(config: Config): Promise<Service> {
       },
       controlStore: config.controlTopics ? store : undefined,
       answerUnknownProjects: config.answerUnknownProjects,
+      sessionTopicsOnly: config.sessionTopicsOnly,
+      signer: config.sessionSecret === undefined
+        ? undefined
+        : new SessionSigner(config.sessionSecret),
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
     });

@@ -29,6 +29,10 @@ export interface Config {
   readonly promptsDir: string;
   readonly controlTopics: boolean;
   readonly answerUnknownProjects: boolean;
+  /** Requests only on per-session input topics (a broker ACL decides who writes which). */
+  readonly sessionTopicsOnly: boolean;
+  /** The secret that signs session ids; undefined takes any valid id. */
+  readonly sessionSecret: string | undefined;
 
   readonly engine: EngineMode;
   readonly engineUrl: string | undefined;
@@ -321,12 +325,21 @@ export function parseConfig(
     );
   }
 
+  const sessionSecret = get<string | undefined>("session-secret");
+  if (sessionSecret !== undefined && sessionSecret.length < 16) {
+    throw new ConfigError(
+      `'--session-secret' must be at least 16 characters long: it has ${sessionSecret.length}`,
+    );
+  }
+
   const model = get<string>("model");
   const config: Config = {
     projects: Object.freeze([...new Set(projects)]),
     promptsDir: get("prompts-dir"),
     controlTopics: get("control-topics"),
     answerUnknownProjects: get("answer-unknown-projects"),
+    sessionTopicsOnly: get("session-topics-only"),
+    sessionSecret,
     engine,
     engineUrl: engineUrl?.replace(/\/+$/, ""),
     engineApiKey: get("engine-api-key"),

@@ -59,6 +59,22 @@ export const OPTIONS: readonly OptionSpec[] = [
       "Also subscribe +/user_input and answer `unknown_project` for projects not served (off: several services may share a broker, each with its projects)",
   },
   {
+    name: "session-topics-only",
+    kind: "boolean",
+    default: false,
+    group: "Projects",
+    help:
+      "Take requests only on each session's own topic, {project}/user_input/{session_id}, which a broker ACL can grant to that session's user alone; the shared {project}/user_input answers `forbidden`",
+  },
+  {
+    name: "session-secret",
+    kind: "string",
+    secret: true,
+    group: "Projects",
+    help:
+      "With a secret (16+ characters), only signed session ids ({name}.{signature}) are taken, and {project}/new_session/{nonce} hands out new ones (for brokers without per-user ACLs)",
+  },
+  {
     name: "control-topics",
     kind: "boolean",
     default: true,

@@ -18,6 +18,7 @@ import {
   type ReplyStyle,
   type RequestLimits,
   ServiceError,
+  SESSION_ID_PATTERN,
   type Topics,
 } from "../protocol/mod.ts";
 import { Scheduler } from "../scheduler/scheduler.ts";
@@ -32,6 +33,7 @@ import { estimateMessageTokens, MESSAGE_OVERHEAD_TOKENS } from "../tokens.ts";
 import { ControlTopics } from "./control_topics.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import { RecentRequests } from "./recent_requests.ts";
+import type { SessionSigner } from "./session_signer.ts";
 
 /** Where and how the replies to one request go. */
 export interface ReplyTarget {
@@ -108,6 +110,10 @@ export interface GatewayOptions {
   readonly turnOrder: TurnOrder | undefined;
   /** Subscribe every project's input and answer `unknown_project` for those not served. */
   readonly answerUnknownProjects: boolean;
+  /** Take requests only on per-session input topics (`--session-topics-only`). */
+  readonly sessionTopicsOnly: boolean;
+  /** Takes only signed session ids, and hands out new ones (`--session-secret`). */
+  readonly signer: SessionSigner | undefined;
   /** The engine's own count of a text's tokens, where it offers one (vLLM's `/tokenize`). */
   readonly engineTokenCount: (text: string) => Promise<number | undefined>;
 }
@@ -205,9 +211,10 @@ export class Gateway {
     const { client, topics, qos } = this.#options;
     // One wildcard rather than both: overlapping filters may deliver a message twice.
     const every = this.#options.answerUnknownProjects;
-    const filters: string[] = every ? [topics.input("+")] : [];
+    const filters: string[] = every ? [topics.input("+"), topics.sessionInput("+", "+")] : [];
     for (const project of this.#prompts.keys()) {
-      if (!every) filters.push(topics.input(project));
+      if (!every) filters.push(topics.input(project), topics.sessionInput(project, "+"));
+      if (this.#options.signer) filters.push(topics.newSession(project));
       if (this.#control) filters.push(...this.#control.filters(project));
     }
     this.#subscriptions = filters.map((filter) => topics.subscription(filter));
@@ -241,10 +248,20 @@ export class Gateway {
       }
       return;
     }
+    if (target.kind === "new_session") {
+      this.#issueSession(target.project, target.nonce);
+      return;
+    }
     this.#options.stats.request();
     const { project } = target;
     const { topics, limits } = this.#options;
-    const outcome = parseRequest(payload, project, topics.responseRoot(project), limits);
+    const outcome = parseRequest(
+      payload,
+      project,
+      topics.responseRoot(project),
+      limits,
+      target.sessionId,
+    );
     const mqtt5 = this.#mqtt5Reply(packet);
     if (!this.#prompts.has(project)) {
       const error = new ServiceError("unknown_project", `project "${project}" is not served here`);
@@ -270,6 +287,11 @@ export class Gateway {
     }
     const request = outcome.request;
     const reply = this.#target(project, { ...request }, mqtt5);
+    const refusal = this.#ownership(project, target.sessionId, request.sessionId);
+    if (refusal) {
+      this.#fail(reply, refusal);
+      return;
+    }
     if (!this.#accepting) {
       this.#fail(
         reply,
@@ -417,6 +439,44 @@ export class Gateway {
     for (const job of this.#scheduler.drainQueue()) this.#fail(job.target, leaving, job);
     this.#scheduler.abortRunning(leaving);
     await this.#scheduler.idle();
+  }
+
+  /**
+   * Why a request may not act on its session, if it may not: it came on the
+   * shared input topic where only per-session topics are taken, or its
+   * session id is not signed by this service.
+   */
+  #ownership(
+    project: string,
+    topicSessionId: string | undefined,
+    sessionId: string,
+  ): ServiceError | undefined {
+    const { topics, sessionTopicsOnly, signer } = this.#options;
+    if (topicSessionId === undefined && sessionTopicsOnly) {
+      return new ServiceError(
+        "forbidden",
+        `requests are taken only on the session's own topic, ${
+          topics.sessionInput(project, sessionId)
+        }`,
+      );
+    }
+    if (signer && !signer.verify(sessionId)) {
+      return new ServiceError(
+        "forbidden",
+        `session id ${sessionId} is not signed by this service: ask for one on ${
+          topics.newSession(project).slice(0, -1)
+        }{nonce} and read it on ${topics.responseRoot(project)}{nonce}`,
+      );
+    }
+    return undefined;
+  }
+
+  /** Hands out a new signed session id on the nonce's reply topic. */
+  #issueSession(project: string, nonce: string): void {
+    const { signer, topics, client, qos } = this.#options;
+    if (!signer || !this.#prompts.has(project) || !SESSION_ID_PATTERN.test(nonce)) return;
+    const payload = JSON.stringify({ type: "session", session_id: signer.issue() });
+    client.publish(topics.response(project, nonce), payload, { qos }, () => {});
   }
 
   #ignoreRetained(topic: string): void {

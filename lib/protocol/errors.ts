@@ -20,6 +20,7 @@ export type ErrorCode =
   | "timeout"
   | "cancelled"
   | "not_found"
+  | "forbidden"
   | "internal";
 
 /** A failure with a protocol error code, answered to the client that caused it. */

@@ -130,17 +130,19 @@ const clamp = (value: number, low: number, high: number) => Math.min(high, Math.
  * @param payload The raw MQTT payload.
  * @param project The (enabled) project whose input topic it came on.
  * @param responseRoot The project's `.../assistant_response/` topic, which a `replyTopic` must lie under.
+ * @param topicSessionId The session a per-session input topic names: the payload's own must match.
  */
 export function parseRequest(
   payload: Uint8Array,
   project: string,
   responseRoot: string,
   limits: RequestLimits,
+  topicSessionId?: string,
 ): ParseOutcome {
   const fail = (
     message: string,
     address?: ReplyAddress,
-    code: "invalid_request" | "payload_too_large" = "invalid_request",
+    code: "invalid_request" | "payload_too_large" | "forbidden" = "invalid_request",
   ): ParseOutcome => ({
     ok: false,
     error: new ServiceError(code, message),
@@ -189,6 +191,26 @@ export function parseRequest(
     fields.system_prompt = isObject(template) ? template.content : template;
   }
   fields.session_id = normalizeSessionId(fields.session_id);
+  // On a session's own input topic the payload may leave the id out; one it names must match.
+  if (topicSessionId !== undefined) {
+    if (fields.session_id === undefined || fields.session_id === null) {
+      fields.session_id = topicSessionId;
+    } else if (fields.session_id !== topicSessionId) {
+      return fail(
+        `the payload names session ${JSON.stringify(fields.session_id)}, but this topic is ` +
+          `session ${topicSessionId}'s`,
+        {
+          sessionId: topicSessionId,
+          requestId: typeof fields.request_id === "string"
+            ? fields.request_id.slice(0, 256)
+            : undefined,
+          style: camelCase ? "text" : "json",
+          replyTopic: undefined,
+        },
+        "forbidden",
+      );
+    }
+  }
   // A request without a session id is a conversation of its own, as the original made it.
   fields.session_id ??= generatedSessionId();
   // The original took sampling parameters at the top level; v1 takes them in `params`.
