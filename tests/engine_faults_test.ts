@@ -43,7 +43,8 @@ interface Reply {
   readonly status: number;
   readonly contentType: string;
   readonly framing: Framing;
-  readonly pieces: readonly string[];
+  /** Written one at a time (a chunk each, when chunked). */
+  readonly pieces: readonly (string | Uint8Array)[];
 }
 
 /** The answer a well-behaved engine gives to `message`. */
@@ -108,11 +109,21 @@ const CONTEXT_MESSAGE = "This model's maximum context length is 4096 tokens. How
   "requested 9000 tokens (8488 in the messages, 512 in the completion). Please reduce the " +
   "length of the messages or completion.";
 
+/** A message answered whole, but in CRLF lines written 5 bytes at a time (UTF-8 split too). */
+const SPLIT = "split é🧬";
+
 /**
  * The replies of the stand-in engine, chosen by the last user message; any
  * other message gets a whole, well-formed answer.
  */
 const FAULTS: Record<string, (body: ChatBody) => Reply> = {
+  [SPLIT]: () => {
+    const whole = goodStream(answerTo(SPLIT), SOME_USAGE);
+    const bytes = ENCODER.encode(whole.pieces.join("").replaceAll("\n", "\r\n"));
+    const pieces = [];
+    for (let i = 0; i < bytes.length; i += 5) pieces.push(bytes.subarray(i, i + 5));
+    return { ...whole, pieces };
+  },
   // A stream cut in the middle: no finish_reason, no [DONE], then the connection closes.
   "cut-close": () => sse("close", [event({ role: "assistant", content: "" }), ...cutTokens()]),
   // The same, in a chunked body that ends properly after the cut.
@@ -131,6 +142,18 @@ const FAULTS: Record<string, (body: ChatBody) => Reply> = {
       event({ role: "assistant", content: "" }),
       ...cutTokens(),
       usageEvent(SOME_USAGE),
+      "data: [DONE]\n\n",
+    ]),
+  // vLLM's report of a failure after the stream began: an error event, then [DONE].
+  "error-event": () =>
+    sse("chunked", [
+      event({ role: "assistant", content: "" }),
+      ...cutTokens(),
+      `data: ${
+        JSON.stringify({
+          error: { message: "EngineCore failed", type: "InternalServerError", code: 500 },
+        })
+      }\n\n`,
       "data: [DONE]\n\n",
     ]),
   // The body ends before any text: nothing was streamed, so this one is retried.
@@ -260,7 +283,9 @@ function route(method: string, path: string, body: string, requests: ChatBody[])
 
 /** Writes `reply` with its framing, then closes the connection. */
 async function write(conn: Deno.Conn, reply: Reply): Promise<void> {
-  const bodies = reply.pieces.map((piece) => ENCODER.encode(piece));
+  const bodies = reply.pieces.map((piece) =>
+    typeof piece === "string" ? ENCODER.encode(piece) : piece
+  );
   const length = bodies.reduce((sum, body) => sum + body.length, 0);
   const framing = reply.framing === "length"
     ? `content-length: ${length}\r\n`
@@ -438,8 +463,11 @@ function turns(messages: string[], next: string): ChatMessage[] {
 test("a stream that ends before its finish_reason or [DONE] is an engine_unavailable error; no half turn is saved", async () => {
   await withStandIn([], async ({ engine, ask, dones }) => {
     equal((await ask("s", "0", "first")).type, "done");
-    const good = ["first"];
-    for (const fault of ["cut-close", "cut-chunked", "no-done", "no-finish", "empty-stream"]) {
+    // A whole stream however it is cut into pieces: an answer, kept.
+    equal((await ask("s", "split", SPLIT)).response, answerTo(SPLIT));
+    const good = ["first", SPLIT];
+    const faults = ["cut-close", "cut-chunked", "no-done", "no-finish", "error-event"];
+    for (const fault of [...faults, "empty-stream"]) {
       const reply = await ask("s", fault, fault);
       equal(errorOf(reply)?.code, "engine_unavailable", `${fault}: ${JSON.stringify(reply)}`);
       // The next turn's prompt holds the whole turns only: nothing of the cut answer.
@@ -450,9 +478,7 @@ test("a stream that ends before its finish_reason or [DONE] is an engine_unavail
       equal(dones(fault).length, 0, `${fault} was also answered with done`);
     }
     // Text was streamed before the cut: not retried. Nothing was: retried (--engine-retries=1).
-    for (const fault of ["cut-close", "cut-chunked", "no-done", "no-finish"]) {
-      equal(engine.count(fault), 1, fault);
-    }
+    for (const fault of faults) equal(engine.count(fault), 1, fault);
     equal(engine.count("empty-stream"), 2);
   });
 });

@@ -3,11 +3,13 @@
  * the `openai` client, with engine failures mapped to protocol error codes.
  *
  * Only a whole stream is an answer: one that said why it ended
- * (`finish_reason`) and ended with `data: [DONE]`. The `openai` client takes
- * any body that ends quietly for a finished stream (a cut connection, a
- * chunked body that just ends, even an HTML page or a plain JSON completion,
- * which hold no events), so the check is done here. The engine's `usage` is
- * checked against what was sent and received before anyone relies on it.
+ * (`finish_reason`) and ended with `data: [DONE]`. The `openai` client sends
+ * the request and reads error answers, but the stream is read here: its own
+ * reader takes any body that ends quietly for a finished stream (a cut
+ * connection, a chunked body that just ends, even an HTML page or a plain JSON
+ * completion, which hold no events), and costs more CPU per chunk. The
+ * engine's `usage` is checked against what was sent and received before
+ * anyone relies on it.
  *
  * @module
  */
@@ -140,13 +142,20 @@ export class EngineClient {
       ...(top_k !== undefined && { top_k }),
       ...(this.#disableThinking && { chat_template_kwargs: { enable_thinking: false } }),
     };
-    const stream = await this.#client.chat.completions.create(body, { signal, maxRetries: 0 });
+    const response = await this.#client.chat.completions.create(body, { signal, maxRetries: 0 })
+      .asResponse();
     let text = "";
     let reasoning = "";
     let finishReason: string | undefined;
     let usage: Usage | undefined;
     let firstTokenAt: number | undefined;
-    for await (const chunk of stream) {
+    let whole = false;
+    for await (const data of sseData(response)) {
+      if (data === "[DONE]") {
+        whole = true;
+        break;
+      }
+      const chunk = parseChunk(data);
       if (chunk.usage) {
         const { prompt_tokens, completion_tokens, total_tokens } = chunk.usage;
         usage = { prompt_tokens, completion_tokens, total_tokens };
@@ -166,6 +175,7 @@ export class EngineClient {
     }
     // An aborted stream may end quietly instead of throwing: never report it as finished.
     signal.throwIfAborted();
+    if (!whole) throw incomplete(response);
     if (finishReason === undefined) {
       throw new ServiceError(
         "engine_unavailable",
@@ -261,67 +271,89 @@ function makeClient(endpoint: EngineEndpoint): OpenAI {
     baseURL: endpoint.baseUrl,
     apiKey: endpoint.apiKey,
     maxRetries: 0,
-    fetch: fetchWholeStream,
+    fetch: async (input: string | URL | Request, init?: RequestInit) => {
+      const response = await fetch(input, init);
+      return response.ok ? response : await withErrorObject(response);
+    },
   });
 }
 
-/** Bytes kept of the end of a reply: enough for `data: [DONE]` and the blank line after it. */
-const TAIL_BYTES = 32;
-const ENDS_WITH_DONE = /(?:^|\n)data: ?\[DONE\][ \t]*(?:\r?\n)*$/;
-
 /**
- * `fetch` for the engine's streams (the only requests this client makes): a
- * 2xx body that ends other than with `data: [DONE]` fails at its end with
- * `engine_unavailable`, where the `openai` client would end the stream
- * quietly and the answer would pass as finished.
+ * The `data` of each server-sent event in `response`'s body (lines end in
+ * `\n` or `\r\n`; other fields and comments are skipped). Breaking off
+ * cancels the body.
  */
-async function fetchWholeStream(
-  input: string | URL | Request,
-  init?: RequestInit,
-): Promise<Response> {
-  const response = await fetch(input, init);
-  if (!response.ok) return await withErrorObject(response);
-  if (response.body === null) return response;
-  // Named in an error a client sees: a media type's characters only.
-  const contentType = (response.headers.get("content-type") ?? "").split(";")[0]
-    .replace(/[^\w.+/-]/g, "").slice(0, 60) || "no content-type";
-  const whole = () => ENDS_WITH_DONE.test(new TextDecoder().decode(tail));
-  const incomplete = () =>
-    new ServiceError(
+async function* sseData(response: Response): AsyncGenerator<string> {
+  if (response.body === null) return;
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let data: string[] = [];
+  const field = (line: string) => {
+    if (line.endsWith("\r")) line = line.slice(0, -1);
+    if (line.startsWith("data:")) data.push(line.slice(line.charCodeAt(5) === 0x20 ? 6 : 5));
+  };
+  for await (const bytes of response.body) {
+    buffer += decoder.decode(bytes, { stream: true });
+    let start = 0;
+    for (let end; (end = buffer.indexOf("\n", start)) !== -1; start = end + 1) {
+      const blank = end === start || (end === start + 1 && buffer.charCodeAt(start) === 0x0d);
+      if (!blank) {
+        field(buffer.slice(start, end));
+      } else if (data.length > 0) {
+        yield data.join("\n");
+        data = [];
+      }
+    }
+    buffer = buffer.slice(start);
+  }
+  // A last event may lack its blank line.
+  field(buffer + decoder.decode());
+  if (data.length > 0) yield data.join("\n");
+}
+
+type Chunk = OpenAI.Chat.Completions.ChatCompletionChunk;
+
+/** One event of the stream as a chunk; malformed JSON and error events fail the stream. */
+function parseChunk(data: string): Chunk {
+  let chunk: Chunk & { error?: { message?: unknown } | string; message?: unknown };
+  try {
+    chunk = JSON.parse(data);
+  } catch {
+    throw new ServiceError("engine_unavailable", "the engine's stream holds malformed JSON", {
+      retryAfterMs: 1000,
+    });
+  }
+  if (typeof chunk !== "object" || chunk === null) {
+    throw new ServiceError("engine_unavailable", "the engine's stream holds no chunk", {
+      retryAfterMs: 1000,
+    });
+  }
+  // vLLM reports a failure after the stream began as an event: `{"error": {...}}`, or the
+  // error itself (`{"object": "error", "message": ...}`) before 0.10.1.
+  const error = chunk.error ?? ((chunk.object as string) === "error" ? chunk : undefined);
+  if (error) {
+    const detail = clientSafe(String(typeof error === "string" ? error : error.message));
+    throw new ServiceError(
       "engine_unavailable",
-      contentType === "text/event-stream"
-        ? "the engine's stream ended before [DONE]: the answer is incomplete"
-        : `the engine answered ${response.status} with ${contentType}, not an event stream`,
+      detail === undefined ? "engine stream failed" : `engine stream failed: ${detail}`,
       { retryAfterMs: 1000 },
     );
-  let tail = new Uint8Array(0);
-  // A pull source, not a TransformStream: one read per chunk, no piping machinery.
-  const reader = response.body.getReader();
-  const checked = new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      const { done, value } = await reader.read();
-      if (done) {
-        if (whole()) controller.close();
-        else controller.error(incomplete());
-        return;
-      }
-      if (value.length >= TAIL_BYTES) {
-        tail = value.slice(-TAIL_BYTES);
-      } else {
-        const joined = new Uint8Array(tail.length + value.length);
-        joined.set(tail);
-        joined.set(value, tail.length);
-        tail = joined.slice(-TAIL_BYTES);
-      }
-      controller.enqueue(value);
-    },
-    cancel: (reason) => reader.cancel(reason),
-  }, { highWaterMark: 0 });
-  return new Response(checked, {
-    status: response.status,
-    statusText: response.statusText,
-    headers: response.headers,
-  });
+  }
+  return chunk;
+}
+
+/** The error of a 2xx answer that ended without `data: [DONE]`. */
+function incomplete(response: Response): ServiceError {
+  // Named to a client: a media type's characters only.
+  const type = (response.headers.get("content-type") ?? "").split(";")[0]
+    .replace(/[^\w.+/-]/g, "").slice(0, 60) || "no content-type";
+  return new ServiceError(
+    "engine_unavailable",
+    type === "text/event-stream"
+      ? "the engine's stream ended before [DONE]: the answer is incomplete"
+      : `the engine answered ${response.status} with ${type}, not an event stream`,
+    { retryAfterMs: 1000 },
+  );
 }
 
 /**
@@ -381,8 +413,7 @@ function mapError(error: unknown, signal: AbortSignal, deadline: AbortSignal): S
       retryAfterMs: 1000,
     });
   }
-  // A stream cut in the middle surfaces as a plain Error from the SSE reader; an error event
-  // in the stream as an APIError without a status.
+  // Anything else thrown while the stream was read.
   const detail = clientSafe(String((error as Error)?.message ?? error));
   return new ServiceError(
     "engine_unavailable",
