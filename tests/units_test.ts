@@ -292,6 +292,7 @@ Deno.test("compile: every module started as a worker is named in the compile tas
   for await (const entry of Deno.readDir(new URL("../lib", import.meta.url))) {
     if (!entry.isDirectory) continue;
     for await (const file of Deno.readDir(new URL(`../lib/${entry.name}`, import.meta.url))) {
+      if (!file.isFile) continue;
       const source = await Deno.readTextFile(
         new URL(`../lib/${entry.name}/${file.name}`, import.meta.url),
       );
@@ -303,6 +304,13 @@ Deno.test("compile: every module started as a worker is named in the compile tas
   deepEqual(workers.sort(), ["lib/engine/simulator_worker.ts", "lib/workers/request_worker.ts"]);
   for (const worker of workers) assert(included.includes(worker), `${worker} is not included`);
   assert(included.includes("prompts"), "prompts/ is not included");
+  // The live page's files are read from disk (uPlot is imported, so already in the graph).
+  const dashboard = await Deno.readTextFile(
+    new URL("../lib/observability/dashboard.ts", import.meta.url),
+  );
+  const page = dashboard.match(/new URL\("\.\/(\w+)\/", import\.meta\.url\)/)?.[1];
+  equal(page, "page");
+  assert(included.includes(`lib/observability/${page}`), "the live page is not included");
 });
 
 Deno.test("deploy: every production path runs the real deno binary, never the npm shim", async () => {

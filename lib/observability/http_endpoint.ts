@@ -22,6 +22,11 @@ export interface HttpEndpointSource {
   };
   metrics(): string;
   status(): unknown;
+  /**
+   * Paths served by another part (the live page), asked first: a response, or
+   * undefined for a path it does not serve.
+   */
+  page?(request: Request): Promise<Response> | undefined;
 }
 
 /** A listening endpoint. */
@@ -39,6 +44,8 @@ export function serveHttpEndpoint(
   source: HttpEndpointSource,
 ): HttpEndpoint {
   const server = Deno.serve({ hostname, port, onListen: () => {} }, (request) => {
+    const page = source.page?.(request);
+    if (page) return page;
     if (request.method !== "GET" && request.method !== "HEAD") {
       return new Response("method not allowed\n", { status: 405, headers: { allow: "GET" } });
     }
