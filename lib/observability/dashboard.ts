@@ -1,7 +1,7 @@
 /**
  * The operator's live page, at `/` of the HTTP endpoint: one HTML page, its
- * stylesheet and script (`page/`, read from disk, included in the compiled
- * executable), uPlot from npm for the charts, and a server-sent event stream
+ * stylesheet and script (`page/`, plain files, no build step), uPlot from npm
+ * for the charts, and a server-sent event stream
  * that sends the service's state about once a second. The stream carries
  * counts and times only, never conversation text.
  *
@@ -16,6 +16,9 @@
 
 import uplotScript from "uplot/dist/uPlot.esm.js" with { type: "text" };
 import uplotStyle from "uplot/dist/uPlot.min.css" with { type: "text" };
+import appScript from "./page/app.js" with { type: "text" };
+import pageHtml from "./page/index.html" with { type: "text" };
+import pageStyle from "./page/style.css" with { type: "text" };
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
@@ -65,11 +68,20 @@ export interface DashboardUpdate {
 
 const log = logger("http");
 const COOKIE = "vllm_mqtt_dashboard";
-const PAGE = new URL("./page/", import.meta.url);
-const FILES: Record<string, { file: string; type: string }> = {
-  "/": { file: "index.html", type: "text/html; charset=utf-8" },
-  "/dashboard/app.js": { file: "app.js", type: "text/javascript; charset=utf-8" },
-  "/dashboard/style.css": { file: "style.css", type: "text/css; charset=utf-8" },
+const JS = "text/javascript; charset=utf-8";
+const CSS = "text/css; charset=utf-8";
+/**
+ * The page's files, and uPlot's. Imported as text, they are part of the module
+ * graph: in the compiled executable with no `--include`, and read from it
+ * without a read permission (a file embedded with `--include` lies in a
+ * virtual folder that `-P=service` does not grant).
+ */
+const FILES: Record<string, { body: string; type: string }> = {
+  "/": { body: pageHtml, type: "text/html; charset=utf-8" },
+  "/dashboard/app.js": { body: appScript, type: JS },
+  "/dashboard/style.css": { body: pageStyle, type: CSS },
+  "/dashboard/uplot.js": { body: uplotScript, type: JS },
+  "/dashboard/uplot.css": { body: uplotStyle, type: CSS },
 };
 const SECURITY_HEADERS = {
   "x-content-type-options": "nosniff",
@@ -127,13 +139,9 @@ export class Dashboard {
       return text("method not allowed\n", 405, { allow: "GET" });
     }
     if (path === "/dashboard/events") return this.#events();
-    if (path === "/dashboard/uplot.js") return asset(uplotScript, FILES["/dashboard/app.js"].type);
-    if (path === "/dashboard/uplot.css") {
-      return asset(uplotStyle, FILES["/dashboard/style.css"].type);
-    }
     const file = FILES[path];
     if (!file) return text("not found\n", 404);
-    return asset(await Deno.readFile(new URL(file.file, PAGE)), file.type);
+    return asset(file.body, file.type);
   }
 
   get #interval(): number {
