@@ -24,7 +24,9 @@ import { SessionStore } from "./sessions/session_store.ts";
 import { checkHeadroom, storageFailure, StorageHealth } from "./sessions/storage_health.ts";
 import { TurnOrder } from "./sessions/turn_order.ts";
 import { WriteGenerations } from "./sessions/write_generations.ts";
+import { isLoopback, serviceDashboard } from "./observability/dashboard.ts";
 import { type HttpEndpoint, serveHttpEndpoint } from "./observability/http_endpoint.ts";
+import { LiveStats } from "./observability/live_stats.ts";
 import { Stats } from "./observability/stats.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
 
@@ -256,7 +258,7 @@ export async function startService(config: Config): Promise<Service> {
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
     });
-    parts.serving = { gateway, directory, stats };
+    parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
     handler.resolve((topic, payload, packet) => {
       if (topic === topics.status) noteStatus(payload, instance, startedAt, takeover);
       else gateway.handle(topic, payload, packet);
@@ -431,15 +433,17 @@ interface Parts {
   engineHealth?: EngineHealth;
   storageHealth?: StorageHealth;
   client?: MqttClient;
-  serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats };
+  serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats; live: LiveStats };
 }
 
 /** The HTTP endpoint, reporting on the parts that are up so far. */
 function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): HttpEndpoint {
   const startedAt = new Date().toISOString();
   const engineState = () => parts.engineHealth?.state ?? "starting";
+  const dashboard = config.dashboard ? serviceDashboard(config, parts) : undefined;
   try {
-    return serveHttpEndpoint(config.httpHost, config.httpPort, {
+    const endpoint = serveHttpEndpoint(config.httpHost, config.httpPort, {
+      page: dashboard && ((request) => dashboard.handle(request)),
       readiness: () => {
         const broker = parts.client?.connected ?? false;
         const engine = engineState() === "ready";
@@ -476,6 +480,15 @@ function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): HttpEndp
         live_sessions: parts.serving?.directory.size ?? 0,
       }),
     });
+    if (dashboard && config.dashboardToken === undefined && !isLoopback(config.httpHost)) {
+      log.warn(
+        'The live page at / (and its "try it" panel) is open to anyone who reaches {host}: ' +
+          "set VLLM_MQTT_DASHBOARD_TOKEN, or --no-dashboard",
+        { host: config.httpHost },
+      );
+    }
+    // Its event streams stay open: the server cannot shut down before they end.
+    return { port: endpoint.port, close: () => (dashboard?.close(), endpoint.close()) };
   } catch (error) {
     if (!(error instanceof Deno.errors.AddrInUse)) throw error;
     throw new ConfigError(

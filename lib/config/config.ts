@@ -125,6 +125,12 @@ export interface Config {
   readonly httpHost: string;
   readonly logLevel: "debug" | "info" | "warning" | "error";
   readonly logFormat: "text" | "json";
+  /** Whether `/` serves the operator's live page. */
+  readonly dashboard: boolean;
+  /** The bearer token the live page needs; undefined: none. */
+  readonly dashboardToken: string | undefined;
+  /** Whether the live page's "try it" panel is served. */
+  readonly dashboardTryIt: boolean;
 
   /** Warnings found while parsing (a secret on the command line); logged once logging is up. */
   readonly warnings: readonly string[];
@@ -409,6 +415,9 @@ export function parseConfig(
     shutdownTimeoutMs: get<number>("shutdown-timeout") * 1000,
     httpPort: get("http-port"),
     httpHost: get("http-host"),
+    dashboard: get("dashboard"),
+    dashboardToken: get("dashboard-token"),
+    dashboardTryIt: get("dashboard-try-it"),
     // The original script's `--enable_debug_logging` asks for what `--log-level debug` does.
     logLevel: get<boolean>("enable-debug-logging") && !given("log-level")
       ? "debug"
@@ -434,6 +443,11 @@ export function parseConfig(
   if (config.maxTokensCap > 0 && config.maxTokensCap < config.maxTokens) {
     throw new ConfigError(
       `'--max-tokens-cap' must be at least '--max-tokens' (${config.maxTokens}), or 0 for none: current value is ${config.maxTokensCap}`,
+    );
+  }
+  if (config.dashboardToken !== undefined && config.dashboardToken.length < 16) {
+    throw new ConfigError(
+      `'--dashboard-token' must be at least 16 characters long: it has ${config.dashboardToken.length}`,
     );
   }
   return { help: false, config: Object.freeze(config) };

@@ -653,6 +653,28 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "Address the HTTP endpoint listens on; 0.0.0.0 exposes it to the network",
   },
   {
+    name: "dashboard",
+    kind: "boolean",
+    default: true,
+    group: "Operation",
+    help: "Serve the live page for the operator at / on the HTTP endpoint",
+  },
+  {
+    name: "dashboard-token",
+    kind: "string",
+    secret: true,
+    group: "Operation",
+    help: 'Bearer token the live page and "try it" need; best set in the environment',
+  },
+  {
+    name: "dashboard-try-it",
+    kind: "boolean",
+    default: true,
+    group: "Operation",
+    help: 'Serve the live page\'s "try it" panel (sends a message as an MQTT request would)',
+  },
+
+  {
     name: "log-level",
     kind: "string",
     default: "info",

@@ -44,6 +44,8 @@ export interface ReplyTarget {
   readonly requestId: string | undefined;
   /** MQTT 5 Correlation Data of the request, echoed on every reply. */
   readonly correlationData: Uint8Array | undefined;
+  /** Replies go here instead of to the broker (a request from {@linkcode Gateway.ask}). */
+  readonly deliver?: (body: ReplyBody) => void;
 }
 
 /** What the scheduler runs: a turn, or a control command in its session's order. */
@@ -369,6 +371,70 @@ export class Gateway {
     else this.#submit(job);
   }
 
+  /**
+   * Takes a request from inside the process (the operator page's "try it"):
+   * after parsing, the same path as an MQTT request (rate limit, queue,
+   * turn order, workers, session store), with every reply handed to `deliver`
+   * instead of published. The caller chooses a session id of its own, so no
+   * ownership check applies. Returns a function that cancels the request.
+   */
+  ask(request: ChatRequest, deliver: (body: ReplyBody) => void): () => void {
+    this.#options.stats.request();
+    const { project } = request;
+    const reply: ReplyTarget = {
+      project,
+      topic: "",
+      style: "json",
+      sessionId: request.sessionId,
+      requestId: request.requestId,
+      correlationData: undefined,
+      deliver,
+    };
+    const nothing = () => {};
+    if (!this.#prompts.has(project)) {
+      this.#fail(reply, new ServiceError("unknown_project", `project "${project}" is not served`));
+      return nothing;
+    }
+    if (!this.#accepting) {
+      this.#fail(
+        reply,
+        new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }),
+      );
+      return nothing;
+    }
+    const key = sessionKey(project, request.sessionId);
+    const wait = this.#sessionLimit.take(key);
+    if (wait > 0) {
+      this.#fail(
+        reply,
+        new ServiceError("rate_limited", "Rate limit exceeded. Please slow down your requests.", {
+          retryAfterMs: wait,
+        }),
+      );
+      return nothing;
+    }
+    const id = this.#nextId++;
+    const job: TurnJob = {
+      kind: "turn",
+      id,
+      sessionKey: key,
+      priority: request.priority,
+      request,
+      target: reply,
+      receivedAt: performance.now(),
+      dedupKey: `${key}#ask:${id}`,
+    };
+    if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
+    else this.#submit(job);
+    return () => {
+      const reason = new ServiceError("cancelled", "cancelled by the client");
+      for (const queued of this.#scheduler.cancel(key, reason, (j) => j === job)) {
+        this.#fail(queued.target, reason, queued);
+      }
+      this.#inLine.get(job)?.abort.abort(reason);
+    };
+  }
+
   #submit(job: Job): void {
     try {
       this.#scheduler.submit(job);
@@ -608,6 +674,10 @@ export class Gateway {
   }
 
   #publish(target: ReplyTarget, body: ReplyBody): void {
+    if (target.deliver) {
+      target.deliver(body);
+      return;
+    }
     const payload = encodeReply(body, target.style, target.sessionId, target.requestId);
     if (payload === undefined) return;
     const properties = target.correlationData

@@ -67,9 +67,17 @@ export interface Timing {
   readonly totalMs: number;
 }
 
+/** One counted event, for a live view ({@linkcode Stats.watch}); counts and times only. */
+export type StatsEvent =
+  | { readonly kind: "answered"; readonly project: string; readonly timing: Timing }
+  | { readonly kind: "error"; readonly project: string | undefined; readonly code: ErrorCode }
+  | { readonly kind: "ignored"; readonly reason: IgnoredReason }
+  | { readonly kind: "reconnected" };
+
 /** Counts requests and outcomes. */
 export class Stats {
   readonly #gauges: () => Gauges;
+  readonly #watchers = new Set<(event: StatsEvent) => void>();
   #since = performance.now();
   #requests = 0;
   #answered = 0;
@@ -180,12 +188,14 @@ export class Stats {
       this.#promptTokens.inc({ project }, usage.prompt_tokens);
       this.#generationTokens.inc({ project }, usage.completion_tokens);
     }
+    this.#emit({ kind: "answered", project, timing });
   }
 
   /** A request of `project` ended in an error reply. */
   error(project: string, code: ErrorCode): void {
     this.#countError(code);
     this.#outcomes.inc({ project, outcome: code });
+    this.#emit({ kind: "error", project, code });
   }
 
   /** A message that could not be answered (no session to address it to). */
@@ -193,18 +203,30 @@ export class Stats {
     this.#unaddressable++;
     this.#countError(code);
     this.#unanswerable.inc({ code });
+    this.#emit({ kind: "error", project: undefined, code });
   }
 
   /** A message was deliberately not acted on. */
   ignored(reason: IgnoredReason): void {
     this.#ignored[reason] = (this.#ignored[reason] ?? 0) + 1;
     this.#ignoredTotal.inc({ reason });
+    this.#emit({ kind: "ignored", reason });
   }
 
   /** The MQTT connection was re-established. */
   brokerReconnected(): void {
     this.#brokerReconnects++;
-    this.#reconnects.inc();
+    this.#emit({ kind: "reconnected" });
+  }
+
+  /** Calls `watcher` with each event from now on; returns what stops it. */
+  watch(watcher: (event: StatsEvent) => void): () => void {
+    this.#watchers.add(watcher);
+    return () => this.#watchers.delete(watcher);
+  }
+
+  #emit(event: StatsEvent): void {
+    for (const watcher of this.#watchers) watcher(event);
   }
 
   /** Cumulative metrics in Prometheus text format. */
