@@ -31,17 +31,51 @@ export function freePort(): number {
   return port;
 }
 
-/** Waits until `check` holds, polling every 20 ms, or fails after `timeoutMs`. */
+/**
+ * Waits until `check` holds, polling every 20 ms, or fails after `timeoutMs`.
+ * `what` names what is awaited in the error; a function is asked at the
+ * timeout, so that it can say what is still missing.
+ */
 export async function waitFor(
   check: () => boolean | Promise<boolean>,
   timeoutMs = 10_000,
-  what = "condition",
+  what: string | (() => string) = "condition",
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for ${typeof what === "string" ? what : what()}`);
+    }
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
+}
+
+/** Temporary folders made through {@linkcode tempDir} and not removed yet. */
+const tempDirs = new Set<string>();
+// What a test leaves behind (it failed, or it stopped a broker without closing it) goes when
+// its module ends.
+globalThis.addEventListener("unload", () => {
+  for (const dir of tempDirs) {
+    try {
+      Deno.removeSync(dir, { recursive: true });
+    } catch { /* gone */ }
+  }
+});
+
+/**
+ * A new temporary folder, removed by {@linkcode removeTempDir} or, at the
+ * latest, when the test module ends.
+ */
+export async function tempDir(prefix: string): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix });
+  tempDirs.add(dir);
+  return dir;
+}
+
+/** Removes a folder made by {@linkcode tempDir}, and all it holds. */
+export async function removeTempDir(dir: string): Promise<void> {
+  await Deno.remove(dir, { recursive: true }).catch(() => {});
+  tempDirs.delete(dir);
 }
 
 async function listening(port: number): Promise<boolean> {
@@ -62,6 +96,8 @@ export interface Mosquitto {
   stop(signal?: Deno.Signal): Promise<void>;
   /** Starts it again on the same port (after {@linkcode stop}). */
   start(): Promise<void>;
+  /** Stops it (SIGKILL) and removes its folder: the end of it. */
+  close(): Promise<void>;
 }
 
 /** A test that needs mosquitto: reported as ignored where it is not installed. */
@@ -72,9 +108,10 @@ export function mosquittoTest(name: string, fn: () => Promise<void>): void {
 /**
  * Starts mosquitto on a free port with `set_tcp_nodelay true` (Nagle costs
  * ~40 ms per small message on loopback) and any extra configuration lines.
+ * Its folder goes with {@linkcode Mosquitto.close}, or when the test module ends.
  */
 export async function startMosquitto(extra: string[] = [], port = freePort()): Promise<Mosquitto> {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-mosquitto-" });
+  const dir = await tempDir("vllm-mqtt-mosquitto-");
   const hasListener = extra.some((line) => line.startsWith("listener"));
   const conf = [
     ...(hasListener ? [] : [`listener ${port} 127.0.0.1`, "allow_anonymous true"]),
@@ -105,8 +142,17 @@ export async function startMosquitto(extra: string[] = [], port = freePort()): P
       await child.status;
       child = undefined;
     },
+    async close() {
+      await broker.stop();
+      await removeTempDir(dir);
+    },
   };
-  await broker.start();
+  try {
+    await broker.start();
+  } catch (error) {
+    await broker.close();
+    throw error;
+  }
   return broker;
 }
 
@@ -325,7 +371,7 @@ export async function withService(
 ): Promise<void> {
   const broker = await startMosquitto(options.brokerConfig);
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1, ...options.sim });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   const args = [
     "--engine=url",
     `--engine-url=${sim.url}`,
@@ -352,7 +398,7 @@ export async function withService(
     await client?.close();
     await fixture?.service.stop();
     await sim.close();
-    await broker.stop();
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    await broker.close();
+    await removeTempDir(dataDir);
   }
 }

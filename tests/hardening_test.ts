@@ -4,7 +4,15 @@
  */
 
 import assert, { equal } from "node:assert/strict";
-import { freePort, mosquittoTest as test, TestClient, waitFor, withService } from "./_helpers.ts";
+import {
+  freePort,
+  mosquittoTest as test,
+  removeTempDir,
+  tempDir,
+  TestClient,
+  waitFor,
+  withService,
+} from "./_helpers.ts";
 
 /** A small seeded generator (mulberry32), so a failing run can be replayed. */
 function random(seed: number): () => number {
@@ -118,50 +126,75 @@ test("10,000 random and mutated payloads: every valid request is still answered"
 });
 
 test("the broker restarts mid-traffic: every accepted request is answered once", async () => {
-  const store = await Deno.makeTempDir({ prefix: "vllm-mqtt-broker-store-" });
-  await withService({
-    args: ["--rate-limit=0"],
-    // Answers come 1.5 s after a request: the broker is down while they are being generated.
-    sim: { ttftMs: 1500, itlMs: 1 },
-    brokerConfig: ["persistence true", `persistence_location ${store}/`],
-  }, async ({ broker, service }) => {
-    // A client with a persistent session, as the devices of the games use.
-    const device = await TestClient.connect(broker.url, {
-      clientId: "device-1",
-      clean: false,
-    });
-    await device.subscribe("maze/assistant_response/#");
-    const answers = new Map<string, number>();
-    device.client.on("message", (_topic, payload) => {
-      const reply = JSON.parse(new TextDecoder().decode(payload));
-      if (reply.type === "done") {
-        answers.set(reply.request_id, (answers.get(reply.request_id) ?? 0) + 1);
-      }
-    });
-    const sent: string[] = [];
-    for (let i = 0; i < 20; i++) {
-      sent.push(`b${i}`);
-      await device.send("maze/user_input", {
-        session_id: `b${i % 5}`,
-        message: "go",
-        request_id: `b${i}`,
+  const store = await tempDir("vllm-mqtt-broker-store-");
+  // mosquitto started as root runs as its own user, which may not write in a folder only we may:
+  // it would lose its sessions (and the requests waiting in them) at every restart.
+  await Deno.chmod(store, 0o777);
+  try {
+    await withService({
+      args: ["--rate-limit=0"],
+      // Answers come 1.5 s after a request: the broker is down while they are being generated.
+      sim: { ttftMs: 1500, itlMs: 1 },
+      brokerConfig: ["persistence true", `persistence_location ${store}/`],
+    }, async ({ broker, service }) => {
+      // A client with a persistent session, as the devices of the games use.
+      const device = await TestClient.connect(broker.url, {
+        clientId: "device-1",
+        clean: false,
       });
-    }
-    await broker.stop("SIGTERM");
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-    await broker.start();
-    await waitFor(() => service.log().includes("Reconnected"), 20_000, "the service's reconnect");
-    await waitFor(() => sent.every((id) => answers.has(id)), 30_000, "every answer");
-    await new Promise((resolve) => setTimeout(resolve, 500)); // room for a duplicate to show
-    const twice = [...answers.values()].filter((n) => n > 1).length;
-    console.log(
-      `broker restart: ${sent.length} accepted, ${answers.size} answered, ` +
-        `${sent.length - answers.size} lost, ${twice} answered twice`,
-    );
-    equal(twice, 0);
-    await device.close();
-  });
-  await Deno.remove(store, { recursive: true });
+      await device.subscribe("maze/assistant_response/#");
+      const answers = new Map<string, number>();
+      device.client.on("message", (_topic, payload) => {
+        const reply = JSON.parse(new TextDecoder().decode(payload));
+        if (reply.type === "done") {
+          answers.set(reply.request_id, (answers.get(reply.request_id) ?? 0) + 1);
+        }
+      });
+      const sent: string[] = [];
+      const send = async (id: string, session: string) => {
+        sent.push(id);
+        await device.send("maze/user_input", {
+          session_id: session,
+          message: "go",
+          request_id: id,
+        });
+      };
+      for (let i = 0; i < 20; i++) await send(`b${i}`, `b${i % 5}`);
+      await broker.stop("SIGTERM");
+      const saved = await Deno.stat(`${store}/mosquitto.db`).then(() => true, () => false);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      // Requests that come while the service is still away wait in its session at the broker.
+      // The service is paused until they are in, so that it cannot reconnect first.
+      Deno.kill(service.child.pid, "SIGSTOP");
+      try {
+        await broker.start();
+        for (let i = 0; i < 10; i++) await send(`a${i}`, `a${i % 5}`);
+      } finally {
+        Deno.kill(service.child.pid, "SIGCONT");
+      }
+      await waitFor(() => service.log().includes("Reconnected"), 20_000, "the service's reconnect");
+      const missing = () => sent.filter((id) => !answers.has(id));
+      await waitFor(
+        () => missing().length === 0,
+        30_000,
+        () =>
+          `every answer: ${missing().length} of ${sent.length} missing (${
+            missing().join(", ")
+          }); ` +
+          `the broker ${saved ? "saved" : "did not save"} its sessions at the restart`,
+      );
+      await new Promise((resolve) => setTimeout(resolve, 500)); // room for a duplicate to show
+      const twice = [...answers.values()].filter((n) => n > 1).length;
+      console.log(
+        `broker restart: ${sent.length} accepted, ${answers.size} answered, ` +
+          `${sent.length - answers.size} lost, ${twice} answered twice`,
+      );
+      equal(twice, 0);
+      await device.close();
+    });
+  } finally {
+    await removeTempDir(store);
+  }
 });
 
 test("engine faults: 500s, a hang and a dropped stream each end in a clear error; no half turn is saved", async () => {
