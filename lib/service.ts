@@ -282,8 +282,15 @@ export async function startService(config: Config): Promise<Service> {
       log.info("Reconnected to the broker");
       stats.brokerReconnected();
       if (!connack.sessionPresent) {
-        gateway.subscribe().catch(() => {});
-        client.subscribeAsync(topics.status, { qos: 1 }).catch(() => {});
+        // Our persistent session is gone (the broker restarted without saving it, or it
+        // expired), and with it the requests the broker held for us.
+        if (config.shareGroup === undefined) {
+          log.warn("The broker kept no session for us: requests sent while we were away are lost");
+        }
+        const failed = (error: unknown) =>
+          log.error("Subscribing again failed: {message}", { message: String(error) });
+        gateway.subscribe().catch(failed);
+        client.subscribeAsync(topics.status, { qos: 1 }).catch(failed);
       }
       announce();
     });
