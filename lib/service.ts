@@ -29,6 +29,7 @@ import { type HttpEndpoint, serveHttpEndpoint } from "./observability/http_endpo
 import { LiveStats } from "./observability/live_stats.ts";
 import { Stats } from "./observability/stats.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
+import { plainProject, type Project, readProjectFile } from "./projects/project_file.ts";
 
 /** A running service. */
 export interface Service {
@@ -51,36 +52,55 @@ const log = logger("service");
 const FALLBACK_PROMPT = "You are a helpful assistant. Answer clearly, concisely and accurately.";
 
 /**
- * Reads `prompts/NAME.md` for every project. A project without one is served
- * with the general prompt (`general.md`), as the original did for any name,
- * and a warning names the file to create. A file that cannot be read for
- * another reason (permissions) stops the start-up.
+ * Reads `prompts/NAME.md` for every project (its system prompt, after a YAML
+ * front matter if it has one: see `projects/project_file.ts`). A project
+ * without one is served with the general prompt (`general.md`) and nothing
+ * else, as the original did for any name, and a warning names the file to
+ * create. A file that cannot be read for another reason (permissions), or
+ * whose front matter cannot be used, stops the start-up.
  */
-export async function loadPrompts(config: Config): Promise<Map<string, string>> {
-  const prompts = new Map<string, string>();
-  const read = async (name: string) => {
-    try {
-      return (await Deno.readTextFile(join(config.promptsDir, `${name}.md`))).trim();
-    } catch (error) {
-      if (error instanceof Deno.errors.NotFound) return undefined;
-      throw error;
-    }
-  };
+export async function loadProjects(config: Config): Promise<Map<string, Project>> {
+  const projects = new Map<string, Project>();
+  const read = (name: string) => readProjectFile(name, join(config.promptsDir, `${name}.md`));
   let general: string | undefined;
   for (const project of config.projects) {
-    const prompt = await read(project);
-    if (prompt !== undefined) {
-      prompts.set(project, prompt);
+    const file = await read(project);
+    if (file !== undefined) {
+      projects.set(project, file);
       continue;
     }
-    general ??= await read("general") ?? FALLBACK_PROMPT;
-    prompts.set(project, general);
+    general ??= (await read("general"))?.prompt ?? FALLBACK_PROMPT;
+    projects.set(project, plainProject(project, general));
     log.warn(
       "Project {project} has no system prompt: serving it with the general prompt; create {path} for its own",
       { project, path: join(config.promptsDir, `${project}.md`) },
     );
   }
-  return prompts;
+  checkModels(projects, config);
+  return projects;
+}
+
+/** The system prompt of every project (see {@linkcode loadProjects}). */
+export async function loadPrompts(config: Config): Promise<Map<string, string>> {
+  const projects = await loadProjects(config);
+  return new Map([...projects].map(([name, project]) => [name, project.prompt]));
+}
+
+/**
+ * A project's `model` must be one the engine serves: the model, or a LoRA
+ * adapter of `--lora-modules` (managed vLLM, simulated engine). An attached
+ * engine is asked at run time; one that lacks it answers 404.
+ */
+function checkModels(projects: ReadonlyMap<string, Project>, config: Config): void {
+  if (config.engine === "url") return;
+  const served = [config.servedModelName, ...config.loraModules.map(({ name }) => name)];
+  for (const project of projects.values()) {
+    if (project.model === undefined || served.includes(project.model)) continue;
+    throw new ConfigError(
+      `${project.file}: front matter key 'model': ${project.model} is not served: ` +
+        `add '--lora-modules ${project.model}=PATH' (served now: ${served.join(", ")})`,
+    );
+  }
 }
 
 /**
@@ -91,7 +111,8 @@ const BROKER_GOODBYE_MS = 2000;
 
 /** Starts the whole service. */
 export async function startService(config: Config): Promise<Service> {
-  const prompts = await loadPrompts(config);
+  const projects = await loadProjects(config);
+  const prompts = new Map([...projects].map(([name, project]) => [name, project.prompt]));
   const topics = new Topics(
     config.topicPrefix,
     config.serviceName,
@@ -257,6 +278,7 @@ export async function startService(config: Config): Promise<Service> {
         : new SessionSigner(config.sessionSecret),
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
+      projectFiles: projects,
     });
     parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
     handler.resolve((topic, payload, packet) => {

@@ -20,6 +20,15 @@ export class ConfigError extends Error {
   }
 }
 
+/** `NAME=PATH` of `--lora-modules`, read. */
+function loraModule(value: string): { readonly name: string; readonly path: string } {
+  const [, name, path] = /^([^=\s]+)=(\S+)$/.exec(value) ?? [];
+  if (name === undefined) {
+    throw new ConfigError(`'--lora-modules' takes NAME=PATH entries: current value has ${value}`);
+  }
+  return Object.freeze({ name, path });
+}
+
 /** Which engine answers the requests. */
 export type EngineMode = "vllm" | "url" | "sim";
 
@@ -55,6 +64,8 @@ export interface Config {
   readonly trustRemoteCode: boolean;
   readonly enforceEager: boolean;
   readonly vllmArgs: readonly string[];
+  /** LoRA adapters served beside the model (`--lora-modules NAME=PATH`). */
+  readonly loraModules: readonly { readonly name: string; readonly path: string }[];
   readonly vllmStartupTimeoutMs: number;
   readonly vllmMaxRestarts: number;
   readonly vllmStopGraceMs: number;
@@ -366,6 +377,7 @@ export function parseConfig(
     trustRemoteCode: get("trust-remote-code"),
     enforceEager: get("enforce-eager"),
     vllmArgs: Object.freeze(get<string>("vllm-args").split(/\s+/).filter((arg) => arg !== "")),
+    loraModules: Object.freeze(get<readonly string[]>("lora-modules").map(loraModule)),
     vllmStartupTimeoutMs: get<number>("vllm-startup-timeout") * 1000,
     vllmMaxRestarts: get("vllm-max-restarts"),
     vllmStopGraceMs: get<number>("vllm-stop-grace") * 1000,

@@ -239,6 +239,14 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "vLLM --enforce-eager: no CUDA graphs (starts faster, runs slower)",
   },
   {
+    name: "lora-modules",
+    kind: "list",
+    default: [],
+    group: "vLLM",
+    help:
+      "LoRA adapters served beside the model, as NAME=PATH (comma- or space-separated; vLLM --enable-lora --lora-modules); a project file's `model:` names one",
+  },
+  {
     name: "vllm-args",
     kind: "string",
     default: "",

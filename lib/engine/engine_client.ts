@@ -58,9 +58,29 @@ export interface ChatMessage {
   readonly content: string;
 }
 
+/** A tool call of a completion: the function's name and its arguments, as JSON text. */
+export interface ToolCall {
+  readonly id?: string;
+  readonly name: string;
+  readonly arguments: string;
+}
+
+/** What one completion asks of the engine beyond the messages and sampling. */
+export interface CompletionOptions {
+  /** The served model or LoRA adapter to ask (default: the endpoint's model). */
+  readonly model?: string;
+  /** OpenAI `response_format` (json_schema: vLLM enforces it with guided decoding). */
+  readonly responseFormat?: unknown;
+  /** OpenAI tool definitions offered to the model. */
+  readonly tools?: readonly unknown[];
+  readonly toolChoice?: "auto" | "required" | "none";
+}
+
 /** What a finished completion returns. */
 export interface Completion {
   readonly text: string;
+  /** The tools the model called, in order, if it called any. */
+  readonly toolCalls?: readonly ToolCall[];
   readonly finishReason: string;
   readonly usage: Usage | undefined;
   /** When the first token arrived (performance.now()), if any did. */
@@ -100,6 +120,7 @@ export class EngineClient {
     params: SamplingParams,
     signal: AbortSignal,
     onText: (text: string) => void,
+    options: CompletionOptions = {},
   ): Promise<Completion> {
     const deadline = AbortSignal.timeout(this.#timeoutMs);
     const combined = AbortSignal.any([signal, deadline]);
@@ -109,7 +130,7 @@ export class EngineClient {
         return await this.#stream(messages, params, combined, (text) => {
           streamed = true;
           onText(text);
-        });
+        }, options);
       } catch (error) {
         const mapped = mapError(error, signal, deadline);
         const retriable = mapped.code === "engine_unavailable" && !streamed &&
@@ -129,10 +150,11 @@ export class EngineClient {
     params: SamplingParams,
     signal: AbortSignal,
     onText: (text: string) => void,
+    options: CompletionOptions,
   ): Promise<Completion> {
     const { top_k, stop, ...standard } = params;
     const body = {
-      model: this.#model,
+      model: options.model ?? this.#model,
       messages: messages as ChatMessage[],
       stream: true as const,
       stream_options: { include_usage: true },
@@ -141,6 +163,13 @@ export class EngineClient {
       // vLLM extensions, ignored by engines that do not know them.
       ...(top_k !== undefined && { top_k }),
       ...(this.#disableThinking && { chat_template_kwargs: { enable_thinking: false } }),
+      ...(options.responseFormat !== undefined && {
+        response_format: options.responseFormat as OpenAI.ResponseFormatJSONSchema,
+      }),
+      ...(options.tools !== undefined && {
+        tools: options.tools as OpenAI.Chat.Completions.ChatCompletionTool[],
+        ...(options.toolChoice !== undefined && { tool_choice: options.toolChoice }),
+      }),
     };
     const response = await this.#client.chat.completions.create(body, { signal, maxRetries: 0 })
       .asResponse();
@@ -150,6 +179,8 @@ export class EngineClient {
     let usage: Usage | undefined;
     let firstTokenAt: number | undefined;
     let whole = false;
+    // Tool calls stream in pieces: the first names the call, the rest add to its arguments.
+    const calls: { id?: string; name: string; arguments: string }[] = [];
     for await (const data of sseData(response)) {
       if (data === "[DONE]") {
         whole = true;
@@ -171,6 +202,16 @@ export class EngineClient {
       // Reasoning a reasoning parser split off counts in completion_tokens too.
       const thought = reasoningOf(choice.delta);
       if (thought) reasoning += thought;
+      for (const piece of choice.delta?.tool_calls ?? []) {
+        firstTokenAt ??= performance.now();
+        const call = calls[piece.index ?? Math.max(0, calls.length - 1)] ??= {
+          name: "",
+          arguments: "",
+        };
+        if (piece.id) call.id = piece.id;
+        if (piece.function?.name) call.name += piece.function.name;
+        if (piece.function?.arguments) call.arguments += piece.function.arguments;
+      }
       if (choice.finish_reason) finishReason = choice.finish_reason;
     }
     // An aborted stream may end quietly instead of throwing: never report it as finished.
@@ -183,8 +224,20 @@ export class EngineClient {
         { retryAfterMs: 1000 },
       );
     }
-    if (usage) usage = await this.#checkUsage(usage, messages, params, text + reasoning);
-    return { text, finishReason, usage, firstTokenAt };
+    const toolCalls = calls.filter((call) => call !== undefined && call.name !== "");
+    const generated = text + reasoning + toolCalls.map((c) => c.name + c.arguments).join("");
+    // Tool definitions and a schema are part of the prompt the engine counts.
+    const offered = options.tools === undefined && options.responseFormat === undefined
+      ? ""
+      : JSON.stringify([options.tools, options.responseFormat]);
+    if (usage) usage = await this.#checkUsage(usage, messages, params, generated, offered);
+    return {
+      text,
+      finishReason,
+      usage,
+      firstTokenAt,
+      ...(toolCalls.length > 0 && { toolCalls }),
+    };
   }
 
   /**
@@ -196,8 +249,9 @@ export class EngineClient {
     messages: readonly ChatMessage[],
     params: SamplingParams,
     generated: string,
+    offered = "",
   ): Promise<Usage> {
-    const bounds = usageBounds(messages, params, generated);
+    const bounds = usageBounds(messages, params, generated, offered);
     const within = (value: number, [low, high]: readonly [number, number]) =>
       Number.isSafeInteger(value) && value >= low && value <= high;
     let { prompt_tokens, completion_tokens } = usage;
@@ -247,8 +301,9 @@ function usageBounds(
   messages: readonly ChatMessage[],
   params: Pick<SamplingParams, "max_tokens" | "stop">,
   generated: string,
+  offered = "",
 ): { prompt: readonly [number, number]; completion: readonly [number, number] } {
-  let prompt = TEMPLATE_SLACK_TOKENS;
+  let prompt = TEMPLATE_SLACK_TOKENS + (offered === "" ? 0 : messageTokenBound(offered));
   for (const { content } of messages) prompt += messageTokenBound(content) + EXTRA_MARKER_TOKENS;
   let stop = 0;
   for (const string of params.stop ?? []) stop = Math.max(stop, messageTokenBound(string));

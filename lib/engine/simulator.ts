@@ -9,11 +9,32 @@
  * client can see its history: `[Maze guide] Turn 2: you said "hi".` names the
  * system prompt's first line, counts the user turns and quotes the last one.
  *
+ * What vLLM does for structured output, tools and LoRA adapters, too:
+ *
+ * - `response_format` `json_schema`: the answer is an object valid for the
+ *   schema: the usual text in its first string property, the least value of
+ *   each type (or its `const`, first `enum`, `default`, `minimum`, `minItems`)
+ *   in the other required ones; `json_object`: `{"response": text}`.
+ * - `tools` (unless `tool_choice` is `"none"`): the model calls one tool, in
+ *   vLLM's format (`tool_calls`, streamed as a first piece with the id and
+ *   name and then pieces of the arguments; `finish_reason: "tool_calls"`),
+ *   after its usual text, when (first rule that holds) `tool_choice` names a
+ *   function; the last user message names an offered tool as a word; the last
+ *   user message is a maze state (`player_pos`, `visible_map` with 0 for a
+ *   wall) whose player is boxed in, and `break_wall` is offered: it breaks the
+ *   first wall beside the player, looking east, south, west, north;
+ *   `tool_choice` is `"required"`: the first tool. The arguments are the
+ *   least values of the tool's parameters schema (defaults where given).
+ * - `model`: the served model, or one of `adapters` (vLLM's `--lora-modules`),
+ *   whose answers start with `{adapter}: `; another name is answered 404 as
+ *   vLLM answers it.
+ *
  * @module
  */
 
 import { encode } from "gpt-tokenizer/encoding/cl100k_base";
 import { abortableSleep } from "../_util.ts";
+import { boxedIn } from "../games/maze_state.ts";
 import { PrefixCache } from "./prefix_cache.ts";
 
 /** Whether simulated answers carry a `<think>` block. */
@@ -84,6 +105,12 @@ export interface SimulatorOptions {
    * When set, `/v1/*` requires `Authorization: Bearer <apiKey>`, as `vllm serve --api-key` does.
    */
   readonly apiKey?: string;
+  /**
+   * LoRA adapters served beside the model (vLLM's `--lora-modules`): a request
+   * may name one as its `model`.
+   * @default {[]}
+   */
+  readonly adapters?: readonly string[];
 }
 
 /**
@@ -116,6 +143,9 @@ interface ChatBody {
   max_tokens?: number;
   max_completion_tokens?: number;
   chat_template_kwargs?: { enable_thinking?: boolean };
+  response_format?: { type?: string; json_schema?: { schema?: unknown } };
+  tools?: { type?: string; function?: { name?: string; parameters?: unknown } }[];
+  tool_choice?: string | { type?: string; function?: { name?: string } };
 }
 
 const AS_TEXT = { disallowedSpecial: new Set<string>() };
@@ -154,8 +184,15 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     }
     received.push(body as Record<string, unknown>);
     if (received.length > 1000) received.shift();
+    const adapter = body.model !== undefined && body.model !== model ? body.model : undefined;
+    if (adapter !== undefined && !(options.adapters ?? []).includes(adapter)) {
+      return error(404, `The model \`${adapter}\` does not exist.`);
+    }
 
-    const prompt = promptTokenIds(body.messages);
+    const prompt = promptTokenIds(
+      body.messages,
+      body.tools || body.response_format ? JSON.stringify([body.tools, body.response_format]) : "",
+    );
     const promptTokens = prompt.length;
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
     if (promptTokens + maxTokens > maxModelLen) {
@@ -168,13 +205,22 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     }
     const thinks = options.thinking === "always" ||
       (options.thinking === "template" && body.chat_template_kwargs?.enable_thinking !== false);
-    const all = replyTokens(body.messages, thinks, options.fillerTokens ?? 0);
+    const text = (adapter ? `${adapter}: ` : "") +
+      replyText(body.messages, options.fillerTokens ?? 0);
+    const call = toolCall(body);
+    const content = call ? text : formatted(text, body.response_format);
+    const all = wordTokens(thinks ? thinking(body.messages) + content : content);
     const tokens = all.slice(0, Math.max(0, maxTokens));
-    const finishReason = tokens.length < all.length ? "length" : "stop";
+    const truncated = tokens.length < all.length;
+    const calls = call && !truncated
+      ? [{ ...call, id: `chatcmpl-tool-${crypto.randomUUID()}` }]
+      : [];
+    const finishReason = truncated ? "length" : calls.length > 0 ? "tool_calls" : "stop";
+    const callTokens = calls.length > 0 ? encode(call!.name + call!.arguments, AS_TEXT).length : 0;
     const usage = {
       prompt_tokens: promptTokens,
-      completion_tokens: tokens.length,
-      total_tokens: promptTokens + tokens.length,
+      completion_tokens: tokens.length + callTokens,
+      total_tokens: promptTokens + tokens.length + callTokens,
     };
     const id = `chatcmpl-sim-${++requestsTotal}`;
     const created = Math.floor(Date.now() / 1000);
@@ -196,7 +242,17 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
         model,
         choices: [{
           index: 0,
-          message: { role: "assistant", content: tokens.join("") },
+          message: {
+            role: "assistant",
+            content: calls.length > 0 && tokens.length === 0 ? null : tokens.join(""),
+            ...(calls.length > 0 && {
+              tool_calls: calls.map(({ id, name, arguments: args }) => ({
+                id,
+                type: "function",
+                function: { name, arguments: args },
+              })),
+            }),
+          },
           finish_reason: finishReason,
         }],
         usage,
@@ -230,6 +286,17 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
             const gap = tokenGap();
             if (i > 0 && gap > 0) await abortableSleep(gap, signal);
             controller.enqueue(chunk({ content: tokens[i] }, null));
+          }
+          // vLLM's tool-call stream: the id, type and name first, then the arguments in pieces.
+          for (const [index, { id, name, arguments: args }] of calls.entries()) {
+            controller.enqueue(chunk({
+              tool_calls: [{ index, id, type: "function", function: { name, arguments: "" } }],
+            }, null));
+            for (const piece of args.match(/.{1,16}/gs) ?? []) {
+              controller.enqueue(
+                chunk({ tool_calls: [{ index, function: { arguments: piece } }] }, null),
+              );
+            }
           }
           controller.enqueue(chunk({}, finishReason));
           if (includeUsage) {
@@ -307,14 +374,15 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     if (pathname === "/v1/models") {
       return Response.json({
         object: "list",
-        data: [{
-          id: model,
+        data: [model, ...(options.adapters ?? [])].map((id) => ({
+          id,
           object: "model",
           created: 0,
           owned_by: "vllm",
-          root: model,
+          root: id,
+          ...(id !== model && { parent: model }),
           max_model_len: maxModelLen,
-        }],
+        })),
       });
     }
     if (pathname === "/v1/chat/completions" && request.method === "POST") return chat(request);
@@ -360,34 +428,138 @@ function error(status: number, message: string): Response {
   return Response.json({ error: { message, type, param: null, code: status } }, { status });
 }
 
-/** The prompt as a chat template would render it, as token ids. */
-function promptTokenIds(messages: { role: string; content: unknown }[]): number[] {
-  const rendered =
+/** The prompt as a chat template would render it (tools and schema first), as token ids. */
+function promptTokenIds(messages: { role: string; content: unknown }[], offered = ""): number[] {
+  const rendered = (offered === "" ? "" : `<|im_start|>tools\n${offered}<|im_end|>\n`) +
     messages.map((m) => `<|im_start|>${m.role}\n${String(m.content ?? "")}<|im_end|>\n`)
-      .join("") + "<|im_start|>assistant\n";
+      .join("") +
+    "<|im_start|>assistant\n";
   return encode(rendered, AS_TEXT);
 }
 
-/** The answer, as tokens (a word and its trailing space each). */
-function replyTokens(
-  messages: { role: string; content: unknown }[],
-  thinks: boolean,
-  filler: number,
-): string[] {
+/** The usual answer: the system prompt's first line, the turn count and the last user message. */
+function replyText(messages: { role: string; content: unknown }[], filler: number): string {
   const system = messages.find((m) => m.role === "system");
   const users = messages.filter((m) => m.role === "user");
-  const last = String(users.at(-1)?.content ?? "");
   const tag = system
     ? String(system.content).split("\n").find((line) => line.trim() !== "")?.replace(/^#+\s*/, "")
       .slice(0, 60)
     : undefined;
-  const quoted = last.length > 200 ? `${last.slice(0, 200)}...` : last;
-  let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${quoted}".`;
+  let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${lastQuoted(messages)}".`;
   for (let i = 0; i < filler; i++) text += ` w${i}`;
-  if (thinks) {
-    text = `<think>\nThe user said "${quoted}". I should answer briefly.\n</think>\n\n${text}`;
-  }
+  return text;
+}
+
+function lastQuoted(messages: { role: string; content: unknown }[]): string {
+  const last = String(messages.filter((m) => m.role === "user").at(-1)?.content ?? "");
+  return last.length > 200 ? `${last.slice(0, 200)}...` : last;
+}
+
+/** A reasoning block about the conversation, as thinking models open their answers. */
+function thinking(messages: { role: string; content: unknown }[]): string {
+  return `<think>\nThe user said "${lastQuoted(messages)}". I should answer briefly.\n</think>\n\n`;
+}
+
+/** Text as tokens (a word and its trailing space each). */
+function wordTokens(text: string): string[] {
   return text.match(/\S+\s*|\s+/g) ?? [];
+}
+
+/** The answer in the requested `response_format`. */
+function formatted(text: string, format: ChatBody["response_format"]): string {
+  if (format?.type === "json_schema") {
+    return JSON.stringify(sample(format.json_schema?.schema, { text }));
+  }
+  if (format?.type === "json_object") return JSON.stringify({ response: text });
+  return text;
+}
+
+/**
+ * The least value valid for `schema` (its `const`, first `enum`, `default`,
+ * `minimum`, `minItems` copies; `""`, `0`, `false` otherwise), with
+ * `fill.text` in the first string met (and that property included even when
+ * not required); of an object, the required properties and those with a default. Covers the JSON Schema that structured output uses.
+ */
+function sample(schema: unknown, fill: { text?: string }): unknown {
+  if (typeof schema !== "object" || schema === null) return null;
+  const s = schema as Record<string, unknown>;
+  if ("const" in s) return s.const;
+  if (Array.isArray(s.enum) && s.enum.length > 0) return s.enum[0];
+  for (const key of ["anyOf", "oneOf", "allOf"]) {
+    if (Array.isArray(s[key]) && (s[key] as unknown[]).length > 0) {
+      return sample((s[key] as unknown[])[0], fill);
+    }
+  }
+  const type = Array.isArray(s.type) ? s.type.find((t) => t !== "null") ?? "null" : s.type;
+  if (type === "string" && fill.text !== undefined) {
+    const text = fill.text;
+    fill.text = undefined;
+    return typeof s.maxLength === "number" ? text.slice(0, s.maxLength) : text;
+  }
+  if ("default" in s) return s.default;
+  switch (type ?? (s.properties ? "object" : undefined)) {
+    case "object": {
+      const properties = (s.properties ?? {}) as Record<string, unknown>;
+      const required = Array.isArray(s.required) ? s.required : [];
+      const object: Record<string, unknown> = {};
+      for (const [name, inner] of Object.entries(properties)) {
+        const isString = (inner as { type?: unknown } | null)?.type === "string";
+        const hasDefault = typeof inner === "object" && inner !== null && "default" in inner;
+        if (required.includes(name) || hasDefault || (fill.text !== undefined && isString)) {
+          object[name] = sample(inner, fill);
+        }
+      }
+      return object;
+    }
+    case "array": {
+      const count = typeof s.minItems === "number" ? s.minItems : 0;
+      return Array.from({ length: count }, () => sample(s.items, fill));
+    }
+    case "string":
+      return "x".repeat(typeof s.minLength === "number" ? s.minLength : 0);
+    case "integer":
+    case "number": {
+      const least = typeof s.minimum === "number"
+        ? s.minimum
+        : typeof s.exclusiveMinimum === "number"
+        ? s.exclusiveMinimum + (type === "integer" ? 1 : 0.5)
+        : 0;
+      const bounded = typeof s.maximum === "number" ? Math.min(least, s.maximum) : least;
+      return type === "integer" ? Math.ceil(bounded) : bounded;
+    }
+    case "boolean":
+      return false;
+    default:
+      return null;
+  }
+}
+
+/** The tool the simulated model calls, by the rules in this module's documentation. */
+function toolCall(body: ChatBody): { name: string; arguments: string } | undefined {
+  const tools = (body.tools ?? []).filter((t) => typeof t?.function?.name === "string");
+  if (tools.length === 0 || body.tool_choice === "none") return undefined;
+  const find = (name: string) => tools.find((t) => t.function!.name === name);
+  const call = (tool: (typeof tools)[number], args?: Record<string, unknown>) => {
+    const least = sample(tool.function!.parameters ?? { type: "object" }, {});
+    return {
+      name: tool.function!.name!,
+      arguments: JSON.stringify({ ...(least as object), ...args }),
+    };
+  };
+  const choice = body.tool_choice;
+  if (typeof choice === "object" && choice?.function?.name) {
+    const named = find(choice.function.name);
+    if (named) return call(named);
+  }
+  const last = String(body.messages?.filter((m) => m.role === "user").at(-1)?.content ?? "");
+  const words = new Set(last.match(/[A-Za-z0-9_-]+/g) ?? []);
+  const mentioned = tools.find((t) => words.has(t.function!.name!));
+  if (mentioned) return call(mentioned);
+  const breakWall = find("break_wall");
+  const wall = breakWall && boxedIn(last);
+  if (breakWall && wall) return call(breakWall, { x: wall[0], y: wall[1] });
+  if (choice === "required") return call(tools[0]);
+  return undefined;
 }
 
 if (import.meta.main) {

@@ -52,6 +52,7 @@ async function startSimulatorWorker(config: Config): Promise<RunningEngine> {
       maxModelLen: config.maxModelLen,
       ttftMs: config.simTtftMs,
       itlMs: config.simItlMs,
+      adapters: config.loraModules.map(({ name }) => name),
     });
   });
   log.info("Simulated engine serving {model} at {url}", { model: config.servedModelName, url });

@@ -59,6 +59,14 @@ export function vllmArgs(config: Config, port: number, apiKey: string): string[]
   if (config.enforceEager) args.push("--enforce-eager");
   if (config.modelCacheDir) args.push("--download-dir", config.modelCacheDir);
   if (config.modelRevision) args.push("--revision", config.modelRevision);
+  // Projects' own fine-tunes on the one base model: each is asked for by its name.
+  if (config.loraModules.length > 0) {
+    args.push(
+      "--enable-lora",
+      "--lora-modules",
+      ...config.loraModules.map(({ name, path }) => `${name}=${path}`),
+    );
+  }
   args.push(...config.vllmArgs);
   return args;
 }

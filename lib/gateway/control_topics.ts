@@ -45,6 +45,8 @@ export interface ControlTopicsOptions {
    * turn would come back with that turn's save).
    */
   readonly inOrder: (target: ReplyTarget, run: () => Promise<void>) => void;
+  /** Told of each command carried out for one session (a game's hint topic acknowledges some). */
+  readonly acknowledged?: (project: string, command: ControlCommand, sessionId: string) => void;
 }
 
 /** The word that addresses every session of a project. */
@@ -98,7 +100,12 @@ export class ControlTopics {
     }
     const run = () =>
       this.#run(target.project, target.command, sessionId, body)
-        .then((done) => this.#options.publish(reply, doneBody(done)))
+        .then((done) => {
+          this.#options.publish(reply, doneBody(done));
+          if (sessionId !== ALL) {
+            this.#options.acknowledged?.(target.project, target.command, sessionId);
+          }
+        })
         .catch((error) => {
           log.warn("Control command {command} failed: {message}", {
             command: target.command,

@@ -12,6 +12,7 @@ import { withTimeout } from "../_util.ts";
 import { logger } from "../log.ts";
 import {
   type ChatRequest,
+  type ControlCommand,
   encodeReply,
   parseRequest,
   type ReplyBody,
@@ -30,10 +31,12 @@ import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { WorkerPool } from "../workers/worker_pool.ts";
 import { estimateMessageTokens, MESSAGE_OVERHEAD_TOKENS } from "../tokens.ts";
+import { type Project, turnShape } from "../projects/project_file.ts";
 import { ControlTopics } from "./control_topics.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import { RecentRequests } from "./recent_requests.ts";
 import type { SessionSigner } from "./session_signer.ts";
+import { controlHint, StateTopics } from "./state_topics.ts";
 
 /** Where and how the replies to one request go. */
 export interface ReplyTarget {
@@ -63,6 +66,8 @@ interface TurnJob {
   readonly dedupKey: string;
   /** Its place in the session's line across instances (a share group). */
   ticket?: TurnTicket;
+  /** A game state's turn: called when it has been answered or failed (latest state wins). */
+  readonly settled?: () => void;
 }
 
 /**
@@ -118,6 +123,11 @@ export interface GatewayOptions {
   readonly signer: SessionSigner | undefined;
   /** The engine's own count of a text's tokens, where it offers one (vLLM's `/tokenize`). */
   readonly engineTokenCount: (text: string) => Promise<number | undefined>;
+  /**
+   * The projects as their files declare them (state and hint topics, response
+   * format, tools, model, sampling defaults); a project not here has only its prompt.
+   */
+  readonly projectFiles?: ReadonlyMap<string, Project>;
 }
 
 const log = logger("gateway");
@@ -139,6 +149,7 @@ export class Gateway {
   readonly #promptTokens = new Map<string, number>();
   readonly #promptsCounted: Promise<unknown>;
   readonly #control: ControlTopics | undefined;
+  readonly #states: StateTopics | undefined;
   /**
    * Requests waiting for their session's earlier turns on other instances,
    * before the queue: how to give one up, and when it is queued or has failed.
@@ -178,6 +189,8 @@ export class Gateway {
         this.#countPrompt(prompt);
       },
       defaultPrompt: (project) => options.projects.get(project)!,
+      acknowledged: (project, command, sessionId) =>
+        this.#acknowledgeOnHint(project, command, sessionId),
       inOrder: (target, run) =>
         this.#submit({
           kind: "control",
@@ -188,6 +201,19 @@ export class Gateway {
           run,
         }),
     });
+    const files = options.projectFiles;
+    this.#states = files && [...files.values()].some((project) => project.stateTopic)
+      ? new StateTopics({
+        topics: options.topics,
+        projects: files,
+        stats: options.stats,
+        limits: (project) => this.#limits(project),
+        sessionTopicsOnly: options.sessionTopicsOnly,
+        verify: (sessionId) => options.signer?.verify(sessionId) ?? true,
+        submit: (request, target, settled) => this.#takeState(request, target, settled),
+        publish: (target, body) => this.#publish(target, body),
+      })
+      : undefined;
   }
 
   /** Requests waiting in the queue. */
@@ -218,6 +244,7 @@ export class Gateway {
       if (!every) filters.push(topics.input(project), topics.sessionInput(project, "+"));
       if (this.#options.signer) filters.push(topics.newSession(project));
       if (this.#control) filters.push(...this.#control.filters(project));
+      if (this.#states) filters.push(...this.#states.filters(project));
     }
     this.#subscriptions = filters.map((filter) => topics.subscription(filter));
     await client.subscribeAsync(this.#subscriptions, { qos });
@@ -254,14 +281,20 @@ export class Gateway {
       this.#issueSession(target.project, target.nonce);
       return;
     }
+    if (target.kind === "state") {
+      if (this.#prompts.has(target.project)) {
+        this.#states?.handle(target.project, target.sessionId, payload);
+      }
+      return;
+    }
     this.#options.stats.request();
     const { project } = target;
-    const { topics, limits } = this.#options;
+    const { topics } = this.#options;
     const outcome = parseRequest(
       payload,
       project,
       topics.responseRoot(project),
-      limits,
+      this.#limits(project),
       target.sessionId,
     );
     const mqtt5 = this.#mqtt5Reply(packet);
@@ -435,6 +468,74 @@ export class Gateway {
     };
   }
 
+  /** The request limits of a project: its file's sampling defaults over the options'. */
+  #limits(project: string): RequestLimits {
+    const file = this.#options.projectFiles?.get(project);
+    const { limits } = this.#options;
+    if (file?.temperature === undefined && file?.maxTokens === undefined) return limits;
+    return {
+      ...limits,
+      temperature: file.temperature ?? limits.temperature,
+      maxTokens: file.maxTokens ?? limits.maxTokens,
+    };
+  }
+
+  /**
+   * Takes the turn of a game state (from {@linkcode StateTopics}): the path of
+   * an MQTT request after parsing (rate limit, queue, turn order, workers,
+   * store), answered as a hint; `settled` once it is answered or failed.
+   */
+  #takeState(request: ChatRequest, target: ReplyTarget, settled: () => void): void {
+    this.#options.stats.request();
+    if (!this.#accepting) {
+      this.#fail(
+        target,
+        new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }),
+      );
+      settled();
+      return;
+    }
+    const key = sessionKey(request.project, request.sessionId);
+    const wait = this.#sessionLimit.take(key);
+    if (wait > 0) {
+      this.#fail(
+        target,
+        new ServiceError("rate_limited", "Rate limit exceeded. Please slow down your requests.", {
+          retryAfterMs: wait,
+        }),
+      );
+      settled();
+      return;
+    }
+    const id = this.#nextId++;
+    const job: TurnJob = {
+      kind: "turn",
+      id,
+      sessionKey: key,
+      priority: request.priority,
+      request,
+      target,
+      receivedAt: performance.now(),
+      dedupKey: `${key}#state:${id}`,
+      settled,
+    };
+    if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
+    else this.#submit(job);
+  }
+
+  /** Acknowledges a session's template or clear on its hint topic, as the original did. */
+  #acknowledgeOnHint(project: string, command: ControlCommand, sessionId: string): void {
+    const hint = controlHint(command);
+    if (!hint || !this.#options.projectFiles?.get(project)?.hintTopic) return;
+    const topic = this.#options.topics.hint(project, sessionId);
+    this.#options.client.publish(
+      topic,
+      JSON.stringify({ hint }),
+      { qos: this.#options.qos },
+      () => {},
+    );
+  }
+
   #submit(job: Job): void {
     try {
       this.#scheduler.submit(job);
@@ -582,6 +683,7 @@ export class Gateway {
         systemPromptFromRequest: request.systemPrompt !== undefined,
         params: request.params,
         stream: request.stream,
+        ...turnShape(this.#options.projectFiles?.get(request.project), job.settled !== undefined),
       }, (seq, delta) => this.#publish(target, { type: "delta", seq, delta }));
       engineHealth.succeeded();
       const queueMs = startedAt - job.receivedAt;
@@ -663,6 +765,7 @@ export class Gateway {
 
   /** Lets the session's next turn start, on any instance (once per job, however often called). */
   async #finishTurn(job: TurnJob): Promise<void> {
+    job.settled?.();
     try {
       await job.ticket?.finish();
     } catch (error) {

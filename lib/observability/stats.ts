@@ -56,9 +56,10 @@ export interface StatsReport {
 
 /**
  * Why a message was not acted on: `retained` (a stale message the broker
- * replays at subscription), `duplicate` (a copy of a request already taken).
+ * replays at subscription), `duplicate` (a copy of a request already taken),
+ * `superseded` (a game state replaced by a newer one of its session before it ran).
  */
-export type IgnoredReason = "retained" | "duplicate";
+export type IgnoredReason = "retained" | "duplicate" | "superseded";
 
 /** How long an answered request took, in milliseconds. */
 export interface Timing {

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { errorHint, hintObject } from "../games/hints.ts";
 import type { ErrorCode } from "./errors.ts";
 import type { ReplyStyle } from "./request.ts";
 
@@ -63,6 +64,18 @@ export function encodeReply(
 ): string | undefined {
   if (style === "json") {
     return JSON.stringify({ session_id: sessionId, request_id: requestId ?? null, ...body });
+  }
+  if (style === "hint") {
+    switch (body.type) {
+      case "delta":
+        return undefined;
+      case "done":
+        return JSON.stringify(hintObject(body.response));
+      case "error":
+        return JSON.stringify(
+          errorHint(body.error.code, body.error.message, body.error.retry_after_ms),
+        );
+    }
   }
   switch (body.type) {
     case "delta":

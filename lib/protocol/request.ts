@@ -10,8 +10,11 @@ import { z } from "zod";
 import { ServiceError } from "./errors.ts";
 import { SESSION_ID_PATTERN } from "./topics.ts";
 
-/** How replies to a request are written: v1 JSON, or the original's plain text. */
-export type ReplyStyle = "json" | "text";
+/**
+ * How replies to a request are written: v1 JSON, or the original's plain
+ * text; `hint`, a game's hint object, is for answers to state messages only.
+ */
+export type ReplyStyle = "json" | "text" | "hint";
 
 /** Sampling parameters a client may set, after clamping. */
 export interface SamplingParams {

@@ -82,6 +82,19 @@ export class Topics {
     return `${this.#prefix}${project}/new_session/+`;
   }
 
+  /**
+   * `{prefix}{project}/state` and `.../state/+`: where a game publishes its
+   * state (projects whose file says `state_topic: true`).
+   */
+  state(project: string): string[] {
+    return [`${this.#prefix}${project}/state`, `${this.#prefix}${project}/state/+`];
+  }
+
+  /** `{prefix}{project}/hint/{sessionId}`: where a game reads the hints for its state. */
+  hint(project: string, sessionId: string): string {
+    return `${this.#prefix}${project}/hint/${sessionId}`;
+  }
+
   /** The retained online/offline message. */
   get status(): string {
     return this.#shareGroup === undefined
@@ -105,6 +118,9 @@ export class Topics {
     if (kind === "user_input") {
       if (levels.length === 2) return { kind: "input", project, sessionId: undefined };
       if (levels.length === 3) return { kind: "input", project, sessionId };
+    }
+    if (kind === "state" && (levels.length === 2 || levels.length === 3)) {
+      return { kind: "state", project, sessionId };
     }
     if (levels.length === 3 && kind === "new_session") {
       return { kind: "new_session", project, nonce: sessionId };
@@ -134,4 +150,6 @@ export type TopicTarget =
   /** `sessionId`: the session named by a per-session input topic. */
   | { kind: "input"; project: string; sessionId: string | undefined }
   | { kind: "control"; project: string; command: ControlCommand; sessionId: string | undefined }
-  | { kind: "new_session"; project: string; nonce: string };
+  | { kind: "new_session"; project: string; nonce: string }
+  /** `sessionId`: the session named by a per-session state topic. */
+  | { kind: "state"; project: string; sessionId: string | undefined };

@@ -10,6 +10,7 @@ import type { ErrorCode } from "../protocol/errors.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import type { EngineEndpoint } from "../engine/engine_client.ts";
 import type { LogOptions } from "../log.ts";
+import type { ProjectTool, ResponseFormat, ToolChoice } from "../projects/project_file.ts";
 
 /** What a worker needs to know, sent once before any job. */
 export interface WorkerSettings {
@@ -52,6 +53,15 @@ export interface TurnJob {
    * answers does not outlive).
    */
   readonly requestId?: string;
+  /** Structured output the answer must satisfy (OpenAI `response_format`, json_schema). */
+  readonly responseFormat?: ResponseFormat;
+  /** Tools offered to the model; their calls are mapped into a JSON answer object. */
+  readonly tools?: readonly ProjectTool[];
+  readonly toolChoice?: ToolChoice;
+  /** The served model or LoRA adapter to ask instead of the endpoint's model. */
+  readonly model?: string;
+  /** The answer is a hint object: a JSON object with a string `hint`, whatever the model said. */
+  readonly hint?: true;
 }
 
 /** The outcome of a turn that produced an answer. */

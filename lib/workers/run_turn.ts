@@ -11,6 +11,7 @@
 
 import type { ChatMessage, EngineClient } from "../engine/engine_client.ts";
 import { ThinkingFilter } from "../engine/thinking_filter.ts";
+import { guidanceFromToolCalls, hintObject } from "../games/hints.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { HistoryEntry, Session, SessionStore } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
@@ -71,9 +72,11 @@ export async function runTurn(
     ? job.systemPrompt
     : session.meta?.systemPrompt ?? job.systemPrompt;
   // The gateway counted the project's prompt; a session's or a request's own is counted here.
-  const systemTokens = systemPrompt === job.systemPrompt && job.systemTokens !== undefined
-    ? job.systemTokens
-    : await estimatePromptTokens(systemPrompt);
+  // Tool definitions and a schema sit in the prompt too: counted with the system prompt.
+  const systemTokens =
+    (systemPrompt === job.systemPrompt && job.systemTokens !== undefined
+      ? job.systemTokens
+      : await estimatePromptTokens(systemPrompt)) + await offeredTokens(job);
   const requested = job.params.max_tokens;
   const budget = historyBudget({
     maxHistoryTokens: context.maxHistoryTokens,
@@ -109,10 +112,14 @@ export async function runTurn(
     );
   };
 
+  // A schema the engine refuses (one without structured output) is dropped, not fatal: the
+  // answer is still made a JSON object below when it must be one.
+  let responseFormat = job.responseFormat;
   const attempt = async () => {
     const params = { ...job.params, max_tokens: await answerTokens(drop) };
     const filter = context.skipThinking ? new ThinkingFilter() : undefined;
-    const coalescer = job.stream ? new DeltaCoalescer(onDelta) : undefined;
+    // Offered tools, the answer is only whole once their calls are in: no deltas.
+    const coalescer = job.stream && !job.tools ? new DeltaCoalescer(onDelta) : undefined;
     let visible = "";
     let firstVisibleAt: number | undefined;
     const show = (text: string) => {
@@ -124,6 +131,11 @@ export async function runTurn(
     try {
       const completion = await context.engine.complete(prompt(drop), params, signal, (text) => {
         show(filter ? filter.push(text) : text);
+      }, {
+        model: job.model,
+        responseFormat,
+        tools: job.tools?.map((tool) => tool.definition),
+        toolChoice: job.toolChoice,
       });
       if (filter) show(filter.end());
       coalescer?.flush();
@@ -135,16 +147,24 @@ export async function runTurn(
   };
 
   let outcome;
-  try {
-    outcome = await attempt();
-  } catch (error) {
-    // The engine counts tokens its own way: trim to nothing but this message and try once more.
-    const overflow = error instanceof ServiceError && error.code === "context_overflow";
-    if (!overflow || drop === session.history.length) throw error;
-    drop = session.history.length;
-    outcome = await attempt();
+  for (let tries = 0;; tries++) {
+    try {
+      outcome = await attempt();
+      break;
+    } catch (error) {
+      if (tries > 1 || !(error instanceof ServiceError)) throw error;
+      if (error.code === "internal" && responseFormat && UNSUPPORTED_FORMAT.test(error.message)) {
+        responseFormat = undefined;
+        continue;
+      }
+      // The engine counts tokens its own way: trim to nothing but this message and try once more.
+      const overflow = error.code === "context_overflow";
+      if (!overflow || drop === session.history.length) throw error;
+      drop = session.history.length;
+    }
   }
-  const { completion, visible, firstVisibleAt } = outcome;
+  const { completion, firstVisibleAt } = outcome;
+  const visible = answerOf(job, outcome.visible, completion.toolCalls);
 
   await saveTurn(context, job, session, drop, systemTokens, completion, visible);
   return {
@@ -154,6 +174,40 @@ export async function runTurn(
     ttftMs: firstVisibleAt === undefined ? null : Math.round(firstVisibleAt - started),
     ...(historyLost && { historyLost }),
   };
+}
+
+/** Estimated tokens of the tools and schema a turn offers, by their JSON (a worker's few, kept). */
+const offeredCounts = new Map<string, number>();
+
+async function offeredTokens(job: TurnJob): Promise<number> {
+  if (!job.tools && !job.responseFormat) return 0;
+  const text = JSON.stringify([job.tools?.map((tool) => tool.definition), job.responseFormat]);
+  let tokens = offeredCounts.get(text);
+  if (tokens === undefined) {
+    tokens = await estimateMessageTokens(text);
+    if (offeredCounts.size >= 64) offeredCounts.clear();
+    offeredCounts.set(text, tokens);
+  }
+  return tokens;
+}
+
+/** An engine's refusal of `response_format` (one without structured output). */
+const UNSUPPORTED_FORMAT = /response_format|json_schema|structured|guided/i;
+
+/**
+ * The answer of a turn: the visible text, with tool calls mapped into a JSON
+ * object, made a hint object when the turn answers a game state.
+ */
+function answerOf(
+  job: TurnJob,
+  visible: string,
+  toolCalls: readonly { name: string; arguments: string }[] | undefined,
+): string {
+  let answer = visible;
+  if (job.tools && toolCalls && toolCalls.length > 0) {
+    answer = JSON.stringify(guidanceFromToolCalls(job.tools, toolCalls, visible));
+  }
+  return job.hint ? JSON.stringify(hintObject(answer)) : answer;
 }
 
 /** The answer stored after the user message that came with `requestId`, if any. */
