@@ -10,6 +10,7 @@
  * @module
  */
 
+import { payloadRoomForImages } from "../protocol/images.ts";
 import { envName, OPTIONS, type OptionSpec } from "./options.ts";
 
 /** Raised when the command line or the environment holds a bad value. */
@@ -63,6 +64,8 @@ export interface Config {
   readonly dtype: string;
   readonly trustRemoteCode: boolean;
   readonly enforceEager: boolean;
+  /** The model takes images: vLLM gets `--limit-mm-per-prompt {"image": maxImages}`. */
+  readonly visionModel: boolean;
   readonly vllmArgs: readonly string[];
   /** LoRA adapters served beside the model (`--lora-modules NAME=PATH`). */
   readonly loraModules: readonly { readonly name: string; readonly path: string }[];
@@ -106,6 +109,12 @@ export interface Config {
   readonly maxPriority: number;
   readonly maxPayloadBytes: number;
   readonly maxMessageChars: number;
+  /** Images per request; 0: none taken. */
+  readonly maxImages: number;
+  /** Decoded bytes per image. */
+  readonly maxImageBytes: number;
+  /** Whether http(s) image URLs are passed on for the engine to fetch. */
+  readonly remoteImages: boolean;
   readonly dedupWindowMs: number;
   /** Requests per minute per session; 0: off. */
   readonly rateLimit: number;
@@ -376,6 +385,7 @@ export function parseConfig(
     dtype: get("dtype"),
     trustRemoteCode: get("trust-remote-code"),
     enforceEager: get("enforce-eager"),
+    visionModel: get("vision-model"),
     vllmArgs: Object.freeze(get<string>("vllm-args").split(/\s+/).filter((arg) => arg !== "")),
     loraModules: Object.freeze(get<readonly string[]>("lora-modules").map(loraModule)),
     vllmStartupTimeoutMs: get<number>("vllm-startup-timeout") * 1000,
@@ -408,6 +418,9 @@ export function parseConfig(
     maxPriority: get("max-priority"),
     maxPayloadBytes: get("max-payload-bytes"),
     maxMessageChars: get("max-message-chars"),
+    maxImages: get("max-images"),
+    maxImageBytes: get("max-image-bytes"),
+    remoteImages: get("remote-images"),
     dedupWindowMs: get<number>("dedup-window") * 1000,
     rateLimit: get("rate-limit"),
     rateLimitClient: get("rate-limit-client"),
@@ -446,6 +459,20 @@ export function parseConfig(
     throw new ConfigError(
       `'--kv-url' must be an http(s) URL of a KV Connect server: current value is ${config.kvUrl}`,
     );
+  }
+  // A payload limit smaller than what the image limits allow would refuse allowed images whole.
+  const imageRoom = payloadRoomForImages(config.maxImages, config.maxImageBytes);
+  if (config.maxPayloadBytes < imageRoom) {
+    throw new ConfigError(
+      `'--max-payload-bytes' (${config.maxPayloadBytes}) is too small for what '--max-images' ` +
+        `(${config.maxImages}) and '--max-image-bytes' (${config.maxImageBytes}) allow: that many ` +
+        `images as base64 with the message take up to ${imageRoom} bytes; raise ` +
+        `'--max-payload-bytes' to at least ${imageRoom}, lower the image limits, or take no ` +
+        `images with '--max-images 0'`,
+    );
+  }
+  if (config.visionModel && config.maxImages === 0) {
+    throw new ConfigError("'--vision-model' needs '--max-images' above 0: it is 0");
   }
   if (config.maxTokens >= config.maxModelLen) {
     throw new ConfigError(

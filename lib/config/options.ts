@@ -311,6 +311,13 @@ export const OPTIONS: readonly OptionSpec[] = [
     help:
       "Let vLLM download a model it does not have; false: only what is cached (sets HF_HUB_OFFLINE=1)",
   },
+  {
+    name: "vision-model",
+    kind: "boolean",
+    default: false,
+    group: "vLLM",
+    help: 'A VLM: vLLM gets --limit-mm-per-prompt {"image":N}, N = --max-images',
+  },
 
   // MQTT
   {
@@ -484,10 +491,11 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "max-payload-bytes",
     kind: "int",
-    default: 65536,
+    default: 6291456,
     min: 256,
     group: "Scheduling",
-    help: "Largest request payload; larger ones get `payload_too_large` before parsing",
+    help:
+      "Largest request payload; larger ones get `payload_too_large` before parsing (room for --max-images images)",
   },
   {
     name: "max-message-chars",
@@ -496,6 +504,31 @@ export const OPTIONS: readonly OptionSpec[] = [
     min: 1,
     group: "Scheduling",
     help: "Longest user message",
+  },
+  {
+    name: "max-images",
+    kind: "int",
+    default: 4,
+    min: 0,
+    max: 64,
+    group: "Scheduling",
+    help: "Images a request may carry (`images`); 0 takes none",
+  },
+  {
+    name: "max-image-bytes",
+    kind: "int",
+    default: 1048576,
+    min: 1024,
+    group: "Scheduling",
+    help: "Largest image, decoded (a PNG, JPEG, WebP or GIF)",
+  },
+  {
+    name: "remote-images",
+    kind: "boolean",
+    default: false,
+    group: "Scheduling",
+    help:
+      "Pass http(s) image URLs on for the engine to fetch (off: a client could make the GPU box fetch any address)",
   },
   {
     name: "dedup-window",

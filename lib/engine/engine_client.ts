@@ -16,6 +16,13 @@
 
 import OpenAI from "openai";
 import { abortableSleep } from "../_util.ts";
+import {
+  imageRefusal,
+  imageTokenBoundOf,
+  imageTokensOf,
+  type MessageContent,
+  textOf,
+} from "./multimodal.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import { estimateMessageTokens, MESSAGE_OVERHEAD_TOKENS, messageTokenBound } from "../tokens.ts";
@@ -55,7 +62,8 @@ export interface EngineClientOptions {
 /** A chat message as sent to the engine. */
 export interface ChatMessage {
   readonly role: "system" | "user" | "assistant";
-  readonly content: string;
+  /** Text, or (a user turn with images) content parts: text, then `image_url` parts. */
+  readonly content: MessageContent;
 }
 
 /** A tool call of a completion: the function's name and its arguments, as JSON text. */
@@ -132,7 +140,8 @@ export class EngineClient {
           onText(text);
         }, options);
       } catch (error) {
-        const mapped = mapError(error, signal, deadline);
+        // A text-only model refusing images: the client's error, never retried.
+        const mapped = imageRefusal(error, messages) ?? mapError(error, signal, deadline);
         const retriable = mapped.code === "engine_unavailable" && !streamed &&
           attempt < this.#retries;
         if (!retriable) throw mapped;
@@ -155,7 +164,7 @@ export class EngineClient {
     const { top_k, stop, ...standard } = params;
     const body = {
       model: options.model ?? this.#model,
-      messages: messages as ChatMessage[],
+      messages: messages as unknown as OpenAI.Chat.Completions.ChatCompletionMessageParam[],
       stream: true as const,
       stream_options: { include_usage: true },
       ...standard,
@@ -259,7 +268,9 @@ export class EngineClient {
     if (!within(prompt_tokens, bounds.prompt)) {
       wrong.push(`prompt_tokens ${prompt_tokens} (possible: ${bounds.prompt.join("..")})`);
       prompt_tokens = 0;
-      for (const { content } of messages) prompt_tokens += await estimateMessageTokens(content);
+      for (const { content } of messages) {
+        prompt_tokens += await estimateMessageTokens(textOf(content)) + imageTokensOf(content);
+      }
     }
     if (!within(completion_tokens, bounds.completion)) {
       wrong.push(
@@ -304,7 +315,11 @@ function usageBounds(
   offered = "",
 ): { prompt: readonly [number, number]; completion: readonly [number, number] } {
   let prompt = TEMPLATE_SLACK_TOKENS + (offered === "" ? 0 : messageTokenBound(offered));
-  for (const { content } of messages) prompt += messageTokenBound(content) + EXTRA_MARKER_TOKENS;
+  for (const { content } of messages) {
+    // An image counts for as many tokens as the model makes of it: bounded by its size.
+    prompt += messageTokenBound(textOf(content)) + imageTokenBoundOf(content) +
+      EXTRA_MARKER_TOKENS;
+  }
   let stop = 0;
   for (const string of params.stop ?? []) stop = Math.max(stop, messageTokenBound(string));
   const fromText = messageTokenBound(generated) + stop + HIDDEN_COMPLETION_TOKENS;

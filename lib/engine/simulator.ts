@@ -8,6 +8,10 @@
  * Replies are deterministic and depend on the conversation received, so a
  * client can see its history: `[Maze guide] Turn 2: you said "hi".` names the
  * system prompt's first line, counts the user turns and quotes the last one.
+ * A user turn with images (OpenAI content parts) is answered with what their
+ * headers say, `... you said "what is this?". Saw 1 image: png 64×48.`, and
+ * they count in `usage.prompt_tokens` roughly as vLLM counts Qwen2.5-VL's (a
+ * token per 28×28 pixels, plus 2; `imageTokens` in `protocol/images.ts`).
  *
  * What vLLM does for structured output, tools and LoRA adapters, too:
  *
@@ -35,6 +39,7 @@
 import { encode } from "gpt-tokenizer/encoding/cl100k_base";
 import { abortableSleep } from "../_util.ts";
 import { boxedIn } from "../games/maze_state.ts";
+import { imageTokensOf, seenImages, textOf } from "./multimodal.ts";
 import { PrefixCache } from "./prefix_cache.ts";
 
 /** Whether simulated answers carry a `<think>` block. */
@@ -193,7 +198,9 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       body.messages,
       body.tools || body.response_format ? JSON.stringify([body.tools, body.response_format]) : "",
     );
-    const promptTokens = prompt.length;
+    // Images count roughly as vLLM counts Qwen2.5-VL's (`imageTokens`): a token per 28×28 pixels.
+    const promptTokens = prompt.length +
+      body.messages.reduce((sum, m) => sum + imageTokensOf(m.content), 0);
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
     if (promptTokens + maxTokens > maxModelLen) {
       return error(
@@ -431,7 +438,7 @@ function error(status: number, message: string): Response {
 /** The prompt as a chat template would render it (tools and schema first), as token ids. */
 function promptTokenIds(messages: { role: string; content: unknown }[], offered = ""): number[] {
   const rendered = (offered === "" ? "" : `<|im_start|>tools\n${offered}<|im_end|>\n`) +
-    messages.map((m) => `<|im_start|>${m.role}\n${String(m.content ?? "")}<|im_end|>\n`)
+    messages.map((m) => `<|im_start|>${m.role}\n${textOf(m.content)}<|im_end|>\n`)
       .join("") +
     "<|im_start|>assistant\n";
   return encode(rendered, AS_TEXT);
@@ -446,12 +453,13 @@ function replyText(messages: { role: string; content: unknown }[], filler: numbe
       .slice(0, 60)
     : undefined;
   let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${lastQuoted(messages)}".`;
+  text += seenImages(messages);
   for (let i = 0; i < filler; i++) text += ` w${i}`;
   return text;
 }
 
 function lastQuoted(messages: { role: string; content: unknown }[]): string {
-  const last = String(messages.filter((m) => m.role === "user").at(-1)?.content ?? "");
+  const last = textOf(messages.filter((m) => m.role === "user").at(-1)?.content);
   return last.length > 200 ? `${last.slice(0, 200)}...` : last;
 }
 

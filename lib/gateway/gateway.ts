@@ -677,6 +677,7 @@ export class Gateway {
         sessionId: request.sessionId,
         requestId: request.requestId,
         message: request.message,
+        ...(request.images && { images: request.images }),
         reset: request.reset,
         systemPrompt: prompt,
         systemTokens: this.#promptTokens.get(prompt),

@@ -8,6 +8,7 @@
 
 import { z } from "zod";
 import { ServiceError } from "./errors.ts";
+import { type ImageInput, parseImages } from "./images.ts";
 import { SESSION_ID_PATTERN } from "./topics.ts";
 
 /**
@@ -31,8 +32,10 @@ export interface ChatRequest {
   readonly project: string;
   readonly sessionId: string;
   readonly requestId: string | undefined;
-  /** The user's text; undefined for a bare `reset` or `cancel`. */
+  /** The user's text (empty when only images came); undefined for a bare `reset` or `cancel`. */
   readonly message: string | undefined;
+  /** Images shown with the message, checked (see `images.ts`); absent: none. */
+  readonly images?: readonly ImageInput[];
   readonly priority: number;
   readonly stream: boolean;
   readonly params: SamplingParams;
@@ -63,6 +66,12 @@ export interface RequestLimits {
   readonly temperature: number;
   readonly topP: number;
   readonly stream: boolean;
+  /** Images per request (`--max-images`); 0 or absent: none taken. */
+  readonly maxImages?: number;
+  /** Decoded bytes per image (`--max-image-bytes`). */
+  readonly maxImageBytes?: number;
+  /** Whether remote http(s) image URLs are passed on (`--remote-images`). */
+  readonly remoteImages?: boolean;
 }
 
 /** Where an invalid request can still be answered. */
@@ -121,6 +130,8 @@ const requestSchema = z.object({
   system_prompt: z.string().max(32_768).optional(),
   reply_topic: z.string().max(512).optional(),
   client_id: shortString.optional(),
+  // Checked on their own (`images.ts`), to name the bad image and why.
+  images: z.unknown().optional(),
 });
 
 const DECODER = new TextDecoder("utf-8", { fatal: true });
@@ -264,6 +275,15 @@ export function parseRequest(
   };
   const reset = body.reset ?? false;
   const cancel = body.cancel ?? false;
+  const checked = parseImages(body.images, {
+    maxImages: limits.maxImages ?? 0,
+    maxImageBytes: limits.maxImageBytes ?? 0,
+    remoteImages: limits.remoteImages ?? false,
+  });
+  if (!checked.ok) return fail(checked.message, address);
+  const images = checked.images.length > 0 ? checked.images : undefined;
+  // Images alone are a message (the OwOGPT client sends them without text).
+  if (images && body.message === undefined) body.message = "";
   if (body.message === undefined && !reset && !cancel) {
     return fail("'message' is required unless 'reset' or 'cancel' is set", address);
   }
@@ -273,7 +293,7 @@ export function parseRequest(
       address,
     );
   }
-  if (body.message !== undefined && body.message.trim() === "" && !reset) {
+  if (body.message !== undefined && body.message.trim() === "" && !reset && !images) {
     return fail("'message' is empty", address);
   }
 
@@ -299,6 +319,7 @@ export function parseRequest(
       sessionId: body.session_id,
       requestId: body.request_id,
       message: body.message,
+      ...(images && { images }),
       priority: clamp(body.priority ?? 0, -limits.maxPriority, limits.maxPriority),
       stream: address.style === "json" && (body.stream ?? limits.stream),
       params,

@@ -10,9 +10,11 @@
  */
 
 import type { ChatMessage, EngineClient } from "../engine/engine_client.ts";
+import { userContent } from "../engine/multimodal.ts";
 import { ThinkingFilter } from "../engine/thinking_filter.ts";
 import { guidanceFromToolCalls, hintObject } from "../games/hints.ts";
 import { ServiceError } from "../protocol/errors.ts";
+import { imagesTokens, withImageMarker } from "../protocol/images.ts";
 import type { HistoryEntry, Session, SessionStore } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
 import { estimateMessageTokens, estimatePromptTokens, messageTokenBound } from "../tokens.ts";
@@ -87,13 +89,15 @@ export async function runTurn(
   const toDrop = (userTokens: number) =>
     messagesToDrop(session.history, userTokens, budget, Math.floor(budget * context.trimLowWater));
   // Most turns fit even at the message's largest possible size: no estimate needed.
-  let drop = toDrop(messageTokenBound(job.message));
-  if (drop > 0) drop = toDrop(await estimateMessageTokens(job.message));
+  // Images count as the engine will roughly count them (the engine's usage is what is reported).
+  const imageCost = imagesTokens(job.images);
+  let drop = toDrop(messageTokenBound(job.message) + imageCost);
+  if (drop > 0) drop = toDrop(await estimateMessageTokens(job.message) + imageCost);
 
   const prompt = (dropped: number): ChatMessage[] => [
     { role: "system", content: systemPrompt },
     ...session.history.slice(dropped).map(({ role, content }) => ({ role, content })),
-    { role: "user", content: job.message! },
+    { role: "user", content: userContent(job.message!, job.images?.map((image) => image.url)) },
   ];
 
   // The answer gets what was asked, or what the context leaves after the prompt: a bound first
@@ -105,10 +109,10 @@ export async function runTurn(
     return context.maxModelLen - prompt - margin;
   };
   const answerTokens = async (dropped: number) => {
-    if (requested <= room(dropped, messageTokenBound(job.message!))) return requested;
+    if (requested <= room(dropped, messageTokenBound(job.message!) + imageCost)) return requested;
     return Math.max(
       1,
-      Math.min(requested, room(dropped, await estimateMessageTokens(job.message!))),
+      Math.min(requested, room(dropped, await estimateMessageTokens(job.message!) + imageCost)),
     );
   };
 
@@ -237,9 +241,12 @@ async function saveTurn(
   let historyTokens = 0;
   for (const message of session.history.slice(drop)) historyTokens += message.tokens;
   // The prompt's exact size, less what is already accounted for, is this message's share.
-  const userTokens = usage
+  // Images are not kept (a KV value holds 64 KiB; replaying them costs every turn): the turn is
+  // stored as its text and their marker, and counted as that.
+  const stored = withImageMarker(job.message!, job.images);
+  const userTokens = usage && stored === job.message
     ? Math.max(1, usage.prompt_tokens - systemTokens - historyTokens)
-    : await estimateMessageTokens(job.message!);
+    : await estimateMessageTokens(stored);
   // Reasoning counts in completion_tokens but is not stored: estimate when it was removed.
   const assistantTokens = usage && visible === completion.text
     ? usage.completion_tokens
@@ -247,7 +254,7 @@ async function saveTurn(
   await context.store.commitTurn(job.project, job.sessionId, session, drop, [
     {
       role: "user",
-      content: job.message!,
+      content: stored,
       tokens: userTokens,
       ...(job.requestId !== undefined && { requestId: job.requestId }),
     },
