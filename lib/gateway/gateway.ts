@@ -327,13 +327,7 @@ export class Gateway {
       this.#fail(reply, refusal);
       return;
     }
-    if (!this.#accepting) {
-      this.#fail(
-        reply,
-        new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }),
-      );
-      return;
-    }
+    if (this.#refusedWhileStopping(reply)) return;
     const key = sessionKey(project, request.sessionId);
 
     if (request.cancel) {
@@ -376,21 +370,7 @@ export class Gateway {
       if (repeat.kind === "answered" && !packet.dup) this.#publish(reply, repeat.answer);
       return;
     }
-    const wait = Math.max(
-      this.#sessionLimit.take(key),
-      request.clientId === undefined ? 0 : this.#clientLimit.take(request.clientId),
-    );
-    if (wait > 0) {
-      this.#fail(
-        reply,
-        // The original's words: its plain-text clients show them.
-        new ServiceError("rate_limited", "Rate limit exceeded. Please slow down your requests.", {
-          retryAfterMs: wait,
-        }),
-      );
-      return;
-    }
-    const job: TurnJob = {
+    this.#admit({
       kind: "turn",
       id: this.#nextId++,
       sessionKey: key,
@@ -399,9 +379,43 @@ export class Gateway {
       target: reply,
       receivedAt: performance.now(),
       dedupKey,
-    };
+    });
+  }
+
+  /**
+   * The last admission steps of every turn, however it came (an MQTT request,
+   * the operator page, a game state): the rate limits, then the session's line
+   * across instances, or the queue.
+   */
+  #admit(job: TurnJob): void {
+    const { request } = job;
+    const wait = Math.max(
+      this.#sessionLimit.take(job.sessionKey),
+      request.clientId === undefined ? 0 : this.#clientLimit.take(request.clientId),
+    );
+    if (wait > 0) {
+      this.#fail(
+        job.target,
+        // The original's words: its plain-text clients show them.
+        new ServiceError("rate_limited", "Rate limit exceeded. Please slow down your requests.", {
+          retryAfterMs: wait,
+        }),
+        job,
+      );
+      return;
+    }
     if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
     else this.#submit(job);
+  }
+
+  /** Refuses with a retry hint, once the service is stopping; whether it did. */
+  #refusedWhileStopping(target: ReplyTarget, job?: TurnJob): boolean {
+    if (this.#accepting) return false;
+    const error = new ServiceError("cancelled", "the service is shutting down", {
+      retryAfterMs: 5000,
+    });
+    this.#fail(target, error, job);
+    return true;
   }
 
   /**
@@ -428,24 +442,8 @@ export class Gateway {
       this.#fail(reply, new ServiceError("unknown_project", `project "${project}" is not served`));
       return nothing;
     }
-    if (!this.#accepting) {
-      this.#fail(
-        reply,
-        new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }),
-      );
-      return nothing;
-    }
+    if (this.#refusedWhileStopping(reply)) return nothing;
     const key = sessionKey(project, request.sessionId);
-    const wait = this.#sessionLimit.take(key);
-    if (wait > 0) {
-      this.#fail(
-        reply,
-        new ServiceError("rate_limited", "Rate limit exceeded. Please slow down your requests.", {
-          retryAfterMs: wait,
-        }),
-      );
-      return nothing;
-    }
     const id = this.#nextId++;
     const job: TurnJob = {
       kind: "turn",
@@ -457,8 +455,7 @@ export class Gateway {
       receivedAt: performance.now(),
       dedupKey: `${key}#ask:${id}`,
     };
-    if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
-    else this.#submit(job);
+    this.#admit(job);
     return () => {
       const reason = new ServiceError("cancelled", "cancelled by the client");
       for (const queued of this.#scheduler.cancel(key, reason, (j) => j === job)) {
@@ -487,26 +484,7 @@ export class Gateway {
    */
   #takeState(request: ChatRequest, target: ReplyTarget, settled: () => void): void {
     this.#options.stats.request();
-    if (!this.#accepting) {
-      this.#fail(
-        target,
-        new ServiceError("cancelled", "the service is shutting down", { retryAfterMs: 5000 }),
-      );
-      settled();
-      return;
-    }
     const key = sessionKey(request.project, request.sessionId);
-    const wait = this.#sessionLimit.take(key);
-    if (wait > 0) {
-      this.#fail(
-        target,
-        new ServiceError("rate_limited", "Rate limit exceeded. Please slow down your requests.", {
-          retryAfterMs: wait,
-        }),
-      );
-      settled();
-      return;
-    }
     const id = this.#nextId++;
     const job: TurnJob = {
       kind: "turn",
@@ -519,8 +497,9 @@ export class Gateway {
       dedupKey: `${key}#state:${id}`,
       settled,
     };
-    if (this.#options.turnOrder) this.#waitInLine(job, this.#options.turnOrder);
-    else this.#submit(job);
+    // A refusal settles the job like any other end (its #fail finishes the turn).
+    if (this.#refusedWhileStopping(target, job)) return;
+    this.#admit(job);
   }
 
   /** Acknowledges a session's template or clear on its hint topic, as the original did. */
