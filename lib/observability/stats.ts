@@ -217,6 +217,7 @@ export class Stats {
   /** The MQTT connection was re-established. */
   brokerReconnected(): void {
     this.#brokerReconnects++;
+    this.#reconnects.inc();
     this.#emit({ kind: "reconnected" });
   }
 
