@@ -18,7 +18,8 @@ EXPOSE 8081
 # Ready: broker connected and engine taking requests (the image has python3, not always curl).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s \
   CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081/readyz', timeout=4)" || exit 1
-# The permissions of deno.json's `service` set, widened for the compose network's broker host and
-# /data. --allow-run is unscoped here: the CUDA image sets LD_LIBRARY_PATH, which vLLM needs and a
+# The permissions of deno.json's `service` set, widened for the compose network's broker host,
+# /data, and 0.0.0.0 (compose.yaml's --http-host, for Prometheus on the compose network).
+# --allow-run is unscoped here: the CUDA image sets LD_LIBRARY_PATH, which vLLM needs and a
 # scoped --allow-run refuses to pass on.
-ENTRYPOINT ["deno-bin", "run", "--allow-net=127.0.0.1,localhost,mosquitto", "--allow-read=prompts,lib,/data", "--allow-write=/data", "--allow-env", "--allow-run", "main.ts", "--data-dir=/data"]
+ENTRYPOINT ["deno-bin", "run", "--allow-net=127.0.0.1,localhost,mosquitto,0.0.0.0", "--allow-read=prompts,lib,/data", "--allow-write=/data", "--allow-env", "--allow-run", "main.ts", "--data-dir=/data"]
