@@ -443,25 +443,39 @@ export class Gateway {
       return nothing;
     }
     if (this.#refusedWhileStopping(reply)) return nothing;
-    const key = sessionKey(project, request.sessionId);
+    const job = this.#inProcessTurn("ask", request, reply);
+    this.#admit(job);
+    return () => {
+      const reason = new ServiceError("cancelled", "cancelled by the client");
+      for (const queued of this.#scheduler.cancel(job.sessionKey, reason, (j) => j === job)) {
+        this.#fail(queued.target, reason, queued);
+      }
+      this.#inLine.get(job)?.abort.abort(reason);
+    };
+  }
+
+  /**
+   * The job of a turn that did not come as an MQTT request (no request id or
+   * payload to recognise a copy by: its dedup key is its own, kept apart by `from`).
+   */
+  #inProcessTurn(
+    from: "ask" | "state",
+    request: ChatRequest,
+    target: ReplyTarget,
+    settled?: () => void,
+  ): TurnJob {
+    const key = sessionKey(request.project, request.sessionId);
     const id = this.#nextId++;
-    const job: TurnJob = {
+    return {
       kind: "turn",
       id,
       sessionKey: key,
       priority: request.priority,
       request,
-      target: reply,
+      target,
       receivedAt: performance.now(),
-      dedupKey: `${key}#ask:${id}`,
-    };
-    this.#admit(job);
-    return () => {
-      const reason = new ServiceError("cancelled", "cancelled by the client");
-      for (const queued of this.#scheduler.cancel(key, reason, (j) => j === job)) {
-        this.#fail(queued.target, reason, queued);
-      }
-      this.#inLine.get(job)?.abort.abort(reason);
+      dedupKey: `${key}#${from}:${id}`,
+      ...(settled && { settled }),
     };
   }
 
@@ -484,19 +498,7 @@ export class Gateway {
    */
   #takeState(request: ChatRequest, target: ReplyTarget, settled: () => void): void {
     this.#options.stats.request();
-    const key = sessionKey(request.project, request.sessionId);
-    const id = this.#nextId++;
-    const job: TurnJob = {
-      kind: "turn",
-      id,
-      sessionKey: key,
-      priority: request.priority,
-      request,
-      target,
-      receivedAt: performance.now(),
-      dedupKey: `${key}#state:${id}`,
-      settled,
-    };
+    const job = this.#inProcessTurn("state", request, target, settled);
     // A refusal settles the job like any other end (its #fail finishes the turn).
     if (this.#refusedWhileStopping(target, job)) return;
     this.#admit(job);
