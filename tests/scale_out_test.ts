@@ -24,7 +24,7 @@ import {
  * reach the instances out of order; at 25 ms a run on a machine whose two
  * cores were also busy with other test processes and `yes` stored turn 2
  * before turn 1 (an instance starved of CPU stamps its arrival late). The
- * README states the guarantee with this figure.
+ * docs/scaling.md states the guarantee with this figure.
  */
 const GAP_MS = 100;
 
