@@ -1,7 +1,7 @@
 /**
  * Token counts for text the engine has not counted yet. The engine's own
- * `usage` is exact for the served model and wins wherever it is known
- * (DESIGN principle 5); gpt-tokenizer's estimate is the fallback, with
+ * `usage` is exact for the served model (its own tokenizer and chat template)
+ * and wins wherever it is known; gpt-tokenizer's estimate is the fallback, with
  * cl100k_base as a stand-in: its tables take half the memory of o200k_base's
  * (38 MB against 75 MB in every thread that loads them) for an estimate that
  * is only ever a guess.

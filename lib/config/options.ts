@@ -1,7 +1,7 @@
 /**
  * Every command-line option the program takes, in one table. `--help`, the
  * environment fallbacks (`VLLM_MQTT_` + the name in upper snake case) and the
- * README's option list are all generated from or checked against it.
+ * option list in docs/options.md are all generated from or checked against it.
  *
  * @module
  */

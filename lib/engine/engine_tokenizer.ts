@@ -1,6 +1,7 @@
 /**
  * The engine's own token count of a text: vLLM's `/tokenize`, exact for the
- * served model (DESIGN principle 5), and no tokenizer tables in this process.
+ * served model (an estimate with another tokenizer is only a guess), and no
+ * tokenizer tables in this process.
  * Engines without it (other OpenAI-compatible servers) answer undefined, and
  * the caller estimates instead.
  *

@@ -1,5 +1,5 @@
 /**
- * Prefix-cache-friendly trimming (DESIGN principle 4). vLLM reuses the KV cache
+ * Prefix-cache-friendly trimming. vLLM reuses the KV cache
  * of a prompt prefix it has seen; dropping the oldest turn on every request
  * changes the prefix every time. So when history outgrows its budget, whole
  * turns are dropped down to a low-water mark in one go, and the turns that
