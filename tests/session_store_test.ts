@@ -175,6 +175,7 @@ Deno.test("run turn: a request_id already in the history is answered from it, al
       const first = await runTurn(job(1, "r1"), before, signal, () => {});
       equal(sim.received.length, 1);
       before.store.close();
+      before.engine.close();
       // The service restarted: a new store, nothing remembered in memory.
       const after = await context();
       try {
@@ -197,6 +198,7 @@ Deno.test("run turn: a request_id already in the history is answered from it, al
         equal(sim.received.length, 2);
       } finally {
         after.store.close();
+        after.engine.close();
       }
     });
   } finally {

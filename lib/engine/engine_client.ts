@@ -16,6 +16,7 @@
 
 import OpenAI from "openai";
 import { abortableSleep } from "../_util.ts";
+import { directlyReachable, HttpStreamClient, type StreamedResponse } from "./http_stream.ts";
 import {
   imageRefusal,
   imageTokenBoundOf,
@@ -105,6 +106,10 @@ export class EngineClient {
   readonly #retries: number;
   readonly #disableThinking: boolean;
   readonly #warn: (message: string) => void;
+  /** The completions' own connections, where the engine can be reached without `fetch`. */
+  readonly #direct: HttpStreamClient | undefined;
+  readonly #completionsUrl: URL;
+  readonly #headers: Record<string, string>;
   #usageWarned = false;
 
   constructor(endpoint: EngineEndpoint, options: EngineClientOptions = {}) {
@@ -114,6 +119,20 @@ export class EngineClient {
     this.#retries = options.retries ?? 2;
     this.#disableThinking = options.disableThinking ?? false;
     this.#warn = options.warn ?? ((message) => console.warn(message));
+    this.#completionsUrl = new URL(`${endpoint.baseUrl.replace(/\/+$/, "")}/chat/completions`);
+    this.#direct = directlyReachable(this.#completionsUrl)
+      ? new HttpStreamClient(this.#completionsUrl)
+      : undefined;
+    this.#headers = {
+      "content-type": "application/json",
+      accept: "application/json",
+      authorization: `Bearer ${endpoint.apiKey}`,
+    };
+  }
+
+  /** Closes the connections kept alive to the engine. */
+  close(): void {
+    this.#direct?.close();
   }
 
   /**
@@ -180,8 +199,7 @@ export class EngineClient {
         ...(options.toolChoice !== undefined && { tool_choice: options.toolChoice }),
       }),
     };
-    const response = await this.#client.chat.completions.create(body, { signal, maxRetries: 0 })
-      .asResponse();
+    const response = await this.#post(body, signal);
     let text = "";
     let reasoning = "";
     let finishReason: string | undefined;
@@ -247,6 +265,36 @@ export class EngineClient {
       firstTokenAt,
       ...(toolCalls.length > 0 && { toolCalls }),
     };
+  }
+
+  /**
+   * Sends a streamed completion; resolves with a 2xx answer whose body is
+   * unread, or throws the `openai` client's error for any other. The hot path
+   * bypasses `fetch` (and the client's request building) where it can.
+   */
+  async #post(
+    body: OpenAI.Chat.ChatCompletionCreateParamsStreaming,
+    signal: AbortSignal,
+  ): Promise<StreamedResponse | Response> {
+    if (!this.#direct) {
+      return await this.#client.chat.completions.create(body, { signal, maxRetries: 0 })
+        .asResponse();
+    }
+    const { pathname, search } = this.#completionsUrl;
+    let response: StreamedResponse;
+    try {
+      response = await this.#direct.post(
+        pathname + search,
+        this.#headers,
+        JSON.stringify(body),
+        signal,
+      );
+    } catch (error) {
+      if (signal.aborted) throw error;
+      throw new OpenAI.APIConnectionError({ cause: error as Error });
+    }
+    if (response.status >= 200 && response.status < 300) return response;
+    throw await statusError(response);
   }
 
   /**
@@ -353,7 +401,9 @@ function makeClient(endpoint: EngineEndpoint): OpenAI {
  * `\n` or `\r\n`; other fields and comments are skipped). Breaking off
  * cancels the body.
  */
-async function* sseData(response: Response): AsyncGenerator<string> {
+async function* sseData(
+  response: { readonly body: AsyncIterable<Uint8Array> | null },
+): AsyncGenerator<string> {
   if (response.body === null) return;
   const decoder = new TextDecoder();
   let buffer = "";
@@ -413,7 +463,7 @@ function parseChunk(data: string): Chunk {
 }
 
 /** The error of a 2xx answer that ended without `data: [DONE]`. */
-function incomplete(response: Response): ServiceError {
+function incomplete(response: { status: number; headers: Headers }): ServiceError {
   // Named to a client: a media type's characters only.
   const type = (response.headers.get("content-type") ?? "").split(";")[0]
     .replace(/[^\w.+/-]/g, "").slice(0, 60) || "no content-type";
@@ -423,6 +473,37 @@ function incomplete(response: Response): ServiceError {
       ? "the engine's stream ended before [DONE]: the answer is incomplete"
       : `the engine answered ${response.status} with ${type}, not an event stream`,
     { retryAfterMs: 1000 },
+  );
+}
+
+/** The `openai` client's error for a non-2xx answer read directly, made as it makes them. */
+async function statusError(
+  response: StreamedResponse,
+): Promise<InstanceType<typeof OpenAI.APIError>> {
+  const pieces: Uint8Array[] = [];
+  try {
+    for await (const bytes of response.body) pieces.push(bytes);
+  } catch { /* what came is the body */ }
+  const nullBody = [204, 205, 304].includes(response.status);
+  const answer = await withErrorObject(
+    new Response(nullBody ? null : new Blob(pieces as BlobPart[]), {
+      status: response.status,
+      headers: response.headers,
+    }),
+  );
+  const text = await answer.text();
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch { /* a message in plain text */ }
+  const error = json && typeof json === "object" && (json as { error?: unknown }).error == null
+    ? { error: json }
+    : json;
+  return OpenAI.APIError.generate(
+    response.status,
+    error as object | undefined,
+    json ? undefined : text,
+    answer.headers,
   );
 }
 

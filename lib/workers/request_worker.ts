@@ -85,7 +85,10 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
       running.get(message.id)?.abort(new ServiceError(message.code, message.message));
       break;
     case "close":
-      context?.then((ctx) => ctx.store.close()).finally(() => post({ type: "closed" }));
+      context?.then((ctx) => {
+        ctx.engine.close();
+        ctx.store.close();
+      }).finally(() => post({ type: "closed" }));
       break;
   }
 };

@@ -1,0 +1,272 @@
+/**
+ * What the benchmarks share: the MQTT load generator, the service and the
+ * simulated engine started for a run, timing and memory figures.
+ *
+ * @module
+ */
+
+import mqtt from "mqtt";
+import type { SimulatorOptions } from "../../lib/engine/simulator.ts";
+import { freePort, ROOT, servicePermissions, startMosquitto, waitFor } from "../_helpers.ts";
+
+export { startMosquitto };
+
+interface Timings {
+  readonly total: number[];
+  readonly firstDelta: number[];
+}
+
+export interface Summary {
+  readonly rps: number;
+  readonly p50: number;
+  readonly p95: number;
+  readonly p99: number;
+  readonly ttfd_p50: number | null;
+}
+
+export const percentile = (values: number[], q: number) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+};
+export const round = (value: number, digits = 1) => +value.toFixed(digits);
+
+/** Runs `total` requests from `concurrency` loops; `one(i, loop)` resolves with its first-delta time. */
+export async function drive(
+  total: number,
+  concurrency: number,
+  one: (i: number, loop: number) => Promise<number | undefined>,
+): Promise<Summary> {
+  const timings: Timings = { total: [], firstDelta: [] };
+  let next = 0;
+  const started = performance.now();
+  await Promise.all(Array.from({ length: concurrency }, async (_, loop) => {
+    while (next < total) {
+      const i = next++;
+      const t = performance.now();
+      const firstDeltaAt = await one(i, loop);
+      timings.total.push(performance.now() - t);
+      if (firstDeltaAt !== undefined) timings.firstDelta.push(firstDeltaAt - t);
+    }
+  }));
+  const seconds = (performance.now() - started) / 1000;
+  return {
+    rps: timings.total.length / seconds,
+    p50: percentile(timings.total, 0.5),
+    p95: percentile(timings.total, 0.95),
+    p99: percentile(timings.total, 0.99),
+    ttfd_p50: timings.firstDelta.length ? percentile(timings.firstDelta, 0.5) : null,
+  };
+}
+
+/** Peak and current resident memory of a process, in MB (from /proc). */
+export function memoryMb(pid: number): { peak: number; now: number } {
+  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+  const kb = (field: string) => Number(status.match(new RegExp(`${field}:\\s+(\\d+)`))?.[1] ?? 0);
+  return { peak: round(kb("VmHWM") / 1024), now: round(kb("VmRSS") / 1024) };
+}
+
+/** The simulated engine, running on a thread of its own. */
+export interface Simulator {
+  readonly url: string;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts the simulated engine in a Web Worker (as `--engine sim` does): its
+ * token timers must not wait on the load generator's MQTT work, as a real
+ * engine, in its own process, would not.
+ */
+export async function startSimulator(options: SimulatorOptions): Promise<Simulator> {
+  const worker = new Worker(new URL("../../lib/engine/simulator_worker.ts", import.meta.url), {
+    type: "module",
+  });
+  const url = await new Promise<string>((resolve) => {
+    worker.onmessage = (event: MessageEvent<{ url: string }>) => resolve(event.data.url);
+    worker.postMessage(options);
+  });
+  return {
+    url,
+    close: () => Promise.resolve(worker.terminate()),
+  };
+}
+
+/** How one request ended (`done` or the error code), and when its first delta came. */
+export interface Answer {
+  done: () => void;
+  outcome: string;
+  firstDelta?: number;
+}
+
+/**
+ * MQTT load generator: `connections` clients; each request waits for its own
+ * `done` (or `error`) and reports when its first delta arrived.
+ */
+export class Load {
+  readonly #clients: mqtt.MqttClient[];
+  readonly #pending = new Map<string, Answer>();
+  readonly #subscribed = new Set<string>();
+
+  private constructor(clients: mqtt.MqttClient[]) {
+    this.#clients = clients;
+    for (const client of clients) {
+      client.on("message", (_topic, payload) => {
+        const reply = JSON.parse(new TextDecoder().decode(payload));
+        const waiting = this.#pending.get(reply.request_id);
+        if (!waiting) return;
+        if (reply.type === "delta") waiting.firstDelta ??= performance.now();
+        if (reply.type === "done" || reply.type === "error") {
+          waiting.outcome = reply.type === "done" ? "done" : reply.error.code;
+          waiting.done();
+        }
+      });
+    }
+  }
+
+  static async open(url: string, connections: number): Promise<Load> {
+    const clients = await Promise.all(
+      Array.from({ length: connections }, () => mqtt.connectAsync(url, { reconnectPeriod: 0 })),
+    );
+    // The load generator's sockets, like the service's, must not wait on Nagle.
+    for (const client of clients) {
+      (client.stream as unknown as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
+    }
+    return new Load(clients);
+  }
+
+  /**
+   * Subscribes, before any timing starts, to the reply topics of the
+   * requests `ask` will send: request `index` of session `sessionId` each.
+   */
+  async prepare(requests: readonly (readonly [index: number, sessionId: string])[]): Promise<void> {
+    const topics = this.#clients.map(() => [] as string[]);
+    for (const [index, sessionId] of requests) {
+      const topic = `general/assistant_response/${sessionId}`;
+      if (this.#subscribed.has(topic)) continue;
+      this.#subscribed.add(topic);
+      topics[index % this.#clients.length].push(topic);
+    }
+    await Promise.all(this.#clients.map(async (client, k) => {
+      for (let start = 0; start < topics[k].length; start += 500) {
+        await client.subscribeAsync(topics[k].slice(start, start + 500), { qos: 1 });
+      }
+    }));
+  }
+
+  /**
+   * Sends request `index` (on connection `index` modulo their number) and
+   * resolves when it is answered, with its first-delta time.
+   */
+  async ask(
+    index: number,
+    sessionId: string,
+    requestId: string,
+    message: string,
+    fields: Record<string, unknown> = {},
+  ): Promise<Answer> {
+    const client = this.#clients[index % this.#clients.length];
+    await this.prepare([[index, sessionId]]);
+    return await new Promise((resolve) => {
+      const entry: Answer = {
+        outcome: "",
+        done: () => {
+          this.#pending.delete(requestId);
+          resolve(entry);
+        },
+      };
+      this.#pending.set(requestId, entry);
+      client.publish(
+        "general/user_input",
+        JSON.stringify({ session_id: sessionId, message, request_id: requestId, ...fields }),
+        { qos: 1 },
+      );
+    });
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.#clients.map((client) => client.endAsync(true)));
+  }
+}
+
+/** The service as a child process. */
+export interface BenchService {
+  readonly child: Deno.ChildProcess;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts the service (`main.ts`, the permissions `deno task start` grants)
+ * with `args`, and waits until it serves. `BENCH_DENO_FLAGS` adds flags to
+ * `deno run` (e.g. `--cpu-prof --cpu-prof-dir=prof` to profile a run).
+ */
+export async function startService(args: string[]): Promise<BenchService> {
+  const flags = (Deno.env.get("BENCH_DENO_FLAGS") ?? "").split(/\s+/).filter(Boolean);
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", ...flags, ...servicePermissions(args), `${ROOT}main.ts`, ...args],
+    cwd: ROOT,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output = "";
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
+  };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  let exited = false;
+  child.status.then(() => exited = true);
+  await waitFor(() => output.includes("Serving ") || exited, 30_000, "the service to start");
+  if (exited) throw new Error(`the service exited during start-up:\n${output}`);
+  return {
+    child,
+    async stop() {
+      if (!exited) child.kill("SIGTERM");
+      await child.status;
+      await pumped;
+    },
+  };
+}
+
+export interface Running {
+  readonly sim: Simulator;
+  readonly service: BenchService;
+  readonly load: Load;
+  readonly httpPort: number;
+  stop(): Promise<void>;
+}
+
+export async function run(
+  brokerUrl: string,
+  sim: Simulator,
+  args: string[],
+  connections: number,
+): Promise<Running> {
+  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-bench-" });
+  const httpPort = freePort();
+  const service = await startService([
+    "--engine=url",
+    `--engine-url=${sim.url}`,
+    `--mqtt-url=${brokerUrl}`,
+    `--data-dir=${dataDir}`,
+    "--projects=general",
+    "--max-model-len=32768",
+    `--http-port=${httpPort}`,
+    `--mqtt-client-id=bench-${crypto.randomUUID()}`,
+    // The load generator sends far faster than any person: no rate limits.
+    "--rate-limit=0",
+    "--rate-limit-client=0",
+    ...args,
+  ]);
+  const load = await Load.open(brokerUrl, connections);
+  return {
+    sim,
+    service,
+    load,
+    httpPort,
+    async stop() {
+      await load.close();
+      await service.stop();
+      await sim.close();
+      await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    },
+  };
+}
