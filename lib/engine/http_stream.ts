@@ -30,7 +30,7 @@ const ENCODER = new TextEncoder();
 const LATIN1 = new TextDecoder("latin1");
 const CRLF_CRLF = [13, 10, 13, 10];
 const MAX_HEAD_BYTES = 64 * 1024;
-const READ_BYTES = 64 * 1024;
+const READ_BYTES = 16 * 1024;
 /** A kept-alive connection older than this is not reused (uvicorn closes them after 5 s). */
 const IDLE_MS = 4000;
 /** Bytes read to finish a body that was broken off, so that its connection can be reused. */
@@ -49,8 +49,13 @@ export function directlyReachable(url: URL): boolean {
   return true;
 }
 
-interface Idle {
+/** A connection and its reader, whose buffer it keeps from request to request. */
+interface Connection {
   readonly conn: Deno.TcpConn;
+  readonly reader: SocketReader;
+}
+
+interface Idle extends Connection {
   readonly since: number;
 }
 
@@ -89,19 +94,18 @@ export class HttpStreamClient {
     request.set(payload, head.length);
     for (;;) {
       const reused = this.#take();
-      const conn = reused ?? await Deno.connect({ hostname: this.#hostname, port: this.#port });
+      const { conn, reader } = reused ?? await this.#connect();
       const onAbort = () => conn.close();
       if (signal.aborted) {
         conn.close();
         signal.throwIfAborted();
       }
       signal.addEventListener("abort", onAbort, { once: true });
-      const reader = new SocketReader(conn);
       let responded = false;
       try {
         await writeAll(conn, request);
         const response = await readHead(reader, () => responded = true);
-        return this.#respond(conn, reader, response, signal, onAbort);
+        return this.#respond({ conn, reader }, response, signal, onAbort);
       } catch (error) {
         signal.removeEventListener("abort", onAbort);
         try {
@@ -121,27 +125,33 @@ export class HttpStreamClient {
     for (const { conn } of this.#idle.splice(0)) conn.close();
   }
 
-  #take(): Deno.TcpConn | undefined {
+  async #connect(): Promise<Connection> {
+    const conn = await Deno.connect({ hostname: this.#hostname, port: this.#port });
+    return { conn, reader: new SocketReader(conn) };
+  }
+
+  #take(): Connection | undefined {
     const now = performance.now();
     for (let idle; (idle = this.#idle.pop());) {
-      if (now - idle.since < IDLE_MS) return idle.conn;
+      if (now - idle.since < IDLE_MS) return idle;
       idle.conn.close();
     }
     return undefined;
   }
 
-  #release(conn: Deno.TcpConn): void {
-    if (this.#closed) conn.close();
-    else this.#idle.push({ conn, since: performance.now() });
+  #release(connection: Connection): void {
+    // Bytes after the end of the answer: the connection is out of step; not reused.
+    if (this.#closed || connection.reader.pending) connection.conn.close();
+    else this.#idle.push({ ...connection, since: performance.now() });
   }
 
   #respond(
-    conn: Deno.TcpConn,
-    reader: SocketReader,
+    connection: Connection,
     head: { status: number; headers: Headers },
     signal: AbortSignal,
     onAbort: () => void,
   ): StreamedResponse {
+    const { conn, reader } = connection;
     const { headers } = head;
     const keepAlive = !/\bclose\b/i.test(headers.get("connection") ?? "");
     const chunked = /\bchunked\b/i.test(headers.get("transfer-encoding") ?? "");
@@ -158,7 +168,7 @@ export class HttpStreamClient {
       if (finished) return;
       finished = true;
       signal.removeEventListener("abort", onAbort);
-      if (clean && reusable && !signal.aborted) this.#release(conn);
+      if (clean && reusable && !signal.aborted) this.#release(connection);
       else {
         try {
           conn.close();
@@ -255,6 +265,11 @@ class SocketReader {
 
   constructor(conn: Deno.Conn) {
     this.#conn = conn;
+  }
+
+  /** Whether bytes beyond what was asked for are waiting (an answer the engine did not owe). */
+  get pending(): boolean {
+    return this.#end > this.#start;
   }
 
   /** Reads more; false at the end of the connection. */

@@ -23,10 +23,10 @@ async function byThread<T>(pid: number, what: string, fn: () => Promise<T>): Pro
   if (!SHOW_THREADS) return await fn();
   const before = threadCpuMs(pid);
   const result = await fn();
-  const spent = [...threadCpuMs(pid)].map((
-    [thread, ms],
-  ) => [thread, ms - (before.get(thread) ?? 0)])
-    .filter(([, ms]) => (ms as number) > 0);
+  const spent = [...threadCpuMs(pid)].map(([thread, [user, system]]) => {
+    const [user0, system0] = before.get(thread) ?? [0, 0];
+    return [thread, `${user - user0}+${system - system0}`];
+  }).filter(([, ms]) => ms !== "0+0");
   console.error(what, JSON.stringify(Object.fromEntries(spent)));
   return result;
 }
