@@ -205,7 +205,13 @@ export async function startService(config: Config): Promise<Service> {
     const instance = config.mqttClientId;
     const startedAt = new Date().toISOString();
     const takeover = new TakeoverWatch();
-    const offline = JSON.stringify({ status: "offline", instance, model: config.servedModelName });
+    // With its start time, so that another instance with our id knows which of us is older.
+    const offline = JSON.stringify({
+      status: "offline",
+      instance,
+      model: config.servedModelName,
+      started_at: startedAt,
+    });
     const client = await connectMqtt({
       url: brokerUrl,
       clientId: config.mqttClientId,
@@ -282,8 +288,9 @@ export async function startService(config: Config): Promise<Service> {
     });
     parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
     handler.resolve((topic, payload, packet) => {
-      if (topic === topics.status) noteStatus(payload, instance, startedAt, takeover);
-      else gateway.handle(topic, payload, packet);
+      if (topic === topics.status) {
+        noteStatus(payload, packet.retain, instance, startedAt, takeover);
+      } else gateway.handle(topic, payload, packet);
     });
     const onlineStatus = {
       status: "online",
@@ -435,21 +442,25 @@ async function openStore(
 }
 
 /**
- * A status message on our own status topic: an `online` one from an instance
- * with our client id that started before us is the instance we would be
- * fighting for the id.
+ * A status message on our own status topic, from an instance with our client
+ * id that started before us: the instance we would be fighting for the id.
+ * Its `online` status says it is there; so does its Last Will (`offline`)
+ * arriving while we are connected, fired because our connection just took its
+ * session over. A retained `offline` is only an earlier run that has stopped.
  */
 function noteStatus(
   payload: Uint8Array,
+  retained: boolean,
   instance: string,
   startedAt: string,
   takeover: TakeoverWatch,
 ): void {
   try {
     const status = JSON.parse(new TextDecoder().decode(payload));
+    const there = status?.status === "online" || (status?.status === "offline" && !retained);
     if (
-      status?.status === "online" && status.instance === instance &&
-      typeof status.started_at === "string" && status.started_at < startedAt
+      there && status.instance === instance && typeof status.started_at === "string" &&
+      status.started_at < startedAt
     ) {
       takeover.olderInstanceSeen();
     }

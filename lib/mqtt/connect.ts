@@ -178,7 +178,8 @@ function holdMessagesFor(client: MqttClient, handler: Promise<MessageHandler>): 
  * Tells a fight over our client id from ordinary disconnects. Two instances
  * with one id knock each other off for ever; the newcomer should stop. It
  * knows it is the newcomer when an instance with its id that started earlier
- * announced itself (its `online` status), and then its own connection is
+ * showed itself (its `online` status, or its Last Will fired by our taking
+ * its session over), and then its own connection is
  * closed within {@link TakeoverWatch.QUICK_MS} of being accepted: the other
  * one reconnected, taking the id back. A network that drops connections
  * shows no such announcement, and is ridden out like any other.
