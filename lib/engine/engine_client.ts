@@ -3,13 +3,16 @@
  * the `openai` client, with engine failures mapped to protocol error codes.
  *
  * Only a whole stream is an answer: one that said why it ended
- * (`finish_reason`) and ended with `data: [DONE]`. The `openai` client sends
- * the request and reads error answers, but the stream is read here: its own
- * reader takes any body that ends quietly for a finished stream (a cut
- * connection, a chunked body that just ends, even an HTML page or a plain JSON
- * completion, which hold no events), and costs more CPU per chunk. The
- * engine's `usage` is checked against what was sent and received before
- * anyone relies on it.
+ * (`finish_reason`) and ended with `data: [DONE]`. The stream is read here:
+ * the `openai` client's own reader takes any body that ends quietly for a
+ * finished stream (a cut connection, a chunked body that just ends, even an
+ * HTML page or a plain JSON completion, which hold no events), and costs more
+ * CPU per chunk. To an `http:` engine the request itself is sent on a socket
+ * of its own (`http_stream.ts`: `fetch`'s body stream costs more CPU per token
+ * than everything else the service does); error answers still become the
+ * `openai` client's errors, and an `https:` or proxied engine is sent to
+ * through the client. The engine's `usage` is checked against what was sent
+ * and received before anyone relies on it.
  *
  * @module
  */
