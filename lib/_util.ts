@@ -28,3 +28,42 @@ export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
+
+/**
+ * The delay before retry number `attempt` (0 for the first retry): doubling from `firstMs` up to
+ * `maxMs`, scaled by a random factor in [0.5, 1.5) so that many clients retrying at once spread out.
+ */
+export function backoffDelay(attempt: number, firstMs: number, maxMs = Infinity): number {
+  return Math.min(maxMs, firstMs * 2 ** attempt) * (0.5 + Math.random());
+}
+
+/**
+ * A `Map` that keeps at most `limit` entries, forgetting the least recently used one: `get`
+ * and `set` count as a use.
+ */
+export class LruMap<K, V> extends Map<K, V> {
+  readonly #limit: number;
+
+  constructor(limit: number) {
+    super();
+    if (!Number.isInteger(limit) || limit < 1) {
+      throw new RangeError(`LruMap limit must be a positive integer, got ${limit}`);
+    }
+    this.#limit = limit;
+  }
+
+  override get(key: K): V | undefined {
+    if (!super.has(key)) return undefined;
+    const value = super.get(key) as V;
+    super.delete(key);
+    super.set(key, value);
+    return value;
+  }
+
+  override set(key: K, value: V): this {
+    super.delete(key);
+    super.set(key, value);
+    if (this.size > this.#limit) super.delete(super.keys().next().value as K);
+    return this;
+  }
+}
