@@ -6,741 +6,842 @@
  * @module
  */
 
-/** The kinds of value an option holds. */
-export type OptionKind = "string" | "int" | "number" | "boolean" | "list";
+/**
+ * Every command-line option the program takes, in one table: its name, kind,
+ * default, help text and the configuration field it fills. `--help`, the
+ * environment fallbacks (`VLLM_MQTT_` + the name in upper snake case), the
+ * type of the parsed values and docs/options.md all come from it.
+ *
+ * Durations and sizes take a unit suffix (`250ms`, `30s`, `5m`, `2h`; `64KiB`,
+ * `6MiB`) and are held in milliseconds and bytes. A bare number keeps the
+ * option's unit from before suffixes existed (its `unit`), so that command
+ * lines written for the original Python script still mean what they meant.
+ *
+ * @module
+ */
 
-/** One option: its name on the command line, its kind, default and help text. */
-export interface OptionSpec {
-  /** The flag without its dashes, in kebab case (`max-model-len`). */
+import { badValue, ConfigError } from "./config_error.ts";
+import {
+  choice,
+  duration,
+  flag,
+  int,
+  list,
+  num,
+  type OptionSpec,
+  size,
+  text,
+  transform,
+} from "./option_spec.ts";
+
+export type { OptionKind, OptionSpec } from "./option_spec.ts";
+
+/** A LoRA adapter of `--lora-modules`. */
+export interface LoraModule {
   readonly name: string;
-  readonly kind: OptionKind;
-  /** The value when neither the flag nor its environment variable is given. */
-  readonly default?: string | number | boolean | readonly string[];
-  /** Smallest accepted value, for `int` and `number`. */
-  readonly min?: number;
-  /** Largest accepted value, for `int` and `number`. */
-  readonly max?: number;
-  /** The accepted values, for `string`. */
-  readonly choices?: readonly string[];
-  /** Other names the flag answers to (the original Python script's names). */
-  readonly aliases?: readonly string[];
-  /** A secret: never logged, and a warning when given on the command line. */
-  readonly secret?: boolean;
-  readonly help: string;
-  /** The section of `--help` it is listed under. */
-  readonly group: string;
+  readonly path: string;
+}
+
+/** `NAME=PATH` of `--lora-modules`, read. */
+function loraModule(value: string): LoraModule {
+  const [, name, path] = /^([^=\s]+)=(\S+)$/.exec(value) ?? [];
+  if (name === undefined) {
+    throw new ConfigError(`'--lora-modules' takes NAME=PATH entries: current value has ${value}`, {
+      code: "bad_value",
+      option: "lora-modules",
+      value,
+    });
+  }
+  return Object.freeze({ name, path });
+}
+
+/** Project names, each once; a name becomes a topic level and a file name, so it is plain. */
+function projectNames(names: readonly string[]): readonly string[] {
+  if (names.length === 0) {
+    throw new ConfigError("'--projects' must name at least one project", {
+      code: "bad_value",
+      option: "projects",
+      value: "",
+    });
+  }
+  for (const project of names) {
+    if (!/^[A-Za-z0-9._-]{1,64}$/.test(project)) {
+      throw badValue("projects", "names matching [A-Za-z0-9._-]{1,64}", project);
+    }
+  }
+  return Object.freeze([...new Set(names)]);
+}
+
+/** A secret's length check: the message gives its length, never the secret. */
+function longSecret(option: string) {
+  return (value: string | undefined): string | undefined => {
+    if (value !== undefined && value.length < 16) {
+      throw new ConfigError(
+        `'--${option}' must be at least 16 characters long: it has ${value.length}`,
+        { code: "bad_value", option },
+      );
+    }
+    return value;
+  };
+}
+
+/** A check of a text value against a pattern, `what` saying what it must be. */
+function matching<T extends string | undefined>(option: string, pattern: RegExp, what: string) {
+  return (value: T): T => {
+    if (value !== undefined && !pattern.test(value)) throw badValue(option, what, value);
+    return value;
+  };
 }
 
 const CORES = navigator.hardwareConcurrency ?? 2;
 
 /** The option table. Order is the order of `--help`. */
-export const OPTIONS: readonly OptionSpec[] = [
+export const OPTIONS = [
   // Projects and prompts
-  {
-    name: "projects",
-    kind: "list",
-    default: ["general"],
-    group: "Projects",
-    help: "Projects to serve, comma- or space-separated; each needs prompts/NAME.md",
-  },
-  {
+  transform(
+    list({
+      name: "projects",
+      field: "projects",
+      default: ["general"],
+      group: "Projects",
+      help: "Projects to serve, comma- or space-separated; each needs prompts/NAME.md",
+    }),
+    projectNames,
+  ),
+  text({
     name: "prompts-dir",
-    kind: "string",
+    field: "promptsDir",
     default: "prompts",
     group: "Projects",
     help: "Folder holding one system prompt per project (NAME.md)",
-  },
-  {
+  }),
+  flag({
     name: "answer-unknown-projects",
-    kind: "boolean",
+    field: "answerUnknownProjects",
     default: false,
     group: "Projects",
     help:
       "Also subscribe +/user_input and answer `unknown_project` for projects not served (off: several services may share a broker, each with its projects)",
-  },
-  {
+  }),
+  flag({
     name: "session-topics-only",
-    kind: "boolean",
+    field: "sessionTopicsOnly",
     default: false,
     group: "Projects",
     help:
       "Take requests only on each session's own topic, {project}/user_input/{session_id}, which a broker ACL can grant to that session's user alone; the shared {project}/user_input answers `forbidden`",
-  },
-  {
-    name: "session-secret",
-    kind: "string",
-    secret: true,
-    group: "Projects",
-    help:
-      "With a secret (16+ characters), only signed session ids ({name}.{signature}) are taken, and {project}/new_session/{nonce} hands out new ones (for brokers without per-user ACLs)",
-  },
-  {
+  }),
+  transform(
+    text({
+      name: "session-secret",
+      field: "sessionSecret",
+      secret: true,
+      group: "Projects",
+      help:
+        "With a secret (16+ characters), only signed session ids ({name}.{signature}) are taken, and {project}/new_session/{nonce} hands out new ones (for brokers without per-user ACLs)",
+    }),
+    longSecret("session-secret"),
+  ),
+  flag({
     name: "control-topics",
-    kind: "boolean",
+    field: "controlTopics",
     default: true,
     group: "Projects",
     help: "Serve {project}/clear_history, delete_session and template control topics",
-  },
+  }),
 
   // Engine
-  {
+  choice({
     name: "engine",
-    kind: "string",
+    field: "engine",
     default: "vllm",
     choices: ["vllm", "url", "sim"],
     group: "Engine",
     help:
       "vllm: start and supervise `vllm serve`; url: attach to --engine-url; sim: simulated engine",
-  },
-  {
+  }),
+  text({
     name: "engine-url",
-    kind: "string",
+    field: "engineUrl",
     group: "Engine",
     help: "OpenAI-compatible base URL for --engine url, e.g. http://gpu-box:8000/v1",
-  },
-  {
+  }),
+  text({
     name: "server-url",
-    kind: "string",
+    field: "serverUrl",
     group: "Engine",
     help:
       "The original llama.cpp script's form: attach to this OpenAI-compatible server (--engine url --engine-url URL, unless those are given)",
-  },
-  {
+  }),
+  text({
     name: "engine-api-key",
-    kind: "string",
+    field: "engineApiKey",
     secret: true,
     group: "Engine",
     help: "API key for --engine url (prefer the environment variable)",
-  },
-  {
+  }),
+  text({
     name: "model",
-    kind: "string",
+    field: "model",
     default: "Qwen/QwQ-32B",
     group: "Engine",
     help: "Model for vLLM to serve (and the model name sent to an attached engine)",
-  },
-  {
+  }),
+  text({
     name: "served-model-name",
-    kind: "string",
+    field: "servedModelName",
     group: "Engine",
     help: "Name the engine serves the model under (default: --model)",
-  },
-  {
+  }),
+  int({
     name: "max-model-len",
-    kind: "int",
+    field: "maxModelLen",
     default: 4096,
     min: 256,
     group: "Engine",
     help: "Context length of the model, in tokens",
-  },
-  {
+  }),
+  duration({
     name: "request-timeout",
-    kind: "number",
-    default: 120,
-    min: 1,
+    field: "requestTimeoutMs",
+    unit: "s",
+    default: "2m",
+    min: "1s",
     aliases: ["server-timeout"],
     group: "Engine",
-    help: "Seconds one request may take in the engine before it is answered with `timeout`",
-  },
-  {
+    help: "How long one request may take in the engine before it is answered with `timeout`",
+  }),
+  int({
     name: "engine-retries",
-    kind: "int",
+    field: "engineRetries",
     default: 2,
     min: 0,
     max: 10,
     group: "Engine",
     help: "Retries of a request the engine could not be reached for, before `engine_unavailable`",
-  },
-  {
+  }),
+  duration({
     name: "engine-wait",
-    kind: "number",
-    default: 30,
-    min: 0,
+    field: "engineWaitMs",
+    unit: "s",
+    default: "30s",
+    min: "0",
     group: "Engine",
     help:
-      "Seconds a request waits for an engine that is down (restarting, unreachable) before `engine_unavailable`",
-  },
-  {
+      "How long a request waits for an engine that is down (restarting, unreachable) before `engine_unavailable`",
+  }),
+  flag({
     name: "skip-thinking",
-    kind: "boolean",
+    field: "skipThinking",
     default: true,
     group: "Engine",
     help:
       "Remove <think>...</think> reasoning from replies and history; ask the model not to think",
-  },
-  {
-    name: "sim-ttft-ms",
-    kind: "number",
-    default: 50,
-    min: 0,
+  }),
+  duration({
+    name: "sim-ttft",
+    aliases: ["sim-ttft-ms"],
+    field: "simTtftMs",
+    unit: "ms",
+    default: "50ms",
+    min: "0",
     group: "Engine",
     help: "Simulated engine: time to first token",
-  },
-  {
-    name: "sim-itl-ms",
-    kind: "number",
-    default: 15,
-    min: 0,
+  }),
+  duration({
+    name: "sim-itl",
+    aliases: ["sim-itl-ms"],
+    field: "simItlMs",
+    unit: "ms",
+    default: "15ms",
+    min: "0",
     group: "Engine",
     help: "Simulated engine: time between tokens at batch size 1 (grows with the batch)",
-  },
+  }),
 
   // vLLM (managed mode)
-  {
+  int({
     name: "tensor-parallel-size",
-    kind: "int",
+    field: "tensorParallelSize",
     default: 1,
     min: 1,
     group: "vLLM",
     help: "vLLM --tensor-parallel-size",
-  },
-  {
+  }),
+  num({
     name: "gpu-memory-utilization",
-    kind: "number",
+    field: "gpuMemoryUtilization",
     default: 0.9,
     min: 0.05,
     max: 1,
     group: "vLLM",
     help: "vLLM --gpu-memory-utilization",
-  },
-  {
+  }),
+  text({
     name: "quantization",
-    kind: "string",
+    field: "quantization",
     group: "vLLM",
     help: "vLLM --quantization (awq, gptq, fp8, ...)",
-  },
-  {
+  }),
+  int({
     name: "pipeline-parallel-size",
-    kind: "int",
+    field: "pipelineParallelSize",
     default: 1,
     min: 1,
     group: "vLLM",
     help: "vLLM --pipeline-parallel-size",
-  },
-  {
+  }),
+  text({
     name: "dtype",
-    kind: "string",
+    field: "dtype",
     default: "auto",
     group: "vLLM",
     help: "vLLM --dtype (auto, bfloat16, float16, ...)",
-  },
-  {
+  }),
+  flag({
     name: "trust-remote-code",
-    kind: "boolean",
+    field: "trustRemoteCode",
     default: false,
     group: "vLLM",
     help: "vLLM --trust-remote-code (runs the model repository's own code)",
-  },
-  {
+  }),
+  flag({
     name: "enforce-eager",
-    kind: "boolean",
+    field: "enforceEager",
     default: false,
     group: "vLLM",
     help: "vLLM --enforce-eager: no CUDA graphs (starts faster, runs slower)",
-  },
-  {
-    name: "lora-modules",
-    kind: "list",
-    default: [],
-    group: "vLLM",
-    help:
-      "LoRA adapters served beside the model, as NAME=PATH (comma- or space-separated; vLLM --enable-lora --lora-modules); a project file's `model:` names one",
-  },
-  {
-    name: "vllm-args",
-    kind: "string",
-    default: "",
-    group: "vLLM",
-    help: "Further arguments for `vllm serve`, passed as given (split on spaces)",
-  },
-  {
+  }),
+  transform(
+    list({
+      name: "lora-modules",
+      field: "loraModules",
+      default: [],
+      group: "vLLM",
+      help:
+        "LoRA adapters served beside the model, as NAME=PATH (comma- or space-separated; vLLM --enable-lora --lora-modules); a project file's `model:` names one",
+    }),
+    (entries) => Object.freeze(entries.map(loraModule)),
+  ),
+  transform(
+    text({
+      name: "vllm-args",
+      field: "vllmArgs",
+      default: "",
+      group: "vLLM",
+      help: "Further arguments for `vllm serve`, passed as given (split on spaces)",
+    }),
+    (args) => Object.freeze(args.split(/\s+/).filter((arg) => arg !== "")),
+  ),
+  duration({
     name: "vllm-startup-timeout",
-    kind: "number",
-    default: 900,
-    min: 1,
+    field: "vllmStartupTimeoutMs",
+    unit: "s",
+    default: "15m",
+    min: "1s",
     group: "vLLM",
-    help: "Seconds vLLM may take to become healthy (large models compile for minutes)",
-  },
-  {
+    help: "How long vLLM may take to become healthy (large models compile for minutes)",
+  }),
+  duration({
     name: "vllm-stop-grace",
-    kind: "number",
-    default: 10,
-    min: 0,
+    field: "vllmStopGraceMs",
+    unit: "s",
+    default: "10s",
+    min: "0",
     group: "vLLM",
-    help: "Seconds between SIGTERM and SIGKILL when vLLM is stopped",
-  },
-  {
+    help: "Time between SIGTERM and SIGKILL when vLLM is stopped",
+  }),
+  int({
     name: "vllm-max-restarts",
-    kind: "int",
+    field: "vllmMaxRestarts",
     default: 5,
     min: 0,
     group: "vLLM",
     help: "Crashes within 10 minutes after which the program gives up and exits non-zero",
-  },
-  {
+  }),
+  text({
     name: "visible-devices",
-    kind: "string",
+    field: "visibleDevices",
     group: "vLLM",
     help: "GPUs vLLM may use (sets CUDA_VISIBLE_DEVICES), e.g. 2 or 0,1",
-  },
-  {
+  }),
+  choice({
     name: "model-provider",
-    kind: "string",
+    field: "modelProvider",
     default: "auto",
     choices: ["auto", "modelscope", "local", "huggingface"],
     group: "vLLM",
     help: "Where vLLM loads the model from; modelscope sets VLLM_USE_MODELSCOPE=True",
-  },
-  {
+  }),
+  text({
     name: "model-cache-dir",
-    kind: "string",
+    field: "modelCacheDir",
     group: "vLLM",
     help: "Where vLLM downloads and keeps model weights (vLLM --download-dir)",
-  },
-  {
+  }),
+  text({
     name: "model-revision",
-    kind: "string",
+    field: "modelRevision",
     group: "vLLM",
     help: "Model revision (branch, tag or commit) to load (vLLM --revision)",
-  },
-  {
+  }),
+  flag({
     name: "auto-download",
-    kind: "boolean",
+    field: "autoDownload",
     default: true,
     group: "vLLM",
     help:
       "Let vLLM download a model it does not have; false: only what is cached (sets HF_HUB_OFFLINE=1)",
-  },
-  {
+  }),
+  flag({
     name: "vision-model",
-    kind: "boolean",
+    field: "visionModel",
     default: false,
     group: "vLLM",
     help: 'A VLM: vLLM gets --limit-mm-per-prompt {"image":N}, N = --max-images',
-  },
+  }),
 
   // MQTT
-  {
+  text({
     name: "mqtt-url",
-    kind: "string",
+    field: "mqttUrl",
     group: "MQTT",
     help:
       "Broker URL (mqtt://, mqtts://, ws://); absent: localhost:1883, or an embedded broker when nothing answers there",
-  },
-  {
+  }),
+  int({
     name: "embedded-broker-port",
-    kind: "int",
+    field: "embeddedBrokerPort",
     default: 1883,
     min: 0,
     max: 65535,
     group: "MQTT",
     help:
       "Without --mqtt-url: the localhost port probed for a broker, where the embedded one starts if none answers",
-  },
-  {
+  }),
+  text({
     name: "mqtt-broker",
-    kind: "string",
+    field: "mqttBroker",
     group: "MQTT",
     help: "Broker host, the original script's form (with --mqtt-port); --mqtt-url wins",
-  },
-  {
+  }),
+  int({
     name: "mqtt-port",
-    kind: "int",
+    field: "mqttPort",
     default: 1883,
     min: 1,
     max: 65535,
     group: "MQTT",
     help: "Broker port for --mqtt-broker",
-  },
-  {
+  }),
+  text({
     name: "mqtt-client-id",
-    kind: "string",
+    field: "mqttClientId",
     default: "vllm-mqtt",
     group: "MQTT",
     help: "MQTT client id; keep it stable so the broker keeps the session across reconnects",
-  },
-  {
-    name: "share-group",
-    kind: "string",
-    group: "MQTT",
-    help:
-      "Shared-subscription group: instances in one group split the requests ($share/NAME/...); give each its own --mqtt-client-id",
-  },
-  {
+  }),
+  transform(
+    text({
+      name: "share-group",
+      field: "shareGroup",
+      group: "MQTT",
+      help:
+        "Shared-subscription group: instances in one group split the requests ($share/NAME/...); give each its own --mqtt-client-id",
+    }),
+    matching("share-group", /^[^/+#\s]+$/, "one topic level without / + # or spaces"),
+  ),
+  duration({
     name: "order-window",
-    kind: "number",
-    default: 50,
-    min: 0,
+    field: "orderWindowMs",
+    unit: "ms",
+    default: "50ms",
+    min: "0",
     group: "MQTT",
     help:
-      "With --share-group: milliseconds a turn waits from its arrival for an earlier turn of its session, sent to another instance, to show up (0: arrival order as stored)",
-  },
-  {
+      "With --share-group: how long a turn waits from its arrival for an earlier turn of its session, sent to another instance, to show up (0: arrival order as stored)",
+  }),
+  duration({
     name: "instance-timeout",
-    kind: "number",
-    default: 10,
-    min: 1,
+    field: "instanceTimeoutMs",
+    unit: "s",
+    default: "10s",
+    min: "1s",
     group: "MQTT",
     help:
-      "With --share-group: seconds without a heartbeat after which an instance counts as gone, so the turns it held stop holding up their sessions",
-  },
-  {
+      "With --share-group: time without a heartbeat after which an instance counts as gone, so the turns it held stop holding up their sessions",
+  }),
+  text({
     name: "mqtt-username",
-    kind: "string",
+    field: "mqttUsername",
     group: "MQTT",
     help: "Broker user name",
-  },
-  {
+  }),
+  text({
     name: "mqtt-password",
-    kind: "string",
+    field: "mqttPassword",
     secret: true,
     group: "MQTT",
     help: "Broker password (prefer the environment variable or --mqtt-password-file)",
-  },
-  {
+  }),
+  text({
     name: "mqtt-password-file",
-    kind: "string",
+    field: "mqttPasswordFile",
     group: "MQTT",
     help: "File holding the broker password",
-  },
-  {
-    name: "mqtt-version",
-    kind: "int",
-    default: 5,
-    choices: ["4", "5"],
-    group: "MQTT",
-    help: "MQTT protocol: 5, or 4 for 3.1.1 (the embedded broker always uses 4)",
-  },
-  {
-    name: "qos",
-    kind: "int",
-    default: 1,
-    min: 0,
-    max: 2,
-    group: "MQTT",
-    help: "QoS of subscriptions and replies",
-  },
-  {
-    name: "topic-prefix",
-    kind: "string",
-    default: "",
-    group: "MQTT",
-    help: "Prefix of every topic, e.g. site1/ (then site1/maze/user_input)",
-  },
-  {
+  }),
+  transform(
+    int({
+      name: "mqtt-version",
+      field: "mqttVersion",
+      default: 5,
+      choices: [4, 5],
+      group: "MQTT",
+      help: "MQTT protocol: 5, or 4 for 3.1.1 (the embedded broker always uses 4)",
+    }),
+    (version) => version as 4 | 5,
+  ),
+  transform(
+    int({
+      name: "qos",
+      field: "qos",
+      default: 1,
+      min: 0,
+      max: 2,
+      group: "MQTT",
+      help: "QoS of subscriptions and replies",
+    }),
+    (qos) => qos as 0 | 1 | 2,
+  ),
+  transform(
+    text({
+      name: "topic-prefix",
+      field: "topicPrefix",
+      default: "",
+      group: "MQTT",
+      help: "Prefix of every topic, e.g. site1/ (then site1/maze/user_input)",
+    }),
+    matching("topic-prefix", /^[^+#\0]*$/, "free of + # and NUL"),
+  ),
+  text({
     name: "service-name",
-    kind: "string",
+    field: "serviceName",
     default: "vllm-mqtt",
     group: "MQTT",
     help: "Topic root of the retained {service}/status and the {service}/stats messages",
-  },
-  {
+  }),
+  text({
     name: "tls-ca",
-    kind: "string",
+    field: "tlsCa",
     group: "MQTT",
     help: "CA certificate file for mqtts://",
-  },
-  {
+  }),
+  text({
     name: "tls-cert",
-    kind: "string",
+    field: "tlsCert",
     group: "MQTT",
     help: "Client certificate file for mqtts://",
-  },
-  {
+  }),
+  text({
     name: "tls-key",
-    kind: "string",
+    field: "tlsKey",
     group: "MQTT",
     help: "Client key file for mqtts://",
-  },
+  }),
 
   // Scheduling
-  {
+  int({
     name: "workers",
-    kind: "int",
+    field: "workers",
     default: CORES,
     min: 1,
     max: 64,
     aliases: ["num-workers"],
     group: "Scheduling",
     help: "Web Workers doing session and engine work (each runs many requests at once)",
-  },
-  {
+  }),
+  int({
     name: "max-in-flight",
-    kind: "int",
+    field: "maxInFlight",
     default: 256,
     min: 1,
     group: "Scheduling",
     help: "Requests sent to the engine at once (vLLM's --max-num-seqs)",
-  },
-  {
+  }),
+  int({
     name: "max-queue",
-    kind: "int",
+    field: "maxQueue",
     default: 1000,
     min: 1,
     group: "Scheduling",
     help: "Requests waiting for the engine before new ones get `queue_full`",
-  },
-  {
+  }),
+  int({
     name: "max-priority",
-    kind: "int",
+    field: "maxPriority",
     default: 10,
     min: 0,
     group: "Scheduling",
     help: "Request priorities are clamped to [-max, max]; lower is served sooner",
-  },
-  {
+  }),
+  size({
     name: "max-payload-bytes",
-    kind: "int",
-    default: 6291456,
-    min: 256,
+    field: "maxPayloadBytes",
+    default: "6MiB",
+    min: "256B",
     group: "Scheduling",
     help:
       "Largest request payload; larger ones get `payload_too_large` before parsing (room for --max-images images)",
-  },
-  {
+  }),
+  int({
     name: "max-message-chars",
-    kind: "int",
+    field: "maxMessageChars",
     default: 16000,
     min: 1,
     group: "Scheduling",
     help: "Longest user message",
-  },
-  {
+  }),
+  int({
     name: "max-images",
-    kind: "int",
+    field: "maxImages",
     default: 4,
     min: 0,
     max: 64,
     group: "Scheduling",
     help: "Images a request may carry (`images`); 0 takes none",
-  },
-  {
+  }),
+  size({
     name: "max-image-bytes",
-    kind: "int",
-    default: 1048576,
-    min: 1024,
+    field: "maxImageBytes",
+    default: "1MiB",
+    min: "1KiB",
     group: "Scheduling",
     help: "Largest image, decoded (a PNG, JPEG, WebP or GIF)",
-  },
-  {
+  }),
+  flag({
     name: "remote-images",
-    kind: "boolean",
+    field: "remoteImages",
     default: false,
     group: "Scheduling",
     help:
       "Pass http(s) image URLs on for the engine to fetch (off: a client could make the GPU box fetch any address)",
-  },
-  {
+  }),
+  duration({
     name: "dedup-window",
-    kind: "number",
-    default: 600,
-    min: 0,
+    field: "dedupWindowMs",
+    unit: "s",
+    default: "10m",
+    min: "0",
     group: "Scheduling",
-    help: "Seconds a request_id is remembered: a repeat is answered again, not generated twice",
-  },
-  {
+    help: "How long a request_id is remembered: a repeat is answered again, not generated twice",
+  }),
+  num({
     name: "rate-limit",
-    kind: "number",
+    field: "rateLimit",
     default: 60,
     min: 0,
     group: "Scheduling",
     help: "Requests per minute per session, after a burst of --rate-limit-burst; 0 turns it off",
-  },
-  {
+  }),
+  num({
     name: "rate-limit-client",
-    kind: "number",
+    field: "rateLimitClient",
     default: 0,
     min: 0,
     group: "Scheduling",
     help:
       "Requests per minute per client id (the request's clientId/client_id); 0 (default) turns it off: a backend relays many users under one id",
-  },
-  {
+  }),
+  int({
     name: "rate-limit-burst",
-    kind: "int",
+    field: "rateLimitBurst",
     default: 20,
     min: 1,
     group: "Scheduling",
     help:
       "Requests a session (or ten times as many, a client) may send at once (20: the original's 20 a minute)",
-  },
+  }),
 
   // Sessions
-  {
+  text({
     name: "data-dir",
-    kind: "string",
+    field: "dataDir",
     default: "./data",
     group: "Sessions",
     help: "Where the session store (sessions.kv) lives",
-  },
-  {
-    name: "kv-url",
-    kind: "string",
-    group: "Sessions",
-    help:
-      "A remote session store instead (a denokv server's URL; its token in DENO_KV_ACCESS_TOKEN), shared by instances on several hosts",
-  },
-  {
+  }),
+  transform(
+    text({
+      name: "kv-url",
+      field: "kvUrl",
+      group: "Sessions",
+      help:
+        "A remote session store instead (a denokv server's URL; its token in DENO_KV_ACCESS_TOKEN), shared by instances on several hosts",
+    }),
+    matching("kv-url", /^https?:\/\/[^/]/, "an http(s) URL of a KV Connect server"),
+  ),
+  duration({
     name: "session-ttl",
-    kind: "number",
-    default: 3600,
-    min: 1,
+    field: "sessionTtlMs",
+    unit: "s",
+    default: "1h",
+    min: "1s",
     group: "Sessions",
-    help: "Seconds of inactivity after which a session's history is forgotten",
-  },
-  {
+    help: "Inactivity after which a session's history is forgotten",
+  }),
+  int({
     name: "max-sessions",
-    kind: "int",
+    field: "maxSessions",
     default: 100000,
     min: 1,
     aliases: ["max-concurrent-sessions"],
     group: "Sessions",
     help: "Live sessions kept; beyond it the least recently used is evicted",
-  },
-  {
+  }),
+  int({
     name: "max-history-tokens",
-    kind: "int",
+    field: "maxHistoryTokens",
     default: 3000,
     min: 1,
     group: "Sessions",
     help: "Token budget of a session's history (also bounded by --max-model-len)",
-  },
-  {
+  }),
+  num({
     name: "trim-low-water",
-    kind: "number",
+    field: "trimLowWater",
     default: 0.6,
     min: 0.1,
     max: 1,
     group: "Sessions",
     help:
       "Over budget, drop oldest turns down to this share of it in one go, so the next turns reuse vLLM's prefix cache (1: drop just enough)",
-  },
+  }),
 
   // Generation defaults
-  {
+  int({
     name: "max-tokens",
-    kind: "int",
+    field: "maxTokens",
     default: 512,
     min: 1,
     group: "Generation",
     help:
       "Default max_tokens per answer; a request may ask for more, up to what its prompt leaves of --max-model-len",
-  },
-  {
+  }),
+  int({
     name: "max-tokens-cap",
-    kind: "int",
+    field: "maxTokensCap",
     default: 0,
     min: 0,
     group: "Generation",
     help: "Upper bound of a request's max_tokens; 0: none but the model's context",
-  },
-  {
+  }),
+  num({
     name: "temperature",
-    kind: "number",
+    field: "temperature",
     default: 0.6,
     min: 0,
     max: 2,
     group: "Generation",
     help: "Default sampling temperature",
-  },
-  {
+  }),
+  num({
     name: "top-p",
-    kind: "number",
+    field: "topP",
     default: 0.9,
     min: 0,
     max: 1,
     group: "Generation",
     help: "Default nucleus sampling top_p",
-  },
-  {
+  }),
+  flag({
     name: "stream",
-    kind: "boolean",
+    field: "stream",
     default: true,
     group: "Generation",
     help: "Stream deltas to v1 clients unless a request says otherwise",
-  },
+  }),
 
   // Operation
-  {
+  duration({
     name: "stats-interval",
-    kind: "number",
-    default: 60,
-    min: 0.1,
+    field: "statsIntervalMs",
+    unit: "s",
+    default: "1m",
+    min: "100ms",
     group: "Operation",
-    help: "Seconds between statistics reports (log line and {service}/stats)",
-  },
-  {
+    help: "Time between statistics reports (log line and {service}/stats)",
+  }),
+  duration({
     name: "shutdown-timeout",
-    kind: "number",
-    default: 30,
-    min: 0,
+    field: "shutdownTimeoutMs",
+    unit: "s",
+    default: "30s",
+    min: "0",
     group: "Operation",
-    help: "Seconds in-flight requests may take to finish on SIGTERM before they are cancelled",
-  },
-  {
+    help: "How long in-flight requests may take to finish on SIGTERM before they are cancelled",
+  }),
+  int({
     name: "http-port",
-    kind: "int",
+    field: "httpPort",
     default: 8081,
     min: 0,
     max: 65535,
     group: "Operation",
     help: "Port of /healthz, /readyz, /metrics and /status; 0 turns the HTTP endpoint off",
-  },
-  {
+  }),
+  text({
     name: "http-host",
-    kind: "string",
+    field: "httpHost",
     default: "127.0.0.1",
     group: "Operation",
     help: "Address the HTTP endpoint listens on; 0.0.0.0 exposes it to the network",
-  },
-  {
+  }),
+  flag({
     name: "dashboard",
-    kind: "boolean",
+    field: "dashboard",
     default: true,
     group: "Operation",
     help: "Serve the live page for the operator at / on the HTTP endpoint",
-  },
-  {
-    name: "dashboard-token",
-    kind: "string",
-    secret: true,
-    group: "Operation",
-    help: 'Bearer token the live page and "try it" need; best set in the environment',
-  },
-  {
+  }),
+  transform(
+    text({
+      name: "dashboard-token",
+      field: "dashboardToken",
+      secret: true,
+      group: "Operation",
+      help: 'Bearer token the live page and "try it" need; best set in the environment',
+    }),
+    longSecret("dashboard-token"),
+  ),
+  flag({
     name: "dashboard-try-it",
-    kind: "boolean",
+    field: "dashboardTryIt",
     default: true,
     group: "Operation",
     help: 'Serve the live page\'s "try it" panel (sends a message as an MQTT request would)',
-  },
+  }),
 
-  {
+  choice({
     name: "log-level",
-    kind: "string",
+    field: "logLevel",
     default: "info",
     choices: ["debug", "info", "warning", "error"],
     group: "Operation",
     help: "Least severe level logged",
-  },
-  {
+  }),
+  flag({
     name: "enable-debug-logging",
-    kind: "boolean",
+    field: "enableDebugLogging",
     default: false,
     group: "Operation",
     help: "The original script's switch: the same as --log-level debug",
-  },
-  {
+  }),
+  choice({
     name: "log-format",
-    kind: "string",
+    field: "logFormat",
     default: "text",
     choices: ["text", "json"],
     group: "Operation",
     help: "Log lines as text or as JSON objects",
-  },
-];
-
-/** `max-model-len` → `VLLM_MQTT_MAX_MODEL_LEN`. */
-export function envName(option: OptionSpec): string {
-  return `VLLM_MQTT_${option.name.replaceAll("-", "_").toUpperCase()}`;
-}
+  }),
+] as const satisfies readonly OptionSpec[];

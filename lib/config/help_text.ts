@@ -1,0 +1,53 @@
+/**
+ * The `--help` text, generated from the option table so that it lists every
+ * option with its default, in the units a user would write it.
+ *
+ * @module
+ */
+
+import { OPTIONS, type OptionSpec } from "./options.ts";
+
+/** What `<...>` after a flag calls its value. */
+const VALUE_NAMES: Readonly<Record<OptionSpec["kind"], string>> = {
+  string: "string",
+  int: "int",
+  number: "number",
+  boolean: "",
+  list: "list",
+  duration: "duration",
+  size: "size",
+};
+
+/** The `--help` text, generated from the option table. */
+export function helpText(): string {
+  const lines = [
+    "vllm-mqtt: serve a large language model to MQTT clients",
+    "",
+    "Usage: deno task start [OPTIONS]",
+    "",
+    "Every option also reads VLLM_MQTT_<NAME> from the environment (NAME in upper snake case).",
+    "Underscores may replace dashes (--max_model_len). Booleans: --flag, --no-flag, --flag=false.",
+    "Durations take a unit: 250ms, 30s, 5m, 2h (a bare number: the unit shown with the option).",
+    "Sizes take a unit: 512B, 64KiB, 6MiB, 1GiB (a bare number is in bytes).",
+  ];
+  let group = "";
+  for (const option of OPTIONS as readonly OptionSpec[]) {
+    if (option.group !== group) {
+      group = option.group;
+      lines.push("", `${group}:`);
+    }
+    const kind = VALUE_NAMES[option.kind];
+    const value = kind === "" ? "" : ` <${kind}>`;
+    const aliases = option.aliases?.length
+      ? ` (also ${option.aliases.map((a) => `--${a}`).join(", ")})`
+      : "";
+    const bare = option.unit === undefined
+      ? ""
+      : ` [a bare number is in ${option.unit === "s" ? "seconds" : "milliseconds"}]`;
+    const fallback = option.default === undefined || option.default === ""
+      ? ""
+      : ` [default: ${Array.isArray(option.default) ? option.default.join(",") : option.default}]`;
+    lines.push(`  --${option.name}${value}${aliases}`, `      ${option.help}${fallback}${bare}`);
+  }
+  return lines.join("\n");
+}
