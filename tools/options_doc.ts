@@ -11,7 +11,7 @@
  * @module
  */
 
-import { formatBound } from "../lib/config/option_spec.ts";
+import { defaultText, formatBound } from "../lib/config/option_spec.ts";
 import { OPTIONS, type OptionSpec } from "../lib/config/options.ts";
 
 /** Where the page lives, from the repository root. */
@@ -68,7 +68,7 @@ command line they work, but other users of the machine can see them, and the pro
 `;
 }
 
-function defaultText(option: OptionSpec): string {
+function defaultCell(option: OptionSpec): string {
   const computed = MACHINE_DEFAULTS[option.name];
   if (computed) {
     if (option.default !== computed.value()) {
@@ -78,10 +78,8 @@ function defaultText(option: OptionSpec): string {
     }
     return computed.text;
   }
-  const value = option.default;
-  if (value === undefined || value === "") return "";
-  if (Array.isArray(value)) return value.length === 0 ? "" : `\`${value.join(",")}\``;
-  return `\`${value}\``;
+  const text = defaultText(option);
+  return text ? `\`${text}\`` : "";
 }
 
 function valuesText(option: OptionSpec): string {
@@ -145,7 +143,7 @@ export function optionsDoc(options: readonly OptionSpec[] = OPTIONS): string {
         ["option", "default", "values", "meaning"],
         members.map((option) => [
           `\`--${option.name}\``,
-          defaultText(option),
+          defaultCell(option),
           valuesText(option),
           meaningText(option),
         ]),

@@ -14,6 +14,7 @@
 
 import { payloadRoomForImages } from "../protocol/images.ts";
 import { ConfigError } from "./config_error.ts";
+import { defaultText } from "./option_spec.ts";
 import { OPTIONS, type OptionSpec } from "./options.ts";
 import { type Args, optionText, readArgs } from "./read_args.ts";
 
@@ -50,13 +51,6 @@ export type EngineMode = Config["engine"];
 
 /** What {@linkcode parseConfig} returns: a configuration, or a request for help. */
 export type ParseResult = { help: true } | { help: false; config: Config };
-
-/** A default as its option reads it: lists joined, none as undefined. */
-function defaultText(option: OptionSpec): string | undefined {
-  const value = option.default;
-  if (value === undefined) return undefined;
-  return Array.isArray(value) ? value.join(",") : String(value);
-}
 
 /** Every option's value (given, from the environment, or its default), and which were given. */
 function readValues(

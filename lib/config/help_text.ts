@@ -5,6 +5,7 @@
  * @module
  */
 
+import { defaultText } from "./option_spec.ts";
 import { OPTIONS, type OptionSpec } from "./options.ts";
 
 /** What `<...>` after a flag calls its value. */
@@ -37,17 +38,18 @@ export function helpText(): string {
       lines.push("", `${group}:`);
     }
     const kind = VALUE_NAMES[option.kind];
-    const value = kind === "" ? "" : ` <${kind}>`;
+    const placeholder = kind === "" ? "" : ` <${kind}>`;
     const aliases = option.aliases?.length
       ? ` (also ${option.aliases.map((a) => `--${a}`).join(", ")})`
       : "";
-    const bare = option.unit === undefined
-      ? ""
-      : ` [a bare number is in ${option.unit === "s" ? "seconds" : "milliseconds"}]`;
-    const fallback = option.default === undefined || option.default === ""
-      ? ""
-      : ` [default: ${Array.isArray(option.default) ? option.default.join(",") : option.default}]`;
-    lines.push(`  --${option.name}${value}${aliases}`, `      ${option.help}${fallback}${bare}`);
+    const notes: string[] = [];
+    const shown = defaultText(option);
+    if (shown) notes.push(`default: ${shown}`);
+    if (option.unit !== undefined) {
+      notes.push(`a bare number is in ${option.unit === "s" ? "seconds" : "milliseconds"}`);
+    }
+    const note = notes.length > 0 ? ` [${notes.join("; ")}]` : "";
+    lines.push(`  --${option.name}${placeholder}${aliases}`, `      ${option.help}${note}`);
   }
   return lines.join("\n");
 }

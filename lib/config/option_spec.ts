@@ -62,6 +62,13 @@ export interface OptionSpec<F extends string = string, T = unknown> {
   readonly parse: (raw: string) => T;
 }
 
+/** A default as its option's reader takes it (a list's items joined by commas); none: undefined. */
+export function defaultText(option: OptionSpec): string | undefined {
+  const value = option.default;
+  if (value === undefined) return undefined;
+  return Array.isArray(value) ? value.join(",") : String(value);
+}
+
 /** What every constructor takes. */
 interface Common<F extends string> {
   readonly name: string;

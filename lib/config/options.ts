@@ -45,13 +45,7 @@ export interface LoraModule {
 /** `NAME=PATH` of `--lora-modules`, read. */
 function loraModule(value: string): LoraModule {
   const [, name, path] = /^([^=\s]+)=(\S+)$/.exec(value) ?? [];
-  if (name === undefined) {
-    throw new ConfigError(`'--lora-modules' takes NAME=PATH entries: current value has ${value}`, {
-      code: "bad_value",
-      option: "lora-modules",
-      value,
-    });
-  }
+  if (name === undefined) throw badValue("lora-modules", "NAME=PATH entries", value);
   return Object.freeze({ name, path });
 }
 
@@ -329,7 +323,8 @@ export const OPTIONS = [
       field: "vllmArgs",
       default: "",
       group: "vLLM",
-      help: "Further arguments for `vllm serve`, passed as given (split on spaces)",
+      help:
+        "Further arguments for `vllm serve`, split on spaces with no shell quoting (so no argument can hold a space)",
     }),
     (args) => Object.freeze(args.split(/\s+/).filter((arg) => arg !== "")),
   ),

@@ -1,0 +1,254 @@
+/**
+ * Unit tests of lib/config: the option table's defaults, units and suffixes,
+ * the environment fallbacks, the errors, and the frozen result.
+ *
+ * @module
+ */
+
+import assert, { deepEqual, equal, match, throws } from "node:assert/strict";
+import { type Config, ConfigError, helpText, parseConfig } from "../../lib/config/config.ts";
+import { defaultText } from "../../lib/config/option_spec.ts";
+import { OPTIONS, type OptionSpec } from "../../lib/config/options.ts";
+import {
+  formatDuration,
+  formatSize,
+  parseBoolean,
+  parseDuration,
+  parseSize,
+} from "../../lib/config/values.ts";
+
+const TABLE: readonly OptionSpec[] = OPTIONS;
+
+function config(argv: string[], env: Record<string, string> = {}): Config {
+  const result = parseConfig(argv, env, () => "file-secret\n");
+  if (result.help) throw new Error("unexpected help");
+  return result.config;
+}
+
+/** The ConfigError `fn` throws, checked to name `option` (and `value` when given). */
+function configError(fn: () => unknown, option: string, value?: string): ConfigError {
+  try {
+    fn();
+  } catch (error) {
+    assert(error instanceof ConfigError, String(error));
+    equal(error.option, option);
+    match(error.message, new RegExp(`'--${option}'`));
+    if (value !== undefined) {
+      equal(error.value, value);
+      assert(error.message.includes(JSON.stringify(value)), error.message);
+    }
+    return error;
+  }
+  throw new Error("no ConfigError");
+}
+
+Deno.test("config table: every option reads its own default, and fills a distinct field", () => {
+  const fields = new Set<string>();
+  for (const option of TABLE) {
+    assert(!fields.has(option.field), `two options fill ${option.field}`);
+    fields.add(option.field);
+    const text = defaultText(option);
+    if (text !== undefined) option.parse(text);
+  }
+  // ...and the defaults, read through the same readers, are the values the program had before
+  // units were written out.
+  const c = config([]);
+  equal(c.requestTimeoutMs, 120_000);
+  equal(c.engineWaitMs, 30_000);
+  equal(c.simTtftMs, 50);
+  equal(c.simItlMs, 15);
+  equal(c.vllmStartupTimeoutMs, 900_000);
+  equal(c.vllmStopGraceMs, 10_000);
+  equal(c.orderWindowMs, 50);
+  equal(c.instanceTimeoutMs, 10_000);
+  equal(c.dedupWindowMs, 600_000);
+  equal(c.sessionTtlMs, 3_600_000);
+  equal(c.statsIntervalMs, 60_000);
+  equal(c.shutdownTimeoutMs, 30_000);
+  equal(c.maxPayloadBytes, 6_291_456);
+  equal(c.maxImageBytes, 1_048_576);
+  deepEqual(c.vllmArgs, []);
+  deepEqual(c.loraModules, []);
+  equal(c.servedModelName, c.model);
+  equal(c.mqttUrl, undefined);
+  equal(c.qos, 1);
+  equal(c.mqttVersion, 5);
+});
+
+Deno.test("config table: durations end in Ms, and every default shows its unit", () => {
+  for (const option of TABLE) {
+    if (option.kind !== "duration" && option.kind !== "size") continue;
+    if (option.kind === "duration") {
+      assert(option.field.endsWith("Ms"), `${option.field} holds milliseconds`);
+      assert(option.unit === "ms" || option.unit === "s", `--${option.name} names its bare unit`);
+    }
+    match(String(option.default), /^(0|[\d.]+(ms|s|m|h|B|KiB|MiB|GiB))$/, `--${option.name}`);
+    const row = `--${option.name}`;
+    match(helpText(), new RegExp(`${row} <${option.kind}>.*\\n.*\\[default: ${option.default}`));
+  }
+});
+
+Deno.test("config: a duration takes ms, s, m, h; a bare number keeps the option's old unit", () => {
+  equal(config(["--request-timeout", "90s"]).requestTimeoutMs, 90_000);
+  equal(config(["--request-timeout=1.5m"]).requestTimeoutMs, 90_000);
+  equal(config(["--request-timeout", "2h"]).requestTimeoutMs, 7_200_000);
+  equal(config(["--request-timeout", "2500ms"]).requestTimeoutMs, 2500);
+  equal(config(["--request-timeout", "1.5S"]).requestTimeoutMs, 1500);
+  // The original script's `--server_timeout 120` is still two minutes.
+  equal(config(["--server_timeout", "120"]).requestTimeoutMs, 120_000);
+  equal(config(["--shutdown-timeout=0.5"]).shutdownTimeoutMs, 500);
+  equal(config(["--stats-interval=0.3"]).statsIntervalMs, 300);
+  // Options that were in milliseconds stay so when bare.
+  equal(config(["--order-window", "20"]).orderWindowMs, 20);
+  equal(config(["--order-window", "1s"]).orderWindowMs, 1000);
+  equal(config(["--sim-ttft", "0.2s", "--sim-itl=3"]).simTtftMs, 200);
+  equal(config(["--sim-itl=3"]).simItlMs, 3);
+  // The former names of the simulator's options still work.
+  equal(config(["--sim-ttft-ms", "7", "--sim_itl_ms=2"]).simTtftMs, 7);
+  equal(config(["--sim-itl-ms=2"]).simItlMs, 2);
+});
+
+Deno.test("config: a size takes B, KiB, MiB, GiB; a bare number is bytes", () => {
+  equal(config(["--max-image-bytes", "64KiB"]).maxImageBytes, 65_536);
+  equal(config(["--max-image-bytes", "64kib"]).maxImageBytes, 65_536);
+  equal(config(["--max-image-bytes", "4096"]).maxImageBytes, 4096);
+  equal(config(["--max-payload-bytes", "8MiB"]).maxPayloadBytes, 8 * 1024 * 1024);
+  equal(config(["--max-payload-bytes", "1GiB"]).maxPayloadBytes, 1024 ** 3);
+  equal(config(["--max-image-bytes", "1.5KiB"]).maxImageBytes, 1536);
+});
+
+Deno.test("config: a bad value is a ConfigError naming the option and the value", () => {
+  for (
+    const [argv, option, value, what] of [
+      [["--request-timeout", "5x"], "request-timeout", "5x", /a duration such as/],
+      [["--request-timeout", "ms"], "request-timeout", "ms", /a duration such as/],
+      [["--request-timeout", "0.5s"], "request-timeout", "0.5s", /at least 1s/],
+      [["--engine-wait", "-1s"], "engine-wait", "-1s", /at least 0/],
+      [["--instance-timeout=500ms"], "instance-timeout", "500ms", /at least 1s/],
+      [["--stats-interval", "50ms"], "stats-interval", "50ms", /at least 100ms/],
+      [["--max-image-bytes", "1MB"], "max-image-bytes", "1MB", /a size such as/],
+      [["--max-image-bytes", "1000.5"], "max-image-bytes", "1000.5", /whole number of bytes/],
+      [["--max-image-bytes", "512"], "max-image-bytes", "512", /at least 1KiB/],
+      [["--max-tokens", "0"], "max-tokens", "0", /at least 1/],
+      [["--max-model-len", "4096.5"], "max-model-len", "4096.5", /an integer/],
+      [["--temperature", "warm"], "temperature", "warm", /a number/],
+      [["--qos", "3"], "qos", "3", /at most 2/],
+      [["--mqtt-version", "3"], "mqtt-version", "3", /one of 4, 5/],
+      [["--engine", "gpu"], "engine", "gpu", /one of vllm, url, sim/],
+      [["--stream=maybe"], "stream", "maybe", /true or false/],
+      [["--projects", "a/b"], "projects", "a/b", /\[A-Za-z0-9._-\]/],
+      [["--topic-prefix", "a/#"], "topic-prefix", "a/#", /\+ #/],
+      [["--share-group", "a/b"], "share-group", "a/b", /one topic level/],
+      [["--kv-url", "kv.example:4512"], "kv-url", "kv.example:4512", /http\(s\) URL/],
+      [["--lora-modules", "adapter"], "lora-modules", "adapter", /NAME=PATH/],
+    ] as const
+  ) {
+    const error = configError(() => config([...argv]), option, value);
+    equal(error.code, "bad_value", argv.join(" "));
+    match(error.message, what);
+  }
+});
+
+Deno.test("config: other mistakes carry their own codes", () => {
+  equal(configError(() => config(["--bogus"]), "bogus").code, "unknown_option");
+  equal(configError(() => config(["--model"]), "model").code, "missing_value");
+  equal(configError(() => config(["--engine", "url"]), "engine-url").code, "missing_value");
+  equal(configError(() => config(["--max-tokens", "5000"]), "max-tokens").code, "conflict");
+  equal(
+    configError(() => config(["--vision-model", "--max-images", "0"]), "max-images").code,
+    "conflict",
+  );
+  const secret = configError(() => config(["--session-secret", "short"]), "session-secret");
+  assert(!secret.message.includes("short"), "a secret is never in the message");
+  equal(secret.value, undefined);
+  const stray = (() => {
+    try {
+      config(["maze"]);
+    } catch (error) {
+      return error;
+    }
+  })();
+  assert(stray instanceof ConfigError);
+  equal(stray.code, "unexpected_argument");
+  equal(new ConfigError("elsewhere").code, "invalid");
+  throws(() =>
+    parseConfig(["--mqtt-password-file", "/missing"], {}, () => {
+      throw new Error("no such file");
+    }), (error) => error instanceof ConfigError && error.code === "unreadable_file");
+});
+
+Deno.test("config: the environment fills what the command line leaves out", () => {
+  const env = {
+    VLLM_MQTT_ORDER_WINDOW: "2s",
+    VLLM_MQTT_REQUEST_TIMEOUT: "45",
+    VLLM_MQTT_MAX_IMAGE_BYTES: "512KiB",
+    VLLM_MQTT_SIM_TTFT_MS: "9",
+    VLLM_MQTT_PROJECTS: "maze driving",
+    VLLM_MQTT_STREAM: "false",
+    VLLM_MQTT_MODEL: "",
+  };
+  const c = config([], env);
+  equal(c.orderWindowMs, 2000);
+  equal(c.requestTimeoutMs, 45_000);
+  equal(c.maxImageBytes, 512 * 1024);
+  equal(c.simTtftMs, 9);
+  deepEqual(c.projects, ["maze", "driving"]);
+  equal(c.stream, false);
+  equal(c.model, "Qwen/QwQ-32B", "an empty variable counts as unset");
+  // The command line wins, and the current name's variable wins over a former name's.
+  equal(config(["--order-window=5"], env).orderWindowMs, 5);
+  equal(config([], { ...env, VLLM_MQTT_SIM_TTFT: "1s" }).simTtftMs, 1000);
+  configError(() => config([], { VLLM_MQTT_SESSION_TTL: "soon" }), "session-ttl", "soon");
+});
+
+Deno.test("config: the result is frozen, lists inside it too", () => {
+  const c = config([
+    "--projects=maze,maze,driving",
+    "--lora-modules",
+    "a=/x",
+    "b=/y",
+    "--vllm-args=--enforce-eager  --seed 1",
+  ]);
+  assert(Object.isFrozen(c));
+  deepEqual(c.projects, ["maze", "driving"]);
+  assert(Object.isFrozen(c.projects));
+  deepEqual(c.loraModules, [{ name: "a", path: "/x" }, { name: "b", path: "/y" }]);
+  assert(Object.isFrozen(c.loraModules) && Object.isFrozen(c.loraModules[0]));
+  deepEqual(c.vllmArgs, ["--enforce-eager", "--seed", "1"]);
+  assert(Object.isFrozen(c.vllmArgs));
+  assert(Object.isFrozen(c.warnings));
+  throws(() => {
+    (c as { maxTokens: number }).maxTokens = 1;
+  }, TypeError);
+});
+
+Deno.test("config: --help asks for help before any value is read", () => {
+  deepEqual(parseConfig(["--max-tokens", "0", "--help"], {}), { help: true });
+  deepEqual(parseConfig(["-h"], {}), { help: true });
+});
+
+Deno.test("values: readers and writers of durations, sizes and booleans", () => {
+  equal(parseDuration("250ms", "s"), 250);
+  equal(parseDuration("250", "s"), 250_000);
+  equal(parseDuration("250", "ms"), 250);
+  equal(parseDuration(" 5 m ", "ms"), 300_000);
+  equal(parseDuration("1e3", "ms"), 1000);
+  equal(parseDuration("5 parsecs", "s"), undefined);
+  equal(parseDuration("", "s"), undefined);
+  equal(parseDuration("Infinity", "s"), undefined);
+  equal(parseSize("6MiB"), 6_291_456);
+  equal(parseSize("7b"), 7);
+  equal(parseSize("1KB"), undefined);
+  equal(formatDuration(7_200_000), "2h");
+  equal(formatDuration(90_000), "90s");
+  equal(formatDuration(1500), "1500ms");
+  equal(formatDuration(0), "0");
+  equal(formatSize(6_291_456), "6MiB");
+  equal(formatSize(1000), "1000B");
+  for (const ms of [1, 999, 1000, 60_000, 61_000, 3_600_000, 5_400_000]) {
+    equal(parseDuration(formatDuration(ms), "s"), ms);
+  }
+  equal(parseBoolean("False"), false);
+  equal(parseBoolean("ON"), true);
+  equal(parseBoolean("maybe"), undefined);
+});
