@@ -185,10 +185,16 @@ interface TextBounds {
   readonly max?: string;
 }
 
-/** Reads a bound of the table; a bad one is a bug in the table, found by the first start. */
-function bound(text: string | undefined, read: (text: string) => number | undefined) {
+/** Reads a bound written in the table; one that cannot be read is a mistake in the table. */
+function bound(
+  name: string,
+  text: string | undefined,
+  read: (text: string) => number | undefined,
+): number | undefined {
   if (text === undefined) return undefined;
-  return read(text) ?? throwBad("(option table)", "a readable bound", text);
+  const value = read(text);
+  if (value === undefined) throw new Error(`option table: --${name}'s bound ${text} is unreadable`);
+  return value;
 }
 
 /** A duration, held in milliseconds; a bare number is in `unit`. */
@@ -199,8 +205,8 @@ export function duration<const F extends string>(
   const option: OptionSpec<F, number> = {
     ...spec,
     kind: "duration",
-    min: bound(spec.min, read),
-    max: bound(spec.max, read),
+    min: bound(spec.name, spec.min, read),
+    max: bound(spec.name, spec.max, read),
     parse: (raw) =>
       inRange(
         option,
@@ -218,8 +224,8 @@ export function size<const F extends string>(
   const option: OptionSpec<F, number> = {
     ...spec,
     kind: "size",
-    min: bound(spec.min, parseSize),
-    max: bound(spec.max, parseSize),
+    min: bound(spec.name, spec.min, parseSize),
+    max: bound(spec.name, spec.max, parseSize),
     parse: (raw) => {
       const value = parseSize(raw) ??
         throwBad(spec.name, "a size such as 4096, 64KiB or 6MiB", raw);
