@@ -8,7 +8,7 @@
  */
 
 /** Tokens per block (vLLM's default `--block-size`). */
-export const BLOCK_TOKENS = 16;
+const BLOCK_TOKENS = 16;
 
 /** A bounded LRU set of prompt-prefix blocks. */
 export class PrefixCache {
