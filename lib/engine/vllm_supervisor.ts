@@ -189,6 +189,8 @@ class VllmSupervisor implements RunningEngine {
         return;
       }
       this.restarts[cause] = (this.restarts[cause] ?? 0) + 1;
+      // Not `backoffDelay`: there is one child to restart, no crowd of clients to spread out
+      // with random jitter; the wait is exactly 1 s, 2 s, 4 s, ... up to a minute.
       const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
       try {
         await abortableSleep(delay, this.#stopping.signal);
