@@ -87,7 +87,7 @@ export class EngineHealth {
 
   /** A request could not be served by the engine (`engine_unavailable`). */
   failed(): void {
-    if (++this.#failures >= this.#options.failureThreshold) this.#open("requests are failing");
+    if (++this.#failures >= this.#options.failureThreshold) this.#goDown("requests are failing");
   }
 
   /**
@@ -99,8 +99,7 @@ export class EngineHealth {
    */
   async ready(timeoutMs: number, signal: AbortSignal): Promise<void> {
     if (this.#state === "ready") return;
-    let wake!: () => void;
-    const woken = new Promise<void>((resolve) => wake = resolve);
+    const { promise: woken, resolve: wake } = Promise.withResolvers<void>();
     this.#waiters.add(wake);
     const settled = new AbortController();
     const timer = abortableSleep(timeoutMs, AbortSignal.any([signal, settled.signal]));
@@ -117,14 +116,16 @@ export class EngineHealth {
     if (this.#stop.signal.aborted) throw unavailable();
   }
 
-  #open(why: string): void {
+  /** The engine stopped answering: requests wait for the probe to see it back. */
+  #goDown(why: string): void {
     if (this.#state === "down") return;
     this.#state = "down";
     this.#outages++;
     log.warn("Engine unavailable ({why}); holding requests until it answers again", { why });
   }
 
-  #close(): void {
+  /** The engine answers again: waiting requests go on, new ones flow. */
+  #comeBack(): void {
     this.#state = "ready";
     this.#failures = 0;
     log.info("Engine is answering again");
@@ -148,8 +149,8 @@ export class EngineHealth {
         return;
       }
       const healthy = await this.#probe();
-      if (healthy && this.#state === "down") this.#close();
-      if (!healthy && this.#state === "ready") this.#open("health probe failed");
+      if (healthy && this.#state === "down") this.#comeBack();
+      if (!healthy && this.#state === "ready") this.#goDown("health probe failed");
     }
   }
 

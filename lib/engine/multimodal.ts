@@ -45,7 +45,7 @@ export function textOf(content: unknown): string {
 }
 
 /** The image URLs of a message's content parts. */
-export function imageUrlsOf(content: unknown): string[] {
+function imageUrlsOf(content: unknown): string[] {
   if (!Array.isArray(content)) return [];
   return content
     .filter((part) => part?.type === "image_url" && typeof part.image_url?.url === "string")
@@ -60,7 +60,7 @@ const HEADER_PREFIX_CHARS = 88_000;
  * (all of them when the header lies further in); undefined for a remote URL
  * or something unreadable.
  */
-export function headerOfUrl(url: string): ImageHeader | undefined {
+function headerOfUrl(url: string): ImageHeader | undefined {
   const comma = url.indexOf(",");
   if (!/^data:[^,]*;base64,/i.test(url) || comma === -1) return undefined;
   const base64 = url.slice(comma + 1);

@@ -8,11 +8,13 @@
  */
 
 /** Tokens per block (vLLM's default `--block-size`). */
-export const BLOCK_TOKENS = 16;
+const BLOCK_TOKENS = 16;
 
 /** A bounded LRU set of prompt-prefix blocks. */
 export class PrefixCache {
   readonly #capacity: number;
+  // A plain Map, not `LruMap`: blocks met after a prompt's first miss keep their place, and
+  // eviction waits until the whole prompt is in; `LruMap` would refresh and evict at each `set`.
   readonly #blocks = new Map<number, true>();
   #queries = 0;
   #hits = 0;

@@ -5,42 +5,27 @@
  * `/metrics`, vLLM's context-length error, and latency that grows with the
  * number of requests it is running.
  *
- * Replies are deterministic and depend on the conversation received, so a
- * client can see its history: `[Maze guide] Turn 2: you said "hi".` names the
- * system prompt's first line, counts the user turns and quotes the last one.
- * A user turn with images (OpenAI content parts) is answered with what their
- * headers say, `... you said "what is this?". Saw 1 image: png 64×48.`, and
- * they count in `usage.prompt_tokens` roughly as vLLM counts Qwen2.5-VL's (a
- * token per 28×28 pixels, plus 2; `imageTokens` in `protocol/images.ts`).
- *
- * What vLLM does for structured output, tools and LoRA adapters, too:
- *
- * - `response_format` `json_schema`: the answer is an object valid for the
- *   schema: the usual text in its first string property, the least value of
- *   each type (or its `const`, first `enum`, `default`, `minimum`, `minItems`)
- *   in the other required ones; `json_object`: `{"response": text}`.
- * - `tools` (unless `tool_choice` is `"none"`): the model calls one tool, in
- *   vLLM's format (`tool_calls`, streamed as a first piece with the id and
- *   name and then pieces of the arguments; `finish_reason: "tool_calls"`),
- *   after its usual text, when (first rule that holds) `tool_choice` names a
- *   function; the last user message names an offered tool as a word; the last
- *   user message is a maze state (`player_pos`, `visible_map` with 0 for a
- *   wall) whose player is boxed in, and `break_wall` is offered: it breaks the
- *   first wall beside the player, looking east, south, west, north;
- *   `tool_choice` is `"required"`: the first tool. The arguments are the
- *   least values of the tool's parameters schema (defaults where given).
- * - `model`: the served model, or one of `adapters` (vLLM's `--lora-modules`),
- *   whose answers start with `{adapter}: `; another name is answered 404 as
- *   vLLM answers it.
+ * Replies are deterministic and depend on the conversation received (see
+ * `simulated_reply.ts`: what is said, structured output, tool calls). Images
+ * in a user turn count in `usage.prompt_tokens` roughly as vLLM counts
+ * Qwen2.5-VL's (a token per 28×28 pixels, plus 2; `imageTokens` in
+ * `protocol/images.ts`). A `model` other than the served one must be one of
+ * `adapters` (vLLM's `--lora-modules`); another name is answered 404 as vLLM
+ * answers it.
  *
  * @module
  */
 
-import { encode } from "gpt-tokenizer/encoding/cl100k_base";
 import { abortableSleep } from "../_util.ts";
-import { boxedIn } from "../games/maze_state.ts";
-import { imageTokensOf, seenImages, textOf } from "./multimodal.ts";
+import { imageTokensOf } from "./multimodal.ts";
 import { PrefixCache } from "./prefix_cache.ts";
+import {
+  type ChatBody,
+  completionObject,
+  promptTokenIds,
+  simulatedReply,
+  tokenIds,
+} from "./simulated_reply.ts";
 
 /** Whether simulated answers carry a `<think>` block. */
 export type SimulatedThinking = "never" | "always" | "template";
@@ -140,20 +125,6 @@ export interface Simulator {
   close(): Promise<void>;
 }
 
-interface ChatBody {
-  model?: string;
-  messages?: { role: string; content: unknown }[];
-  stream?: boolean;
-  stream_options?: { include_usage?: boolean };
-  max_tokens?: number;
-  max_completion_tokens?: number;
-  chat_template_kwargs?: { enable_thinking?: boolean };
-  response_format?: { type?: string; json_schema?: { schema?: unknown } };
-  tools?: { type?: string; function?: { name?: string; parameters?: unknown } }[];
-  tool_choice?: string | { type?: string; function?: { name?: string } };
-}
-
-const AS_TEXT = { disallowedSpecial: new Set<string>() };
 const ENCODER = new TextEncoder();
 
 /** Starts a simulated engine. */
@@ -212,22 +183,17 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     }
     const thinks = options.thinking === "always" ||
       (options.thinking === "template" && body.chat_template_kwargs?.enable_thinking !== false);
-    const text = (adapter ? `${adapter}: ` : "") +
-      replyText(body.messages, options.fillerTokens ?? 0);
-    const call = toolCall(body);
-    const content = call ? text : formatted(text, body.response_format);
-    const all = wordTokens(thinks ? thinking(body.messages) + content : content);
-    const tokens = all.slice(0, Math.max(0, maxTokens));
-    const truncated = tokens.length < all.length;
-    const calls = call && !truncated
-      ? [{ ...call, id: `chatcmpl-tool-${crypto.randomUUID()}` }]
-      : [];
-    const finishReason = truncated ? "length" : calls.length > 0 ? "tool_calls" : "stop";
-    const callTokens = calls.length > 0 ? encode(call!.name + call!.arguments, AS_TEXT).length : 0;
+    const reply = simulatedReply(body, {
+      adapter,
+      fillerTokens: options.fillerTokens ?? 0,
+      thinks,
+      maxTokens,
+    });
+    const { tokens, calls, finishReason, completionTokens } = reply;
     const usage = {
       prompt_tokens: promptTokens,
-      completion_tokens: tokens.length + callTokens,
-      total_tokens: promptTokens + tokens.length + callTokens,
+      completion_tokens: completionTokens,
+      total_tokens: promptTokens + completionTokens,
     };
     const id = `chatcmpl-sim-${++requestsTotal}`;
     const created = Math.floor(Date.now() / 1000);
@@ -242,40 +208,17 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       } finally {
         running--;
       }
-      return Response.json({
-        id,
-        object: "chat.completion",
-        created,
-        model,
-        choices: [{
-          index: 0,
-          message: {
-            role: "assistant",
-            content: calls.length > 0 && tokens.length === 0 ? null : tokens.join(""),
-            ...(calls.length > 0 && {
-              tool_calls: calls.map(({ id, name, arguments: args }) => ({
-                id,
-                type: "function",
-                function: { name, arguments: args },
-              })),
-            }),
-          },
-          finish_reason: finishReason,
-        }],
-        usage,
-      });
+      return Response.json(completionObject({ id, created, model }, reply, usage));
     }
 
+    const event = (fields: Record<string, unknown>) =>
+      ENCODER.encode(
+        `data: ${
+          JSON.stringify({ id, object: "chat.completion.chunk", created, model, ...fields })
+        }\n\n`,
+      );
     const chunk = (delta: Record<string, unknown>, finish: string | null) =>
-      ENCODER.encode(`data: ${
-        JSON.stringify({
-          id,
-          object: "chat.completion.chunk",
-          created,
-          model,
-          choices: [{ index: 0, delta, finish_reason: finish }],
-        })
-      }\n\n`);
+      event({ choices: [{ index: 0, delta, finish_reason: finish }] });
     const includeUsage = body.stream_options?.include_usage === true;
     // The client going away cancels the body stream: stop generating, as vLLM aborts the request.
     const gone = new AbortController();
@@ -306,18 +249,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
             }
           }
           controller.enqueue(chunk({}, finishReason));
-          if (includeUsage) {
-            controller.enqueue(ENCODER.encode(`data: ${
-              JSON.stringify({
-                id,
-                object: "chat.completion.chunk",
-                created,
-                model,
-                choices: [],
-                usage,
-              })
-            }\n\n`));
-          }
+          if (includeUsage) controller.enqueue(event({ choices: [], usage }));
           controller.enqueue(ENCODER.encode("data: [DONE]\n\n"));
           controller.close();
         } catch (cause) {
@@ -339,8 +271,8 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       messages?: ChatBody["messages"];
     };
     const tokens = body.messages
-      ? encode(body.messages.map((m) => String(m.content)).join("\n"), AS_TEXT)
-      : encode(String(body.prompt ?? ""), AS_TEXT);
+      ? tokenIds(body.messages.map((m) => String(m.content)).join("\n"))
+      : tokenIds(String(body.prompt ?? ""));
     return Response.json({ count: tokens.length, max_model_len: maxModelLen, tokens });
   }
 
@@ -433,141 +365,6 @@ function error(status: number, message: string): Response {
     ? "Unauthorized"
     : "NotFoundError";
   return Response.json({ error: { message, type, param: null, code: status } }, { status });
-}
-
-/** The prompt as a chat template would render it (tools and schema first), as token ids. */
-function promptTokenIds(messages: { role: string; content: unknown }[], offered = ""): number[] {
-  const rendered = (offered === "" ? "" : `<|im_start|>tools\n${offered}<|im_end|>\n`) +
-    messages.map((m) => `<|im_start|>${m.role}\n${textOf(m.content)}<|im_end|>\n`)
-      .join("") +
-    "<|im_start|>assistant\n";
-  return encode(rendered, AS_TEXT);
-}
-
-/** The usual answer: the system prompt's first line, the turn count and the last user message. */
-function replyText(messages: { role: string; content: unknown }[], filler: number): string {
-  const system = messages.find((m) => m.role === "system");
-  const users = messages.filter((m) => m.role === "user");
-  const tag = system
-    ? String(system.content).split("\n").find((line) => line.trim() !== "")?.replace(/^#+\s*/, "")
-      .slice(0, 60)
-    : undefined;
-  let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${lastQuoted(messages)}".`;
-  text += seenImages(messages);
-  for (let i = 0; i < filler; i++) text += ` w${i}`;
-  return text;
-}
-
-function lastQuoted(messages: { role: string; content: unknown }[]): string {
-  const last = textOf(messages.filter((m) => m.role === "user").at(-1)?.content);
-  return last.length > 200 ? `${last.slice(0, 200)}...` : last;
-}
-
-/** A reasoning block about the conversation, as thinking models open their answers. */
-function thinking(messages: { role: string; content: unknown }[]): string {
-  return `<think>\nThe user said "${lastQuoted(messages)}". I should answer briefly.\n</think>\n\n`;
-}
-
-/** Text as tokens (a word and its trailing space each). */
-function wordTokens(text: string): string[] {
-  return text.match(/\S+\s*|\s+/g) ?? [];
-}
-
-/** The answer in the requested `response_format`. */
-function formatted(text: string, format: ChatBody["response_format"]): string {
-  if (format?.type === "json_schema") {
-    return JSON.stringify(sample(format.json_schema?.schema, { text }));
-  }
-  if (format?.type === "json_object") return JSON.stringify({ response: text });
-  return text;
-}
-
-/**
- * The least value valid for `schema` (its `const`, first `enum`, `default`,
- * `minimum`, `minItems` copies; `""`, `0`, `false` otherwise), with
- * `fill.text` in the first string met (and that property included even when
- * not required); of an object, the required properties and those with a default. Covers the JSON Schema that structured output uses.
- */
-function sample(schema: unknown, fill: { text?: string }): unknown {
-  if (typeof schema !== "object" || schema === null) return null;
-  const s = schema as Record<string, unknown>;
-  if ("const" in s) return s.const;
-  if (Array.isArray(s.enum) && s.enum.length > 0) return s.enum[0];
-  for (const key of ["anyOf", "oneOf", "allOf"]) {
-    if (Array.isArray(s[key]) && (s[key] as unknown[]).length > 0) {
-      return sample((s[key] as unknown[])[0], fill);
-    }
-  }
-  const type = Array.isArray(s.type) ? s.type.find((t) => t !== "null") ?? "null" : s.type;
-  if (type === "string" && fill.text !== undefined) {
-    const text = fill.text;
-    fill.text = undefined;
-    return typeof s.maxLength === "number" ? text.slice(0, s.maxLength) : text;
-  }
-  if ("default" in s) return s.default;
-  switch (type ?? (s.properties ? "object" : undefined)) {
-    case "object": {
-      const properties = (s.properties ?? {}) as Record<string, unknown>;
-      const required = Array.isArray(s.required) ? s.required : [];
-      const object: Record<string, unknown> = {};
-      for (const [name, inner] of Object.entries(properties)) {
-        const isString = (inner as { type?: unknown } | null)?.type === "string";
-        const hasDefault = typeof inner === "object" && inner !== null && "default" in inner;
-        if (required.includes(name) || hasDefault || (fill.text !== undefined && isString)) {
-          object[name] = sample(inner, fill);
-        }
-      }
-      return object;
-    }
-    case "array": {
-      const count = typeof s.minItems === "number" ? s.minItems : 0;
-      return Array.from({ length: count }, () => sample(s.items, fill));
-    }
-    case "string":
-      return "x".repeat(typeof s.minLength === "number" ? s.minLength : 0);
-    case "integer":
-    case "number": {
-      const least = typeof s.minimum === "number"
-        ? s.minimum
-        : typeof s.exclusiveMinimum === "number"
-        ? s.exclusiveMinimum + (type === "integer" ? 1 : 0.5)
-        : 0;
-      const bounded = typeof s.maximum === "number" ? Math.min(least, s.maximum) : least;
-      return type === "integer" ? Math.ceil(bounded) : bounded;
-    }
-    case "boolean":
-      return false;
-    default:
-      return null;
-  }
-}
-
-/** The tool the simulated model calls, by the rules in this module's documentation. */
-function toolCall(body: ChatBody): { name: string; arguments: string } | undefined {
-  const tools = (body.tools ?? []).filter((t) => typeof t?.function?.name === "string");
-  if (tools.length === 0 || body.tool_choice === "none") return undefined;
-  const find = (name: string) => tools.find((t) => t.function!.name === name);
-  const call = (tool: (typeof tools)[number], args?: Record<string, unknown>) => {
-    const least = sample(tool.function!.parameters ?? { type: "object" }, {});
-    return {
-      name: tool.function!.name!,
-      arguments: JSON.stringify({ ...(least as object), ...args }),
-    };
-  };
-  const choice = body.tool_choice;
-  if (typeof choice === "object" && choice?.function?.name) {
-    const named = find(choice.function.name);
-    if (named) return call(named);
-  }
-  const last = String(body.messages?.filter((m) => m.role === "user").at(-1)?.content ?? "");
-  const words = new Set(last.match(/[A-Za-z0-9_-]+/g) ?? []);
-  const mentioned = tools.find((t) => words.has(t.function!.name!));
-  if (mentioned) return call(mentioned);
-  const breakWall = find("break_wall");
-  const wall = breakWall && boxedIn(last);
-  if (breakWall && wall) return call(breakWall, { x: wall[0], y: wall[1] });
-  if (choice === "required") return call(tools[0]);
-  return undefined;
 }
 
 if (import.meta.main) {

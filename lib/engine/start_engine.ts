@@ -8,22 +8,10 @@
 
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
-import type { EngineEndpoint } from "./engine_client.ts";
+import type { RunningEngine } from "./running_engine.ts";
 import { startVllm } from "./vllm_supervisor.ts";
 
-/** A running engine. */
-export interface RunningEngine {
-  readonly endpoint: EngineEndpoint;
-  /** Polled by the health probe: vLLM's `/health`, else `{base}/models`. */
-  readonly probeUrl: string;
-  /** Restarts of a managed engine, by cause (`exit_1`, `signal_SIGKILL`, ...). */
-  readonly restarts: Readonly<Record<string, number>>;
-  /** Resolves (with a reason) if the engine gives up for good. */
-  readonly failed: Promise<Error>;
-  close(): Promise<void>;
-  /** Kills child processes at once, without waiting (the program is dying). */
-  killNow(): void;
-}
+export type { RunningEngine } from "./running_engine.ts";
 
 const log = logger("engine");
 

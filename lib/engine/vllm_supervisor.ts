@@ -12,7 +12,7 @@ import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
 import type { EngineEndpoint } from "./engine_client.ts";
 import { probe } from "./engine_health.ts";
-import type { RunningEngine } from "./start_engine.ts";
+import type { RunningEngine } from "./running_engine.ts";
 
 /** Raised when vLLM cannot be started at all. */
 export class EngineStartError extends Error {
@@ -28,7 +28,7 @@ const childLog = logger("vllm-child");
 /** Milliseconds within which crashes count towards `--vllm-max-restarts`. */
 const CRASH_WINDOW_MS = 10 * 60_000;
 
-/** The `vllm serve` arguments for a configuration (exported for tests and `--help`). */
+/** The `vllm serve` arguments for a configuration (exported for the tests of the command line). */
 export function vllmArgs(config: Config, port: number, apiKey: string): string[] {
   const args = [
     "serve",
@@ -102,13 +102,12 @@ class VllmSupervisor implements RunningEngine {
   readonly restarts: Record<string, number> = {};
   #child: Deno.ChildProcess | undefined;
   #endpoint!: EngineEndpoint;
-  #fail!: (reason: Error) => void;
-  readonly failed: Promise<Error>;
+  readonly #failed = Promise.withResolvers<Error>();
+  readonly failed: Promise<Error> = this.#failed.promise;
 
   constructor(config: Config, port: number) {
     this.#config = config;
     this.#port = port;
-    this.failed = new Promise((resolve) => this.#fail = resolve);
   }
 
   get endpoint(): EngineEndpoint {
@@ -184,12 +183,14 @@ class VllmSupervisor implements RunningEngine {
         n: this.#crashes.length,
       });
       if (this.#crashes.length > this.#config.vllmMaxRestarts) {
-        this.#fail(
+        this.#failed.resolve(
           new Error(`vllm crashed ${this.#crashes.length} times within 10 minutes; giving up`),
         );
         return;
       }
       this.restarts[cause] = (this.restarts[cause] ?? 0) + 1;
+      // Not `backoffDelay`: there is one child to restart, no crowd of clients to spread out
+      // with random jitter; the wait is exactly 1 s, 2 s, 4 s, ... up to a minute.
       const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
       try {
         await abortableSleep(delay, this.#stopping.signal);

@@ -1,0 +1,22 @@
+/**
+ * What every way of running the engine (the simulator, an existing endpoint,
+ * a supervised `vllm serve`) hands to the rest of the service.
+ *
+ * @module
+ */
+
+import type { EngineEndpoint } from "./engine_client.ts";
+
+/** A running engine. */
+export interface RunningEngine {
+  readonly endpoint: EngineEndpoint;
+  /** Polled by the health probe: vLLM's `/health`, else `{base}/models`. */
+  readonly probeUrl: string;
+  /** Restarts of a managed engine, by cause (`exit_1`, `signal_SIGKILL`, ...). */
+  readonly restarts: Readonly<Record<string, number>>;
+  /** Resolves (with a reason) if the engine gives up for good. */
+  readonly failed: Promise<Error>;
+  close(): Promise<void>;
+  /** Kills child processes at once, without waiting (the program is dying). */
+  killNow(): void;
+}
