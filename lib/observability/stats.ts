@@ -61,8 +61,11 @@ export interface StatsReport {
  */
 export type IgnoredReason = "retained" | "duplicate" | "superseded";
 
-/** How long an answered request took, in milliseconds. */
-export interface Timing {
+/**
+ * How long an answered request took, in milliseconds from its arrival, as
+ * measured (not rounded): the reply carries them rounded, as `ReplyTiming`.
+ */
+export interface RequestDurations {
   readonly queueMs: number;
   readonly ttftMs: number | null;
   readonly totalMs: number;
@@ -70,7 +73,7 @@ export interface Timing {
 
 /** One counted event, for a live view ({@linkcode Stats.watch}); counts and times only. */
 export type StatsEvent =
-  | { readonly kind: "answered"; readonly project: string; readonly timing: Timing }
+  | { readonly kind: "answered"; readonly project: string; readonly timing: RequestDurations }
   | { readonly kind: "error"; readonly project: string | undefined; readonly code: ErrorCode }
   | { readonly kind: "ignored"; readonly reason: IgnoredReason }
   | { readonly kind: "reconnected" };
@@ -173,7 +176,7 @@ export class Stats {
   }
 
   /** A request of `project` was answered with a `done`. */
-  answered(project: string, timing: Timing, usage: Usage | null): void {
+  answered(project: string, timing: RequestDurations, usage: Usage | null): void {
     this.#answered++;
     this.#totalAnswered++;
     // Bounded: beyond 100k samples an interval keeps every other one.

@@ -6,5 +6,6 @@
 
 export * from "./errors.ts";
 export * from "./reply.ts";
+export * from "./reply_style.ts";
 export * from "./request.ts";
 export * from "./topics.ts";
