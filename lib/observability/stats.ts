@@ -46,7 +46,9 @@ export interface StatsReport {
     readonly ready: boolean;
     readonly restarts: Readonly<Record<string, number>>;
   };
+  /** Reconnections to the broker since start (not reset by a report). */
   readonly broker_reconnects: number;
+  /** Counts since start. */
   readonly totals: {
     readonly requests: number;
     readonly answered: number;
@@ -78,11 +80,21 @@ export type StatsEvent =
   | { readonly kind: "ignored"; readonly reason: IgnoredReason }
   | { readonly kind: "reconnected" };
 
+/** Options of {@linkcode Stats}. */
+export interface StatsOptions {
+  /**
+   * The clock a report's interval is measured on, in milliseconds (tests).
+   * @default {performance.now}
+   */
+  readonly now?: () => number;
+}
+
 /** Counts requests and outcomes. */
 export class Stats {
   readonly #gauges: () => Gauges;
+  readonly #now: () => number;
   readonly #watchers = new Set<(event: StatsEvent) => void>();
-  #since = performance.now();
+  #since: number;
   #requests = 0;
   #answered = 0;
   #errors: Partial<Record<ErrorCode, number>> = {};
@@ -136,8 +148,10 @@ export class Stats {
   readonly #metrics: readonly Metric[];
 
   /** `gauges` is read at each report and scrape. */
-  constructor(gauges: () => Gauges) {
+  constructor(gauges: () => Gauges, options: StatsOptions = {}) {
     this.#gauges = gauges;
+    this.#now = options.now ?? (() => performance.now());
+    this.#since = this.#now();
     const gauge = (name: string, help: string, read: (g: Gauges) => number) =>
       new Gauge(name, help, () => read(this.#gauges()));
     this.#metrics = [
@@ -241,7 +255,7 @@ export class Stats {
 
   /** Everything counted since the last report; starts a new interval. */
   report(): StatsReport {
-    const now = performance.now();
+    const now = this.#now();
     const gauges = this.#gauges();
     const errors = Object.values(this.#errors).reduce((a, b) => a + b, 0);
     const sorted = this.#latencies.sort((a, b) => a - b);
