@@ -17,13 +17,16 @@ const encoder = new TextEncoder();
 /** Who may see the live page. */
 export class DashboardAuth {
   readonly #token: string | undefined;
-  /** SHA-256 of the token, as the cookie holds it. */
-  readonly #cookieValue: Promise<string> | undefined;
+  #cookieValue: Promise<string> | undefined;
 
   /** `token`: what every request must show; undefined: none needed. */
   constructor(token: string | undefined) {
     this.#token = token;
-    this.#cookieValue = token === undefined ? undefined : sha256Hex(token);
+  }
+
+  /** SHA-256 of the token, as the cookie holds it: worked out once, when first needed. */
+  #cookie(token: string): Promise<string> {
+    return this.#cookieValue ??= sha256Hex(token);
   }
 
   /** Whether `request` shows the token (or no token is set). */
@@ -33,7 +36,7 @@ export class DashboardAuth {
     const header = request.headers.get("authorization");
     if (header?.startsWith("Bearer ")) return sameText(header.slice(7).trim(), token);
     const cookie = readCookie(request.headers.get("cookie"), COOKIE);
-    return cookie !== undefined && sameText(cookie, await this.#cookieValue!);
+    return cookie !== undefined && sameText(cookie, await this.#cookie(token));
   }
 
   /**
@@ -55,7 +58,9 @@ export class DashboardAuth {
     if (!sameText(given, this.#token)) {
       return page(LOGIN_PAGE.replace("<!--error-->", "<p class=error>Wrong token.</p>"), 401);
     }
-    const cookie = `${COOKIE}=${await this.#cookieValue}; Path=/; HttpOnly; SameSite=Strict`;
+    const cookie = `${COOKIE}=${await this.#cookie(
+      this.#token,
+    )}; Path=/; HttpOnly; SameSite=Strict`;
     return redirect("/", { "set-cookie": cookie });
   }
 }
