@@ -1,5 +1,5 @@
 /**
- * Protocol v1: request parsing, reply encoding, topics and error codes.
+ * Protocol v1: request parsing, reply styles and encoding, topics and error codes.
  *
  * @module
  */

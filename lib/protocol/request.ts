@@ -1,7 +1,8 @@
 /**
- * Parsing and validation of a request payload (protocol v1, and the original
- * deployment's camelCase form). Runs on the gateway thread for every message,
- * so it checks the size before it decodes and decodes before it parses.
+ * Parsing and validation of a request payload: protocol v1, and the original
+ * deployment's camelCase form, read as v1 fields first ({@linkcode v1Fields}).
+ * Runs on the gateway thread for every message, so it checks the size before
+ * it decodes and decodes before it parses.
  *
  * @module
  */
