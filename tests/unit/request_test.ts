@@ -8,16 +8,17 @@
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { type ParseOutcome, parseRequest, type RequestLimits } from "../../lib/protocol/mod.ts";
 
-const LIMITS: RequestLimits = {
-  maxPayloadBytes: 1024,
-  maxMessageChars: 100,
-  maxPriority: 10,
-  maxTokens: 512,
-  temperature: 0.6,
-  topP: 0.9,
-  stream: true,
-};
+/** Where replies of the project go: a `reply_topic` must lie under it. */
 const ROOT = "maze/assistant_response/";
+const LIMITS: RequestLimits = {
+  stream: true,
+  temperature: 0.7,
+  topP: 0.8,
+  maxTokens: 128,
+  maxPriority: 5,
+  maxMessageChars: 200,
+  maxPayloadBytes: 800,
+};
 
 const parse = (value: unknown, topicSessionId?: string): ParseOutcome =>
   parseRequest(
@@ -76,7 +77,7 @@ Deno.test("request: the original's form: nulls are not given, numbers and spaces
   equal(r.sessionId, "42");
   equal(r.requestId, undefined);
   // `params` wins over the same field at the top level; a null in it is not given.
-  deepEqual(r.params, { max_tokens: 32, temperature: 0.6, top_p: 0.9 });
+  deepEqual(r.params, { max_tokens: 32, temperature: 0.7, top_p: 0.8 });
   equal(request({ session_id: "  padded id  ", message: "hi" }).sessionId, "padded id");
 });
 
