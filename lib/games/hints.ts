@@ -6,7 +6,8 @@
  * @module
  */
 
-import type { JsonObject, ProjectTool } from "../projects/project_file.ts";
+import type { ProjectTool } from "../projects/project_tools.ts";
+import type { JsonObject } from "../projects/response_format.ts";
 
 /** A tool call as the engine returned it: the function's name and its arguments as JSON text. */
 export interface ToolCall {

@@ -46,7 +46,9 @@ export interface StatsReport {
     readonly ready: boolean;
     readonly restarts: Readonly<Record<string, number>>;
   };
+  /** Reconnections to the broker since start (not reset by a report). */
   readonly broker_reconnects: number;
+  /** Counts since start. */
   readonly totals: {
     readonly requests: number;
     readonly answered: number;
@@ -61,8 +63,11 @@ export interface StatsReport {
  */
 export type IgnoredReason = "retained" | "duplicate" | "superseded";
 
-/** How long an answered request took, in milliseconds. */
-export interface Timing {
+/**
+ * How long an answered request took, in milliseconds from its arrival, as
+ * measured (not rounded): the reply carries them rounded, as `ReplyTiming`.
+ */
+export interface RequestDurations {
   readonly queueMs: number;
   readonly ttftMs: number | null;
   readonly totalMs: number;
@@ -70,16 +75,26 @@ export interface Timing {
 
 /** One counted event, for a live view ({@linkcode Stats.watch}); counts and times only. */
 export type StatsEvent =
-  | { readonly kind: "answered"; readonly project: string; readonly timing: Timing }
+  | { readonly kind: "answered"; readonly project: string; readonly timing: RequestDurations }
   | { readonly kind: "error"; readonly project: string | undefined; readonly code: ErrorCode }
   | { readonly kind: "ignored"; readonly reason: IgnoredReason }
   | { readonly kind: "reconnected" };
 
+/** Options of {@linkcode Stats}. */
+export interface StatsOptions {
+  /**
+   * The clock a report's interval is measured on, in milliseconds (tests).
+   * @default {performance.now}
+   */
+  readonly now?: () => number;
+}
+
 /** Counts requests and outcomes. */
 export class Stats {
   readonly #gauges: () => Gauges;
+  readonly #now: () => number;
   readonly #watchers = new Set<(event: StatsEvent) => void>();
-  #since = performance.now();
+  #since: number;
   #requests = 0;
   #answered = 0;
   #errors: Partial<Record<ErrorCode, number>> = {};
@@ -133,8 +148,10 @@ export class Stats {
   readonly #metrics: readonly Metric[];
 
   /** `gauges` is read at each report and scrape. */
-  constructor(gauges: () => Gauges) {
+  constructor(gauges: () => Gauges, options: StatsOptions = {}) {
     this.#gauges = gauges;
+    this.#now = options.now ?? (() => performance.now());
+    this.#since = this.#now();
     const gauge = (name: string, help: string, read: (g: Gauges) => number) =>
       new Gauge(name, help, () => read(this.#gauges()));
     this.#metrics = [
@@ -173,7 +190,7 @@ export class Stats {
   }
 
   /** A request of `project` was answered with a `done`. */
-  answered(project: string, timing: Timing, usage: Usage | null): void {
+  answered(project: string, timing: RequestDurations, usage: Usage | null): void {
     this.#answered++;
     this.#totalAnswered++;
     // Bounded: beyond 100k samples an interval keeps every other one.
@@ -238,7 +255,7 @@ export class Stats {
 
   /** Everything counted since the last report; starts a new interval. */
   report(): StatsReport {
-    const now = performance.now();
+    const now = this.#now();
     const gauges = this.#gauges();
     const errors = Object.values(this.#errors).reduce((a, b) => a + b, 0);
     const sorted = this.#latencies.sort((a, b) => a - b);

@@ -18,54 +18,25 @@
  *
  * A file without front matter is the system prompt as it stands. A front
  * matter that cannot be used stops the start-up with a {@linkcode ConfigError}
- * naming the file, the key and the problem.
+ * naming the file, the key and the problem. The two larger keys are read in
+ * modules of their own: `response_format` in `response_format.ts`, `tools` in
+ * `project_tools.ts`.
  *
  * @module
  */
 
 import { parse as parseYaml } from "yaml";
 import { ConfigError } from "../config/config.ts";
+import { isObject, show } from "./_util.ts";
+import { parseTools, type ProjectTool, type ToolChoice } from "./project_tools.ts";
+import { parseResponseFormat, type ResponseFormat } from "./response_format.ts";
 
-/** A JSON Schema (or any JSON object), as read from the front matter. */
-export type JsonObject = { readonly [key: string]: unknown };
-
-/** OpenAI's structured-output request: `response_format: {type: "json_schema", ...}`. */
-export interface ResponseFormat {
-  readonly type: "json_schema";
-  readonly json_schema: {
-    readonly name: string;
-    readonly schema: JsonObject;
-    readonly strict?: boolean;
-  };
-}
-
-/** An OpenAI tool definition, as sent to the engine. */
-export interface ToolDefinition {
-  readonly type: "function";
-  readonly function: {
-    readonly name: string;
-    readonly description?: string;
-    readonly parameters?: JsonObject;
-  };
-}
-
-/**
- * A tool offered to the model, and how a call of it goes into the answer
- * object: each key of `mapsTo` is an answer key, its value the argument
- * whose value it takes, or a list of arguments whose values it takes as an
- * array (`break_wall(x, y)` → `"break_wall": [x, y]`). Without `mapsTo` the
- * call's arguments object goes under the tool's name.
- */
-export interface ProjectTool {
-  readonly definition: ToolDefinition;
-  readonly mapsTo?: Readonly<Record<string, string | readonly string[]>>;
-}
+// The parts of a project, where callers have always imported them from.
+export type { ProjectTool, ToolChoice, ToolDefinition } from "./project_tools.ts";
+export type { JsonObject, ResponseFormat } from "./response_format.ts";
 
 /** Which turns of a project the response format and tools apply to. */
 export type ApplyTo = "state" | "all";
-
-/** How the model may call tools (OpenAI's `tool_choice`, the string forms). */
-export type ToolChoice = "auto" | "required" | "none";
 
 /** A project, as its file declares it. Frozen. */
 export interface Project {
@@ -103,7 +74,6 @@ export const FRONT_MATTER_KEYS = [
   "max_tokens",
 ] as const;
 
-const TOOL_NAME = /^[A-Za-z0-9_-]{1,64}$/;
 const OPENING = /^---[ \t]*\r?\n/;
 const CLOSING = /^---[ \t]*$/m;
 
@@ -256,155 +226,4 @@ export async function readProjectFile(name: string, file: string): Promise<Proje
     throw error;
   }
   return parseProjectFile(name, file, text);
-}
-
-type Fail = (key: string, problem: string) => never;
-
-function parseResponseFormat(
-  project: string,
-  value: unknown,
-  hintTopic: boolean,
-  fail: Fail,
-): ResponseFormat {
-  const key = "response_format";
-  if (!isObject(value)) return fail(key, "must be a mapping with a 'schema' (and a 'name')");
-  for (const inner of Object.keys(value)) {
-    if (!["name", "schema", "strict"].includes(inner)) {
-      fail(`${key}.${inner}`, "unknown key (known: name, schema, strict)");
-    }
-  }
-  const name = value.name ?? `${project}_answer`;
-  if (typeof name !== "string" || !TOOL_NAME.test(name)) {
-    fail(`${key}.name`, `must be letters, digits, _ or - (at most 64), not ${show(name)}`);
-  }
-  const schema = value.schema;
-  if (!isObject(schema)) return fail(`${key}.schema`, "must be a JSON Schema (a mapping)");
-  if (schema.type !== "object") {
-    fail(`${key}.schema`, `must describe an object ('type: object'), not ${show(schema.type)}`);
-  }
-  if (schema.properties !== undefined && !isObject(schema.properties)) {
-    fail(`${key}.schema.properties`, "must be a mapping of property names to schemas");
-  }
-  if (hintTopic) {
-    const hint = isObject(schema.properties) ? schema.properties.hint : undefined;
-    if (!isObject(hint) || hint.type !== "string") {
-      fail(
-        `${key}.schema`,
-        "must declare a string 'hint' property: answers on the hint topic always carry one",
-      );
-    }
-  }
-  const strict = value.strict;
-  if (strict !== undefined && typeof strict !== "boolean") {
-    fail(`${key}.strict`, `must be true or false, not ${show(strict)}`);
-  }
-  return Object.freeze({
-    type: "json_schema",
-    json_schema: Object.freeze({
-      name: name as string,
-      schema: deepFreeze(schema),
-      ...(strict !== undefined && { strict: strict as boolean }),
-    }),
-  });
-}
-
-function parseTools(value: unknown, fail: Fail): readonly ProjectTool[] {
-  if (!Array.isArray(value) || value.length === 0) {
-    return fail("tools", "must be a non-empty list of tool definitions");
-  }
-  const names = new Set<string>();
-  const tools = value.map((entry, i): ProjectTool => {
-    const at = `tools[${i}]`;
-    if (!isObject(entry)) return fail(at, "must be a mapping ({type: function, function: ...})");
-    for (const inner of Object.keys(entry)) {
-      if (!["type", "function", "maps_to"].includes(inner)) {
-        fail(`${at}.${inner}`, "unknown key (known: type, function, maps_to)");
-      }
-    }
-    if (entry.type !== undefined && entry.type !== "function") {
-      fail(`${at}.type`, `must be "function", not ${show(entry.type)}`);
-    }
-    const fn = entry.function;
-    if (!isObject(fn)) return fail(`${at}.function`, "must be a mapping with a 'name'");
-    for (const inner of Object.keys(fn)) {
-      if (!["name", "description", "parameters"].includes(inner)) {
-        fail(`${at}.function.${inner}`, "unknown key (known: name, description, parameters)");
-      }
-    }
-    if (typeof fn.name !== "string" || !TOOL_NAME.test(fn.name)) {
-      fail(
-        `${at}.function.name`,
-        `must be letters, digits, _ or - (at most 64), not ${show(fn.name)}`,
-      );
-    }
-    const name = fn.name as string;
-    if (names.has(name)) fail(`${at}.function.name`, `${name} is defined twice`);
-    names.add(name);
-    if (fn.description !== undefined && typeof fn.description !== "string") {
-      fail(`${at}.function.description`, "must be a string");
-    }
-    const parameters = fn.parameters;
-    if (parameters !== undefined) {
-      if (!isObject(parameters) || parameters.type !== "object") {
-        fail(`${at}.function.parameters`, "must be a JSON Schema of an object ('type: object')");
-      }
-    }
-    const properties = isObject(parameters) && isObject(parameters.properties)
-      ? parameters.properties
-      : {};
-    let mapsTo: Record<string, string | readonly string[]> | undefined;
-    if (entry.maps_to !== undefined) {
-      if (!isObject(entry.maps_to) || Object.keys(entry.maps_to).length === 0) {
-        return fail(`${at}.maps_to`, "must map answer keys to argument names");
-      }
-      mapsTo = {};
-      for (const [answerKey, source] of Object.entries(entry.maps_to)) {
-        const args = typeof source === "string" ? [source] : source;
-        if (
-          !Array.isArray(args) || args.length === 0 ||
-          !args.every((arg) => typeof arg === "string")
-        ) {
-          fail(`${at}.maps_to.${answerKey}`, "must be an argument name or a list of them");
-        }
-        for (const arg of args as string[]) {
-          if (!(arg in properties)) {
-            fail(
-              `${at}.maps_to.${answerKey}`,
-              `names '${arg}', which ${name} has no parameter for`,
-            );
-          }
-        }
-        mapsTo[answerKey] = typeof source === "string" ? source : Object.freeze([...args]);
-      }
-    }
-    return Object.freeze({
-      definition: deepFreeze({
-        type: "function" as const,
-        function: {
-          name,
-          ...(typeof fn.description === "string" && { description: fn.description }),
-          ...(isObject(parameters) && { parameters }),
-        },
-      }),
-      ...(mapsTo && { mapsTo: Object.freeze(mapsTo) }),
-    });
-  });
-  return Object.freeze(tools);
-}
-
-function isObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
-function show(value: unknown): string {
-  const text = JSON.stringify(value) ?? String(value);
-  return text.length > 60 ? `${text.slice(0, 60)}…` : text;
-}
-
-function deepFreeze<T>(value: T): T {
-  if (typeof value === "object" && value !== null) {
-    for (const inner of Object.values(value)) deepFreeze(inner);
-    Object.freeze(value);
-  }
-  return value;
 }

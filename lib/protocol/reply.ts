@@ -7,7 +7,7 @@
 
 import { errorHint, hintObject } from "../games/hints.ts";
 import type { ErrorCode } from "./errors.ts";
-import type { ReplyStyle } from "./request.ts";
+import type { ReplyStyle } from "./reply_style.ts";
 
 /** Token counts of one answer, as the engine reported them. */
 export interface Usage {
@@ -16,8 +16,12 @@ export interface Usage {
   readonly total_tokens: number;
 }
 
-/** Where the time of one request went, in milliseconds. */
-export interface Timing {
+/**
+ * The `timing` of a `done` reply: where the time of one request went, in whole
+ * milliseconds from its arrival (the statistics keep the unrounded
+ * measurement, `RequestDurations`).
+ */
+export interface ReplyTiming {
   readonly queue_ms: number;
   readonly ttft_ms: number | null;
   readonly total_ms: number;
@@ -31,7 +35,7 @@ export type ReplyBody =
     readonly response: string;
     readonly finish_reason: string;
     readonly usage: Usage | null;
-    readonly timing: Timing;
+    readonly timing: ReplyTiming;
     /** The answer was not generated again: its `request_id` was answered before (a retry). */
     readonly repeated?: true;
     /**

@@ -1,7 +1,8 @@
 /**
- * Parsing and validation of a request payload (protocol v1, and the original
- * deployment's camelCase form). Runs on the gateway thread for every message,
- * so it checks the size before it decodes and decodes before it parses.
+ * Parsing and validation of a request payload: protocol v1, and the original
+ * deployment's camelCase form, read as v1 fields first ({@linkcode v1Fields}).
+ * Runs on the gateway thread for every message, so it checks the size before
+ * it decodes and decodes before it parses.
  *
  * @module
  */
@@ -9,13 +10,9 @@
 import { z } from "zod";
 import { ServiceError } from "./errors.ts";
 import { type ImageInput, parseImages } from "./images.ts";
+import { generatedSessionId, v1Fields } from "./request_fields.ts";
+import { type ReplyStyle, replyStyle } from "./reply_style.ts";
 import { SESSION_ID_PATTERN } from "./topics.ts";
-
-/**
- * How replies to a request are written: v1 JSON, or the original's plain
- * text; `hint`, a game's hint object, is for answers to state messages only.
- */
-export type ReplyStyle = "json" | "text" | "hint";
 
 /** Sampling parameters a client may set, after clamping. */
 export interface SamplingParams {
@@ -86,21 +83,6 @@ export interface ReplyAddress {
 export type ParseOutcome =
   | { ok: true; request: ChatRequest }
   | { ok: false; error: ServiceError; address: ReplyAddress | undefined };
-
-/** camelCase fields of the original deployment and the v1 fields they stand for. */
-const ALIASES: Readonly<Record<string, string>> = {
-  sessionId: "session_id",
-  requestId: "request_id",
-  maxTokens: "max_tokens",
-  topP: "top_p",
-  topK: "top_k",
-  systemPrompt: "system_prompt",
-  replyTopic: "reply_topic",
-  clientId: "client_id",
-};
-
-/** Sampling fields the original took at the top level of the request. */
-const TOP_LEVEL_PARAMS = ["temperature", "top_p", "max_tokens"] as const;
 
 const shortString = z.string().max(256);
 
@@ -181,71 +163,31 @@ export function parseRequest(
     return fail("payload must be a JSON object");
   }
 
-  // A field sent as null is a field not given, as the original took it: a relay sends every
-  // option its user left empty as null.
-  const given = withoutNulls(raw);
-  const fields: Record<string, unknown> = {};
-  // The original's clients name the session `sessionId`, or leave it out and use other
-  // camelCase fields.
-  const camelCase = "sessionId" in raw ||
-    (!("session_id" in raw) && Object.keys(raw).some((key) => key in ALIASES));
-  for (const [key, value] of Object.entries(given)) {
-    const v1 = ALIASES[key];
-    if (v1 !== undefined) {
-      if (!(v1 in given)) fields[v1] = value;
-    } else {
-      fields[key] = value;
-    }
-  }
-  // The original took a prompt template (a string, or an object with `content`) as the
-  // request's system prompt.
-  const template = fields.prompt_template;
-  delete fields.prompt_template;
-  if (fields.system_prompt === undefined && template !== undefined) {
-    fields.system_prompt = isObject(template) ? template.content : template;
-  }
-  fields.session_id = normalizeSessionId(fields.session_id);
+  const { fields, camelCase } = v1Fields(raw);
   // On a session's own input topic the payload may leave the id out; one it names must match.
-  if (topicSessionId !== undefined) {
-    if (fields.session_id === undefined || fields.session_id === null) {
-      fields.session_id = topicSessionId;
-    } else if (fields.session_id !== topicSessionId) {
-      return fail(
-        `the payload names session ${JSON.stringify(fields.session_id)}, but this topic is ` +
-          `session ${topicSessionId}'s`,
-        {
-          sessionId: topicSessionId,
-          requestId: typeof fields.request_id === "string"
-            ? fields.request_id.slice(0, 256)
-            : undefined,
-          style: camelCase ? "text" : "json",
-          replyTopic: undefined,
-        },
-        "forbidden",
-      );
-    }
+  if (
+    topicSessionId !== undefined && fields.session_id !== undefined &&
+    fields.session_id !== topicSessionId
+  ) {
+    return fail(
+      `the payload names session ${JSON.stringify(fields.session_id)}, but this topic is ` +
+        `session ${topicSessionId}'s`,
+      {
+        sessionId: topicSessionId,
+        requestId: typeof fields.request_id === "string"
+          ? fields.request_id.slice(0, 256)
+          : undefined,
+        // The payload's `format` is not read here: the style follows its form alone.
+        style: replyStyle(undefined, camelCase),
+        replyTopic: undefined,
+      },
+      "forbidden",
+    );
   }
   // A request without a session id is a conversation of its own, as the original made it.
-  fields.session_id ??= generatedSessionId();
-  // The original took sampling parameters at the top level; v1 takes them in `params`.
-  const topLevel: Record<string, unknown> = {};
-  for (const name of TOP_LEVEL_PARAMS) {
-    if (name in fields) {
-      topLevel[name] = fields[name];
-      delete fields[name];
-    }
-  }
-  if (Object.keys(topLevel).length > 0) {
-    const params = fields.params;
-    fields.params = typeof params === "object" && params !== null
-      ? { ...topLevel, ...params }
-      : topLevel;
-  }
-  if (isObject(fields.params)) fields.params = withoutNulls(fields.params);
+  fields.session_id ??= topicSessionId ?? generatedSessionId();
 
   const parsed = requestSchema.safeParse(fields);
-  const styleOf = (format: unknown): ReplyStyle =>
-    format === "json" || format === "text" ? format : camelCase ? "text" : "json";
   if (!parsed.success) {
     const sessionId = fields.session_id;
     const replyTopic = validReplyTopic(fields.reply_topic, responseRoot);
@@ -257,7 +199,7 @@ export function parseRequest(
         requestId: typeof fields.request_id === "string"
           ? fields.request_id.slice(0, 256)
           : undefined,
-        style: styleOf(fields.format),
+        style: replyStyle(fields.format, camelCase),
         replyTopic,
       }
       : undefined;
@@ -270,7 +212,7 @@ export function parseRequest(
   const address: ReplyAddress = {
     sessionId: body.session_id,
     requestId: body.request_id,
-    style: styleOf(body.format),
+    style: replyStyle(body.format, camelCase),
     replyTopic: validReplyTopic(body.reply_topic, responseRoot),
   };
   const reset = body.reset ?? false;
@@ -358,11 +300,8 @@ function peekAddress(payload: Uint8Array, responseRoot: string): ReplyAddress | 
   return {
     sessionId,
     requestId: peekField(text, ["request_id", "requestId"])?.slice(0, 256),
-    style: format === "json" || format === "text"
-      ? format
-      : peekField(text, ["session_id"]) === undefined
-      ? "text"
-      : "json",
+    // Read without parsing, the original's form is a payload without a `session_id`.
+    style: replyStyle(format, peekField(text, ["session_id"]) === undefined),
     replyTopic: validReplyTopic(peekField(text, ["reply_topic", "replyTopic"]), responseRoot),
   };
 }
@@ -375,30 +314,4 @@ function validReplyTopic(value: unknown, responseRoot: string): string | undefin
   // deno-lint-ignore no-control-regex
   if (/[+#\u0000-\u001f\u007f]/.test(value)) return undefined;
   return value;
-}
-
-function isObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
-/** The fields of `object` whose value is not null. */
-function withoutNulls(object: object): Record<string, unknown> {
-  return Object.fromEntries(Object.entries(object).filter(([, value]) => value !== null));
-}
-
-/**
- * A session id as the original read it: a number stands for its decimal
- * string, spaces around an id are not part of it, and an empty one is none.
- * Anything else is left for validation to refuse.
- */
-function normalizeSessionId(value: unknown): unknown {
-  if (typeof value === "number" && Number.isFinite(value)) return String(value);
-  if (typeof value !== "string") return value;
-  const trimmed = value.trim();
-  return trimmed === "" ? undefined : trimmed;
-}
-
-/** `default-` and 8 hexadecimal digits: the original's id for a request that names none. */
-function generatedSessionId(): string {
-  return `default-${crypto.randomUUID().slice(0, 8)}`;
 }

@@ -1,6 +1,7 @@
 /**
- * Topic names of protocol v1. Every topic the program reads or writes is built
- * here, so the layout is in one place.
+ * Topic names of protocol v1. Every topic the program subscribes to or
+ * publishes on is built (and every incoming one read) here, so the layout is
+ * in one place.
  *
  * @module
  */
@@ -8,9 +9,10 @@
 /**
  * A session id as it may stand in a topic level: 1 to 128 characters (code
  * points) of UTF-8, without what MQTT forbids in a level (`/ + #`, NUL) or
- * asks senders to avoid (the other C0 and C1 control characters, DEL and
- * Unicode non-characters: a strict broker may drop a connection that
- * publishes them), and without lone surrogates (not encodable as UTF-8).
+ * asks senders to avoid (the other C0 and C1 control characters, DEL and the
+ * non-characters U+FDD0 to U+FDEF, U+FFFE and U+FFFF: a strict broker may
+ * drop a connection that publishes them), and without lone surrogates (not
+ * encodable as UTF-8).
  * Spaces, `@`, dots and any script are fine (`my session`, `ann@example.com`).
  */
 export const SESSION_ID_PATTERN =
@@ -36,12 +38,12 @@ export class Topics {
     this.#instance = instance;
   }
 
-  /** The subscription for a topic filter: `$share/{group}/{filter}` within a share group. */
   /** Whether input is subscribed as a shared subscription (several instances). */
   get shared(): boolean {
     return this.#shareGroup !== undefined;
   }
 
+  /** The subscription for a topic filter: `$share/{group}/{filter}` within a share group. */
   subscription(filter: string): string {
     return this.#shareGroup === undefined ? filter : `$share/${this.#shareGroup}/${filter}`;
   }
@@ -69,22 +71,23 @@ export class Topics {
     return `${this.#prefix}${project}/assistant_response/`;
   }
 
-  /** `{prefix}{project}/{command}` and `.../{command}/+`, for the control topics. */
+  /** The filters of one control command: `{prefix}{project}/{command}` and `.../{command}/+`. */
   control(project: string, command: ControlCommand): string[] {
     return [`${this.#prefix}${project}/${command}`, `${this.#prefix}${project}/${command}/+`];
   }
 
   /**
-   * `{prefix}{project}/new_session/{nonce}`: asks for a new signed session id,
-   * answered on `.../assistant_response/{nonce}`.
+   * The filter `{prefix}{project}/new_session/+`: a message on
+   * `.../new_session/{nonce}` asks for a new signed session id, answered on
+   * `.../assistant_response/{nonce}`.
    */
   newSession(project: string): string {
     return `${this.#prefix}${project}/new_session/+`;
   }
 
   /**
-   * `{prefix}{project}/state` and `.../state/+`: where a game publishes its
-   * state (projects whose file says `state_topic: true`).
+   * The filters `{prefix}{project}/state` and `.../state/+`: where a game
+   * publishes its state (projects whose file says `state_topic: true`).
    */
   state(project: string): string[] {
     return [`${this.#prefix}${project}/state`, `${this.#prefix}${project}/state/+`];
@@ -95,21 +98,26 @@ export class Topics {
     return `${this.#prefix}${project}/hint/${sessionId}`;
   }
 
-  /** The retained online/offline message. */
+  /**
+   * `{service}/status`, or `{service}/status/{instance}` within a share group:
+   * where the retained online/offline message goes. Not under the prefix.
+   */
   get status(): string {
     return this.#shareGroup === undefined
       ? `${this.#service}/status`
       : `${this.#service}/status/${this.#instance}`;
   }
 
-  /** The periodic statistics message. */
+  /** `{service}/stats`: where the periodic statistics report goes. Not under the prefix. */
   get stats(): string {
     return `${this.#service}/stats`;
   }
 
   /**
-   * What an incoming topic addresses: a project's input, a control command
-   * (with the session id of its last level, if any), or nothing of ours.
+   * What an incoming topic addresses: a project's input, a game's state, a
+   * request for a new session id, or a control command (each with the
+   * session id or nonce of its last level, if any); undefined for a topic
+   * that is none of ours. The project is not checked against those served.
    */
   parse(topic: string): TopicTarget | undefined {
     if (!topic.startsWith(this.#prefix)) return undefined;
@@ -135,6 +143,7 @@ export class Topics {
 /** The control topics the original deployment served. */
 export type ControlCommand = "clear_history" | "delete_session" | "template";
 
+/** Every control command, in the order their topics are subscribed. */
 export const CONTROL_COMMANDS: readonly ControlCommand[] = [
   "clear_history",
   "delete_session",

@@ -1,0 +1,159 @@
+/**
+ * Request parsing, the cases the end-to-end tests do not reach one by one:
+ * per-session input topics, the original's form (null fields, numbers as
+ * session ids, prompt templates, top-level sampling fields) and where an
+ * invalid or too large payload is answered, in which style.
+ */
+
+import assert, { deepEqual, equal, match } from "node:assert/strict";
+import { type ParseOutcome, parseRequest, type RequestLimits } from "../../lib/protocol/mod.ts";
+
+/** Where replies of the project go: a `reply_topic` must lie under it. */
+const ROOT = "maze/assistant_response/";
+const LIMITS: RequestLimits = {
+  stream: true,
+  temperature: 0.7,
+  topP: 0.8,
+  maxTokens: 128,
+  maxPriority: 5,
+  maxMessageChars: 200,
+  maxPayloadBytes: 800,
+};
+
+const parse = (value: unknown, topicSessionId?: string): ParseOutcome =>
+  parseRequest(
+    new TextEncoder().encode(typeof value === "string" ? value : JSON.stringify(value)),
+    "maze",
+    ROOT,
+    LIMITS,
+    topicSessionId,
+  );
+
+const request = (value: unknown, topicSessionId?: string) => {
+  const outcome = parse(value, topicSessionId);
+  assert(outcome.ok, outcome.ok ? "" : outcome.error.message);
+  return outcome.request;
+};
+
+const failure = (value: unknown, topicSessionId?: string) => {
+  const outcome = parse(value, topicSessionId);
+  assert(!outcome.ok, "expected a refusal");
+  return outcome;
+};
+
+Deno.test("request: on a session's own topic the id may be left out; another one is forbidden", () => {
+  equal(request({ message: "hi" }, "s1").sessionId, "s1");
+  equal(request({ session_id: "s1", message: "hi" }, "s1").sessionId, "s1");
+  equal(request({ sessionId: 7, message: "hi" }, "7").sessionId, "7");
+  const other = failure({ session_id: "s2", message: "hi", request_id: "r" }, "s1");
+  equal(other.error.code, "forbidden");
+  deepEqual(other.address, {
+    sessionId: "s1",
+    requestId: "r",
+    style: "json",
+    replyTopic: undefined,
+  });
+  // The refusal is written in the form the payload came in.
+  equal(failure({ sessionId: "s2", message: "hi" }, "s1").address?.style, "text");
+});
+
+Deno.test("request: without a session id, a conversation of its own (default-xxxxxxxx)", () => {
+  const a = request({ message: "hi" });
+  const b = request({ message: "hi", session_id: "   " });
+  match(a.sessionId, /^default-[0-9a-f]{8}$/);
+  match(b.sessionId, /^default-[0-9a-f]{8}$/);
+  assert(a.sessionId !== b.sessionId);
+});
+
+Deno.test("request: the original's form: nulls are not given, numbers and spaces in ids", () => {
+  const r = request({
+    sessionId: 42,
+    message: "hi",
+    requestId: null,
+    temperature: null,
+    maxTokens: 64,
+    params: { top_p: null, max_tokens: 32 },
+  });
+  equal(r.sessionId, "42");
+  equal(r.requestId, undefined);
+  // `params` wins over the same field at the top level; a null in it is not given.
+  deepEqual(r.params, { max_tokens: 32, temperature: 0.7, top_p: 0.8 });
+  equal(request({ session_id: "  padded id  ", message: "hi" }).sessionId, "padded id");
+});
+
+Deno.test("request: a v1 field wins over its camelCase alias; both forms mixed are camelCase", () => {
+  const r = request({ session_id: "v1", sessionId: "old", message: "hi" });
+  equal(r.sessionId, "v1");
+  // `sessionId` present: the original's client, whatever else it sent.
+  equal(r.style, "text");
+  equal(request({ session_id: "s", clientId: "c", message: "hi" }).style, "json");
+  equal(request({ clientId: "c", message: "hi" }).style, "text");
+  equal(request({ message: "hi" }).style, "json");
+});
+
+Deno.test("request: a prompt template is the system prompt unless one is given", () => {
+  equal(request({ session_id: "s", message: "hi", prompt_template: "T" }).systemPrompt, "T");
+  equal(
+    request({ session_id: "s", message: "hi", prompt_template: { content: "C" } }).systemPrompt,
+    "C",
+  );
+  equal(
+    request({ session_id: "s", message: "hi", prompt_template: "T", system_prompt: "S" })
+      .systemPrompt,
+    "S",
+  );
+});
+
+Deno.test("request: an explicit format wins; text replies never stream", () => {
+  const text = request({ session_id: "s", message: "hi", format: "text", stream: true });
+  deepEqual([text.style, text.stream], ["text", false]);
+  const json = request({ sessionId: "s", message: "hi", format: "json" });
+  deepEqual([json.style, json.stream], ["json", true]);
+  equal(request({ session_id: "s", message: "hi", stream: false }).stream, false);
+});
+
+Deno.test("request: a bad id is answered only where the client asked, in its style", () => {
+  // A session id that cannot be a topic level has no topic of its own...
+  equal(failure({ session_id: "a/b", message: "x" }).address, undefined);
+  // ...but a valid reply topic is answered, with the id as given.
+  deepEqual(
+    failure({ sessionId: "a/b", message: "x", replyTopic: `${ROOT}mine`, requestId: "r" })
+      .address,
+    { sessionId: "a/b", requestId: "r", style: "text", replyTopic: `${ROOT}mine` },
+  );
+  // An invalid field after a valid id: answered on the session, in the payload's format.
+  deepEqual(failure({ session_id: "s", message: 5, format: "text" }).address, {
+    sessionId: "s",
+    requestId: undefined,
+    style: "text",
+    replyTopic: undefined,
+  });
+});
+
+Deno.test("request: a payload too large to parse is answered from what can be read of it", () => {
+  const big = "x".repeat(LIMITS.maxPayloadBytes);
+  const v1 = failure({ session_id: "s", request_id: "r", message: big });
+  equal(v1.error.code, "payload_too_large");
+  deepEqual(v1.address, { sessionId: "s", requestId: "r", style: "json", replyTopic: undefined });
+  const original = failure({ sessionId: "t", replyTopic: `${ROOT}x`, message: big });
+  deepEqual(original.address, {
+    sessionId: "t",
+    requestId: undefined,
+    style: "text",
+    replyTopic: `${ROOT}x`,
+  });
+  equal(failure({ sessionId: "t", format: "json", message: big }).address?.style, "json");
+  // A reply topic outside the project's root is not honoured, even here.
+  equal(
+    failure({ session_id: "s", reply_topic: "other/x", message: big }).address?.replyTopic,
+    undefined,
+  );
+  equal(failure({ session_id: "a/b", message: big }).address, undefined);
+});
+
+Deno.test("request: a message is needed unless reset or cancel is set, and it may not be blank", () => {
+  match(failure({ session_id: "s", message: "  " }).error.message, /empty/);
+  match(failure({ session_id: "s" }).error.message, /required unless/);
+  const reset = request({ session_id: "s", reset: true });
+  deepEqual([reset.reset, reset.message], [true, undefined]);
+});
