@@ -90,15 +90,15 @@ export class SessionDirectory {
 
   /** Live sessions now. */
   get size(): number {
-    this.sweep();
+    this.#sweep();
     return this.#entries.size;
   }
 
   /** Marks a session as just used; evicts the least recently used beyond the cap. */
-  touch(project: string, sessionId: string, now = this.#now()): void {
+  touch(project: string, sessionId: string): void {
     const key = sessionKey(project, sessionId);
     this.#entries.delete(key);
-    this.#entries.set(key, { project, sessionId, expiresAt: now + this.#ttlMs });
+    this.#entries.set(key, { project, sessionId, expiresAt: this.#now() + this.#ttlMs });
     if (this.#entries.size <= this.#maxSessions) return;
     for (const [candidate, entry] of this.#entries) {
       if (this.#entries.size <= this.#maxSessions) break;
@@ -133,9 +133,10 @@ export class SessionDirectory {
   }
 
   /** Drops expired entries (their data expires in the store by itself). */
-  sweep(now = this.#now()): void {
-    for (const [k, entry] of this.#entries) {
-      if (entry.expiresAt <= now) this.#entries.delete(k);
+  #sweep(): void {
+    const now = this.#now();
+    for (const [key, entry] of this.#entries) {
+      if (entry.expiresAt <= now) this.#entries.delete(key);
     }
   }
 }

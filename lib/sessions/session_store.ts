@@ -21,7 +21,7 @@
 
 import { logger } from "../log.ts";
 import { commitOrThrow, isDamage, openKv } from "./_util.ts";
-import { commitTurn } from "./commit_turn.ts";
+import { commitTurn, type TurnCommitContext } from "./commit_turn.ts";
 import {
   deleteMessages,
   freshSeq,
@@ -54,12 +54,20 @@ export class SessionStore {
   readonly #ttlMs: number;
   /** Recently used sessions, with the write counter seen when they were read or written. */
   readonly #cache: SessionCache;
+  /** What a turn's commit works with. */
+  readonly #turns: TurnCommitContext;
 
   constructor(kv: Deno.Kv, ttlMs: number, generations?: WriteGenerations, reads: Deno.Kv = kv) {
     this.#kv = kv;
     this.#reads = reads;
     this.#ttlMs = ttlMs;
     this.#cache = new SessionCache(generations);
+    this.#turns = {
+      kv,
+      ttlMs,
+      cache: this.#cache,
+      load: (project, sessionId, now) => this.load(project, sessionId, now),
+    };
   }
 
   /** Opens (creating if needed) the store at `path`. */
@@ -125,13 +133,7 @@ export class SessionStore {
     added: readonly StoredMessage[],
     now = Date.now(),
   ): Promise<void> {
-    const context = {
-      kv: this.#kv,
-      ttlMs: this.#ttlMs,
-      cache: this.#cache,
-      load: (project: string, sessionId: string, now: number) => this.load(project, sessionId, now),
-    };
-    return commitTurn(context, project, sessionId, session, drop, added, now);
+    return commitTurn(this.#turns, project, sessionId, session, drop, added, now);
   }
 
   /** Forgets a session's history; keeps a per-session system prompt unless `deleteSession`. */
