@@ -37,7 +37,10 @@ async function commitUnlessBusy(
  */
 async function waitWhileBusy(busyTries: number, busySince: number): Promise<void> {
   if (performance.now() - busySince > BUSY_PATIENCE_MS) {
-    throw new Error(`session store: busy (locked by another writer) for ${BUSY_PATIENCE_MS} ms`);
+    throw new SessionStoreError(
+      "busy",
+      `session store: busy (locked by another writer) for ${BUSY_PATIENCE_MS} ms`,
+    );
   }
   await abortableSleep(backoffDelay(busyTries, 1, 64));
 }
@@ -62,7 +65,9 @@ export async function commitWhenFree(
 /** Commits `op`, waiting while the store is locked; throws if a check failed. */
 export async function commitOrThrow(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult> {
   const result = await commitWhenFree(op);
-  if (!result.ok) throw new Error("session store: atomic write was rejected");
+  if (!result.ok) {
+    throw new SessionStoreError("rejected", "session store: atomic write was rejected");
+  }
   return result;
 }
 
@@ -97,6 +102,28 @@ export function isDamage(error: unknown): boolean {
   return /could not deserialize|disk image is malformed|not a database|database corrupt/i.test(
     (error as Error)?.message ?? "",
   );
+}
+
+/** Why a session store write failed (other than for the disk: see `storage_health.ts`). */
+export type SessionStoreErrorCode =
+  /** Another connection held the store's lock for too long. */
+  | "busy"
+  /** A checked write found the record changed. */
+  | "rejected"
+  /** Other writers changed the session on every try of a turn's commit. */
+  | "conflict";
+
+/**
+ * A session store write that failed. Its name stays `Error`: a client is told
+ * `String(error)` of a failed turn, and that stays what it was.
+ */
+export class SessionStoreError extends Error {
+  readonly code: SessionStoreErrorCode;
+
+  constructor(code: SessionStoreErrorCode, message: string) {
+    super(message);
+    this.code = code;
+  }
 }
 
 /** A record that was read but does not make sense (e.g. a message missing a chunk). */

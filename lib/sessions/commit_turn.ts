@@ -19,7 +19,7 @@
  */
 
 import { logger } from "../log.ts";
-import { commitWhenFree } from "./_util.ts";
+import { commitWhenFree, SessionStoreError } from "./_util.ts";
 import {
   deleteMessages,
   messagePrefix,
@@ -57,8 +57,9 @@ export interface TurnCommitContext {
  * renews the kept messages' expiry when it would come before the meta
  * record's (about once a TTL). See the module's doc.
  *
- * @throws when other writers changed the session on each of
- *   {@linkcode COMMIT_ATTEMPTS} tries, or the store stayed locked too long.
+ * @throws {SessionStoreError} `conflict` when other writers changed the
+ *   session on each of {@linkcode COMMIT_ATTEMPTS} tries, `busy` when the
+ *   store stayed locked too long.
  */
 export async function commitTurn(
   context: TurnCommitContext,
@@ -154,7 +155,8 @@ export async function commitTurn(
     session = await context.load(project, sessionId, now);
     drop = 0;
   }
-  throw new Error(
+  throw new SessionStoreError(
+    "conflict",
     `session store: ${sessionKey(project, sessionId)} kept changing under this turn`,
   );
 }
