@@ -4,14 +4,14 @@
  * @module
  */
 
-import { abortableSleep } from "../_util.ts";
+import { abortableSleep, backoffDelay } from "../_util.ts";
 
 /**
  * How long a write waits for a store that another connection keeps locked
  * (Deno KV's expiry sweep deletes every expired key in one transaction, which
  * takes seconds with many expired sessions) before it fails.
  */
-export const BUSY_PATIENCE_MS = 30_000;
+const BUSY_PATIENCE_MS = 30_000;
 
 /**
  * Commits `op`, or says "busy" when SQLite refused the lock: a checked write
@@ -19,7 +19,7 @@ export const BUSY_PATIENCE_MS = 30_000;
  * contention with "database is locked" at once rather than waiting. The caller
  * backs off and tries again.
  */
-export async function commitUnlessBusy(
+async function commitUnlessBusy(
   op: Deno.AtomicOperation,
 ): Promise<Deno.KvCommitResult | Deno.KvCommitError | "busy"> {
   try {
@@ -35,26 +35,40 @@ export async function commitUnlessBusy(
  * with jitter); throws once the store has been busy for {@linkcode BUSY_PATIENCE_MS}
  * since `busySince`.
  */
-export async function waitWhileBusy(busyTries: number, busySince: number): Promise<void> {
+async function waitWhileBusy(busyTries: number, busySince: number): Promise<void> {
   if (performance.now() - busySince > BUSY_PATIENCE_MS) {
-    throw new Error(`session store: busy (locked by another writer) for ${BUSY_PATIENCE_MS} ms`);
+    throw new SessionStoreError(
+      "busy",
+      `session store: busy (locked by another writer) for ${BUSY_PATIENCE_MS} ms`,
+    );
   }
-  const step = 2 ** Math.min(busyTries, 6);
-  await abortableSleep(step * (0.5 + Math.random()));
+  await abortableSleep(backoffDelay(busyTries, 1, 64));
+}
+
+/**
+ * Commits `op`, waiting while another connection holds the store's lock (up
+ * to {@linkcode BUSY_PATIENCE_MS}): a lock is not a change of the records, so
+ * the same operation is tried again. Resolves with the commit's result, which
+ * is not `ok` when a check failed.
+ */
+export async function commitWhenFree(
+  op: Deno.AtomicOperation,
+): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+  const since = performance.now();
+  for (let tries = 0;; tries++) {
+    const result = await commitUnlessBusy(op);
+    if (result !== "busy") return result;
+    await waitWhileBusy(tries, since);
+  }
 }
 
 /** Commits `op`, waiting while the store is locked; throws if a check failed. */
 export async function commitOrThrow(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult> {
-  const since = performance.now();
-  for (let tries = 0;; tries++) {
-    const result = await commitUnlessBusy(op);
-    if (result === "busy") {
-      await waitWhileBusy(tries, since);
-      continue;
-    }
-    if (!result.ok) throw new Error("session store: atomic write was rejected");
-    return result;
+  const result = await commitWhenFree(op);
+  if (!result.ok) {
+    throw new SessionStoreError("rejected", "session store: atomic write was rejected");
   }
+  return result;
 }
 
 /**
@@ -88,6 +102,28 @@ export function isDamage(error: unknown): boolean {
   return /could not deserialize|disk image is malformed|not a database|database corrupt/i.test(
     (error as Error)?.message ?? "",
   );
+}
+
+/** Why a session store write failed (other than for the disk: see `storage_health.ts`). */
+export type SessionStoreErrorCode =
+  /** Another connection held the store's lock for too long. */
+  | "busy"
+  /** A checked write found the record changed. */
+  | "rejected"
+  /** Other writers changed the session on every try of a turn's commit. */
+  | "conflict";
+
+/**
+ * A session store write that failed. Its name stays `Error`: a client is told
+ * `String(error)` of a failed turn, and that stays what it was.
+ */
+export class SessionStoreError extends Error {
+  readonly code: SessionStoreErrorCode;
+
+  constructor(code: SessionStoreErrorCode, message: string) {
+    super(message);
+    this.code = code;
+  }
 }
 
 /** A record that was read but does not make sense (e.g. a message missing a chunk). */

@@ -7,6 +7,7 @@
  */
 
 import { logger } from "../log.ts";
+import { sessionKey } from "./session_key.ts";
 import type { SessionStore } from "./session_store.ts";
 
 const log = logger("sessions");
@@ -17,28 +18,44 @@ interface Entry {
   expiresAt: number;
 }
 
+/** Options of {@linkcode SessionDirectory}. */
+export interface SessionDirectoryOptions {
+  /** The store the sessions live in: checked at start-up, cleared on eviction. */
+  readonly store: Pick<SessionStore, "check" | "clear">;
+  /** Live sessions kept; beyond it the least recently used (and not busy) is evicted. */
+  readonly maxSessions: number;
+  /** Milliseconds a session lives after its last use. */
+  readonly ttlMs: number;
+  /** A session with a request queued or running is never evicted. */
+  readonly isBusy: (project: string, sessionId: string) => boolean;
+  /**
+   * The clock, in milliseconds since the epoch; injected by tests.
+   * @default {Date.now}
+   */
+  readonly now?: () => number;
+}
+
 /** Live sessions in LRU order, with eviction beyond a cap. */
 export class SessionDirectory {
-  readonly #store: SessionStore;
+  readonly #store: Pick<SessionStore, "check" | "clear">;
   readonly #maxSessions: number;
   readonly #ttlMs: number;
   readonly #isBusy: (project: string, sessionId: string) => boolean;
-  /** Insertion order is recency order: the first entry is the least recently used. */
+  readonly #now: () => number;
+  /**
+   * Insertion order is recency order: the first entry is the least recently
+   * used. Not an `LruMap`: a busy session is passed over, and evicting one
+   * clears it in the store.
+   */
   readonly #entries = new Map<string, Entry>();
-  #evicted = 0;
   readonly #clearing = new Map<string, Promise<void>>();
 
-  constructor(options: {
-    store: SessionStore;
-    maxSessions: number;
-    ttlMs: number;
-    /** A session with a request queued or running is never evicted. */
-    isBusy: (project: string, sessionId: string) => boolean;
-  }) {
+  constructor(options: SessionDirectoryOptions) {
     this.#store = options.store;
     this.#maxSessions = options.maxSessions;
     this.#ttlMs = options.ttlMs;
     this.#isBusy = options.isBusy;
+    this.#now = options.now ?? Date.now;
   }
 
   /**
@@ -67,32 +84,26 @@ export class SessionDirectory {
     });
     sessions.sort((a, b) => a.lastActive - b.lastActive);
     for (const { project, sessionId, expiresAt } of sessions) {
-      this.#entries.set(key(project, sessionId), { project, sessionId, expiresAt });
+      this.#entries.set(sessionKey(project, sessionId), { project, sessionId, expiresAt });
     }
   }
 
   /** Live sessions now. */
   get size(): number {
-    this.sweep();
+    this.#sweep();
     return this.#entries.size;
   }
 
-  /** Sessions evicted by the cap since start. */
-  get evicted(): number {
-    return this.#evicted;
-  }
-
   /** Marks a session as just used; evicts the least recently used beyond the cap. */
-  touch(project: string, sessionId: string, now = Date.now()): void {
-    const k = key(project, sessionId);
-    this.#entries.delete(k);
-    this.#entries.set(k, { project, sessionId, expiresAt: now + this.#ttlMs });
+  touch(project: string, sessionId: string): void {
+    const key = sessionKey(project, sessionId);
+    this.#entries.delete(key);
+    this.#entries.set(key, { project, sessionId, expiresAt: this.#now() + this.#ttlMs });
     if (this.#entries.size <= this.#maxSessions) return;
     for (const [candidate, entry] of this.#entries) {
       if (this.#entries.size <= this.#maxSessions) break;
       if (this.#isBusy(entry.project, entry.sessionId)) continue;
       this.#entries.delete(candidate);
-      this.#evicted++;
       const clearing = this.#store.clear(entry.project, entry.sessionId, true).catch(() => {})
         .finally(() => this.#clearing.delete(candidate));
       this.#clearing.set(candidate, clearing);
@@ -104,12 +115,12 @@ export class SessionDirectory {
    * that a new turn never reads the history it is deleting.
    */
   settled(project: string, sessionId: string): Promise<void> {
-    return this.#clearing.get(key(project, sessionId)) ?? Promise.resolve();
+    return this.#clearing.get(sessionKey(project, sessionId)) ?? Promise.resolve();
   }
 
   /** Forgets a session (deleted by a client). */
   forget(project: string, sessionId: string): void {
-    this.#entries.delete(key(project, sessionId));
+    this.#entries.delete(sessionKey(project, sessionId));
   }
 
   /** The sessions of a project. */
@@ -122,13 +133,10 @@ export class SessionDirectory {
   }
 
   /** Drops expired entries (their data expires in the store by itself). */
-  sweep(now = Date.now()): void {
-    for (const [k, entry] of this.#entries) {
-      if (entry.expiresAt <= now) this.#entries.delete(k);
+  #sweep(): void {
+    const now = this.#now();
+    for (const [key, entry] of this.#entries) {
+      if (entry.expiresAt <= now) this.#entries.delete(key);
     }
   }
-}
-
-function key(project: string, sessionId: string): string {
-  return `${project}/${sessionId}`;
 }

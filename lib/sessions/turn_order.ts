@@ -17,6 +17,7 @@
 
 import { abortableSleep } from "../_util.ts";
 import { openKv } from "./_util.ts";
+import { sessionKey } from "./session_key.ts";
 
 /** A ticket as stored: who holds it, and whether its turn has started. */
 interface Holder {
@@ -50,6 +51,17 @@ export interface TurnOrderOptions {
    * @default {3600000}
    */
   readonly keepMs?: number;
+  /**
+   * The clock, in milliseconds since the epoch (arrivals and heartbeats are
+   * compared across instances); injected by tests.
+   * @default {Date.now}
+   */
+  readonly now?: () => number;
+  /**
+   * Waits `ms` or until `signal` aborts (rejecting with its reason); injected by tests.
+   * @default {abortableSleep}
+   */
+  readonly sleep?: (ms: number, signal: AbortSignal) => Promise<void>;
 }
 
 /** A request's place in its session's line. */
@@ -93,6 +105,8 @@ export class TurnOrder {
   readonly #timeoutMs: number;
   readonly #pollMs: number;
   readonly #keepMs: number;
+  readonly #now: () => number;
+  readonly #sleep: (ms: number, signal: AbortSignal) => Promise<void>;
   /** Waits for turns here, per session: ended one after another, in arrival order. */
   readonly #waiting = new Map<string, Promise<unknown>>();
   #issued = 0;
@@ -105,6 +119,8 @@ export class TurnOrder {
     this.#timeoutMs = options.instanceTimeoutMs ?? 10_000;
     this.#pollMs = options.pollMs ?? 25;
     this.#keepMs = options.keepMs ?? 3_600_000;
+    this.#now = options.now ?? Date.now;
+    this.#sleep = options.sleep ?? abortableSleep;
   }
 
   /** Opens the tickets kept in the store at `path` and starts this instance's heartbeat. */
@@ -135,7 +151,8 @@ export class TurnOrder {
   /** See {@linkcode TurnTicket.turn}. */
   waitFor(ticket: TurnTicket, signal: AbortSignal): Promise<void> {
     // After this instance's earlier tickets of the session: they reach the scheduler first.
-    const session = ticket.key.slice(0, 3).join("/");
+    const [, project, sessionId] = ticket.key;
+    const session = sessionKey(project, sessionId);
     const previous = this.#waiting.get(session);
     const waited = untilSettled(previous, signal).then(() => this.#waitForOthers(ticket, signal));
     const tail = Promise.allSettled([previous, waited]);
@@ -163,8 +180,8 @@ export class TurnOrder {
 
   async #waitForOthers(ticket: TurnTicket, signal: AbortSignal): Promise<void> {
     const [, project, sessionId, arrivedAt] = ticket.key;
-    const settled = arrivedAt + this.#windowMs - Date.now();
-    if (settled > 0) await abortableSleep(settled, signal);
+    const settled = arrivedAt + this.#windowMs - this.#now();
+    if (settled > 0) await this.#sleep(settled, signal);
     const alive = new Map<string, Promise<boolean>>();
     for (;;) {
       let blocked = false;
@@ -178,13 +195,13 @@ export class TurnOrder {
       }
       if (!blocked) return;
       alive.clear();
-      await abortableSleep(this.#pollMs * (0.5 + Math.random()), signal);
+      await this.#sleep(this.#pollMs * (0.5 + Math.random()), signal);
     }
   }
 
   async #alive(instance: string): Promise<boolean> {
     const beat = await this.#kv.get<number>(["turn_instance", instance]);
-    return (beat.value ?? 0) > Date.now();
+    return (beat.value ?? 0) > this.#now();
   }
 
   async #write(ticket: TurnTicket, running: boolean): Promise<void> {
@@ -194,7 +211,7 @@ export class TurnOrder {
 
   /** Writes this instance's heartbeat: alive until the time it names. */
   async #beat(): Promise<void> {
-    await this.#kv.set(["turn_instance", this.#instance], Date.now() + this.#timeoutMs, {
+    await this.#kv.set(["turn_instance", this.#instance], this.#now() + this.#timeoutMs, {
       expireIn: 2 * this.#timeoutMs,
     });
   }
