@@ -28,7 +28,7 @@ import {
 } from "../protocol/mod.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
-import type { ReplyTarget } from "./gateway.ts";
+import type { ReplyTarget } from "./reply_target.ts";
 
 /** What the control topics act on. */
 export interface ControlTopicsOptions {

@@ -28,7 +28,7 @@ import {
 } from "../protocol/mod.ts";
 import type { Stats } from "../observability/stats.ts";
 import { parseState, StateError } from "../games/maze_state.ts";
-import type { ReplyTarget } from "./gateway.ts";
+import type { ReplyTarget } from "./reply_target.ts";
 
 /** What the state topics act through (the gateway). */
 export interface StateTopicsOptions {
