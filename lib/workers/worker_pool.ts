@@ -23,10 +23,13 @@ interface Slot {
 }
 
 /** What the pool needs of a worker: a Web Worker, or a stand-in in a test. */
-export type PoolWorker = Pick<
-  Worker,
-  "postMessage" | "onmessage" | "onerror" | "addEventListener" | "terminate"
->;
+export interface PoolWorker {
+  postMessage(message: ToWorker): void;
+  onmessage: ((event: MessageEvent<FromWorker>) => void) | null;
+  onerror: ((event: ErrorEvent) => void) | null;
+  addEventListener(type: "message", listener: (event: MessageEvent<FromWorker>) => void): void;
+  terminate(): void;
+}
 
 const WORKER_URL = new URL("./request_worker.ts", import.meta.url);
 
@@ -118,7 +121,7 @@ export class WorkerPool {
       const closed = Promise.withResolvers<void>();
       const timer = setTimeout(closed.resolve, 2000);
       slot.worker.addEventListener("message", (event) => {
-        if ((event as MessageEvent<FromWorker>).data.type === "closed") {
+        if (event.data.type === "closed") {
           clearTimeout(timer);
           closed.resolve();
         }
@@ -139,7 +142,7 @@ export class WorkerPool {
     slot.worker = worker;
     if (!replacing) this.#slots.push(slot);
     const ready = Promise.withResolvers<void>();
-    worker.onmessage = (event: MessageEvent<FromWorker>) => {
+    worker.onmessage = (event) => {
       if (event.data.type === "ready") ready.resolve();
       else this.#receive(event.data);
     };
