@@ -36,7 +36,7 @@ export interface TurnRunnerOptions {
   readonly recent: RecentRequests;
   readonly directory: SessionDirectory;
   readonly stats: Stats;
-  readonly engineHealth: EngineHealth;
+  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed">;
   readonly storageHealth: StorageHealth | undefined;
   /** Milliseconds a turn waits for an engine that is down. */
   readonly engineWaitMs: number;
