@@ -17,6 +17,11 @@ import { SESSION_ID_PATTERN } from "./topics.ts";
  */
 export type ReplyStyle = "json" | "text" | "hint";
 
+/** The reply style a payload's `format` names, else `fallback` (the style its fields suggest). */
+export function replyStyle(format: unknown, fallback: ReplyStyle): ReplyStyle {
+  return format === "json" || format === "text" ? format : fallback;
+}
+
 /** Sampling parameters a client may set, after clamping. */
 export interface SamplingParams {
   readonly max_tokens: number;
@@ -244,8 +249,7 @@ export function parseRequest(
   if (isObject(fields.params)) fields.params = withoutNulls(fields.params);
 
   const parsed = requestSchema.safeParse(fields);
-  const styleOf = (format: unknown): ReplyStyle =>
-    format === "json" || format === "text" ? format : camelCase ? "text" : "json";
+  const styleOf = (format: unknown) => replyStyle(format, camelCase ? "text" : "json");
   if (!parsed.success) {
     const sessionId = fields.session_id;
     const replyTopic = validReplyTopic(fields.reply_topic, responseRoot);
