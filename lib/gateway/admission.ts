@@ -20,7 +20,7 @@
  * 9. queue: into the scheduler, or `queue_full`.
  *
  * A turn that did not come as an MQTT request (the operator page's "try
- * it", a game state) enters at step 4 or 7.
+ * it", a game state) passes steps 4 and 7 to 9 only.
  *
  * @module
  */

@@ -48,13 +48,8 @@ function gateway(options: Partial<GatewayOptions> = {}) {
   const turns: Turn[] = [];
   const events: StatsEvent[] = [];
   const clock = { now: 1000 };
-  const stats = new Stats(() => ({
-    queued: 0,
-    inFlight: 0,
-    liveSessions: 0,
-    engineReady: true,
-    engineRestarts: {},
-  }));
+  const gauges = { queued: 0, inFlight: 0, liveSessions: 0, engineReady: true };
+  const stats = new Stats(() => ({ ...gauges, engineRestarts: {} }));
   stats.watch((event) => events.push(event));
   const directory = {
     settled: () => Promise.resolve(),
