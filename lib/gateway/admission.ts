@@ -112,15 +112,21 @@ export class Admission {
     packet: IPublishPacket,
   ): void {
     this.#options.stats.request();
+    // Steps 1 and 2: project, parse.
     const parsed = this.#parse(topic, project, topicSessionId, payload, packet);
     if (!parsed) return;
     const { request, reply } = parsed;
+    // Step 3: ownership.
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
     if (refusal) return this.fail(reply, refusal);
+    // Step 4: accepting.
     if (this.refusedWhileStopping(reply)) return;
+    // Step 5: cancel.
     if (request.cancel && this.#cancel(request, reply)) return;
+    // Step 6: dedup.
     const dedupKey = this.#dedup(request, reply, payload, packet);
     if (dedupKey === undefined) return;
+    // Steps 7 to 9: rate limit, order, queue.
     this.admit({
       kind: "turn",
       id: this.#nextId++,
@@ -154,7 +160,7 @@ export class Admission {
       return this.fail(job.target, error, job);
     }
     const { line, scheduler, maxQueue } = this.#options;
-    // Refused with the scheduler's own queue_full when the line and the queue are full.
+    // Line and queue full: straight to the scheduler, which refuses it if its queue is full.
     if (line && line.size + scheduler.queued < maxQueue) line.wait(job);
     else this.queue(job);
   }
