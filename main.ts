@@ -67,40 +67,40 @@ async function main(): Promise<number> {
     log.error("Unhandled rejection: {reason}", { reason: String(event.reason) });
   });
 
-  const stopped = new Promise<number>((resolve) => {
-    let stopping = false;
-    const stop = (why: string, code: number) => {
-      if (stopping) return;
-      stopping = true;
-      log.info("{why}: stopping (a second SIGINT or SIGTERM stops at once)", { why });
-      // Whatever the broker and the engine do, the stop ends: past the time accepted requests
-      // may take, and a margin for closing, vLLM is killed and the program exits.
-      const deadline = setTimeout(() => {
-        log.error("Shutdown took longer than {s} s: stopping now", { s: deadlineMs / 1000 });
-        service.killNow();
-        resolve(1);
-      }, deadlineMs);
-      service.stop().then(() => resolve(code), (error) => {
-        log.error("Shutdown failed: {message}", { message: (error as Error).message });
-        service.killNow();
-        resolve(1);
-      }).finally(() => clearTimeout(deadline));
-    };
-    const deadlineMs = config.shutdownTimeoutMs + SHUTDOWN_MARGIN_MS;
-    for (const signal of ["SIGINT", "SIGTERM"] as const) {
-      Deno.addSignalListener(signal, () => {
-        if (!stopping) return stop(signal, 0);
-        log.warn("{signal} again: stopping now, without waiting for accepted requests", {
-          signal,
-        });
-        service.killNow();
-        resolve(1);
+  // Resolved with the exit code once the service has stopped (or the stop was given up).
+  const { promise: stopped, resolve } = Promise.withResolvers<number>();
+  let stopping = false;
+  const stop = (why: string, code: number) => {
+    if (stopping) return;
+    stopping = true;
+    log.info("{why}: stopping (a second SIGINT or SIGTERM stops at once)", { why });
+    // Whatever the broker and the engine do, the stop ends: past the time accepted requests
+    // may take, and a margin for closing, vLLM is killed and the program exits.
+    const deadline = setTimeout(() => {
+      log.error("Shutdown took longer than {s} s: stopping now", { s: deadlineMs / 1000 });
+      service.killNow();
+      resolve(1);
+    }, deadlineMs);
+    service.stop().then(() => resolve(code), (error) => {
+      log.error("Shutdown failed: {message}", { message: (error as Error).message });
+      service.killNow();
+      resolve(1);
+    }).finally(() => clearTimeout(deadline));
+  };
+  const deadlineMs = config.shutdownTimeoutMs + SHUTDOWN_MARGIN_MS;
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    Deno.addSignalListener(signal, () => {
+      if (!stopping) return stop(signal, 0);
+      log.warn("{signal} again: stopping now, without waiting for accepted requests", {
+        signal,
       });
-    }
-    service.failed.then((error) => {
-      log.error("{message}", { message: error.message });
-      stop("a part failed for good", 1);
+      service.killNow();
+      resolve(1);
     });
+  }
+  service.failed.then((error) => {
+    log.error("{message}", { message: error.message });
+    stop("a part failed for good", 1);
   });
   const code = await stopped;
   await closeLogging();

@@ -7,29 +7,31 @@
  */
 
 import { join } from "node:path";
+import type { MqttClient } from "mqtt";
 import { withTimeout } from "./_util.ts";
 import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
-import { type Config, ConfigError } from "./config/config.ts";
+import type { Config } from "./config/config.ts";
 import { EngineHealth } from "./engine/engine_health.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
-import { type RunningEngine, startEngine } from "./engine/start_engine.ts";
+import { startEngine } from "./engine/start_engine.ts";
 import { Gateway } from "./gateway/gateway.ts";
+import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
 import { logger } from "./log.ts";
-import type { MqttClient } from "mqtt";
 import { connectMqtt, type MessageHandler, redact, TakeoverWatch } from "./mqtt/connect.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
-import { SessionStore } from "./sessions/session_store.ts";
-import { checkHeadroom, storageFailure, StorageHealth } from "./sessions/storage_health.ts";
 import { TurnOrder } from "./sessions/turn_order.ts";
 import { WriteGenerations } from "./sessions/write_generations.ts";
-import { isLoopback, serviceDashboard } from "./observability/dashboard.ts";
-import { type HttpEndpoint, serveHttpEndpoint } from "./observability/http_endpoint.ts";
 import { LiveStats } from "./observability/live_stats.ts";
 import { Stats } from "./observability/stats.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
-import { plainProject, type Project, readProjectFile } from "./projects/project_file.ts";
+import { loadProjects } from "./service/projects.ts";
+import { type Parts, serveOperatorEndpoint } from "./service/operator_endpoint.ts";
+import { noteStatus } from "./service/status.ts";
+import { openStore, watchStorage } from "./service/storage.ts";
+
+export { loadProjects } from "./service/projects.ts";
 
 /** A running service. */
 export interface Service {
@@ -48,61 +50,6 @@ export interface Service {
 
 const log = logger("service");
 
-/** The general prompt when the prompts folder has none (`general.md`). */
-const FALLBACK_PROMPT = "You are a helpful assistant. Answer clearly, concisely and accurately.";
-
-/**
- * Reads `prompts/NAME.md` for every project (its system prompt, after a YAML
- * front matter if it has one: see `projects/project_file.ts`). A project
- * without one is served with the general prompt (`general.md`) and nothing
- * else, as the original did for any name, and a warning names the file to
- * create. A file that cannot be read for another reason (permissions), or
- * whose front matter cannot be used, stops the start-up.
- */
-export async function loadProjects(config: Config): Promise<Map<string, Project>> {
-  const projects = new Map<string, Project>();
-  const read = (name: string) => readProjectFile(name, join(config.promptsDir, `${name}.md`));
-  let general: string | undefined;
-  for (const project of config.projects) {
-    const file = await read(project);
-    if (file !== undefined) {
-      projects.set(project, file);
-      continue;
-    }
-    general ??= (await read("general"))?.prompt ?? FALLBACK_PROMPT;
-    projects.set(project, plainProject(project, general));
-    log.warn(
-      "Project {project} has no system prompt: serving it with the general prompt; create {path} for its own",
-      { project, path: join(config.promptsDir, `${project}.md`) },
-    );
-  }
-  checkModels(projects, config);
-  return projects;
-}
-
-/** The system prompt of every project (see {@linkcode loadProjects}). */
-export async function loadPrompts(config: Config): Promise<Map<string, string>> {
-  const projects = await loadProjects(config);
-  return new Map([...projects].map(([name, project]) => [name, project.prompt]));
-}
-
-/**
- * A project's `model` must be one the engine serves: the model, or a LoRA
- * adapter of `--lora-modules` (managed vLLM, simulated engine). An attached
- * engine is asked at run time; one that lacks it answers 404.
- */
-function checkModels(projects: ReadonlyMap<string, Project>, config: Config): void {
-  if (config.engine === "url") return;
-  const served = [config.servedModelName, ...config.loraModules.map(({ name }) => name)];
-  for (const project of projects.values()) {
-    if (project.model === undefined || served.includes(project.model)) continue;
-    throw new ConfigError(
-      `${project.file}: front matter key 'model': ${project.model} is not served: ` +
-        `add '--lora-modules ${project.model}=PATH' (served now: ${served.join(", ")})`,
-    );
-  }
-}
-
 /**
  * How long a step of the shutdown may wait on the broker: it may be gone, and
  * the Last Will says `offline` for us then.
@@ -119,10 +66,8 @@ export async function startService(config: Config): Promise<Service> {
     config.shareGroup,
     config.mqttClientId,
   );
-  const cleanup: (() => Promise<void> | void)[] = [];
-  const undo = async () => {
-    for (const step of cleanup.reverse()) await step();
-  };
+  // What was started, closed in reverse order at the stop or when the start-up fails.
+  const cleanup = new AsyncDisposableStack();
   const parts: Parts = {};
   // Messages the broker delivers before the gateway exists wait, unacknowledged, for it.
   const handler = Promise.withResolvers<MessageHandler>();
@@ -134,7 +79,7 @@ export async function startService(config: Config): Promise<Service> {
     // instance with the same client id).
     if (config.httpPort !== 0) {
       const http = serveOperatorEndpoint(config, parts);
-      cleanup.push(() => http.close());
+      cleanup.defer(() => http.close());
     }
     // The store before the engine: a store that cannot be opened (a full disk) stops the
     // start-up before vLLM spends minutes loading a model for nothing.
@@ -146,27 +91,27 @@ export async function startService(config: Config): Promise<Service> {
       ? WriteGenerations.create()
       : undefined;
     const store = await openStore(kvPath, config, generations);
-    cleanup.push(() => store.close());
+    cleanup.defer(() => store.close());
     const storageHealth = await watchStorage(store, config);
     parts.storageHealth = storageHealth;
-    cleanup.push(() => storageHealth.close());
+    cleanup.defer(() => storageHealth.close());
 
     const engine = await startEngine(config);
     parts.engine = engine;
-    cleanup.push(() => engine.close());
+    cleanup.defer(() => engine.close());
     const engineHealth = new EngineHealth({
       probeUrl: engine.probeUrl,
       apiKey: engine.endpoint.apiKey,
     }).start();
     parts.engineHealth = engineHealth;
-    cleanup.push(() => engineHealth.close());
+    cleanup.defer(() => engineHealth.close());
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
       windowMs: config.orderWindowMs,
       instanceTimeoutMs: config.instanceTimeoutMs,
       keepMs: config.sessionTtlMs,
     });
-    if (turnOrder) cleanup.push(() => turnOrder.close());
+    if (turnOrder) cleanup.defer(() => turnOrder.close());
 
     const pool = await WorkerPool.start(config.workers, {
       endpoint: engine.endpoint,
@@ -182,7 +127,7 @@ export async function startService(config: Config): Promise<Service> {
       skipThinking: config.skipThinking,
       log: { level: config.logLevel, format: config.logFormat },
     });
-    cleanup.push(() => pool.close());
+    cleanup.defer(() => pool.close());
 
     let brokerUrl = config.mqttUrl;
     let protocolVersion = config.mqttVersion;
@@ -192,7 +137,7 @@ export async function startService(config: Config): Promise<Service> {
         brokerUrl = `mqtt://127.0.0.1:${port}`;
       } else {
         const broker = await startEmbeddedBroker(port);
-        cleanup.push(() => broker.close());
+        cleanup.defer(() => broker.close());
         brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
         // The embedded broker speaks MQTT 3.1.1 only.
         protocolVersion = 4;
@@ -232,7 +177,7 @@ export async function startService(config: Config): Promise<Service> {
     });
     parts.client = client;
     // A broker that is gone would keep a graceful end waiting for ever.
-    cleanup.push(() =>
+    cleanup.defer(() =>
       withTimeout(client.endAsync(), BROKER_GOODBYE_MS).catch(() => client.endAsync(true))
     );
     log.info("Connected to broker {url} (MQTT {version})", {
@@ -257,10 +202,12 @@ export async function startService(config: Config): Promise<Service> {
     });
     await directory.load();
     gateway = new Gateway({
-      client,
+      publish: publishOn(client),
+      subscribe: (filters, qos) => client.subscribeAsync(filters, { qos }).then(() => {}),
+      unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
+      runTurn: (turn, onDelta, signal) => pool.run(turn, onDelta, signal),
       topics,
       projects: prompts,
-      pool,
       directory,
       stats,
       engineHealth,
@@ -337,7 +284,7 @@ export async function startService(config: Config): Promise<Service> {
       log.info("Stats: {report}", { report: JSON.stringify(report) });
       client.publish(topics.stats, JSON.stringify(report), { qos: 0 });
     }, config.statsIntervalMs);
-    cleanup.push(() => clearInterval(statsTimer));
+    cleanup.defer(() => clearInterval(statsTimer));
 
     return {
       brokerUrl,
@@ -355,7 +302,7 @@ export async function startService(config: Config): Promise<Service> {
           ).catch(() => {});
         }
         await Deno.writeTextFile(statusFile, offline).catch(() => {});
-        await undo();
+        await cleanup.disposeAsync();
         log.info("Stopped");
       },
       killNow: () => engine.killNow(),
@@ -363,177 +310,24 @@ export async function startService(config: Config): Promise<Service> {
   } catch (error) {
     // Nothing held for the gateway is acknowledged: the broker delivers it at the next start.
     handler.reject(error);
-    await undo();
+    await cleanup.disposeAsync();
     // Taken over during start-up, what failed next is only a consequence.
     throw takeoverError ?? error;
   }
 }
 
-/** Room a store that ran out of space must have again before it takes turns. */
-const STORAGE_HEADROOM_BYTES = 1024 * 1024;
-
-/**
- * Checks that the session store can be written, and keeps checking.
- *
- * A store that cannot be written at start-up (a full disk) stops the start
- * with the reason, rather than starting not ready: opening a store needs room
- * too (SQLite writes its `-shm` and `-wal` files; on a full disk it fails with
- * "disk I/O error"), and so does each request worker's own connection, so a
- * process started on a full disk would have no store to come back with. The
- * process manager starts it again (the systemd unit: `Restart=on-failure`,
- * every 5 s), and meanwhile the broker keeps the requests sent to it (a
- * persistent session). A store that fills up while the service runs is
- * watched instead: turns are refused until the probe finds room again.
- */
-async function watchStorage(store: SessionStore, config: Config): Promise<StorageHealth> {
-  const local = config.kvUrl === undefined;
-  const health = new StorageHealth({
-    probe: async (down) => {
-      await store.probe(config.mqttClientId);
-      // A local disk that filled up must have room for more than one record again.
-      if (down && local) await checkHeadroom(config.dataDir, STORAGE_HEADROOM_BYTES);
-    },
-  });
-  if (!(await health.probeNow())) {
-    throw new Error(
-      `the session store ${config.kvUrl ?? config.dataDir} cannot be written (${health.reason}): ` +
-        `free some space on its disk and start again; its sessions are kept`,
+/** Publishes on `client`; the promise settles when the message is sent (or not). */
+function publishOn(client: MqttClient): Publish {
+  return (topic, payload, { qos, correlationData }) => {
+    const { promise, resolve, reject } = Promise.withResolvers<void>();
+    // Properties only for an MQTT 5 request that carried Correlation Data.
+    const properties = correlationData ? { correlationData: correlationData as never } : undefined;
+    client.publish(
+      topic,
+      payload,
+      { qos, properties },
+      (error) => error ? reject(error) : resolve(),
     );
-  }
-  return health.start();
-}
-
-/**
- * Opens the session store; a remote one is read once, so that a wrong URL or
- * token stops the start-up with its reason instead of failing every request.
- */
-async function openStore(
-  path: string,
-  config: Config,
-  generations: WriteGenerations | undefined,
-): Promise<SessionStore> {
-  if (config.kvUrl === undefined) {
-    try {
-      return await SessionStore.open(path, config.sessionTtlMs, generations);
-    } catch (error) {
-      // SQLite's "disk I/O error" here most often means no room for its `-shm` file.
-      const why = storageFailure(error);
-      if (why === undefined) throw error;
-      const full = await checkHeadroom(config.dataDir, 64 * 1024).then(() => false, () => true);
-      throw new Error(
-        `the session store ${path} cannot be opened (${full ? "the disk is full" : why}): ` +
-          `free some space on its disk and start again; its sessions are kept`,
-      );
-    }
-  }
-  let store: SessionStore | undefined;
-  try {
-    store = await SessionStore.open(path, config.sessionTtlMs);
-    await store.load("_", "_");
-    return store;
-  } catch (error) {
-    store?.close();
-    throw new ConfigError(
-      `'--kv-url' ${config.kvUrl} cannot be used (is DENO_KV_ACCESS_TOKEN set, and --allow-net given for its host?): ${
-        (error as Error).message
-      }`,
-    );
-  }
-}
-
-/**
- * A status message on our own status topic, from an instance with our client
- * id that started before us: the instance we would be fighting for the id.
- * Its `online` status says it is there; so does its Last Will (`offline`)
- * arriving while we are connected, fired because our connection just took its
- * session over. A retained `offline` is only an earlier run that has stopped.
- */
-function noteStatus(
-  payload: Uint8Array,
-  retained: boolean,
-  instance: string,
-  startedAt: string,
-  takeover: TakeoverWatch,
-): void {
-  try {
-    const status = JSON.parse(new TextDecoder().decode(payload));
-    const there = status?.status === "online" || (status?.status === "offline" && !retained);
-    if (
-      there && status.instance === instance && typeof status.started_at === "string" &&
-      status.started_at < startedAt
-    ) {
-      takeover.olderInstanceSeen();
-    }
-  } catch { /* not a status of ours */ }
-}
-
-/** The service's parts as they come up, for the HTTP endpoint (which comes up first). */
-interface Parts {
-  engine?: RunningEngine;
-  engineHealth?: EngineHealth;
-  storageHealth?: StorageHealth;
-  client?: MqttClient;
-  serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats; live: LiveStats };
-}
-
-/** The HTTP endpoint, reporting on the parts that are up so far. */
-function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): HttpEndpoint {
-  const startedAt = new Date().toISOString();
-  const engineState = () => parts.engineHealth?.state ?? "starting";
-  const dashboard = config.dashboard ? serviceDashboard(config, parts) : undefined;
-  try {
-    const endpoint = serveHttpEndpoint(config.httpHost, config.httpPort, {
-      page: dashboard && ((request) => dashboard.handle(request)),
-      readiness: () => {
-        const broker = parts.client?.connected ?? false;
-        const engine = engineState() === "ready";
-        const serving = parts.serving !== undefined;
-        const storage = parts.storageHealth?.available ?? false;
-        const reason = parts.storageHealth?.reason;
-        return {
-          ready: broker && engine && serving && storage,
-          broker,
-          engine,
-          serving,
-          storage,
-          ...(reason !== undefined && { reason: `session store: ${reason}` }),
-        };
-      },
-      metrics: () => parts.serving?.stats.prometheus() ?? "",
-      status: () => ({
-        status: parts.serving ? "online" : "starting",
-        instance: config.mqttClientId,
-        model: config.servedModelName,
-        projects: config.projects,
-        started_at: startedAt,
-        broker: {
-          url: config.mqttUrl === undefined ? undefined : redact(config.mqttUrl),
-          connected: parts.client?.connected ?? false,
-        },
-        engine: {
-          mode: config.engine,
-          state: engineState(),
-          restarts: parts.engine?.restarts ?? {},
-        },
-        queued: parts.serving?.gateway.queued ?? 0,
-        in_flight: parts.serving?.gateway.inFlight ?? 0,
-        live_sessions: parts.serving?.directory.size ?? 0,
-      }),
-    });
-    if (dashboard && config.dashboardToken === undefined && !isLoopback(config.httpHost)) {
-      log.warn(
-        'The live page at / (and its "try it" panel) is open to anyone who reaches {host}: ' +
-          "set VLLM_MQTT_DASHBOARD_TOKEN, or --no-dashboard",
-        { host: config.httpHost },
-      );
-    }
-    // Its event streams stay open: the server cannot shut down before they end.
-    return { port: endpoint.port, close: () => (dashboard?.close(), endpoint.close()) };
-  } catch (error) {
-    if (!(error instanceof Deno.errors.AddrInUse)) throw error;
-    throw new ConfigError(
-      `'--http-port' ${config.httpPort} on ${config.httpHost} is in use (is another instance running?): ` +
-        `choose another port, or 0 to turn the HTTP endpoint off`,
-    );
-  }
+    return promise;
+  };
 }

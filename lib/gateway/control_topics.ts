@@ -22,13 +22,13 @@ import {
   CONTROL_COMMANDS,
   type ControlCommand,
   type ReplyBody,
-  type ReplyStyle,
+  replyStyle,
   SESSION_ID_PATTERN,
   type Topics,
 } from "../protocol/mod.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
-import type { ReplyTarget } from "./gateway.ts";
+import type { ReplyTarget } from "./reply_target.ts";
 
 /** What the control topics act on. */
 export interface ControlTopicsOptions {
@@ -78,11 +78,8 @@ export class ControlTopics {
     const body = parseBody(payload);
     const named = target.sessionId ?? sessionField(body);
     const sessionId = named === undefined || named.toLowerCase() === ALL ? ALL : named;
-    const style: ReplyStyle = body.format === "json" || body.format === "text"
-      ? body.format
-      : "session_id" in body
-      ? "json"
-      : "text";
+    // The original answered its commands in plain text; a v1 payload (`session_id`) in JSON.
+    const style = replyStyle(body.format, !("session_id" in body));
     const reply: ReplyTarget = {
       project: target.project,
       topic: mqtt5?.topic ?? this.#options.topics.response(target.project, sessionId),

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { LruMap } from "../_util.ts";
+
 /** Options of {@linkcode RateLimiter}. */
 export interface RateLimiterOptions {
   /** Requests per minute per key; 0 turns the limiter off. */
@@ -20,6 +22,11 @@ export interface RateLimiterOptions {
    * @default {100000}
    */
   readonly maxKeys?: number;
+  /**
+   * The clock, in milliseconds.
+   * @default {performance.now}
+   */
+  readonly now?: () => number;
 }
 
 interface Bucket {
@@ -31,38 +38,31 @@ interface Bucket {
 export class RateLimiter {
   readonly #perMs: number;
   readonly #burst: number;
-  readonly #maxKeys: number;
-  readonly #buckets = new Map<string, Bucket>();
+  readonly #buckets: LruMap<string, Bucket>;
+  readonly #now: () => number;
 
   constructor(options: RateLimiterOptions) {
     this.#perMs = options.perMinute / 60_000;
     this.#burst = options.burst ?? 10;
-    this.#maxKeys = options.maxKeys ?? 100_000;
+    this.#buckets = new LruMap(options.maxKeys ?? 100_000);
+    this.#now = options.now ?? (() => performance.now());
   }
 
   /**
    * Takes a token for `key`. Returns 0 when the request may go ahead, else
    * the milliseconds until it may be retried.
    */
-  take(key: string, now = performance.now()): number {
+  take(key: string): number {
     if (this.#perMs === 0) return 0;
+    const now = this.#now();
     const bucket = this.#buckets.get(key) ?? { tokens: this.#burst, at: now };
     bucket.tokens = Math.min(this.#burst, bucket.tokens + (now - bucket.at) * this.#perMs);
     bucket.at = now;
-    this.#buckets.delete(key); // re-inserted last: the map stays in least recently used order
     this.#buckets.set(key, bucket);
-    if (this.#buckets.size > this.#maxKeys) this.#forgetOldest();
     if (bucket.tokens >= 1) {
       bucket.tokens -= 1;
       return 0;
     }
     return Math.ceil((1 - bucket.tokens) / this.#perMs);
-  }
-
-  #forgetOldest(): void {
-    for (const key of this.#buckets.keys()) {
-      if (this.#buckets.size <= this.#maxKeys) return;
-      this.#buckets.delete(key);
-    }
   }
 }

@@ -21,29 +21,40 @@ export type Repeat =
   | { readonly kind: "running" }
   | { readonly kind: "answered"; readonly answer: ReplyBody };
 
+/** Options of {@linkcode RecentRequests}. */
+export interface RecentRequestsOptions {
+  /**
+   * Requests remembered at most; the oldest are forgotten first.
+   * @default {100000}
+   */
+  readonly maxEntries?: number;
+  /**
+   * The clock, in milliseconds.
+   * @default {Date.now}
+   */
+  readonly now?: () => number;
+}
+
 /** A window of recently seen request ids, bounded in time and in number. */
 export class RecentRequests {
   readonly #windowMs: number;
   readonly #maxEntries: number;
+  readonly #now: () => number;
   readonly #entries = new Map<string, Entry>();
-  #duplicates = 0;
 
-  constructor(windowMs: number, maxEntries = 100_000) {
+  /** @param windowMs How long a request is remembered; 0 turns the window off. */
+  constructor(windowMs: number, options: RecentRequestsOptions = {}) {
     this.#windowMs = windowMs;
-    this.#maxEntries = maxEntries;
-  }
-
-  /** Repeats recognised since start. */
-  get duplicates(): number {
-    return this.#duplicates;
+    this.#maxEntries = options.maxEntries ?? 100_000;
+    this.#now = options.now ?? Date.now;
   }
 
   /** Records `key` as seen, unless it is a repeat within the window. */
-  check(key: string, now = Date.now()): Repeat {
+  check(key: string): Repeat {
     if (this.#windowMs === 0) return { kind: "new" };
+    const now = this.#now();
     const entry = this.#entries.get(key);
     if (entry && now - entry.seenAt < this.#windowMs) {
-      this.#duplicates++;
       return entry.answer ? { kind: "answered", answer: entry.answer } : { kind: "running" };
     }
     this.#entries.delete(key);
@@ -57,8 +68,9 @@ export class RecentRequests {
    * a request whose repeat is legitimate (the same text sent again) unless it
    * comes flagged as a redelivery, which is then {@linkcode check}ed.
    */
-  record(key: string, now = Date.now()): Repeat {
+  record(key: string): Repeat {
     if (this.#windowMs === 0) return { kind: "new" };
+    const now = this.#now();
     this.#entries.delete(key);
     this.#entries.set(key, { seenAt: now, answer: undefined });
     this.#prune(now);

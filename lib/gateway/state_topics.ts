@@ -28,7 +28,8 @@ import {
 } from "../protocol/mod.ts";
 import type { Stats } from "../observability/stats.ts";
 import { parseState, StateError } from "../games/maze_state.ts";
-import type { ReplyTarget } from "./gateway.ts";
+import { sessionKey } from "../sessions/session_key.ts";
+import type { ReplyTarget } from "./reply_target.ts";
 
 /** What the state topics act through (the gateway). */
 export interface StateTopicsOptions {
@@ -172,7 +173,7 @@ export class StateTopics {
 
   /** Runs the state now, or has it wait (replacing an older waiting one). */
   #offer(state: Waiting): void {
-    const key = `${state.request.project}/${state.request.sessionId}`;
+    const key = sessionKey(state.request.project, state.request.sessionId);
     const session = this.#sessions.get(key);
     if (session) {
       if (session.waiting) this.#options.stats.ignored("superseded");

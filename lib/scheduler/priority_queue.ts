@@ -14,10 +14,6 @@ export class PriorityQueue<T> {
     this.#less = less;
   }
 
-  get size(): number {
-    return this.#items.length;
-  }
-
   push(item: T): void {
     const items = this.#items;
     items.push(item);

@@ -5,13 +5,28 @@
  * - One request per session is in flight at a time; a session's later
  *   requests wait in order behind it without holding up other sessions.
  * - At most `maxInFlight` requests run at once (vLLM batches them all).
- * - A full queue refuses at once with `queue_full`.
+ * - A full queue refuses at once with a {@linkcode QueueFullError}.
  *
  * @module
  */
 
-import { ServiceError } from "../protocol/errors.ts";
 import { PriorityQueue } from "./priority_queue.ts";
+
+/**
+ * Thrown by {@linkcode Scheduler.submit} when the queue is full. The scheduler
+ * knows no protocol: its caller says what a full queue means to a client.
+ */
+export class QueueFullError extends Error {
+  readonly code = "queue_full";
+  /** The bound that was reached: requests waiting. */
+  readonly maxQueue: number;
+
+  constructor(maxQueue: number) {
+    super(`the queue is full (${maxQueue} waiting)`);
+    this.name = "QueueFullError";
+    this.maxQueue = maxQueue;
+  }
+}
 
 /** What the scheduler needs of a request. */
 export interface Schedulable {
@@ -45,7 +60,8 @@ export class Scheduler<T extends Schedulable> {
   /** Every session with queued or running requests: its waiting entries in order. */
   readonly #sessions = new Map<string, Entry<T>[]>();
   readonly #running = new Map<T, AbortController>();
-  readonly #idleWaiters: (() => void)[] = [];
+  /** Resolved, and replaced, each time nothing is queued or running. */
+  #idle: PromiseWithResolvers<void> | undefined;
   #queued = 0;
   #arrivals = 0;
 
@@ -70,17 +86,9 @@ export class Scheduler<T extends Schedulable> {
     return waiting.some((entry) => matches(entry.item));
   }
 
-  /** Queues `item`; throws `queue_full` when the queue holds `maxQueue` already. */
+  /** Queues `item`; throws a {@linkcode QueueFullError} when `maxQueue` wait already. */
   submit(item: T): void {
-    if (this.#queued >= this.#options.maxQueue) {
-      throw new ServiceError(
-        "queue_full",
-        `the queue is full (${this.#options.maxQueue} waiting)`,
-        {
-          retryAfterMs: 1000,
-        },
-      );
-    }
+    if (this.#queued >= this.#options.maxQueue) throw new QueueFullError(this.#options.maxQueue);
     const entry = { item, arrival: this.#arrivals++ };
     this.#queued++;
     const waiting = this.#sessions.get(item.sessionKey);
@@ -100,7 +108,7 @@ export class Scheduler<T extends Schedulable> {
    */
   cancel(
     sessionKey: string,
-    reason: ServiceError,
+    reason: unknown,
     matches: (item: T) => boolean = () => true,
   ): T[] {
     const waiting = this.#sessions.get(sessionKey);
@@ -139,14 +147,15 @@ export class Scheduler<T extends Schedulable> {
   }
 
   /** Aborts every running request with `reason`. */
-  abortRunning(reason: ServiceError): void {
+  abortRunning(reason: unknown): void {
     for (const controller of this.#running.values()) controller.abort(reason);
   }
 
   /** Resolves once nothing is queued or running. */
   idle(): Promise<void> {
     if (this.#sessions.size === 0) return Promise.resolve();
-    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+    this.#idle ??= Promise.withResolvers();
+    return this.#idle.promise;
   }
 
   #isRunning(item: T): boolean {
@@ -173,7 +182,8 @@ export class Scheduler<T extends Schedulable> {
     else this.#ready.push(waiting[0]);
     this.#pump();
     if (this.#sessions.size === 0) {
-      for (const resolve of this.#idleWaiters.splice(0)) resolve();
+      this.#idle?.resolve();
+      this.#idle = undefined;
     }
   }
 }

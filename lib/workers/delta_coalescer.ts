@@ -17,6 +17,16 @@ export interface DeltaCoalescerOptions {
    * @default {50}
    */
   readonly maxDelayMs?: number;
+  /**
+   * Calls `flush` after `ms` milliseconds; returns what cancels the call.
+   * @default {setTimeout}
+   */
+  readonly schedule?: (flush: () => void, ms: number) => () => void;
+}
+
+function scheduleWithTimer(flush: () => void, ms: number): () => void {
+  const timer = setTimeout(flush, ms);
+  return () => clearTimeout(timer);
 }
 
 /** Buffers text and hands it to `flush` in coalesced pieces, numbered from 0. */
@@ -26,12 +36,15 @@ export class DeltaCoalescer {
   readonly #maxDelayMs: number;
   #buffer = "";
   #seq = 0;
-  #timer: ReturnType<typeof setTimeout> | undefined;
+  readonly #schedule: (flush: () => void, ms: number) => () => void;
+  /** Cancels the pending timed flush, if there is one. */
+  #cancelTimer: (() => void) | undefined;
 
   constructor(flush: (seq: number, text: string) => void, options: DeltaCoalescerOptions = {}) {
     this.#flush = flush;
     this.#maxChars = options.maxChars ?? 64;
     this.#maxDelayMs = options.maxDelayMs ?? 50;
+    this.#schedule = options.schedule ?? scheduleWithTimer;
   }
 
   push(text: string): void {
@@ -41,14 +54,13 @@ export class DeltaCoalescer {
     if (this.#seq === 0 || this.#buffer.length >= this.#maxChars) {
       this.flush();
     } else {
-      this.#timer ??= setTimeout(() => this.flush(), this.#maxDelayMs);
+      this.#cancelTimer ??= this.#schedule(() => this.flush(), this.#maxDelayMs);
     }
   }
 
   /** Sends what is waiting now. */
   flush(): void {
-    clearTimeout(this.#timer);
-    this.#timer = undefined;
+    this.#stopTimer();
     if (this.#buffer === "") return;
     const text = this.#buffer;
     this.#buffer = "";
@@ -57,8 +69,12 @@ export class DeltaCoalescer {
 
   /** Drops what is waiting and stops the timer (the request failed). */
   discard(): void {
-    clearTimeout(this.#timer);
-    this.#timer = undefined;
+    this.#stopTimer();
     this.#buffer = "";
+  }
+
+  #stopTimer(): void {
+    this.#cancelTimer?.();
+    this.#cancelTimer = undefined;
   }
 }

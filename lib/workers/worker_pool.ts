@@ -7,6 +7,7 @@
  */
 
 import { ServiceError } from "../protocol/errors.ts";
+import { sessionKey } from "../sessions/session_key.ts";
 import type { FromWorker, ToWorker, TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
 
 interface Pending {
@@ -17,11 +18,25 @@ interface Pending {
 }
 
 interface Slot {
-  worker: Worker;
+  worker: PoolWorker;
   busy: number;
 }
 
+/** What the pool needs of a worker: a Web Worker, or a stand-in in a test. */
+export interface PoolWorker {
+  postMessage(message: ToWorker): void;
+  onmessage: ((event: MessageEvent<FromWorker>) => void) | null;
+  onerror: ((event: ErrorEvent) => void) | null;
+  addEventListener(type: "message", listener: (event: MessageEvent<FromWorker>) => void): void;
+  terminate(): void;
+}
+
 const WORKER_URL = new URL("./request_worker.ts", import.meta.url);
+
+/** Starts one request worker thread. */
+function spawnRequestWorker(): PoolWorker {
+  return new Worker(WORKER_URL, { type: "module" });
+}
 /** Turns a session's own worker may run beyond the least busy one's before another takes it. */
 const AFFINITY_SLACK = 8;
 
@@ -30,37 +45,52 @@ export class WorkerPool {
   readonly #slots: Slot[] = [];
   readonly #pending = new Map<number, Pending>();
   readonly #settings: WorkerSettings;
+  readonly #newWorker: () => PoolWorker;
   #closing = false;
 
-  private constructor(settings: WorkerSettings) {
+  private constructor(settings: WorkerSettings, newWorker: () => PoolWorker) {
     this.#settings = settings;
+    this.#newWorker = newWorker;
   }
 
-  /** Starts `size` workers and waits until each has opened the session store. */
-  static async start(size: number, settings: WorkerSettings): Promise<WorkerPool> {
-    const pool = new WorkerPool(settings);
+  /**
+   * Starts `size` workers and waits until each has opened the session store.
+   * `newWorker` starts one (a test passes a stand-in).
+   */
+  static async start(
+    size: number,
+    settings: WorkerSettings,
+    newWorker: () => PoolWorker = spawnRequestWorker,
+  ): Promise<WorkerPool> {
+    const pool = new WorkerPool(settings, newWorker);
     const ready: Promise<void>[] = [];
     for (let i = 0; i < size; i++) ready.push(pool.#spawn());
     await Promise.all(ready);
     return pool;
   }
 
-  /** Turns being run right now. */
-  get running(): number {
-    return this.#pending.size;
-  }
-
   /**
    * Runs one turn. Resolves with its result or rejects with a
-   * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text.
+   * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text. An
+   * abort of `signal` from now on cancels the turn with the signal's reason.
    */
-  run(job: TurnJob, onDelta: (seq: number, text: string) => void): Promise<TurnResult> {
-    const slot = this.#pick(`${job.project}/${job.sessionId}`);
+  async run(
+    job: TurnJob,
+    onDelta: (seq: number, text: string) => void,
+    signal?: AbortSignal,
+  ): Promise<TurnResult> {
+    const slot = this.#pick(sessionKey(job.project, job.sessionId));
     slot.busy++;
-    return new Promise((resolve, reject) => {
-      this.#pending.set(job.id, { slot, onDelta, resolve, reject });
-      this.#send(slot, { type: "run", job });
-    });
+    const { promise, resolve, reject } = Promise.withResolvers<TurnResult>();
+    this.#pending.set(job.id, { slot, onDelta, resolve, reject });
+    this.#send(slot, { type: "run", job });
+    const onAbort = () => this.cancel(job.id, signal!.reason);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      return await promise;
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+    }
   }
 
   /**
@@ -87,18 +117,18 @@ export class WorkerPool {
   /** Closes the workers' stores and terminates them. Turns still running are failed. */
   async close(): Promise<void> {
     this.#closing = true;
-    await Promise.all(this.#slots.map((slot) =>
-      new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, 2000);
-        slot.worker.addEventListener("message", (event) => {
-          if ((event as MessageEvent<FromWorker>).data.type === "closed") {
-            clearTimeout(timer);
-            resolve();
-          }
-        });
-        this.#send(slot, { type: "close" });
-      })
-    ));
+    await Promise.all(this.#slots.map((slot) => {
+      const closed = Promise.withResolvers<void>();
+      const timer = setTimeout(closed.resolve, 2000);
+      slot.worker.addEventListener("message", (event) => {
+        if (event.data.type === "closed") {
+          clearTimeout(timer);
+          closed.resolve();
+        }
+      });
+      this.#send(slot, { type: "close" });
+      return closed.promise;
+    }));
     for (const slot of this.#slots) slot.worker.terminate();
     for (const [id, pending] of this.#pending) {
       this.#pending.delete(id);
@@ -107,22 +137,22 @@ export class WorkerPool {
   }
 
   #spawn(replacing?: Slot): Promise<void> {
-    const worker = new Worker(WORKER_URL, { type: "module" });
+    const worker = this.#newWorker();
     const slot: Slot = replacing ?? { worker, busy: 0 };
     slot.worker = worker;
     if (!replacing) this.#slots.push(slot);
-    return new Promise((resolve, reject) => {
-      worker.onmessage = (event: MessageEvent<FromWorker>) => {
-        if (event.data.type === "ready") resolve();
-        else this.#receive(event.data);
-      };
-      worker.onerror = (event) => {
-        event.preventDefault();
-        reject(new Error(`request worker failed: ${event.message}`));
-        this.#crashed(slot, event.message);
-      };
-      this.#send(slot, { type: "init", settings: this.#settings });
-    });
+    const ready = Promise.withResolvers<void>();
+    worker.onmessage = (event) => {
+      if (event.data.type === "ready") ready.resolve();
+      else this.#receive(event.data);
+    };
+    worker.onerror = (event) => {
+      event.preventDefault();
+      ready.reject(new Error(`request worker failed: ${event.message}`));
+      this.#crashed(slot, event.message);
+    };
+    this.#send(slot, { type: "init", settings: this.#settings });
+    return ready.promise;
   }
 
   #crashed(slot: Slot, why: string): void {

@@ -1,0 +1,109 @@
+/**
+ * Runs one accepted turn: waits for its session's directory entry, the
+ * session store and the engine, hands it to a request worker, publishes its
+ * deltas and its final answer with the timing, and counts it.
+ *
+ * @module
+ */
+
+import type { ReplyBody } from "../protocol/mod.ts";
+import type { EngineHealth } from "../engine/engine_health.ts";
+import type { StorageHealth } from "../sessions/storage_health.ts";
+import type { SessionDirectory } from "../sessions/session_directory.ts";
+import type { Stats } from "../observability/stats.ts";
+import { type Project, turnShape } from "../projects/project_file.ts";
+import type { TurnJob as WorkerTurn, TurnResult } from "../workers/messages.ts";
+import type { Prompts } from "./prompts.ts";
+import type { RecentRequests } from "./recent_requests.ts";
+import type { ReplyPublisher } from "./reply_publisher.ts";
+import type { TurnJob } from "./jobs.ts";
+
+/**
+ * Runs a turn on a request worker: `onDelta` gets its coalesced streamed
+ * text; an abort of `signal` cancels it. Rejects with a `ServiceError`.
+ */
+export type RunTurn = (
+  turn: WorkerTurn,
+  onDelta: (seq: number, text: string) => void,
+  signal: AbortSignal,
+) => Promise<TurnResult>;
+
+/** What a turn is run with. */
+export interface TurnRunnerOptions {
+  readonly runTurn: RunTurn;
+  readonly prompts: Prompts;
+  readonly replies: ReplyPublisher;
+  readonly recent: RecentRequests;
+  readonly directory: SessionDirectory;
+  readonly stats: Stats;
+  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed">;
+  readonly storageHealth: StorageHealth | undefined;
+  /** Milliseconds a turn waits for an engine that is down. */
+  readonly engineWaitMs: number;
+  readonly projectFiles: ReadonlyMap<string, Project> | undefined;
+  /** The gateway's clock. */
+  readonly now: () => number;
+}
+
+/** Runs `job` to its answer; throws what failed it (the caller answers the error). */
+export async function runTurnJob(
+  options: TurnRunnerOptions,
+  job: TurnJob,
+  signal: AbortSignal,
+): Promise<void> {
+  const { request, target } = job;
+  const { engineHealth, replies, now } = options;
+  const startedAt = now();
+  const prompt = request.systemPrompt ?? options.prompts.get(request.project);
+  await options.directory.settled(request.project, request.sessionId);
+  // A turn that cannot be saved is not generated: refused at once, the client retries.
+  options.storageHealth?.check();
+  await engineHealth.ready(options.engineWaitMs, signal);
+  await job.ticket?.start();
+  const result = await options.runTurn(
+    {
+      id: job.id,
+      project: request.project,
+      sessionId: request.sessionId,
+      requestId: request.requestId,
+      message: request.message,
+      ...(request.images && { images: request.images }),
+      reset: request.reset,
+      systemPrompt: prompt,
+      systemTokens: options.prompts.tokens(prompt),
+      systemPromptFromRequest: request.systemPrompt !== undefined,
+      params: request.params,
+      stream: request.stream,
+      ...turnShape(options.projectFiles?.get(request.project), job.settled !== undefined),
+    },
+    (seq, delta) => replies.reply(target, { type: "delta", seq, delta }),
+    signal,
+  );
+  engineHealth.succeeded();
+  const queueMs = startedAt - job.receivedAt;
+  const timing = {
+    queueMs,
+    ttftMs: result.ttftMs === null ? null : queueMs + result.ttftMs,
+    totalMs: now() - job.receivedAt,
+  };
+  const done: ReplyBody = {
+    type: "done",
+    response: result.response,
+    finish_reason: result.finishReason,
+    usage: result.usage,
+    timing: {
+      queue_ms: Math.round(timing.queueMs),
+      ttft_ms: timing.ttftMs === null ? null : Math.round(timing.ttftMs),
+      total_ms: Math.round(timing.totalMs),
+    },
+    ...(result.repeated && { repeated: true }),
+    ...(result.historyLost && { history_lost: true }),
+  };
+  replies.reply(target, done);
+  // Kept for a client's retry under the same id; a copy without one is only ever dropped.
+  if (request.requestId !== undefined) options.recent.answered(job.dedupKey, done);
+  options.directory.touch(request.project, request.sessionId);
+  // A repeat sent from history generated nothing: no engine figures to count.
+  if (result.repeated) options.stats.ignored("duplicate");
+  else options.stats.answered(request.project, timing, result.usage);
+}
