@@ -29,12 +29,41 @@ export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
+/** How {@linkcode backoffDelay} grows and spreads its delays. */
+export interface BackoffOptions {
+  /** The delay before the first retry, in milliseconds. */
+  readonly firstMs: number;
+  /**
+   * The longest delay before jitter, in milliseconds.
+   *
+   * @default {Infinity}
+   */
+  readonly maxMs?: number;
+  /**
+   * How the delay is spread, so that many clients retrying at once do not retry in step:
+   * `"half"` scales it by a random factor in [0.5, 1.5); `"full"` picks any delay from
+   * `firstMs` up to it; `"none"` keeps it exact (one process retrying alone).
+   *
+   * @default {"half"}
+   */
+  readonly jitter?: "half" | "full" | "none";
+}
+
 /**
- * The delay before retry number `attempt` (0 for the first retry): doubling from `firstMs` up to
- * `maxMs`, scaled by a random factor in [0.5, 1.5) so that many clients retrying at once spread out.
+ * The delay before retry number `attempt` (0 for the first retry): doubling from `firstMs`
+ * up to `maxMs`, then spread as `jitter` says.
  */
-export function backoffDelay(attempt: number, firstMs: number, maxMs = Infinity): number {
-  return Math.min(maxMs, firstMs * 2 ** attempt) * (0.5 + Math.random());
+export function backoffDelay(attempt: number, options: BackoffOptions): number {
+  const { firstMs, maxMs = Infinity, jitter = "half" } = options;
+  const delay = Math.min(maxMs, firstMs * 2 ** attempt);
+  switch (jitter) {
+    case "none":
+      return delay;
+    case "full":
+      return Math.max(firstMs, Math.round(Math.random() * delay));
+    case "half":
+      return delay * (0.5 + Math.random());
+  }
 }
 
 /**

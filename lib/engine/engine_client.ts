@@ -171,9 +171,11 @@ export class EngineClient {
         const retriable = mapped.code === "engine_unavailable" && !streamed &&
           attempt < this.#retries;
         if (!retriable) throw mapped;
-        await abortableSleep(backoffDelay(attempt, RETRY_BASE_MS), combined).catch(() => {
-          throw mapError(combined.reason, signal, deadline);
-        });
+        await abortableSleep(backoffDelay(attempt, { firstMs: RETRY_BASE_MS }), combined).catch(
+          () => {
+            throw mapError(combined.reason, signal, deadline);
+          },
+        );
       }
     }
   }

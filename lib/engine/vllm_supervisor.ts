@@ -7,7 +7,7 @@
  * @module
  */
 
-import { abortableSleep } from "../_util.ts";
+import { abortableSleep, backoffDelay } from "../_util.ts";
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
 import type { EngineEndpoint } from "./engine_client.ts";
@@ -189,9 +189,13 @@ class VllmSupervisor implements RunningEngine {
         return;
       }
       this.restarts[cause] = (this.restarts[cause] ?? 0) + 1;
-      // Not `backoffDelay`: there is one child to restart, no crowd of clients to spread out
-      // with random jitter; the wait is exactly 1 s, 2 s, 4 s, ... up to a minute.
-      const delay = Math.min(60_000, 1000 * 2 ** (this.#crashes.length - 1));
+      // One child to restart, no crowd of clients to spread out: no jitter, exactly 1 s, 2 s,
+      // 4 s, ... up to a minute.
+      const delay = backoffDelay(this.#crashes.length - 1, {
+        firstMs: 1000,
+        maxMs: 60_000,
+        jitter: "none",
+      });
       try {
         await abortableSleep(delay, this.#stopping.signal);
         await this.start();

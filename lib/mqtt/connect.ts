@@ -7,6 +7,7 @@
  */
 
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+import { backoffDelay } from "../_util.ts";
 import { logger } from "../log.ts";
 
 /**
@@ -123,10 +124,13 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
     setNoDelay(client);
   });
   client.on("close", () => {
-    // Exponential backoff with full jitter, so many instances do not reconnect in step.
+    // Full jitter, so many instances do not reconnect in step.
     failures++;
-    const ceiling = Math.min(maxDelay, firstDelay * 2 ** failures);
-    client.options.reconnectPeriod = Math.max(firstDelay, Math.round(Math.random() * ceiling));
+    client.options.reconnectPeriod = backoffDelay(failures, {
+      firstMs: firstDelay,
+      maxMs: maxDelay,
+      jitter: "full",
+    });
   });
   client.on("error", (error) => log.warn("MQTT error: {message}", { message: error.message }));
 

@@ -42,7 +42,7 @@ async function waitWhileBusy(busyTries: number, busySince: number): Promise<void
       `session store: busy (locked by another writer) for ${BUSY_PATIENCE_MS} ms`,
     );
   }
-  await abortableSleep(backoffDelay(busyTries, 1, 64));
+  await abortableSleep(backoffDelay(busyTries, { firstMs: 1, maxMs: 64 }));
 }
 
 /**

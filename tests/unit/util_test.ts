@@ -1,0 +1,31 @@
+import { deepEqual, equal, ok, throws } from "node:assert/strict";
+import { backoffDelay, LruMap } from "../../lib/_util.ts";
+
+Deno.test("backoffDelay doubles from firstMs up to maxMs, exactly without jitter", () => {
+  const delays = [0, 1, 2, 3, 4, 5, 6].map((attempt) =>
+    backoffDelay(attempt, { firstMs: 1000, maxMs: 60_000, jitter: "none" })
+  );
+  deepEqual(delays, [1000, 2000, 4000, 8000, 16_000, 32_000, 60_000]);
+});
+
+Deno.test("backoffDelay's jitter stays in its range", () => {
+  for (let i = 0; i < 1000; i++) {
+    const half = backoffDelay(3, { firstMs: 10 });
+    ok(half >= 40 && half < 120, `half jitter of 80 ms gave ${half}`);
+    const full = backoffDelay(3, { firstMs: 10, maxMs: 50, jitter: "full" });
+    ok(full >= 10 && full <= 50 && Number.isInteger(full), `full jitter up to 50 ms gave ${full}`);
+  }
+});
+
+Deno.test("LruMap forgets the least recently used entry; get and set count as a use", () => {
+  const map = new LruMap<string, number>(2);
+  map.set("a", 1).set("b", 2);
+  equal(map.get("a"), 1);
+  map.set("c", 3);
+  deepEqual([...map.keys()], ["a", "c"]);
+  map.set("a", 10);
+  map.set("d", 4);
+  deepEqual([...map.entries()], [["a", 10], ["d", 4]]);
+  equal(map.get("b"), undefined);
+  throws(() => new LruMap(0), /positive integer, got 0/);
+});
