@@ -13,6 +13,8 @@
  * @module
  */
 
+import { LruMap } from "./_util.ts";
+
 /** Tokens a chat template adds around each message (role markers, separators). */
 export const MESSAGE_OVERHEAD_TOKENS = 4;
 
@@ -42,18 +44,18 @@ export function messageTokenBound(text: string): number {
   return bytes + MESSAGE_OVERHEAD_TOKENS;
 }
 
-const promptEstimates = new Map<string, number>();
+const promptEstimates = new LruMap<string, number>(64);
 
 /**
- * {@linkcode estimateMessageTokens} of a system prompt, remembered: the same
- * few prompts come with every turn, and a long one costs real time to count.
+ * {@linkcode estimateMessageTokens} of a text that comes with every turn (a system prompt,
+ * the tools and response format offered), remembered: the same few come again and again,
+ * and a long one costs real time to count.
  */
-export async function estimatePromptTokens(prompt: string): Promise<number> {
-  let tokens = promptEstimates.get(prompt);
+export async function estimatePromptTokens(text: string): Promise<number> {
+  let tokens = promptEstimates.get(text);
   if (tokens === undefined) {
-    tokens = await estimateMessageTokens(prompt);
-    if (promptEstimates.size >= 64) promptEstimates.clear();
-    promptEstimates.set(prompt, tokens);
+    tokens = await estimateMessageTokens(text);
+    promptEstimates.set(text, tokens);
   }
   return tokens;
 }

@@ -10,6 +10,7 @@
  */
 
 import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { LruMap } from "../_util.ts";
 
 /** Base64url characters of the signature: 128 bits. */
 const SIGNATURE_CHARS = 22;
@@ -17,8 +18,8 @@ const SIGNATURE_CHARS = 22;
 /** Checks and makes signed session ids. */
 export class SessionSigner {
   readonly #secret: string;
-  /** Ids already checked, so that a session's every turn does not pay for an HMAC. */
-  readonly #valid = new Set<string>();
+  /** Ids already checked (the last 100,000 used), so that a session's every turn does not pay for an HMAC. */
+  readonly #valid = new LruMap<string, true>(100_000);
 
   constructor(secret: string) {
     if (secret.length < 16) {
@@ -39,15 +40,13 @@ export class SessionSigner {
 
   /** Whether `id` carries a valid signature of its name. */
   verify(id: string): boolean {
-    if (this.#valid.has(id)) return true;
+    if (this.#valid.get(id)) return true;
     const dot = id.lastIndexOf(".");
     if (dot <= 0 || id.length - dot - 1 !== SIGNATURE_CHARS) return false;
     const given = new TextEncoder().encode(id.slice(dot + 1));
     const expected = new TextEncoder().encode(this.#signature(id.slice(0, dot)));
     if (!timingSafeEqual(given, expected)) return false;
-    // Bounded: past 100,000 ids the memory starts again (each is checked once more).
-    if (this.#valid.size >= 100_000) this.#valid.clear();
-    this.#valid.add(id);
+    this.#valid.set(id, true);
     return true;
   }
 

@@ -181,18 +181,11 @@ export async function runTurn(
 }
 
 /** Estimated tokens of the tools and schema a turn offers, by their JSON (a worker's few, kept). */
-const offeredCounts = new Map<string, number>();
-
 async function offeredTokens(job: TurnJob): Promise<number> {
   if (!job.tools && !job.responseFormat) return 0;
-  const text = JSON.stringify([job.tools?.map((tool) => tool.definition), job.responseFormat]);
-  let tokens = offeredCounts.get(text);
-  if (tokens === undefined) {
-    tokens = await estimateMessageTokens(text);
-    if (offeredCounts.size >= 64) offeredCounts.clear();
-    offeredCounts.set(text, tokens);
-  }
-  return tokens;
+  return await estimatePromptTokens(
+    JSON.stringify([job.tools?.map((tool) => tool.definition), job.responseFormat]),
+  );
 }
 
 /** An engine's refusal of `response_format` (one without structured output). */
