@@ -6,7 +6,7 @@
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { OVERLOADED_TEXT } from "../lib/protocol/reply.ts";
-import { mosquittoTest as test, TestClient, withService } from "./_helpers.ts";
+import { mosquittoTest as test, TestClient, waitFor, withService } from "./_helpers.ts";
 
 /** The original game clients: QoS 0 subscription, plain text in order of arrival. */
 async function gameClient(url: string, topic: string): Promise<TestClient> {
@@ -93,7 +93,24 @@ test("a full queue answers the original overload text", async () => {
         await game.send("maze/user_input", { sessionId: `q${i}`, message: "hi" });
       }
       const overloaded = await game.next((m) => m.text === OVERLOADED_TEXT);
-      assert(overloaded);
+      // On the refused session's own topic, where its client listens...
+      match(overloaded.topic, /^maze\/assistant_response\/q\d$/);
+      // ...and each session gets one plain-text reply: its answer, or the overload text.
+      const replies = (i: number) =>
+        game.received.filter((m) => m.topic === `maze/assistant_response/q${i}`).map((m) => m.text);
+      await waitFor(
+        () => Array.from({ length: 10 }, (_, i) => replies(i).length).every((n) => n > 0),
+        30_000,
+        "a reply in every session",
+      );
+      for (let i = 0; i < 10; i++) {
+        const [reply, ...more] = replies(i);
+        deepEqual(more, [], `q${i} got more than one reply`);
+        assert(
+          reply === OVERLOADED_TEXT || reply === '[Maze guide] Turn 1: you said "hi".',
+          `q${i}: ${reply}`,
+        );
+      }
       equal(OVERLOADED_TEXT, "Server is overloaded. Please try again in a moment.");
     } finally {
       await game.close();

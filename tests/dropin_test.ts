@@ -12,9 +12,12 @@ import { parseRequest } from "../lib/protocol/request.ts";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   mosquittoTest as test,
+  removeTempDir,
   ROOT,
+  spawnDeno,
   startMosquitto,
   startService,
+  tempDir,
   TestClient,
   waitFor,
   withService,
@@ -289,7 +292,7 @@ test("6. control topics as the original's clients use them", async () => {
 test("7. the originals' command lines: server_url, timeouts, debug, sessions kept", async () => {
   const broker = await startMosquitto();
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   // llamacpp_mqtt_deploy.py's command line, with vLLMDeploy.py's model options.
   const service = await startService([
     "--projects",
@@ -338,8 +341,8 @@ test("7. the originals' command lines: server_url, timeouts, debug, sessions kep
     await game.close();
     await service.stop();
     await sim.close();
-    await broker.stop();
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    await broker.close();
+    await removeTempDir(dataDir);
   }
 });
 
@@ -384,32 +387,18 @@ function taskCommand(): string[] {
 
 /** Runs `deno` with `args` in the checkout; resolves when it exits or logs "Serving". */
 async function run(args: string[], stop = false) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args,
-    cwd: ROOT,
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
-  let code: number | undefined;
-  child.status.then((status) => code = status.code);
-  await waitFor(() => code !== undefined || output.includes("Serving "), 30_000, "start-up");
-  if (code === undefined && stop) child.kill("SIGTERM");
-  await child.status;
-  await pumped;
-  return { code: (await child.status).code, output };
+  const deno = spawnDeno(args);
+  await waitFor(() => deno.exited() || deno.log().includes("Serving "), 30_000, "start-up");
+  // Not to be stopped: it is expected to exit by itself.
+  if (!stop) await deno.child.status;
+  return { code: await deno.stop(), output: deno.log() };
 }
 
 test("8, 9. a data and prompts folder elsewhere: the exact command that works, no noise", async () => {
   const broker = await startMosquitto();
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
-  const promptsDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-prompts-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const promptsDir = await tempDir("vllm-mqtt-prompts-");
   await Deno.copyFile(`${ROOT}prompts/maze.md`, `${promptsDir}/maze.md`);
   const args = [
     "--engine",
@@ -442,36 +431,25 @@ test("8, 9. a data and prompts folder elsewhere: the exact command that works, n
       args: ["-c", `printf '%s\\0' ${command.slice("deno ".length)}`],
     }).output()).stdout;
     const commandArgs = new TextDecoder().decode(words).split("\0").slice(0, -1);
-    const child = new Deno.Command(Deno.execPath(), {
-      args: commandArgs,
-      cwd: ROOT,
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    let output = "";
-    const pumped = (async () => {
-      const decoder = new TextDecoder();
-      const merged = [child.stdout, child.stderr].map(async (stream) => {
-        for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-      });
-      await Promise.all(merged);
-    })();
+    const served = spawnDeno(commandArgs);
     try {
-      await waitFor(() => output.includes("Serving "), 30_000, `serving:\n${output}`);
+      await waitFor(
+        () => served.log().includes("Serving "),
+        30_000,
+        () => `serving:\n${served.log()}`,
+      );
       const game = await originalClient(broker.url, "maze/assistant_response/p1");
       await game.send("maze/user_input", { sessionId: "p1", message: "hi" });
       match((await game.next(() => true)).text, /^\[Maze guide\] Turn 1/);
       await game.close();
     } finally {
-      child.kill("SIGTERM");
-      await child.status;
-      await pumped;
+      await served.stop("SIGTERM");
     }
-    assert(!/Failed to resolve|Warning|Info/.test(output), output);
+    assert(!/Failed to resolve|Warning|Info/.test(served.log()), served.log());
   } finally {
     await sim.close();
-    await broker.stop();
-    for (const dir of [dataDir, promptsDir]) await Deno.remove(dir, { recursive: true });
+    await broker.close();
+    for (const dir of [dataDir, promptsDir]) await removeTempDir(dir);
   }
 });
 
@@ -502,7 +480,7 @@ test("8, 9. `deno task start` with the production data folder, without noise", a
     assert(!/Failed to resolve|Requires|Warning/.test(output), output);
     assert((await Deno.stat(`${dir}/sessions.kv`)).isFile);
   } finally {
-    await broker.stop();
+    await broker.close();
     await Deno.remove(dir, { recursive: true });
   }
 });

@@ -15,8 +15,10 @@ import { SESSION_ID_PATTERN } from "../lib/protocol/topics.ts";
 import {
   freePort,
   mosquittoTest as test,
+  removeTempDir,
   ROOT,
   startService,
+  tempDir,
   TestClient,
   withService,
 } from "./_helpers.ts";
@@ -41,7 +43,7 @@ const BOXED_MAP = [
 ];
 
 async function promptsDir(files: Record<string, string>): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-prompts-" });
+  const dir = await tempDir("vllm-mqtt-prompts-");
   for (const [name, text] of Object.entries(files)) {
     await Deno.writeTextFile(`${dir}/${name}`, text);
   }
@@ -534,7 +536,7 @@ test("a model answer that is not JSON is wrapped, its thinking removed", async (
       }
     });
   } finally {
-    await Deno.remove(dir, { recursive: true });
+    await removeTempDir(dir);
   }
 });
 
@@ -570,13 +572,13 @@ test("a project's model reaches the engine", async () => {
       match(String((refused.json!.error as { message: string }).message), /404.*gone-lora/);
     });
   } finally {
-    await Deno.remove(dir, { recursive: true });
+    await removeTempDir(dir);
   }
 });
 
 test("a broken front matter stops the start-up with the file, the key and the problem", async () => {
   const dir = await promptsDir({ "maze.md": "---\nstate_topic: yes please\n---\n# Maze\n" });
-  const data = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const data = await tempDir("vllm-mqtt-data-");
   try {
     const service = await startService([
       "--engine=sim",
@@ -600,8 +602,8 @@ test("a broken front matter stops the start-up with the file, the key and the pr
     ok(await again.stop() !== 0);
     match(again.log(), /maze\.md: front matter key 'model': maze-lora is not served/);
   } finally {
-    await Deno.remove(dir, { recursive: true });
-    await Deno.remove(data, { recursive: true });
+    await removeTempDir(dir);
+    await removeTempDir(data);
   }
 });
 
