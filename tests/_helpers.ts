@@ -466,12 +466,25 @@ export interface Fixture extends ServiceFixture {
   sim: Simulator;
 }
 
+/**
+ * A client as the original deployment's are: MQTT 3.1.1, subscribed to
+ * `filter` at QoS 0; its replies come as plain text unless it asks for JSON.
+ */
+export async function originalClient(url: string, filter: string | string[]): Promise<TestClient> {
+  const client = await TestClient.connect(url, { protocolVersion: 4 });
+  await client.subscribe(filter, 0);
+  return client;
+}
+
+/** What {@linkcode withService} starts the service and its simulated engine with. */
+export interface SimServiceOptions extends ServiceOptions {
+  /** The simulated engine's options. @default { ttftMs: 5, itlMs: 1 } */
+  sim?: SimulatorOptions;
+}
+
 /** Runs `fn` against a fresh simulated engine, broker, service and client. */
 export async function withService(
-  options: ServiceOptions & {
-    /** The simulated engine's options. @default { ttftMs: 5, itlMs: 1 } */
-    sim?: SimulatorOptions;
-  },
+  options: SimServiceOptions,
   fn: (f: Fixture) => Promise<void>,
 ): Promise<void> {
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1, ...options.sim });
@@ -480,4 +493,23 @@ export async function withService(
   } finally {
     await sim.close();
   }
+}
+
+/**
+ * Runs `fn` with an {@linkcode originalClient} subscribed to `options.filter`
+ * against a fresh simulated engine, broker and service ({@linkcode withService});
+ * the client goes when `fn` ends.
+ */
+export async function withOriginalClient(
+  options: SimServiceOptions & { filter: string | string[] },
+  fn: (original: TestClient, f: Fixture) => Promise<void>,
+): Promise<void> {
+  await withService(options, async (fixture) => {
+    const original = await originalClient(fixture.broker.url, options.filter);
+    try {
+      await fn(original, fixture);
+    } finally {
+      await original.close();
+    }
+  });
 }

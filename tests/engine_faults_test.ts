@@ -51,30 +51,19 @@ const answerTo = (message: string) => `You said "${message}".`;
 
 const words = (text: string) => text.match(/\S+\s*/g) ?? [];
 
-/** One SSE event of a chat completion chunk. */
+/** One SSE event of a chat completion chunk holding `fields` (its choices, its usage). */
+function chunkEvent(fields: Record<string, unknown>): string {
+  const chunk = { id: "chatcmpl-stand-in", object: "chat.completion.chunk", created: 0 };
+  return `data: ${JSON.stringify({ ...chunk, model: MODEL, ...fields })}\n\n`;
+}
+
+/** The chunk of a piece of the answer (`delta`), or of its end (`finish`). */
 function event(delta: Record<string, unknown>, finish: string | null = null): string {
-  return `data: ${
-    JSON.stringify({
-      id: "chatcmpl-stand-in",
-      object: "chat.completion.chunk",
-      created: 0,
-      model: MODEL,
-      choices: [{ index: 0, delta, finish_reason: finish }],
-    })
-  }\n\n`;
+  return chunkEvent({ choices: [{ index: 0, delta, finish_reason: finish }] });
 }
 
 function usageEvent(usage: Record<string, number>): string {
-  return `data: ${
-    JSON.stringify({
-      id: "chatcmpl-stand-in",
-      object: "chat.completion.chunk",
-      created: 0,
-      model: MODEL,
-      choices: [],
-      usage,
-    })
-  }\n\n`;
+  return chunkEvent({ choices: [], usage });
 }
 
 const sse = (framing: Framing, pieces: string[]): Reply => ({
