@@ -559,26 +559,22 @@ test("a project's model reaches the engine", async () => {
 test("a broken front matter stops the start-up with the file, the key and the problem", async () => {
   const dir = await promptsDir({ "maze.md": "---\nstate_topic: yes please\n---\n# Maze\n" });
   const data = await tempDir("vllm-mqtt-data-");
-  try {
-    const service = await startService([
+  const start = () =>
+    startService([
       "--engine=sim",
       `--prompts-dir=${dir}`,
       `--data-dir=${data}`,
       "--projects=maze",
       `--mqtt-url=mqtt://127.0.0.1:${freePort()}`,
     ], { expectExit: true });
+  try {
+    const service = await start();
     const code = await service.stop();
     ok(code !== 0);
     match(service.log(), /maze\.md: front matter key 'state_topic': must be true or false/);
     // An unserved model is named the same way, before anything starts.
     await Deno.writeTextFile(`${dir}/maze.md`, "---\nmodel: maze-lora\n---\n# Maze\n");
-    const again = await startService([
-      "--engine=sim",
-      `--prompts-dir=${dir}`,
-      `--data-dir=${data}`,
-      "--projects=maze",
-      `--mqtt-url=mqtt://127.0.0.1:${freePort()}`,
-    ], { expectExit: true });
+    const again = await start();
     ok(await again.stop() !== 0);
     match(again.log(), /maze\.md: front matter key 'model': maze-lora is not served/);
   } finally {
