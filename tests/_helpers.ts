@@ -1,6 +1,14 @@
 /**
  * Test helpers: a mosquitto broker on a free port, the service as a real
- * child process, and MQTT clients that collect what they receive.
+ * child process, and MQTT clients that collect what they receive; temporary
+ * folders that go when the test module ends at the latest.
+ *
+ * The fixtures start all of it for one test and stop it after:
+ * {@linkcode withService} (with the simulated engine), {@linkcode withServiceOn}
+ * (with a test's own engine at a URL) and {@linkcode withOriginalClient} (with a
+ * client as the original deployment's). A test that needs another command line
+ * starts the service itself with {@linkcode startService}, or any `deno`
+ * command with {@linkcode spawnDeno}.
  *
  * @module
  */
