@@ -420,6 +420,7 @@ export interface ServiceOptions {
 /** What {@linkcode withServiceOn} gives a test. */
 export interface ServiceFixture {
   broker: Mosquitto;
+  /** The service; a test that restarts it puts the new one here, to be stopped at the end. */
   service: ServiceProcess;
   /** Subscribed to the replies of the projects `maze` and `general`. */
   client: TestClient;
@@ -451,19 +452,22 @@ export async function withServiceOn(
     `--mqtt-client-id=svc-${crypto.randomUUID()}`,
     ...(options.args ?? []),
   ];
-  let service: ServiceProcess | undefined;
+  let fixture: ServiceFixture | undefined;
   let client: TestClient | undefined;
   try {
-    service = await startService(args, { env: options.env });
+    const service = await startService(args, { env: options.env });
+    fixture = { broker, service, client: undefined!, dataDir, args };
     client = await TestClient.connect(broker.url, { protocolVersion: options.mqtt5 ? 5 : 4 });
     await client.subscribe(["maze/assistant_response/#", "general/assistant_response/#"]);
-    await fn({ broker, service, client, dataDir, args });
+    fixture.client = client;
+    await fn(fixture);
   } catch (error) {
-    if (service) console.error(`--- service log ---\n${service.log().slice(-4000)}`);
+    if (fixture) console.error(`--- service log ---\n${fixture.service.log().slice(-4000)}`);
     throw error;
   } finally {
     await client?.close();
-    await service?.stop();
+    // The service the fixture holds now: a test that restarts it puts the new one there.
+    await fixture?.service.stop();
     await broker.close();
     await removeTempDir(dataDir);
   }
@@ -497,7 +501,9 @@ export async function withService(
 ): Promise<void> {
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1, ...options.sim });
   try {
-    await withServiceOn(sim.url, options, (fixture) => fn({ ...fixture, sim }));
+    // The same object, so that what a test changes in it (a restarted service) is what
+    // withServiceOn stops.
+    await withServiceOn(sim.url, options, (fixture) => fn(Object.assign(fixture, { sim })));
   } finally {
     await sim.close();
   }
