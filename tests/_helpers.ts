@@ -1,6 +1,14 @@
 /**
  * Test helpers: a mosquitto broker on a free port, the service as a real
- * child process, and MQTT clients that collect what they receive.
+ * child process, and MQTT clients that collect what they receive; temporary
+ * folders that go when the test module ends at the latest.
+ *
+ * The fixtures start all of it for one test and stop it after:
+ * {@linkcode withService} (with the simulated engine), {@linkcode withServiceOn}
+ * (with a test's own engine at a URL) and {@linkcode withOriginalClient} (with a
+ * client as the original deployment's). A test that needs another command line
+ * starts the service itself with {@linkcode startService}, or any `deno`
+ * command with {@linkcode spawnDeno}.
  *
  * @module
  */
@@ -156,13 +164,55 @@ export async function startMosquitto(extra: string[] = [], port = freePort()): P
   return broker;
 }
 
-/** The service running as a child process. */
-export interface ServiceProcess {
+/** A `deno` child process started in the checkout, its output collected. */
+export interface DenoProcess {
   readonly child: Deno.ChildProcess;
-  /** Everything it logged so far. */
+  /** Everything it wrote to stdout and stderr so far. */
   readonly log: () => string;
-  /** Sends `signal` and waits for the exit code. */
+  /** Whether it has exited. */
+  readonly exited: () => boolean;
+  /** Sends `signal` (unless it has exited), waits for it to exit, and returns its exit code. */
   stop(signal?: Deno.Signal): Promise<number>;
+}
+
+/** The service running as a child process. */
+export type ServiceProcess = DenoProcess;
+
+/**
+ * Runs `deno` with `args` in the checkout, collecting its stdout and stderr;
+ * `env` is added to the environment it inherits.
+ */
+export function spawnDeno(args: string[], env?: Record<string, string>): DenoProcess {
+  const child = new Deno.Command(Deno.execPath(), {
+    args,
+    cwd: ROOT,
+    env,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output = "";
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
+  };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  let exited = false;
+  child.status.then(() => exited = true);
+  return {
+    child,
+    log: () => output,
+    exited: () => exited,
+    async stop(signal: Deno.Signal = "SIGTERM") {
+      if (!exited) {
+        try {
+          child.kill(signal);
+        } catch { /* gone */ }
+      }
+      const status = await child.status;
+      await pumped;
+      return status.code;
+    },
+  };
 }
 
 /**
@@ -199,63 +249,66 @@ export function servicePermissions(args: readonly string[]): string[] {
   ];
 }
 
+/** How {@linkcode startService} starts the service. */
+export interface StartOptions {
+  /**
+   * Added to the environment the service inherits (secrets go there rather
+   * than on its command line).
+   * @default {}
+   */
+  env?: Record<string, string>;
+  /** Whether it is expected to exit during start-up (a refused configuration). @default false */
+  expectExit?: boolean;
+  /** How long start-up may take before the test fails. @default 30_000 */
+  timeoutMs?: number;
+  /** Flags for `deno run` itself, before the permissions (e.g. `--cpu-prof`). @default [] */
+  denoFlags?: string[];
+}
+
 /**
- * Starts `main.ts` with `args` and waits for its "Serving" log line (or for it
- * to exit, when `expectExit`).
+ * Runs `main.ts` with `args` and the permissions `deno task start` grants,
+ * without waiting for anything ({@linkcode startService} waits until it serves).
+ */
+export function spawnService(
+  args: string[],
+  options: Pick<StartOptions, "env" | "denoFlags"> = {},
+): ServiceProcess {
+  return spawnDeno([
+    "run",
+    ...(options.denoFlags ?? []),
+    ...servicePermissions(args),
+    `${ROOT}main.ts`,
+    // Several services run side by side in the tests: no fixed HTTP port unless asked.
+    ...(args.some((arg) => arg.startsWith("--http-port")) ? [] : ["--http-port=0"]),
+    ...args,
+  ], options.env);
+}
+
+/**
+ * Starts `main.ts` with `args` and the permissions `deno task start` grants,
+ * and waits for its "Serving" log line (or for it to exit, when `expectExit`).
  */
 export async function startService(
   args: string[],
-  options: { env?: Record<string, string>; expectExit?: boolean; timeoutMs?: number } = {},
+  options: StartOptions = {},
 ): Promise<ServiceProcess> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      ...servicePermissions(args),
-      `${ROOT}main.ts`,
-      // Several services run side by side in the tests: no fixed HTTP port unless asked.
-      ...(args.some((arg) => arg.startsWith("--http-port")) ? [] : ["--http-port=0"]),
-      ...args,
-    ],
-    cwd: ROOT,
-    env: options.env,
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
-  let exited = false;
-  child.status.then(() => exited = true);
-  const service: ServiceProcess = {
-    child,
-    log: () => output,
-    async stop(signal: Deno.Signal = "SIGTERM") {
-      if (!exited) {
-        try {
-          child.kill(signal);
-        } catch { /* gone */ }
-      }
-      const status = await child.status;
-      await pumped;
-      return status.code;
-    },
-  };
+  const service = spawnService(args, options);
   try {
     await waitFor(
-      () => options.expectExit ? exited : output.includes("Serving ") || exited,
+      () =>
+        options.expectExit
+          ? service.exited()
+          : service.log().includes("Serving ") || service.exited(),
       options.timeoutMs ?? 30_000,
       "the service to start",
     );
   } catch (error) {
     await service.stop("SIGKILL");
-    throw new Error(`${(error as Error).message}\n--- service log ---\n${output}`);
+    throw new Error(`${(error as Error).message}\n--- service log ---\n${service.log()}`);
   }
-  if (exited && !options.expectExit) {
-    await pumped;
-    throw new Error(`the service exited during start-up:\n${output}`);
+  if (service.exited() && !options.expectExit) {
+    await service.stop();
+    throw new Error(`the service exited during start-up:\n${service.log()}`);
   }
   return service;
 }
@@ -348,33 +401,50 @@ export class TestClient {
   }
 }
 
-export interface Fixture {
+/** What {@linkcode withServiceOn} starts the service with. */
+export interface ServiceOptions {
+  /**
+   * Flags after the fixture's own (`--projects=maze,general`, `--workers=2`
+   * and the engine, broker and data folder): a flag given again here wins.
+   * @default []
+   */
+  args?: string[];
+  /** Whether the test client speaks MQTT 5 rather than 3.1.1. @default false */
+  mqtt5?: boolean;
+  /** Configuration lines for the broker, as {@linkcode startMosquitto} takes them. @default [] */
+  brokerConfig?: string[];
+  /** The service's environment (secrets go there rather than on its command line). @default {} */
+  env?: Record<string, string>;
+}
+
+/** What {@linkcode withServiceOn} gives a test. */
+export interface ServiceFixture {
   broker: Mosquitto;
-  sim: Simulator;
+  /** The service; a test that restarts it puts the new one here, to be stopped at the end. */
   service: ServiceProcess;
+  /** Subscribed to the replies of the projects `maze` and `general`. */
   client: TestClient;
   dataDir: string;
+  /** The service's command line. */
   args: string[];
 }
 
-/** Runs `fn` against a fresh broker, simulator, service and client. */
-export async function withService(
-  options: {
-    args?: string[];
-    sim?: SimulatorOptions;
-    mqtt5?: boolean;
-    brokerConfig?: string[];
-    /** The service's environment (secrets go there rather than on its command line). */
-    env?: Record<string, string>;
-  },
-  fn: (f: Fixture) => Promise<void>,
+/**
+ * Runs `fn` against a fresh broker, the service on the engine at `engineUrl`
+ * (an OpenAI-compatible base URL, e.g. a test's own stand-in engine) and a
+ * client; all of it goes when `fn` ends. The service's log is printed when
+ * `fn` fails.
+ */
+export async function withServiceOn(
+  engineUrl: string,
+  options: ServiceOptions,
+  fn: (f: ServiceFixture) => Promise<void>,
 ): Promise<void> {
   const broker = await startMosquitto(options.brokerConfig);
-  const sim = await startSimulator({ ttftMs: 5, itlMs: 1, ...options.sim });
   const dataDir = await tempDir("vllm-mqtt-data-");
   const args = [
     "--engine=url",
-    `--engine-url=${sim.url}`,
+    `--engine-url=${engineUrl}`,
     `--mqtt-url=${broker.url}`,
     `--data-dir=${dataDir}`,
     "--projects=maze,general",
@@ -382,23 +452,78 @@ export async function withService(
     `--mqtt-client-id=svc-${crypto.randomUUID()}`,
     ...(options.args ?? []),
   ];
-  let fixture: Fixture | undefined;
+  let fixture: ServiceFixture | undefined;
   let client: TestClient | undefined;
   try {
     const service = await startService(args, { env: options.env });
-    fixture = { broker, sim, service, client: undefined!, dataDir, args };
+    fixture = { broker, service, client: undefined!, dataDir, args };
     client = await TestClient.connect(broker.url, { protocolVersion: options.mqtt5 ? 5 : 4 });
-    fixture.client = client;
     await client.subscribe(["maze/assistant_response/#", "general/assistant_response/#"]);
+    fixture.client = client;
     await fn(fixture);
   } catch (error) {
     if (fixture) console.error(`--- service log ---\n${fixture.service.log().slice(-4000)}`);
     throw error;
   } finally {
     await client?.close();
+    // The service the fixture holds now: a test that restarts it puts the new one there.
     await fixture?.service.stop();
-    await sim.close();
     await broker.close();
     await removeTempDir(dataDir);
   }
+}
+
+/** What {@linkcode withService} gives a test: {@linkcode ServiceFixture} and the engine. */
+export interface Fixture extends ServiceFixture {
+  sim: Simulator;
+}
+
+/**
+ * A client as the original deployment's are: MQTT 3.1.1, subscribed to
+ * `filter` at QoS 0; its replies come as plain text unless it asks for JSON.
+ */
+export async function originalClient(url: string, filter: string | string[]): Promise<TestClient> {
+  const client = await TestClient.connect(url, { protocolVersion: 4 });
+  await client.subscribe(filter, 0);
+  return client;
+}
+
+/** What {@linkcode withService} starts the service and its simulated engine with. */
+export interface SimServiceOptions extends ServiceOptions {
+  /** The simulated engine's options. @default { ttftMs: 5, itlMs: 1 } */
+  sim?: SimulatorOptions;
+}
+
+/** Runs `fn` against a fresh simulated engine, broker, service and client. */
+export async function withService(
+  options: SimServiceOptions,
+  fn: (f: Fixture) => Promise<void>,
+): Promise<void> {
+  const sim = await startSimulator({ ttftMs: 5, itlMs: 1, ...options.sim });
+  try {
+    // The same object, so that what a test changes in it (a restarted service) is what
+    // withServiceOn stops.
+    await withServiceOn(sim.url, options, (fixture) => fn(Object.assign(fixture, { sim })));
+  } finally {
+    await sim.close();
+  }
+}
+
+/**
+ * Runs `fn` with an {@linkcode originalClient} subscribed to `options.filter`
+ * against a fresh simulated engine, broker and service ({@linkcode withService});
+ * the client goes when `fn` ends.
+ */
+export async function withOriginalClient(
+  options: SimServiceOptions & { filter: string | string[] },
+  fn: (original: TestClient, f: Fixture) => Promise<void>,
+): Promise<void> {
+  await withService(options, async (fixture) => {
+    const original = await originalClient(fixture.broker.url, options.filter);
+    try {
+      await fn(original, fixture);
+    } finally {
+      await original.close();
+    }
+  });
 }

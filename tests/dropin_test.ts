@@ -12,30 +12,27 @@ import { parseRequest } from "../lib/protocol/request.ts";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   mosquittoTest as test,
+  originalClient,
+  removeTempDir,
   ROOT,
+  spawnDeno,
   startMosquitto,
   startService,
+  tempDir,
   TestClient,
   waitFor,
-  withService,
+  withOriginalClient,
 } from "./_helpers.ts";
 
 const RATE_LIMITED = "Error: Rate limit exceeded. Please slow down your requests.";
-
-/** An original client: plain text on its topics, QoS 0, MQTT 3.1.1. */
-async function originalClient(url: string, filter: string | string[]): Promise<TestClient> {
-  const client = await TestClient.connect(url, { protocolVersion: 4 });
-  await client.subscribe(filter, 0);
-  return client;
-}
 
 /** The messages received on `topic`. */
 const on = (client: TestClient, topic: string) => client.received.filter((m) => m.topic === topic);
 
 test("1. the Flask relay's nulls mean 'not given', in both field styles", async () => {
-  await withService({}, async ({ broker, client, sim }) => {
-    const relay = await originalClient(broker.url, "maze/assistant_response/relay1");
-    try {
+  await withOriginalClient(
+    { filter: "maze/assistant_response/relay1" },
+    async (relay, { client, sim }) => {
       // The relay sends every option its user left empty as null.
       await relay.send("maze/user_input", {
         sessionId: "relay1",
@@ -62,34 +59,27 @@ test("1. the Flask relay's nulls mean 'not given', in both field styles", async 
         params: { max_tokens: null, temperature: null, top_p: null, stop: null },
       });
       equal((await client.final("v1null")).json!.type, "done");
-    } finally {
-      await relay.close();
-    }
-  });
+    },
+  );
 });
 
 test("2. maxTokens is passed on up to what fits the context, not cut to --max-tokens", async () => {
-  await withService({}, async ({ broker, sim }) => {
-    const game = await originalClient(broker.url, "maze/assistant_response/#");
-    try {
-      // The QA pipeline's request.
-      await game.send("maze/user_input", {
-        sessionId: "qa",
-        message: "Which entities are related to aspirin?",
-        temperature: 0.1,
-        maxTokens: 1536,
-      });
-      match((await game.next((m) => m.topic.endsWith("/qa"))).text, /^\[Maze guide\]/);
-      equal(sim.received.at(-1)!.max_tokens, 1536);
-      // The web page's slider at its top: more than the 4096-token context leaves.
-      await game.send("maze/user_input", { sessionId: "web", message: "tell me", maxTokens: 4000 });
-      const reply = await game.next((m) => m.topic.endsWith("/web"));
-      match(reply.text, /^\[Maze guide\] Turn 1/);
-      const asked = sim.received.at(-1)!.max_tokens as number;
-      assert(asked > 3500 && asked < 4000, `max_tokens ${asked}`);
-    } finally {
-      await game.close();
-    }
+  await withOriginalClient({ filter: "maze/assistant_response/#" }, async (game, { sim }) => {
+    // The QA pipeline's request.
+    await game.send("maze/user_input", {
+      sessionId: "qa",
+      message: "Which entities are related to aspirin?",
+      temperature: 0.1,
+      maxTokens: 1536,
+    });
+    match((await game.next((m) => m.topic.endsWith("/qa"))).text, /^\[Maze guide\]/);
+    equal(sim.received.at(-1)!.max_tokens, 1536);
+    // The web page's slider at its top: more than the 4096-token context leaves.
+    await game.send("maze/user_input", { sessionId: "web", message: "tell me", maxTokens: 4000 });
+    const reply = await game.next((m) => m.topic.endsWith("/web"));
+    match(reply.text, /^\[Maze guide\] Turn 1/);
+    const asked = sim.received.at(-1)!.max_tokens as number;
+    assert(asked > 3500 && asked < 4000, `max_tokens ${asked}`);
   });
 });
 
@@ -130,9 +120,9 @@ Deno.test("2. an operator cap bounds max_tokens; without one, the context does",
 
 test("3. projects without a prompt file start with the general prompt and a warning", async () => {
   const args = ["--projects=prompt_portal,completion_service,kg_llm_new"];
-  await withService({ args }, async ({ broker, service }) => {
-    const backend = await originalClient(broker.url, "+/assistant_response/#");
-    try {
+  await withOriginalClient(
+    { args, filter: "+/assistant_response/#" },
+    async (backend, { service }) => {
       const ask = async (project: string) => {
         await backend.send(`${project}/user_input`, { sessionId: "u1", message: "hi" });
         return (await backend.next((m) => m.topic === `${project}/assistant_response/u1`)).text;
@@ -145,97 +135,79 @@ test("3. projects without a prompt file start with the general prompt and a warn
         /Project kg_llm_new has no system prompt.*create prompts\/kg_llm_new\.md/,
       );
       assert(!/prompt_portal has no system prompt/.test(service.log()));
-    } finally {
-      await backend.close();
-    }
-  });
+    },
+  );
 });
 
 test("4. a backend relaying 130 users under one clientId gets 130 answers", async () => {
-  await withService({}, async ({ broker }) => {
-    const backend = await originalClient(broker.url, "maze/assistant_response/#");
-    try {
-      await Promise.all(
-        Array.from({ length: 130 }, (_, i) =>
-          backend.send("maze/user_input", {
-            sessionId: `user-${i}`,
-            clientId: "prompt-portal-backend",
-            message: "hint please",
-          })),
-      );
-      await waitFor(() => backend.received.length >= 130, 30_000, "130 answers");
-      const refused = backend.received.filter((m) => m.text.startsWith("Error:"));
-      deepEqual(refused.map((m) => m.text), []);
-    } finally {
-      await backend.close();
-    }
+  await withOriginalClient({ filter: "maze/assistant_response/#" }, async (backend) => {
+    await Promise.all(
+      Array.from({ length: 130 }, (_, i) =>
+        backend.send("maze/user_input", {
+          sessionId: `user-${i}`,
+          clientId: "prompt-portal-backend",
+          message: "hint please",
+        })),
+    );
+    await waitFor(() => backend.received.length >= 130, 30_000, "130 answers");
+    const refused = backend.received.filter((m) => m.text.startsWith("Error:"));
+    deepEqual(refused.map((m) => m.text), []);
   });
 });
 
 test("4. one session's burst of 25: the original's 20 go through, then its own refusal text", async () => {
-  await withService({}, async ({ broker }) => {
-    const topic = "maze/assistant_response/burst";
-    const game = await originalClient(broker.url, topic);
-    try {
-      for (let i = 0; i < 25; i++) {
-        await game.send("maze/user_input", { sessionId: "burst", message: `move ${i}` });
-      }
-      await waitFor(() => on(game, topic).length >= 25, 30_000, "25 replies");
-      const texts = on(game, topic).map((m) => m.text);
-      equal(texts.filter((t) => t === RATE_LIMITED).length, 5, texts.join("\n"));
-      equal(texts.filter((t) => t.startsWith("[Maze guide]")).length, 20);
-    } finally {
-      await game.close();
+  const topic = "maze/assistant_response/burst";
+  await withOriginalClient({ filter: topic }, async (game) => {
+    for (let i = 0; i < 25; i++) {
+      await game.send("maze/user_input", { sessionId: "burst", message: `move ${i}` });
     }
+    await waitFor(() => on(game, topic).length >= 25, 30_000, "25 replies");
+    const texts = on(game, topic).map((m) => m.text);
+    equal(texts.filter((t) => t === RATE_LIMITED).length, 5, texts.join("\n"));
+    equal(texts.filter((t) => t.startsWith("[Maze guide]")).length, 20);
   });
 });
 
 test("5. session ids people type are answered; a missing one gets default-xxxxxxxx", async () => {
-  await withService({}, async ({ broker }) => {
-    const game = await originalClient(broker.url, "maze/assistant_response/#");
+  await withOriginalClient({ filter: "maze/assistant_response/#" }, async (game) => {
     const reply = (topic: string) => game.next((m) => m.topic === topic);
-    try {
-      await game.send("maze/user_input", { sessionId: "my session", message: "hi" });
-      match((await reply("maze/assistant_response/my session")).text, /Turn 1/);
-      await game.send("maze/user_input", { sessionId: "ann@example.com", message: "hi" });
-      match((await reply("maze/assistant_response/ann@example.com")).text, /Turn 1/);
-      await game.send("maze/user_input", { sessionId: 12345, message: "hi" });
-      match((await reply("maze/assistant_response/12345")).text, /Turn 1/);
-      await game.send("maze/user_input", { sessionId: 12345, message: "again" });
-      await game.next((m) => m.topic.endsWith("/12345") && /Turn 2/.test(m.text));
-      // No id, but a reply topic: answered there.
-      await game.send("maze/user_input", {
-        message: "hi",
-        replyTopic: "maze/assistant_response/web-tab-1",
-      });
-      match((await reply("maze/assistant_response/web-tab-1")).text, /Turn 1/);
-      // No id at all: a conversation of its own, as the original made it (camelCase fields
-      // mark the original's form, answered in plain text).
-      await game.send("maze/user_input", { message: "anyone?", maxTokens: 256 });
-      const fresh = await game.next((m) => /\/default-[0-9a-f]{8}$/.test(m.topic));
-      match(fresh.text, /Turn 1: you said "anyone\?"/);
-      // An id that cannot be a topic level: an error on the reply topic, nothing elsewhere.
-      await game.send("maze/user_input", {
-        sessionId: "a/b",
-        message: "hi",
-        replyTopic: "maze/assistant_response/safe",
-      });
-      match((await reply("maze/assistant_response/safe")).text, /^Error: .*session id/);
-      await game.send("maze/user_input", { sessionId: "tab\there", message: "hi" });
-      await game.send("maze/user_input", { sessionId: "x".repeat(129), message: "hi" });
-      await game.send("maze/user_input", { sessionId: "ok", message: "still there?" });
-      await reply("maze/assistant_response/ok");
-      const topics = game.received.map((m) => m.topic);
-      assert(!topics.some((t) => /\/a\/b|\/a$|\t|x{129}/.test(t)), topics.join("\n"));
-    } finally {
-      await game.close();
-    }
+    await game.send("maze/user_input", { sessionId: "my session", message: "hi" });
+    match((await reply("maze/assistant_response/my session")).text, /Turn 1/);
+    await game.send("maze/user_input", { sessionId: "ann@example.com", message: "hi" });
+    match((await reply("maze/assistant_response/ann@example.com")).text, /Turn 1/);
+    await game.send("maze/user_input", { sessionId: 12345, message: "hi" });
+    match((await reply("maze/assistant_response/12345")).text, /Turn 1/);
+    await game.send("maze/user_input", { sessionId: 12345, message: "again" });
+    await game.next((m) => m.topic.endsWith("/12345") && /Turn 2/.test(m.text));
+    // No id, but a reply topic: answered there.
+    await game.send("maze/user_input", {
+      message: "hi",
+      replyTopic: "maze/assistant_response/web-tab-1",
+    });
+    match((await reply("maze/assistant_response/web-tab-1")).text, /Turn 1/);
+    // No id at all: a conversation of its own, as the original made it (camelCase fields
+    // mark the original's form, answered in plain text).
+    await game.send("maze/user_input", { message: "anyone?", maxTokens: 256 });
+    const fresh = await game.next((m) => /\/default-[0-9a-f]{8}$/.test(m.topic));
+    match(fresh.text, /Turn 1: you said "anyone\?"/);
+    // An id that cannot be a topic level: an error on the reply topic, nothing elsewhere.
+    await game.send("maze/user_input", {
+      sessionId: "a/b",
+      message: "hi",
+      replyTopic: "maze/assistant_response/safe",
+    });
+    match((await reply("maze/assistant_response/safe")).text, /^Error: .*session id/);
+    await game.send("maze/user_input", { sessionId: "tab\there", message: "hi" });
+    await game.send("maze/user_input", { sessionId: "x".repeat(129), message: "hi" });
+    await game.send("maze/user_input", { sessionId: "ok", message: "still there?" });
+    await reply("maze/assistant_response/ok");
+    const topics = game.received.map((m) => m.topic);
+    assert(!topics.some((t) => /\/a\/b|\/a$|\t|x{129}/.test(t)), topics.join("\n"));
   });
 });
 
 test("6. control topics as the original's clients use them", async () => {
-  await withService({}, async ({ broker }) => {
-    const game = await originalClient(broker.url, "maze/assistant_response/#");
+  await withOriginalClient({ filter: "maze/assistant_response/#" }, async (game) => {
     const ask = async (sessionId: string, message: string) => {
       const before = game.received.length;
       await game.send("maze/user_input", { sessionId, message });
@@ -248,48 +220,44 @@ test("6. control topics as the original's clients use them", async () => {
       await game.send(topic, payload);
       return (await game.next((m) => game.received.indexOf(m) >= before)).text;
     };
-    try {
-      await ask("c1", "one");
-      // The prompt portal's form: the template as an object, reset left to its default (true).
-      match(
-        await control("maze/template/c1", { template: { content: "You are Cap." } }),
-        /System prompt set for session c1; history cleared/,
-      );
-      match(await ask("c1", "hi"), /^\[You are Cap\.\] Turn 1/);
-      match(
-        await control("maze/template", { sessionId: "c1", system_prompt: "You are Bo." }),
-        /set for session c1/,
-      );
-      match(await ask("c1", "hi"), /^\[You are Bo\.\] Turn 1/);
-      match(
-        await control("maze/template/c1", {
-          prompt_template: { content: "You are Al." },
-          reset: false,
-        }),
-        /set for session c1\.$/,
-      );
-      match(await ask("c1", "hi"), /^\[You are Al\.\] Turn 2/);
-      // `target` on the base topic: that session only.
-      await ask("c2", "one");
-      await ask("c3", "one");
-      match(await control("maze/clear_history", { target: "c2" }), /cleared for session c2/);
-      match(await ask("c2", "two"), /Turn 1/);
-      match(await ask("c3", "two"), /Turn 2/);
-      // A number names a session too; it does not mean every session.
-      await ask("777", "one");
-      match(await control("maze/delete_session", { sessionId: 777 }), /Deleted session 777/);
-      match(await ask("777", "two"), /Turn 1/);
-      match(await ask("c3", "three"), /Turn 3/);
-    } finally {
-      await game.close();
-    }
+    await ask("c1", "one");
+    // The prompt portal's form: the template as an object, reset left to its default (true).
+    match(
+      await control("maze/template/c1", { template: { content: "You are Cap." } }),
+      /System prompt set for session c1; history cleared/,
+    );
+    match(await ask("c1", "hi"), /^\[You are Cap\.\] Turn 1/);
+    match(
+      await control("maze/template", { sessionId: "c1", system_prompt: "You are Bo." }),
+      /set for session c1/,
+    );
+    match(await ask("c1", "hi"), /^\[You are Bo\.\] Turn 1/);
+    match(
+      await control("maze/template/c1", {
+        prompt_template: { content: "You are Al." },
+        reset: false,
+      }),
+      /set for session c1\.$/,
+    );
+    match(await ask("c1", "hi"), /^\[You are Al\.\] Turn 2/);
+    // `target` on the base topic: that session only.
+    await ask("c2", "one");
+    await ask("c3", "one");
+    match(await control("maze/clear_history", { target: "c2" }), /cleared for session c2/);
+    match(await ask("c2", "two"), /Turn 1/);
+    match(await ask("c3", "two"), /Turn 2/);
+    // A number names a session too; it does not mean every session.
+    await ask("777", "one");
+    match(await control("maze/delete_session", { sessionId: 777 }), /Deleted session 777/);
+    match(await ask("777", "two"), /Turn 1/);
+    match(await ask("c3", "three"), /Turn 3/);
   });
 });
 
 test("7. the originals' command lines: server_url, timeouts, debug, sessions kept", async () => {
   const broker = await startMosquitto();
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   // llamacpp_mqtt_deploy.py's command line, with vLLMDeploy.py's model options.
   const service = await startService([
     "--projects",
@@ -338,8 +306,8 @@ test("7. the originals' command lines: server_url, timeouts, debug, sessions kep
     await game.close();
     await service.stop();
     await sim.close();
-    await broker.stop();
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    await broker.close();
+    await removeTempDir(dataDir);
   }
 });
 
@@ -384,32 +352,18 @@ function taskCommand(): string[] {
 
 /** Runs `deno` with `args` in the checkout; resolves when it exits or logs "Serving". */
 async function run(args: string[], stop = false) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args,
-    cwd: ROOT,
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
-  let code: number | undefined;
-  child.status.then((status) => code = status.code);
-  await waitFor(() => code !== undefined || output.includes("Serving "), 30_000, "start-up");
-  if (code === undefined && stop) child.kill("SIGTERM");
-  await child.status;
-  await pumped;
-  return { code: (await child.status).code, output };
+  const deno = spawnDeno(args);
+  await waitFor(() => deno.exited() || deno.log().includes("Serving "), 30_000, "start-up");
+  // Not to be stopped: it is expected to exit by itself.
+  if (!stop) await deno.child.status;
+  return { code: await deno.stop(), output: deno.log() };
 }
 
 test("8, 9. a data and prompts folder elsewhere: the exact command that works, no noise", async () => {
   const broker = await startMosquitto();
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
-  const promptsDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-prompts-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const promptsDir = await tempDir("vllm-mqtt-prompts-");
   await Deno.copyFile(`${ROOT}prompts/maze.md`, `${promptsDir}/maze.md`);
   const args = [
     "--engine",
@@ -442,36 +396,25 @@ test("8, 9. a data and prompts folder elsewhere: the exact command that works, n
       args: ["-c", `printf '%s\\0' ${command.slice("deno ".length)}`],
     }).output()).stdout;
     const commandArgs = new TextDecoder().decode(words).split("\0").slice(0, -1);
-    const child = new Deno.Command(Deno.execPath(), {
-      args: commandArgs,
-      cwd: ROOT,
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    let output = "";
-    const pumped = (async () => {
-      const decoder = new TextDecoder();
-      const merged = [child.stdout, child.stderr].map(async (stream) => {
-        for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-      });
-      await Promise.all(merged);
-    })();
+    const served = spawnDeno(commandArgs);
     try {
-      await waitFor(() => output.includes("Serving "), 30_000, `serving:\n${output}`);
+      await waitFor(
+        () => served.log().includes("Serving "),
+        30_000,
+        () => `serving:\n${served.log()}`,
+      );
       const game = await originalClient(broker.url, "maze/assistant_response/p1");
       await game.send("maze/user_input", { sessionId: "p1", message: "hi" });
       match((await game.next(() => true)).text, /^\[Maze guide\] Turn 1/);
       await game.close();
     } finally {
-      child.kill("SIGTERM");
-      await child.status;
-      await pumped;
+      await served.stop("SIGTERM");
     }
-    assert(!/Failed to resolve|Warning|Info/.test(output), output);
+    assert(!/Failed to resolve|Warning|Info/.test(served.log()), served.log());
   } finally {
     await sim.close();
-    await broker.stop();
-    for (const dir of [dataDir, promptsDir]) await Deno.remove(dir, { recursive: true });
+    await broker.close();
+    for (const dir of [dataDir, promptsDir]) await removeTempDir(dir);
   }
 });
 
@@ -502,7 +445,7 @@ test("8, 9. `deno task start` with the production data folder, without noise", a
     assert(!/Failed to resolve|Requires|Warning/.test(output), output);
     assert((await Deno.stat(`${dir}/sessions.kv`)).isFile);
   } finally {
-    await broker.stop();
+    await broker.close();
     await Deno.remove(dir, { recursive: true });
   }
 });

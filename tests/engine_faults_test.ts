@@ -12,9 +12,8 @@ import assert, { deepEqual, equal } from "node:assert/strict";
 import {
   mosquittoTest as test,
   type ServiceProcess,
-  startMosquitto,
-  startService,
-  TestClient,
+  type TestClient,
+  withServiceOn,
 } from "./_helpers.ts";
 
 const MODEL = "stand-in";
@@ -52,30 +51,19 @@ const answerTo = (message: string) => `You said "${message}".`;
 
 const words = (text: string) => text.match(/\S+\s*/g) ?? [];
 
-/** One SSE event of a chat completion chunk. */
+/** One SSE event of a chat completion chunk holding `fields` (its choices, its usage). */
+function chunkEvent(fields: Record<string, unknown>): string {
+  const chunk = { id: "chatcmpl-stand-in", object: "chat.completion.chunk", created: 0 };
+  return `data: ${JSON.stringify({ ...chunk, model: MODEL, ...fields })}\n\n`;
+}
+
+/** The chunk of a piece of the answer (`delta`), or of its end (`finish`). */
 function event(delta: Record<string, unknown>, finish: string | null = null): string {
-  return `data: ${
-    JSON.stringify({
-      id: "chatcmpl-stand-in",
-      object: "chat.completion.chunk",
-      created: 0,
-      model: MODEL,
-      choices: [{ index: 0, delta, finish_reason: finish }],
-    })
-  }\n\n`;
+  return chunkEvent({ choices: [{ index: 0, delta, finish_reason: finish }] });
 }
 
 function usageEvent(usage: Record<string, number>): string {
-  return `data: ${
-    JSON.stringify({
-      id: "chatcmpl-stand-in",
-      object: "chat.completion.chunk",
-      created: 0,
-      model: MODEL,
-      choices: [],
-      usage,
-    })
-  }\n\n`;
+  return chunkEvent({ choices: [], usage });
 }
 
 const sse = (framing: Framing, pieces: string[]): Reply => ({
@@ -159,18 +147,10 @@ const FAULTS: Record<string, (body: ChatBody) => Reply> = {
   // The body ends before any text: nothing was streamed, so this one is retried.
   "empty-stream": () => sse("chunked", [event({ role: "assistant", content: "" })]),
   // A 200 that is a web page (a proxy's default page), not an event stream.
-  "html-200": () => ({
-    status: 200,
-    contentType: "text/html",
-    framing: "length",
-    pieces: [WELCOME_PAGE],
-  }),
+  "html-200": () => whole(200, "text/html", WELCOME_PAGE),
   // A 200 with a whole, non-streamed completion: an engine that ignored `stream: true`.
-  "json-200": () => ({
-    status: 200,
-    contentType: "application/json",
-    framing: "length",
-    pieces: [JSON.stringify({
+  "json-200": () =>
+    json(200, {
       id: "chatcmpl-stand-in",
       object: "chat.completion",
       created: 0,
@@ -181,29 +161,19 @@ const FAULTS: Record<string, (body: ChatBody) => Reply> = {
         finish_reason: "stop",
       }],
       usage: SOME_USAGE,
-    })],
-  }),
+    }),
   // A proxy's error page.
-  "html-400": () => ({
-    status: 400,
-    contentType: "text/html",
-    framing: "length",
-    pieces: [HTML_PAGE],
-  }),
+  "html-400": () => whole(400, "text/html", HTML_PAGE),
   // vLLM's own error body: its message is worth passing on.
-  "json-400": () => ({
-    status: 400,
-    contentType: "application/json",
-    framing: "length",
-    pieces: [JSON.stringify({
+  "json-400": () =>
+    json(400, {
       error: {
         message: "temperature must be at most 2, got 7",
         type: "BadRequestError",
         param: null,
         code: 400,
       },
-    })],
-  }),
+    }),
   // vLLM before 0.10.1: the message at the top level.
   "old-overflow-400": () =>
     json(400, {
@@ -214,20 +184,11 @@ const FAULTS: Record<string, (body: ChatBody) => Reply> = {
       code: 400,
     }),
   // A plain-text body: short and readable, so passed on.
-  "text-400": () => ({
-    status: 400,
-    contentType: "text/plain",
-    framing: "length",
-    pieces: ["unknown model\n"],
-  }),
-  "overflow-400": () => ({
-    status: 400,
-    contentType: "application/json",
-    framing: "length",
-    pieces: [JSON.stringify({
+  "text-400": () => whole(400, "text/plain", "unknown model\n"),
+  "overflow-400": () =>
+    json(400, {
       error: { message: CONTEXT_MESSAGE, type: "BadRequestError", param: null, code: 400 },
-    })],
-  }),
+    }),
   // Token counts no engine could mean: 10^9 prompt tokens for a prompt of a few hundred.
   "absurd-prompt": () =>
     goodStream(answerTo("absurd-prompt"), {
@@ -256,13 +217,13 @@ interface StandIn {
 
 const lastUser = (body: ChatBody) => body.messages.findLast((m) => m.role === "user")?.content;
 
+/** A reply of one piece, with its `content-length`. */
+function whole(status: number, contentType: string, body: string): Reply {
+  return { status, contentType, framing: "length", pieces: [body] };
+}
+
 function json(status: number, body: unknown): Reply {
-  return {
-    status,
-    contentType: "application/json",
-    framing: "length",
-    pieces: [JSON.stringify(body)],
-  };
+  return whole(status, "application/json", JSON.stringify(body));
 }
 
 function route(method: string, path: string, body: string, requests: ChatBody[]): Reply {
@@ -390,49 +351,25 @@ interface Fixture {
 
 /** Runs `fn` against a fresh broker, stand-in engine, service (one worker) and client. */
 async function withStandIn(args: string[], fn: (f: Fixture) => Promise<void>): Promise<void> {
-  const broker = await startMosquitto();
   const engine = startStandIn();
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-engine-faults-" });
-  let service: ServiceProcess | undefined;
-  let client: TestClient | undefined;
   try {
-    service = await startService([
-      "--engine=url",
-      `--engine-url=${engine.url}`,
-      `--mqtt-url=${broker.url}`,
-      `--data-dir=${dataDir}`,
-      "--projects=maze",
-      "--workers=1",
-      `--mqtt-client-id=svc-${crypto.randomUUID()}`,
-      "--rate-limit=0",
-      "--engine-retries=1",
-      ...args,
-    ]);
-    client = await TestClient.connect(broker.url);
-    await client.subscribe("maze/assistant_response/#");
-    const c = client;
-    await fn({
-      engine,
-      service,
-      client,
-      async ask(session, id, message) {
-        await c.send("maze/user_input", { session_id: session, message, request_id: id });
-        return (await c.final(session, id, 30_000)).json!;
-      },
-      dones: (id) =>
-        c.received.filter((m) => m.json?.type === "done" && m.json.request_id === id)
-          .map((m) => m.json!),
-    });
-  } catch (error) {
-    if (service) console.error(`--- service log ---\n${service.log().slice(-4000)}`);
-    throw error;
+    await withServiceOn(engine.url, {
+      args: ["--projects=maze", "--workers=1", "--rate-limit=0", "--engine-retries=1", ...args],
+    }, ({ service, client }) =>
+      fn({
+        engine,
+        service,
+        client,
+        async ask(session, id, message) {
+          await client.send("maze/user_input", { session_id: session, message, request_id: id });
+          return (await client.final(session, id, 30_000)).json!;
+        },
+        dones: (id) =>
+          client.received.filter((m) => m.json?.type === "done" && m.json.request_id === id)
+            .map((m) => m.json!),
+      }));
   } finally {
-    await client?.close();
-    await service?.stop();
     await engine.close();
-    await broker.stop();
-    await Deno.remove(broker.dir, { recursive: true }).catch(() => {});
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
   }
 }
 

@@ -6,7 +6,7 @@
 
 import assert, { deepEqual, equal, match, ok, throws } from "node:assert/strict";
 import { parseConfig } from "../lib/config/config.ts";
-import { startSimulator } from "../lib/engine/simulator.ts";
+import { type Simulator, startSimulator } from "../lib/engine/simulator.ts";
 import { vllmArgs } from "../lib/engine/vllm_supervisor.ts";
 import { errorHint, guidanceFromToolCalls, hintObject } from "../lib/games/hints.ts";
 import { boxedIn, parseState, stateMessage } from "../lib/games/maze_state.ts";
@@ -15,9 +15,13 @@ import { SESSION_ID_PATTERN } from "../lib/protocol/topics.ts";
 import {
   freePort,
   mosquittoTest as test,
+  removeTempDir,
   ROOT,
+  type SimServiceOptions,
   startService,
-  TestClient,
+  tempDir,
+  type TestClient,
+  withOriginalClient,
   withService,
 } from "./_helpers.ts";
 
@@ -41,18 +45,26 @@ const BOXED_MAP = [
 ];
 
 async function promptsDir(files: Record<string, string>): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-prompts-" });
+  const dir = await tempDir("vllm-mqtt-prompts-");
   for (const [name, text] of Object.entries(files)) {
     await Deno.writeTextFile(`${dir}/${name}`, text);
   }
   return dir;
 }
 
-/** A game client: reads its hints as the maze clients do (QoS 0, any topic under maze/hint). */
-async function game(url: string, filter = "+/hint/#"): Promise<TestClient> {
-  const client = await TestClient.connect(url, { protocolVersion: 4 });
-  await client.subscribe(filter, 0);
-  return client;
+/**
+ * Runs `fn` with a game client against a fresh service: an original client
+ * reading its hints as the maze clients do (QoS 0, any topic under `+/hint/`,
+ * unless `filter` says otherwise).
+ */
+function withGame(
+  options: SimServiceOptions & { filter?: string },
+  fn: (client: TestClient, sim: Simulator) => Promise<void>,
+): Promise<void> {
+  return withOriginalClient(
+    { ...options, filter: options.filter ?? "+/hint/#" },
+    (client, { sim }) => fn(client, sim),
+  );
 }
 
 function hintsOf(client: TestClient, topic: string) {
@@ -357,155 +369,130 @@ Deno.test("the supervisor serves --lora-modules with --enable-lora", () => {
 // --- End to end ----------------------------------------------------------------------------
 
 test("a game's state gets one parsable hint on maze/hint/{sid}, kept in its history", async () => {
-  await withService({}, async ({ broker, sim }) => {
-    const client = await game(broker.url);
-    try {
-      await client.send("maze/state", {
-        sessionId: "g1",
-        player_pos: [1, 1],
-        exit_pos: [3, 3],
-        visible_map: OPEN_MAP,
-        germs: [{ x: 2, y: 2 }],
-        oxygenPellets: [{ x: 1, y: 3 }],
-      }, { qos: 0 });
-      const first = await client.next((m) => m.topic === "maze/hint/g1");
-      const hint = JSON.parse(first.text);
-      equal(typeof hint.hint, "string");
-      match(
-        hint.hint,
-        /^\[Maze guide\] Turn 1: you said "\{"player_pos":\[1,1\],"exit_pos":\[3,3\]/,
-      );
-      const body = sim.received.at(-1)!;
-      equal((body.response_format as { type: string }).type, "json_schema");
-      equal((body.tools as unknown[]).length, 10);
-      equal(body.tool_choice, "auto");
-      const user = (body.messages as { role: string; content: string }[]).at(-1)!;
-      deepEqual(JSON.parse(user.content), {
-        player_pos: [1, 1],
-        exit_pos: [3, 3],
-        visible_map: OPEN_MAP,
-        germs: [[2, 2]],
-        oxygen: [[1, 3]],
-        oxygen_collected: 0,
-      });
+  await withGame({}, async (client, sim) => {
+    await client.send("maze/state", {
+      sessionId: "g1",
+      player_pos: [1, 1],
+      exit_pos: [3, 3],
+      visible_map: OPEN_MAP,
+      germs: [{ x: 2, y: 2 }],
+      oxygenPellets: [{ x: 1, y: 3 }],
+    }, { qos: 0 });
+    const first = await client.next((m) => m.topic === "maze/hint/g1");
+    const hint = JSON.parse(first.text);
+    equal(typeof hint.hint, "string");
+    match(
+      hint.hint,
+      /^\[Maze guide\] Turn 1: you said "\{"player_pos":\[1,1\],"exit_pos":\[3,3\]/,
+    );
+    const body = sim.received.at(-1)!;
+    equal((body.response_format as { type: string }).type, "json_schema");
+    equal((body.tools as unknown[]).length, 10);
+    equal(body.tool_choice, "auto");
+    const user = (body.messages as { role: string; content: string }[]).at(-1)!;
+    deepEqual(JSON.parse(user.content), {
+      player_pos: [1, 1],
+      exit_pos: [3, 3],
+      visible_map: OPEN_MAP,
+      germs: [[2, 2]],
+      oxygen: [[1, 3]],
+      oxygen_collected: 0,
+    });
 
-      // The web maze's spelling and its template: the second turn of the same session.
-      await client.send("maze/state", {
-        sessionId: "g1",
-        playerPosition: { x: 2, y: 1 },
-        prompt_template: { title: "mine", content: "Lab helper\nBe terse." },
-      }, { qos: 0 });
-      const second = await client.next((m) =>
-        m.topic === "maze/hint/g1" && client.received.indexOf(m) > client.received.indexOf(first)
-      );
-      match(JSON.parse(second.text).hint, /^\[Lab helper\] Turn 2: /);
-      equal(hintsOf(client, "maze/hint/g1").length, 2);
-      // Nothing went to the chat reply topic.
-      ok(!client.received.some((m) => m.topic.startsWith("maze/assistant_response")));
-    } finally {
-      await client.close();
-    }
+    // The web maze's spelling and its template: the second turn of the same session.
+    await client.send("maze/state", {
+      sessionId: "g1",
+      playerPosition: { x: 2, y: 1 },
+      prompt_template: { title: "mine", content: "Lab helper\nBe terse." },
+    }, { qos: 0 });
+    const second = await client.next((m) =>
+      m.topic === "maze/hint/g1" && client.received.indexOf(m) > client.received.indexOf(first)
+    );
+    match(JSON.parse(second.text).hint, /^\[Lab helper\] Turn 2: /);
+    equal(hintsOf(client, "maze/hint/g1").length, 2);
+    // Nothing went to the chat reply topic.
+    ok(!client.received.some((m) => m.topic.startsWith("maze/assistant_response")));
   });
 });
 
 test("tool calls arrive as guidance keys in the hint", async () => {
-  await withService({}, async ({ broker }) => {
-    const client = await game(broker.url);
-    try {
-      await client.send("maze/state", {
-        sessionId: "g2",
-        player_pos: [1, 1],
-        visible_map: BOXED_MAP,
-      });
-      const hint = JSON.parse((await client.next((m) => m.topic === "maze/hint/g2")).text);
-      deepEqual(hint.break_wall, [2, 1]);
-      match(hint.hint, /Turn 1/);
-    } finally {
-      await client.close();
-    }
+  await withGame({}, async (client) => {
+    await client.send("maze/state", {
+      sessionId: "g2",
+      player_pos: [1, 1],
+      visible_map: BOXED_MAP,
+    });
+    const hint = JSON.parse((await client.next((m) => m.topic === "maze/hint/g2")).text);
+    deepEqual(hint.break_wall, [2, 1]);
+    match(hint.hint, /Turn 1/);
   });
 });
 
 test("ten states sent quickly to a slow engine make at most two turns and the last one's hint", async () => {
   const port = freePort();
-  await withService(
+  await withGame(
     { sim: { ttftMs: 3000 }, args: [`--http-port=${port}`] },
-    async ({ broker, sim }) => {
-      const client = await game(broker.url);
+    async (client, sim) => {
       const turns = () =>
         sim.received.filter((b) =>
           JSON.stringify((b.messages as { content: string }[]).at(-1)!.content).includes(
             "player_pos",
           )
         ).length;
-      try {
-        const state = (i: number) => ({ sessionId: "g3", player_pos: [i, 0] });
-        await client.send("maze/state", state(0), { qos: 0 });
-        // The first is in the engine (for 3 s): the other nine arrive behind it.
-        await waitUntil(() => sim.running === 1);
-        for (let i = 1; i < 10; i++) await client.send("maze/state", state(i), { qos: 0 });
-        const last = await client.next(
-          (m) => m.topic === "maze/hint/g3" && m.text.includes('\\"player_pos\\":[9,0]'),
-          30_000,
-        );
-        ok(last);
-        const hints = hintsOf(client, "maze/hint/g3");
-        ok(hints.length <= 2, `${hints.length} hints`);
-        const ran = turns();
-        ok(ran <= 2, `${ran} turns`);
-        const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-        const superseded = Number(
-          /vllm_mqtt_ignored_total\{reason="superseded"\} (\d+)/.exec(metrics)?.[1] ?? 0,
-        );
-        equal(superseded + ran, 10);
-      } finally {
-        await client.close();
-      }
+      const state = (i: number) => ({ sessionId: "g3", player_pos: [i, 0] });
+      await client.send("maze/state", state(0), { qos: 0 });
+      // The first is in the engine (for 3 s): the other nine arrive behind it.
+      await waitUntil(() => sim.running === 1);
+      for (let i = 1; i < 10; i++) await client.send("maze/state", state(i), { qos: 0 });
+      const last = await client.next(
+        (m) => m.topic === "maze/hint/g3" && m.text.includes('\\"player_pos\\":[9,0]'),
+        30_000,
+      );
+      ok(last);
+      const hints = hintsOf(client, "maze/hint/g3");
+      ok(hints.length <= 2, `${hints.length} hints`);
+      const ran = turns();
+      ok(ran <= 2, `${ran} turns`);
+      const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      const superseded = Number(
+        /vllm_mqtt_ignored_total\{reason="superseded"\} (\d+)/.exec(metrics)?.[1] ?? 0,
+      );
+      equal(superseded + ran, 10);
     },
   );
 });
 
 test("a template and a clear are acknowledged on the hint topic", async () => {
-  await withService({}, async ({ broker }) => {
-    const client = await game(broker.url, "#");
-    try {
-      await client.send("maze/template/g4", { template: "You are a pirate." });
-      const template = await client.next((m) => m.topic === "maze/hint/g4");
-      deepEqual(JSON.parse(template.text), { hint: "Template updated" });
-      await client.send("maze/clear_history", { sessionId: "g4" });
-      await client.next((m) => m.topic === "maze/hint/g4" && m.text.includes("History"));
-      deepEqual(hintsOf(client, "maze/hint/g4"), [
-        { hint: "Template updated" },
-        { hint: "History cleared" },
-      ]);
-      // The usual acknowledgement still goes to the reply topic; a project without a hint
-      // topic gets only that one.
-      await client.next((m) => m.topic === "maze/assistant_response/g4");
-      await client.send("general/clear_history/g5", {});
-      await client.next((m) => m.topic === "general/assistant_response/g5");
-      ok(!client.received.some((m) => m.topic.startsWith("general/hint")));
-    } finally {
-      await client.close();
-    }
+  await withGame({ filter: "#" }, async (client) => {
+    await client.send("maze/template/g4", { template: "You are a pirate." });
+    const template = await client.next((m) => m.topic === "maze/hint/g4");
+    deepEqual(JSON.parse(template.text), { hint: "Template updated" });
+    await client.send("maze/clear_history", { sessionId: "g4" });
+    await client.next((m) => m.topic === "maze/hint/g4" && m.text.includes("History"));
+    deepEqual(hintsOf(client, "maze/hint/g4"), [
+      { hint: "Template updated" },
+      { hint: "History cleared" },
+    ]);
+    // The usual acknowledgement still goes to the reply topic; a project without a hint
+    // topic gets only that one.
+    await client.next((m) => m.topic === "maze/assistant_response/g4");
+    await client.send("general/clear_history/g5", {});
+    await client.next((m) => m.topic === "general/assistant_response/g5");
+    ok(!client.received.some((m) => m.topic.startsWith("general/hint")));
   });
 });
 
 test("a malformed state gets a JSON error hint", async () => {
-  await withService({}, async ({ broker }) => {
-    const client = await game(broker.url);
-    try {
-      await client.send("maze/state", { sessionId: "g6", player_pos: "somewhere" });
-      const hint = JSON.parse((await client.next((m) => m.topic === "maze/hint/g6")).text);
-      equal(hint.hint, "");
-      equal(hint.error.code, "invalid_request");
-      match(hint.error.message, /'player_pos' must be \[x, y\]/);
-      // On the session's own state topic too, where the payload may leave the id out.
-      await client.send("maze/state/g7", { visible_map: "nope", player_pos: [0, 0] });
-      const own = JSON.parse((await client.next((m) => m.topic === "maze/hint/g7")).text);
-      match(own.error.message, /'visible_map' must be a list of rows/);
-    } finally {
-      await client.close();
-    }
+  await withGame({}, async (client) => {
+    await client.send("maze/state", { sessionId: "g6", player_pos: "somewhere" });
+    const hint = JSON.parse((await client.next((m) => m.topic === "maze/hint/g6")).text);
+    equal(hint.hint, "");
+    equal(hint.error.code, "invalid_request");
+    match(hint.error.message, /'player_pos' must be \[x, y\]/);
+    // On the session's own state topic too, where the payload may leave the id out.
+    await client.send("maze/state/g7", { visible_map: "nope", player_pos: [0, 0] });
+    const own = JSON.parse((await client.next((m) => m.topic === "maze/hint/g7")).text);
+    match(own.error.message, /'visible_map' must be a list of rows/);
   });
 });
 
@@ -514,27 +501,22 @@ test("a model answer that is not JSON is wrapped, its thinking removed", async (
     "game.md": "---\nstate_topic: true\nhint_topic: true\n---\n# Game guide\n\nHelp the player.\n",
   });
   try {
-    await withService({
+    await withGame({
       args: [`--prompts-dir=${dir}`, "--projects=game"],
       sim: { thinking: "always" },
-    }, async ({ broker, sim }) => {
-      const client = await game(broker.url);
-      try {
-        await client.send("game/state", { sessionId: "g8", player_pos: [4, 2] });
-        const text = (await client.next((m) => m.topic === "game/hint/g8")).text;
-        const hint = JSON.parse(text);
-        deepEqual(Object.keys(hint), ["hint"]);
-        match(hint.hint, /^\[Game guide\] Turn 1: you said "\{"player_pos":\[4,2\]/);
-        ok(!text.includes("think"));
-        // No schema and no tools were asked for.
-        equal(sim.received.at(-1)!.response_format, undefined);
-        equal(sim.received.at(-1)!.tools, undefined);
-      } finally {
-        await client.close();
-      }
+    }, async (client, sim) => {
+      await client.send("game/state", { sessionId: "g8", player_pos: [4, 2] });
+      const text = (await client.next((m) => m.topic === "game/hint/g8")).text;
+      const hint = JSON.parse(text);
+      deepEqual(Object.keys(hint), ["hint"]);
+      match(hint.hint, /^\[Game guide\] Turn 1: you said "\{"player_pos":\[4,2\]/);
+      ok(!text.includes("think"));
+      // No schema and no tools were asked for.
+      equal(sim.received.at(-1)!.response_format, undefined);
+      equal(sim.received.at(-1)!.tools, undefined);
     });
   } finally {
-    await Deno.remove(dir, { recursive: true });
+    await removeTempDir(dir);
   }
 });
 
@@ -570,38 +552,34 @@ test("a project's model reaches the engine", async () => {
       match(String((refused.json!.error as { message: string }).message), /404.*gone-lora/);
     });
   } finally {
-    await Deno.remove(dir, { recursive: true });
+    await removeTempDir(dir);
   }
 });
 
 test("a broken front matter stops the start-up with the file, the key and the problem", async () => {
   const dir = await promptsDir({ "maze.md": "---\nstate_topic: yes please\n---\n# Maze\n" });
-  const data = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
-  try {
-    const service = await startService([
+  const data = await tempDir("vllm-mqtt-data-");
+  const start = () =>
+    startService([
       "--engine=sim",
       `--prompts-dir=${dir}`,
       `--data-dir=${data}`,
       "--projects=maze",
       `--mqtt-url=mqtt://127.0.0.1:${freePort()}`,
     ], { expectExit: true });
+  try {
+    const service = await start();
     const code = await service.stop();
     ok(code !== 0);
     match(service.log(), /maze\.md: front matter key 'state_topic': must be true or false/);
     // An unserved model is named the same way, before anything starts.
     await Deno.writeTextFile(`${dir}/maze.md`, "---\nmodel: maze-lora\n---\n# Maze\n");
-    const again = await startService([
-      "--engine=sim",
-      `--prompts-dir=${dir}`,
-      `--data-dir=${data}`,
-      "--projects=maze",
-      `--mqtt-url=mqtt://127.0.0.1:${freePort()}`,
-    ], { expectExit: true });
+    const again = await start();
     ok(await again.stop() !== 0);
     match(again.log(), /maze\.md: front matter key 'model': maze-lora is not served/);
   } finally {
-    await Deno.remove(dir, { recursive: true });
-    await Deno.remove(data, { recursive: true });
+    await removeTempDir(dir);
+    await removeTempDir(data);
   }
 });
 

@@ -18,11 +18,13 @@ import {
 import { parseRequest, type RequestLimits } from "../lib/protocol/request.ts";
 import {
   mosquittoTest as test,
+  removeTempDir,
   type ServiceProcess,
-  startMosquitto,
   startService,
-  TestClient,
+  tempDir,
+  type TestClient,
   withService,
+  withServiceOn,
 } from "./_helpers.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -363,41 +365,18 @@ function startStandIn(): StandIn {
   });
 }
 
+/** Runs `fn` against a fresh broker, stand-in engine, service (one worker) and client. */
 async function withStandIn(
   args: string[],
   fn: (f: { engine: StandIn; client: TestClient; service: ServiceProcess }) => Promise<void>,
 ): Promise<void> {
-  const broker = await startMosquitto();
   const engine = startStandIn();
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-images-" });
-  let service: ServiceProcess | undefined;
-  let client: TestClient | undefined;
   try {
-    service = await startService([
-      "--engine=url",
-      `--engine-url=${engine.url}`,
-      `--mqtt-url=${broker.url}`,
-      `--data-dir=${dataDir}`,
-      "--projects=maze",
-      "--workers=1",
-      `--mqtt-client-id=svc-${crypto.randomUUID()}`,
-      "--rate-limit=0",
-      "--engine-retries=2",
-      ...args,
-    ]);
-    client = await TestClient.connect(broker.url);
-    await client.subscribe("maze/assistant_response/#");
-    await fn({ engine, client, service });
-  } catch (error) {
-    if (service) console.error(`--- service log ---\n${service.log().slice(-4000)}`);
-    throw error;
+    await withServiceOn(engine.url, {
+      args: ["--projects=maze", "--workers=1", "--rate-limit=0", "--engine-retries=2", ...args],
+    }, ({ client, service }) => fn({ engine, client, service }));
   } finally {
-    await client?.close();
-    await service?.stop();
     await engine.close();
-    await broker.stop();
-    await Deno.remove(broker.dir, { recursive: true }).catch(() => {});
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
   }
 }
 
@@ -578,7 +557,7 @@ test("with the simulated engine the answer says what the images are; the payload
 });
 
 test("a payload limit too small for the image limits stops the start, naming both", async () => {
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-images-" });
+  const dataDir = await tempDir("vllm-mqtt-images-");
   try {
     const service = await startService(
       ["--engine=sim", `--data-dir=${dataDir}`, "--max-payload-bytes=65536"],
@@ -591,6 +570,6 @@ test("a payload limit too small for the image limits stops the start, naming bot
       /'--max-payload-bytes' \(65536\) is too small for what '--max-images' \(4\) and '--max-image-bytes' \(1048576\) allow/,
     );
   } finally {
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    await removeTempDir(dataDir);
   }
 });

@@ -10,9 +10,11 @@ import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   freePort,
   mosquittoTest as test,
+  removeTempDir,
   ROOT,
   startMosquitto,
   startService,
+  tempDir,
   TestClient,
   withService,
 } from "./_helpers.ts";
@@ -24,7 +26,7 @@ const code = (m: { json?: Record<string, unknown> }) =>
   (m.json?.error as { code?: string } | undefined)?.code;
 
 test("with the shipped ACL, one client cannot add to, reset or cancel another's session", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-acl-" });
+  const dir = await tempDir("vllm-mqtt-acl-");
   const secrets = {
     "vllm-mqtt": "svc-Secret-1",
     operator: "op-Secret-2",
@@ -52,7 +54,7 @@ test("with the shipped ACL, one client cannot add to, reset or cancel another's 
     `acl_file ${ROOT}deploy/mosquitto/acl`,
   ], port);
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   // As the shipped deploy files run it.
   const service = await startService([
     "--engine=url",
@@ -116,10 +118,8 @@ test("with the shipped ACL, one client cannot add to, reset or cancel another's 
     for (const client of [alice, bob, operator]) await client.close();
     await service.stop();
     await sim.close();
-    await broker.stop();
-    for (const path of [dir, dataDir, broker.dir]) {
-      await Deno.remove(path, { recursive: true }).catch(() => {});
-    }
+    await broker.close();
+    for (const path of [dir, dataDir]) await removeTempDir(path);
   }
 });
 

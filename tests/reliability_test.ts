@@ -11,11 +11,12 @@ import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   freePort,
   mosquittoTest as test,
-  ROOT,
-  servicePermissions,
+  removeTempDir,
   type ServiceProcess,
+  spawnService,
   startMosquitto,
   startService,
+  tempDir,
   TestClient,
   waitFor,
   withService,
@@ -201,7 +202,7 @@ test("a request the broker delivers again (its acknowledgement lost) is answered
   const broker = await startMosquitto();
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
   const proxy = new AckLosingProxy(broker.port);
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   const client = await TestClient.connect(broker.url);
   let service: ServiceProcess | undefined;
   try {
@@ -249,9 +250,8 @@ test("a request the broker delivers again (its acknowledgement lost) is answered
     await service?.stop();
     await proxy.close();
     await sim.close();
-    await broker.stop();
-    await Deno.remove(broker.dir, { recursive: true }).catch(() => {});
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    await broker.close();
+    await removeTempDir(dataDir);
   }
 });
 
@@ -293,7 +293,7 @@ test("a second SIGINT stops at once while an answer is being generated", async (
 test("/healthz answers before the broker is there; /readyz says what is missing", async () => {
   const brokerPort = freePort();
   const httpPort = freePort();
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   const args = [
     "--engine=sim",
     `--mqtt-url=mqtt://127.0.0.1:${brokerPort}`,
@@ -301,12 +301,7 @@ test("/healthz answers before the broker is there; /readyz says what is missing"
     "--projects=maze",
     `--http-port=${httpPort}`,
   ];
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...servicePermissions(args), `${ROOT}main.ts`, ...args],
-    cwd: ROOT,
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
+  const service = spawnService(args);
   const get = (path: string) => fetch(`http://127.0.0.1:${httpPort}${path}`);
   let broker;
   try {
@@ -337,11 +332,9 @@ test("/healthz answers before the broker is there; /readyz says what is missing"
       "/readyz once the broker is up",
     );
   } finally {
-    child.kill("SIGTERM");
-    await child.status;
-    await broker?.stop();
-    if (broker) await Deno.remove(broker.dir, { recursive: true }).catch(() => {});
-    await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+    await service.stop();
+    await broker?.close();
+    await removeTempDir(dataDir);
   }
 });
 

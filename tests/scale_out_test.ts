@@ -11,9 +11,11 @@ import { SessionStore } from "../lib/sessions/session_store.ts";
 import {
   freePort,
   mosquittoTest as test,
+  removeTempDir,
   type ServiceProcess,
   startMosquitto,
   startService,
+  tempDir,
   TestClient,
   waitFor,
 } from "./_helpers.ts";
@@ -45,7 +47,7 @@ async function withInstances(
 ): Promise<void> {
   const broker = await startMosquitto();
   const sim = await startSimulator({ ttftMs: options.ttftMs, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   const instances = await Promise.all(["a", "b", "c"].map((name, i) =>
     startService([
       "--engine=url",
@@ -72,8 +74,8 @@ async function withInstances(
     await client.close();
     for (const instance of instances) await instance.stop();
     await sim.close();
-    await broker.stop();
-    await Deno.remove(dataDir, { recursive: true });
+    await broker.close();
+    await removeTempDir(dataDir);
   }
 }
 
@@ -234,7 +236,7 @@ Deno.test("--kv-url: the token goes to the store's URL, and a refusal stops the 
     });
     return new Response("bad token", { status: 401 });
   });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   try {
     const url = `http://127.0.0.1:${server.addr.port}/`;
     const service = await startService(
@@ -248,7 +250,7 @@ Deno.test("--kv-url: the token goes to the store's URL, and a refusal stops the 
     assert(!service.log().includes("test-token-123"), "the token was logged");
   } finally {
     await server.shutdown();
-    await Deno.remove(dataDir, { recursive: true });
+    await removeTempDir(dataDir);
   }
 });
 

@@ -9,9 +9,11 @@ import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   freePort,
   HAS_MOSQUITTO,
+  removeTempDir,
   ROOT,
   startMosquitto,
   startService,
+  tempDir,
   TestClient,
 } from "./_helpers.ts";
 
@@ -84,7 +86,7 @@ Deno.test({
     "TLS, passwords and the deploy/ ACL: each client reads only its own answers; no secret is logged",
   ignore: !HAS_MOSQUITTO || !HAS_OPENSSL,
   fn: async () => {
-    const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-tls-" });
+    const dir = await tempDir("vllm-mqtt-tls-");
     await makeCertificates(dir);
     const secrets = { "vllm-mqtt": "svc-Secret-1", alice: "alice-Secret-2", bob: "bob-Secret-3" };
     await run("mosquitto_passwd", ["-c", "-b", "passwd", "vllm-mqtt", secrets["vllm-mqtt"]], dir);
@@ -107,7 +109,7 @@ Deno.test({
     ], port);
     const engineKey = "engine-Secret-4";
     const sim = await startSimulator({ ttftMs: 5, itlMs: 1, apiKey: engineKey });
-    const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+    const dataDir = await tempDir("vllm-mqtt-data-");
     const url = `mqtts://127.0.0.1:${port}`;
     const service = await startService([
       "--engine=url",
@@ -172,12 +174,12 @@ Deno.test({
       await bob.close();
       await service.stop();
       await sim.close();
-      await broker.stop();
+      await broker.close();
     }
     for (const secret of [...Object.values(secrets), engineKey]) {
       assert(!service.log().includes(secret), `a secret was logged: ${secret}`);
     }
-    await Deno.remove(dir, { recursive: true });
-    await Deno.remove(dataDir, { recursive: true });
+    await removeTempDir(dir);
+    await removeTempDir(dataDir);
   },
 });

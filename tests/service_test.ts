@@ -8,7 +8,9 @@ import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   freePort,
   mosquittoTest as test,
+  removeTempDir,
   startService,
+  tempDir,
   TestClient,
   waitFor,
   withService,
@@ -323,7 +325,7 @@ test("shutdown answers or cancels every accepted request, says offline and exits
 
 Deno.test("without a broker URL, the embedded broker serves the main flow", async () => {
   const sim = await startSimulator({ ttftMs: 5, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   const port = freePort();
   const service = await startService([
     "--engine=url",
@@ -346,7 +348,7 @@ Deno.test("without a broker URL, the embedded broker serves the main flow", asyn
     await client.close();
     deepEqual(await service.stop(), 0);
     await sim.close();
-    await Deno.remove(dataDir, { recursive: true });
+    await removeTempDir(dataDir);
   }
 });
 

@@ -17,6 +17,7 @@ import { Scheduler } from "../lib/scheduler/scheduler.ts";
 import { SessionStore } from "../lib/sessions/session_store.ts";
 import { WriteGenerations } from "../lib/sessions/write_generations.ts";
 import { historyBudget, messagesToDrop } from "../lib/sessions/trim.ts";
+import { removeTempDir, tempDir } from "./_helpers.ts";
 
 const config = (argv: string[], env: Record<string, string> = {}) => {
   const result = parseConfig(argv, env, () => "file-secret\n");
@@ -360,6 +361,26 @@ Deno.test("docs/options.md: is what `deno task docs` renders from the option tab
   equal(page, rendered, `${OPTIONS_DOC_PATH} is out of date: run \`deno task docs\``);
 });
 
+Deno.test("docs/options.md: --workers defaults to the number of CPU cores, whatever that number is", async () => {
+  // What the page claims...
+  const row = optionsDoc().split("\n").find((line) => line.startsWith("| `--workers`"));
+  match(String(row), /^\| `--workers` +\| the number of CPU cores +\|/);
+  // ...checked on machines of other sizes than this one: the option table is read again as a
+  // machine with that many cores reads it (a fresh copy of its module, the count stubbed).
+  for (const cores of [1, 3, 64]) {
+    Object.defineProperty(navigator, "hardwareConcurrency", { value: cores, configurable: true });
+    try {
+      const url = new URL(`../lib/config/options.ts?cores=${cores}`, import.meta.url).href;
+      const table = (await import(url)) as typeof import("../lib/config/options.ts");
+      equal(table.OPTIONS.find((option) => option.name === "workers")?.default, cores);
+      equal(MACHINE_DEFAULTS.workers.value(), cores, "the generator's check of it");
+    } finally {
+      delete (navigator as { hardwareConcurrency?: number }).hardwareConcurrency;
+    }
+  }
+  equal(navigator.hardwareConcurrency, config([]).workers, "the stub is gone");
+});
+
 Deno.test("prefix cache: whole blocks of an unchanged prefix hit; a change early misses the rest", () => {
   const cache = new PrefixCache(1000);
   const turn1 = Array.from({ length: 40 }, (_, i) => i); // 2 full blocks
@@ -376,7 +397,7 @@ Deno.test("prefix cache: whole blocks of an unchanged prefix hit; a change early
 });
 
 Deno.test("session store: two writers on one base both keep their turn, one after the other", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-kv-" });
+  const dir = await tempDir("vllm-mqtt-kv-");
   const [a, b] = await Promise.all([
     SessionStore.open(`${dir}/s.kv`, 60_000),
     SessionStore.open(`${dir}/s.kv`, 60_000),
@@ -401,12 +422,12 @@ Deno.test("session store: two writers on one base both keep their turn, one afte
   } finally {
     a.close();
     b.close();
-    await Deno.remove(dir, { recursive: true });
+    await removeTempDir(dir);
   }
 });
 
 Deno.test("session store: kept messages outlive the meta record, rewritten about once a TTL", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-kv-" });
+  const dir = await tempDir("vllm-mqtt-kv-");
   const ttl = 60_000;
   const store = await SessionStore.open(`${dir}/s.kv`, ttl);
   try {
@@ -429,12 +450,12 @@ Deno.test("session store: kept messages outlive the meta record, rewritten about
     equal(new Set(lifetimes).size, 3, String(lifetimes.map((t) => t - t0)));
   } finally {
     store.close();
-    await Deno.remove(dir, { recursive: true });
+    await removeTempDir(dir);
   }
 });
 
 Deno.test("session store: threads sharing write counters see each other's turns without re-reading", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-mqtt-kv-" });
+  const dir = await tempDir("vllm-mqtt-kv-");
   const generations = WriteGenerations.create();
   // Two workers of one process: each store gets the counters from the shared buffer.
   const [a, b] = await Promise.all([
@@ -461,7 +482,7 @@ Deno.test("session store: threads sharing write counters see each other's turns 
   } finally {
     a.close();
     b.close();
-    await Deno.remove(dir, { recursive: true });
+    await removeTempDir(dir);
   }
 });
 

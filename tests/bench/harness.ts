@@ -7,7 +7,14 @@
 
 import mqtt from "mqtt";
 import type { SimulatorOptions } from "../../lib/engine/simulator.ts";
-import { freePort, ROOT, servicePermissions, startMosquitto, waitFor } from "../_helpers.ts";
+import {
+  freePort,
+  removeTempDir,
+  type ServiceProcess,
+  startMosquitto,
+  startService,
+  tempDir,
+} from "../_helpers.ts";
 
 export { startMosquitto };
 
@@ -187,61 +194,30 @@ export class Load {
   }
 }
 
-/** The service as a child process. */
-export interface BenchService {
-  readonly child: Deno.ChildProcess;
-  stop(): Promise<void>;
-}
-
-/**
- * Starts the service (`main.ts`, the permissions `deno task start` grants)
- * with `args`, and waits until it serves. `BENCH_DENO_FLAGS` adds flags to
- * `deno run` (e.g. `--cpu-prof --cpu-prof-dir=prof` to profile a run).
- */
-export async function startService(args: string[]): Promise<BenchService> {
-  const flags = (Deno.env.get("BENCH_DENO_FLAGS") ?? "").split(/\s+/).filter(Boolean);
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...flags, ...servicePermissions(args), `${ROOT}main.ts`, ...args],
-    cwd: ROOT,
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
-  let exited = false;
-  child.status.then(() => exited = true);
-  await waitFor(() => output.includes("Serving ") || exited, 30_000, "the service to start");
-  if (exited) throw new Error(`the service exited during start-up:\n${output}`);
-  return {
-    child,
-    async stop() {
-      if (!exited) child.kill("SIGTERM");
-      await child.status;
-      await pumped;
-    },
-  };
-}
-
 export interface Running {
   readonly sim: Simulator;
-  readonly service: BenchService;
+  readonly service: ServiceProcess;
   readonly load: Load;
   readonly httpPort: number;
   stop(): Promise<void>;
 }
 
+/**
+ * Starts the service (`main.ts`, the permissions `deno task start` grants) on
+ * the engine `sim` and the broker at `brokerUrl`, with `args` after the bench's
+ * own flags, and opens `connections` load generator clients.
+ * `BENCH_DENO_FLAGS` adds flags to `deno run` (e.g. `--cpu-prof
+ * --cpu-prof-dir=prof` to profile a run).
+ */
 export async function run(
   brokerUrl: string,
   sim: Simulator,
   args: string[],
   connections: number,
 ): Promise<Running> {
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-bench-" });
+  const dataDir = await tempDir("vllm-mqtt-bench-");
   const httpPort = freePort();
+  const denoFlags = (Deno.env.get("BENCH_DENO_FLAGS") ?? "").split(/\s+/).filter(Boolean);
   const service = await startService([
     "--engine=url",
     `--engine-url=${sim.url}`,
@@ -255,7 +231,7 @@ export async function run(
     "--rate-limit=0",
     "--rate-limit-client=0",
     ...args,
-  ]);
+  ], { denoFlags });
   const load = await Load.open(brokerUrl, connections);
   return {
     sim,
@@ -266,7 +242,7 @@ export async function run(
       await load.close();
       await service.stop();
       await sim.close();
-      await Deno.remove(dataDir, { recursive: true }).catch(() => {});
+      await removeTempDir(dataDir);
     },
   };
 }
