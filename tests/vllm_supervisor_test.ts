@@ -12,13 +12,14 @@ import {
   ROOT,
   startMosquitto,
   startService,
+  tempDir,
   TestClient,
   waitFor,
 } from "./_helpers.ts";
 
 /** A folder holding an executable `vllm` that runs the stand-in. */
 async function standInPath(): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "vllm-stand-in-" });
+  const dir = await tempDir("vllm-stand-in-");
   await Deno.writeTextFile(
     `${dir}/vllm`,
     `#!/bin/sh\nexec "${Deno.execPath()}" run -A "${ROOT}tests/stand_in/vllm_stand_in.ts" "$@"\n`,
@@ -50,7 +51,7 @@ async function managed(
 ): Promise<Managed> {
   const broker = await startMosquitto();
   const dir = await standInPath();
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   const record = `${dir}/record.json`;
   return {
     broker,
@@ -225,7 +226,7 @@ test("attach mode: the engine going away gives engine_unavailable, and it recove
   const broker = await startMosquitto();
   const port = freePort();
   let sim = await startSimulator({ port, ttftMs: 5, itlMs: 1 });
-  const dataDir = await Deno.makeTempDir({ prefix: "vllm-mqtt-data-" });
+  const dataDir = await tempDir("vllm-mqtt-data-");
   const service = await startService([
     "--engine=url",
     `--engine-url=${sim.url}`,

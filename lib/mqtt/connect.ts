@@ -124,6 +124,10 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
     setNoDelay(client);
   });
   client.on("close", () => {
+    // Said once an outage, not at each failed attempt; not at all when we are the ones leaving.
+    if (failures === 0 && !client.disconnecting) {
+      log.warn("Lost the connection to the broker; reconnecting");
+    }
     // Full jitter, so many instances do not reconnect in step.
     failures++;
     client.options.reconnectPeriod = backoffDelay(failures, {
