@@ -96,3 +96,65 @@ export class LruMap<K, V> extends Map<K, V> {
     return this;
   }
 }
+
+/**
+ * A background probe: runs `probe` after each wait of `intervalMs()` (read anew each
+ * round, so a circuit breaker can probe more often while its circuit is open) until
+ * {@linkcode ProbeLoop.close}. {@linkcode ProbeLoop.wake} cuts the current wait short.
+ */
+export class ProbeLoop {
+  readonly #probe: () => Promise<unknown>;
+  readonly #intervalMs: () => number;
+  readonly #sleep: (ms: number, signal: AbortSignal) => Promise<void>;
+  readonly #stop = new AbortController();
+  #wake: AbortController | undefined;
+  #running: Promise<void> | undefined;
+
+  /** @param sleep Waits `ms` or until `signal` aborts (rejecting); tests inject their own. */
+  constructor(
+    probe: () => Promise<unknown>,
+    intervalMs: () => number,
+    sleep: (ms: number, signal: AbortSignal) => Promise<void> = abortableSleep,
+  ) {
+    this.#probe = probe;
+    this.#intervalMs = intervalMs;
+    this.#sleep = sleep;
+  }
+
+  /** Aborts when {@linkcode ProbeLoop.close} is called: for a probe's own waits. */
+  get signal(): AbortSignal {
+    return this.#stop.signal;
+  }
+
+  /** Starts the loop (once). */
+  start(): void {
+    this.#running ??= this.#loop();
+  }
+
+  /** Ends the current wait: the next probe runs after a fresh `intervalMs()`. */
+  wake(): void {
+    this.#wake?.abort();
+  }
+
+  /** Stops the loop; resolves once a probe under way has finished. */
+  async close(): Promise<void> {
+    this.#stop.abort();
+    await this.#running;
+  }
+
+  async #loop(): Promise<void> {
+    while (!this.#stop.signal.aborted) {
+      this.#wake = new AbortController();
+      try {
+        await this.#sleep(
+          this.#intervalMs(),
+          AbortSignal.any([this.#stop.signal, this.#wake.signal]),
+        );
+      } catch {
+        if (this.#stop.signal.aborted) return;
+        continue; // woken: wait again, for the interval as it is now
+      }
+      await this.#probe();
+    }
+  }
+}

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { abortableSleep } from "../_util.ts";
+import { abortableSleep, ProbeLoop } from "../_util.ts";
 import { logger } from "../log.ts";
 import { ServiceError } from "../protocol/errors.ts";
 
@@ -42,12 +42,11 @@ const log = logger("engine");
 /** A circuit breaker with a health probe, for one engine. */
 export class EngineHealth {
   readonly #options: Required<Omit<EngineHealthOptions, "apiKey">> & { apiKey?: string };
-  readonly #stop = new AbortController();
+  readonly #loop: ProbeLoop;
   #state: EngineState = "ready";
   #failures = 0;
   #outages = 0;
   #waiters = new Set<() => void>();
-  #probing: Promise<void> | undefined;
 
   constructor(options: EngineHealthOptions) {
     this.#options = {
@@ -56,19 +55,23 @@ export class EngineHealth {
       failureThreshold: 3,
       ...options,
     };
+    this.#loop = new ProbeLoop(
+      () => this.#probeOnce(),
+      () => this.#state === "ready" ? this.#options.intervalMs : this.#options.downIntervalMs,
+    );
   }
 
   /** Starts probing in the background. */
   start(): this {
-    this.#probing ??= this.#probeLoop();
+    this.#loop.start();
     return this;
   }
 
   /** Stops probing and releases every waiting request with `engine_unavailable`. */
   async close(): Promise<void> {
-    this.#stop.abort();
+    const closing = this.#loop.close();
     this.#release();
-    await this.#probing;
+    await closing;
   }
 
   get state(): EngineState {
@@ -113,7 +116,7 @@ export class EngineHealth {
       this.#waiters.delete(wake);
     }
     // Woken by close() rather than by recovery.
-    if (this.#stop.signal.aborted) throw unavailable();
+    if (this.#loop.signal.aborted) throw unavailable();
   }
 
   /** The engine stopped answering: requests wait for the probe to see it back. */
@@ -137,28 +140,17 @@ export class EngineHealth {
     this.#waiters.clear();
   }
 
-  async #probeLoop(): Promise<void> {
-    const { intervalMs, downIntervalMs } = this.#options;
-    while (!this.#stop.signal.aborted) {
-      try {
-        await abortableSleep(
-          this.#state === "ready" ? intervalMs : downIntervalMs,
-          this.#stop.signal,
-        );
-      } catch {
-        return;
-      }
-      const healthy = await this.#probe();
-      if (healthy && this.#state === "down") this.#comeBack();
-      if (!healthy && this.#state === "ready") this.#goDown("health probe failed");
-    }
+  async #probeOnce(): Promise<void> {
+    const healthy = await this.#probe();
+    if (healthy && this.#state === "down") this.#comeBack();
+    if (!healthy && this.#state === "ready") this.#goDown("health probe failed");
   }
 
   #probe(): Promise<boolean> {
     const { probeUrl, apiKey } = this.#options;
     return probe(probeUrl, {
       apiKey,
-      signal: AbortSignal.any([AbortSignal.timeout(5000), this.#stop.signal]),
+      signal: AbortSignal.any([AbortSignal.timeout(5000), this.#loop.signal]),
     });
   }
 }

@@ -22,7 +22,7 @@
  */
 
 import { join } from "node:path";
-import { abortableSleep } from "../_util.ts";
+import { abortableSleep, ProbeLoop } from "../_util.ts";
 import { logger } from "../log.ts";
 import { ServiceError } from "../protocol/errors.ts";
 
@@ -57,13 +57,10 @@ const REASON_IN_MESSAGE = /^the session store cannot be written \((.*)\): nothin
 /** A circuit breaker with a write probe, for one session store. */
 export class StorageHealth {
   readonly #options: Required<StorageHealthOptions>;
-  readonly #stop = new AbortController();
+  readonly #loop: ProbeLoop;
   /** Why the store is unavailable; undefined while it is writable. */
   #reason: string | undefined;
   #outages = 0;
-  #probing: Promise<void> | undefined;
-  /** Wakes the probe loop's sleep (the circuit just opened: probe sooner). */
-  #wake: AbortController | undefined;
 
   constructor(options: StorageHealthOptions) {
     this.#options = {
@@ -72,18 +69,23 @@ export class StorageHealth {
       sleep: abortableSleep,
       ...options,
     };
+    const { intervalMs, downIntervalMs, sleep } = this.#options;
+    this.#loop = new ProbeLoop(
+      () => this.probeNow(),
+      () => this.#reason === undefined ? intervalMs : downIntervalMs,
+      sleep,
+    );
   }
 
   /** Starts probing in the background. */
   start(): this {
-    this.#probing ??= this.#probeLoop();
+    this.#loop.start();
     return this;
   }
 
   /** Stops probing. */
   async close(): Promise<void> {
-    this.#stop.abort();
-    await this.#probing;
+    await this.#loop.close();
   }
 
   /** Whether the store can be written, as far as is known. */
@@ -108,7 +110,7 @@ export class StorageHealth {
   failed(error: unknown): boolean {
     const why = storageFailure(error);
     if (why === undefined) return false;
-    this.#open(why);
+    this.#goDown(why);
     return true;
   }
 
@@ -127,14 +129,15 @@ export class StorageHealth {
     try {
       await this.#options.probe(down);
     } catch (error) {
-      this.#open(storageFailure(error) ?? (error as Error)?.message ?? String(error));
+      this.#goDown(storageFailure(error) ?? (error as Error)?.message ?? String(error));
       return false;
     }
-    if (down) this.#close();
+    if (down) this.#comeBack();
     return true;
   }
 
-  #open(why: string): void {
+  /** The store cannot be written: turns are refused until the probe sees it writable. */
+  #goDown(why: string): void {
     if (this.#reason !== undefined) {
       this.#reason = why;
       return;
@@ -142,29 +145,13 @@ export class StorageHealth {
     this.#reason = why;
     this.#outages++;
     log.warn("Session store cannot be written ({why}): refusing turns until it can", { why });
-    this.#wake?.abort();
+    this.#loop.wake(); // the circuit just opened: probe at the shorter interval
   }
 
-  #close(): void {
+  /** The store can be written again. */
+  #comeBack(): void {
     this.#reason = undefined;
     log.info("Session store can be written again: taking turns");
-  }
-
-  async #probeLoop(): Promise<void> {
-    const { intervalMs, downIntervalMs, sleep } = this.#options;
-    while (!this.#stop.signal.aborted) {
-      this.#wake = new AbortController();
-      try {
-        await sleep(
-          this.#reason === undefined ? intervalMs : downIntervalMs,
-          AbortSignal.any([this.#stop.signal, this.#wake.signal]),
-        );
-      } catch {
-        if (this.#stop.signal.aborted) return;
-        continue; // woken: the circuit opened, sleep the shorter interval
-      }
-      await this.probeNow();
-    }
   }
 }
 

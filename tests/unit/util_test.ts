@@ -1,5 +1,5 @@
 import { deepEqual, equal, ok, throws } from "node:assert/strict";
-import { backoffDelay, LruMap } from "../../lib/_util.ts";
+import { backoffDelay, LruMap, ProbeLoop } from "../../lib/_util.ts";
 
 Deno.test("backoffDelay doubles from firstMs up to maxMs, exactly without jitter", () => {
   const delays = [0, 1, 2, 3, 4, 5, 6].map((attempt) =>
@@ -28,4 +28,33 @@ Deno.test("LruMap forgets the least recently used entry; get and set count as a 
   deepEqual([...map.entries()], [["a", 10], ["d", 4]]);
   equal(map.get("b"), undefined);
   throws(() => new LruMap(0), /positive integer, got 0/);
+});
+
+Deno.test("ProbeLoop probes after each wait, reads the interval anew, wakes early, and stops", async () => {
+  const waits: number[] = [];
+  let release: (() => void) | undefined;
+  const sleep = (ms: number, signal: AbortSignal) =>
+    new Promise<void>((resolve, reject) => {
+      waits.push(ms);
+      release = resolve;
+      signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+    });
+  let interval = 5000;
+  let probes = 0;
+  const loop = new ProbeLoop(() => Promise.resolve(probes++), () => interval, sleep);
+  const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
+  loop.start();
+  await tick();
+  deepEqual(waits, [5000]);
+  release!();
+  await tick();
+  equal(probes, 1);
+  interval = 1000;
+  loop.wake(); // cut the second wait short: no probe, a new wait at the new interval
+  await tick();
+  equal(probes, 1);
+  deepEqual(waits, [5000, 5000, 1000]);
+  await loop.close();
+  equal(loop.signal.aborted, true);
+  equal(probes, 1);
 });
