@@ -25,6 +25,9 @@ import { TurnOrder } from "./sessions/turn_order.ts";
 import { WriteGenerations } from "./sessions/write_generations.ts";
 import { LiveStats } from "./observability/live_stats.ts";
 import { Stats } from "./observability/stats.ts";
+import { InProcessPool } from "./workers/in_process_pool.ts";
+import type { WorkerSettings } from "./workers/messages.ts";
+import type { TurnPool } from "./workers/turn_pool.ts";
 import { WorkerPool } from "./workers/worker_pool.ts";
 import { loadProjects } from "./service/projects.ts";
 import { type Parts, serveOperatorEndpoint } from "./service/operator_endpoint.ts";
@@ -113,7 +116,7 @@ export async function startService(config: Config): Promise<Service> {
     });
     if (turnOrder) cleanup.defer(() => turnOrder.close());
 
-    const pool = await WorkerPool.start(config.workers, {
+    const settings: WorkerSettings = {
       endpoint: engine.endpoint,
       kvPath,
       writeGenerations: generations?.buffer,
@@ -126,7 +129,11 @@ export async function startService(config: Config): Promise<Service> {
       engineRetries: config.engineRetries,
       skipThinking: config.skipThinking,
       log: { level: config.logLevel, format: config.logFormat },
-    });
+    };
+    // `--workers 0`: turns run on this thread, against the service's own store.
+    const pool: TurnPool = config.workers === 0
+      ? await InProcessPool.start(settings, store)
+      : await WorkerPool.start(config.workers, settings);
     cleanup.defer(() => pool.close());
 
     let brokerUrl = config.mqttUrl;

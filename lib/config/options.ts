@@ -549,11 +549,12 @@ export const OPTIONS = [
     name: "workers",
     field: "workers",
     default: CORES,
-    min: 1,
+    min: 0,
     max: 64,
     aliases: ["num-workers"],
     group: "Scheduling",
-    help: "Web Workers doing session and engine work (each runs many requests at once)",
+    help:
+      "Web Workers running turns (many each); 0 runs turns on the MQTT thread: less CPU, but tokenizing holds MQTT up",
   }),
   int({
     name: "max-in-flight",

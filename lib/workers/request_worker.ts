@@ -9,14 +9,11 @@
 
 /// <reference lib="deno.worker" />
 
-import { EngineClient } from "../engine/engine_client.ts";
 import { setupLogging } from "../log.ts";
-import { ServiceError, toServiceError } from "../protocol/errors.ts";
-import { SessionStore } from "../sessions/session_store.ts";
-import { asStorageError } from "../sessions/storage_health.ts";
-import { WriteGenerations } from "../sessions/write_generations.ts";
+import { ServiceError } from "../protocol/errors.ts";
 import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
 import { runTurn, type TurnContext } from "./run_turn.ts";
+import { openTurnContext, turnFailure } from "./turn_context.ts";
 
 let context: Promise<TurnContext> | undefined;
 const running = new Map<number, AbortController>();
@@ -26,23 +23,7 @@ const post = (message: FromWorker) => self.postMessage(message);
 async function open(settings: WorkerSettings): Promise<TurnContext> {
   // A worker is an isolate of its own: its log records go nowhere until it is set up.
   await setupLogging(settings.log ?? { level: "info", format: "text" });
-  return {
-    store: await SessionStore.open(
-      settings.kvPath,
-      settings.sessionTtlMs,
-      settings.writeGenerations && WriteGenerations.from(settings.writeGenerations),
-    ),
-    engine: new EngineClient(settings.endpoint, {
-      timeoutMs: settings.requestTimeoutMs,
-      retries: settings.engineRetries,
-      disableThinking: settings.skipThinking,
-    }),
-    maxHistoryTokens: settings.maxHistoryTokens,
-    trimLowWater: settings.trimLowWater,
-    maxModelLen: settings.maxModelLen,
-    defaultMaxTokens: settings.maxTokens,
-    skipThinking: settings.skipThinking,
-  };
+  return await openTurnContext(settings);
 }
 
 // Set before any await: a message that arrives while the module awaits is lost.
@@ -65,11 +46,7 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
         )
         .then((result) => post({ type: "done", id: job.id, result }))
         .catch((error) => {
-          const failure =
-            controller.signal.aborted && controller.signal.reason instanceof ServiceError
-              ? controller.signal.reason
-              // A write the disk had no room for: the client may retry once there is.
-              : asStorageError(error) ?? toServiceError(error);
+          const failure = turnFailure(error, controller.signal);
           post({
             type: "error",
             id: job.id,

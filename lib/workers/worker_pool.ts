@@ -9,6 +9,7 @@
 import { ServiceError } from "../protocol/errors.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import type { FromWorker, ToWorker, TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
+import type { TurnPool } from "./turn_pool.ts";
 
 interface Pending {
   readonly slot: Slot;
@@ -41,7 +42,7 @@ function spawnRequestWorker(): PoolWorker {
 const AFFINITY_SLACK = 8;
 
 /** A fixed number of request workers. */
-export class WorkerPool {
+export class WorkerPool implements TurnPool {
   readonly #slots: Slot[] = [];
   readonly #pending = new Map<number, Pending>();
   readonly #settings: WorkerSettings;

@@ -1,0 +1,82 @@
+/**
+ * Turns run on the gateway's own thread (`--workers 0`), with the same
+ * interface and the same errors as the {@linkcode WorkerPool}. It saves the
+ * hop between threads, which costs more CPU than the turn's own work: a
+ * structured clone of each job, delta and result, and a wake-up of both
+ * threads for each. What it gives up: a turn's synchronous work runs on the
+ * thread that holds the MQTT connection. Session I/O and the engine's socket
+ * are asynchronous; what can hold the thread is the tokenizer (its tables'
+ * first load, and estimates of long texts near a session's budget) and the
+ * JSON of large payloads.
+ *
+ * @module
+ */
+
+import { ServiceError } from "../protocol/errors.ts";
+import type { SessionStore } from "../sessions/session_store.ts";
+import type { TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
+import { runTurn, type TurnContext } from "./run_turn.ts";
+import { openTurnContext, turnFailure } from "./turn_context.ts";
+import type { TurnPool } from "./turn_pool.ts";
+
+/** Runs turns in place: one session store and one engine client for all of them. */
+export class InProcessPool implements TurnPool {
+  readonly #context: TurnContext;
+  /** Whether the store was opened here, and is therefore closed here. */
+  readonly #ownsStore: boolean;
+  readonly #running = new Map<number, AbortController>();
+
+  private constructor(context: TurnContext, ownsStore: boolean) {
+    this.#context = context;
+    this.#ownsStore = ownsStore;
+  }
+
+  /**
+   * Opens the engine client, and a session store unless `store` is given (the
+   * service's own, which its owner closes).
+   */
+  static async start(settings: WorkerSettings, store?: SessionStore): Promise<InProcessPool> {
+    return new InProcessPool(await openTurnContext(settings, store), store === undefined);
+  }
+
+  /**
+   * Runs one turn. Resolves with its result or rejects with a
+   * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text. An
+   * abort of `signal` from now on cancels the turn with the signal's reason.
+   */
+  async run(
+    job: TurnJob,
+    onDelta: (seq: number, text: string) => void,
+    signal?: AbortSignal,
+  ): Promise<TurnResult> {
+    const controller = new AbortController();
+    this.#running.set(job.id, controller);
+    const onAbort = () => this.cancel(job.id, signal!.reason);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      return await runTurn(job, this.#context, controller.signal, onDelta);
+    } catch (error) {
+      throw turnFailure(error, controller.signal);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      this.#running.delete(job.id);
+    }
+  }
+
+  /** Aborts a running turn; it then fails with `error`. */
+  cancel(id: number, error: ServiceError): void {
+    this.#running.get(id)?.abort(error);
+  }
+
+  /**
+   * Fails the turns still running (`cancelled`), and closes the engine client
+   * and the store if it opened it.
+   */
+  close(): Promise<void> {
+    const closing = new ServiceError("cancelled", "the service is shutting down");
+    for (const controller of this.#running.values()) controller.abort(closing);
+    this.#context.engine.close();
+    if (this.#ownsStore) this.#context.store.close();
+    return Promise.resolve();
+  }
+}

@@ -1,0 +1,56 @@
+/**
+ * What turns run against, opened from the {@linkcode WorkerSettings}, and how
+ * a failed turn is told to its client: the same in a request worker and on
+ * the gateway's thread (`--workers 0`).
+ *
+ * @module
+ */
+
+import { EngineClient } from "../engine/engine_client.ts";
+import { ServiceError, toServiceError } from "../protocol/errors.ts";
+import { SessionStore } from "../sessions/session_store.ts";
+import { asStorageError } from "../sessions/storage_health.ts";
+import { WriteGenerations } from "../sessions/write_generations.ts";
+import type { WorkerSettings } from "./messages.ts";
+import type { TurnContext } from "./run_turn.ts";
+
+/**
+ * Opens a session store and an engine client for turns. `store`, when given,
+ * is used instead of a new one (a thread that has one open already).
+ */
+export async function openTurnContext(
+  settings: WorkerSettings,
+  store?: SessionStore,
+): Promise<TurnContext> {
+  return {
+    store: store ?? await SessionStore.open(
+      settings.kvPath,
+      settings.sessionTtlMs,
+      settings.writeGenerations && WriteGenerations.from(settings.writeGenerations),
+    ),
+    engine: new EngineClient(settings.endpoint, {
+      timeoutMs: settings.requestTimeoutMs,
+      retries: settings.engineRetries,
+      disableThinking: settings.skipThinking,
+    }),
+    maxHistoryTokens: settings.maxHistoryTokens,
+    trimLowWater: settings.trimLowWater,
+    maxModelLen: settings.maxModelLen,
+    defaultMaxTokens: settings.maxTokens,
+    skipThinking: settings.skipThinking,
+  };
+}
+
+/**
+ * What a turn that threw `error` tells its client: the cancel's reason when
+ * it was cancelled, `storage_unavailable` for a write the disk had no room
+ * for, `internal` for anything unexpected. Only the code, the
+ * message and the retry time, as a worker's message carries them.
+ */
+export function turnFailure(error: unknown, signal: AbortSignal): ServiceError {
+  const failure = signal.aborted && signal.reason instanceof ServiceError
+    ? signal.reason
+    // A write the disk had no room for: the client may retry once there is.
+    : asStorageError(error) ?? toServiceError(error);
+  return new ServiceError(failure.code, failure.message, { retryAfterMs: failure.retryAfterMs });
+}
