@@ -6,7 +6,10 @@
  * on who else gets the machine's cores. Per token, the same streams are also
  * consumed by the `openai` client alone (the baseline) and by a plain `fetch`
  * with a line-based SSE reader (the floor), each in a process of its own,
- * measured the same way. Each figure is the median of {@linkcode REPEATS} runs.
+ * measured the same way. The service is measured twice in the same run: with
+ * its default pool of Web Workers and with `--workers=0` (turns on the MQTT
+ * thread, no hop between threads). Each figure is the median of
+ * {@linkcode REPEATS} runs.
  *
  * @module
  */
@@ -52,14 +55,20 @@ export interface CpuFigure {
   readonly runs: number[];
 }
 
+/** The service's CPU per answered request, with one `--workers` setting. */
+export interface RequestFigure extends CpuFigure {
+  readonly rps: number;
+  readonly failed: number;
+}
+
 /** What {@linkcode cpuBench} measured. */
 export interface CpuResults {
-  readonly per_request: CpuFigure & {
+  readonly per_request: RequestFigure & {
     readonly unit: "ms";
     readonly sessions: number;
     readonly turns: number;
-    readonly rps: number;
-    readonly failed: number;
+    /** The same with `--workers=0`. */
+    readonly workers_0: RequestFigure;
   };
   readonly per_token: {
     readonly unit: "µs";
@@ -68,6 +77,8 @@ export interface CpuResults {
     readonly chunks_per_answer: number;
     readonly chars_per_chunk: number;
     readonly service: CpuFigure & { readonly failed: number };
+    /** The same with `--workers=0`. */
+    readonly service_workers_0: CpuFigure & { readonly failed: number };
     readonly openai_client: CpuFigure;
     readonly fetch_sse_reader: CpuFigure;
   };
@@ -81,9 +92,9 @@ const CHUNKS = 1000;
 const CHUNK_TEXT = "lorem ipsum"; // 11 characters
 
 /** Service CPU per answered request: non-streamed answers, history kept and saved. */
-async function perRequest(brokerUrl: string): Promise<CpuResults["per_request"]> {
+async function perRequest(brokerUrl: string, args: string[]): Promise<RequestFigure> {
   const standIn = await startStandIn({ chunks: 1, chunkText: "Noted; here is a short answer." });
-  const bench = await run(brokerUrl, standIn, [], 32);
+  const bench = await run(brokerUrl, standIn, args, 32);
   const pid = bench.service.child.pid;
   const tag = crypto.randomUUID().slice(0, 8);
   let failed = 0;
@@ -120,53 +131,62 @@ async function perRequest(brokerUrl: string): Promise<CpuResults["per_request"]>
       runs.push(round((cpuMs(pid) - before) / (SESSIONS * TURNS), 3));
       rps.push(round(SESSIONS * TURNS / seconds));
     }
-    return {
-      unit: "ms",
-      sessions: SESSIONS,
-      turns: TURNS,
-      median: median(runs),
-      runs,
-      rps: median(rps),
-      failed,
-    };
+    return { median: median(runs), runs, rps: median(rps), failed };
   } finally {
     await bench.stop();
   }
 }
 
-/** Service CPU per streamed token, and the baselines' on the same streams. */
-async function perToken(brokerUrl: string, systemPrompt: string): Promise<CpuResults["per_token"]> {
-  const standIn = await startStandIn({ chunks: CHUNKS, chunkText: CHUNK_TEXT });
-  const tokens = ANSWERS * CHUNKS;
+const TOKENS = ANSWERS * CHUNKS;
+
+/** Service CPU per streamed token, the service started with `args`. */
+async function serviceTokens(
+  brokerUrl: string,
+  standIn: Simulator,
+  args: string[],
+): Promise<CpuResults["per_token"]["service"]> {
   const service: number[] = [];
   let failed = 0;
-  {
-    const bench = await run(brokerUrl, standIn, ["--max-tokens=2048"], STREAMS);
-    const pid = bench.service.child.pid;
-    const tag = crypto.randomUUID().slice(0, 8);
-    const answers = async (prefix: string, count: number) =>
-      await drive(count, STREAMS, async (i) => {
-        const { outcome, firstDelta } = await bench.load.ask(
-          i,
-          `${prefix}${i}-${tag}`,
-          `${prefix}${i}-${tag}`,
-          `tell me a long story ${i}`,
-          { stream: true },
-        );
-        if (outcome !== "done") failed++;
-        return firstDelta;
-      });
-    try {
-      await answers("w", 4);
-      for (let r = 0; r < REPEATS; r++) {
-        const before = cpuMs(pid);
-        await byThread(pid, "per token", () => answers(`r${r}-`, ANSWERS));
-        service.push(round((cpuMs(pid) - before) * 1000 / tokens, 2));
-      }
-    } finally {
-      await bench.stop();
+  const bench = await run(brokerUrl, standIn, ["--max-tokens=2048", ...args], STREAMS);
+  const pid = bench.service.child.pid;
+  const tag = crypto.randomUUID().slice(0, 8);
+  const answers = async (prefix: string, count: number) =>
+    await drive(count, STREAMS, async (i) => {
+      const { outcome, firstDelta } = await bench.load.ask(
+        i,
+        `${prefix}${i}-${tag}`,
+        `${prefix}${i}-${tag}`,
+        `tell me a long story ${i}`,
+        { stream: true },
+      );
+      if (outcome !== "done") failed++;
+      return firstDelta;
+    });
+  try {
+    await answers("w", 4);
+    for (let r = 0; r < REPEATS; r++) {
+      const before = cpuMs(pid);
+      await byThread(pid, "per token", () => answers(`r${r}-`, ANSWERS));
+      service.push(round((cpuMs(pid) - before) * 1000 / TOKENS, 2));
     }
+  } finally {
+    await bench.stop();
   }
+  return { median: median(service), runs: service, failed };
+}
+
+/** Service CPU per streamed token, and the baselines' on the same streams. */
+async function perToken(brokerUrl: string, systemPrompt: string): Promise<CpuResults["per_token"]> {
+  const service = await serviceTokens(
+    brokerUrl,
+    await startStandIn({ chunks: CHUNKS, chunkText: CHUNK_TEXT }),
+    [],
+  );
+  const inPlace = await serviceTokens(
+    brokerUrl,
+    await startStandIn({ chunks: CHUNKS, chunkText: CHUNK_TEXT }),
+    ["--workers=0"],
+  );
   const standInAgain = await startStandIn({ chunks: CHUNKS, chunkText: CHUNK_TEXT });
   const baseline = async (mode: "openai" | "fetch") => {
     const runs: number[] = [];
@@ -188,8 +208,8 @@ async function perToken(brokerUrl: string, systemPrompt: string): Promise<CpuRes
         stderr: "inherit",
       }).output();
       const { cpu_ms, tokens: read } = JSON.parse(new TextDecoder().decode(output.stdout));
-      if (read !== tokens) throw new Error(`${mode} read ${read} chunks, not ${tokens}`);
-      runs.push(round(cpu_ms * 1000 / tokens, 2));
+      if (read !== TOKENS) throw new Error(`${mode} read ${read} chunks, not ${TOKENS}`);
+      runs.push(round(cpu_ms * 1000 / TOKENS, 2));
     }
     return { median: median(runs), runs };
   };
@@ -200,7 +220,8 @@ async function perToken(brokerUrl: string, systemPrompt: string): Promise<CpuRes
       concurrency: STREAMS,
       chunks_per_answer: CHUNKS,
       chars_per_chunk: CHUNK_TEXT.length,
-      service: { median: median(service), runs: service, failed },
+      service,
+      service_workers_0: inPlace,
       openai_client: await baseline("openai"),
       fetch_sse_reader: await baseline("fetch"),
     };
@@ -211,7 +232,13 @@ async function perToken(brokerUrl: string, systemPrompt: string): Promise<CpuRes
 
 /** Measures the CPU figures (the service as a child process, the broker at `brokerUrl`). */
 export async function cpuBench(brokerUrl: string, systemPrompt: string): Promise<CpuResults> {
-  const per_request = await perRequest(brokerUrl);
+  const per_request = {
+    unit: "ms" as const,
+    sessions: SESSIONS,
+    turns: TURNS,
+    ...await perRequest(brokerUrl, []),
+    workers_0: await perRequest(brokerUrl, ["--workers=0"]),
+  };
   const per_token = await perToken(brokerUrl, systemPrompt);
   return { per_request, per_token };
 }
@@ -230,11 +257,25 @@ export function cpuTable(results: CpuResults): Record<string, unknown>[] {
       "req/s": request.rps,
     },
     {
+      "what": "the same, with --workers=0 (turns on the MQTT thread)",
+      "CPU": `${request.workers_0.median} ms`,
+      "runs": runs(request.workers_0),
+      "goal": "≤ 0.3 ms",
+      "req/s": request.workers_0.rps,
+    },
+    {
       "what":
         `service, per streamed token (${token.answers} answers × ${token.chunks_per_answer} ` +
         `chunks, ${token.concurrency} at a time, deltas to MQTT)`,
       "CPU": `${token.service.median} µs`,
       "runs": runs(token.service),
+      "goal": "≤ 6 µs",
+      "req/s": "",
+    },
+    {
+      "what": "the same, with --workers=0 (turns on the MQTT thread)",
+      "CPU": `${token.service_workers_0.median} µs`,
+      "runs": runs(token.service_workers_0),
       "goal": "≤ 6 µs",
       "req/s": "",
     },
