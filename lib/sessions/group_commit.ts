@@ -129,10 +129,10 @@ export class GroupCommit {
     this.#running = true;
     while (this.#queue.length > 0) {
       const batch = this.#queue.splice(0, this.#fitting());
-      const op = this.#kv.atomic();
-      for (const { write } of batch) write.addTo(op);
       let result: Deno.KvCommitResult | Deno.KvCommitError;
       try {
+        const op = this.#kv.atomic();
+        for (const { write } of batch) write.addTo(op);
         result = await commitWhenFree(op);
       } catch (error) {
         // The store stayed locked: each write would have waited as long on its own.

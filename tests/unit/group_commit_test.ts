@@ -7,8 +7,10 @@ import { deepEqual, equal, ok, rejects } from "node:assert/strict";
 import { GroupCommit, PendingWrite } from "../../lib/sessions/group_commit.ts";
 import { SessionStore } from "../../lib/sessions/session_store.ts";
 
-/** An in-memory store and a count of the atomic operations made on it. */
-async function countedKv(): Promise<{ kv: Deno.Kv; atomics: () => number }> {
+/** Runs `fn` on an in-memory store that counts the atomic operations made on it. */
+async function withCountedKv(
+  fn: (kv: Deno.Kv, atomics: () => number) => Promise<void>,
+): Promise<void> {
   const kv = await Deno.openKv(":memory:");
   let atomics = 0;
   const counted = new Proxy(kv, {
@@ -23,7 +25,19 @@ async function countedKv(): Promise<{ kv: Deno.Kv; atomics: () => number }> {
       return typeof value === "function" ? value.bind(target) : value;
     },
   });
-  return { kv: counted, atomics: () => atomics };
+  try {
+    await fn(counted, () => atomics);
+  } finally {
+    kv.close();
+  }
+}
+
+/** Queues at once on `commits` writes creating sessions `s0` … `s<count - 1>`; all must commit. */
+async function createAll(commits: GroupCommit, count: number): Promise<void> {
+  const results = await Promise.all(
+    Array.from({ length: count }, (_, i) => commits.commit(create(`s${i}`))),
+  );
+  ok(results.every((result) => result.ok));
 }
 
 /** A write that creates `["session", name]` (or fails its check with `versionstamp`). */
@@ -34,30 +48,20 @@ function create(name: string, value: unknown = name, versionstamp: string | null
 }
 
 Deno.test("writes queued while one is in flight go together in one atomic operation", async () => {
-  const { kv, atomics } = await countedKv();
-  try {
+  await withCountedKv(async (kv, atomics) => {
     const commits = new GroupCommit(kv);
-    const results = await Promise.all(
-      Array.from({ length: 10 }, (_, i) => commits.commit(create(`s${i}`))),
-    );
-    ok(results.every((result) => result.ok));
+    await createAll(commits, 10);
     // The first goes at once, the nine queued behind it in one more.
     equal(atomics(), 2);
     for (let i = 0; i < 10; i++) equal((await kv.get(["session", `s${i}`])).value, `s${i}`);
-  } finally {
-    kv.close();
-  }
+  });
 });
 
 Deno.test("a batch stays within Deno KV's limits per atomic operation", async () => {
-  const { kv, atomics } = await countedKv();
-  try {
+  await withCountedKv(async (kv, atomics) => {
     const commits = new GroupCommit(kv);
     // 1 + 150 writes: the 150 queued ones have one check each (100 a batch at most).
-    const results = await Promise.all(
-      Array.from({ length: 151 }, (_, i) => commits.commit(create(`s${i}`))),
-    );
-    ok(results.every((result) => result.ok));
+    await createAll(commits, 151);
     equal(atomics(), 3);
     // Values of 300 KiB (estimated): two a batch under 800 KiB.
     const big = "x".repeat(30_000);
@@ -71,14 +75,11 @@ Deno.test("a batch stays within Deno KV's limits per atomic operation", async ()
     );
     ok(large.every((result) => result.ok));
     equal(atomics() - before, 3); // 1, then 2 + 2
-  } finally {
-    kv.close();
-  }
+  });
 });
 
 Deno.test("a failed check fails only its own write; the others of its batch commit", async () => {
-  const { kv, atomics } = await countedKv();
-  try {
+  await withCountedKv(async (kv, atomics) => {
     await kv.set(["session", "taken"], "other writer's");
     const commits = new GroupCommit(kv);
     const [first, a, taken, b] = await Promise.all([
@@ -93,14 +94,11 @@ Deno.test("a failed check fails only its own write; the others of its batch comm
     equal((await kv.get(["session", "b"])).value, "b");
     // first; the batch of three (check failed); then each of the three alone.
     equal(atomics(), 5);
-  } finally {
-    kv.close();
-  }
+  });
 });
 
 Deno.test("a write that throws fails alone; the others of its batch commit", async () => {
-  const { kv } = await countedKv();
-  try {
+  await withCountedKv(async (kv) => {
     const commits = new GroupCommit(kv);
     const tooLarge = new PendingWrite().set(["session", "large"], "x".repeat(70_000), 1024);
     const outcomes = await Promise.allSettled([
@@ -118,14 +116,11 @@ Deno.test("a write that throws fails alone; the others of its batch commit", asy
     await rejects(Promise.reject((outcomes[2] as PromiseRejectedResult).reason), /too large/i);
     equal((await kv.get(["session", "b"])).value, "b");
     equal((await kv.get(["session", "large"])).value, null);
-  } finally {
-    kv.close();
-  }
+  });
 });
 
 Deno.test("two writes checking the same key never share a batch", async () => {
-  const { kv } = await countedKv();
-  try {
+  await withCountedKv(async (kv) => {
     const commits = new GroupCommit(kv);
     // Both checked against "absent": only the first may win, as if they came one by one.
     const [first, one, two] = await Promise.all([
@@ -135,14 +130,11 @@ Deno.test("two writes checking the same key never share a batch", async () => {
     ]);
     deepEqual([first.ok, one.ok, two.ok], [true, true, false]);
     equal((await kv.get(["session", "same"])).value, "one");
-  } finally {
-    kv.close();
-  }
+  });
 });
 
 Deno.test("turns of many sessions committed together keep each session's order", async () => {
-  const { kv, atomics } = await countedKv();
-  try {
+  await withCountedKv(async (kv, atomics) => {
     const store = new SessionStore(kv, 60_000);
     const sessions = Array.from({ length: 8 }, (_, i) => `s${i}`);
     const turns = 5;
@@ -168,7 +160,5 @@ Deno.test("turns of many sessions committed together keep each session's order",
     }
     // 40 turns; alone they would take 40 atomic operations (plus the first turns' renewals).
     ok(atomics() < 40, `${atomics()} atomic operations for 40 turns`);
-  } finally {
-    kv.close();
-  }
+  });
 });
