@@ -135,7 +135,8 @@ export class GroupCommit {
         for (const { write } of batch) write.addTo(op);
         result = await commitWhenFree(op);
       } catch (error) {
-        // The store stayed locked: each write would have waited as long on its own.
+        // A write alone has its own error. A store that stayed locked (`SessionStoreError`
+        // `busy`) is every write's: each would have waited as long on its own.
         if (batch.length === 1 || error instanceof SessionStoreError) {
           for (const { done } of batch) done.reject(error);
           continue;
