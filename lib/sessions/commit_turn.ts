@@ -5,7 +5,10 @@
  * instances never both append on the same base: the one that loses reloads
  * and appends after the other's turn. A turn too large for one atomic
  * operation (800 KiB) writes its chunks first (nobody reads them before a
- * meta record names them) and the heads with the meta record last.
+ * meta record names them) and the heads with the meta record last. Turns of
+ * other sessions that finish at the same time share that atomic operation
+ * (`group_commit.ts`): each keeps its own check, and its commit resolves only
+ * once its own records are durable.
  *
  * The meta record carries `expireIn` (the session TTL), refreshed on each
  * turn; KV expiry is lazy, so reads also check `expiresAt`. Messages live
@@ -19,7 +22,8 @@
  */
 
 import { logger } from "../log.ts";
-import { commitWhenFree, SessionStoreError } from "./_util.ts";
+import { SessionStoreError } from "./_util.ts";
+import { type GroupCommit, PendingWrite } from "./group_commit.ts";
 import {
   deleteMessages,
   messagePrefix,
@@ -42,9 +46,16 @@ const TURN_BYTES = 640 * 1024;
 /** Tries of a turn's commit against writers that keep changing the session. */
 const COMMIT_ATTEMPTS = 20;
 
+/** A meta record's size when serialized, from above (as `recordBytes` for messages). */
+function metaBytes(meta: SessionMeta): number {
+  return 2 * (meta.systemPrompt?.length ?? 0) + 512;
+}
+
 /** What a turn's commit works with: the store's connection, TTL, cache and load. */
 export interface TurnCommitContext {
   readonly kv: Deno.Kv;
+  /** Commits the turns' atomic writes on `kv`, several at once when they come together. */
+  readonly commits: GroupCommit;
   /** The session TTL in milliseconds. */
   readonly ttlMs: number;
   readonly cache: SessionCache;
@@ -105,25 +116,29 @@ export async function commitTurn(
     };
     const tag = newTag();
     const records = added.map((message, i) => messageRecords(prefix, base + i, message, tag));
-    const op = kv.atomic().check({ key: metaRecordKey, versionstamp: session.versionstamp });
+    const write = new PendingWrite().check({
+      key: metaRecordKey,
+      versionstamp: session.versionstamp,
+    });
     let bytes = 0;
     for (const [, value] of records.flat()) bytes += recordBytes(value);
     if (bytes <= TURN_BYTES) {
       for (const [key, value] of records.flat()) {
-        op.set(key, value, { expireIn: messageExpireIn });
+        write.set(key, value, recordBytes(value), messageExpireIn);
       }
     } else {
       // Too large for one atomic operation: the chunks first, the heads with the meta record.
       await writeBatches(kv, records.flatMap((list) => list.slice(1)), messageExpireIn);
       for (const [key, value] of records.map((list) => list[0])) {
-        op.set(key, value, { expireIn: messageExpireIn });
+        write.set(key, value, recordBytes(value), messageExpireIn);
       }
     }
-    op.set(metaRecordKey, meta, { expireIn });
+    write.set(metaRecordKey, meta, metaBytes(meta), expireIn);
     const before = cache.generation(project, sessionId);
-    // While another connection holds the lock (Deno KV's expiry sweep, other turns' commits),
-    // this waits: that is not a change of the session, so no conflict.
-    const committed = await commitWhenFree(op);
+    // Resolves once this turn is durable. While another connection holds the lock (Deno KV's
+    // expiry sweep, other turns' commits), this waits: that is not a change of the session,
+    // so no conflict.
+    const committed = await context.commits.commit(write);
     if (committed.ok) {
       const history = [
         ...kept,

@@ -22,6 +22,7 @@
 import { logger } from "../log.ts";
 import { commitOrThrow, isDamage, openKv } from "./_util.ts";
 import { commitTurn, type TurnCommitContext } from "./commit_turn.ts";
+import { GroupCommit } from "./group_commit.ts";
 import {
   deleteMessages,
   freshSeq,
@@ -64,6 +65,7 @@ export class SessionStore {
     this.#cache = new SessionCache(generations);
     this.#turns = {
       kv,
+      commits: new GroupCommit(kv),
       ttlMs,
       cache: this.#cache,
       load: (project, sessionId, now) => this.load(project, sessionId, now),
