@@ -163,7 +163,8 @@ async function serviceTokens(
       return firstDelta;
     });
   try {
-    await answers("w", 4);
+    // Warm-up as long as a measured run (a shorter one left the first run the highest).
+    await answers("w", ANSWERS);
     for (let r = 0; r < REPEATS; r++) {
       const before = cpuMs(pid);
       await byThread(pid, "per token", () => answers(`r${r}-`, ANSWERS));
