@@ -82,7 +82,10 @@ async function main(): Promise<number> {
       resolve(1);
     }, deadlineMs);
     service.stop().then(() => resolve(code), (error) => {
-      log.error("Shutdown failed: {message}", { message: (error as Error).message });
+      // Several failed steps come as one SuppressedError, nested: name each.
+      for (const failure of stepFailures(error)) {
+        log.error("Shutdown failed: {message}", { message: failure });
+      }
       service.killNow();
       resolve(1);
     }).finally(() => clearTimeout(deadline));
@@ -105,6 +108,14 @@ async function main(): Promise<number> {
   const code = await stopped;
   await closeLogging();
   return code;
+}
+
+/** The messages of the errors a stop threw: one, or each of those a SuppressedError nests. */
+function stepFailures(error: unknown): string[] {
+  if (error instanceof SuppressedError) {
+    return [...stepFailures(error.error), ...stepFailures(error.suppressed)];
+  }
+  return [(error as Error)?.message ?? String(error)];
 }
 
 Deno.exit(await main());

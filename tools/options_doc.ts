@@ -25,8 +25,8 @@ export const OPTIONS_DOC_PATH = "docs/options.md";
  */
 export const MACHINE_DEFAULTS: Readonly<Record<string, { text: string; value: () => unknown }>> = {
   workers: {
-    text: "the number of CPU cores",
-    value: () => navigator.hardwareConcurrency ?? 2,
+    text: "the number of CPU cores, at most 64",
+    value: () => Math.min(navigator.hardwareConcurrency ?? 2, 64),
   },
 };
 

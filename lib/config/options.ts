@@ -1,12 +1,4 @@
 /**
- * Every command-line option the program takes, in one table. `--help`, the
- * environment fallbacks (`VLLM_MQTT_` + the name in upper snake case) and the
- * option list in docs/options.md are all generated from or checked against it.
- *
- * @module
- */
-
-/**
  * Every command-line option the program takes, in one table: its name, kind,
  * default, help text and the configuration field it fills. `--help`, the
  * environment fallbacks (`VLLM_MQTT_` + the name in upper snake case), the
@@ -548,7 +540,8 @@ export const OPTIONS = [
   int({
     name: "workers",
     field: "workers",
-    default: CORES,
+    // A default past the maximum would stop start-up on a large machine.
+    default: Math.min(CORES, 64),
     min: 0,
     max: 64,
     aliases: ["num-workers"],

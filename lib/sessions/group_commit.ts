@@ -13,6 +13,10 @@
  * check the same key never share a batch: a batch's checks all run before its
  * mutations, so the second would pass a check the first makes stale.
  *
+ * Only for a local store: a remote one (`--kv-url`, a denokv server) takes at
+ * most 10 checks an operation and runs several operations at once, so there
+ * each write is committed on its own, at once (`grouped: false`).
+ *
  * Private to `lib/sessions/`.
  *
  * @module
@@ -20,10 +24,10 @@
 
 import { commitWhenFree, SessionStoreError } from "./_util.ts";
 
-/** Deno KV's limits per atomic operation (`Deno.openKv`'s SQLite backend). */
+/** Deno KV's limits per atomic operation (`Deno.openKv` on a local file). */
 const MAX_CHECKS = 100;
 const MAX_MUTATIONS = 1000;
-/** Of the keys and values written, in bytes. */
+/** Of the mutations, in bytes, as Deno counts them: each written key twice, each checked key once. */
 const MAX_MUTATION_BYTES = 800 * 1024;
 /** Of the keys checked and written, in bytes. */
 const MAX_KEY_BYTES = 80 * 1024;
@@ -50,7 +54,7 @@ function keyId(key: Deno.KvKey): string {
 export class PendingWrite {
   readonly #checks: Deno.AtomicCheck[] = [];
   readonly #sets: { key: Deno.KvKey; value: unknown; expireIn?: number }[] = [];
-  /** Estimated size of its mutations' keys and values, in bytes. */
+  /** Estimated size of its mutations as Deno counts it (see `MAX_MUTATION_BYTES`), in bytes. */
   #bytes = 0;
   /** Estimated size of its keys (checked and written), in bytes. */
   #keyBytes = 0;
@@ -58,7 +62,9 @@ export class PendingWrite {
   /** Adds a versionstamp check. */
   check(check: Deno.AtomicCheck): this {
     this.#checks.push(check);
-    this.#keyBytes += keyBytes(check.key);
+    const size = keyBytes(check.key);
+    this.#keyBytes += size;
+    this.#bytes += size;
     return this;
   }
 
@@ -67,7 +73,7 @@ export class PendingWrite {
     this.#sets.push({ key, value, expireIn });
     const size = keyBytes(key);
     this.#keyBytes += size;
-    this.#bytes += size + valueBytes;
+    this.#bytes += 2 * size + valueBytes;
     return this;
   }
 
@@ -102,12 +108,18 @@ interface Queued {
 /** The atomic writes of one connection, committed in groups. */
 export class GroupCommit {
   readonly #kv: Pick<Deno.Kv, "atomic">;
+  readonly #grouped: boolean;
   #queue: Queued[] = [];
   #running = false;
 
-  /** `kv`: the connection (anything with `atomic()`, so tests can count operations). */
-  constructor(kv: Pick<Deno.Kv, "atomic">) {
+  /**
+   * @param kv The connection (anything with `atomic()`, so tests can count operations).
+   * @param options.grouped Whether writes are grouped; false commits each on its own, at once
+   *   (a remote store). @default {true}
+   */
+  constructor(kv: Pick<Deno.Kv, "atomic">, options: { readonly grouped?: boolean } = {}) {
     this.#kv = kv;
+    this.#grouped = options.grouped ?? true;
   }
 
   /**
@@ -119,6 +131,7 @@ export class GroupCommit {
    *   large), or {@linkcode SessionStoreError} `busy` when the store stayed locked.
    */
   commit(write: PendingWrite): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+    if (!this.#grouped) return commitWhenFree(write.addTo(this.#kv.atomic()));
     const done = Promise.withResolvers<Deno.KvCommitResult | Deno.KvCommitError>();
     this.#queue.push({ write, done });
     if (!this.#running) this.#run();

@@ -58,14 +58,21 @@ export class SessionStore {
   /** What a turn's commit works with. */
   readonly #turns: TurnCommitContext;
 
-  constructor(kv: Deno.Kv, ttlMs: number, generations?: WriteGenerations, reads: Deno.Kv = kv) {
+  /** @param commits How turns are committed: grouped on `kv` unless given (see `open`). */
+  constructor(
+    kv: Deno.Kv,
+    ttlMs: number,
+    generations?: WriteGenerations,
+    reads: Deno.Kv = kv,
+    commits: GroupCommit = new GroupCommit(kv),
+  ) {
     this.#kv = kv;
     this.#reads = reads;
     this.#ttlMs = ttlMs;
     this.#cache = new SessionCache(generations);
     this.#turns = {
       kv,
-      commits: new GroupCommit(kv),
+      commits,
       ttlMs,
       cache: this.#cache,
       load: (project, sessionId, now) => this.load(project, sessionId, now),
@@ -79,7 +86,9 @@ export class SessionStore {
     generations?: WriteGenerations,
   ): Promise<SessionStore> {
     const [kv, reads] = await Promise.all([openKv(path), openKv(path)]);
-    return new SessionStore(kv, ttlMs, generations, reads);
+    // A remote store (`--kv-url`) takes few checks an operation: its turns are not grouped.
+    const grouped = !/^https?:\/\//.test(path);
+    return new SessionStore(kv, ttlMs, generations, reads, new GroupCommit(kv, { grouped }));
   }
 
   /**

@@ -92,6 +92,8 @@ export type ToWorker =
     readonly id: number;
     readonly code: ErrorCode;
     readonly message: string;
+    /** The retry hint the turn's error carries (a service shutting down gives one). */
+    readonly retryAfterMs?: number;
   }
   | { readonly type: "close" };
 

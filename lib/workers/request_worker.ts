@@ -59,7 +59,9 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
       break;
     }
     case "cancel":
-      running.get(message.id)?.abort(new ServiceError(message.code, message.message));
+      running.get(message.id)?.abort(
+        new ServiceError(message.code, message.message, { retryAfterMs: message.retryAfterMs }),
+      );
       break;
     case "close":
       context?.then((ctx) => {

@@ -73,13 +73,15 @@ export class WorkerPool implements TurnPool {
   /**
    * Runs one turn. Resolves with its result or rejects with a
    * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text. An
-   * abort of `signal` from now on cancels the turn with the signal's reason.
+   * abort of `signal` (before or during the turn) fails it with the signal's reason.
    */
   async run(
     job: TurnJob,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {
+    // Cancelled while it waited for its turn (in a share group, for another instance).
+    signal?.throwIfAborted();
     const slot = this.#pick(sessionKey(job.project, job.sessionId));
     slot.busy++;
     const { promise, resolve, reject } = Promise.withResolvers<TurnResult>();
@@ -111,7 +113,14 @@ export class WorkerPool implements TurnPool {
   cancel(id: number, error: ServiceError): void {
     const pending = this.#pending.get(id);
     if (pending) {
-      this.#send(pending.slot, { type: "cancel", id, code: error.code, message: error.message });
+      const { code, message, retryAfterMs } = error;
+      this.#send(pending.slot, {
+        type: "cancel",
+        id,
+        code,
+        message,
+        ...(retryAfterMs !== undefined && { retryAfterMs }),
+      });
     }
   }
 

@@ -57,6 +57,16 @@ Deno.test("writes queued while one is in flight go together in one atomic operat
   });
 });
 
+Deno.test("ungrouped (a remote store), each write is its own operation, none waiting for another", async () => {
+  await withCountedKv(async (kv, atomics) => {
+    const commits = new GroupCommit(kv, { grouped: false });
+    const pending = Array.from({ length: 10 }, (_, i) => commits.commit(create(`s${i}`)));
+    // All ten were sent before any finished: none sat in a queue behind another.
+    equal(atomics(), 10);
+    ok((await Promise.all(pending)).every((result) => result.ok));
+  });
+});
+
 Deno.test("a batch stays within Deno KV's limits per atomic operation", async () => {
   await withCountedKv(async (kv, atomics) => {
     const commits = new GroupCommit(kv);
