@@ -1,5 +1,5 @@
 /**
- * Drop-in, second round (issue 14): the clients and command lines of the
+ * Drop-in: the clients and command lines of the
  * deployment this service replaces, each with its exact payload or command,
  * against a real mosquitto and the service as a child process.
  */

@@ -1,5 +1,5 @@
 /**
- * The bridge's own cost, in CPU time (issue 16): what the service process
+ * The bridge's own cost, in CPU time: what the service process
  * spends (user + system time of all its threads, from `/proc/PID/stat`, read
  * before and after) per answered request and per streamed token, against a
  * zero-latency engine stand-in. CPU time, unlike throughput, does not depend
