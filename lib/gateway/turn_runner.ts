@@ -60,6 +60,8 @@ export async function runTurnJob(
   options.storageHealth?.check();
   await engineHealth.ready(options.engineWaitMs, signal);
   await job.ticket?.start();
+  // Cancelled while it waited for its turn (in a share group, for another instance).
+  signal.throwIfAborted();
   const result = await options.runTurn(
     {
       id: job.id,

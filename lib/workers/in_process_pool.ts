@@ -39,18 +39,12 @@ export class InProcessPool implements TurnPool {
     return new InProcessPool(await openTurnContext(settings, store), store === undefined);
   }
 
-  /**
-   * Runs one turn. Resolves with its result or rejects with a
-   * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text. An
-   * abort of `signal` (before or during the turn) fails it with the signal's reason.
-   */
+  /** Runs one turn on this thread, as {@linkcode TurnPool.run} says. */
   async run(
     job: TurnJob,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {
-    // Cancelled while it waited for its turn (in a share group, for another instance).
-    signal?.throwIfAborted();
     const controller = new AbortController();
     this.#running.set(job.id, controller);
     const onAbort = () => this.cancel(job.id, signal!.reason);

@@ -15,7 +15,7 @@ export interface TurnPool {
   /**
    * Runs one turn. Resolves with its result or rejects with a
    * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text. An
-   * abort of `signal` (before or during the turn) fails it with the signal's reason.
+   * abort of `signal` from now on cancels the turn with the signal's reason.
    */
   run(
     job: TurnJob,

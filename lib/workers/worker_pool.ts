@@ -70,18 +70,12 @@ export class WorkerPool implements TurnPool {
     return pool;
   }
 
-  /**
-   * Runs one turn. Resolves with its result or rejects with a
-   * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text. An
-   * abort of `signal` (before or during the turn) fails it with the signal's reason.
-   */
+  /** Runs one turn on its session's worker, as {@linkcode TurnPool.run} says. */
   async run(
     job: TurnJob,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {
-    // Cancelled while it waited for its turn (in a share group, for another instance).
-    signal?.throwIfAborted();
     const slot = this.#pick(sessionKey(job.project, job.sessionId));
     slot.busy++;
     const { promise, resolve, reject } = Promise.withResolvers<TurnResult>();

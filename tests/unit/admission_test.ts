@@ -224,6 +224,19 @@ Deno.test("admission: a cancel aborts the session's turn, or is not_found", asyn
   equal(turns[0].signal.reason.code, "cancelled");
 });
 
+Deno.test("admission: a turn cancelled while it waits to start is never run", async () => {
+  const waiting = Promise.withResolvers<void>();
+  const directory = { settled: () => waiting.promise, touch: () => {} };
+  const { sent, turns, send } = gateway({ directory: directory as unknown as SessionDirectory });
+  send("general/user_input", { session_id: "s1", request_id: "r1", message: "hi" });
+  await tick();
+  send("general/user_input", { session_id: "s1", request_id: "r1", cancel: true });
+  waiting.resolve();
+  await tick();
+  equal(turns.length, 0);
+  deepEqual(sent.map((s) => [s.body.request_id, errorOf(s)]), [["r1", "cancelled"]]);
+});
+
 Deno.test("admission: while stopping, cancelled with a retry hint; drain fails what is left", async () => {
   const { g, sent, turns, send } = gateway();
   send("general/user_input", { session_id: "s1", message: "running" });

@@ -87,13 +87,3 @@ Deno.test("turnFailure: a cancelled turn fails with the cancel's reason, not wit
   other.abort(new Error("elsewhere"));
   equal(turnFailure(new ServiceError("queue_full", "full"), other.signal).code, "queue_full");
 });
-
-Deno.test("InProcessPool does not run a turn cancelled before it started", async () => {
-  const { store, calls } = fakeStore(() => Promise.resolve());
-  const pool = await InProcessPool.start(SETTINGS, store);
-  const controller = new AbortController();
-  controller.abort(new ServiceError("cancelled", "cancelled by the client"));
-  await rejects(pool.run(RESET, () => {}, controller.signal), { code: "cancelled" });
-  equal(calls.clear, 0);
-  await pool.close();
-});
