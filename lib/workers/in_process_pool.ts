@@ -24,7 +24,8 @@ export class InProcessPool implements TurnPool {
   readonly #context: TurnContext;
   /** Whether the store was opened here, and is therefore closed here. */
   readonly #ownsStore: boolean;
-  readonly #running = new Map<number, AbortController>();
+  /** One per running turn: close() aborts them. */
+  readonly #running = new Set<AbortController>();
 
   private constructor(context: TurnContext, ownsStore: boolean) {
     this.#context = context;
@@ -45,23 +46,17 @@ export class InProcessPool implements TurnPool {
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {
-    const controller = new AbortController();
-    this.#running.set(job.id, controller);
-    const onAbort = () => this.cancel(job.id, signal!.reason);
-    signal?.addEventListener("abort", onAbort, { once: true });
+    // Aborted by the caller (a cancel) or by close(), whichever comes first.
+    const closing = new AbortController();
+    const aborted = signal ? AbortSignal.any([signal, closing.signal]) : closing.signal;
+    this.#running.add(closing);
     try {
-      return await runTurn(job, this.#context, controller.signal, onDelta);
+      return await runTurn(job, this.#context, aborted, onDelta);
     } catch (error) {
-      throw turnFailure(error, controller.signal);
+      throw turnFailure(error, aborted);
     } finally {
-      signal?.removeEventListener("abort", onAbort);
-      this.#running.delete(job.id);
+      this.#running.delete(closing);
     }
-  }
-
-  /** Aborts a running turn; it then fails with `error`. */
-  cancel(id: number, error: ServiceError): void {
-    this.#running.get(id)?.abort(error);
   }
 
   /**
@@ -70,7 +65,7 @@ export class InProcessPool implements TurnPool {
    */
   close(): Promise<void> {
     const closing = new ServiceError("cancelled", "the service is shutting down");
-    for (const controller of this.#running.values()) controller.abort(closing);
+    for (const controller of this.#running) controller.abort(closing);
     this.#context.engine.close();
     if (this.#ownsStore) this.#context.store.close();
     return Promise.resolve();

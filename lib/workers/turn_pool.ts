@@ -22,8 +22,6 @@ export interface TurnPool {
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult>;
-  /** Aborts a running turn; it then fails with `error`. */
-  cancel(id: number, error: ServiceError): void;
   /** Closes what the turns run against. Turns still running are failed (`cancelled`). */
   close(): Promise<void>;
 }

@@ -81,7 +81,7 @@ export class WorkerPool implements TurnPool {
     const { promise, resolve, reject } = Promise.withResolvers<TurnResult>();
     this.#pending.set(job.id, { slot, onDelta, resolve, reject });
     this.#send(slot, { type: "run", job });
-    const onAbort = () => this.cancel(job.id, signal!.reason);
+    const onAbort = () => this.#cancel(job.id, signal!.reason);
     signal?.addEventListener("abort", onAbort, { once: true });
     try {
       return await promise;
@@ -103,8 +103,8 @@ export class WorkerPool implements TurnPool {
     return own.busy - least.busy > AFFINITY_SLACK ? least : own;
   }
 
-  /** Aborts a running turn; it then fails with `error`. */
-  cancel(id: number, error: ServiceError): void {
+  /** Tells a running turn's worker to abort it; it then fails with `error`. */
+  #cancel(id: number, error: ServiceError): void {
     const pending = this.#pending.get(id);
     if (pending) {
       const { code, message, retryAfterMs } = error;
