@@ -13,7 +13,7 @@
  */
 
 import { payloadRoomForImages } from "../protocol/images.ts";
-import { ConfigError } from "./config_error.ts";
+import { badValue, ConfigError } from "./config_error.ts";
 import { defaultText } from "./option_spec.ts";
 import { OPTIONS, type OptionSpec } from "./options.ts";
 import { type Args, optionText, readArgs } from "./read_args.ts";
@@ -103,11 +103,7 @@ export function parseConfig(
     });
   }
   if (engineUrl !== undefined && !URL.canParse(engineUrl)) {
-    throw new ConfigError(`'--engine-url' must be a URL: current value is "${engineUrl}"`, {
-      code: "bad_value",
-      option: "engine-url",
-      value: engineUrl,
-    });
+    throw badValue("engine-url", "a URL", engineUrl);
   }
 
   // The original script's `--mqtt_broker HOST --mqtt_port PORT`.
@@ -118,10 +114,7 @@ export function parseConfig(
   if (mqttUrl !== undefined) {
     const parsed = URL.canParse(mqttUrl) ? new URL(mqttUrl) : undefined;
     if (!parsed || !MQTT_SCHEMES.includes(parsed.protocol)) {
-      throw new ConfigError(
-        `'--mqtt-url' must be an mqtt://, mqtts://, ws:// or wss:// URL: current value is "${mqttUrl}"`,
-        { code: "bad_value", option: "mqtt-url", value: mqttUrl },
-      );
+      throw badValue("mqtt-url", "an mqtt://, mqtts://, ws:// or wss:// URL", mqttUrl);
     }
   }
 

@@ -11,8 +11,6 @@ import { logger } from "../log.ts";
 import type { RunningEngine } from "./running_engine.ts";
 import { startVllm } from "./vllm_supervisor.ts";
 
-export type { RunningEngine } from "./running_engine.ts";
-
 const log = logger("engine");
 
 /** Starts or attaches to the engine of `config.engine`. */

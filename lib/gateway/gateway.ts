@@ -69,13 +69,14 @@ export class Gateway {
       fail: (job, error) => this.#admission.fail(job.target, error, job),
       wallClock: (receivedAt) => performance.timeOrigin + receivedAt,
     });
+    const limits = (project: string) => projectLimits(options, project);
     this.#admission = new Admission({
       ...options,
       prompts: this.#prompts,
       replies: this.#replies,
       scheduler: this.#scheduler,
       line: this.#line,
-      limits: (project) => projectLimits(options, project),
+      limits,
       now,
       finishTurn: (job) => void finishTurn(job),
     });
@@ -84,6 +85,7 @@ export class Gateway {
       prompts: this.#prompts,
       replies: this.#replies,
       recent: this.#admission.recent,
+      // Optional in the gateway's options, required (maybe undefined) in the runner's.
       projectFiles: options.projectFiles,
       storageHealth: options.storageHealth,
       now,
@@ -114,7 +116,7 @@ export class Gateway {
         topics,
         projects: files,
         stats,
-        limits: (project) => projectLimits(options, project),
+        limits,
         sessionTopicsOnly: options.sessionTopicsOnly,
         verify: (sessionId) => options.signer?.verify(sessionId) ?? true,
         submit: (request, target, settled) => this.#admission.takeState(request, target, settled),

@@ -32,8 +32,8 @@ import { parseTools, type ProjectTool, type ToolChoice } from "./project_tools.t
 import { parseResponseFormat, type ResponseFormat } from "./response_format.ts";
 
 // The parts of a project, where callers have always imported them from.
-export type { ProjectTool, ToolChoice, ToolDefinition } from "./project_tools.ts";
-export type { JsonObject, ResponseFormat } from "./response_format.ts";
+export type { ProjectTool, ToolChoice } from "./project_tools.ts";
+export type { ResponseFormat } from "./response_format.ts";
 
 /** Which turns of a project the response format and tools apply to. */
 export type ApplyTo = "state" | "all";

@@ -9,7 +9,7 @@
 import type { MqttClient } from "mqtt";
 import { type Config, ConfigError } from "../config/config.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
-import type { RunningEngine } from "../engine/start_engine.ts";
+import type { RunningEngine } from "../engine/running_engine.ts";
 import type { Gateway } from "../gateway/gateway.ts";
 import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";

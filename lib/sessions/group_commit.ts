@@ -150,7 +150,7 @@ export class GroupCommit {
       } catch (error) {
         // A write alone has its own error. A store that stayed locked (`SessionStoreError`
         // `busy`) is every write's: each would have waited as long on its own.
-        if (batch.length === 1 || error instanceof SessionStoreError) {
+        if (batch.length === 1 || isBusy(error)) {
           for (const { done } of batch) done.reject(error);
           continue;
         }
@@ -205,9 +205,14 @@ export class GroupCommit {
       try {
         done.resolve(await commitWhenFree(write.addTo(this.#kv.atomic())));
       } catch (error) {
-        if (error instanceof SessionStoreError) locked = error;
+        if (isBusy(error)) locked = error;
         done.reject(error);
       }
     }
   }
+}
+
+/** Whether `error` says the store stayed locked (every write's trouble, not one write's). */
+function isBusy(error: unknown): error is SessionStoreError {
+  return error instanceof SessionStoreError && error.code === "busy";
 }
