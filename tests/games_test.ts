@@ -21,6 +21,7 @@ import {
   startService,
   tempDir,
   type TestClient,
+  waitFor,
   withOriginalClient,
   withService,
 } from "./_helpers.ts";
@@ -442,7 +443,7 @@ test("ten states sent quickly to a slow engine make at most two turns and the la
       const state = (i: number) => ({ sessionId: "g3", player_pos: [i, 0] });
       await client.send("maze/state", state(0), { qos: 0 });
       // The first is in the engine (for 3 s): the other nine arrive behind it.
-      await waitUntil(() => sim.running === 1);
+      await waitFor(() => sim.running === 1, 10_000, "the first state's turn to reach the engine");
       for (let i = 1; i < 10; i++) await client.send("maze/state", state(i), { qos: 0 });
       // The latest state wins: the hint of the tenth arrives (next() fails after 30 s if not),
       // and it is a hint object a game can parse.
@@ -600,7 +601,3 @@ test("chat on maze/user_input still streams as before", async () => {
     equal(body.tools, undefined);
   });
 });
-
-async function waitUntil(check: () => boolean): Promise<void> {
-  while (!check()) await new Promise((resolve) => setTimeout(resolve, 10));
-}
