@@ -2,19 +2,18 @@
  * What the gateway's side needs of whatever runs turns: the pool of request
  * workers ({@linkcode WorkerPool}), or turns on the gateway's own thread
  * (`InProcessPool`, `--workers 0`). Both fail a turn with the same
- * {@linkcode ServiceError}s, so a client cannot tell which one answered.
+ * `ServiceError`s, so a client cannot tell which one answered.
  *
  * @module
  */
 
-import type { ServiceError } from "../protocol/errors.ts";
 import type { TurnJob, TurnResult } from "./messages.ts";
 
 /** Runs turns; see {@linkcode TurnPool.run}. */
 export interface TurnPool {
   /**
    * Runs one turn. Resolves with its result or rejects with a
-   * {@linkcode ServiceError}; `onDelta` gets the coalesced streamed text. An
+   * `ServiceError`; `onDelta` gets the coalesced streamed text. An
    * abort of `signal` from now on cancels the turn with the signal's reason.
    */
   run(
