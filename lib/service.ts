@@ -210,7 +210,15 @@ export async function startService(config: Config): Promise<Service> {
     await directory.load();
     gateway = new Gateway({
       publish: publishOn(client),
-      subscribe: (filters, qos) => client.subscribeAsync(filters, { qos }).then(() => {}),
+      // No Local (MQTT 5): the broker never hands the service its own publications, so that
+      // nothing it publishes can become a request or a command to it. A shared subscription
+      // may not ask for it (MQTT 5, 3.8.3.1): there the reply topic rules alone keep replies
+      // off the topics it listens to.
+      subscribe: (filters, qos) =>
+        client.subscribeAsync(filters, {
+          qos,
+          ...(protocolVersion === 5 && !topics.shared && { nl: true }),
+        }).then(() => {}),
       unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
       runTurn: (turn, onDelta, signal) => pool.run(turn, onDelta, signal),
       topics,
@@ -236,6 +244,8 @@ export async function startService(config: Config): Promise<Service> {
       signer: config.sessionSecret === undefined
         ? undefined
         : new SessionSigner(config.sessionSecret),
+      replyTopics: config.replyTopics,
+      operatorToken: config.operatorToken,
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
       projectFiles: projects,

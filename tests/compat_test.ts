@@ -41,7 +41,7 @@ test("an original client holds a plain-text conversation with its sampling param
   });
 });
 
-test("replyTopic is honoured under the project's response root and ignored elsewhere", async () => {
+test("replyTopic is honoured at or below the session's reply topic and refused elsewhere", async () => {
   await withOriginalClient({ filter: "#" }, async (game) => {
     await game.send("maze/user_input", {
       sessionId: "p",
@@ -55,13 +55,18 @@ test("replyTopic is honoured under the project's response root and ignored elsew
       message: "hi",
       replyTopic: "driving/assistant_response/p",
     });
-    const fallback = await game.next((m) => m.topic === "maze/assistant_response/p");
-    match(fallback.text, /Turn 2/);
+    // Refused (the service would answer where the requester may not read), on the session's
+    // own topic, with the reason.
+    const refused = await game.next((m) => m.topic === "maze/assistant_response/p");
+    match(
+      refused.text,
+      /^Error: reply topic "driving\/assistant_response\/p" is not one session p/,
+    );
     assert(!game.received.some((m) => m.topic.startsWith("driving/")));
     // An error is plain text starting with "Error: ".
     await game.send("maze/user_input", { sessionId: "p" });
     const error = await game.next((m) =>
-      m.topic === "maze/assistant_response/p" && m.text.startsWith("Error: ")
+      m.topic === "maze/assistant_response/p" && m.text.startsWith("Error: ") && m !== refused
     );
     match(error.text, /'message' is required/);
   });

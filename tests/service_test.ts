@@ -156,21 +156,21 @@ test("cancel aborts a running request and drops a queued one; history keeps neit
 
 test("MQTT 5: replies go to the Response Topic with the Correlation Data", async () => {
   await withService({ mqtt5: true }, async ({ client }) => {
-    await client.subscribe("replies/me");
+    const mine = "maze/assistant_response/m5/replies";
     const correlationData = new TextEncoder().encode("corr-42");
     await client.send("maze/user_input", { session_id: "m5", message: "hi" }, {
-      properties: { responseTopic: "replies/me", correlationData: correlationData as never },
+      properties: { responseTopic: mine, correlationData: correlationData as never },
     });
-    const done = await client.next((m) => m.topic === "replies/me" && m.json?.type === "done");
+    const done = await client.next((m) => m.topic === mine && m.json?.type === "done");
     deepEqual(
       new TextDecoder().decode(done.packet.properties!.correlationData as Uint8Array),
       "corr-42",
     );
-    // Even a request that names no session is answered there.
-    await client.send("maze/user_input", "{not json", {
-      properties: { responseTopic: "replies/me", correlationData: correlationData as never },
+    // Even a payload that names no session is answered there, on the session's own topic.
+    await client.send("maze/user_input/m5", "{not json", {
+      properties: { responseTopic: mine, correlationData: correlationData as never },
     });
-    const error = await client.next((m) => m.topic === "replies/me" && m.json?.type === "error");
+    const error = await client.next((m) => m.topic === mine && m.json?.type === "error");
     deepEqual((error.json!.error as { code: string }).code, "invalid_request");
   });
 });

@@ -71,6 +71,25 @@ function longSecret(option: string) {
   };
 }
 
+/**
+ * Reply topic patterns: MQTT topic filters (`+` and `#` whole levels, `#`
+ * last) with only the known placeholders, not `$` topics.
+ */
+function replyTopicPatterns(patterns: readonly string[]): readonly string[] {
+  const what =
+    "MQTT topic filters ('+' and '#' whole levels, '#' last) with {project}, {session_id} or {username}, not starting with $";
+  for (const pattern of patterns) {
+    const levels = pattern.replace(/\{(project|session_id|username)\}/g, "x").split("/");
+    const bad = pattern.startsWith("$") || /[{}\0]/.test(levels.join("/")) ||
+      levels.some((level, i) =>
+        (level.includes("+") && level !== "+") ||
+        (level.includes("#") && (level !== "#" || i !== levels.length - 1))
+      );
+    if (bad) throw badValue("reply-topics", what, pattern);
+  }
+  return Object.freeze([...patterns]);
+}
+
 /** A check of a text value against a pattern, `what` saying what it must be. */
 function matching<T extends string | undefined>(option: string, pattern: RegExp, what: string) {
   return (value: T): T => {
@@ -127,6 +146,28 @@ export const OPTIONS = [
         "With a secret (16+ characters), only signed session ids ({name}.{signature}) are taken, and {project}/new_session/{nonce} hands out new ones (for brokers without per-user ACLs)",
     }),
     longSecret("session-secret"),
+  ),
+  transform(
+    list({
+      name: "reply-topics",
+      field: "replyTopics",
+      default: ["{project}/assistant_response/{session_id}/#"],
+      group: "Projects",
+      help:
+        "Where a request may have its replies sent (its MQTT 5 Response Topic or `replyTopic`): MQTT topic filters under --topic-prefix with {project}, {session_id} and {username} (the session of the per-session input topic it came on); others are refused `forbidden`, as are, whatever these say, the topics the service subscribes to, its {service}/ topics and $ topics",
+    }),
+    replyTopicPatterns,
+  ),
+  transform(
+    text({
+      name: "operator-token",
+      field: "operatorToken",
+      secret: true,
+      group: "Projects",
+      help:
+        "A secret (16+ characters) that control commands for every session of a project (`all`) must carry as `operator_token`; with --session-topics-only they are refused without it",
+    }),
+    longSecret("operator-token"),
   ),
   flag({
     name: "control-topics",

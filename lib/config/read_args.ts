@@ -113,6 +113,13 @@ export function readArgs(argv: readonly string[]): Args {
         } instead`,
       );
     }
+    if (option.name === "mqtt-url" && urlPassword(raw)) {
+      warnings.push(
+        `'--mqtt-url' on the command line holds a password, visible to other users of this machine; use ${
+          envName("mqtt-password")
+        } or --mqtt-password-file instead`,
+      );
+    }
     given.set(option.name, raw);
   }
   return { given, help, warnings };
@@ -135,4 +142,13 @@ export function optionText(
     if (fromEnv !== undefined && fromEnv !== "") return fromEnv;
   }
   return undefined;
+}
+
+/** Whether a URL carries a password (`mqtt://user:secret@host`). */
+function urlPassword(raw: string): boolean {
+  try {
+    return new URL(raw).password !== "";
+  } catch {
+    return false;
+  }
 }

@@ -4,7 +4,9 @@
  *
  * 1. project: a project not served here is `unknown_project`;
  * 2. parse: a request that is not valid JSON or not a valid request is
- *    answered where it can be (`bad_request`), else only counted;
+ *    answered where it can be (`invalid_request`), else only counted; a reply
+ *    topic its sender may not read is refused (`forbidden`, answered on the
+ *    session's own reply topic);
  * 3. ownership: `forbidden` on the shared input topic under
  *    `--session-topics-only`, or for a session id this service did not sign;
  * 4. accepting: `cancelled` with a retry hint once the service is stopping;
@@ -43,7 +45,7 @@ import type { Prompts } from "./prompts.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
-import { mqtt5Reply, type ReplyTarget, replyTarget } from "./reply_target.ts";
+import { mqtt5Reply, type ReplyTarget, replyTarget, type ReplyTopics } from "./reply_target.ts";
 import { type Ownership, ownershipRefusal } from "./ownership.ts";
 import type { TurnLine } from "./turn_line.ts";
 
@@ -51,6 +53,8 @@ import type { TurnLine } from "./turn_line.ts";
 export interface AdmissionOptions extends Ownership {
   readonly prompts: Prompts;
   readonly replies: ReplyPublisher;
+  /** The reply topics a request may name. */
+  readonly replyTopics: ReplyTopics;
   readonly stats: Stats;
   readonly scheduler: Scheduler<Job>;
   /** The sessions' lines across instances; undefined: one instance. */
@@ -271,7 +275,10 @@ export class Admission {
     this.#options.replies.fail(target, error);
   }
 
-  /** Steps 1 and 2: the project, then the payload. Answers what is wrong. */
+  /**
+   * Steps 1 and 2: the project, then the payload, then the reply topic it
+   * names (refused where its sender may not read). Answers what is wrong.
+   */
   #parse(
     topic: string,
     project: string,
@@ -288,31 +295,39 @@ export class Admission {
       topicSessionId,
     );
     const mqtt5 = mqtt5Reply(packet);
-    if (!this.#options.prompts.has(project)) {
-      const error = new ServiceError("unknown_project", `project "${project}" is not served here`);
-      const address = outcome.ok ? outcome.request : outcome.address;
-      if (address) this.fail(replyTarget(topics, project, address, mqtt5), error);
-      else stats.unaddressable(error.code);
+    // A payload too broken to name its session is answered on its topic's session, if any.
+    const address: ReplyAddress | undefined = outcome.ok
+      ? outcome.request
+      : outcome.address ?? (topicSessionId === undefined ? undefined : {
+        sessionId: topicSessionId,
+        requestId: undefined,
+        style: "json",
+        replyTopic: undefined,
+      });
+    const error = !this.#options.prompts.has(project)
+      ? new ServiceError("unknown_project", `project "${project}" is not served here`)
+      : outcome.ok
+      ? undefined
+      : outcome.error;
+    if (!address) {
+      // No session whose topics the sender may read: nowhere to answer (not even a Response
+      // Topic it names, which could be anyone's).
+      stats.unaddressable(error!.code);
+      log.warn("Unanswerable request on {topic}: {message}", { topic, message: error!.message });
       return undefined;
     }
-    if (outcome.ok) {
-      const { request } = outcome;
-      return { request, reply: replyTarget(topics, project, request, mqtt5) };
-    }
-    const { error, address } = outcome;
-    if (!address && !mqtt5) {
-      stats.unaddressable(error.code);
-      log.warn("Unanswerable request on {topic}: {message}", { topic, message: error.message });
+    const who = { project, sessionId: address.sessionId, username: topicSessionId };
+    const { target, refused } = replyTarget(this.#options.replyTopics, topics, who, address, mqtt5);
+    if (refused) {
+      stats.replyTopicRefused(project);
+      this.fail(target, refused);
       return undefined;
     }
-    const somewhere: ReplyAddress = {
-      sessionId: "",
-      requestId: undefined,
-      style: "json",
-      replyTopic: undefined,
-    };
-    this.fail(replyTarget(topics, project, address ?? somewhere, mqtt5), error);
-    return undefined;
+    if (error || !outcome.ok) {
+      this.fail(target, error!);
+      return undefined;
+    }
+    return { request: outcome.request, reply: target };
   }
 
   /** Step 5: cancels what a `cancel` request names; whether the request is done with. */

@@ -10,13 +10,17 @@
  *
  * The session id comes from the topic's last level or the payload (`sessionId`,
  * `session_id` or `target`; a number stands for its decimal string; `all`, in
- * any case, for every session). Each command is acknowledged on the session's reply topic
+ * any case, for every session; a payload that is neither empty nor a JSON
+ * object is refused, never read as naming none). A project-wide command needs
+ * the operator token when one is set, and always in the secure mode
+ * (`--session-topics-only`). Each command is acknowledged on the session's reply topic
  * in the session's reply style (plain text unless the payload uses `session_id`
  * or asks for `"format":"json"`).
  *
  * @module
  */
 
+import { createHash, timingSafeEqual } from "node:crypto";
 import { logger } from "../log.ts";
 import {
   CONTROL_COMMANDS,
@@ -28,13 +32,26 @@ import {
 } from "../protocol/mod.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
-import type { ReplyTarget } from "./reply_target.ts";
+import type { Stats } from "../observability/stats.ts";
+import {
+  type Mqtt5Reply,
+  type ReplyTarget,
+  replyTarget,
+  type ReplyTopics,
+} from "./reply_target.ts";
 
 /** What the control topics act on. */
 export interface ControlTopicsOptions {
   readonly store: SessionStore;
   readonly directory: SessionDirectory;
   readonly topics: Topics;
+  /** The reply topics a command may name (its MQTT 5 Response Topic). */
+  readonly replyTopics: ReplyTopics;
+  readonly stats: Pick<Stats, "error" | "replyTopicRefused">;
+  /** The secret a project-wide command must carry (`--operator-token`); undefined: none. */
+  readonly operatorToken: string | undefined;
+  /** The secure mode (`--session-topics-only`): project-wide commands need the operator token. */
+  readonly sessionTopicsOnly: boolean;
   readonly publish: (target: ReplyTarget, body: ReplyBody) => void;
   readonly setPrompt: (project: string, prompt: string) => void;
   /** The project's prompt from its file, restored by an empty template. */
@@ -73,27 +90,52 @@ export class ControlTopics {
   handle(
     target: { project: string; command: ControlCommand; sessionId: string | undefined },
     payload: Uint8Array,
-    mqtt5: { topic: string; correlationData: Uint8Array | undefined } | undefined,
+    mqtt5: Mqtt5Reply | undefined,
   ): void {
+    const { topics, replyTopics, stats } = this.#options;
     const body = parseBody(payload);
-    const named = target.sessionId ?? sessionField(body);
+    const named = target.sessionId ?? (body && sessionField(body));
     const sessionId = named === undefined || named.toLowerCase() === ALL ? ALL : named;
     // The original answered its commands in plain text; a v1 payload (`session_id`) in JSON.
-    const style = replyStyle(body.format, !("session_id" in body));
-    const reply: ReplyTarget = {
-      project: target.project,
-      topic: mqtt5?.topic ?? this.#options.topics.response(target.project, sessionId),
+    const style = replyStyle(body?.format, !(body && "session_id" in body));
+    const who = { project: target.project, sessionId, username: undefined };
+    const address = {
       style,
-      sessionId,
-      requestId: stringField(body, "requestId", "request_id"),
-      correlationData: mqtt5?.correlationData,
+      requestId: body && stringField(body, "requestId", "request_id"),
+      replyTopic: undefined,
     };
+    const { target: reply, refused } = replyTarget(replyTopics, topics, who, address, mqtt5);
+    const refuse = (message: string) => {
+      stats.error(target.project, "forbidden");
+      this.#options.publish(reply, errorBody(message, "forbidden"));
+    };
+    if (refused) {
+      stats.replyTopicRefused(target.project);
+      return refuse(refused.message);
+    }
+    if (!body) {
+      // Never read as "every session": a command is carried out only as it was written.
+      stats.error(target.project, "invalid_request");
+      this.#options.publish(
+        reply,
+        errorBody(
+          `the ${target.command} payload must be a JSON object (or empty), not ${
+            JSON.stringify(DECODER.decode(payload.subarray(0, 64)))
+          }`,
+        ),
+      );
+      return;
+    }
     if (sessionId !== ALL && !SESSION_ID_PATTERN.test(sessionId)) {
       this.#options.publish(
         reply,
         errorBody(`session id ${JSON.stringify(sessionId)} is not valid`),
       );
       return;
+    }
+    if (sessionId === ALL) {
+      const why = this.#operatorRefusal(body);
+      if (why) return refuse(why);
     }
     const run = () =>
       this.#run(target.project, target.command, sessionId, body)
@@ -113,6 +155,24 @@ export class ControlTopics {
     // Every session of a project at once is not ordered with any one session's turns.
     if (sessionId === ALL) run();
     else this.#options.inOrder(reply, run);
+  }
+
+  /**
+   * Why a project-wide command may not be carried out, if it may not: with an
+   * operator token, a payload must carry it; in the secure mode
+   * (`--session-topics-only`) a token is needed at all, so that more than
+   * the broker's ACL stands between a client and every session.
+   */
+  #operatorRefusal(body: Record<string, unknown>): string | undefined {
+    const { operatorToken, sessionTopicsOnly } = this.#options;
+    if (operatorToken === undefined) {
+      return sessionTopicsOnly
+        ? "commands for every session of a project need an operator token (--operator-token), and none is set"
+        : undefined;
+    }
+    const given = body.operator_token;
+    if (typeof given === "string" && sameSecret(given, operatorToken)) return undefined;
+    return "commands for every session of a project need the operator token ('operator_token')";
   }
 
   async #run(
@@ -162,13 +222,23 @@ export class ControlTopics {
   }
 }
 
-function parseBody(payload: Uint8Array): Record<string, unknown> {
+/** The payload's JSON object (an empty payload: no fields); undefined for anything else. */
+function parseBody(payload: Uint8Array): Record<string, unknown> | undefined {
+  const text = DECODER.decode(payload);
+  if (text.trim() === "") return {};
   try {
-    const value = JSON.parse(DECODER.decode(payload));
-    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : {};
+    const value = JSON.parse(text);
+    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : undefined;
   } catch {
-    return {};
+    return undefined;
   }
+}
+
+/** Whether two secrets are equal, in a time that does not tell how much of them is. */
+function sameSecret(given: string, expected: string): boolean {
+  const a = createHash("sha256").update(given).digest();
+  const b = createHash("sha256").update(expected).digest();
+  return timingSafeEqual(a, b);
 }
 
 /** The session a payload names (`sessionId`, `session_id` or `target`), as a string. */
@@ -212,6 +282,9 @@ function doneBody(text: string): ReplyBody {
   };
 }
 
-function errorBody(message: string): ReplyBody {
-  return { type: "error", error: { code: "invalid_request", message } };
+function errorBody(
+  message: string,
+  code: "invalid_request" | "forbidden" = "invalid_request",
+): ReplyBody {
+  return { type: "error", error: { code, message } };
 }

@@ -14,6 +14,7 @@ import { withTimeout } from "../_util.ts";
 import { logger } from "../log.ts";
 import {
   type ChatRequest,
+  CONTROL_COMMANDS,
   type ControlCommand,
   type ReplyBody,
   SESSION_ID_PATTERN,
@@ -25,7 +26,7 @@ import { ControlTopics } from "./control_topics.ts";
 import { asServiceError, finishTurn, type Job, shuttingDown } from "./jobs.ts";
 import { Prompts } from "./prompts.ts";
 import { ReplyPublisher } from "./reply_publisher.ts";
-import { mqtt5Reply, type ReplyTarget } from "./reply_target.ts";
+import { mqtt5Reply, type ReplyTarget, ReplyTopics } from "./reply_target.ts";
 import { controlHint, StateTopics } from "./state_topics.ts";
 import { TurnLine } from "./turn_line.ts";
 import { runTurnJob, type TurnRunnerOptions } from "./turn_runner.ts";
@@ -43,6 +44,7 @@ export class Gateway {
   readonly #scheduler: Scheduler<Job>;
   readonly #prompts: Prompts;
   readonly #replies: ReplyPublisher;
+  readonly #replyTopics: ReplyTopics;
   readonly #admission: Admission;
   readonly #line: TurnLine | undefined;
   readonly #turns: TurnRunnerOptions;
@@ -58,6 +60,7 @@ export class Gateway {
     const { topics, stats, turnOrder } = options;
     this.#prompts = new Prompts(options.projects, options.engineTokenCount);
     this.#replies = new ReplyPublisher({ publish: options.publish, qos: options.qos, stats });
+    this.#replyTopics = new ReplyTopics(topics, options.replyTopics);
     this.#scheduler = new Scheduler<Job>({
       maxQueue: options.maxQueue,
       maxInFlight: options.maxInFlight,
@@ -74,6 +77,7 @@ export class Gateway {
       ...options,
       prompts: this.#prompts,
       replies: this.#replies,
+      replyTopics: this.#replyTopics,
       scheduler: this.#scheduler,
       line: this.#line,
       limits,
@@ -95,6 +99,10 @@ export class Gateway {
       store: options.controlStore,
       directory: options.directory,
       topics,
+      replyTopics: this.#replyTopics,
+      stats,
+      operatorToken: options.operatorToken,
+      sessionTopicsOnly: options.sessionTopicsOnly,
       publish,
       setPrompt: (project, prompt) => this.#prompts.set(project, prompt),
       defaultPrompt: (project) => options.projects.get(project)!,
@@ -155,6 +163,16 @@ export class Gateway {
       if (this.#states) filters.push(...this.#states.filters(project));
     }
     this.#subscriptions = filters.map((filter) => topics.subscription(filter));
+    // Every project's input and control topics, served here or by another service on the
+    // broker, and wherever else this service listens: never a reply topic.
+    this.#replyTopics.reserve([
+      ...filters,
+      topics.input("+"),
+      topics.sessionInput("+", "+"),
+      ...CONTROL_COMMANDS.flatMap((command) => topics.control("+", command)),
+      topics.newSession("+"),
+      ...topics.state("+"),
+    ]);
     await this.#options.subscribe(this.#subscriptions, qos);
     log.info("Subscribed to {filters}", { filters });
   }

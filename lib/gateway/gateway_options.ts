@@ -58,6 +58,17 @@ export interface GatewayOptions {
   readonly answerUnknownProjects: boolean;
   /** Take requests only on per-session input topics (`--session-topics-only`). */
   readonly sessionTopicsOnly: boolean;
+  /**
+   * The reply topics a request may name (`--reply-topics`): MQTT topic filters
+   * under the topic prefix, with `{project}`, `{session_id}` and `{username}`.
+   * @default {DEFAULT_REPLY_TOPICS}
+   */
+  readonly replyTopics?: readonly string[];
+  /**
+   * The secret project-wide control commands must carry (`--operator-token`).
+   * @default {undefined}
+   */
+  readonly operatorToken?: string;
   /** Takes only signed session ids, and hands out new ones (`--session-secret`). */
   readonly signer: SessionSigner | undefined;
   /** The engine's own count of a text's tokens, where it offers one (vLLM's `/tokenize`). */

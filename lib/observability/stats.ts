@@ -118,6 +118,10 @@ export class Stats {
     "vllm_mqtt_ignored_total",
     "Messages not acted on, by reason (retained: replayed at subscription; duplicate: a copy)",
   );
+  readonly #replyTopicsRefused = new Counter(
+    "vllm_mqtt_reply_topics_refused_total",
+    "Requests refused for naming a reply topic their sender may not read, by project",
+  );
   readonly #queueWait = new Histogram(
     "vllm_mqtt_queue_wait_seconds",
     "Time from arrival to being sent to a worker",
@@ -158,6 +162,7 @@ export class Stats {
       this.#outcomes,
       this.#unanswerable,
       this.#ignoredTotal,
+      this.#replyTopicsRefused,
       this.#queueWait,
       this.#ttft,
       this.#latency,
@@ -222,6 +227,14 @@ export class Stats {
     this.#countError(code);
     this.#unanswerable.inc({ code });
     this.#emit({ kind: "error", project: undefined, code });
+  }
+
+  /**
+   * A request of `project` named a reply topic its sender may not read (it is
+   * also counted as its `forbidden` error reply).
+   */
+  replyTopicRefused(project: string): void {
+    this.#replyTopicsRefused.inc({ project });
   }
 
   /** A message was deliberately not acted on. */

@@ -41,7 +41,10 @@ export interface ChatRequest {
   readonly style: ReplyStyle;
   /** A per-request system prompt replacing the project's (the original's `systemPrompt`). */
   readonly systemPrompt: string | undefined;
-  /** A validated reply topic under the project's response root (the original's `replyTopic`). */
+  /**
+   * The reply topic the payload names (the original's `replyTopic`), taken
+   * only where the requester may read it (see `gateway/reply_target.ts`).
+   */
   readonly replyTopic: string | undefined;
   readonly clientId: string | undefined;
 }
@@ -125,7 +128,8 @@ const clamp = (value: number, low: number, high: number) => Math.min(high, Math.
  *
  * @param payload The raw MQTT payload.
  * @param project The (enabled) project whose input topic it came on.
- * @param responseRoot The project's `.../assistant_response/` topic, which a `replyTopic` must lie under.
+ * @param responseRoot The project's `.../assistant_response/` topic: a request that names no
+ *   session but a `replyTopic` below it is that reply topic's session.
  * @param topicSessionId The session a per-session input topic names: the payload's own must match.
  */
 export function parseRequest(
@@ -148,7 +152,7 @@ export function parseRequest(
   if (payload.byteLength > limits.maxPayloadBytes) {
     return fail(
       `payload is ${payload.byteLength} bytes, more than the limit of ${limits.maxPayloadBytes}`,
-      peekAddress(payload, responseRoot),
+      peekAddress(payload),
       "payload_too_large",
     );
   }
@@ -184,23 +188,25 @@ export function parseRequest(
       "forbidden",
     );
   }
-  // A request without a session id is a conversation of its own, as the original made it.
-  fields.session_id ??= topicSessionId ?? generatedSessionId();
+  // A request without a session id is the session of the reply topic it names (where its
+  // client reads), else a conversation of its own, as the original made it.
+  fields.session_id ??= topicSessionId ?? replyTopicSession(fields.reply_topic, responseRoot) ??
+    generatedSessionId();
 
   const parsed = requestSchema.safeParse(fields);
   if (!parsed.success) {
     const sessionId = fields.session_id;
-    const replyTopic = validReplyTopic(fields.reply_topic, responseRoot);
-    // A session id that cannot be a topic level is answered only where the client said.
+    // A session id that cannot be a topic level has no topic its client may read: the
+    // request is only counted.
     const addressable = typeof sessionId === "string" && SESSION_ID_PATTERN.test(sessionId);
-    const address = addressable || replyTopic !== undefined
+    const address = addressable
       ? {
-        sessionId: typeof sessionId === "string" ? sessionId.slice(0, 128) : "",
+        sessionId,
         requestId: typeof fields.request_id === "string"
           ? fields.request_id.slice(0, 256)
           : undefined,
         style: replyStyle(fields.format, camelCase),
-        replyTopic,
+        replyTopic: replyTopicField(fields.reply_topic),
       }
       : undefined;
     const issue = parsed.error.issues[0];
@@ -213,7 +219,7 @@ export function parseRequest(
     sessionId: body.session_id,
     requestId: body.request_id,
     style: replyStyle(body.format, camelCase),
-    replyTopic: validReplyTopic(body.reply_topic, responseRoot),
+    replyTopic: replyTopicField(body.reply_topic),
   };
   const reset = body.reset ?? false;
   const cancel = body.cancel ?? false;
@@ -292,7 +298,7 @@ function peekField(text: string, names: readonly string[]): string | undefined {
  * Where to answer a payload too large to parse: its session id (and request
  * id, reply style, reply topic), read from the text without parsing the whole.
  */
-function peekAddress(payload: Uint8Array, responseRoot: string): ReplyAddress | undefined {
+function peekAddress(payload: Uint8Array): ReplyAddress | undefined {
   const text = new TextDecoder().decode(payload);
   const sessionId = peekField(text, ["session_id", "sessionId"]);
   if (sessionId === undefined || !SESSION_ID_PATTERN.test(sessionId)) return undefined;
@@ -302,16 +308,21 @@ function peekAddress(payload: Uint8Array, responseRoot: string): ReplyAddress | 
     requestId: peekField(text, ["request_id", "requestId"])?.slice(0, 256),
     // Read without parsing, the original's form is a payload without a `session_id`.
     style: replyStyle(format, peekField(text, ["session_id"]) === undefined),
-    replyTopic: validReplyTopic(peekField(text, ["reply_topic", "replyTopic"]), responseRoot),
+    replyTopic: replyTopicField(peekField(text, ["reply_topic", "replyTopic"])),
   };
 }
 
-/** A reply topic is honoured only under the project's response root and without wildcards. */
-function validReplyTopic(value: unknown, responseRoot: string): string | undefined {
-  if (typeof value !== "string") return undefined;
-  if (!value.startsWith(responseRoot) || value.length === responseRoot.length) return undefined;
-  // Control characters are what is being refused here.
-  // deno-lint-ignore no-control-regex
-  if (/[+#\u0000-\u001f\u007f]/.test(value)) return undefined;
-  return value;
+/**
+ * The reply topic a payload names, as given: whether its client may read it
+ * is the gateway's to decide (`reply_target.ts`), which refuses it if not.
+ */
+function replyTopicField(value: unknown): string | undefined {
+  return typeof value === "string" ? value.slice(0, 512) : undefined;
+}
+
+/** The session whose reply topic (or a topic below it) `value` is, if it is one. */
+function replyTopicSession(value: unknown, responseRoot: string): string | undefined {
+  if (typeof value !== "string" || !value.startsWith(responseRoot)) return undefined;
+  const level = value.slice(responseRoot.length).split("/")[0];
+  return SESSION_ID_PATTERN.test(level) ? level : undefined;
 }

@@ -38,6 +38,11 @@ export class Topics {
     this.#instance = instance;
   }
 
+  /** The prefix of every topic but the service's own (`--topic-prefix`). */
+  get prefix(): string {
+    return this.#prefix;
+  }
+
   /** Whether input is subscribed as a shared subscription (several instances). */
   get shared(): boolean {
     return this.#shareGroup !== undefined;
@@ -138,6 +143,25 @@ export class Topics {
     }
     return undefined;
   }
+}
+
+/**
+ * Whether `topic` matches the MQTT topic filter `filter` (`+` one level, `#`
+ * as the last level that level and all below, the parent included); a
+ * shared subscription's `$share/{group}/` is not part of the filter.
+ */
+export function topicMatches(filter: string, topic: string): boolean {
+  const shared = /^\$share\/[^/]+\//.exec(filter);
+  const wanted = (shared ? filter.slice(shared[0].length) : filter).split("/");
+  const levels = topic.split("/");
+  // A wildcard at the first level does not match a `$` topic (MQTT 5, 4.7.2).
+  if (topic.startsWith("$") && (wanted[0] === "+" || wanted[0] === "#")) return false;
+  for (let i = 0; i < wanted.length; i++) {
+    if (wanted[i] === "#") return true;
+    if (i >= levels.length) return false;
+    if (wanted[i] !== "+" && wanted[i] !== levels[i]) return false;
+  }
+  return wanted.length === levels.length;
 }
 
 /** The control topics the original deployment served. */

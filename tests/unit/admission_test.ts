@@ -5,7 +5,7 @@
  * injected clock.
  */
 
-import { deepEqual, equal } from "node:assert/strict";
+import { deepEqual, equal, match } from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import type { IPublishPacket } from "mqtt";
 import { Gateway, type GatewayOptions } from "../../lib/gateway/gateway.ts";
@@ -98,7 +98,7 @@ function gateway(options: Partial<GatewayOptions> = {}) {
       new TextEncoder().encode(typeof payload === "string" ? payload : JSON.stringify(payload)),
       { cmd: "publish", topic, payload: "", qos: 1, dup: false, retain: false, ...packet },
     );
-  return { g, sent, turns, events, clock, send };
+  return { g, sent, turns, events, clock, send, stats };
 }
 
 const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
@@ -129,17 +129,92 @@ Deno.test("admission: bad JSON is answered only where it can be", () => {
   send("general/user_input", "{not json");
   equal(sent.length, 0, "no address: nothing to answer");
   deepEqual(events.at(-1), { kind: "error", project: undefined, code: "invalid_request" });
+  // Nor at a Response Topic, which could be anyone's: no session, nobody to answer.
   const correlationData = Buffer.from([1, 2]);
   send("general/user_input", "{not json", {
-    properties: { responseTopic: "client/replies", correlationData },
+    properties: { responseTopic: "general/assistant_response/s9", correlationData },
+  });
+  equal(sent.length, 0);
+  // On a session's own topic, it is that session's, answered at a Response Topic below its own.
+  send("general/user_input/s2", "{not json", {
+    properties: { responseTopic: "general/assistant_response/s2/mine", correlationData },
   });
   equal(sent.length, 1);
-  equal(sent[0].topic, "client/replies");
+  equal(sent[0].topic, "general/assistant_response/s2/mine");
   equal(errorOf(sent[0]), "invalid_request");
   deepEqual(sent[0].options, { qos: 1, correlationData });
   send("general/user_input", { session_id: "s1", message: 42 });
   equal(sent[1].topic, "general/assistant_response/s1");
   equal(errorOf(sent[1]), "invalid_request");
+});
+
+Deno.test("admission: a reply topic its sender may not read is refused on the session's own", async () => {
+  const { g, sent, turns, send, stats } = gateway();
+  await g.subscribe();
+  const request = { session_id: "s1", message: "hi" };
+  for (
+    const topic of [
+      "general/assistant_response/bob",
+      "general/assistant_response/s10",
+      "general/clear_history",
+      "general/user_input/s1",
+      "vllm/status",
+      "$SYS/x",
+      "elsewhere/replies",
+    ]
+  ) {
+    send("general/user_input", request, { properties: { responseTopic: topic } });
+    send("general/user_input", { ...request, reply_topic: topic });
+  }
+  await tick();
+  equal(turns.length, 0);
+  equal(sent.length, 14);
+  for (const reply of sent) {
+    equal(reply.topic, "general/assistant_response/s1");
+    equal(errorOf(reply), "forbidden");
+  }
+  match(String((sent[0].body.error as { message: string }).message), /not one session s1 may read/);
+  match(String((sent[4].body.error as { message: string }).message), /one the service listens to/);
+  match(String((sent[8].body.error as { message: string }).message), /the service's own/);
+  match(stats.prometheus(), /vllm_mqtt_reply_topics_refused_total\{project="general"\} 14/);
+  // The session's own reply topic and those below it (the original clients' form) are taken.
+  send("general/user_input", { ...request, reply_topic: "general/assistant_response/s1/c/r1" });
+  send("general/user_input", request, {
+    properties: { responseTopic: "general/assistant_response/s1" },
+  });
+  await tick();
+  equal(turns.length, 1);
+});
+
+Deno.test("admission: --reply-topics patterns allow more, never the service's own topics", async () => {
+  const { g, sent, turns, send } = gateway({
+    replyTopics: ["replies/{username}/#", "{project}/#"],
+  });
+  await g.subscribe();
+  // {username}: the session of the per-session topic the request came on; none on the shared.
+  send("general/user_input/s1", { message: "hi" }, {
+    properties: { responseTopic: "replies/s1/x" },
+  });
+  send("general/user_input", { session_id: "s1", message: "hi" }, {
+    properties: { responseTopic: "replies/s1/x" },
+  });
+  // A pattern as wide as the project does not open the topics the service listens to.
+  send("general/user_input/s2", { message: "hi", request_id: "c" }, {
+    properties: { responseTopic: "general/clear_history" },
+  });
+  send("general/user_input/s2", { message: "hi", request_id: "t" }, {
+    properties: { responseTopic: "general/template/s9" },
+  });
+  await tick();
+  equal(turns.length, 1);
+  deepEqual(sent.map((s) => [s.topic, errorOf(s)]), [
+    ["general/assistant_response/s1", "forbidden"],
+    ["general/assistant_response/s2", "forbidden"],
+    ["general/assistant_response/s2", "forbidden"],
+  ]);
+  turns[0].finish(RESULT);
+  await tick();
+  deepEqual([sent.at(-1)!.topic, sent.at(-1)!.body.type], ["replies/s1/x", "done"]);
 });
 
 Deno.test("admission: a project not served is unknown_project", () => {
