@@ -155,7 +155,8 @@ mosquittoTest(
     await withService({ args: [`--http-port=${port}`] }, async ({ client, broker }) => {
       const metrics = async () => await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
       // Answered, in two projects (tokens counted), an error reply, a message with no session to
-      // answer, and a client's retry of an answered request (ignored as a duplicate).
+      // answer, a reply topic refused, and a client's retry of an answered request (ignored as a
+      // duplicate).
       await client.send("maze/user_input", { session_id: "g1", message: "hi", request_id: "r1" });
       equal((await client.final("g1", "r1")).json!.type, "done");
       await client.send("general/user_input", { session_id: "g2", message: "hello" });
@@ -163,6 +164,12 @@ mosquittoTest(
       await client.send("maze/user_input", { session_id: "g3", message: 42 });
       equal((await client.final("g3")).json!.type, "error");
       await client.send("general/user_input", "{not json");
+      await client.send("maze/user_input", {
+        session_id: "g4",
+        message: "hi",
+        reply_topic: "maze/clear_history",
+      });
+      equal((await client.final("g4")).json!.type, "error");
       await client.send("maze/user_input", { session_id: "g1", message: "hi", request_id: "r1" });
       // A broker outage: the service reconnects.
       await broker.stop();

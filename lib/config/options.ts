@@ -826,6 +826,14 @@ export const OPTIONS = [
     group: "Operation",
     help: "Address the HTTP endpoint listens on; 0.0.0.0 exposes it to the network",
   }),
+  list({
+    name: "http-allowed-hosts",
+    field: "httpAllowedHosts",
+    default: [],
+    group: "Operation",
+    help:
+      "Host names the HTTP endpoint answers to beside localhost, IP addresses and --http-host (e.g. the name Prometheus scrapes it by; .example.com: every subdomain); any other Host is refused 403, as DNS rebinding would send",
+  }),
   flag({
     name: "dashboard",
     field: "dashboard",

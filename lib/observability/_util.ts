@@ -7,12 +7,14 @@
 
 /**
  * Headers of every page, file and stream the live page serves: no sniffing of
- * types, no referrer sent on, no framing by another page, and scripts and
+ * types, no referrer sent to another origin (`same-origin` rather than
+ * `no-referrer`, under which a browser posts the page's own sign-in form with
+ * `Origin: null`, refused as another origin's), no framing by another page, and scripts and
  * styles from this origin only (uPlot sets inline styles on its charts).
  */
 export const SECURITY_HEADERS: Readonly<Record<string, string>> = {
   "x-content-type-options": "nosniff",
-  "referrer-policy": "no-referrer",
+  "referrer-policy": "same-origin",
   "x-frame-options": "DENY",
   "content-security-policy":
     "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",

@@ -83,13 +83,16 @@ export class Dashboard {
     this.#auth = new DashboardAuth(options.token);
   }
 
-  /** The response for a path of the page, or undefined for any other path. */
-  handle(request: Request): Promise<Response> | undefined {
+  /**
+   * The response for a path of the page, or undefined for any other path.
+   * `client` (its address) is what wrong tokens are counted against.
+   */
+  handle(request: Request, client = ""): Promise<Response> | undefined {
     const path = new URL(request.url).pathname;
     if (path !== "/" && path !== "/index.html" && !path.startsWith("/dashboard/")) {
       return undefined;
     }
-    return this.#route(request, path === "/index.html" ? "/" : path);
+    return this.#route(request, path === "/index.html" ? "/" : path, client);
   }
 
   /** Ends every event stream (a server cannot shut down while one is open). */
@@ -97,11 +100,15 @@ export class Dashboard {
     for (const end of this.#streams) end();
   }
 
-  async #route(request: Request, path: string): Promise<Response> {
+  async #route(request: Request, path: string, client: string): Promise<Response> {
     if (path === "/dashboard/login" && request.method === "POST") {
-      return await this.#auth.login(request);
+      return await this.#auth.login(request, client);
     }
-    if (!(await this.#auth.authorized(request))) return this.#auth.refusal(request, path);
+    const throttled = this.#auth.throttled(client);
+    if (throttled) return throttled;
+    if (!(await this.#auth.authorized(request, client))) {
+      return this.#auth.throttled(client) ?? this.#auth.refusal(request, path);
+    }
     if (path === "/dashboard/try") {
       if (!this.#options.tryIt) return text("try it is turned off on this service\n", 404);
       if (request.method !== "POST") return text("method not allowed\n", 405, { allow: "POST" });

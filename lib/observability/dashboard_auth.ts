@@ -3,25 +3,51 @@
  * `Authorization: Bearer TOKEN` or the cookie the sign-in form sets; without
  * one, everything is open. The cookie holds a hash of the token, so the token
  * itself never sits in the browser, and tokens are compared in a time that
- * does not tell how much of a guess was right.
+ * does not tell how much of a guess was right. Guessing is throttled: a client
+ * (an address) that sent ten wrong tokens gets one more try each six seconds,
+ * every other request answered 429 without its token being checked.
  *
  * @module
  */
 
+import { LruMap } from "../_util.ts";
+import { RateLimiter } from "../gateway/rate_limiter.ts";
 import { page, redirect, text } from "./_util.ts";
 
 const COOKIE = "vllm_mqtt_dashboard";
 const CHALLENGE = { "www-authenticate": 'Bearer realm="vllm-mqtt"' };
 const encoder = new TextEncoder();
 
+/** Options of {@linkcode DashboardAuth}. */
+export interface DashboardAuthOptions {
+  /**
+   * Wrong tokens a client (an address) may send at once; then one more each
+   * `60 s / wrongTokens`, every other attempt answered 429 unchecked.
+   * @default {10}
+   */
+  readonly wrongTokens?: number;
+  /**
+   * The clock, in milliseconds.
+   * @default {performance.now}
+   */
+  readonly now?: () => number;
+}
+
 /** Who may see the live page. */
 export class DashboardAuth {
   readonly #token: string | undefined;
+  readonly #wrong: RateLimiter;
+  /** When each throttled client may try again. */
+  readonly #blockedUntil = new LruMap<string, number>(10_000);
+  readonly #now: () => number;
   #cookieValue: Promise<string> | undefined;
 
   /** `token`: what every request must show; undefined: none needed. */
-  constructor(token: string | undefined) {
+  constructor(token: string | undefined, options: DashboardAuthOptions = {}) {
     this.#token = token;
+    this.#now = options.now ?? (() => performance.now());
+    const burst = options.wrongTokens ?? 10;
+    this.#wrong = new RateLimiter({ perMinute: burst, burst, now: this.#now });
   }
 
   /** SHA-256 of the token, as the cookie holds it: worked out once, when first needed. */
@@ -29,14 +55,35 @@ export class DashboardAuth {
     return this.#cookieValue ??= sha256Hex(token);
   }
 
-  /** Whether `request` shows the token (or no token is set). */
-  async authorized(request: Request): Promise<boolean> {
+  /**
+   * The answer to `client` (its address) while it is throttled for sending
+   * wrong tokens: a 429 with the seconds to wait, its token left unchecked.
+   */
+  throttled(client: string): Response | undefined {
+    const until = this.#blockedUntil.get(client);
+    if (until === undefined) return undefined;
+    const wait = until - this.#now();
+    if (wait <= 0) {
+      this.#blockedUntil.delete(client);
+      return undefined;
+    }
+    return text("too many wrong tokens: wait and try again\n", 429, {
+      "retry-after": String(Math.ceil(wait / 1000)),
+    });
+  }
+
+  /** Whether `request` shows the token (or no token is set); a wrong one counts against `client`. */
+  async authorized(request: Request, client = ""): Promise<boolean> {
     const token = this.#token;
     if (token === undefined) return true;
     const header = request.headers.get("authorization");
-    if (header?.startsWith("Bearer ")) return sameText(header.slice(7).trim(), token);
     const cookie = readCookie(request.headers.get("cookie"), COOKIE);
-    return cookie !== undefined && sameText(cookie, await this.#cookie(token));
+    let right: boolean;
+    if (header?.startsWith("Bearer ")) right = sameText(header.slice(7).trim(), token);
+    else if (cookie !== undefined) right = sameText(cookie, await this.#cookie(token));
+    else return false; // nothing shown: the sign-in form, not a guess
+    if (!right) this.#failed(client);
+    return right;
   }
 
   /**
@@ -49,19 +96,28 @@ export class DashboardAuth {
   }
 
   /** The sign-in form's answer: a cookie holding the token's hash, and back to the page. */
-  async login(request: Request): Promise<Response> {
+  async login(request: Request, client = ""): Promise<Response> {
     if (this.#token === undefined) return redirect("/");
+    const throttled = this.throttled(client);
+    if (throttled) return throttled;
     let given = "";
     try {
       given = String((await request.formData()).get("token") ?? "");
     } catch { /* not a form */ }
     if (!sameText(given, this.#token)) {
+      this.#failed(client);
       return page(LOGIN_PAGE.replace("<!--error-->", "<p class=error>Wrong token.</p>"), 401);
     }
     const cookie = `${COOKIE}=${await this.#cookie(
       this.#token,
     )}; Path=/; HttpOnly; SameSite=Strict`;
     return redirect("/", { "set-cookie": cookie });
+  }
+
+  /** A wrong token from `client`: past its allowance, it waits for the next one. */
+  #failed(client: string): void {
+    const wait = this.#wrong.take(client);
+    if (wait > 0) this.#blockedUntil.set(client, this.#now() + wait);
   }
 }
 

@@ -7,6 +7,7 @@
  */
 
 import { logger } from "../log.ts";
+import { RequestOrigin } from "./request_origin.ts";
 
 /** What the endpoint reports on. */
 export interface HttpEndpointSource {
@@ -24,9 +25,9 @@ export interface HttpEndpointSource {
   status(): unknown;
   /**
    * Paths served by another part (the live page), asked first: a response, or
-   * undefined for a path it does not serve.
+   * undefined for a path it does not serve. `client`: the caller's address.
    */
-  page?(request: Request): Promise<Response> | undefined;
+  page?(request: Request, client: string): Promise<Response> | undefined;
 }
 
 /** A listening endpoint. */
@@ -35,16 +36,46 @@ export interface HttpEndpoint {
   close(): Promise<void>;
 }
 
+/** Where the endpoint listens, and to whom it answers. */
+export interface HttpEndpointOptions {
+  readonly hostname: string;
+  /** The port; 0 picks a free one. */
+  readonly port: number;
+  /**
+   * Host names answered beside localhost, IP addresses and `hostname`
+   * (`--http-allowed-hosts`).
+   * @default {[]}
+   */
+  readonly allowedHosts?: readonly string[];
+}
+
 const log = logger("http");
 
-/** Serves the endpoint on `hostname:port` (port 0 picks a free one). */
+/**
+ * Serves the endpoint. Every request passes {@linkcode RequestOrigin} first:
+ * an unknown Host name (DNS rebinding) or a request of another origin or
+ * site is a 403, whatever its path.
+ */
 export function serveHttpEndpoint(
-  hostname: string,
-  port: number,
+  options: HttpEndpointOptions,
   source: HttpEndpointSource,
 ): HttpEndpoint {
-  const server = Deno.serve({ hostname, port, onListen: () => {} }, (request) => {
-    const page = source.page?.(request);
+  const { hostname, port } = options;
+  const origin = new RequestOrigin({ listenHost: hostname, allowedHosts: options.allowedHosts });
+  const server = Deno.serve({
+    hostname,
+    port,
+    onListen: () => {},
+    // A failure is the request's alone: logged by its message (no stack trace of ours for
+    // whoever can reach the port to fill the log with), answered 500.
+    onError: (error) => {
+      log.warn("HTTP request failed: {message}", { message: String(error) });
+      return new Response("internal error\n", { status: 500 });
+    },
+  }, (request, info) => {
+    const refused = origin.refusal(request);
+    if (refused) return refused;
+    const page = source.page?.(request, info.remoteAddr.hostname);
     if (page) return page;
     if (request.method !== "GET" && request.method !== "HEAD") {
       return new Response("method not allowed\n", { status: 405, headers: { allow: "GET" } });

@@ -14,6 +14,7 @@ import {
   type RequestLimits,
 } from "../protocol/mod.ts";
 import { json, SECURITY_HEADERS, text } from "./_util.ts";
+import { sameOrigin } from "./request_origin.ts";
 
 /** Session ids the page may use: its own, never a client's. */
 export const DASHBOARD_SESSION = /^dashboard-[A-Za-z0-9]{8,40}$/;
@@ -41,11 +42,7 @@ const encoder = new TextEncoder();
 export async function tryIt(request: Request, source: TryItSource): Promise<Response> {
   // A page of another origin may post here (the browser sends no preflight for a form):
   // only JSON from this page's own origin is taken.
-  const origin = request.headers.get("origin");
-  const host = request.headers.get("host");
-  if (origin !== null && (host === null || new URL(origin).host !== host)) {
-    return text("try it takes requests from this page only\n", 403);
-  }
+  if (!sameOrigin(request)) return text("try it takes requests from this page only\n", 403);
   if (!request.headers.get("content-type")?.startsWith("application/json")) {
     return text("send JSON: {project, session_id, message}\n", 415);
   }

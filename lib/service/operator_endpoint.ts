@@ -37,8 +37,12 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
   const engineState = () => parts.engineHealth?.state ?? "starting";
   const dashboard = config.dashboard ? serviceDashboard(config, parts) : undefined;
   try {
-    const endpoint = serveHttpEndpoint(config.httpHost, config.httpPort, {
-      page: dashboard && ((request) => dashboard.handle(request)),
+    const endpoint = serveHttpEndpoint({
+      hostname: config.httpHost,
+      port: config.httpPort,
+      allowedHosts: config.httpAllowedHosts,
+    }, {
+      page: dashboard && ((request, client) => dashboard.handle(request, client)),
       readiness: () => {
         const broker = parts.client?.connected ?? false;
         const engine = engineState() === "ready";

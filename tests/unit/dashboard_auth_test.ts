@@ -66,3 +66,39 @@ Deno.test("dashboard auth: refused, the page shows the form; anything else a pla
   equal(plain.headers.get("www-authenticate"), 'Bearer realm="vllm-mqtt"');
   match(await plain.text(), /Authorization: Bearer TOKEN/);
 });
+
+Deno.test("dashboard auth: wrong tokens are throttled per client; the form is too", async () => {
+  const clock = { now: 0 };
+  const auth = new DashboardAuth("s3cret-token", { now: () => clock.now });
+  const guess = get("/", { authorization: "Bearer guess" });
+  for (let i = 0; i < 10; i++) {
+    equal(auth.throttled("10.0.0.1"), undefined, `guess ${i}`);
+    equal(await auth.authorized(guess, "10.0.0.1"), false);
+  }
+  // The eleventh wrong token: from now on answered 429, unchecked, even the right token.
+  equal(await auth.authorized(guess, "10.0.0.1"), false);
+  const throttled = auth.throttled("10.0.0.1")!;
+  equal(throttled.status, 429);
+  equal(throttled.headers.get("retry-after"), "6");
+  equal(
+    (await auth.login(
+      new Request(`${URL_ROOT}/dashboard/login`, {
+        method: "POST",
+        body: new URLSearchParams({ token: "s3cret-token" }),
+      }),
+      "10.0.0.1",
+    )).status,
+    429,
+  );
+  // Another client is not held up; nothing shown (the sign-in form) is not a guess.
+  equal(auth.throttled("10.0.0.2"), undefined);
+  for (let i = 0; i < 20; i++) equal(await auth.authorized(get("/"), "10.0.0.3"), false);
+  equal(auth.throttled("10.0.0.3"), undefined);
+  // Six seconds on, one more try.
+  clock.now += 6000;
+  equal(auth.throttled("10.0.0.1"), undefined);
+  equal(
+    await auth.authorized(get("/", { authorization: "Bearer s3cret-token" }), "10.0.0.1"),
+    true,
+  );
+});
