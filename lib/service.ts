@@ -237,6 +237,7 @@ export async function startService(config: Config): Promise<Service> {
         perSession: config.rateLimit,
         perClient: config.rateLimitClient,
         burst: config.rateLimitBurst,
+        newSessions: config.rateLimitNewSessions,
       },
       controlStore: config.controlTopics ? store : undefined,
       answerUnknownProjects: config.answerUnknownProjects,

@@ -171,8 +171,6 @@ test("4. one session's burst of 25: the original's 20 go through, then its own r
 test("5. session ids people type are answered; a missing one gets default-xxxxxxxx", async () => {
   await withOriginalClient({ filter: "maze/assistant_response/#" }, async (game) => {
     const reply = (topic: string) => game.next((m) => m.topic === topic);
-    await game.send("maze/user_input", { sessionId: "my session", message: "hi" });
-    match((await reply("maze/assistant_response/my session")).text, /Turn 1/);
     await game.send("maze/user_input", { sessionId: "ann@example.com", message: "hi" });
     match((await reply("maze/assistant_response/ann@example.com")).text, /Turn 1/);
     await game.send("maze/user_input", { sessionId: 12345, message: "hi" });
@@ -198,11 +196,17 @@ test("5. session ids people type are answered; a missing one gets default-xxxxxx
       replyTopic: "maze/assistant_response/safe",
     });
     await game.send("maze/user_input", { sessionId: "tab\there", message: "hi" });
+    // Ids that look like another (inner white space, an invisible character) are refused too.
+    await game.send("maze/user_input", { sessionId: "my session", message: "hi" });
+    await game.send("maze/user_input", { sessionId: "ok\u200b", message: "hi" });
     await game.send("maze/user_input", { sessionId: "x".repeat(129), message: "hi" });
     await game.send("maze/user_input", { sessionId: "ok", message: "still there?" });
     await reply("maze/assistant_response/ok");
     const topics = game.received.map((m) => m.topic);
-    assert(!topics.some((t) => /\/a\/b|\/a$|\/safe$|\t|x{129}/.test(t)), topics.join("\n"));
+    assert(
+      !topics.some((t) => /\/a\/b|\/a$|\/safe$|\t|x{129}| |\u200b/.test(t)),
+      topics.join("\n"),
+    );
   });
 });
 

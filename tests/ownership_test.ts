@@ -7,6 +7,7 @@
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { startSimulator } from "../lib/engine/simulator.ts";
+import { SessionSigner } from "../lib/gateway/session_signer.ts";
 import {
   freePort,
   mosquittoTest as test,
@@ -133,12 +134,20 @@ test("with a session secret only signed session ids are taken; new ones are hand
       const issued = await client.next((m) => m.json?.type === "session");
       equal(issued.topic, "maze/assistant_response/n-1");
       const id = String(issued.json!.session_id);
-      match(id, /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{22}$/);
+      // A form every major broker takes in a topic level (no dot: NATS refuses one).
+      match(id, /^[A-Za-z0-9_-]+~[A-Za-z0-9_-]{22}$/);
 
       await client.send("maze/user_input", { session_id: id, message: "hi" });
       deepEqual((await client.final(id)).json!.response, answer(1, "hi"));
-      const [name, signature] = id.split(".");
-      for (const bad of ["plain", `plain.${"A".repeat(22)}`, `${name}x.${signature}`]) {
+      const [name, signature] = id.split("~");
+      for (
+        const bad of [
+          "plain",
+          `plain~${"A".repeat(22)}`,
+          `${name}x~${signature}`,
+          `${name}.${signature}`,
+        ]
+      ) {
         await client.send("maze/user_input", { session_id: bad, message: "hi" });
         const refused = await client.final(bad);
         equal(code(refused), "forbidden", refused.text);
@@ -147,4 +156,83 @@ test("with a session secret only signed session ids are taken; new ones are hand
       assert(!service.log().includes(secret), "the secret was logged");
     },
   );
+});
+
+test("rotating signed ids gains nothing: a project starts 60 sessions a minute, each then at its own rate", async () => {
+  const secret = "a-Session-Secret-0123456789";
+  // Ids this service signed earlier (hoarded, or issued before a restart), as a client
+  // rotating through them holds them.
+  const signer = new SessionSigner(secret);
+  const ids = Array.from({ length: 200 }, (_, i) => signer.sign(`hoard${i}`));
+  await withService(
+    { args: ["--projects=maze"], env: { VLLM_MQTT_SESSION_SECRET: secret } },
+    async ({ client }) => {
+      // 200 requests, each on another id: the project's 60 new sessions (and perhaps one
+      // more that came back while they ran), the rest refused with the time to wait.
+      for (const id of ids) await client.send("maze/user_input", { session_id: id, message: "hi" });
+      const finals = await Promise.all(ids.map((id) => client.final(id)));
+      const served = finals.filter((m) => m.json!.type === "done").length;
+      assert(served >= 60 && served <= 62, `${served} of 200 served`);
+      for (const refused of finals.filter((m) => m.json!.type === "error")) {
+        equal(code(refused), "rate_limited", refused.text);
+      }
+      // A session that started is served at its own rate.
+      await client.send("maze/user_input", {
+        session_id: ids[0],
+        message: "again",
+        request_id: "2",
+      });
+      equal((await client.final(ids[0], "2")).json!.response, answer(2, "again"));
+    },
+  );
+});
+
+test("new_session: issuing is limited per project; a nonce never lands on a session's topic", async () => {
+  const secret = "a-Session-Secret-0123456789";
+  await withService(
+    { args: ["--rate-limit-new-sessions=5"], env: { VLLM_MQTT_SESSION_SECRET: secret } },
+    async ({ client }) => {
+      for (let i = 0; i < 20; i++) await client.send(`maze/new_session/n-${i}`, "");
+      const answers = await Promise.all(
+        Array.from(
+          { length: 20 },
+          (_, i) => client.next((m) => m.topic === `maze/assistant_response/n-${i}`),
+        ),
+      );
+      const issued = answers.filter((m) => m.json?.type === "session");
+      equal(issued.length, 5, answers.map((m) => m.text).join("\n"));
+      for (const m of answers.filter((m) => m.json?.type !== "session")) {
+        equal(code(m), "rate_limited", m.text);
+      }
+      // A nonce that is a session's id (signed), or `all`, gets nothing on that topic.
+      const bob = String(issued[0].json!.session_id);
+      const before = client.received.length;
+      await client.send(`maze/new_session/${bob}`, "");
+      await client.send("maze/new_session/all", "");
+      await client.send("maze/new_session/ALL", "");
+      // An issued id's first request is not a new session again: it is served.
+      await client.send("maze/user_input", { session_id: bob, message: "hi", request_id: "b1" });
+      equal((await client.final(bob, "b1")).json!.type, "done");
+      const after = client.received.slice(before);
+      deepEqual(
+        after.filter((m) => m.json?.type === "session" || /\/(all|ALL)$/.test(m.topic)),
+        [],
+      );
+    },
+  );
+});
+
+test("session ids that look alike are refused: white space, invisible and direction-changing characters, `all`", async () => {
+  await withService({ args: ["--projects=maze"] }, async ({ client }) => {
+    await client.send("maze/user_input", { session_id: "bob", message: "mine", request_id: "b" });
+    equal((await client.final("bob", "b")).json!.type, "done");
+    for (const id of ["bob\u200b", "b\u202eob", "\u2066bob", "bo b", "bob\u00a0x", "all", "All"]) {
+      await client.send("maze/user_input", { session_id: id, message: "look-alike" });
+    }
+    // None of them is answered anywhere (no topic its client may read), nor reaches a session.
+    await client.send("maze/user_input", { session_id: "bob", message: "again", request_id: "b2" });
+    equal((await client.final("bob", "b2")).json!.response, answer(2, "again"));
+    deepEqual(client.received.filter((m) => m.text.includes("look-alike")), []);
+    deepEqual(client.received.map((m) => m.topic).filter((t) => !t.endsWith("/bob")), []);
+  });
 });

@@ -143,7 +143,7 @@ export const OPTIONS = [
       secret: true,
       group: "Projects",
       help:
-        "With a secret (16+ characters), only signed session ids ({name}.{signature}) are taken, and {project}/new_session/{nonce} hands out new ones (for brokers without per-user ACLs)",
+        "With a secret (16+ characters), only signed session ids ({name}~{signature}) are taken, and {project}/new_session/{nonce} hands out new ones (for brokers without per-user ACLs)",
     }),
     longSecret("session-secret"),
   ),
@@ -681,6 +681,15 @@ export const OPTIONS = [
     group: "Scheduling",
     help:
       "Requests per minute per client id (the request's clientId/client_id); 0 (default) turns it off: a backend relays many users under one id",
+  }),
+  int({
+    name: "rate-limit-new-sessions",
+    field: "rateLimitNewSessions",
+    default: 60,
+    min: 0,
+    group: "Scheduling",
+    help:
+      "With --session-secret: sessions a project may start per minute, after a burst of as many: a signed id issued on new_session, or the first request of a signed id not seen (hoarded), so that rotating ids gains nothing on --rate-limit; 0 turns it off",
   }),
   int({
     name: "rate-limit-burst",

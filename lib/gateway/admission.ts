@@ -15,8 +15,9 @@
  *    a message or a reset;
  * 6. dedup: a copy of a request already taken is dropped, or sent the first
  *    one's answer again;
- * 7. rate limit: `rate_limited` with the time to wait, per session and per
- *    client id;
+ * 7. rate limit: `rate_limited` with the time to wait: under signed ids per
+ *    project for a session not seen (new sessions per minute), then per
+ *    session and per client id;
  * 8. order: in a share group, the turn waits for its session's earlier turns
  *    on other instances;
  * 9. queue: into the scheduler, or `queue_full`.
@@ -36,6 +37,7 @@ import {
   type RequestLimits,
   ServiceError,
 } from "../protocol/mod.ts";
+import { LruMap } from "../_util.ts";
 import { logger } from "../log.ts";
 import { QueueFullError, type Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
@@ -68,7 +70,11 @@ export interface AdmissionOptions extends Ownership {
     readonly perSession: number;
     readonly perClient: number;
     readonly burst: number;
+    /** Sessions a project may start per minute, after a burst of as many (0: off). */
+    readonly newSessions?: number;
   };
+  /** Whether a session is live (has history): its next turn does not start a session. */
+  readonly known: (project: string, sessionId: string) => boolean;
   /** A project's request limits. */
   readonly limits: (project: string) => RequestLimits;
   /** The gateway's clock (milliseconds). */
@@ -85,6 +91,9 @@ export class Admission {
   readonly #recent: RecentRequests;
   readonly #sessionLimit: RateLimiter;
   readonly #clientLimit: RateLimiter;
+  readonly #newSessions: RateLimiter;
+  /** Sessions admitted lately, not yet live in the directory (their first turn runs). */
+  readonly #admitted = new LruMap<string, true>(100_000);
   #accepting = true;
   #nextId = 1;
 
@@ -95,6 +104,21 @@ export class Admission {
     const { perSession, perClient, burst } = options.rateLimit;
     this.#sessionLimit = new RateLimiter({ perMinute: perSession, burst, now });
     this.#clientLimit = new RateLimiter({ perMinute: perClient, burst: burst * 10, now });
+    const fresh = options.rateLimit.newSessions ?? 0;
+    this.#newSessions = new RateLimiter({ perMinute: fresh, burst: fresh, now });
+  }
+
+  /**
+   * Takes one new session of `project` (a signed id issued, or the first turn
+   * of a session not seen): 0 when it may start, else the milliseconds to wait.
+   */
+  startSession(project: string): number {
+    return this.#newSessions.take(project);
+  }
+
+  /** Marks a session as started (an id just issued), so that its first turn is not a new one. */
+  started(project: string, sessionId: string): void {
+    this.#admitted.set(sessionKey(project, sessionId), true);
   }
 
   /** The window of recent requests, where a turn's answer is kept for a retry. */
@@ -150,10 +174,18 @@ export class Admission {
    */
   admit(job: TurnJob): void {
     const { request } = job;
-    const wait = Math.max(
-      this.#sessionLimit.take(job.sessionKey),
-      request.clientId === undefined ? 0 : this.#clientLimit.take(request.clientId),
-    );
+    // Under signed ids, a session not seen (an id hoarded from earlier issues) draws from its
+    // project's allowance of new sessions first, as issuing it did, so that rotating ids gains
+    // nothing on the per-session limit. Elsewhere a session is the broker's to vouch for (the
+    // ACL's per-session topics), or nothing is (the shared topic, where a relay of many users
+    // and a client rotating ids look the same).
+    const fresh = this.#options.signer !== undefined && !this.#admitted.get(job.sessionKey) &&
+      !this.#options.known(request.project, request.sessionId);
+    const wait = (fresh ? this.startSession(request.project) : 0) ||
+      Math.max(
+        this.#sessionLimit.take(job.sessionKey),
+        request.clientId === undefined ? 0 : this.#clientLimit.take(request.clientId),
+      );
     if (wait > 0) {
       // The original's words: its plain-text clients show them.
       const error = new ServiceError(
@@ -163,6 +195,7 @@ export class Admission {
       );
       return this.fail(job.target, error, job);
     }
+    this.#admitted.set(job.sessionKey, true);
     const { line, scheduler, maxQueue } = this.#options;
     // Line and queue full: straight to the scheduler, which refuses it if its queue is full.
     if (line && line.size + scheduler.queued < maxQueue) line.wait(job);

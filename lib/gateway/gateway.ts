@@ -17,6 +17,7 @@ import {
   CONTROL_COMMANDS,
   type ControlCommand,
   type ReplyBody,
+  ServiceError,
   SESSION_ID_PATTERN,
 } from "../protocol/mod.ts";
 import { Scheduler } from "../scheduler/scheduler.ts";
@@ -82,6 +83,7 @@ export class Gateway {
       line: this.#line,
       limits,
       now,
+      known: (project, sessionId) => options.directory.has(project, sessionId),
       finishTurn: (job) => void finishTurn(job),
     });
     this.#turns = {
@@ -257,12 +259,38 @@ export class Gateway {
     this.#replies.send(this.#options.topics.hint(project, sessionId), JSON.stringify({ hint }));
   }
 
-  /** Hands out a new signed session id on the nonce's reply topic. */
+  /**
+   * Hands out a new signed session id on the nonce's reply topic, within the
+   * project's allowance of new sessions. Every session here is signed, so a
+   * nonce that is not signed is no session's: a signed one (or `all`, or an id
+   * that could not be one) would put the answer on a session's reply topic,
+   * and is ignored.
+   */
   #issueSession(project: string, nonce: string): void {
-    const { signer, topics } = this.#options;
-    if (!signer || !this.#prompts.has(project) || !SESSION_ID_PATTERN.test(nonce)) return;
-    const payload = JSON.stringify({ type: "session", session_id: signer.issue() });
-    this.#replies.send(topics.response(project, nonce), payload);
+    const { signer, topics, stats } = this.#options;
+    if (!signer || !this.#prompts.has(project)) return;
+    if (!SESSION_ID_PATTERN.test(nonce) || signer.verify(nonce)) {
+      stats.unaddressable("forbidden");
+      return;
+    }
+    const target: ReplyTarget = {
+      project,
+      topic: topics.response(project, nonce),
+      style: "json",
+      sessionId: nonce,
+      requestId: undefined,
+      correlationData: undefined,
+    };
+    const wait = this.#admission.startSession(project);
+    if (wait > 0) {
+      const error = new ServiceError("rate_limited", "too many new sessions: try again later", {
+        retryAfterMs: wait,
+      });
+      return this.#replies.fail(target, error);
+    }
+    const id = signer.issue();
+    this.#admission.started(project, id);
+    this.#replies.send(target.topic, JSON.stringify({ type: "session", session_id: id }));
   }
 
   #ignoreRetained(topic: string): void {

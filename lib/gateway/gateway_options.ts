@@ -49,6 +49,11 @@ export interface GatewayOptions {
     readonly perSession: number;
     readonly perClient: number;
     readonly burst: number;
+    /**
+     * Sessions a project may start per minute, after a burst of as many (0: off).
+     * @default {0}
+     */
+    readonly newSessions?: number;
   };
   /** The session store, for the control topics; undefined turns them off. */
   readonly controlStore: SessionStore | undefined;

@@ -1,7 +1,9 @@
 /**
  * Signed session ids, for brokers without per-user ACLs: with a secret, the
- * service takes only session ids of the form `{name}.{signature}`, where the
- * signature is an HMAC-SHA256 of the name under the secret. Nobody without
+ * service takes only session ids of the form `{name}~{signature}`, where the
+ * signature is an HMAC-SHA256 of the name under the secret. The separator is
+ * `~`, which every major broker takes in a topic level (NATS's MQTT listener
+ * refuses `.` and spaces in topics: a dot would keep signed ids off it). Nobody without
  * the secret can make one, so a session id cannot be guessed; a client that
  * has seen an id can still use it (per-session topics behind a broker ACL
  * are what protects against that).
@@ -14,6 +16,8 @@ import { LruMap } from "../_util.ts";
 
 /** Base64url characters of the signature: 128 bits. */
 const SIGNATURE_CHARS = 22;
+/** Between a signed id's name and its signature. */
+const SEPARATOR = "~";
 
 /** Checks and makes signed session ids. */
 export class SessionSigner {
@@ -30,7 +34,7 @@ export class SessionSigner {
 
   /** `name` with its signature: a session id this service takes. */
   sign(name: string): string {
-    return `${name}.${this.#signature(name)}`;
+    return `${name}${SEPARATOR}${this.#signature(name)}`;
   }
 
   /** A new session id under a random name (unguessable, as a client's first id should be). */
@@ -41,10 +45,10 @@ export class SessionSigner {
   /** Whether `id` carries a valid signature of its name. */
   verify(id: string): boolean {
     if (this.#valid.get(id)) return true;
-    const dot = id.lastIndexOf(".");
-    if (dot <= 0 || id.length - dot - 1 !== SIGNATURE_CHARS) return false;
-    const given = new TextEncoder().encode(id.slice(dot + 1));
-    const expected = new TextEncoder().encode(this.#signature(id.slice(0, dot)));
+    const at = id.lastIndexOf(SEPARATOR);
+    if (at <= 0 || id.length - at - 1 !== SIGNATURE_CHARS) return false;
+    const given = new TextEncoder().encode(id.slice(at + 1));
+    const expected = new TextEncoder().encode(this.#signature(id.slice(0, at)));
     if (!timingSafeEqual(given, expected)) return false;
     this.#valid.set(id, true);
     return true;

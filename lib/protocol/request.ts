@@ -12,7 +12,7 @@ import { ServiceError } from "./errors.ts";
 import { type ImageInput, parseImages } from "./images.ts";
 import { generatedSessionId, v1Fields } from "./request_fields.ts";
 import { type ReplyStyle, replyStyle } from "./reply_style.ts";
-import { SESSION_ID_PATTERN } from "./topics.ts";
+import { SESSION_ID_PATTERN, SESSION_ID_RULE } from "./topics.ts";
 
 /** Sampling parameters a client may set, after clamping. */
 export interface SamplingParams {
@@ -88,10 +88,6 @@ export type ParseOutcome =
   | { ok: false; error: ServiceError; address: ReplyAddress | undefined };
 
 const shortString = z.string().max(256);
-
-/** What a session id must be, as the error message says it. */
-const SESSION_ID_RULE =
-  "session id must be 1 to 128 characters without / + # or control characters (it is a topic level)";
 
 const paramsSchema = z.object({
   max_tokens: z.number().int().optional(),

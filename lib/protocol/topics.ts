@@ -7,18 +7,30 @@
  */
 
 /**
- * A session id as it may stand in a topic level: 1 to 128 characters (code
- * points) of UTF-8, without what MQTT forbids in a level (`/ + #`, NUL) or
- * asks senders to avoid (the other C0 and C1 control characters, DEL and the
- * non-characters U+FDD0 to U+FDEF, U+FFFE and U+FFFF: a strict broker may
- * drop a connection that publishes them), and without lone surrogates (not
- * encodable as UTF-8).
- * Spaces, `@`, dots and any script are fine (`my session`, `ann@example.com`).
+ * The one rule for session ids: 1 to 128 characters (code points) that a
+ * person can tell apart, which may stand as one topic level on any broker:
+ *
+ * - not what MQTT forbids in a level (`/ + #`, NUL) or asks senders to avoid
+ *   (the other control characters, and the non-characters U+FDD0 to U+FDEF,
+ *   U+FFFE and U+FFFF: a strict broker may drop a connection that publishes
+ *   them), nor lone surrogates (not encodable as UTF-8);
+ * - no white space of any kind (NATS's MQTT listener refuses a space in a
+ *   topic, and `my session` and `my  session` look alike), and no invisible
+ *   or direction-changing characters (Unicode format characters: zero-width
+ *   spaces and joiners, the bidirectional controls such as the right-to-left
+ *   override U+202E, the byte order mark; and the Hangul fillers), with which
+ *   `bob\u200b` would be another session than `bob` that looks the same;
+ * - not `all` (in any case): it addresses every session of a project on the
+ *   control topics, and its reply topic carries their acknowledgements.
+ *
+ * Dots, `@`, `-`, `_` and any script are fine (`ann@example.com`, `Ω-ü-中文`).
  */
 export const SESSION_ID_PATTERN =
-  // Control characters are what is being refused here.
-  // deno-lint-ignore no-control-regex
-  /^[^/+#\u0000-\u001f\u007f-\u009f\ufdd0-\ufdef\ufffe\uffff\ud800-\udfff]{1,128}$/u;
+  /^(?![Aa][Ll][Ll]$)[^/+#\p{Cc}\p{Cf}\p{Cs}\p{Zs}\p{Zl}\p{Zp}\s\u{FDD0}-\u{FDEF}\u{FFFE}\u{FFFF}\u115f\u1160\u3164\uffa0]{1,128}$/u;
+
+/** The rule of {@linkcode SESSION_ID_PATTERN} in words, for error messages. */
+export const SESSION_ID_RULE =
+  "session id must be 1 to 128 characters without / + #, white space, control, invisible or direction-changing characters, and not 'all' (it is a topic level)";
 
 /** The topics of one deployment, given its prefix and service name. */
 export class Topics {

@@ -118,6 +118,12 @@ export class SessionDirectory {
     return this.#clearing.get(sessionKey(project, sessionId)) ?? Promise.resolve();
   }
 
+  /** Whether a session is live here (it has history that has not expired). */
+  has(project: string, sessionId: string): boolean {
+    const entry = this.#entries.get(sessionKey(project, sessionId));
+    return entry !== undefined && entry.expiresAt > this.#now();
+  }
+
   /** Forgets a session (deleted by a client). */
   forget(project: string, sessionId: string): void {
     this.#entries.delete(sessionKey(project, sessionId));

@@ -13,6 +13,7 @@ import type { PublishOptions } from "../../lib/gateway/reply_publisher.ts";
 import { Stats, type StatsEvent } from "../../lib/observability/stats.ts";
 import { type RequestLimits, Topics } from "../../lib/protocol/mod.ts";
 import type { SessionDirectory } from "../../lib/sessions/session_directory.ts";
+import type { SessionSigner } from "../../lib/gateway/session_signer.ts";
 import type { TurnJob, TurnResult } from "../../lib/workers/messages.ts";
 
 const LIMITS: RequestLimits = {
@@ -54,6 +55,7 @@ function gateway(options: Partial<GatewayOptions> = {}) {
   const directory = {
     settled: () => Promise.resolve(),
     touch: () => {},
+    has: () => false,
   } as unknown as SessionDirectory;
   const g = new Gateway({
     publish: (topic, payload, publishOptions) => {
@@ -301,7 +303,7 @@ Deno.test("admission: a cancel aborts the session's turn, or is not_found", asyn
 
 Deno.test("admission: a turn cancelled while it waits to start is never run", async () => {
   const waiting = Promise.withResolvers<void>();
-  const directory = { settled: () => waiting.promise, touch: () => {} };
+  const directory = { settled: () => waiting.promise, touch: () => {}, has: () => false };
   const { sent, turns, send } = gateway({ directory: directory as unknown as SessionDirectory });
   send("general/user_input", { session_id: "s1", request_id: "r1", message: "hi" });
   await tick();
@@ -338,4 +340,40 @@ Deno.test("admission: a retained message is ignored", async () => {
   await tick();
   equal(turns.length + sent.length, 0);
   deepEqual(events, [{ kind: "ignored", reason: "retained" }]);
+});
+
+Deno.test("admission: under signed ids, sessions not seen draw from the project's new sessions first", async () => {
+  const live = new Set(["old"]);
+  const directory = {
+    settled: () => Promise.resolve(),
+    touch: () => {},
+    has: (_project: string, sessionId: string) => live.has(sessionId),
+  };
+  const { sent, turns, clock, send } = gateway({
+    directory: directory as unknown as SessionDirectory,
+    rateLimit: { perSession: 60, perClient: 0, burst: 20, newSessions: 3 },
+    maxInFlight: 10,
+    signer: { verify: () => true } as unknown as SessionSigner,
+  });
+  // Rotating ids: three new sessions start, the rest wait for the project's next one.
+  for (let i = 0; i < 6; i++) send("general/user_input", { session_id: `r${i}`, message: "hi" });
+  await tick();
+  equal(turns.length, 3);
+  deepEqual(sent.map((s) => [s.topic, errorOf(s)]), [
+    ["general/assistant_response/r3", "rate_limited"],
+    ["general/assistant_response/r4", "rate_limited"],
+    ["general/assistant_response/r5", "rate_limited"],
+  ]);
+  equal((sent[0].body.error as { retry_after_ms: number }).retry_after_ms, 20_000);
+  // A session already started, or live from before, is not new.
+  send("general/user_input", { session_id: "r0", message: "again" });
+  send("general/user_input", { session_id: "old", message: "back" });
+  await tick();
+  equal(sent.length, 3, "refused");
+  equal(turns.length, 4, "old runs; r0's second turn waits for its first");
+  clock.now += 20_000;
+  send("general/user_input", { session_id: "r3", message: "hi" });
+  await tick();
+  equal(sent.length, 3, "refused");
+  equal(turns.length, 5);
 });

@@ -65,7 +65,7 @@ Deno.test("request: without a session id, a conversation of its own (default-xxx
   assert(a.sessionId !== b.sessionId);
 });
 
-Deno.test("request: the original's form: nulls are not given, numbers and spaces in ids", () => {
+Deno.test("request: the original's form: nulls are not given, numbers and spaces around ids", () => {
   const r = request({
     sessionId: 42,
     message: "hi",
@@ -78,7 +78,7 @@ Deno.test("request: the original's form: nulls are not given, numbers and spaces
   equal(r.requestId, undefined);
   // `params` wins over the same field at the top level; a null in it is not given.
   deepEqual(r.params, { max_tokens: 32, temperature: 0.7, top_p: 0.8 });
-  equal(request({ session_id: "  padded id  ", message: "hi" }).sessionId, "padded id");
+  equal(request({ session_id: "  padded-id  ", message: "hi" }).sessionId, "padded-id");
 });
 
 Deno.test("request: a v1 field wins over its camelCase alias; both forms mixed are camelCase", () => {

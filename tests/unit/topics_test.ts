@@ -78,12 +78,13 @@ Deno.test("topics: parse names what an incoming topic addresses", () => {
   }
 });
 
-Deno.test("topics: a session id is 1 to 128 code points without what a topic level cannot hold", () => {
+Deno.test("topics: a session id is 1 to 128 code points, each visible, never `all`", () => {
   for (
     const id of [
       "s",
-      "my session",
       "ann@example.com",
+      "default-1234abcd",
+      "all-stars",
       "Ω-ü-中文",
       "😀".repeat(128), // 128 code points, 256 UTF-16 units
       "x".repeat(128),
@@ -105,6 +106,19 @@ Deno.test("topics: a session id is 1 to 128 code points without what a topic lev
       "\ufdd0",
       "\ufffe",
       "lone\ud800",
+      // Look-alikes: white space, invisible and direction-changing characters.
+      "my session",
+      "bob\u200b",
+      "\u200dbob",
+      "b\u202eob",
+      "bob\u2066",
+      "bob\ufeff",
+      "bob\u00a0",
+      "bob\u3000",
+      "bob\u3164",
+      // The word for every session of a project.
+      "all",
+      "ALL",
     ]
   ) {
     assert(!SESSION_ID_PATTERN.test(id), JSON.stringify(id));
