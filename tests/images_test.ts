@@ -257,7 +257,7 @@ Deno.test("images: managed vLLM gets --limit-mm-per-prompt as JSON for a vision 
   const argsOf = (argv: string[]) => {
     const parsed = parseConfig(argv, {});
     assert(!parsed.help);
-    return vllmArgs(parsed.config, 8000, "key");
+    return vllmArgs(parsed.config, 8000);
   };
   const vision = argsOf([
     "--model=Qwen/Qwen2.5-VL-7B-Instruct",

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { abortableSleep } from "../_util.ts";
+import { ServiceError } from "../protocol/errors.ts";
 import type { ReplyBody } from "../protocol/mod.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
@@ -43,7 +45,15 @@ export interface TurnRunnerOptions {
   readonly projectFiles: ReadonlyMap<string, Project> | undefined;
   /** The gateway's clock. */
   readonly now: () => number;
+  /**
+   * Waits between tries of a turn the engine could not take.
+   * @default {abortableSleep}
+   */
+  readonly sleep?: (ms: number, signal: AbortSignal) => Promise<void>;
 }
+
+/** Milliseconds before a turn the engine failed is tried again, when the engine named none. */
+const RETRY_PAUSE_MS = 1000;
 
 /** Runs `job` to its answer; throws what failed it (the caller answers the error). */
 export async function runTurnJob(
@@ -58,29 +68,54 @@ export async function runTurnJob(
   await options.directory.settled(request.project, request.sessionId);
   // A turn that cannot be saved is not generated: refused at once, the client retries.
   options.storageHealth?.check();
+  // A turn waits for the engine up to --engine-wait in all, whether the circuit is open
+  // already or the engine fails it now (loading: 503; busy: 429 with a Retry-After).
+  const engineDeadline = now() + options.engineWaitMs;
   await engineHealth.ready(options.engineWaitMs, signal);
   await job.ticket?.start();
   // Cancelled while it waited for its turn (in a share group, for another instance).
   signal.throwIfAborted();
-  const result = await options.runTurn(
-    {
-      id: job.id,
-      project: request.project,
-      sessionId: request.sessionId,
-      requestId: request.requestId,
-      message: request.message,
-      ...(request.images && { images: request.images }),
-      reset: request.reset,
-      systemPrompt: prompt,
-      systemTokens: options.prompts.tokens(prompt),
-      systemPromptFromRequest: request.systemPrompt !== undefined,
-      params: request.params,
-      stream: request.stream,
-      ...turnShape(options.projectFiles?.get(request.project), job.settled !== undefined),
-    },
-    (seq, delta) => replies.reply(target, { type: "delta", seq, delta }),
-    signal,
-  );
+  let delivered = false;
+  const run = () =>
+    options.runTurn(
+      {
+        id: job.id,
+        project: request.project,
+        sessionId: request.sessionId,
+        requestId: request.requestId,
+        message: request.message,
+        ...(request.images && { images: request.images }),
+        reset: request.reset,
+        systemPrompt: prompt,
+        systemTokens: options.prompts.tokens(prompt),
+        systemPromptFromRequest: request.systemPrompt !== undefined,
+        params: request.params,
+        stream: request.stream,
+        ...turnShape(options.projectFiles?.get(request.project), job.settled !== undefined),
+      },
+      (seq, delta) => {
+        delivered = true;
+        replies.reply(target, { type: "delta", seq, delta });
+      },
+      signal,
+    );
+  let result: TurnResult;
+  for (;;) {
+    try {
+      result = await run();
+      break;
+    } catch (error) {
+      // Tried again only while nothing of it reached the client, after the pause the engine
+      // asked for (its Retry-After) or a second, and within --engine-wait; else the client
+      // gets the error with that pause as its retry_after_ms.
+      if (!(error instanceof ServiceError) || error.code !== "engine_unavailable") throw error;
+      const pause = error.retryAfterMs ?? RETRY_PAUSE_MS;
+      if (delivered || now() + pause >= engineDeadline) throw error;
+      engineHealth.failed();
+      await (options.sleep ?? abortableSleep)(pause, signal);
+      await engineHealth.ready(Math.max(0, engineDeadline - now()), signal);
+    }
+  }
   engineHealth.succeeded();
   const queueMs = startedAt - job.receivedAt;
   const timing = {
