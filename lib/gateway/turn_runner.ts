@@ -6,7 +6,6 @@
  * @module
  */
 
-import { abortableSleep } from "../_util.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { ReplyBody } from "../protocol/mod.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
@@ -38,22 +37,14 @@ export interface TurnRunnerOptions {
   readonly recent: RecentRequests;
   readonly directory: SessionDirectory;
   readonly stats: Stats;
-  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed">;
+  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed" | "confirmDown">;
   readonly storageHealth: StorageHealth | undefined;
   /** Milliseconds a turn waits for an engine that is down. */
   readonly engineWaitMs: number;
   readonly projectFiles: ReadonlyMap<string, Project> | undefined;
   /** The gateway's clock. */
   readonly now: () => number;
-  /**
-   * Waits between tries of a turn the engine could not take.
-   * @default {abortableSleep}
-   */
-  readonly sleep?: (ms: number, signal: AbortSignal) => Promise<void>;
 }
-
-/** Milliseconds before a turn the engine failed is tried again, when the engine named none. */
-const RETRY_PAUSE_MS = 1000;
 
 /** Runs `job` to its answer; throws what failed it (the caller answers the error). */
 export async function runTurnJob(
@@ -105,15 +96,14 @@ export async function runTurnJob(
       result = await run();
       break;
     } catch (error) {
-      // Tried again only while nothing of it reached the client, after the pause the engine
-      // asked for (its Retry-After) or a second, and within --engine-wait; else the client
-      // gets the error with that pause as its retry_after_ms.
+      // An engine that is down (loading, restarting) holds the turn until it is back, within
+      // --engine-wait, and the turn is tried again if nothing of it reached the client. An
+      // engine that answers its probe failed this turn alone (a broken stream, a 429 with its
+      // Retry-After): the client gets the error, with the engine's pause as retry_after_ms.
       if (!(error instanceof ServiceError) || error.code !== "engine_unavailable") throw error;
-      const pause = error.retryAfterMs ?? RETRY_PAUSE_MS;
-      if (delivered || now() + pause >= engineDeadline) throw error;
-      engineHealth.failed();
-      await (options.sleep ?? abortableSleep)(pause, signal);
-      await engineHealth.ready(Math.max(0, engineDeadline - now()), signal);
+      const left = engineDeadline - now();
+      if (delivered || left <= 0 || !await engineHealth.confirmDown()) throw error;
+      await engineHealth.ready(left, signal);
     }
   }
   engineHealth.succeeded();
