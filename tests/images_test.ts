@@ -7,6 +7,7 @@
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { parseConfig } from "../lib/config/config.ts";
+import { startSimulator } from "../lib/engine/simulator.ts";
 import { vllmArgs } from "../lib/engine/vllm_supervisor.ts";
 import { readImageHeader } from "../lib/protocol/image_header.ts";
 import {
@@ -435,6 +436,45 @@ test("the OwOGPT client's request (camelCase, raw base64, no text) reaches the m
       { type: "image_url", image_url: { url: `data:image/png;base64,${base64(PNG)}` } },
     ]);
   });
+});
+
+test("vLLM: an image sent without its base64 padding reaches vLLM padded (it decodes with validate=True)", async () => {
+  // A PNG whose base64 needs padding, sent without it.
+  let png = PNG;
+  while (png.length % 3 === 0) png = concat(png, new Uint8Array([0]));
+  const unpadded = base64(png).replace(/=+$/, "");
+  await withService({}, async ({ sim, client }) => {
+    await client.send("maze/user_input", {
+      session_id: "pad",
+      message: "what is this?",
+      images: [`data:image/png;base64,${unpadded}`],
+    });
+    const done = await client.final("pad");
+    equal(done.json!.type, "done", JSON.stringify(done.json));
+    const parts = (sim.received.at(-1)!.messages as { content: unknown }[]).at(-1)!.content as {
+      image_url?: { url: string };
+    }[];
+    equal(parts[1].image_url!.url, `data:image/png;base64,${base64(png)}`);
+  });
+  // The simulator refuses what vLLM refuses: the unpadded image, top_p 0.
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0 });
+  try {
+    const chat = (body: Record<string, unknown>) =>
+      fetch(`${sim.url}/chat/completions`, { method: "POST", body: JSON.stringify(body) });
+    const image = await chat({
+      messages: [{
+        role: "user",
+        content: [{ type: "image_url", image_url: { url: `data:image/png;base64,${unpadded}` } }],
+      }],
+    });
+    equal(image.status, 400);
+    equal((await image.json()).error.message, "Incorrect padding");
+    const topP = await chat({ messages: [{ role: "user", content: "hi" }], top_p: 0 });
+    equal(topP.status, 400);
+    equal((await topP.json()).error.message, "top_p must be in (0, 1], got 0.0.");
+  } finally {
+    await sim.close();
+  }
 });
 
 test("wrong magic bytes, a too-large image, too many images and a remote URL are refused with their reasons; nothing reaches the engine", async () => {

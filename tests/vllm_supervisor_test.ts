@@ -279,3 +279,37 @@ test("attach mode: the engine going away gives engine_unavailable, and it recove
     await broker.stop();
   }
 });
+
+test("attach mode: the engine is checked at start: a project's model it does not serve stops the start, a shorter context is warned about", async () => {
+  const broker = await startMosquitto();
+  const sim = await startSimulator({ maxModelLen: 2048, adapters: ["maze-lora"] });
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const prompts = await tempDir("vllm-mqtt-prompts-");
+  const start = (model: string, expectExit: boolean) =>
+    Deno.writeTextFile(`${prompts}/maze.md`, `---\nmodel: ${model}\n---\n# Maze\n`).then(() =>
+      startService([
+        "--engine=url",
+        `--engine-url=${sim.url}`,
+        `--mqtt-url=${broker.url}`,
+        `--data-dir=${dataDir}`,
+        `--prompts-dir=${prompts}`,
+        "--projects=maze",
+      ], { expectExit })
+    );
+  try {
+    const refused = await start("gone-lora", true);
+    assert(await refused.stop() !== 0, "started with a model the engine does not serve");
+    match(
+      refused.log(),
+      /a project file asks for gone-lora, which the engine at .* does not serve \(it serves sim-model, maze-lora\)/,
+    );
+    const served = await start("maze-lora", false);
+    match(served.log(), /The engine's context is 2048 tokens, less than --max-model-len 4096/);
+    await served.stop();
+  } finally {
+    await sim.close();
+    await broker.stop();
+    await Deno.remove(prompts, { recursive: true });
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});

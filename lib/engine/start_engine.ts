@@ -79,6 +79,7 @@ async function startSimulatorWorker(config: Config, needs: EngineNeeds): Promise
 interface ListedModel {
   readonly id: string;
   readonly root?: string;
+  readonly parent?: string | null;
   readonly max_model_len?: number;
 }
 
@@ -112,9 +113,11 @@ async function attach(config: Config, needs: EngineNeeds): Promise<RunningEngine
   let family = config.model;
   if (listed !== undefined) {
     const served = listed.map((m) => m.id);
-    if (!served.includes(model) && served.length === 1) {
-      log.info("Engine serves one model, {served}; using it", { served: served[0] });
-      model = served[0];
+    // vLLM lists its LoRA adapters beside the model, each with the model as `parent`.
+    const bases = listed.filter((m) => m.parent === undefined || m.parent === null);
+    if (!served.includes(model) && bases.length === 1) {
+      log.info("Engine serves one model, {served}; using it", { served: bases[0].id });
+      model = bases[0].id;
     } else if (!served.includes(model)) {
       log.warn("Engine does not list model {model}; it serves {served}", { model, served });
     }
