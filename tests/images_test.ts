@@ -477,6 +477,35 @@ test("vLLM: an image sent without its base64 padding reaches vLLM padded (it dec
   }
 });
 
+test("vLLM: a prompt that only its images make too long is refused inside a 200 stream (v0.11.0's decoder-prompt error)", async () => {
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0, maxModelLen: 256 });
+  try {
+    const big = dataUrl("jpeg", makeJpeg(1024, 1024));
+    const response = await fetch(`${sim.url}/chat/completions`, {
+      method: "POST",
+      body: JSON.stringify({
+        stream: true,
+        max_tokens: 16,
+        messages: [{
+          role: "user",
+          content: [{ type: "text", text: "hi" }, { type: "image_url", image_url: { url: big } }],
+        }],
+      }),
+    });
+    equal(response.status, 200);
+    const events = (await response.text()).split("\n\n").filter((e) => e.startsWith("data: "));
+    equal(events.at(-1), "data: [DONE]");
+    const { error } = JSON.parse(events[0].slice(6));
+    equal(error.code, 400);
+    match(
+      error.message,
+      /^The decoder prompt \(length \d+\) is longer than the maximum model length of 256\./,
+    );
+  } finally {
+    await sim.close();
+  }
+});
+
 test("wrong magic bytes, a too-large image, too many images and a remote URL are refused with their reasons; nothing reaches the engine", async () => {
   await withStandIn(["--max-images=2", "--max-image-bytes=4096"], async ({ engine, client }) => {
     const refusal = async (id: string, images: unknown[]) => {

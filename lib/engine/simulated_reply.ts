@@ -102,8 +102,6 @@ export interface ReplyOptions {
   readonly thinking?: "opened" | "tagged";
   /** A reasoning parser returns the reasoning apart from the answer. */
   readonly splitReasoning?: boolean;
-  /** Tools are parsed out of the answer (vLLM's `--tool-call-parser`). */
-  readonly toolParsing?: boolean;
   /** Most tokens the answer may have (`max_tokens`). */
   readonly maxTokens: number;
 }

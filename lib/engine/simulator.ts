@@ -192,7 +192,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     const promptTokens = prompt.length + imageTokens;
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
     if (maxTokens > maxModelLen) {
-      // vLLM's check of max_tokens alone (vllm/entrypoints/utils.py, get_max_tokens' caller).
+      // vLLM's check of max_tokens alone, before the prompt's length is known.
       return error(
         400,
         `max_tokens=${maxTokens} cannot be greater than max_model_len=${maxModelLen}. ` +
@@ -227,7 +227,6 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       fillerTokens: options.fillerTokens ?? 0,
       thinking: thinks ? (options.thinking === "always" ? "opened" : "tagged") : undefined,
       splitReasoning: options.reasoningParser !== undefined,
-      toolParsing: options.toolParser !== undefined,
       maxTokens,
     });
     const { tokens, reasoning, calls, finishReason, completionTokens } = reply;
@@ -410,9 +409,10 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
  * reports what fails once a stream has begun
  * (vllm/entrypoints/openai/serving_chat.py, `create_streaming_error_response`).
  */
-function streamedError(message: string, status = 400): Response {
-  const type = status === 400 ? "BadRequestError" : "InternalServerError";
-  const event = JSON.stringify({ error: { message, type, param: null, code: status } });
+function streamedError(message: string): Response {
+  const event = JSON.stringify({
+    error: { message, type: "BadRequestError", param: null, code: 400 },
+  });
   return new Response(`data: ${event}\n\ndata: [DONE]\n\n`, {
     headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
   });
