@@ -327,16 +327,25 @@ export const OPTIONS = [
     }),
     (entries) => Object.freeze(entries.map(loraModule)),
   ),
-  int({
-    name: "max-lora-rank",
-    field: "maxLoraRank",
-    default: 16,
-    min: 1,
-    max: 512,
-    group: "vLLM",
-    help:
-      "vLLM --max-lora-rank, with --lora-modules: the largest adapter rank (vLLM stops at start on a larger one)",
-  }),
+  transform(
+    int({
+      name: "max-lora-rank",
+      field: "maxLoraRank",
+      default: 16,
+      min: 1,
+      max: 512,
+      group: "vLLM",
+      help:
+        "vLLM --max-lora-rank, with --lora-modules: the largest adapter rank, one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM stops at start on a larger adapter)",
+    }),
+    (rank) => {
+      // vLLM takes these ranks only (vllm/config/lora.py, MaxLoRARanks).
+      if (![1, 8, 16, 32, 64, 128, 256, 320, 512].includes(rank)) {
+        throw badValue("max-lora-rank", "one of 1, 8, 16, 32, 64, 128, 256, 320, 512", `${rank}`);
+      }
+      return rank;
+    },
+  ),
   int({
     name: "max-loras",
     field: "maxLoras",

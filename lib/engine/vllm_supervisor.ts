@@ -131,10 +131,34 @@ export function vllmEnv(
   return env;
 }
 
+/**
+ * Refuses an adapter whose rank (`r` of its `adapter_config.json`, for a
+ * local folder) is above `--max-lora-rank`: vLLM would stop at start, after
+ * minutes of loading the model, with a message that names neither option.
+ */
+export async function checkLoraRanks(config: Config): Promise<void> {
+  for (const { name, path } of config.loraModules) {
+    let rank: unknown;
+    try {
+      rank = JSON.parse(await Deno.readTextFile(`${path}/adapter_config.json`)).r;
+    } catch {
+      continue; // A hub id, or a folder vLLM will judge itself.
+    }
+    if (typeof rank === "number" && rank > config.maxLoraRank) {
+      throw new EngineStartError(
+        `LoRA adapter ${name} (${path}) has rank ${rank}, above --max-lora-rank ` +
+          `${config.maxLoraRank}: vLLM would stop at start; give --max-lora-rank ` +
+          `${[8, 16, 32, 64, 128, 256, 320, 512].find((allowed) => allowed >= rank) ?? rank}`,
+      );
+    }
+  }
+}
+
 /** Starts vLLM and supervises it until `close()`. */
 export async function startVllm(config: Config, needs: EngineNeeds = {}): Promise<RunningEngine> {
-  // The command line is checked before anything starts.
+  // The command line and the adapters are checked before anything starts.
   vllmArgs(config, 0, needs);
+  await checkLoraRanks(config);
   const supervisor = new VllmSupervisor(config, await freePort(), needs);
   await supervisor.start();
   return supervisor;

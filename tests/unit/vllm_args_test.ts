@@ -6,7 +6,7 @@
 
 import assert, { deepEqual, equal, ok, throws } from "node:assert/strict";
 import { parseConfig } from "../../lib/config/config.ts";
-import { vllmArgs, vllmEnv } from "../../lib/engine/vllm_supervisor.ts";
+import { checkLoraRanks, vllmArgs, vllmEnv } from "../../lib/engine/vllm_supervisor.ts";
 
 function config(argv: string[]) {
   const parsed = parseConfig(argv, {});
@@ -64,6 +64,24 @@ Deno.test("vLLM: LoRA adapters get --max-lora-rank and --max-loras; a path with 
   deepEqual([valueOf(args, "--max-lora-rank"), valueOf(args, "--max-loras")], ["64", "4"]);
   // vLLM splits NAME=PATH at the first '=': a path holding another would reach it cut.
   throws(() => config(["--lora-modules=maze=/m/a=b"]), /NAME=PATH/);
+  // vLLM takes a few ranks only.
+  throws(() => config(["--max-lora-rank=24"]), /'--max-lora-rank' must be one of 1, 8, 16, 32/);
+});
+
+Deno.test("vLLM: an adapter of a rank above --max-lora-rank is refused before vLLM starts", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/adapter_config.json`, JSON.stringify({ r: 64 }));
+    await assert.rejects(
+      checkLoraRanks(config([`--lora-modules=maze=${dir}`])),
+      /LoRA adapter maze .* has rank 64, above --max-lora-rank 16: .* give --max-lora-rank 64/,
+    );
+    await checkLoraRanks(config([`--lora-modules=maze=${dir}`, "--max-lora-rank=64"]));
+    // A hub id (no local folder) is left to vLLM.
+    await checkLoraRanks(config(["--lora-modules=maze=org/maze-lora"]));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("vLLM: --top-p 0 is refused at start (vLLM takes 0 < top_p <= 1)", () => {
