@@ -99,7 +99,10 @@ export async function startService(config: Config): Promise<Service> {
     parts.storageHealth = storageHealth;
     cleanup.defer(() => storageHealth.close());
 
-    const engine = await startEngine(config);
+    const engine = await startEngine(config, {
+      tools: [...projects.values()].some((project) => project.tools !== undefined),
+      models: [...new Set([...projects.values()].flatMap((p) => p.model ?? []))],
+    });
     parts.engine = engine;
     cleanup.defer(() => engine.close());
     const engineHealth = new EngineHealth({
@@ -128,6 +131,7 @@ export async function startService(config: Config): Promise<Service> {
       requestTimeoutMs: config.requestTimeoutMs,
       engineRetries: config.engineRetries,
       skipThinking: config.skipThinking,
+      thinkingOpened: engine.thinkingOpened ?? false,
       log: { level: config.logLevel, format: config.logFormat },
     };
     // `--workers 0`: turns run on this thread, against the service's own store.

@@ -105,18 +105,27 @@ test("a full queue answers the original overload text", async () => {
 });
 
 test("no reasoning of a thinking model reaches a delta, a reply or the history", async () => {
-  await withService({ sim: { thinking: "always" } }, async ({ client, sim }) => {
-    await client.send("maze/user_input", { session_id: "t", message: "think", request_id: "1" });
-    const first = await client.final("t", "1");
-    equal(first.json!.response, '[Maze guide] Turn 1: you said "think".');
-    await client.send("maze/user_input", { session_id: "t", message: "again", request_id: "2" });
-    await client.final("t", "2");
-    for (const m of client.received) assert(!/think>|I should answer briefly/.test(m.text), m.text);
-    const history = sim.received.at(-1)!.messages as { role: string; content: string }[];
-    for (const message of history) assert(!message.content.includes("<think>"), message.content);
-    // The engine was asked not to think (Qwen3's chat template switch).
-    deepEqual(sim.received.at(-1)!.chat_template_kwargs, { enable_thinking: false });
-  });
+  // QwQ (answers open inside the thinking block), served without a reasoning parser.
+  await withService(
+    { sim: { thinking: "always", model: "Qwen/QwQ-32B" } },
+    async ({ client, sim }) => {
+      await client.send("maze/user_input", { session_id: "t", message: "think", request_id: "1" });
+      const first = await client.final("t", "1");
+      equal(first.json!.response, '[Maze guide] Turn 1: you said "think".');
+      await client.send("maze/user_input", { session_id: "t", message: "again", request_id: "2" });
+      await client.final("t", "2");
+      for (const m of client.received) {
+        assert(
+          !/think>|I should answer briefly/.test(m.text),
+          m.text,
+        );
+      }
+      const history = sim.received.at(-1)!.messages as { role: string; content: string }[];
+      for (const message of history) assert(!message.content.includes("<think>"), message.content);
+      // The engine was asked not to think (Qwen3's chat template switch).
+      deepEqual(sim.received.at(-1)!.chat_template_kwargs, { enable_thinking: false });
+    },
+  );
 });
 
 test("control topics clear history, delete sessions and replace the system prompt", async () => {

@@ -340,9 +340,9 @@ Deno.test("7. the originals' options mean what they meant", () => {
   equal(config.logLevel, "debug");
   equal(config.maxSessions, 100);
   equal(config.maxInFlight, 256);
-  const args = vllmArgs(config, 8000, "key");
+  const args = vllmArgs(config, 8000);
   match(args.join(" "), /--download-dir \.\/models --revision v1\.0/);
-  const env = vllmEnv(config, {});
+  const env = vllmEnv(config, {}, "key");
   deepEqual([env.HF_HUB_OFFLINE, env.VLLM_USE_MODELSCOPE], ["1", "True"]);
 });
 

@@ -13,6 +13,7 @@ import {
   mosquittoTest as test,
   type ServiceProcess,
   type TestClient,
+  waitFor,
   withServiceOn,
 } from "./_helpers.ts";
 
@@ -44,6 +45,8 @@ interface Reply {
   readonly framing: Framing;
   /** Written one at a time (a chunk each, when chunked). */
   readonly pieces: readonly (string | Uint8Array)[];
+  /** Further header lines (`retry-after: 7`). */
+  readonly headers?: readonly string[];
 }
 
 /** The answer a well-behaved engine gives to `message`. */
@@ -144,6 +147,59 @@ const FAULTS: Record<string, (body: ChatBody) => Reply> = {
       }\n\n`,
       "data: [DONE]\n\n",
     ]),
+  // vLLM's in-stream refusal of the request itself (a schema its structured-output backend
+  // cannot compile): code 400, the request's fault, not the engine's.
+  "schema-event": () =>
+    sse("chunked", [
+      `data: ${
+        JSON.stringify({
+          error: {
+            message: "The provided JSON schema contains features not supported by xgrammar.",
+            type: "BadRequestError",
+            param: null,
+            code: 400,
+          },
+        })
+      }\n\n`,
+      "data: [DONE]\n\n",
+    ]),
+  // v0.11.0's in-stream overflow once images are counted: with history, the prompt is too long.
+  "overflow-event": (body) =>
+    body.messages.length > 2
+      ? sse("chunked", [
+        `data: ${
+          JSON.stringify({
+            error: {
+              message: "The decoder prompt (length 5000) is longer than the maximum model " +
+                "length of 4096. Make sure that `max_model_len` is no smaller than the number " +
+                "of text tokens plus multimodal tokens.",
+              type: "BadRequestError",
+              param: null,
+              code: 400,
+            },
+          })
+        }\n\n`,
+        "data: [DONE]\n\n",
+      ])
+      : goodStream(answerTo("overflow-event"), SOME_USAGE),
+  // vLLM's refusal of a max_tokens the context cannot hold, with history.
+  "max-tokens-400": (body) =>
+    body.messages.length > 2
+      ? json(400, {
+        error: {
+          message:
+            "max_tokens=5000 cannot be greater than max_model_len=4096. Please request fewer output tokens.",
+          type: "BadRequestError",
+          param: null,
+          code: 400,
+        },
+      })
+      : goodStream(answerTo("max-tokens-400"), SOME_USAGE),
+  // A busy engine (or the proxy before it): come back in 7 s.
+  "busy-429": () => ({
+    ...json(429, { error: { message: "Too many requests", code: 429 } }),
+    headers: ["retry-after: 7"],
+  }),
   // The body ends before any text: nothing was streamed, so this one is retried.
   "empty-stream": () => sse("chunked", [event({ role: "assistant", content: "" })]),
   // A 200 that is a web page (a proxy's default page), not an event stream.
@@ -212,6 +268,10 @@ interface StandIn {
   readonly requests: ChatBody[];
   /** Chat requests whose last user message was `message`. */
   count(message: string): number;
+  /** While set, every request is answered 503 "model loading" (a model still being loaded). */
+  loading: boolean;
+  /** Requests answered 503 while loading. */
+  readonly refusedLoading: number;
   close(): Promise<void>;
 }
 
@@ -258,6 +318,7 @@ async function write(conn: Deno.Conn, reply: Reply): Promise<void> {
   };
   await writeAll(ENCODER.encode(
     `HTTP/1.1 ${reply.status} X\r\ncontent-type: ${reply.contentType}\r\n` +
+      (reply.headers ?? []).map((line) => `${line}\r\n`).join("") +
       `${framing}connection: close\r\n\r\n`,
   ));
   for (const body of bodies) {
@@ -310,7 +371,13 @@ function startStandIn(): StandIn {
   const serve = async (conn: Deno.Conn) => {
     try {
       const request = await read(conn);
-      if (request) await write(conn, route(request.method, request.path, request.body, requests));
+      if (request && standIn.loading) {
+        if (request.path === "/v1/chat/completions") requests.push(JSON.parse(request.body));
+        refusedLoading++;
+        await write(conn, json(503, { error: { message: "model loading", code: 503 } }));
+      } else if (request) {
+        await write(conn, route(request.method, request.path, request.body, requests));
+      }
     } catch {
       // The service hung up first.
     } finally {
@@ -327,16 +394,22 @@ function startStandIn(): StandIn {
     }
   })().catch(() => {});
   const { port } = listener.addr as Deno.NetAddr;
-  return {
+  let refusedLoading = 0;
+  const standIn: StandIn = {
     url: `http://127.0.0.1:${port}/v1`,
     requests,
     count: (message) => requests.filter((body) => lastUser(body) === message).length,
+    loading: false,
+    get refusedLoading() {
+      return refusedLoading;
+    },
     async close() {
       listener.close();
       await accepting;
       await Promise.all(handling);
     },
   };
+  return standIn;
 }
 
 interface Fixture {
@@ -458,6 +531,58 @@ test("an engine's 400 is described in short, never echoed as HTML; a JSON error'
     const old = errorOf(await ask("s", "5", "old-overflow-400"))!;
     equal(old.code, "context_overflow", old.message);
     assert(old.message.includes(CONTEXT_MESSAGE), old.message);
+  });
+});
+
+test("vLLM: an error event with code 400 inside a 200 stream is the request's fault: not retried, not counted against the engine", async () => {
+  await withStandIn([], async ({ engine, service, ask }) => {
+    for (let i = 0; i < 4; i++) {
+      const refused = errorOf(await ask("s", `schema-${i}`, "schema-event"))!;
+      equal(refused.code, "internal", refused.message);
+      assert(refused.message.includes("not supported by xgrammar"), refused.message);
+    }
+    equal(engine.count("schema-event"), 4);
+    // Four in a row would have opened the circuit were they counted as the engine's failures.
+    assert(!service.log().includes("Engine unavailable"), service.log());
+    equal((await ask("s", "after", "after")).type, "done");
+  });
+});
+
+test("vLLM: every overflow wording (in-stream decoder prompt, max_tokens > max_model_len) trims the history and tries again", async () => {
+  await withStandIn([], async ({ engine, ask }) => {
+    for (const fault of ["overflow-event", "max-tokens-400"]) {
+      const session = `o-${fault}`;
+      equal((await ask(session, "1", "first")).type, "done");
+      const reply = await ask(session, "2", fault);
+      equal(reply.type, "done", JSON.stringify(reply));
+      equal(engine.count(fault), 2, fault);
+      // Tried again with nothing but the system prompt and this message.
+      deepEqual(lastConversation(engine), [{ role: "user", content: fault }]);
+    }
+  });
+});
+
+test("a 429 is not retried at once; its Retry-After reaches the client as retry_after_ms", async () => {
+  await withStandIn([], async ({ engine, ask }) => {
+    const busy = await ask("s", "1", "busy-429");
+    equal(errorOf(busy)?.code, "engine_unavailable", JSON.stringify(busy));
+    equal((busy.error as { retry_after_ms?: number }).retry_after_ms, 7000);
+    equal(engine.count("busy-429"), 1);
+  });
+});
+
+test("during a 503 'model loading' a request is held for --engine-wait, though the circuit was not open when it came", async () => {
+  await withStandIn([], async ({ engine, client }) => {
+    engine.loading = true;
+    await client.send("maze/user_input", { session_id: "l", message: "loading?", request_id: "1" });
+    // The turn reached the loading engine, and the health probe found it loading too.
+    await waitFor(() =>
+      engine.count("loading?") >= 1 && engine.refusedLoading > engine.count("loading?")
+    );
+    engine.loading = false;
+    const reply = (await client.final("l", "1", 30_000)).json!;
+    equal(reply.type, "done", JSON.stringify(reply));
+    equal(reply.response, answerTo("loading?"));
   });
 });
 

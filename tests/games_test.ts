@@ -85,7 +85,46 @@ Deno.test("a project file without front matter is its prompt and nothing else", 
   equal(parseProjectFile("p", "p.md", "Text\n---\nmore").prompt, "Text\n---\nmore");
 });
 
-Deno.test("the maze file declares topics, the hint schema and the original's tools", () => {
+/** A project with tools and no schema (what vLLM can serve), for the tool-call mapping. */
+const TOOLED = parseProjectFile(
+  "tooled",
+  "tooled.md",
+  `---
+tools:
+  - function:
+      name: break_wall
+      parameters: { type: object, properties: { x: { type: integer }, y: { type: integer } } }
+    maps_to: { break_wall: [x, y] }
+  - function:
+      name: speed_boost
+      parameters:
+        type: object
+        properties: { duration_ms: { type: integer, default: 1500 } }
+    maps_to: { speed_boost_ms: duration_ms }
+  - function:
+      name: teleport_player
+      parameters: { type: object, properties: { x: { type: integer }, y: { type: integer } } }
+    maps_to: { teleport_player: [x, y] }
+  - function:
+      name: spawn_oxygen
+      parameters: { type: object, properties: { locations: { type: array } } }
+    maps_to: { spawn_oxygen: locations }
+  - function:
+      name: highlight_zone
+      parameters:
+        type: object
+        properties: { cells: { type: array }, duration_ms: { type: integer, default: 5000 } }
+    maps_to: { highlight_zone: cells, highlight_ms: duration_ms }
+  - function:
+      name: reveal_map
+      parameters: { type: object, properties: { enabled: { type: boolean } } }
+    maps_to: { reveal_map: enabled }
+---
+# Tooled
+`,
+);
+
+Deno.test("the maze file declares topics and the hint schema, its actions as optional properties", () => {
   assert(MAZE);
   equal(MAZE.stateTopic, true);
   equal(MAZE.hintTopic, true);
@@ -116,22 +155,13 @@ Deno.test("the maze file declares topics, the hint schema and the original's too
       "reveal_map",
     ]
   ) ok(key in schema.properties, key);
-  deepEqual(MAZE.tools!.map((t) => t.definition.function.name), [
-    "break_wall",
-    "break_walls",
-    "speed_boost",
-    "slow_germs",
-    "freeze_germs",
-    "teleport_player",
-    "spawn_oxygen",
-    "move_exit",
-    "highlight_zone",
-    "reveal_map",
-  ]);
-  // Chat turns keep the plain contract; state turns get the schema and the tools.
+  // One structured answer carries the hint and the action: vLLM cannot hold an answer to a
+  // schema and let it call tools too.
+  equal(MAZE.tools, undefined);
+  // Chat turns keep the plain contract; state turns get the schema.
   deepEqual(turnShape(MAZE, false), {});
   const state = turnShape(MAZE, true);
-  ok(state.responseFormat && state.tools && state.hint);
+  ok(state.responseFormat && !state.tools && state.hint);
 });
 
 Deno.test("a front matter that cannot be used names the file, the key and the problem", () => {
@@ -161,6 +191,13 @@ Deno.test("a front matter that cannot be used names the file, the key and the pr
     /'tools\[0\].maps_to.go': names 'y', which go has no parameter for/,
   );
   bad("tool_choice: auto", /'tool_choice': is set, but the project has no 'tools'/);
+  // vLLM holds an answer to the schema or to a tool call, never both.
+  for (const choice of ["", "\ntool_choice: auto", "\ntool_choice: required"]) {
+    bad(
+      "response_format: { schema: { type: object } }\ntools: [{ function: { name: go } }]" + choice,
+      /'tools': cannot be served with 'response_format': vLLM holds an answer to one of them/,
+    );
+  }
   throws(
     () => parseProjectFile("maze", "prompts/maze.md", "---\nstate_topic: true\nPrompt"),
     /prompts\/maze\.md: the front matter opened by '---' on the first line has no closing/,
@@ -241,7 +278,7 @@ Deno.test("every answer becomes a hint object; tool calls become guidance keys",
     hint: "",
     error: { code: "timeout", message: "too slow" },
   });
-  const guidance = guidanceFromToolCalls(MAZE!.tools!, [
+  const guidance = guidanceFromToolCalls(TOOLED.tools!, [
     { name: "break_wall", arguments: '{"x": 2, "y": 1}' },
     { name: "speed_boost", arguments: "{}" },
     { name: "highlight_zone", arguments: '{"cells": [[1, 1]], "duration_ms": 900}' },
@@ -264,8 +301,12 @@ Deno.test("every answer becomes a hint object; tool calls become guidance keys",
 
 // --- Units: the simulated engine -----------------------------------------------------------
 
-Deno.test("the simulated engine answers schemas, calls tools and serves named adapters as vLLM", async () => {
-  const sim = await startSimulator({ ttftMs: 0, itlMs: 0, adapters: ["maze-lora"] });
+/** A simulated engine started as `options` say, and a way to ask it for a chat completion. */
+async function withSim(
+  options: Parameters<typeof startSimulator>[0],
+  fn: (chat: (body: Record<string, unknown>) => Promise<Response>, sim: Simulator) => Promise<void>,
+): Promise<void> {
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0, ...options });
   const chat = (body: Record<string, unknown>) =>
     fetch(`${sim.url}/chat/completions`, {
       method: "POST",
@@ -276,6 +317,17 @@ Deno.test("the simulated engine answers schemas, calls tools and serves named ad
       }),
     });
   try {
+    await fn(chat, sim);
+  } finally {
+    await sim.close();
+  }
+}
+
+const TOOLS = TOOLED.tools!.map((t) => t.definition);
+const BOXED_STATE = stateMessage({ player_pos: [1, 1], visible_map: BOXED_MAP });
+
+Deno.test("the simulated engine answers schemas and serves named adapters as vLLM", async () => {
+  await withSim({ adapters: ["maze-lora"] }, async (chat) => {
     const schema = {
       type: "object",
       properties: {
@@ -296,12 +348,55 @@ Deno.test("the simulated engine answers schemas, calls tools and serves named ad
       cells: [[]],
       mode: "calm",
     });
+    // The maze's schema carries the action: a boxed-in player gets a wall broken.
+    const maze = await (await chat({
+      messages: [{ role: "user", content: BOXED_STATE }],
+      response_format: MAZE!.responseFormat,
+    })).json();
+    deepEqual(JSON.parse(maze.choices[0].message.content).break_wall, [2, 1]);
 
-    const tools = MAZE!.tools!.map((t) => t.definition);
-    const state = stateMessage({ player_pos: [1, 1], visible_map: BOXED_MAP });
+    const adapter = await (await chat({ model: "maze-lora" })).json();
+    match(adapter.choices[0].message.content, /^maze-lora: /);
+    const unknown = await chat({ model: "other-lora" });
+    equal(unknown.status, 404);
+    deepEqual((await unknown.json()).error.message, "The model `other-lora` does not exist.");
+  });
+});
+
+Deno.test("vLLM: tools with tool_choice auto (its default) need --enable-auto-tool-choice and --tool-call-parser", async () => {
+  await withSim({}, async (chat) => {
+    for (const choice of [undefined, "auto"]) {
+      const refused = await chat({ tools: TOOLS, tool_choice: choice });
+      equal(refused.status, 400);
+      deepEqual((await refused.json()).error, {
+        message:
+          '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+        type: "BadRequestError",
+        param: null,
+        code: 400,
+      });
+    }
+    // Current vLLM refuses "required" without a parser too (v0.11.0 served it guided).
+    const required = await chat({ tools: TOOLS, tool_choice: "required" });
+    equal(required.status, 400);
+    match((await required.json()).error.message, /--tool-call-parser/);
+    // The request shape the maze project sent before: tools, auto and a schema.
+    const old = await chat({
+      messages: [{ role: "user", content: BOXED_STATE }],
+      tools: TOOLS,
+      tool_choice: "auto",
+      response_format: MAZE!.responseFormat,
+    });
+    equal(old.status, 400);
+    await old.body?.cancel();
+    // "none" is served without a parser, and calls nothing.
+    const none = await (await chat({ tools: TOOLS, tool_choice: "none" })).json();
+    equal(none.choices[0].finish_reason, "stop");
+  });
+  await withSim({ toolParser: "hermes" }, async (chat) => {
     const called = await (await chat({
-      messages: [{ role: "user", content: state }],
-      tools,
+      messages: [{ role: "user", content: BOXED_STATE }],
+      tools: TOOLS,
     })).json();
     const choice = called.choices[0];
     equal(choice.finish_reason, "tool_calls");
@@ -309,21 +404,18 @@ Deno.test("the simulated engine answers schemas, calls tools and serves named ad
     match(choice.message.tool_calls[0].id, /^chatcmpl-tool-/);
     deepEqual(choice.message.tool_calls[0].function.name, "break_wall");
     deepEqual(JSON.parse(choice.message.tool_calls[0].function.arguments), { x: 2, y: 1 });
-    // Named in the message, with its defaults; "none" calls nothing.
+    // Named in the message, with its defaults.
     const named = await (await chat({
-      messages: [{ role: "user", content: "please freeze_germs now" }],
-      tools,
+      messages: [{ role: "user", content: "please speed_boost now" }],
+      tools: TOOLS,
     })).json();
     deepEqual(JSON.parse(named.choices[0].message.tool_calls[0].function.arguments), {
-      duration_ms: 3500,
+      duration_ms: 1500,
     });
-    const none = await (await chat({ tools, tool_choice: "none" })).json();
-    equal(none.choices[0].finish_reason, "stop");
-
     // Streaming: the first piece names the call, the rest carry the arguments.
     const stream = await (await chat({
-      messages: [{ role: "user", content: state }],
-      tools,
+      messages: [{ role: "user", content: BOXED_STATE }],
+      tools: TOOLS,
       stream: true,
     })).text();
     const chunks = stream.split("\n\n").filter((e) => e.startsWith("data: {")).map((e) =>
@@ -339,27 +431,41 @@ Deno.test("the simulated engine answers schemas, calls tools and serves named ad
       { x: 2, y: 1 },
     );
     equal(chunks.find((c) => c.choices[0]?.finish_reason)!.choices[0].finish_reason, "tool_calls");
+  });
+});
 
-    const adapter = await (await chat({ model: "maze-lora" })).json();
-    match(adapter.choices[0].message.content, /^maze-lora: /);
-    const unknown = await chat({ model: "other-lora" });
-    equal(unknown.status, 404);
-    deepEqual((await unknown.json()).error.message, "The model `other-lora` does not exist.");
-    const models = await (await fetch(`${sim.url}/models`)).json();
-    deepEqual(models.data.map((m: { id: string }) => m.id), ["sim-model", "maze-lora"]);
-  } finally {
-    await sim.close();
-  }
+Deno.test("vLLM: tools and response_format together: auto holds the answer to the schema, required drops the schema", async () => {
+  await withSim({ toolParser: "hermes" }, async (chat) => {
+    const both = { messages: [{ role: "user", content: BOXED_STATE }], tools: TOOLS };
+    // auto: the schema holds the whole answer, so no tool is ever called.
+    const auto = await (await chat({ ...both, response_format: MAZE!.responseFormat })).json();
+    equal(auto.choices[0].finish_reason, "stop");
+    equal(auto.choices[0].message.tool_calls, undefined);
+    equal(typeof JSON.parse(auto.choices[0].message.content).hint, "string");
+    // required: the call alone; the schema is dropped.
+    const required = await (await chat({
+      ...both,
+      tool_choice: "required",
+      response_format: MAZE!.responseFormat,
+    })).json();
+    equal(required.choices[0].finish_reason, "tool_calls");
+    equal(required.choices[0].message.content, null);
+    equal(required.choices[0].message.tool_calls[0].function.name, "break_wall");
+  });
 });
 
 Deno.test("the supervisor serves --lora-modules with --enable-lora", () => {
   const result = parseConfig(["--lora-modules", "maze-lora=/models/maze,race=/models/race"], {});
   assert(!result.help);
-  const args = vllmArgs(result.config, 8000, "key");
+  const args = vllmArgs(result.config, 8000);
   const at = args.indexOf("--enable-lora");
   ok(at > 0);
-  deepEqual(args.slice(at, at + 4), [
+  deepEqual(args.slice(at, at + 8), [
     "--enable-lora",
+    "--max-lora-rank",
+    "16",
+    "--max-loras",
+    "1",
     "--lora-modules",
     "maze-lora=/models/maze",
     "race=/models/race",
@@ -388,8 +494,7 @@ test("a game's state gets one parsable hint on maze/hint/{sid}, kept in its hist
     );
     const body = sim.received.at(-1)!;
     equal((body.response_format as { type: string }).type, "json_schema");
-    equal((body.tools as unknown[]).length, 10);
-    equal(body.tool_choice, "auto");
+    equal(body.tools, undefined);
     const user = (body.messages as { role: string; content: string }[]).at(-1)!;
     deepEqual(JSON.parse(user.content), {
       player_pos: [1, 1],
@@ -416,17 +521,50 @@ test("a game's state gets one parsable hint on maze/hint/{sid}, kept in its hist
   });
 });
 
-test("tool calls arrive as guidance keys in the hint", async () => {
-  await withGame({}, async (client) => {
-    await client.send("maze/state", {
-      sessionId: "g2",
-      player_pos: [1, 1],
-      visible_map: BOXED_MAP,
-    });
-    const hint = JSON.parse((await client.next((m) => m.topic === "maze/hint/g2")).text);
-    deepEqual(hint.break_wall, [2, 1]);
-    match(hint.hint, /Turn 1/);
+test("the maze project on a vLLM-faithful engine gets a parseable hint and its action on every state", async () => {
+  await withGame({}, async (client, sim) => {
+    const states = [
+      { player_pos: [1, 1], visible_map: BOXED_MAP, action: [2, 1] },
+      { player_pos: [2, 2], visible_map: OPEN_MAP, action: undefined },
+      { player_pos: [3, 1], visible_map: BOXED_MAP, action: undefined },
+      { player_pos: [0, 0], visible_map: [[1, 0], [0, 0]], action: [1, 0] },
+    ];
+    for (const [i, { action, ...state }] of states.entries()) {
+      const sessionId = `g2-${i}`;
+      await client.send("maze/state", { sessionId, ...state });
+      const text = (await client.next((m) => m.topic === `maze/hint/${sessionId}`)).text;
+      const hint = JSON.parse(text);
+      equal(hint.error, undefined, text);
+      match(hint.hint, /^\[Maze guide\] Turn 1: /);
+      deepEqual(hint.break_wall, action);
+    }
+    // One constraint per request, as vLLM can serve it: the schema, no tools.
+    for (const body of sim.received) {
+      equal(body.tools, undefined);
+      equal((body.response_format as { type: string }).type, "json_schema");
+    }
   });
+});
+
+test("a project with tools is served by an engine started with tool parsing (--engine sim)", async () => {
+  const dir = await promptsDir({
+    "tooled.md":
+      `---\ntools:\n  - function: { name: wave, parameters: { type: object } }\n---\n# Tooled\n`,
+  });
+  try {
+    await withService(
+      { args: ["--engine=sim", `--prompts-dir=${dir}`, "--projects=tooled"] },
+      async ({ client }) => {
+        await client.subscribe("tooled/assistant_response/#");
+        await client.send("tooled/user_input", { session_id: "t1", message: "please wave" });
+        const done = await client.final("t1");
+        equal(done.json!.type, "done", JSON.stringify(done.json));
+        deepEqual(JSON.parse(String(done.json!.response)).wave, {});
+      },
+    );
+  } finally {
+    await removeTempDir(dir);
+  }
 });
 
 test("ten states sent quickly to a slow engine make at most two turns and the last one's hint", async () => {
@@ -506,7 +644,9 @@ test("a model answer that is not JSON is wrapped, its thinking removed", async (
   try {
     await withGame({
       args: [`--prompts-dir=${dir}`, "--projects=game"],
-      sim: { thinking: "always" },
+      // QwQ, served without a reasoning parser: its answers open inside the thinking block
+      // (no <think>) and close it with </think>.
+      sim: { thinking: "always", model: "Qwen/QwQ-32B" },
     }, async (client, sim) => {
       await client.send("game/state", { sessionId: "g8", player_pos: [4, 2] });
       const text = (await client.next((m) => m.topic === "game/hint/g8")).text;
@@ -526,14 +666,13 @@ test("a model answer that is not JSON is wrapped, its thinking removed", async (
 test("a project's model reaches the engine", async () => {
   const dir = await promptsDir({
     "tuned.md": "---\nmodel: maze-lora\ntemperature: 0.2\nmax_tokens: 77\n---\n# Tuned\n",
-    "other.md": "---\nmodel: gone-lora\n---\n# Other\n",
   });
   try {
     await withService({
-      args: [`--prompts-dir=${dir}`, "--projects=tuned,other"],
+      args: [`--prompts-dir=${dir}`, "--projects=tuned"],
       sim: { adapters: ["maze-lora"] },
     }, async ({ sim, client }) => {
-      await client.subscribe(["tuned/assistant_response/#", "other/assistant_response/#"]);
+      await client.subscribe(["tuned/assistant_response/#"]);
       await client.send("tuned/user_input", { session_id: "t1", message: "hi" });
       const done = await client.final("t1");
       equal(done.json!.response, 'maze-lora: [Tuned] Turn 1: you said "hi".');
@@ -548,11 +687,6 @@ test("a project's model reaches the engine", async () => {
       });
       await client.final("t2");
       equal(sim.received.at(-1)!.temperature, 1);
-      // An adapter the engine does not serve: its refusal, as any engine refusal.
-      await client.send("other/user_input", { session_id: "o1", message: "hi" });
-      const refused = await client.final("o1");
-      equal(refused.json!.type, "error");
-      match(String((refused.json!.error as { message: string }).message), /404.*gone-lora/);
     });
   } finally {
     await removeTempDir(dir);
@@ -580,6 +714,17 @@ test("a broken front matter stops the start-up with the file, the key and the pr
     const again = await start();
     ok(await again.stop() !== 0);
     match(again.log(), /maze\.md: front matter key 'model': maze-lora is not served/);
+    // A schema and tools together: vLLM could serve only one of them.
+    await Deno.writeTextFile(
+      `${dir}/maze.md`,
+      "---\nresponse_format: { schema: { type: object } }\ntools: [{ function: { name: go } }]\n---\n# Maze\n",
+    );
+    const both = await start();
+    ok(await both.stop() !== 0);
+    match(
+      both.log(),
+      /maze\.md: front matter key 'tools': cannot be served with 'response_format'/,
+    );
   } finally {
     await removeTempDir(dir);
     await removeTempDir(data);

@@ -7,6 +7,7 @@
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { parseConfig } from "../lib/config/config.ts";
+import { startSimulator } from "../lib/engine/simulator.ts";
 import { vllmArgs } from "../lib/engine/vllm_supervisor.ts";
 import { readImageHeader } from "../lib/protocol/image_header.ts";
 import {
@@ -257,7 +258,7 @@ Deno.test("images: managed vLLM gets --limit-mm-per-prompt as JSON for a vision 
   const argsOf = (argv: string[]) => {
     const parsed = parseConfig(argv, {});
     assert(!parsed.help);
-    return vllmArgs(parsed.config, 8000, "key");
+    return vllmArgs(parsed.config, 8000);
   };
   const vision = argsOf([
     "--model=Qwen/Qwen2.5-VL-7B-Instruct",
@@ -435,6 +436,74 @@ test("the OwOGPT client's request (camelCase, raw base64, no text) reaches the m
       { type: "image_url", image_url: { url: `data:image/png;base64,${base64(PNG)}` } },
     ]);
   });
+});
+
+test("vLLM: an image sent without its base64 padding reaches vLLM padded (it decodes with validate=True)", async () => {
+  // A PNG whose base64 needs padding, sent without it.
+  let png = PNG;
+  while (png.length % 3 === 0) png = concat(png, new Uint8Array([0]));
+  const unpadded = base64(png).replace(/=+$/, "");
+  await withService({}, async ({ sim, client }) => {
+    await client.send("maze/user_input", {
+      session_id: "pad",
+      message: "what is this?",
+      images: [`data:image/png;base64,${unpadded}`],
+    });
+    const done = await client.final("pad");
+    equal(done.json!.type, "done", JSON.stringify(done.json));
+    const parts = (sim.received.at(-1)!.messages as { content: unknown }[]).at(-1)!.content as {
+      image_url?: { url: string };
+    }[];
+    equal(parts[1].image_url!.url, `data:image/png;base64,${base64(png)}`);
+  });
+  // The simulator refuses what vLLM refuses: the unpadded image, top_p 0.
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0 });
+  try {
+    const chat = (body: Record<string, unknown>) =>
+      fetch(`${sim.url}/chat/completions`, { method: "POST", body: JSON.stringify(body) });
+    const image = await chat({
+      messages: [{
+        role: "user",
+        content: [{ type: "image_url", image_url: { url: `data:image/png;base64,${unpadded}` } }],
+      }],
+    });
+    equal(image.status, 400);
+    equal((await image.json()).error.message, "Incorrect padding");
+    const topP = await chat({ messages: [{ role: "user", content: "hi" }], top_p: 0 });
+    equal(topP.status, 400);
+    equal((await topP.json()).error.message, "top_p must be in (0, 1], got 0.0.");
+  } finally {
+    await sim.close();
+  }
+});
+
+test("vLLM: a prompt that only its images make too long is refused inside a 200 stream (v0.11.0's decoder-prompt error)", async () => {
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0, maxModelLen: 256 });
+  try {
+    const big = dataUrl("jpeg", makeJpeg(1024, 1024));
+    const response = await fetch(`${sim.url}/chat/completions`, {
+      method: "POST",
+      body: JSON.stringify({
+        stream: true,
+        max_tokens: 16,
+        messages: [{
+          role: "user",
+          content: [{ type: "text", text: "hi" }, { type: "image_url", image_url: { url: big } }],
+        }],
+      }),
+    });
+    equal(response.status, 200);
+    const events = (await response.text()).split("\n\n").filter((e) => e.startsWith("data: "));
+    equal(events.at(-1), "data: [DONE]");
+    const { error } = JSON.parse(events[0].slice(6));
+    equal(error.code, 400);
+    match(
+      error.message,
+      /^The decoder prompt \(length \d+\) is longer than the maximum model length of 256\./,
+    );
+  } finally {
+    await sim.close();
+  }
 });
 
 test("wrong magic bytes, a too-large image, too many images and a remote URL are refused with their reasons; nothing reaches the engine", async () => {

@@ -101,7 +101,7 @@ test("managed vLLM: arguments mapped, answers served, no process left after SIGT
     );
     deepEqual([value("--quantization"), value("--max-num-seqs")], ["awq", "128"]);
     assert(args.includes("--trust-remote-code") && !args.includes("--enforce-eager"));
-    match(value("--api-key"), /^[0-9a-f-]{36}$/);
+    assert(!args.includes("--api-key"), "the API key is on vLLM's command line");
     deepEqual(args.slice(-3), ["--enable-prefix-caching", "--kv-cache-dtype", "fp8"]);
     // vLLM's output is forwarded to the log with a prefix.
     await waitFor(() => service.log().includes("vllm stdout | INFO Application startup complete."));
@@ -115,6 +115,28 @@ test("managed vLLM: arguments mapped, answers served, no process left after SIGT
     equal(await service.stop("SIGTERM"), 0);
     assert(!alive(pid), "vllm survived");
     assert(!alive(childPid), "vllm's engine process survived");
+  } finally {
+    await client.close();
+    await service.stop();
+    await m.broker.stop();
+  }
+});
+
+test("managed vLLM: the API key reaches vLLM as VLLM_API_KEY, never on its command line; the service's secrets stay out of its environment", async () => {
+  const m = await managed({ VLLM_MQTT_ENGINE_API_KEY: "the-service-secret" });
+  const service = await startService(m.args, { env: m.env });
+  const client = await TestClient.connect(m.broker.url);
+  try {
+    const { args, env } = JSON.parse(await Deno.readTextFile(m.record));
+    assert(!args.includes("--api-key"), "the API key is on vLLM's command line");
+    match(env.VLLM_API_KEY, /^[0-9a-f-]{36}$/);
+    deepEqual(Object.keys(env).filter((name) => name.startsWith("VLLM_MQTT_")), []);
+    assert(!JSON.stringify(env).includes("the-service-secret"));
+    // vLLM took the key from its environment: answers need it.
+    await client.subscribe("maze/assistant_response/#");
+    await client.send("maze/user_input", { session_id: "k", message: "hi" });
+    equal((await client.final("k")).json!.response, '[Maze guide] Turn 1: you said "hi".');
+    assert(!service.log().includes(env.VLLM_API_KEY), "the API key is in the service's log");
   } finally {
     await client.close();
     await service.stop();
@@ -233,6 +255,8 @@ test("attach mode: the engine going away gives engine_unavailable, and it recove
     `--mqtt-url=${broker.url}`,
     `--data-dir=${dataDir}`,
     "--projects=maze",
+    // A request is held this long for an engine that is gone: here, not at all.
+    "--engine-wait=0",
   ]);
   const client = await TestClient.connect(broker.url);
   try {
@@ -253,5 +277,39 @@ test("attach mode: the engine going away gives engine_unavailable, and it recove
     await service.stop();
     await sim.close();
     await broker.stop();
+  }
+});
+
+test("attach mode: the engine is checked at start: a project's model it does not serve stops the start, a shorter context is warned about", async () => {
+  const broker = await startMosquitto();
+  const sim = await startSimulator({ maxModelLen: 2048, adapters: ["maze-lora"] });
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const prompts = await tempDir("vllm-mqtt-prompts-");
+  const start = (model: string, expectExit: boolean) =>
+    Deno.writeTextFile(`${prompts}/maze.md`, `---\nmodel: ${model}\n---\n# Maze\n`).then(() =>
+      startService([
+        "--engine=url",
+        `--engine-url=${sim.url}`,
+        `--mqtt-url=${broker.url}`,
+        `--data-dir=${dataDir}`,
+        `--prompts-dir=${prompts}`,
+        "--projects=maze",
+      ], { expectExit })
+    );
+  try {
+    const refused = await start("gone-lora", true);
+    assert(await refused.stop() !== 0, "started with a model the engine does not serve");
+    match(
+      refused.log(),
+      /a project file asks for gone-lora, which the engine at .* does not serve \(it serves sim-model, maze-lora\)/,
+    );
+    const served = await start("maze-lora", false);
+    match(served.log(), /The engine's context is 2048 tokens, less than --max-model-len 4096/);
+    await served.stop();
+  } finally {
+    await sim.close();
+    await broker.stop();
+    await Deno.remove(prompts, { recursive: true });
+    await Deno.remove(dataDir, { recursive: true });
   }
 });

@@ -162,6 +162,10 @@ function checkLimits(config: Config): void {
         `images with '--max-images 0'`,
     );
   }
+  // vLLM refuses top_p 0 in every request ("top_p must be in (0, 1]").
+  if (config.topP <= 0) {
+    throw conflict("top-p", "'--top-p' must be above 0 (vLLM takes 0 < top_p <= 1): it is 0");
+  }
   if (config.visionModel && config.maxImages === 0) {
     throw conflict("max-images", "'--vision-model' needs '--max-images' above 0: it is 0");
   }

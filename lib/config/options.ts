@@ -36,7 +36,9 @@ export interface LoraModule {
 
 /** `NAME=PATH` of `--lora-modules`, read. */
 function loraModule(value: string): LoraModule {
-  const [, name, path] = /^([^=\s]+)=(\S+)$/.exec(value) ?? [];
+  // vLLM splits each entry at its first '=' (and reads a JSON object otherwise): a path
+  // holding another '=' would reach it cut.
+  const [, name, path] = /^([^=\s]+)=([^=\s]+)$/.exec(value) ?? [];
   if (name === undefined) throw badValue("lora-modules", "NAME=PATH entries", value);
   return Object.freeze({ name, path });
 }
@@ -257,6 +259,22 @@ export const OPTIONS = [
     help:
       "How long a request waits for an engine that is down (restarting, unreachable) before `engine_unavailable`",
   }),
+  text({
+    name: "tool-call-parser",
+    field: "toolCallParser",
+    default: "auto",
+    group: "Engine",
+    help:
+      "vLLM's --tool-call-parser, given with --enable-auto-tool-choice when a project declares tools; auto: by the model's family (hermes for Qwen2.5/Qwen3/QwQ, llama3_json for Llama 3, mistral, ...); none: never",
+  }),
+  text({
+    name: "reasoning-parser",
+    field: "reasoningParser",
+    default: "auto",
+    group: "Engine",
+    help:
+      "vLLM's --reasoning-parser (managed vLLM and --engine sim get it; for --engine url, the one the engine runs); auto: by the model's family (deepseek_r1 for QwQ and DeepSeek-R1, qwen3 for Qwen3), and none for an attached engine; none: no parser",
+  }),
   flag({
     name: "skip-thinking",
     field: "skipThinking",
@@ -350,6 +368,34 @@ export const OPTIONS = [
     }),
     (entries) => Object.freeze(entries.map(loraModule)),
   ),
+  transform(
+    int({
+      name: "max-lora-rank",
+      field: "maxLoraRank",
+      default: 16,
+      min: 1,
+      max: 512,
+      group: "vLLM",
+      help:
+        "vLLM --max-lora-rank, with --lora-modules: the largest adapter rank, one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM stops at start on a larger adapter)",
+    }),
+    (rank) => {
+      // vLLM takes these ranks only (vllm/config/lora.py, MaxLoRARanks).
+      if (![1, 8, 16, 32, 64, 128, 256, 320, 512].includes(rank)) {
+        throw badValue("max-lora-rank", "one of 1, 8, 16, 32, 64, 128, 256, 320, 512", `${rank}`);
+      }
+      return rank;
+    },
+  ),
+  int({
+    name: "max-loras",
+    field: "maxLoras",
+    default: 1,
+    min: 1,
+    group: "vLLM",
+    help:
+      "vLLM --max-loras, with --lora-modules: adapters served in one batch (turns of other adapters wait)",
+  }),
   transform(
     text({
       name: "vllm-args",

@@ -28,7 +28,7 @@ import {
   incomplete,
   mapError,
   statusError,
-  streamFailed,
+  streamedError,
   withErrorObject,
 } from "./engine_errors.ts";
 import { directlyReachable, HttpStreamClient, type StreamedResponse } from "./http_stream.ts";
@@ -168,7 +168,10 @@ export class EngineClient {
       } catch (error) {
         // A text-only model refusing images: the client's error, never retried.
         const mapped = imageRefusal(error, messages) ?? mapError(error, signal, deadline);
-        const retriable = mapped.code === "engine_unavailable" && !streamed &&
+        // A 429 asks for a pause: retrying at once would only add to the load. The caller
+        // waits what the engine asked for (`retryAfterMs`) before it tries again.
+        const busy = error instanceof OpenAI.APIError && error.status === 429;
+        const retriable = mapped.code === "engine_unavailable" && !streamed && !busy &&
           attempt < this.#retries;
         if (!retriable) throw mapped;
         await abortableSleep(backoffDelay(attempt, { firstMs: RETRY_BASE_MS }), combined).catch(
@@ -353,6 +356,6 @@ function parseChunk(data: string): Chunk {
   // vLLM reports a failure after the stream began as an event: `{"error": {...}}`, or the
   // error itself (`{"object": "error", "message": ...}`) before 0.10.1.
   const error = chunk.error ?? ((chunk.object as string) === "error" ? chunk : undefined);
-  if (error) throw streamFailed(String(typeof error === "string" ? error : error.message));
+  if (error) throw streamedError(error);
   return chunk;
 }

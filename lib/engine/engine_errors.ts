@@ -13,7 +13,28 @@ import { ServiceError } from "../protocol/errors.ts";
 /** Milliseconds a client is asked to wait after the engine failed it. */
 const RETRY_AFTER_MS = 1000;
 
-const CONTEXT_OVERFLOW = /maximum context length|context length|too many tokens|input is too long/i;
+/**
+ * vLLM's words for a prompt that does not fit, in every version: "This model's
+ * maximum context length is ...", "The decoder prompt (length N) is longer than
+ * the maximum model length of M" (once images are counted, inside a stream),
+ * "max_tokens=N cannot be greater than max_model_len=M"; and other servers'.
+ */
+const CONTEXT_OVERFLOW =
+  /maximum context length|maximum model length|greater than max_model_len|context length|too many tokens|input is too long/i;
+
+/** Most milliseconds of an engine's `Retry-After` passed on (a day: anything longer is a typo). */
+const MAX_RETRY_AFTER_MS = 86_400_000;
+
+/**
+ * An engine's `Retry-After` (seconds, or an HTTP date) in milliseconds;
+ * undefined when absent or unreadable.
+ */
+export function retryAfterOf(headers: Headers | undefined, now = Date.now()): number | undefined {
+  const value = headers?.get("retry-after")?.trim();
+  if (!value) return undefined;
+  const ms = /^\d+(\.\d+)?$/.test(value) ? Number(value) * 1000 : Date.parse(value) - now;
+  return Number.isFinite(ms) ? Math.min(MAX_RETRY_AFTER_MS, Math.max(0, Math.ceil(ms))) : undefined;
+}
 
 /**
  * Maps whatever the client threw to a protocol error: `cancelled` (with the
@@ -45,7 +66,8 @@ export function mapError(
     if (status >= 500 || status === 429) {
       return new ServiceError("engine_unavailable", `engine answered ${described}`, {
         cause: error,
-        retryAfterMs: RETRY_AFTER_MS,
+        // The engine's own word on when to come back beats ours.
+        retryAfterMs: retryAfterOf(error.headers) ?? RETRY_AFTER_MS,
       });
     }
     return new ServiceError("internal", `engine refused the request: ${described}`, {
@@ -72,6 +94,29 @@ export function streamFailed(message: string, cause?: unknown): ServiceError {
       ? { retryAfterMs: RETRY_AFTER_MS }
       : { cause, retryAfterMs: RETRY_AFTER_MS },
   );
+}
+
+/**
+ * The error of vLLM's error event inside a 200 stream
+ * (`data: {"error": {"message", "type", "code"}}`, then `[DONE]`): what
+ * failed once the stream had begun (a prompt too long once its images are
+ * counted, a schema the structured-output backend refuses). Its `code` is
+ * the HTTP status vLLM would have answered: a 4xx is the request's fault and
+ * becomes the `openai` client's error for that status (mapped as an error
+ * answer is: not retried, not the engine's failure); anything else is the
+ * engine's (`engine_unavailable`).
+ */
+export function streamedError(error: unknown): Error {
+  const fields = typeof error === "string" ? { message: error } : error as {
+    message?: unknown;
+    code?: unknown;
+  };
+  const message = String(fields?.message ?? "");
+  const code = Number(fields?.code);
+  if (Number.isInteger(code) && code >= 400 && code < 500) {
+    return OpenAI.APIError.generate(code, { error: fields }, message, new Headers());
+  }
+  return streamFailed(message);
 }
 
 /** `engine_unavailable` for a stream that cannot be an answer, saying why. */

@@ -94,6 +94,23 @@ export class EngineHealth {
   }
 
   /**
+   * A request failed with `engine_unavailable`: is the engine itself down
+   * (loading, restarting, unreachable)? Probes it now. Down: the circuit
+   * opens at once, so that this request and the next wait for it to come
+   * back ({@linkcode ready}) rather than fail one by one until the threshold
+   * is reached; answering: the failure was the request's own (a broken
+   * stream, a 429 from a busy engine), and false is returned.
+   */
+  async confirmDown(): Promise<boolean> {
+    if (this.#state === "down") return true;
+    if (await this.#probe()) return false;
+    this.#goDown("a request failed and the health probe too");
+    // Probe at the shorter interval from now on, not after the healthy one's wait.
+    this.#loop.wake();
+    return true;
+  }
+
+  /**
    * Resolves at once while the engine is ready; otherwise waits up to
    * `timeoutMs` for it to come back.
    *

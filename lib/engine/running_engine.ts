@@ -19,4 +19,27 @@ export interface RunningEngine {
   close(): Promise<void>;
   /** Kills child processes at once, without waiting (the program is dying). */
   killNow(): void;
+  /**
+   * The model's answers start inside a thinking block that the engine leaves
+   * in the content (a QwQ-like model with no reasoning parser): everything
+   * up to `</think>` is reasoning.
+   * @default {false}
+   */
+  readonly thinkingOpened?: boolean;
+}
+
+/** What the served projects need of the engine, known once their files are read. */
+export interface EngineNeeds {
+  /**
+   * A project offers tools: vLLM must parse tool calls
+   * (`--enable-auto-tool-choice --tool-call-parser`).
+   * @default {false}
+   */
+  readonly tools?: boolean;
+  /**
+   * The models and adapters the projects ask for by name (their `model:`),
+   * checked against what an attached engine serves.
+   * @default {[]}
+   */
+  readonly models?: readonly string[];
 }

@@ -13,17 +13,29 @@
  * - `response_format` `json_schema`: the answer is an object valid for the
  *   schema: the usual text in its first string property, the least value of
  *   each type (or its `const`, first `enum`, `default`, `minimum`, `minItems`)
- *   in the other required ones; `json_object`: `{"response": text}`.
- * - `tools` (unless `tool_choice` is `"none"`): the model calls one tool, in
- *   vLLM's format (`tool_calls`, streamed as a first piece with the id and
- *   name and then pieces of the arguments; `finish_reason: "tool_calls"`),
- *   after its usual text, when (first rule that holds) `tool_choice` names a
- *   function; the last user message names an offered tool as a word; the last
- *   user message is a maze state (`player_pos`, `visible_map` with 0 for a
- *   wall) whose player is boxed in, and `break_wall` is offered: it breaks the
- *   first wall beside the player, looking east, south, west, north;
- *   `tool_choice` is `"required"`: the first tool. The arguments are the
- *   least values of the tool's parameters schema (defaults where given).
+ *   in the other required ones; `json_object`: `{"response": text}`. When the
+ *   last user message is a maze state (`player_pos`, `visible_map` with 0 for
+ *   a wall) whose player is boxed in and the schema has a `break_wall`
+ *   property, the object breaks the first wall beside the player, looking
+ *   east, south, west, north (`"break_wall": [x, y]`).
+ * - `tools`, as vLLM serves them (its `tool_choice` defaults to `"auto"`):
+ *   `"none"` calls nothing; `"auto"` (only served with a tool-call parser,
+ *   see `vllm_refusals.ts`) calls one tool after the usual text, unless a
+ *   `response_format` holds the whole answer to its schema (then no tool can
+ *   be called: vLLM's choice); `"required"` or a named function: a call and
+ *   no text, the `response_format` ignored. The tool called is (first rule
+ *   that holds) the one `tool_choice` names; one the last user message names
+ *   as a word; `break_wall` for a boxed-in maze state, at the wall the schema
+ *   rule above picks; with `"required"`, the first tool. The arguments are
+ *   the least values of the tool's parameters schema (defaults where given).
+ *   Calls are in vLLM's format (`tool_calls`, streamed as a first piece with
+ *   the id and name and then pieces of the arguments;
+ *   `finish_reason: "tool_calls"`).
+ * - reasoning (the simulator's `thinking`): QwQ's answers open inside the
+ *   thinking block (its chat template opens it) and close it with
+ *   `</think>`; Qwen3's open it with `<think>`. With a reasoning parser the
+ *   reasoning is returned apart from the answer. Without one, an answer held
+ *   to a JSON schema from its first token has no room for reasoning.
  * - `model`: one of the adapters (vLLM's `--lora-modules`): the answer starts
  *   with `{adapter}: `.
  *
@@ -65,6 +77,8 @@ export interface SimulatedCall {
 
 /** A reply of the simulated model to one request. */
 export interface SimulatedReply {
+  /** Reasoning split off the answer by a reasoning parser, a token each. */
+  readonly reasoning: readonly string[];
   /** The answer's text, a token (a word and its trailing space) each, cut at the token limit. */
   readonly tokens: readonly string[];
   /** The tool called, unless none was or the answer was cut. */
@@ -80,8 +94,14 @@ export interface ReplyOptions {
   readonly adapter?: string;
   /** Words of filler appended to the answer. */
   readonly fillerTokens: number;
-  /** Whether the answer opens with a `<think>` block. */
-  readonly thinks: boolean;
+  /**
+   * How the model reasons before it answers: `opened`: inside a block its
+   * template opened, closed by `</think>` (QwQ); `tagged`: in a
+   * `<think>...</think>` block (Qwen3); undefined: not at all.
+   */
+  readonly thinking?: "opened" | "tagged";
+  /** A reasoning parser returns the reasoning apart from the answer. */
+  readonly splitReasoning?: boolean;
   /** Most tokens the answer may have (`max_tokens`). */
   readonly maxTokens: number;
 }
@@ -91,15 +111,36 @@ export function simulatedReply(body: ChatBody, options: ReplyOptions): Simulated
   const messages = body.messages ?? [];
   const text = (options.adapter ? `${options.adapter}: ` : "") +
     replyText(messages, options.fillerTokens);
-  const call = toolCall(body);
-  const content = call ? text : formatted(text, body.response_format);
-  const all = wordTokens(options.thinks ? thinking(messages) + content : content);
-  const tokens = all.slice(0, Math.max(0, options.maxTokens));
+  const choice = body.tool_choice ?? (body.tools?.length ? "auto" : undefined);
+  // A guided answer (a required or named call) is the call alone; an auto one is held to the
+  // response_format's schema when there is one, where no tool call fits.
+  const guided = choice === "required" || typeof choice === "object";
+  const call = guided || (choice === "auto" && !body.response_format) ? toolCall(body) : undefined;
+  const content = guided ? "" : call ? text : formatted(text, body.response_format, messages);
+  // Held to a grammar from its first token (no parser to wait for the reasoning's end), a
+  // model has no room to reason.
+  const constrained = guided || body.response_format !== undefined;
+  const thinks = options.thinking !== undefined && (options.splitReasoning || !constrained);
+  const thought = thinks ? reasoningText(messages) : "";
+  const reasoning = options.splitReasoning ? wordTokens(thought) : [];
+  const inline = thinks && !options.splitReasoning
+    ? (options.thinking === "tagged"
+      ? `<think>\n${thought}\n</think>\n\n`
+      : `${thought}\n</think>\n\n`)
+    : "";
+  const all = wordTokens(inline + content);
+  const tokens = all.slice(0, Math.max(0, options.maxTokens - reasoning.length));
   const truncated = tokens.length < all.length;
   const calls = call && !truncated ? [{ ...call, id: `chatcmpl-tool-${crypto.randomUUID()}` }] : [];
   const finishReason = truncated ? "length" : calls.length > 0 ? "tool_calls" : "stop";
   const callTokens = calls.length > 0 ? tokenIds(call!.name + call!.arguments).length : 0;
-  return { tokens, calls, finishReason, completionTokens: tokens.length + callTokens };
+  return {
+    reasoning,
+    tokens,
+    calls,
+    finishReason,
+    completionTokens: reasoning.length + tokens.length + callTokens,
+  };
 }
 
 /** `reply` as vLLM answers a chat completion that is not streamed. */
@@ -108,7 +149,7 @@ export function completionObject(
   reply: SimulatedReply,
   usage: { prompt_tokens: number; completion_tokens: number; total_tokens: number },
 ): Record<string, unknown> {
-  const { tokens, calls, finishReason } = reply;
+  const { reasoning, tokens, calls, finishReason } = reply;
   return {
     id: meta.id,
     object: "chat.completion",
@@ -119,6 +160,7 @@ export function completionObject(
       message: {
         role: "assistant",
         content: calls.length > 0 && tokens.length === 0 ? null : tokens.join(""),
+        ...(reasoning.length > 0 && { reasoning_content: reasoning.join("") }),
         ...(calls.length > 0 && {
           tool_calls: calls.map(({ id, name, arguments: args }) => ({
             id,
@@ -164,9 +206,9 @@ function lastQuoted(messages: { role: string; content: unknown }[]): string {
   return last.length > 200 ? `${last.slice(0, 200)}...` : last;
 }
 
-/** A reasoning block about the conversation, as thinking models open their answers. */
-function thinking(messages: { role: string; content: unknown }[]): string {
-  return `<think>\nThe user said "${lastQuoted(messages)}". I should answer briefly.\n</think>\n\n`;
+/** Reasoning about the conversation, as thinking models start their answers. */
+function reasoningText(messages: { role: string; content: unknown }[]): string {
+  return `The user said "${lastQuoted(messages)}". I should answer briefly.`;
 }
 
 /** Text as tokens (a word and its trailing space each). */
@@ -175,9 +217,20 @@ function wordTokens(text: string): string[] {
 }
 
 /** The answer in the requested `response_format`. */
-function formatted(text: string, format: ChatBody["response_format"]): string {
+function formatted(
+  text: string,
+  format: ChatBody["response_format"],
+  messages: { role: string; content: unknown }[],
+): string {
   if (format?.type === "json_schema") {
-    return JSON.stringify(sample(format.json_schema?.schema, { text }));
+    const schema = format.json_schema?.schema as { properties?: Record<string, unknown> };
+    const answer = sample(schema, { text });
+    const wall = schema?.properties?.break_wall !== undefined &&
+      boxedIn(textOf(messages.filter((m) => m.role === "user").at(-1)?.content));
+    if (wall && typeof answer === "object" && answer !== null) {
+      (answer as Record<string, unknown>).break_wall = wall;
+    }
+    return JSON.stringify(answer);
   }
   if (format?.type === "json_object") return JSON.stringify({ response: text });
   return text;
@@ -255,7 +308,7 @@ function toolCall(body: ChatBody): { name: string; arguments: string } | undefin
       arguments: JSON.stringify({ ...(least as object), ...args }),
     };
   };
-  const choice = body.tool_choice;
+  const choice = body.tool_choice ?? "auto";
   if (typeof choice === "object" && choice?.function?.name) {
     const named = find(choice.function.name);
     if (named) return call(named);

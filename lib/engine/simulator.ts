@@ -19,6 +19,7 @@
 import { abortableSleep } from "../_util.ts";
 import { imageTokensOf } from "./multimodal.ts";
 import { PrefixCache } from "./prefix_cache.ts";
+import { refusalOf } from "./vllm_refusals.ts";
 import {
   type ChatBody,
   completionObject,
@@ -74,12 +75,27 @@ export interface SimulatorOptions {
    */
   readonly fillerTokens?: number;
   /**
-   * `always`: every answer starts with a `<think>` block (like QwQ);
-   * `template`: unless `chat_template_kwargs.enable_thinking` is false (like Qwen3);
+   * `always`: every answer starts with reasoning ended by `</think>`, with no
+   * opening tag (like QwQ, whose chat template opens the block in the prompt);
+   * `template`: a `<think>...</think>` block unless
+   * `chat_template_kwargs.enable_thinking` is false (like Qwen3);
    * `never`: no reasoning.
    * @default {"never"}
    */
   readonly thinking?: SimulatedThinking;
+  /**
+   * vLLM's `--reasoning-parser`: when set, the reasoning goes out as
+   * `reasoning_content` (v0.11.0's name) and only the answer as `content`,
+   * as vLLM's `deepseek_r1` and `qwen3` parsers split them; unset, the
+   * reasoning is part of `content`.
+   */
+  readonly reasoningParser?: string;
+  /**
+   * vLLM's `--tool-call-parser` (with `--enable-auto-tool-choice`): unset,
+   * a request with tools and `tool_choice` `auto` (the default) or
+   * `required` is refused with vLLM's 400; set, the model may call them.
+   */
+  readonly toolParser?: string;
   /**
    * Extra milliseconds to the first token per prompt token not found in the
    * prefix cache (prefill work); 0 makes the cache invisible in timing.
@@ -164,15 +180,38 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     if (adapter !== undefined && !(options.adapters ?? []).includes(adapter)) {
       return error(404, `The model \`${adapter}\` does not exist.`);
     }
+    const refusal = refusalOf(body, { toolParser: options.toolParser });
+    if (refusal) return error(refusal.status, refusal.message);
 
     const prompt = promptTokenIds(
       body.messages,
       body.tools || body.response_format ? JSON.stringify([body.tools, body.response_format]) : "",
     );
     // Images count roughly as vLLM counts Qwen2.5-VL's (`imageTokens`): a token per 28×28 pixels.
-    const promptTokens = prompt.length +
-      body.messages.reduce((sum, m) => sum + imageTokensOf(m.content), 0);
+    const imageTokens = body.messages.reduce((sum, m) => sum + imageTokensOf(m.content), 0);
+    const promptTokens = prompt.length + imageTokens;
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
+    if (maxTokens > maxModelLen) {
+      // vLLM's check of max_tokens alone, before the prompt's length is known.
+      return error(
+        400,
+        `max_tokens=${maxTokens} cannot be greater than max_model_len=${maxModelLen}. ` +
+          "Please request fewer output tokens.",
+      );
+    }
+    // vLLM counts a prompt's image tokens only once the engine has processed the images, after
+    // the 200 of a stream: that overflow comes inside the stream (v0.11.0's processor words it).
+    const textTokens = prompt.length;
+    const lateOverflow = imageTokens > 0 && textTokens + maxTokens <= maxModelLen &&
+      promptTokens > maxModelLen;
+    if (lateOverflow && body.stream) {
+      return streamedError(
+        `The decoder prompt (length ${promptTokens}) is longer than the maximum model length ` +
+          `of ${maxModelLen}. Make sure that \`max_model_len\` is no smaller than the number ` +
+          "of text tokens plus multimodal tokens. For image inputs, the number of image tokens " +
+          "depends on the number of images, and possibly their aspect ratios as well.",
+      );
+    }
     if (promptTokens + maxTokens > maxModelLen) {
       return error(
         400,
@@ -186,10 +225,11 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     const reply = simulatedReply(body, {
       adapter,
       fillerTokens: options.fillerTokens ?? 0,
-      thinks,
+      thinking: thinks ? (options.thinking === "always" ? "opened" : "tagged") : undefined,
+      splitReasoning: options.reasoningParser !== undefined,
       maxTokens,
     });
-    const { tokens, calls, finishReason, completionTokens } = reply;
+    const { tokens, reasoning, calls, finishReason, completionTokens } = reply;
     const usage = {
       prompt_tokens: promptTokens,
       completion_tokens: completionTokens,
@@ -200,11 +240,13 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     const firstTokenMs = ttftMs + prefillMsPerToken * (promptTokens - prefixCache.lookup(prompt));
     running++;
     promptTokensTotal += promptTokens;
-    generationTokensTotal += tokens.length;
+    generationTokensTotal += reasoning.length + tokens.length;
 
     if (!body.stream) {
       try {
-        await abortableSleep(firstTokenMs + tokenGap() * Math.max(0, tokens.length - 1));
+        await abortableSleep(
+          firstTokenMs + tokenGap() * Math.max(0, reasoning.length + tokens.length - 1),
+        );
       } finally {
         running--;
       }
@@ -231,11 +273,16 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
         try {
           controller.enqueue(chunk({ role: "assistant", content: "" }, null));
           if (firstTokenMs > 0) await abortableSleep(firstTokenMs, signal);
-          for (let i = 0; i < tokens.length; i++) {
+          // Split reasoning streams first, as `reasoning_content` (v0.11.0's field).
+          const pieces = [
+            ...reasoning.map((text) => ({ reasoning_content: text })),
+            ...tokens.map((text) => ({ content: text })),
+          ];
+          for (let i = 0; i < pieces.length; i++) {
             if (fault === "drop" && i === 2) throw new Error("connection dropped");
             const gap = tokenGap();
             if (i > 0 && gap > 0) await abortableSleep(gap, signal);
-            controller.enqueue(chunk({ content: tokens[i] }, null));
+            controller.enqueue(chunk(pieces[i], null));
           }
           // vLLM's tool-call stream: the id, type and name first, then the arguments in pieces.
           for (const [index, { id, name, arguments: args }] of calls.entries()) {
@@ -354,6 +401,20 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
         return server.shutdown();
       },
     });
+  });
+}
+
+/**
+ * A 200 stream that carries only vLLM's error event and `[DONE]`, as vLLM
+ * reports what fails once a stream has begun
+ * (vllm/entrypoints/openai/serving_chat.py, `create_streaming_error_response`).
+ */
+function streamedError(message: string): Response {
+  const event = JSON.stringify({
+    error: { message, type: "BadRequestError", param: null, code: 400 },
+  });
+  return new Response(`data: ${event}\n\ndata: [DONE]\n\n`, {
+    headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
   });
 }
 

@@ -1,31 +1,48 @@
 /**
  * Brings up the engine the configuration names and returns how to reach it:
  * the simulator in a worker (`sim`), an existing endpoint (`url`), or a
- * supervised `vllm serve` (`vllm`).
+ * supervised `vllm serve` (`vllm`). Each is set up for what the projects
+ * need (tool parsing, the reasoning parser of the model's family), and an
+ * attached engine is checked against it at start.
  *
  * @module
  */
 
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
-import type { RunningEngine } from "./running_engine.ts";
-import { startVllm } from "./vllm_supervisor.ts";
+import { opensThinking, reasoningParserFor, toolParserFor } from "./model_family.ts";
+import type { EngineNeeds, RunningEngine } from "./running_engine.ts";
+import { EngineStartError, startVllm } from "./vllm_supervisor.ts";
 
 const log = logger("engine");
 
-/** Starts or attaches to the engine of `config.engine`. */
-export function startEngine(config: Config): Promise<RunningEngine> {
+/** Starts or attaches to the engine of `config.engine`, for projects that need `needs`. */
+export function startEngine(config: Config, needs: EngineNeeds = {}): Promise<RunningEngine> {
   switch (config.engine) {
     case "sim":
-      return startSimulatorWorker(config);
+      return startSimulatorWorker(config, needs);
     case "url":
-      return attach(config);
+      return attach(config, needs);
     case "vllm":
-      return startVllm(config);
+      return startVllm(config, needs);
   }
 }
 
-async function startSimulatorWorker(config: Config): Promise<RunningEngine> {
+/** Whether answers start inside a thinking block no parser takes out (see `model_family.ts`). */
+function thinkingOpened(model: string, parser: string | undefined): boolean {
+  return parser === undefined && opensThinking(model);
+}
+
+async function startSimulatorWorker(config: Config, needs: EngineNeeds): Promise<RunningEngine> {
+  // Started as managed vLLM would be: tool parsing only when a project needs it.
+  const toolParser = needs.tools ? toolParserFor(config.model, config.toolCallParser) : undefined;
+  if (needs.tools && toolParser === undefined) {
+    throw new EngineStartError(
+      `a project declares tools, and no tool-call parser is known for ${config.model}: ` +
+        "give --tool-call-parser (vLLM refuses every request with tools without one)",
+    );
+  }
+  const reasoningParser = reasoningParserFor(config.model, config.reasoningParser);
   const worker = new Worker(new URL("./simulator_worker.ts", import.meta.url), { type: "module" });
   const url = await new Promise<string>((resolve, reject) => {
     worker.onmessage = (event: MessageEvent<{ url: string }>) => resolve(event.data.url);
@@ -39,6 +56,8 @@ async function startSimulatorWorker(config: Config): Promise<RunningEngine> {
       ttftMs: config.simTtftMs,
       itlMs: config.simItlMs,
       adapters: config.loraModules.map(({ name }) => name),
+      toolParser,
+      reasoningParser,
     });
   });
   log.info("Simulated engine serving {model} at {url}", { model: config.servedModelName, url });
@@ -52,38 +71,87 @@ async function startSimulatorWorker(config: Config): Promise<RunningEngine> {
       return Promise.resolve();
     },
     killNow: () => worker.terminate(),
+    thinkingOpened: thinkingOpened(config.model, reasoningParser),
   };
 }
 
-/** Attaches to an OpenAI-compatible endpoint; picks its model when it serves just one. */
-async function attach(config: Config): Promise<RunningEngine> {
+/** A model as `/v1/models` lists it (vLLM adds `root`, `parent` and `max_model_len`). */
+interface ListedModel {
+  readonly id: string;
+  readonly root?: string;
+  readonly parent?: string | null;
+  readonly max_model_len?: number;
+}
+
+/**
+ * Attaches to an OpenAI-compatible endpoint; picks its model when it serves
+ * just one. What it lists is checked against the projects: a `model:` it does
+ * not serve stops the start-up (every turn of that project would be a 404);
+ * a context shorter than `--max-model-len` is warned about (turns that do not
+ * fit are trimmed and tried again, at a cost).
+ */
+async function attach(config: Config, needs: EngineNeeds): Promise<RunningEngine> {
   const baseUrl = config.engineUrl!;
   const apiKey = config.engineApiKey ?? "none";
   let model = config.servedModelName;
+  let listed: ListedModel[] | undefined;
   try {
     const response = await fetch(`${baseUrl}/models`, {
       headers: { authorization: `Bearer ${apiKey}` },
       signal: AbortSignal.timeout(10_000),
     });
     if (!response.ok) throw new Error(`GET /models answered ${response.status}`);
-    const served = ((await response.json()).data ?? []).map((m: { id: string }) =>
-      m.id
-    ) as string[];
-    if (!served.includes(model) && served.length === 1) {
-      log.info("Engine serves one model, {served}; using it", { served: served[0] });
-      model = served[0];
-    } else if (!served.includes(model)) {
-      log.warn("Engine does not list model {model}; it serves {served}", { model, served });
-    }
+    listed = ((await response.json()).data ?? []).filter((m: unknown) =>
+      typeof (m as ListedModel)?.id === "string"
+    ) as ListedModel[];
   } catch (error) {
     log.warn(
       "Engine at {url} not reachable yet ({message}); requests get engine_unavailable until it is",
-      {
-        url: baseUrl,
-        message: (error as Error).message,
-      },
+      { url: baseUrl, message: (error as Error).message },
     );
   }
+  let family = config.model;
+  if (listed !== undefined) {
+    const served = listed.map((m) => m.id);
+    // vLLM lists its LoRA adapters beside the model, each with the model as `parent`.
+    const bases = listed.filter((m) => m.parent === undefined || m.parent === null);
+    if (!served.includes(model) && bases.length === 1) {
+      log.info("Engine serves one model, {served}; using it", { served: bases[0].id });
+      model = bases[0].id;
+    } else if (!served.includes(model)) {
+      log.warn("Engine does not list model {model}; it serves {served}", { model, served });
+    }
+    const missing = (needs.models ?? []).filter((name) => !served.includes(name));
+    if (missing.length > 0) {
+      throw new EngineStartError(
+        `a project file asks for ${missing.join(", ")}, which the engine at ${baseUrl} does ` +
+          `not serve (it serves ${served.join(", ") || "nothing"}): every turn of that project ` +
+          "would be refused with 404; serve it there (vLLM: --lora-modules) or change the file",
+      );
+    }
+    const chosen = listed.find((m) => m.id === model);
+    family = chosen?.root ?? chosen?.id ?? family;
+    const context = chosen?.max_model_len;
+    if (typeof context === "number" && context < config.maxModelLen) {
+      log.warn(
+        "The engine's context is {context} tokens, less than --max-model-len {configured}: " +
+          "histories are budgeted for more than fits, and long turns are trimmed only after the " +
+          "engine refuses them; give --max-model-len {context}",
+        { context, configured: config.maxModelLen },
+      );
+    }
+  }
+  if (needs.tools) {
+    log.info(
+      "A project offers tools: the engine must parse tool calls (vLLM: " +
+        "--enable-auto-tool-choice --tool-call-parser), or it refuses those turns with 400",
+    );
+  }
+  // Whether the engine runs a reasoning parser cannot be read from it: `--reasoning-parser`
+  // says so; without it, a model whose template opens the thinking block is filtered here.
+  const parser = ["auto", "none"].includes(config.reasoningParser)
+    ? undefined
+    : config.reasoningParser;
   return {
     endpoint: { baseUrl, apiKey, model },
     probeUrl: `${baseUrl}/models`,
@@ -91,5 +159,6 @@ async function attach(config: Config): Promise<RunningEngine> {
     failed: new Promise(() => {}),
     close: () => Promise.resolve(),
     killNow: () => {},
+    thinkingOpened: thinkingOpened(family, parser),
   };
 }

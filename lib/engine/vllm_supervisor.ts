@@ -12,7 +12,8 @@ import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
 import type { EngineEndpoint } from "./engine_client.ts";
 import { probe } from "./engine_health.ts";
-import type { RunningEngine } from "./running_engine.ts";
+import { opensThinking, reasoningParserFor, toolParserFor } from "./model_family.ts";
+import type { EngineNeeds, RunningEngine } from "./running_engine.ts";
 
 /** Raised when vLLM cannot be started at all. */
 export class EngineStartError extends Error {
@@ -28,8 +29,15 @@ const childLog = logger("vllm-child");
 /** Milliseconds within which crashes count towards `--vllm-max-restarts`. */
 const CRASH_WINDOW_MS = 10 * 60_000;
 
-/** The `vllm serve` arguments for a configuration (exported for the tests of the command line). */
-export function vllmArgs(config: Config, port: number, apiKey: string): string[] {
+/**
+ * The `vllm serve` arguments for a configuration (exported for the tests of
+ * the command line). The API key is not among them: vLLM logs its non-default
+ * arguments and `ps` shows them; it goes in the environment (`vllmEnv`).
+ *
+ * @throws {EngineStartError} when a project needs tool calls and no
+ * tool-call parser is known for the model.
+ */
+export function vllmArgs(config: Config, port: number, needs: EngineNeeds = {}): string[] {
   const args = [
     "serve",
     config.model,
@@ -39,8 +47,6 @@ export function vllmArgs(config: Config, port: number, apiKey: string): string[]
     "127.0.0.1",
     "--port",
     String(port),
-    "--api-key",
-    apiKey,
     "--tensor-parallel-size",
     String(config.tensorParallelSize),
     "--pipeline-parallel-size",
@@ -63,21 +69,61 @@ export function vllmArgs(config: Config, port: number, apiKey: string): string[]
   if (config.visionModel) {
     args.push("--limit-mm-per-prompt", JSON.stringify({ image: config.maxImages }));
   }
-  // Projects' own fine-tunes on the one base model: each is asked for by its name.
+  // Projects' own fine-tunes on the one base model: each is asked for by its name. vLLM
+  // stops at start on an adapter of a rank above --max-lora-rank (its default 16).
   if (config.loraModules.length > 0) {
     args.push(
       "--enable-lora",
+      "--max-lora-rank",
+      String(config.maxLoraRank),
+      "--max-loras",
+      String(config.maxLoras),
       "--lora-modules",
       ...config.loraModules.map(({ name, path }) => `${name}=${path}`),
     );
   }
+  // Without these vLLM refuses every request with tools ("auto" tool choice requires ...).
+  if (needs.tools) {
+    const parser = toolParserFor(config.model, config.toolCallParser);
+    if (parser === undefined) throw noToolParser(config);
+    args.push("--enable-auto-tool-choice", "--tool-call-parser", parser);
+  }
+  const reasoning = reasoningParserFor(config.model, config.reasoningParser);
+  if (reasoning !== undefined) args.push("--reasoning-parser", reasoning);
   args.push(...config.vllmArgs);
   return args;
 }
 
-/** The child's environment: ours, plus the GPU and model-source settings. */
-export function vllmEnv(config: Config, base: Record<string, string>): Record<string, string> {
-  const env = { ...base };
+/** Why a project's tools cannot be served by vLLM for `config.model`. */
+function noToolParser(config: Config): EngineStartError {
+  return new EngineStartError(
+    config.toolCallParser === "none"
+      ? "a project declares tools, but --tool-call-parser is none: vLLM refuses every request " +
+        "with tools without one"
+      : `a project declares tools, and no tool-call parser is known for ${config.model}: give ` +
+        "--tool-call-parser (hermes, llama3_json, mistral, ...: the one vLLM documents for " +
+        "the model)",
+  );
+}
+
+/**
+ * The child's environment: ours without the service's own settings
+ * (`VLLM_MQTT_*`: the broker password, the page token, the session secret,
+ * which model code run with --trust-remote-code could read, and which vLLM
+ * warns about as unknown `VLLM_*` variables), plus the API key
+ * (`VLLM_API_KEY`, read by `vllm serve` as `--api-key`), the GPU and
+ * model-source settings.
+ */
+export function vllmEnv(
+  config: Config,
+  base: Record<string, string>,
+  apiKey: string,
+): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const [name, value] of Object.entries(base)) {
+    if (!name.startsWith("VLLM_MQTT_")) env[name] = value;
+  }
+  env.VLLM_API_KEY = apiKey;
   if (config.visibleDevices !== undefined) env.CUDA_VISIBLE_DEVICES = config.visibleDevices;
   if (config.modelProvider === "modelscope") env.VLLM_USE_MODELSCOPE = "True";
   // Only what is cached: the original's `--auto_download False`.
@@ -85,9 +131,35 @@ export function vllmEnv(config: Config, base: Record<string, string>): Record<st
   return env;
 }
 
+/**
+ * Refuses an adapter whose rank (`r` of its `adapter_config.json`, for a
+ * local folder) is above `--max-lora-rank`: vLLM would stop at start, after
+ * minutes of loading the model, with a message that names neither option.
+ */
+export async function checkLoraRanks(config: Config): Promise<void> {
+  for (const { name, path } of config.loraModules) {
+    let rank: unknown;
+    try {
+      rank = JSON.parse(await Deno.readTextFile(`${path}/adapter_config.json`)).r;
+    } catch {
+      continue; // A hub id, or a folder vLLM will judge itself.
+    }
+    if (typeof rank === "number" && rank > config.maxLoraRank) {
+      throw new EngineStartError(
+        `LoRA adapter ${name} (${path}) has rank ${rank}, above --max-lora-rank ` +
+          `${config.maxLoraRank}: vLLM would stop at start; give --max-lora-rank ` +
+          `${[8, 16, 32, 64, 128, 256, 320, 512].find((allowed) => allowed >= rank) ?? rank}`,
+      );
+    }
+  }
+}
+
 /** Starts vLLM and supervises it until `close()`. */
-export async function startVllm(config: Config): Promise<RunningEngine> {
-  const supervisor = new VllmSupervisor(config, await freePort());
+export async function startVllm(config: Config, needs: EngineNeeds = {}): Promise<RunningEngine> {
+  // The command line and the adapters are checked before anything starts.
+  vllmArgs(config, 0, needs);
+  await checkLoraRanks(config);
+  const supervisor = new VllmSupervisor(config, await freePort(), needs);
   await supervisor.start();
   return supervisor;
 }
@@ -95,6 +167,7 @@ export async function startVllm(config: Config): Promise<RunningEngine> {
 class VllmSupervisor implements RunningEngine {
   readonly #config: Config;
   readonly #port: number;
+  readonly #needs: EngineNeeds;
   readonly #crashes: number[] = [];
   readonly #stopping = new AbortController();
   /** One key for the program's life: a restarted vLLM is reached exactly as before. */
@@ -105,13 +178,20 @@ class VllmSupervisor implements RunningEngine {
   readonly #failed = Promise.withResolvers<Error>();
   readonly failed: Promise<Error> = this.#failed.promise;
 
-  constructor(config: Config, port: number) {
+  constructor(config: Config, port: number, needs: EngineNeeds) {
     this.#config = config;
     this.#port = port;
+    this.#needs = needs;
   }
 
   get endpoint(): EngineEndpoint {
     return this.#endpoint;
+  }
+
+  get thinkingOpened(): boolean {
+    const config = this.#config;
+    return reasoningParserFor(config.model, config.reasoningParser) === undefined &&
+      opensThinking(config.model);
   }
 
   get probeUrl(): string {
@@ -209,8 +289,8 @@ class VllmSupervisor implements RunningEngine {
   }
 
   #spawn(apiKey: string): Deno.ChildProcess {
-    const args = vllmArgs(this.#config, this.#port, apiKey);
-    const env = vllmEnv(this.#config, Deno.env.toObject());
+    const args = vllmArgs(this.#config, this.#port, this.#needs);
+    const env = vllmEnv(this.#config, Deno.env.toObject(), apiKey);
     const command = (environment: Record<string, string>) =>
       // By name, so that PATH is searched as a scoped `--allow-run=vllm` expects.
       new Deno.Command("vllm", {

@@ -31,7 +31,7 @@ export interface GatewayOptions {
   readonly directory: SessionDirectory;
   readonly stats: Stats;
   /** Gate in front of the engine: a request waits while it is down. */
-  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed">;
+  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed" | "confirmDown">;
   /**
    * Whether the session store can be written: while it cannot (a full disk),
    * turns are refused before anything is generated.

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { ServiceError } from "../protocol/errors.ts";
 import type { ReplyBody } from "../protocol/mod.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
@@ -36,7 +37,7 @@ export interface TurnRunnerOptions {
   readonly recent: RecentRequests;
   readonly directory: SessionDirectory;
   readonly stats: Stats;
-  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed">;
+  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed" | "confirmDown">;
   readonly storageHealth: StorageHealth | undefined;
   /** Milliseconds a turn waits for an engine that is down. */
   readonly engineWaitMs: number;
@@ -58,29 +59,53 @@ export async function runTurnJob(
   await options.directory.settled(request.project, request.sessionId);
   // A turn that cannot be saved is not generated: refused at once, the client retries.
   options.storageHealth?.check();
+  // A turn waits for the engine up to --engine-wait in all, whether the circuit is open
+  // already or the engine fails it now (loading: 503; busy: 429 with a Retry-After).
+  const engineDeadline = now() + options.engineWaitMs;
   await engineHealth.ready(options.engineWaitMs, signal);
   await job.ticket?.start();
   // Cancelled while it waited for its turn (in a share group, for another instance).
   signal.throwIfAborted();
-  const result = await options.runTurn(
-    {
-      id: job.id,
-      project: request.project,
-      sessionId: request.sessionId,
-      requestId: request.requestId,
-      message: request.message,
-      ...(request.images && { images: request.images }),
-      reset: request.reset,
-      systemPrompt: prompt,
-      systemTokens: options.prompts.tokens(prompt),
-      systemPromptFromRequest: request.systemPrompt !== undefined,
-      params: request.params,
-      stream: request.stream,
-      ...turnShape(options.projectFiles?.get(request.project), job.settled !== undefined),
-    },
-    (seq, delta) => replies.reply(target, { type: "delta", seq, delta }),
-    signal,
-  );
+  let delivered = false;
+  const run = () =>
+    options.runTurn(
+      {
+        id: job.id,
+        project: request.project,
+        sessionId: request.sessionId,
+        requestId: request.requestId,
+        message: request.message,
+        ...(request.images && { images: request.images }),
+        reset: request.reset,
+        systemPrompt: prompt,
+        systemTokens: options.prompts.tokens(prompt),
+        systemPromptFromRequest: request.systemPrompt !== undefined,
+        params: request.params,
+        stream: request.stream,
+        ...turnShape(options.projectFiles?.get(request.project), job.settled !== undefined),
+      },
+      (seq, delta) => {
+        delivered = true;
+        replies.reply(target, { type: "delta", seq, delta });
+      },
+      signal,
+    );
+  let result: TurnResult;
+  for (;;) {
+    try {
+      result = await run();
+      break;
+    } catch (error) {
+      // An engine that is down (loading, restarting) holds the turn until it is back, within
+      // --engine-wait, and the turn is tried again if nothing of it reached the client. An
+      // engine that answers its probe failed this turn alone (a broken stream, a 429 with its
+      // Retry-After): the client gets the error, with the engine's pause as retry_after_ms.
+      if (!(error instanceof ServiceError) || error.code !== "engine_unavailable") throw error;
+      const left = engineDeadline - now();
+      if (delivered || left <= 0 || !await engineHealth.confirmDown()) throw error;
+      await engineHealth.ready(left, signal);
+    }
+  }
   engineHealth.succeeded();
   const queueMs = startedAt - job.receivedAt;
   const timing = {

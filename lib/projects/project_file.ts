@@ -160,6 +160,18 @@ export function parseProjectFile(name: string, file: string, text: string): Proj
     }
     if (tools === undefined) fail("tool_choice", "is set, but the project has no 'tools'");
   }
+  // vLLM honours one constraint per answer: with tool_choice auto the whole answer is held to
+  // the schema (no tool call fits in it), with required (or a named tool) the schema is
+  // dropped for the call's (vllm/entrypoints/openai/protocol.py, to_sampling_params).
+  if (tools !== undefined && responseFormat !== undefined) {
+    fail(
+      "tools",
+      "cannot be served with 'response_format': vLLM holds an answer to one of them (with " +
+        "tool_choice auto the schema, so no tool is ever called; with required the tool " +
+        "call, so the schema is dropped); put the actions in the schema as optional " +
+        "properties (as prompts/maze.md does with break_wall) or drop one of the two keys",
+    );
+  }
 
   const model = data.model;
   if (model !== undefined && (typeof model !== "string" || !/^\S{1,256}$/.test(model))) {

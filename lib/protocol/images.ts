@@ -123,6 +123,11 @@ function checkImage(item: unknown, limits: ImageLimits): ImageInput | string {
   }
   if (WHITESPACE.test(base64)) base64 = base64.replace(/\s+/g, "");
   if (base64 === "") return "is empty";
+  // vLLM decodes with validate=True, which refuses base64 without its padding ("Incorrect
+  // padding"): padded here, so that what was taken here is taken there.
+  if (base64.length % 4 !== 0 && !base64.endsWith("=")) {
+    base64 += "=".repeat((4 - base64.length % 4) % 4);
+  }
   // Refused by its length before anything is decoded.
   const decodedLength = Math.floor(base64.length * 3 / 4) -
     (base64.endsWith("==") ? 2 : base64.endsWith("=") ? 1 : 0);

@@ -47,7 +47,7 @@ export async function loadProjects(config: Config): Promise<Map<string, Project>
 /**
  * A project's `model` must be one the engine serves: the model, or a LoRA
  * adapter of `--lora-modules` (managed vLLM, simulated engine). An attached
- * engine is asked at run time; one that lacks it answers 404.
+ * engine's own list is checked when it is attached (`engine/start_engine.ts`).
  */
 function checkModels(projects: ReadonlyMap<string, Project>, config: Config): void {
   if (config.engine === "url") return;

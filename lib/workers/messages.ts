@@ -28,6 +28,8 @@ export interface WorkerSettings {
   readonly requestTimeoutMs: number;
   readonly engineRetries: number;
   readonly skipThinking: boolean;
+  /** Answers start inside a thinking block the engine leaves in them (see `RunningEngine`). */
+  readonly thinkingOpened?: boolean;
   /** How the worker logs (a dropped damaged session is a warning); default info, text. */
   readonly log?: LogOptions;
 }

@@ -30,6 +30,8 @@ export interface TurnContext {
   readonly trimLowWater: number;
   readonly maxModelLen: number;
   readonly skipThinking: boolean;
+  /** Answers start inside a thinking block (see `RunningEngine.thinkingOpened`). */
+  readonly thinkingOpened?: boolean;
   /**
    * The answer length history is budgeted for (`--max-tokens`): a request
    * asking for more keeps its history and gets what the context leaves.
@@ -121,7 +123,9 @@ export async function runTurn(
   let responseFormat = job.responseFormat;
   const attempt = async () => {
     const params = { ...job.params, max_tokens: await answerTokens(drop) };
-    const filter = context.skipThinking ? new ThinkingFilter() : undefined;
+    const filter = context.skipThinking
+      ? new ThinkingFilter({ opened: context.thinkingOpened })
+      : undefined;
     // Offered tools, the answer is only whole once their calls are in: no deltas.
     const coalescer = job.stream && !job.tools ? new DeltaCoalescer(onDelta) : undefined;
     let visible = "";

@@ -38,6 +38,7 @@ export async function openTurnContext(
     maxModelLen: settings.maxModelLen,
     defaultMaxTokens: settings.maxTokens,
     skipThinking: settings.skipThinking,
+    thinkingOpened: settings.thinkingOpened ?? false,
   };
 }
 

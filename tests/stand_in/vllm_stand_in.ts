@@ -4,7 +4,7 @@
  * EngineCore) and serves the simulated engine on the given port.
  *
  * Behaviour is set by environment variables:
- * - STAND_IN_RECORD: file to write `{"args": [...], "pid": n, "childPid": n}` to;
+ * - STAND_IN_RECORD: file to write `{"args": [...], "env": {...}, "pid": n, "childPid": n}` to;
  * - STAND_IN_HANG=1: never become healthy;
  * - STAND_IN_CRASH_AFTER=N: exit with code 3 after N chat completions;
  * - STAND_IN_EXIT_AFTER_MS=N: exit with code 4 N ms after becoming healthy;
@@ -29,7 +29,10 @@ const engineCore = new Deno.Command("sleep", { args: ["3600"], stdout: "null", s
   .spawn();
 const record = env("STAND_IN_RECORD");
 if (record) {
-  Deno.writeTextFileSync(record, JSON.stringify({ args, pid: Deno.pid, childPid: engineCore.pid }));
+  Deno.writeTextFileSync(
+    record,
+    JSON.stringify({ args, env: Deno.env.toObject(), pid: Deno.pid, childPid: engineCore.pid }),
+  );
 }
 if (env("STAND_IN_IGNORE_SIGTERM")) {
   Deno.addSignalListener("SIGTERM", () => console.log("ignoring SIGTERM"));
@@ -42,7 +45,10 @@ const sim = await startSimulator({
   port: Number(flag("--port")),
   model: flag("--served-model-name") ?? args[1],
   maxModelLen: Number(flag("--max-model-len") ?? 4096),
-  apiKey: flag("--api-key"),
+  // As `vllm serve` does: --api-key, else the VLLM_API_KEY variable.
+  apiKey: flag("--api-key") ?? env("VLLM_API_KEY"),
+  toolParser: args.includes("--enable-auto-tool-choice") ? flag("--tool-call-parser") : undefined,
+  reasoningParser: flag("--reasoning-parser"),
   ttftMs: 5,
   itlMs: 1,
 });

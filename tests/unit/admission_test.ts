@@ -73,7 +73,12 @@ function gateway(options: Partial<GatewayOptions> = {}) {
     projects: new Map([["general", "You are helpful."]]),
     directory,
     stats,
-    engineHealth: { ready: () => Promise.resolve(), succeeded: () => {}, failed: () => {} },
+    engineHealth: {
+      ready: () => Promise.resolve(),
+      succeeded: () => {},
+      failed: () => {},
+      confirmDown: () => Promise.resolve(false),
+    },
     engineWaitMs: 1000,
     limits: LIMITS,
     qos: 1,

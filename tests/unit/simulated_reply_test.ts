@@ -9,7 +9,7 @@ const CHAT = [
   { role: "assistant", content: "hello" },
   { role: "user", content: "where am I?" },
 ];
-const PLAIN = { fillerTokens: 0, thinks: false, maxTokens: 100 };
+const PLAIN = { fillerTokens: 0, maxTokens: 100 };
 
 Deno.test("simulated reply: names the system prompt, counts the turns, quotes the last", () => {
   const reply = simulatedReply({ messages: CHAT }, PLAIN);
@@ -24,7 +24,10 @@ Deno.test("simulated reply: cut at max_tokens; an adapter's name first; thinking
   deepEqual(cut.tokens, ["[Maze ", "guide] "]);
   equal(cut.finishReason, "length");
   match(simulatedReply({ messages: CHAT }, { ...PLAIN, adapter: "pirate" }).tokens[0], /^pirate: /);
-  equal(simulatedReply({ messages: CHAT }, { ...PLAIN, thinks: true }).tokens[0], "<think>\n");
+  equal(
+    simulatedReply({ messages: CHAT }, { ...PLAIN, thinking: "tagged" }).tokens[0],
+    "<think>\n",
+  );
 });
 
 Deno.test("simulated reply: a tool the user names is called, after the text", () => {

@@ -1,0 +1,79 @@
+/**
+ * What vLLM refuses in a chat completion request before it generates, with
+ * its status and its words, so that the simulated engine refuses the same
+ * (a request the simulator takes is one a real vLLM takes too). Read in
+ * vLLM's source (v0.11.0, which `vllm.Dockerfile` pins, and later):
+ *
+ * - `tool_choice: "auto"` (the default when `tools` are given,
+ *   vllm/entrypoints/openai/protocol.py) without `--enable-auto-tool-choice
+ *   --tool-call-parser`: 400 (vllm/entrypoints/openai/serving_chat.py).
+ *   Current vLLM refuses `"required"` without a tool-call parser too.
+ * - `top_p` outside (0, 1]: 400 from `SamplingParams` (vllm/sampling_params.py).
+ * - a base64 image without its padding: vLLM decodes with `validate=True`
+ *   (vllm/multimodal/image.py), which fails with "Incorrect padding".
+ *
+ * Refusals that come after the 200 of a stream (the prompt's length with its
+ * images, found by the engine once the images are processed) are in
+ * `simulator.ts`.
+ *
+ * @module
+ */
+
+import type { ChatBody } from "./simulated_reply.ts";
+
+/** How the simulated vLLM was started, as far as refusals go. */
+export interface RefusalSettings {
+  /** `--tool-call-parser` (with `--enable-auto-tool-choice`); undefined: not given. */
+  readonly toolParser?: string;
+}
+
+/** A refusal: the HTTP status and vLLM's message. */
+export interface Refusal {
+  readonly status: number;
+  readonly message: string;
+}
+
+/** The `tool_choice` vLLM acts on: `"auto"` when tools are given without one. */
+export function effectiveToolChoice(body: ChatBody): ChatBody["tool_choice"] {
+  if (body.tool_choice !== undefined) return body.tool_choice;
+  return Array.isArray(body.tools) && body.tools.length > 0 ? "auto" : undefined;
+}
+
+/** vLLM's refusal of `body`, or undefined when vLLM would start generating. */
+export function refusalOf(body: ChatBody, settings: RefusalSettings): Refusal | undefined {
+  const topP = (body as { top_p?: unknown }).top_p;
+  if (typeof topP === "number" && !(topP > 0 && topP <= 1)) {
+    return { status: 400, message: `top_p must be in (0, 1], got ${pythonFloat(topP)}.` };
+  }
+  const choice = effectiveToolChoice(body);
+  if (settings.toolParser === undefined && Array.isArray(body.tools) && body.tools.length > 0) {
+    if (choice === "auto") {
+      return {
+        status: 400,
+        message:
+          '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+      };
+    }
+    if (choice === "required") {
+      return {
+        status: 400,
+        message: '"required" tool choice requires --tool-call-parser to be set',
+      };
+    }
+  }
+  for (const message of body.messages ?? []) {
+    if (!Array.isArray(message.content)) continue;
+    for (const part of message.content as { type?: string; image_url?: { url?: unknown } }[]) {
+      const url = part?.type === "image_url" ? part.image_url?.url : undefined;
+      if (typeof url !== "string" || !/^data:[^,]*;base64,/i.test(url)) continue;
+      const data = url.slice(url.indexOf(",") + 1);
+      if (data.length % 4 !== 0) return { status: 400, message: "Incorrect padding" };
+    }
+  }
+  return undefined;
+}
+
+/** A number as Python prints a float (`0.0`, `1.5`). */
+function pythonFloat(value: number): string {
+  return Number.isInteger(value) ? value.toFixed(1) : String(value);
+}
