@@ -32,6 +32,7 @@ import {
   withErrorObject,
 } from "./engine_errors.ts";
 import { directlyReachable, HttpStreamClient, type StreamedResponse } from "./http_stream.ts";
+import { audioRefusal } from "./audio_content.ts";
 import { imageRefusal, type MessageContent } from "./multimodal.ts";
 import { sseData } from "./sse.ts";
 import { checkUsage } from "./usage_check.ts";
@@ -166,8 +167,9 @@ export class EngineClient {
           onText(text);
         }, options);
       } catch (error) {
-        // A text-only model refusing images: the client's error, never retried.
-        const mapped = imageRefusal(error, messages) ?? mapError(error, signal, deadline);
+        // A text-only model refusing images or audio: the client's error, never retried.
+        const mapped = audioRefusal(error, messages) ?? imageRefusal(error, messages) ??
+          mapError(error, signal, deadline);
         const retriable = mapped.code === "engine_unavailable" && !streamed &&
           attempt < this.#retries;
         if (!retriable) throw mapped;

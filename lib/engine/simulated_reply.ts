@@ -32,6 +32,7 @@
 
 import { encode } from "gpt-tokenizer/encoding/cl100k_base";
 import { boxedIn } from "../games/maze_state.ts";
+import { heardAudio } from "./audio_content.ts";
 import { seenImages, textOf } from "./multimodal.ts";
 
 /** The parts of a chat completion request the simulated engine reads. */
@@ -154,7 +155,7 @@ function replyText(messages: { role: string; content: unknown }[], filler: numbe
       .slice(0, 60)
     : undefined;
   let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${lastQuoted(messages)}".`;
-  text += seenImages(messages);
+  text += seenImages(messages) + heardAudio(messages);
   for (let i = 0; i < filler; i++) text += ` w${i}`;
   return text;
 }

@@ -17,6 +17,7 @@
  */
 
 import { abortableSleep } from "../_util.ts";
+import { audioTokensOf } from "./audio_content.ts";
 import { imageTokensOf } from "./multimodal.ts";
 import { PrefixCache } from "./prefix_cache.ts";
 import {
@@ -171,7 +172,10 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     );
     // Images count roughly as vLLM counts Qwen2.5-VL's (`imageTokens`): a token per 28×28 pixels.
     const promptTokens = prompt.length +
-      body.messages.reduce((sum, m) => sum + imageTokensOf(m.content), 0);
+      body.messages.reduce(
+        (sum, m) => sum + imageTokensOf(m.content) + audioTokensOf(m.content),
+        0,
+      );
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
     if (promptTokens + maxTokens > maxModelLen) {
       return error(
