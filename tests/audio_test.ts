@@ -128,6 +128,8 @@ Deno.test("audio: each clip is checked by its content; a refusal names its index
   ) {
     const outcome = parseAudio([url], LIMITS);
     assert(outcome.ok, `${url.slice(0, 40)}: ${outcome.ok ? "" : outcome.message}`);
+    // What goes on is `data:{type};base64,`: vLLM reads what follows the first ';' as the encoding.
+    match(outcome.audio[0].url, /^data:audio\/[a-z-]+;base64,[A-Za-z0-9+/]/);
   }
 
   const refused = (audio: unknown, limits = LIMITS) => {
@@ -336,6 +338,14 @@ Deno.test("audio: the payload limit leaves room for images and audio together (d
   match(error.message, /'--max-payload-bytes' \(6291456\).*'--max-audio-clips' \(1\)/s);
   parseConfig(["--max-payload-bytes=6MiB"], {});
   parseConfig(["--max-payload-bytes=2MiB", "--max-images=0", "--audio-model"], {});
+});
+
+Deno.test("audio: the container image adds vLLM's audio extra, of the image's own vLLM version", () => {
+  const dockerfile = Deno.readTextFileSync(new URL("../vllm.Dockerfile", import.meta.url));
+  const image = /^FROM vllm\/vllm-openai:v([\d.]+)$/m.exec(dockerfile)?.[1];
+  const extra = /uv pip install --system "vllm\[audio\]==([\d.]+)"/.exec(dockerfile)?.[1];
+  assert(image && extra, "vllm.Dockerfile: no vLLM image or no audio extra");
+  equal(extra, image);
 });
 
 Deno.test("audio: token estimate follows Qwen2-Audio's 25 a second", () => {

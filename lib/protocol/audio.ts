@@ -165,9 +165,11 @@ function checkClip(item: unknown, limits: AudioLimits): AudioInput | string {
   }
   let base64 = item;
   let claim: string | undefined;
+  let params: string[] = [];
   const dataUrl = DATA_URL.exec(item);
   if (dataUrl) {
-    const [type, ...params] = dataUrl[1].split(";");
+    let type: string;
+    [type, ...params] = dataUrl[1].split(";");
     if (params.at(-1)?.toLowerCase() !== "base64") {
       return "is a data: URL without ;base64 (only base64 data URLs are taken)";
     }
@@ -217,7 +219,9 @@ function checkClip(item: unknown, limits: AudioLimits): AudioInput | string {
     } ${name} holding ${header.codec}, which the engine does not decode: ` +
       (kind === "ogg" ? "send Opus or Vorbis in Ogg" : "send PCM, float, A-law or µ-law WAV");
   }
-  const url = claim !== undefined && CLAIMS[claim] === kind &&
+  // Sent as given only when it is `data:{type};base64,...` of the right type: vLLM reads what
+  // follows the first ';' as the encoding, so `;codecs=opus;base64` would fail there.
+  const url = claim !== undefined && CLAIMS[claim] === kind && params.length === 1 &&
       base64.length === item.length - dataUrl![0].length
     ? item
     : `data:${AUDIO_MEDIA_TYPES[kind]};base64,${base64}`;
@@ -236,9 +240,12 @@ const clip = (url: string, header: AudioHeader, bytes: number): AudioInput => ({
 /** "an MP3", "an Ogg", "a WAV", "a FLAC": by how the name is said. */
 const article = (name: string) => /^(?:MP|Ogg|AAC|AMR|AIFF|RF64)/.test(name) ? "an" : "a";
 
-/** Strict base64 (standard alphabet; padding optional). */
+/**
+ * Base64 of the standard alphabet, padding optional: `Uint8Array.fromBase64`
+ * refuses any other character itself (whitespace is removed before), ten
+ * times faster than a regular expression over the text would (0.6 ms a MB).
+ */
 function fromBase64(text: string): Uint8Array {
-  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text)) throw new SyntaxError("not base64");
   return (Uint8Array as unknown as { fromBase64(text: string): Uint8Array }).fromBase64(text);
 }
 
