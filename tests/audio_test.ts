@@ -10,6 +10,7 @@
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { parseConfig } from "../lib/config/config.ts";
 import { audioPart, heardAudio } from "../lib/engine/audio_content.ts";
+import { startSimulator } from "../lib/engine/simulator.ts";
 import { vllmArgs } from "../lib/engine/vllm_supervisor.ts";
 import {
   audioMarker,
@@ -351,6 +352,37 @@ Deno.test("audio: the container image adds vLLM's audio extra, of the image's ow
 Deno.test("audio: token estimate follows Qwen2-Audio's 25 a second", () => {
   equal(audioTokens(30), 752);
   equal(audioTokens(SPOKEN), 24);
+});
+
+Deno.test("audio: the simulated engine refuses a clip it cannot decode, as vLLM's loader does; it takes one it can", async () => {
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0 });
+  try {
+    const ask = async (part: unknown) => {
+      const response = await fetch(`${sim.url}/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({
+          messages: [{ role: "user", content: [{ type: "text", text: "hi" }, part] }],
+          max_tokens: 64,
+        }),
+      });
+      return { status: response.status, body: await response.json() };
+    };
+    const garbage = await ask({
+      type: "input_audio",
+      input_audio: { data: base64(ascii("not a clip")), format: "wav" },
+    });
+    equal(garbage.status, 400);
+    equal(garbage.body.error.type, "BadRequestError");
+    match(garbage.body.error.message, /Format not recognised/);
+    const webm = await ask({ type: "audio_url", audio_url: { url: dataUrl("audio/webm", WEBM) } });
+    equal(webm.status, 400);
+    const flac = await ask({ type: "audio_url", audio_url: { url: dataUrl("audio/flac", FLAC) } });
+    equal(flac.status, 200);
+    match(flac.body.choices[0].message.content, /Heard 1 audio clip: flac 0\.85 s/);
+  } finally {
+    await sim.close();
+  }
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import {
   audioTokens,
   formatSeconds,
 } from "../protocol/audio.ts";
-import { type AudioHeader, readAudioHeader } from "../protocol/audio_header.ts";
+import { type AudioHeader, DECODED_CODECS, readAudioHeader } from "../protocol/audio_header.ts";
 import { ServiceError } from "../protocol/errors.ts";
 
 /** An audio content part, as vLLM's chat API takes it. */
@@ -143,6 +143,23 @@ export function audioRefusal(
     `${what} (the engine answered ${error.status}: ${detail})`,
     { cause: error },
   );
+}
+
+/**
+ * vLLM's 400 for a request holding a clip its loader cannot decode (soundfile's
+ * error, as the chat endpoint passes it on), for the simulated engine to
+ * refuse what vLLM refuses; undefined when every clip is one it decodes.
+ */
+export function undecodableAudio(messages: readonly { content: unknown }[]): string | undefined {
+  for (const message of messages) {
+    for (const { base64 } of audioDataOf(message.content)) {
+      const header = base64 === "" ? undefined : headerOf(base64);
+      if (!header || !DECODED_CODECS.has(header.codec)) {
+        return "Error opening <_io.BytesIO object>: Format not recognised. None";
+      }
+    }
+  }
+  return undefined;
 }
 
 /**

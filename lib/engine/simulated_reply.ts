@@ -6,7 +6,8 @@
  * client can see its history: `[Maze guide] Turn 2: you said "hi".` names the
  * system prompt's first line, counts the user turns and quotes the last one.
  * A user turn with images (OpenAI content parts) is answered with what their
- * headers say, `... you said "what is this?". Saw 1 image: png 64×48.`.
+ * headers say, `... you said "what is this?". Saw 1 image: png 64×48.`; one with audio with
+ * what it heard, `Heard 1 audio clip: wav/pcm 0.85 s, 13,614 bytes.`.
  *
  * What vLLM does for structured output, tools and LoRA adapters, too:
  *

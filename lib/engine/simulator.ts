@@ -17,7 +17,7 @@
  */
 
 import { abortableSleep } from "../_util.ts";
-import { audioTokensOf } from "./audio_content.ts";
+import { audioTokensOf, undecodableAudio } from "./audio_content.ts";
 import { imageTokensOf } from "./multimodal.ts";
 import { PrefixCache } from "./prefix_cache.ts";
 import {
@@ -161,6 +161,8 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     }
     received.push(body as Record<string, unknown>);
     if (received.length > 1000) received.shift();
+    const unheard = undecodableAudio(body.messages);
+    if (unheard) return error(400, unheard);
     const adapter = body.model !== undefined && body.model !== model ? body.model : undefined;
     if (adapter !== undefined && !(options.adapters ?? []).includes(adapter)) {
       return error(404, `The model \`${adapter}\` does not exist.`);
