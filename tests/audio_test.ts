@@ -169,6 +169,28 @@ Deno.test("audio: each clip is checked by its content; a refusal names its index
     refused([dataUrl("audio/wav", WAV.subarray(0, 36))]),
     "'audio[0]' is a WAV whose header is damaged or cut short",
   );
+  // An Ogg's end is looked for near its end only, and with a bounded few checksums: a page's worth
+  // of anything after it, or a run of forged page headers, and it is damaged (never scanned whole).
+  const roomy = { ...LIMITS, maxAudioBytes: 1 << 20 };
+  const concat = (...parts: Uint8Array[]) => {
+    const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    parts.reduce((at, p) => (out.set(p, at), at + p.length), 0);
+    return out;
+  };
+  equal(
+    refused([base64(concat(OPUS, new Uint8Array(300_000).fill(0x4f)))], roomy),
+    "'audio[0]' is an Ogg whose header is damaged or cut short",
+  );
+  const forged = new Uint8Array(28 * 20);
+  for (let at = 0; at < forged.length; at += 28) {
+    forged.set([...ascii("OggS"), 0, 0], at);
+    forged.set(OPUS.subarray(14, 18), at + 14); // the stream's serial number; granule 0, no segments
+  }
+  equal(
+    refused([base64(concat(OPUS, forged))], roomy),
+    "'audio[0]' is an Ogg whose header is damaged or cut short",
+  );
+  assert(parseAudio([base64(concat(OPUS, forged.subarray(0, 28 * 8)))], roomy).ok);
   const mangled = MP3.slice();
   mangled.fill(0x55, 45 + 100, 45 + 400);
   equal(

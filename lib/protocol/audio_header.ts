@@ -200,21 +200,34 @@ const OGG_CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
   return c >>> 0;
 });
 
+/** The most bytes an Ogg page takes: its header with 255 segments of 255 bytes. */
+const MAX_OGG_PAGE = 27 + 255 + 255 * 255;
+/**
+ * How far from the end the last page with a granule position is looked for
+ * (a packet spanning pages leaves a few without one), and how many candidate
+ * pages there have their checksum computed: a clip forged full of page
+ * headers costs a bounded few checksums, not one per byte.
+ */
+const OGG_TAIL_BYTES = 4 * MAX_OGG_PAGE;
+const OGG_TAIL_CHECKSUMS = 16;
+
 /** An Ogg page at `at`: its granule position, serial number and length, when whole and sound. */
 function oggPage(
   bytes: Uint8Array,
   at: number,
+  serial?: number,
 ): { granule: bigint; serial: number; length: number; dataAt: number } | undefined {
   if (!startsWith(bytes, ascii("OggS"), at) || bytes[at + 4] !== 0 || at + 27 > bytes.length) {
     return undefined;
   }
+  const data = view(bytes);
+  if (serial !== undefined && data.getUint32(at + 14, true) !== serial) return undefined;
   const segments = bytes[at + 26];
   if (at + 27 + segments > bytes.length) return undefined;
   let body = 0;
   for (let i = 0; i < segments; i++) body += bytes[at + 27 + i];
   const length = 27 + segments + body;
   if (at + length > bytes.length) return undefined;
-  const data = view(bytes);
   // The checksum covers the page with its own field read as zero.
   let crc = 0;
   for (let i = 0; i < length; i++) {
@@ -269,10 +282,14 @@ function oggHeader(bytes: Uint8Array): AudioHeader | undefined {
   }
   if (granuleRate === 0) return undefined;
   // The last sound page of this stream with a granule position (-1: no packet ends there).
-  for (let end = bytes.length - 27; end >= first.length; end--) {
-    if (bytes[end] !== 0x4f) continue;
-    const page = oggPage(bytes, end);
-    if (!page || page.serial !== first.serial || page.granule < 0n) continue;
+  const from = Math.max(first.length, bytes.length - OGG_TAIL_BYTES);
+  let checksums = 0;
+  for (let end = bytes.length - 27; end >= from && checksums < OGG_TAIL_CHECKSUMS; end--) {
+    if (bytes[end] !== 0x4f || bytes[end + 1] !== 0x67) continue;
+    if (view(bytes).getBigInt64(end + 6, true) < 0n) continue;
+    checksums++;
+    const page = oggPage(bytes, end, first.serial);
+    if (!page) continue;
     const samples = Number(page.granule) - preSkip;
     return {
       kind: "ogg",
