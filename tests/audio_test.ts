@@ -10,6 +10,7 @@
 import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { parseConfig } from "../lib/config/config.ts";
 import { audioPart, heardAudio } from "../lib/engine/audio_content.ts";
+import { userContent } from "../lib/engine/multimodal.ts";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import { vllmArgs } from "../lib/engine/vllm_supervisor.ts";
 import {
@@ -296,6 +297,16 @@ Deno.test("audio: WAV and MP3 go as input_audio parts, FLAC and Ogg as audio_url
     { type: "audio_url", audio_url: { url: dataUrl("audio/flac", FLAC) } },
     { type: "audio_url", audio_url: { url: dataUrl("audio/ogg", VORBIS) } },
   ]);
+  // Beside images: the text, the images, then the clips.
+  deepEqual(
+    userContent("look and listen", ["data:image/png;base64,iVBORw0KGgo="], [checked.audio[2]]),
+    [
+      { type: "text", text: "look and listen" },
+      { type: "image_url", image_url: { url: "data:image/png;base64,iVBORw0KGgo=" } },
+      { type: "audio_url", audio_url: { url: dataUrl("audio/flac", FLAC) } },
+    ],
+  );
+  equal(userContent("just text", undefined, []), "just text");
   equal(
     audioMarker(checked.audio),
     `[4 audio clips attached: wav 0.85 s, 14 KB; mp3 0.94 s, 3.0 KB; flac 0.85 s, 16 KB; ` +

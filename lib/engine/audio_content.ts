@@ -152,7 +152,9 @@ export function audioRefusal(
  */
 export function undecodableAudio(messages: readonly { content: unknown }[]): string | undefined {
   for (const message of messages) {
-    for (const { base64 } of audioDataOf(message.content)) {
+    for (const { base64, claimed } of audioDataOf(message.content)) {
+      // A remote URL vLLM would fetch; the simulated engine fetches nothing, and takes it.
+      if (/^https?:/i.test(claimed)) continue;
       const header = base64 === "" ? undefined : headerOf(base64);
       if (!header || !DECODED_CODECS.has(header.codec)) {
         return "Error opening <_io.BytesIO object>: Format not recognised. None";
@@ -171,6 +173,9 @@ export function heardAudio(messages: readonly { role: string; content: unknown }
   const clips = audioDataOf(messages.findLast((m) => m.role === "user")?.content);
   if (clips.length === 0) return "";
   const each = clips.map(({ base64, claimed }) => {
+    if (/^https?:/i.test(claimed) && URL.canParse(claimed)) {
+      return `remote ${new URL(claimed).host}`;
+    }
     const header = headerOf(base64);
     if (!header) return `unreadable (${claimed.slice(0, 40)})`;
     const type = AUDIO_MEDIA_TYPES[header.kind];
