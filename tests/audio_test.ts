@@ -432,7 +432,7 @@ interface StandIn {
    * `audio`: answers; `text-only`: refuses as vLLM 0.11 does for a text-only
    * model; `vision-only`: as it does for a model that takes images but no audio.
    */
-  mode: "audio" | "text-only" | "vision-only";
+  mode: "audio" | "text-only" | "vision-only" | "no-loader";
   close(): Promise<void>;
 }
 
@@ -481,6 +481,17 @@ function startStandIn(): StandIn {
       }
       if (hasAudio(body) && standIn.mode === "vision-only") {
         return refusal("At most 0 audio(s) may be provided in one prompt. None");
+      }
+      // A vLLM without its audio extra, where the loader's ImportError reaches the client.
+      if (hasAudio(body) && standIn.mode === "no-loader") {
+        return Response.json({
+          error: {
+            message: "Please install vllm[audio] for audio support",
+            type: "InternalServerError",
+            param: null,
+            code: 500,
+          },
+        }, { status: 500 });
       }
       return new Response(answer, { headers: { "content-type": "text/event-stream" } });
     },
@@ -643,6 +654,25 @@ test("a model that takes no audio: its refusal is a clear invalid_request, not r
       // The refused turn left nothing in the history.
       equal(engine.requests.at(-1)!.messages.length, 2);
     }
+    // A vLLM that cannot decode audio at all: said so, not retried (it would fail again), and the
+    // engine is not taken for down: text goes on being answered.
+    engine.mode = "no-loader";
+    const before = engine.requests.length;
+    await client.send("maze/user_input", {
+      session_id: "loader",
+      request_id: "spoken",
+      message: "listen",
+      audio: [base64(WAV)],
+    });
+    const error = (await client.final("loader", "spoken")).json!.error as {
+      code: string;
+      message: string;
+    };
+    equal(error.code, "internal");
+    match(error.message, /^the engine cannot decode audio: vLLM lacks its audio extra/);
+    equal(engine.requests.length - before, 1, "retried");
+    await client.send("maze/user_input", { session_id: "loader", request_id: "t", message: "hi" });
+    equal((await client.final("loader", "t")).json!.type, "done");
   });
 });
 

@@ -108,10 +108,16 @@ export function audioTokenBoundOf(content: unknown): number {
 const NO_AUDIO =
   /not a multimodal model|At most \d+ audio\(s\)|audio input is not supported|does not support (?:audio|multi-?modal)|input_audio is only supported|audio[^.]{0,40}not supported/i;
 
+/** A vLLM without its audio extra: the loader's libraries are missing. */
+const NO_AUDIO_LOADER = /install vllm\[audio\]|No module named '?(?:librosa|soundfile)/i;
+
 /**
  * The client's error when the engine refused a request with audio because
  * the served model takes none (or not that many clips): `invalid_request`,
- * never retried; undefined for any other error, or a request without audio.
+ * never retried; a vLLM that cannot decode audio at all (its audio extra
+ * missing): `internal`, not retried and not counted against the engine's
+ * health, as retrying would fail again; undefined for any other error, or a
+ * request without audio.
  */
 export function audioRefusal(
   error: unknown,
@@ -124,8 +130,16 @@ export function audioRefusal(
     ? error.error
     : (error.error as { message?: unknown } | undefined)?.message;
   const text = typeof fromJson === "string" ? fromJson : error.message ?? "";
-  if (!NO_AUDIO.test(text)) return undefined;
   const detail = text.replace(/\p{Cc}+/gu, " ").replace(/\s+/g, " ").trim().slice(0, 200);
+  if (NO_AUDIO_LOADER.test(text)) {
+    return new ServiceError(
+      "internal",
+      `the engine cannot decode audio: vLLM lacks its audio extra (pip install "vllm[audio]") ` +
+        `(the engine answered ${error.status}: ${detail})`,
+      { cause: error },
+    );
+  }
+  if (!NO_AUDIO.test(text)) return undefined;
   const limit = /At most (\d+) audio\(s\)/i.exec(text);
   const images = messages.some((message) =>
     Array.isArray(message.content) &&
@@ -166,7 +180,7 @@ export function undecodableAudio(messages: readonly { content: unknown }[]): str
 
 /**
  * What the simulated engine says it heard in the last user message's clips,
- * read from their headers: ` Heard 1 audio clip: wav 0.85 s, 13,614 bytes.`;
+ * read from their headers: ` Heard 1 audio clip: wav/pcm 0.85 s, 13,614 bytes.`;
  * empty without audio.
  */
 export function heardAudio(messages: readonly { role: string; content: unknown }[]): string {
