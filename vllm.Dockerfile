@@ -2,6 +2,11 @@
 #   docker build -f vllm.Dockerfile -t vllm-mqtt .
 FROM vllm/vllm-openai:v0.11.0
 
+# vLLM's audio loader (librosa, soundfile), for audio-language models (--audio-model): its `audio`
+# extra, which the image leaves out for its licences; the same version as the image, as vLLM's own
+# Docker docs add it.
+RUN uv pip install --system "vllm[audio]==0.11.0"
+
 # Deno from the npm registry; the real binary goes on PATH (the npm shim does not pass signals on).
 RUN npm --version >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends nodejs npm && rm -rf /var/lib/apt/lists/*)
 RUN npm install -g deno@2.9.6 && ln -sf "$(deno eval 'console.log(Deno.execPath())')" /usr/local/bin/deno-bin

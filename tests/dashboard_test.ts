@@ -149,7 +149,7 @@ browserTest(
     const port = freePort();
     // Slow tokens, so that the answer on the page visibly streams.
     await withService(
-      { args: [`--http-port=${port}`], sim: { ttftMs: 5, itlMs: 25 } },
+      { args: [`--http-port=${port}`, "--max-audio-clips=1"], sim: { ttftMs: 5, itlMs: 25 } },
       (f) =>
         withBrowser(async (browser) => {
           const base = `http://127.0.0.1:${port}`;
@@ -270,6 +270,22 @@ browserTest(
             "the second answer",
           );
           match(await page.locator(".turn.assistant").last().innerText(), /Turn 2/);
+          // A clip attached alone is a turn; the engine hears it.
+          await page.setInputFiles(
+            "#try-audio",
+            new URL("./fixtures/audio/hello.wav", import.meta.url).pathname,
+          );
+          await page.click("#try-send");
+          await waitFor(
+            async () => (await page.locator(".turn.assistant[data-done]").count()) === 3,
+            15_000,
+            "the answer to a clip",
+          );
+          match(
+            await page.locator(".turn.assistant").last().innerText(),
+            /Turn 3: you said "". Heard 1 audio clip: wav\/pcm 0\.85 s, 13,614 bytes\./,
+          );
+          match(await page.locator(".turn.user").last().innerText(), /\[hello\.wav\]/);
 
           // Counts only: no conversation text in the event stream.
           await new Promise((resolve) => setTimeout(resolve, 1200));

@@ -12,7 +12,8 @@
  * @module
  */
 
-import { payloadRoomForImages } from "../protocol/images.ts";
+import { payloadRoomForAudio } from "../protocol/audio.ts";
+import { payloadRoomForImages, TEXT_PAYLOAD_ROOM } from "../protocol/images.ts";
 import { badValue, ConfigError } from "./config_error.ts";
 import { defaultText } from "./option_spec.ts";
 import { OPTIONS, type OptionSpec } from "./options.ts";
@@ -142,6 +143,8 @@ export function parseConfig(
     servedModelName: options.servedModelName ?? options.model,
     // The original script's `--enable_debug_logging` asks for what `--log-level debug` does.
     logLevel: enableDebugLogging && !given.has("log-level") ? "debug" : options.logLevel,
+    // Audio is taken where a model hears it: an audio model takes a clip unless told otherwise.
+    maxAudioClips: options.audioModel && !given.has("max-audio-clips") ? 1 : options.maxAudioClips,
     warnings: Object.freeze([...args.warnings]),
   };
   checkLimits(config);
@@ -165,6 +168,26 @@ function checkLimits(config: Config): void {
   // vLLM refuses top_p 0 in every request ("top_p must be in (0, 1]").
   if (config.topP <= 0) {
     throw conflict("top-p", "'--top-p' must be above 0 (vLLM takes 0 < top_p <= 1): it is 0");
+  }
+  // Images and audio may come in one request: the payload must hold both at their limits.
+  const mediaRoom = payloadRoomForImages(config.maxImages, config.maxImageBytes) +
+    payloadRoomForAudio(config.maxAudioClips, config.maxAudioBytes) +
+    (config.maxImages === 0 ? TEXT_PAYLOAD_ROOM : 0);
+  if (config.maxAudioClips > 0 && config.maxPayloadBytes < mediaRoom) {
+    throw conflict(
+      "max-payload-bytes",
+      `'--max-payload-bytes' (${config.maxPayloadBytes}) is too small for what '--max-audio-clips' ` +
+        `(${config.maxAudioClips}) and '--max-audio-bytes' (${config.maxAudioBytes}) allow beside ` +
+        `the images: that much audio and images as base64 with the message take up to ` +
+        `${mediaRoom} bytes; raise '--max-payload-bytes' to at least ${mediaRoom}, lower the ` +
+        `audio or image limits, or take no audio with '--max-audio-clips 0'`,
+    );
+  }
+  if (config.audioModel && config.maxAudioClips === 0) {
+    throw conflict(
+      "max-audio-clips",
+      "'--audio-model' needs '--max-audio-clips' above 0 (1 when not given): it is 0",
+    );
   }
   if (config.visionModel && config.maxImages === 0) {
     throw conflict("max-images", "'--vision-model' needs '--max-images' above 0: it is 0");

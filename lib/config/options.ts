@@ -474,6 +474,14 @@ export const OPTIONS = [
     group: "vLLM",
     help: 'A VLM: vLLM gets --limit-mm-per-prompt {"image":N}, N = --max-images',
   }),
+  flag({
+    name: "audio-model",
+    field: "audioModel",
+    default: false,
+    group: "vLLM",
+    help:
+      'An audio-language model (Qwen2-Audio, Ultravox): vLLM gets --limit-mm-per-prompt {"audio":N}, N = --max-audio-clips',
+  }),
 
   // MQTT
   text({
@@ -663,11 +671,11 @@ export const OPTIONS = [
   size({
     name: "max-payload-bytes",
     field: "maxPayloadBytes",
-    default: "6MiB",
+    default: "8MiB",
     min: "256B",
     group: "Scheduling",
     help:
-      "Largest request payload; larger ones get `payload_too_large` before parsing (room for --max-images images)",
+      "Largest request payload; larger ones get `payload_too_large` before parsing (room for --max-images images and --max-audio-clips clips)",
   }),
   int({
     name: "max-message-chars",
@@ -701,6 +709,35 @@ export const OPTIONS = [
     group: "Scheduling",
     help:
       "Pass http(s) image URLs on for the engine to fetch (off: a client could make the GPU box fetch any address)",
+  }),
+  int({
+    name: "max-audio-clips",
+    field: "maxAudioClips",
+    default: 0,
+    min: 0,
+    max: 16,
+    group: "Scheduling",
+    help:
+      "Audio clips a request may carry (`audio`); 0 takes none; not given, 1 with --audio-model",
+  }),
+  size({
+    name: "max-audio-bytes",
+    field: "maxAudioBytes",
+    default: "1MiB",
+    min: "1KiB",
+    group: "Scheduling",
+    help: "Largest audio clip, decoded (a WAV, MP3, FLAC or Ogg Opus/Vorbis)",
+  }),
+  duration({
+    name: "max-audio-duration",
+    field: "maxAudioMs",
+    unit: "s",
+    default: "30s",
+    min: "1s",
+    max: "1h",
+    group: "Scheduling",
+    help:
+      "Longest audio a request may carry, its clips together (Whisper-based audio models hear 30 s windows)",
   }),
   duration({
     name: "dedup-window",

@@ -32,6 +32,7 @@ import {
   withErrorObject,
 } from "./engine_errors.ts";
 import { directlyReachable, HttpStreamClient, type StreamedResponse } from "./http_stream.ts";
+import { audioRefusal } from "./audio_content.ts";
 import { imageRefusal, type MessageContent } from "./multimodal.ts";
 import { sseData } from "./sse.ts";
 import { checkUsage } from "./usage_check.ts";
@@ -166,8 +167,9 @@ export class EngineClient {
           onText(text);
         }, options);
       } catch (error) {
-        // A text-only model refusing images: the client's error, never retried.
-        const mapped = imageRefusal(error, messages) ?? mapError(error, signal, deadline);
+        // A text-only model refusing images or audio: the client's error, never retried.
+        const mapped = audioRefusal(error, messages) ?? imageRefusal(error, messages) ??
+          mapError(error, signal, deadline);
         // A 429 asks for a pause: retrying at once would only add to the load. The caller
         // waits what the engine asked for (`retryAfterMs`) before it tries again.
         const busy = error instanceof OpenAI.APIError && error.status === 429;

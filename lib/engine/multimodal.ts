@@ -8,27 +8,32 @@
  */
 
 import OpenAI from "openai";
+import { type AudioPart, audioPart } from "./audio_content.ts";
+import type { AudioInput } from "../protocol/audio.ts";
 import { type ImageHeader, readImageHeader } from "../protocol/image_header.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import { imageTokenBound, imageTokens } from "../protocol/images.ts";
 
-/** An OpenAI chat content part: text, or an image by URL (a data URL here). */
+/** An OpenAI chat content part: text, an image by URL (a data URL here), or audio. */
 export type ContentPart =
   | { readonly type: "text"; readonly text: string }
-  | { readonly type: "image_url"; readonly image_url: { readonly url: string } };
+  | { readonly type: "image_url"; readonly image_url: { readonly url: string } }
+  | AudioPart;
 
 /** A message's content: text, or content parts. */
 export type MessageContent = string | readonly ContentPart[];
 
-/** A user turn's content: its text alone, or the text and then one part per image. */
+/** A user turn's content: its text alone, or the text and then one part per image and clip. */
 export function userContent(
   text: string,
   imageUrls: readonly string[] | undefined,
+  audio?: readonly Pick<AudioInput, "url" | "kind">[],
 ): MessageContent {
-  if (!imageUrls || imageUrls.length === 0) return text;
+  if ((!imageUrls || imageUrls.length === 0) && (!audio || audio.length === 0)) return text;
   return [
     ...(text.trim() === "" ? [] : [{ type: "text" as const, text }]),
-    ...imageUrls.map((url) => ({ type: "image_url" as const, image_url: { url } })),
+    ...(imageUrls ?? []).map((url) => ({ type: "image_url" as const, image_url: { url } })),
+    ...(audio ?? []).map(audioPart),
   ];
 }
 

@@ -6,7 +6,8 @@
  * client can see its history: `[Maze guide] Turn 2: you said "hi".` names the
  * system prompt's first line, counts the user turns and quotes the last one.
  * A user turn with images (OpenAI content parts) is answered with what their
- * headers say, `... you said "what is this?". Saw 1 image: png 64×48.`.
+ * headers say, `... you said "what is this?". Saw 1 image: png 64×48.`; one with audio with
+ * what it heard, `Heard 1 audio clip: wav/pcm 0.85 s, 13,614 bytes.`.
  *
  * What vLLM does for structured output, tools and LoRA adapters, too:
  *
@@ -44,6 +45,7 @@
 
 import { encode } from "gpt-tokenizer/encoding/cl100k_base";
 import { boxedIn } from "../games/maze_state.ts";
+import { heardAudio } from "./audio_content.ts";
 import { seenImages, textOf } from "./multimodal.ts";
 
 /** The parts of a chat completion request the simulated engine reads. */
@@ -196,7 +198,7 @@ function replyText(messages: { role: string; content: unknown }[], filler: numbe
       .slice(0, 60)
     : undefined;
   let text = `${tag ? `[${tag}] ` : ""}Turn ${users.length}: you said "${lastQuoted(messages)}".`;
-  text += seenImages(messages);
+  text += seenImages(messages) + heardAudio(messages);
   for (let i = 0; i < filler; i++) text += ` w${i}`;
   return text;
 }

@@ -17,6 +17,7 @@
  */
 
 import { abortableSleep } from "../_util.ts";
+import { audioTokensOf, undecodableAudio } from "./audio_content.ts";
 import { imageTokensOf } from "./multimodal.ts";
 import { PrefixCache } from "./prefix_cache.ts";
 import { refusalOf } from "./vllm_refusals.ts";
@@ -176,6 +177,8 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     }
     received.push(body as Record<string, unknown>);
     if (received.length > 1000) received.shift();
+    const unheard = undecodableAudio(body.messages);
+    if (unheard) return error(400, unheard);
     const adapter = body.model !== undefined && body.model !== model ? body.model : undefined;
     if (adapter !== undefined && !(options.adapters ?? []).includes(adapter)) {
       return error(404, `The model \`${adapter}\` does not exist.`);
@@ -188,8 +191,11 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       body.tools || body.response_format ? JSON.stringify([body.tools, body.response_format]) : "",
     );
     // Images count roughly as vLLM counts Qwen2.5-VL's (`imageTokens`): a token per 28×28 pixels.
-    const imageTokens = body.messages.reduce((sum, m) => sum + imageTokensOf(m.content), 0);
-    const promptTokens = prompt.length + imageTokens;
+    const promptTokens = prompt.length +
+      body.messages.reduce(
+        (sum, m) => sum + imageTokensOf(m.content) + audioTokensOf(m.content),
+        0,
+      );
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
     if (maxTokens > maxModelLen) {
       // vLLM's check of max_tokens alone, before the prompt's length is known.

@@ -9,6 +9,7 @@
 
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import { estimateMessageTokens, MESSAGE_OVERHEAD_TOKENS, messageTokenBound } from "../tokens.ts";
+import { audioTokenBoundOf, audioTokensOf } from "./audio_content.ts";
 import { imageTokenBoundOf, imageTokensOf, type MessageContent, textOf } from "./multimodal.ts";
 
 /** Tokens a chat template may add beyond its per-message markers (a default date line, BOS). */
@@ -39,7 +40,7 @@ export function usageBounds(
   for (const { content } of messages) {
     // An image counts for as many tokens as the model makes of it: bounded by its size.
     prompt += messageTokenBound(textOf(content)) + imageTokenBoundOf(content) +
-      EXTRA_MARKER_TOKENS;
+      audioTokenBoundOf(content) + EXTRA_MARKER_TOKENS;
   }
   let stop = 0;
   for (const string of params.stop ?? []) stop = Math.max(stop, messageTokenBound(string));
@@ -79,7 +80,8 @@ export async function checkUsage(
     wrong.push(`prompt_tokens ${prompt_tokens} (possible: ${bounds.prompt.join("..")})`);
     prompt_tokens = 0;
     for (const { content } of messages) {
-      prompt_tokens += await estimateMessageTokens(textOf(content)) + imageTokensOf(content);
+      prompt_tokens += await estimateMessageTokens(textOf(content)) + imageTokensOf(content) +
+        audioTokensOf(content);
     }
   }
   if (!within(completion_tokens, bounds.completion)) {

@@ -66,8 +66,12 @@ export function vllmArgs(config: Config, port: number, needs: EngineNeeds = {}):
   if (config.modelCacheDir) args.push("--download-dir", config.modelCacheDir);
   if (config.modelRevision) args.push("--revision", config.modelRevision);
   // One argument, no shell: vLLM takes the limit as JSON (the older `image=4` form is gone).
-  if (config.visionModel) {
-    args.push("--limit-mm-per-prompt", JSON.stringify({ image: config.maxImages }));
+  const mmLimits = {
+    ...(config.visionModel && { image: config.maxImages }),
+    ...(config.audioModel && { audio: config.maxAudioClips }),
+  };
+  if (Object.keys(mmLimits).length > 0) {
+    args.push("--limit-mm-per-prompt", JSON.stringify(mmLimits));
   }
   // Projects' own fine-tunes on the one base model: each is asked for by its name. vLLM
   // stops at start on an adapter of a rank above --max-lora-rank (its default 16).

@@ -76,6 +76,7 @@ export async function runTurnJob(
         requestId: request.requestId,
         message: request.message,
         ...(request.images && { images: request.images }),
+        ...(request.audio && { audio: request.audio }),
         reset: request.reset,
         systemPrompt: prompt,
         systemTokens: options.prompts.tokens(prompt),

@@ -36,7 +36,8 @@ export interface TryItSource {
 const encoder = new TextEncoder();
 
 /**
- * "Try it": `{"project","session_id","message"}` in, lines of reply bodies
+ * "Try it": `{"project","session_id","message"}` (and `audio`, a clip the page
+ * attached, checked as a client's is) in, lines of reply bodies
  * (`delta`, then `done` or `error`) out, as an MQTT client would get them.
  */
 export async function tryIt(request: Request, source: TryItSource): Promise<Response> {
@@ -52,7 +53,7 @@ export async function tryIt(request: Request, source: TryItSource): Promise<Resp
   } catch {
     return json({ type: "error", error: { code: "invalid_request", message: "bad JSON" } }, 400);
   }
-  const { project, session_id: sessionId, message } = raw ?? {};
+  const { project, session_id: sessionId, message, audio } = raw ?? {};
   if (typeof project !== "string" || !source.projects.includes(project)) {
     return json(
       { type: "error", error: { code: "unknown_project", message: "pick a served project" } },
@@ -65,7 +66,7 @@ export async function tryIt(request: Request, source: TryItSource): Promise<Resp
       error: { code: "invalid_request", message: "session_id must be dashboard-xxxxxxxx" },
     }, 400);
   }
-  const payload = encoder.encode(JSON.stringify({ session_id: sessionId, message }));
+  const payload = encoder.encode(JSON.stringify({ session_id: sessionId, message, audio }));
   // The answer comes back on this response, never on a topic: the reply root only bounds a
   // `reply_topic`, which the payload built here does not carry.
   const outcome = parseRequest(payload, project, `${project}/assistant_response/`, source.limits);

@@ -9,6 +9,7 @@
 
 import { z } from "zod";
 import { ServiceError } from "./errors.ts";
+import { type AudioInput, parseAudio } from "./audio.ts";
 import { type ImageInput, parseImages } from "./images.ts";
 import { generatedSessionId, v1Fields } from "./request_fields.ts";
 import { type ReplyStyle, replyStyle } from "./reply_style.ts";
@@ -33,6 +34,8 @@ export interface ChatRequest {
   readonly message: string | undefined;
   /** Images shown with the message, checked (see `images.ts`); absent: none. */
   readonly images?: readonly ImageInput[];
+  /** Audio clips spoken with the message, checked (see `audio.ts`); absent: none. */
+  readonly audio?: readonly AudioInput[];
   readonly priority: number;
   readonly stream: boolean;
   readonly params: SamplingParams;
@@ -72,6 +75,12 @@ export interface RequestLimits {
   readonly maxImageBytes?: number;
   /** Whether remote http(s) image URLs are passed on (`--remote-images`). */
   readonly remoteImages?: boolean;
+  /** Audio clips per request (`--max-audio-clips`); 0 or absent: none taken. */
+  readonly maxAudioClips?: number;
+  /** Decoded bytes per clip (`--max-audio-bytes`). */
+  readonly maxAudioBytes?: number;
+  /** Milliseconds of audio per request, all clips together (`--max-audio-duration`). */
+  readonly maxAudioMs?: number;
 }
 
 /** Where an invalid request can still be answered. */
@@ -113,6 +122,8 @@ const requestSchema = z.object({
   client_id: shortString.optional(),
   // Checked on their own (`images.ts`), to name the bad image and why.
   images: z.unknown().optional(),
+  // Checked on their own (`audio.ts`), to name the bad clip and why.
+  audio: z.unknown().optional(),
 });
 
 const DECODER = new TextDecoder("utf-8", { fatal: true });
@@ -226,8 +237,15 @@ export function parseRequest(
   });
   if (!checked.ok) return fail(checked.message, address);
   const images = checked.images.length > 0 ? checked.images : undefined;
-  // Images alone are a message (the OwOGPT client sends them without text).
-  if (images && body.message === undefined) body.message = "";
+  const heard = parseAudio(body.audio, {
+    maxAudioClips: limits.maxAudioClips ?? 0,
+    maxAudioBytes: limits.maxAudioBytes ?? 0,
+    maxAudioMs: limits.maxAudioMs ?? 0,
+  });
+  if (!heard.ok) return fail(heard.message, address);
+  const audio = heard.audio.length > 0 ? heard.audio : undefined;
+  // Images or audio alone are a message (the OwOGPT client sends images without text).
+  if ((images || audio) && body.message === undefined) body.message = "";
   if (body.message === undefined && !reset && !cancel) {
     return fail("'message' is required unless 'reset' or 'cancel' is set", address);
   }
@@ -237,7 +255,7 @@ export function parseRequest(
       address,
     );
   }
-  if (body.message !== undefined && body.message.trim() === "" && !reset && !images) {
+  if (body.message !== undefined && body.message.trim() === "" && !reset && !images && !audio) {
     return fail("'message' is empty", address);
   }
 
@@ -264,6 +282,7 @@ export function parseRequest(
       requestId: body.request_id,
       message: body.message,
       ...(images && { images }),
+      ...(audio && { audio }),
       priority: clamp(body.priority ?? 0, -limits.maxPriority, limits.maxPriority),
       stream: address.style === "json" && (body.stream ?? limits.stream),
       params,

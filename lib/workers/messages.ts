@@ -9,6 +9,7 @@
 import type { ErrorCode } from "../protocol/errors.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import type { EngineEndpoint } from "../engine/engine_client.ts";
+import type { AudioInput } from "../protocol/audio.ts";
 import type { ImageInput } from "../protocol/images.ts";
 import type { LogOptions } from "../log.ts";
 import type { ProjectTool, ResponseFormat, ToolChoice } from "../projects/project_file.ts";
@@ -42,6 +43,8 @@ export interface TurnJob {
   readonly message: string | undefined;
   /** Images shown with the message: sent to the engine, kept in history only as a marker. */
   readonly images?: readonly ImageInput[];
+  /** Audio clips spoken with the message: sent to the engine, kept in history only as a marker. */
+  readonly audio?: readonly AudioInput[];
   readonly reset: boolean;
   /** The project's system prompt (or the request's own); a per-session one in KV wins. */
   readonly systemPrompt: string;

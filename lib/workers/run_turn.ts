@@ -14,6 +14,7 @@ import { userContent } from "../engine/multimodal.ts";
 import { ThinkingFilter } from "../engine/thinking_filter.ts";
 import { guidanceFromToolCalls, hintObject } from "../games/hints.ts";
 import { ServiceError } from "../protocol/errors.ts";
+import { audioClipsTokens, withAudioMarker } from "../protocol/audio.ts";
 import { imagesTokens, withImageMarker } from "../protocol/images.ts";
 import type { HistoryEntry, Session, SessionStore } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
@@ -92,14 +93,17 @@ export async function runTurn(
     messagesToDrop(session.history, userTokens, budget, Math.floor(budget * context.trimLowWater));
   // Most turns fit even at the message's largest possible size: no estimate needed.
   // Images count as the engine will roughly count them (the engine's usage is what is reported).
-  const imageCost = imagesTokens(job.images);
+  const imageCost = imagesTokens(job.images) + audioClipsTokens(job.audio);
   let drop = toDrop(messageTokenBound(job.message) + imageCost);
   if (drop > 0) drop = toDrop(await estimateMessageTokens(job.message) + imageCost);
 
   const prompt = (dropped: number): ChatMessage[] => [
     { role: "system", content: systemPrompt },
     ...session.history.slice(dropped).map(({ role, content }) => ({ role, content })),
-    { role: "user", content: userContent(job.message!, job.images?.map((image) => image.url)) },
+    {
+      role: "user",
+      content: userContent(job.message!, job.images?.map((image) => image.url), job.audio),
+    },
   ];
 
   // The answer gets what was asked, or what the context leaves after the prompt: a bound first
@@ -238,9 +242,9 @@ async function saveTurn(
   let historyTokens = 0;
   for (const message of session.history.slice(drop)) historyTokens += message.tokens;
   // The prompt's exact size, less what is already accounted for, is this message's share.
-  // Images are not kept (a KV value holds 64 KiB; replaying them costs every turn): the turn is
+  // Images and audio are not kept (a KV value holds 64 KiB; replaying them costs every turn): the turn is
   // stored as its text and their marker, and counted as that.
-  const stored = withImageMarker(job.message!, job.images);
+  const stored = withAudioMarker(withImageMarker(job.message!, job.images), job.audio);
   const userTokens = usage && stored === job.message
     ? Math.max(1, usage.prompt_tokens - systemTokens - historyTokens)
     : await estimateMessageTokens(stored);

@@ -65,7 +65,7 @@ Deno.test("config table: every option reads its own default, and fills a distinc
   equal(c.sessionTtlMs, 3_600_000);
   equal(c.statsIntervalMs, 60_000);
   equal(c.shutdownTimeoutMs, 30_000);
-  equal(c.maxPayloadBytes, 6_291_456);
+  equal(c.maxPayloadBytes, 8_388_608);
   equal(c.maxImageBytes, 1_048_576);
   deepEqual(c.vllmArgs, []);
   deepEqual(c.loraModules, []);

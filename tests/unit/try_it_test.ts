@@ -19,12 +19,12 @@ const LIMITS: RequestLimits = {
 const SESSION = "dashboard-abcdef12";
 
 /** A gateway that answers with `replies`, or is not up yet (`undefined`). */
-function source(replies: ReplyBody[] | undefined) {
+function source(replies: ReplyBody[] | undefined, limits = LIMITS) {
   const asked: ChatRequest[] = [];
   let cancelled = 0;
   const stub: TryItSource = {
     projects: ["maze"],
-    limits: LIMITS,
+    limits,
     ask: (request, deliver) => {
       if (replies === undefined) return undefined;
       asked.push(request);
@@ -109,4 +109,41 @@ Deno.test("try it: the page going away cancels a running answer", async () => {
   await reader.read();
   await reader.cancel();
   equal(cancelled(), 1);
+});
+
+Deno.test("try it: a clip attached on the page is checked as a client's, and reaches the gateway", async () => {
+  const wav = Deno.readFileSync(new URL("../fixtures/audio/hello.wav", import.meta.url));
+  const url = `data:audio/wav;base64,${(wav as unknown as { toBase64(): string }).toBase64()}`;
+  const limits = {
+    ...LIMITS,
+    maxPayloadBytes: 1 << 16,
+    maxAudioClips: 1,
+    maxAudioBytes: 1 << 16,
+    maxAudioMs: 30_000,
+  };
+  const done: ReplyBody = {
+    type: "done",
+    response: "Heard.",
+    finish_reason: "stop",
+    usage: null,
+    timing: { queue_ms: 0, ttft_ms: 1, total_ms: 2 },
+  };
+  const { stub, asked } = source([done], limits);
+  const ask = async (body: Record<string, unknown>) => {
+    const response = await tryIt(post({ project: "maze", session_id: SESSION, ...body }), stub);
+    return { status: response.status, lines: await lines(response) };
+  };
+  // A clip alone is a message.
+  deepEqual(await ask({ audio: [url] }), { status: 200, lines: [done] });
+  deepEqual(asked.map((request) => [request.message, request.audio?.[0].kind]), [["", "wav"]]);
+  const renamed = await ask({ message: "hi", audio: [url.replace("audio/wav", "audio/mpeg")] });
+  equal(renamed.status, 400);
+  deepEqual(renamed.lines, [{
+    type: "error",
+    error: {
+      code: "invalid_request",
+      message: "'audio[0]' says it is audio/mpeg but is a WAV (by its header)",
+    },
+  }]);
+  equal(asked.length, 1);
 });

@@ -275,6 +275,16 @@ function connect() {
 
 // ---------------------------------------------------------------- try it
 
+/** A file as a `data:{its type};base64,` URL; the service checks what it really is. */
+function dataUrlOf(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
 let trySetUp = false;
 
 function newSessionId() {
@@ -313,11 +323,15 @@ function setupTryIt(hello) {
     event.preventDefault();
     const input = $("try-message");
     const message = input.value.trim();
-    if (!message) return;
+    const attached = $("try-audio");
+    const clip = attached.files[0];
+    // A clip alone is a message, as a client's is.
+    if (!message && !clip) return;
     input.value = "";
+    attached.value = "";
     const send = $("try-send");
     send.disabled = true;
-    turn("user", message);
+    turn("user", clip ? `${message}${message ? " " : ""}[${clip.name}]` : message);
     const answer = turn("assistant pending", "");
     const text = document.createTextNode("");
     answer.append(text);
@@ -325,7 +339,12 @@ function setupTryIt(hello) {
       const response = await fetch("/dashboard/try", {
         method: "POST",
         headers: { "content-type": "application/json" },
-        body: JSON.stringify({ project: select.value, session_id: sessionId, message }),
+        body: JSON.stringify({
+          project: select.value,
+          session_id: sessionId,
+          message,
+          ...(clip && { audio: [await dataUrlOf(clip)] }),
+        }),
       });
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffered = "";
