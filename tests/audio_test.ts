@@ -326,7 +326,7 @@ Deno.test("audio: managed vLLM gets --limit-mm-per-prompt with audio for an audi
   const argsOf = (argv: string[]) => {
     const parsed = parseConfig(argv, {});
     assert(!parsed.help);
-    return vllmArgs(parsed.config, 8000, "key");
+    return vllmArgs(parsed.config, 8000);
   };
   const limitOf = (args: string[]) => args[args.indexOf("--limit-mm-per-prompt") + 1];
   equal(
