@@ -116,13 +116,10 @@ export class ControlTopics {
     if (!body) {
       // Never read as "every session": a command is carried out only as it was written.
       stats.error(target.project, "invalid_request");
+      // Not echoed: it may hold a secret (a mistyped operator token) and the reply is readable.
       this.#options.publish(
         reply,
-        errorBody(
-          `the ${target.command} payload must be a JSON object (or empty), not ${
-            JSON.stringify(DECODER.decode(payload.subarray(0, 64)))
-          }`,
-        ),
+        errorBody(`the ${target.command} payload must be a JSON object (or empty)`),
       );
       return;
     }

@@ -252,3 +252,20 @@ Deno.test("values: readers and writers of durations, sizes and booleans", () => 
   equal(parseBoolean("ON"), true);
   equal(parseBoolean("maybe"), undefined);
 });
+
+Deno.test("config: --reply-topics takes topic filters with the three placeholders only", () => {
+  deepEqual(config([]).replyTopics, ["{project}/assistant_response/{session_id}/#"]);
+  deepEqual(
+    config(["--reply-topics", "{project}/assistant_response/{session_id}/#,replies/{username}/+"])
+      .replyTopics,
+    ["{project}/assistant_response/{session_id}/#", "replies/{username}/+"],
+  );
+  for (const bad of ["$SYS/#", "a/#/b", "a/b#", "a+/b", "replies/{user}", "{project}x{"]) {
+    configError(() => config(["--reply-topics", bad]), "reply-topics", bad);
+  }
+  configError(() => config([], { VLLM_MQTT_OPERATOR_TOKEN: "short" }), "operator-token");
+  equal(
+    config([], { VLLM_MQTT_OPERATOR_TOKEN: "operator-Token-0123456789" }).operatorToken,
+    "operator-Token-0123456789",
+  );
+});

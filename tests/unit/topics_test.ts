@@ -5,7 +5,7 @@
  */
 
 import assert, { deepEqual, equal } from "node:assert/strict";
-import { SESSION_ID_PATTERN, Topics } from "../../lib/protocol/topics.ts";
+import { SESSION_ID_PATTERN, topicMatches, Topics } from "../../lib/protocol/topics.ts";
 
 Deno.test("topics: the names a deployment uses, under its prefix (status and stats are not)", () => {
   const topics = new Topics("site1/", "vllm");
@@ -123,4 +123,26 @@ Deno.test("topics: a session id is 1 to 128 code points, each visible, never `al
   ) {
     assert(!SESSION_ID_PATTERN.test(id), JSON.stringify(id));
   }
+});
+
+Deno.test("topics: a topic matches a filter as MQTT matches it", () => {
+  const yes: [string, string][] = [
+    ["a/b", "a/b"],
+    ["a/+", "a/b"],
+    ["+/user_input/+", "maze/user_input/s1"],
+    ["a/#", "a"],
+    ["a/#", "a/b/c"],
+    ["#", "a/b"],
+    ["$share/g/maze/user_input", "maze/user_input"],
+  ];
+  const no: [string, string][] = [
+    ["a/b", "a/b/c"],
+    ["a/+", "a"],
+    ["a/+", "a/b/c"],
+    ["+/user_input", "maze/user_input/s1"],
+    ["#", "$SYS/x"],
+    ["+/status", "$SYS/status"],
+  ];
+  for (const [filter, topic] of yes) assert(topicMatches(filter, topic), `${filter} ${topic}`);
+  for (const [filter, topic] of no) assert(!topicMatches(filter, topic), `${filter} ${topic}`);
 });
