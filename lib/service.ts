@@ -224,6 +224,7 @@ export async function startService(config: Config): Promise<Service> {
       qos: config.qos,
       maxQueue: config.maxQueue,
       maxInFlight: config.maxInFlight,
+      payloadMemory: config.payloadMemory,
       dedupWindowMs: config.dedupWindowMs,
       rateLimit: {
         perSession: config.rateLimit,

@@ -3,8 +3,10 @@
  * is queued, each of which may answer it with an error and stop it there.
  *
  * 1. project: a project not served here is `unknown_project`;
- * 2. parse: a request that is not valid JSON or not a valid request is
- *    answered where it can be (`bad_request`), else only counted;
+ * 2. parse: a payload the memory budget of payloads in flight cannot take
+ *    now is `overloaded` (`payload_budget.ts`); a request that is not valid
+ *    JSON or not a valid request is answered where it can be
+ *    (`invalid_request`), else only counted;
  * 3. ownership: `forbidden` on the shared input topic under
  *    `--session-topics-only`, or for a session id this service did not sign;
  * 4. accepting: `cancelled` with a retry hint once the service is stopping;
@@ -46,6 +48,7 @@ import type { ReplyPublisher } from "./reply_publisher.ts";
 import { mqtt5Reply, type ReplyTarget, replyTarget } from "./reply_target.ts";
 import { type Ownership, ownershipRefusal } from "./ownership.ts";
 import type { TurnLine } from "./turn_line.ts";
+import { PayloadBudget, type Reservation } from "./payload_budget.ts";
 
 /** What the admission steps check against. */
 export interface AdmissionOptions extends Ownership {
@@ -57,6 +60,8 @@ export interface AdmissionOptions extends Ownership {
   readonly line: TurnLine | undefined;
   /** Requests waiting (queued or in line) before `queue_full`. */
   readonly maxQueue: number;
+  /** Bytes of heap the requests in flight may hold, parsed or waiting (0: off). */
+  readonly payloadMemory: number;
   /** Milliseconds a request's copy is recognised (0: off). */
   readonly dedupWindowMs: number;
   /** Requests per minute per session and per client id (0: off), after a burst. */
@@ -81,6 +86,7 @@ export class Admission {
   readonly #recent: RecentRequests;
   readonly #sessionLimit: RateLimiter;
   readonly #clientLimit: RateLimiter;
+  readonly #budget: PayloadBudget;
   #accepting = true;
   #nextId = 1;
 
@@ -91,6 +97,7 @@ export class Admission {
     const { perSession, perClient, burst } = options.rateLimit;
     this.#sessionLimit = new RateLimiter({ perMinute: perSession, burst, now });
     this.#clientLimit = new RateLimiter({ perMinute: perClient, burst: burst * 10, now });
+    this.#budget = new PayloadBudget(options.payloadMemory);
   }
 
   /** The window of recent requests, where a turn's answer is kept for a retry. */
@@ -115,17 +122,17 @@ export class Admission {
     // Steps 1 and 2: project, parse.
     const parsed = this.#parse(topic, project, topicSessionId, payload, packet);
     if (!parsed) return;
-    const { request, reply } = parsed;
+    const { request, reply, memory } = parsed;
     // Step 3: ownership.
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
-    if (refusal) return this.fail(reply, refusal);
+    if (refusal) return this.fail(reply, refusal, undefined, memory);
     // Step 4: accepting.
-    if (this.refusedWhileStopping(reply)) return;
+    if (this.refusedWhileStopping(reply)) return memory.release();
     // Step 5: cancel.
-    if (request.cancel && this.#cancel(request, reply)) return;
+    if (request.cancel && this.#cancel(request, reply)) return memory.release();
     // Step 6: dedup.
     const dedupKey = this.#dedup(request, reply, payload, packet);
-    if (dedupKey === undefined) return;
+    if (dedupKey === undefined) return memory.release();
     // Steps 7 to 9: rate limit, order, queue.
     this.admit({
       kind: "turn",
@@ -136,6 +143,7 @@ export class Admission {
       target: reply,
       receivedAt: this.#options.now(),
       dedupKey,
+      memory,
     });
   }
 
@@ -262,8 +270,12 @@ export class Admission {
     return found;
   }
 
-  /** Answers `error`; a turn's job is done with, and may be retried under its id. */
-  fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
+  /**
+   * Answers `error`; a turn's job is done with, and may be retried under its
+   * id; the memory of a request without a job yet is given back.
+   */
+  fail(target: ReplyTarget, error: ServiceError, job?: Job, memory?: Reservation): void {
+    memory?.release();
     if (job?.kind === "turn") {
       this.#recent.forget(job.dedupKey);
       this.#options.finishTurn(job);
@@ -278,26 +290,28 @@ export class Admission {
     topicSessionId: string | undefined,
     payload: Uint8Array,
     packet: IPublishPacket,
-  ): { request: ChatRequest; reply: ReplyTarget } | undefined {
+  ): { request: ChatRequest; reply: ReplyTarget; memory: Reservation } | undefined {
     const { topics, stats } = this.#options;
-    const outcome = parseRequest(
+    const limits = this.#options.limits(project);
+    const root = topics.responseRoot(project);
+    const outcome = this.#budget.parse(
       payload,
-      project,
-      topics.responseRoot(project),
-      this.#options.limits(project),
-      topicSessionId,
+      limits.maxPayloadBytes,
+      root,
+      () => parseRequest(payload, project, root, limits, topicSessionId),
     );
     const mqtt5 = mqtt5Reply(packet);
     if (!this.#options.prompts.has(project)) {
       const error = new ServiceError("unknown_project", `project "${project}" is not served here`);
       const address = outcome.ok ? outcome.request : outcome.address;
+      if (outcome.ok) outcome.memory.release();
       if (address) this.fail(replyTarget(topics, project, address, mqtt5), error);
       else stats.unaddressable(error.code);
       return undefined;
     }
     if (outcome.ok) {
-      const { request } = outcome;
-      return { request, reply: replyTarget(topics, project, request, mqtt5) };
+      const { request, memory } = outcome;
+      return { request, reply: replyTarget(topics, project, request, mqtt5), memory };
     }
     const { error, address } = outcome;
     if (!address && !mqtt5) {

@@ -77,6 +77,7 @@ export class Gateway {
       scheduler: this.#scheduler,
       line: this.#line,
       limits,
+      payloadMemory: options.payloadMemory ?? 0,
       now,
       finishTurn: (job) => void finishTurn(job),
     });

@@ -1,8 +1,8 @@
 /**
  * Parsing and validation of a request payload: protocol v1, and the original
  * deployment's camelCase form, read as v1 fields first ({@linkcode v1Fields}).
- * Runs on the gateway thread for every message, so it checks the size before
- * it decodes and decodes before it parses.
+ * Runs on the gateway thread for every message, so it checks the size and
+ * the nesting before it decodes, and decodes before it parses.
  *
  * @module
  */
@@ -10,6 +10,7 @@
 import { z } from "zod";
 import { ServiceError } from "./errors.ts";
 import { type ImageInput, parseImages } from "./images.ts";
+import { jsonShape, MAX_JSON_DEPTH } from "./json_shape.ts";
 import { generatedSessionId, v1Fields } from "./request_fields.ts";
 import { type ReplyStyle, replyStyle } from "./reply_style.ts";
 import { SESSION_ID_PATTERN } from "./topics.ts";
@@ -148,8 +149,16 @@ export function parseRequest(
   if (payload.byteLength > limits.maxPayloadBytes) {
     return fail(
       `payload is ${payload.byteLength} bytes, more than the limit of ${limits.maxPayloadBytes}`,
-      peekAddress(payload, responseRoot),
+      payloadAddress(payload, responseRoot),
       "payload_too_large",
+    );
+  }
+  // Each level is an array or object on the heap: three million of them fit in 6 MB.
+  const { depth } = jsonShape(payload, MAX_JSON_DEPTH);
+  if (depth > MAX_JSON_DEPTH) {
+    return fail(
+      `payload nests arrays and objects more than ${MAX_JSON_DEPTH} levels deep`,
+      payloadAddress(payload, responseRoot),
     );
   }
   let raw: unknown;
@@ -289,10 +298,14 @@ function peekField(text: string, names: readonly string[]): string | undefined {
 }
 
 /**
- * Where to answer a payload too large to parse: its session id (and request
- * id, reply style, reply topic), read from the text without parsing the whole.
+ * Where to answer a payload that is not parsed (too large, too deep, no room
+ * for it now): its session id (and request id, reply style, reply topic),
+ * read from the text without parsing the whole.
  */
-function peekAddress(payload: Uint8Array, responseRoot: string): ReplyAddress | undefined {
+export function payloadAddress(
+  payload: Uint8Array,
+  responseRoot: string,
+): ReplyAddress | undefined {
   const text = new TextDecoder().decode(payload);
   const sessionId = peekField(text, ["session_id", "sessionId"]);
   if (sessionId === undefined || !SESSION_ID_PATTERN.test(sessionId)) return undefined;
