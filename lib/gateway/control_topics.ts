@@ -25,6 +25,7 @@ import {
   replyStyle,
   SESSION_ID_PATTERN,
   type Topics,
+  unparsableReason,
 } from "../protocol/mod.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
@@ -35,6 +36,8 @@ export interface ControlTopicsOptions {
   readonly store: SessionStore;
   readonly directory: SessionDirectory;
   readonly topics: Topics;
+  /** A larger payload (or one nested too deep) is refused before it is parsed. */
+  readonly maxPayloadBytes: number;
   readonly publish: (target: ReplyTarget, body: ReplyBody) => void;
   readonly setPrompt: (project: string, prompt: string) => void;
   /** The project's prompt from its file, restored by an empty template. */
@@ -75,7 +78,8 @@ export class ControlTopics {
     payload: Uint8Array,
     mqtt5: { topic: string; correlationData: Uint8Array | undefined } | undefined,
   ): void {
-    const body = parseBody(payload);
+    const unparsable = unparsableReason(payload, this.#options.maxPayloadBytes);
+    const body = unparsable ? {} : parseBody(payload);
     const named = target.sessionId ?? sessionField(body);
     const sessionId = named === undefined || named.toLowerCase() === ALL ? ALL : named;
     // The original answered its commands in plain text; a v1 payload (`session_id`) in JSON.
@@ -88,6 +92,12 @@ export class ControlTopics {
       requestId: stringField(body, "requestId", "request_id"),
       correlationData: mqtt5?.correlationData,
     };
+    // Refused rather than taken as an empty body: that would clear or reset.
+    if (unparsable) {
+      const { code, message } = unparsable;
+      this.#options.publish(reply, { type: "error", error: { code, message } });
+      return;
+    }
     if (sessionId !== ALL && !SESSION_ID_PATTERN.test(sessionId)) {
       this.#options.publish(
         reply,

@@ -96,6 +96,7 @@ export class Gateway {
       store: options.controlStore,
       directory: options.directory,
       topics,
+      maxPayloadBytes: options.limits.maxPayloadBytes,
       publish,
       setPrompt: (project, prompt) => this.#prompts.set(project, prompt),
       defaultPrompt: (project) => options.projects.get(project)!,

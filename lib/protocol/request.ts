@@ -146,20 +146,9 @@ export function parseRequest(
     address,
   });
 
-  if (payload.byteLength > limits.maxPayloadBytes) {
-    return fail(
-      `payload is ${payload.byteLength} bytes, more than the limit of ${limits.maxPayloadBytes}`,
-      payloadAddress(payload, responseRoot),
-      "payload_too_large",
-    );
-  }
-  // Each level is an array or object on the heap: three million of them fit in 6 MB.
-  const { depth } = jsonShape(payload, MAX_JSON_DEPTH);
-  if (depth > MAX_JSON_DEPTH) {
-    return fail(
-      `payload nests arrays and objects more than ${MAX_JSON_DEPTH} levels deep`,
-      payloadAddress(payload, responseRoot),
-    );
+  const unparsable = unparsableReason(payload, limits.maxPayloadBytes);
+  if (unparsable) {
+    return { ok: false, error: unparsable, address: payloadAddress(payload, responseRoot) };
   }
   let raw: unknown;
   try {
@@ -282,6 +271,31 @@ export function parseRequest(
       clientId: body.client_id,
     },
   };
+}
+
+/**
+ * Why a JSON payload is not even decoded: it is over `maxPayloadBytes`, or
+ * nests arrays and objects more than {@linkcode MAX_JSON_DEPTH} levels deep
+ * (each level is an array or object on the heap: three million of them fit
+ * in 6 MB). Undefined: it may be parsed.
+ */
+export function unparsableReason(
+  payload: Uint8Array,
+  maxPayloadBytes: number,
+): ServiceError | undefined {
+  if (payload.byteLength > maxPayloadBytes) {
+    return new ServiceError(
+      "payload_too_large",
+      `payload is ${payload.byteLength} bytes, more than the limit of ${maxPayloadBytes}`,
+    );
+  }
+  if (jsonShape(payload, MAX_JSON_DEPTH).depth > MAX_JSON_DEPTH) {
+    return new ServiceError(
+      "invalid_request",
+      `payload nests arrays and objects more than ${MAX_JSON_DEPTH} levels deep`,
+    );
+  }
+  return undefined;
 }
 
 /** A string field of a JSON text, found without parsing it: `"name": "value"`. */
