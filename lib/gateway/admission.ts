@@ -105,6 +105,13 @@ export class Admission {
     return this.#recent;
   }
 
+  /** Forgets the requests and rate buckets that time has made useless, while none come. */
+  sweep(): void {
+    this.#recent.sweep();
+    this.#sessionLimit.sweep();
+    this.#clientLimit.sweep();
+  }
+
   /** From now on, every request is refused with a retry hint (step 4). */
   stopAccepting(): void {
     this.#accepting = false;

@@ -143,6 +143,17 @@ export class Gateway {
     return this.#scheduler.hasSession(key) || (this.#line?.jobs(key).length ?? 0) > 0;
   }
 
+  /**
+   * Gives back what sessions that went idle hold on this thread: requests past
+   * the dedup window, rate buckets that have filled up again, expired entries
+   * of the session directory. Each is also pruned as requests come; this is
+   * for when they stop (the service calls it every few seconds).
+   */
+  sweep(): void {
+    this.#admission.sweep();
+    this.#options.directory.sweep();
+  }
+
   /** Subscribes to every enabled project's input (and control) topics. */
   async subscribe(): Promise<void> {
     await this.#prompts.counted;
