@@ -32,7 +32,7 @@ import {
 const BYTES_PER_CONTAINER = 64;
 
 /** Milliseconds a client refused for memory is told to wait: about the time a turn takes. */
-export const OVERLOADED_RETRY_MS = 1000;
+const OVERLOADED_RETRY_MS = 1000;
 
 /** Memory held for one payload or request, given back once. */
 export interface Reservation {
@@ -43,7 +43,7 @@ export interface Reservation {
 }
 
 /** Why a charge was refused: it does not fit now, or it never can. */
-export type Refusal = { readonly kind: "busy" | "too_large"; readonly bytes: number };
+type Refusal = { readonly kind: "busy" | "too_large"; readonly bytes: number };
 
 /** A parsed request, with the memory its turn holds until it is answered or refused. */
 export type BudgetedOutcome =
@@ -57,16 +57,6 @@ export class PayloadBudget {
 
   constructor(limitBytes: number) {
     this.#limitBytes = limitBytes;
-  }
-
-  /** The budget, in bytes (0: off). */
-  get limit(): number {
-    return this.#limitBytes;
-  }
-
-  /** Bytes held now by payloads being parsed and requests not yet answered. */
-  get held(): number {
-    return this.#held;
   }
 
   /** Holds `bytes`, or says why not: over what is left now, or over the whole budget. */
@@ -91,7 +81,8 @@ export class PayloadBudget {
    * Parses a request payload within the budget: `parse` runs only if the
    * payload's parse cost fits now, and the request it yields keeps its own
    * cost (`memory`, to release when its turn ends). A payload over
-   * `maxPayloadBytes` or nested too deep is left to `parse` to refuse, unscanned.
+   * `maxPayloadBytes` or nested too deep costs nothing: `parse` refuses it
+   * before it decodes anything.
    */
   parse(
     payload: Uint8Array,
@@ -99,10 +90,11 @@ export class PayloadBudget {
     responseRoot: string,
     parse: () => ParseOutcome,
   ): BudgetedOutcome {
-    if (payload.byteLength > maxPayloadBytes) return parse() as BudgetedOutcome;
-    const shape = jsonShape(payload, MAX_JSON_DEPTH);
-    if (shape.depth > MAX_JSON_DEPTH) return parse() as BudgetedOutcome;
-    const parsing = this.reserve(parseCost(payload, shape));
+    const shape = payload.byteLength > maxPayloadBytes
+      ? undefined
+      : jsonShape(payload, MAX_JSON_DEPTH);
+    const cost = shape && shape.depth <= MAX_JSON_DEPTH ? parseCost(payload, shape) : 0;
+    const parsing = this.reserve(cost);
     if (!("release" in parsing)) {
       const address = payloadAddress(payload, responseRoot);
       return { ok: false, error: this.#refusal(parsing, shape), address };
@@ -147,7 +139,7 @@ export class PayloadBudget {
  * decoded (up to two bytes a character), the strings parsed out of it (at
  * most its size) and every array and object.
  */
-export function parseCost(payload: Uint8Array, shape: JsonShape): number {
+function parseCost(payload: Uint8Array, shape: JsonShape): number {
   return 3 * payload.byteLength + BYTES_PER_CONTAINER * shape.containers;
 }
 
@@ -155,13 +147,13 @@ export function parseCost(payload: Uint8Array, shape: JsonShape): number {
  * The heap a parsed request keeps until its turn is answered: its texts and
  * images, twice (the gateway's copy and its worker's).
  */
-export function requestCost(request: ChatRequest): number {
+function requestCost(request: ChatRequest): number {
   let bytes = 2 * ((request.message?.length ?? 0) + (request.systemPrompt?.length ?? 0));
   for (const image of request.images ?? []) bytes += image.url.length;
   return 2 * bytes;
 }
 
 /** A size for people: 5.8 MB. */
-export function megabytes(bytes: number): string {
+function megabytes(bytes: number): string {
   return `${(bytes / 1_000_000).toFixed(1)} MB`;
 }
