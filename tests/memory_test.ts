@@ -69,3 +69,29 @@ test(
     });
   },
 );
+
+test("memory: requests past --payload-memory get overloaded with a retry time; small ones and retries are taken", async () => {
+  // Each 16,000-character message holds 64,000 bytes (its text on the gateway and its worker)
+  // until its turn ends: four of them fill 256 KiB.
+  const args = ["--max-images=0", "--max-payload-bytes=64KiB", "--payload-memory=256KiB"];
+  const engine = { ttftMs: 5, itlMs: 1, maxModelLen: 32_768 };
+  await withService({ args, sim: engine }, async ({ client, sim }) => {
+    const big = (session_id: string) => ({ session_id, message: "m".repeat(16_000) });
+    // The engine holds every turn until the test lets it go.
+    sim.fault = "hang";
+    for (let i = 0; i < 4; i++) await client.send("general/user_input", big(`big-${i}`));
+    await client.send("general/user_input", big("late"));
+    const refused = (await client.final("late")).json!.error as Record<string, unknown>;
+    equal(refused.code, "overloaded");
+    equal(refused.retry_after_ms, 1000);
+    await client.send("general/user_input", { session_id: "small", message: "ping" });
+    sim.fault = undefined;
+    for (const id of ["big-0", "big-1", "big-2", "big-3", "small"]) {
+      equal((await client.final(id)).json?.type, "done", id);
+    }
+    // Their turns over, the memory they held is free again.
+    client.received.length = 0;
+    await client.send("general/user_input", big("late"));
+    equal((await client.final("late")).json?.type, "done");
+  });
+});
