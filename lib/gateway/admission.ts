@@ -132,7 +132,10 @@ export class Admission {
     const { request, reply, memory } = parsed;
     // Step 3: ownership.
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
-    if (refusal) return this.fail(reply, refusal, undefined, memory);
+    if (refusal) {
+      memory.release();
+      return this.fail(reply, refusal);
+    }
     // Step 4: accepting.
     if (this.refusedWhileStopping(reply)) return memory.release();
     // Step 5: cancel.
@@ -277,12 +280,8 @@ export class Admission {
     return found;
   }
 
-  /**
-   * Answers `error`; a turn's job is done with, and may be retried under its
-   * id; the memory of a request without a job yet is given back.
-   */
-  fail(target: ReplyTarget, error: ServiceError, job?: Job, memory?: Reservation): void {
-    memory?.release();
+  /** Answers `error`; a turn's job is done with, and may be retried under its id. */
+  fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
     if (job?.kind === "turn") {
       this.#recent.forget(job.dedupKey);
       this.#options.finishTurn(job);

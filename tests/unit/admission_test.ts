@@ -257,6 +257,17 @@ Deno.test("admission: past the memory budget, overloaded with a retry hint; each
   match(tooLarge.message, /about 0\.2 MB of memory \(2,002 arrays and objects\)/);
 });
 
+Deno.test("admission: a request refused after parsing (forbidden) holds no memory", async () => {
+  const { sent, turns, send } = gateway({ payloadMemory: 100_000, sessionTopicsOnly: true });
+  const big = (session_id: string) => ({ session_id, message: "m".repeat(10_000) });
+  for (let i = 0; i < 5; i++) send("general/user_input", big(`s${i}`));
+  deepEqual(sent.map(errorOf), Array(5).fill("forbidden"));
+  send("general/user_input/a", big("a"));
+  send("general/user_input/b", big("b"));
+  await tick();
+  equal(turns.length, 2);
+});
+
 Deno.test("admission: a cancel aborts the session's turn, or is not_found", async () => {
   const { sent, turns, send } = gateway();
   send("general/user_input", { session_id: "s1", cancel: true });
