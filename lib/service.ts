@@ -58,6 +58,12 @@ const log = logger("service");
  * the Last Will says `offline` for us then.
  */
 const BROKER_GOODBYE_MS = 2000;
+/**
+ * How often what idle sessions hold on the gateway's thread is given back
+ * (see `Gateway.sweep`): often enough that a burst of new sessions leaves
+ * little behind for long, rarely enough to cost nothing.
+ */
+const SWEEP_INTERVAL_MS = 10_000;
 
 /** Starts the whole service. */
 export async function startService(config: Config): Promise<Service> {
@@ -236,6 +242,7 @@ export async function startService(config: Config): Promise<Service> {
       qos: config.qos,
       maxQueue: config.maxQueue,
       maxInFlight: config.maxInFlight,
+      payloadMemory: config.payloadMemory,
       dedupWindowMs: config.dedupWindowMs,
       rateLimit: {
         perSession: config.rateLimit,
@@ -307,6 +314,8 @@ export async function startService(config: Config): Promise<Service> {
       client.publish(topics.stats, JSON.stringify(report), { qos: 0 });
     }, config.statsIntervalMs);
     cleanup.defer(() => clearInterval(statsTimer));
+    const sweepTimer = setInterval(() => gateway.sweep(), SWEEP_INTERVAL_MS);
+    cleanup.defer(() => clearInterval(sweepTimer));
 
     return {
       brokerUrl,

@@ -624,7 +624,7 @@ test("a template and a clear are acknowledged on the hint topic", async () => {
 });
 
 test("a malformed state gets a JSON error hint", async () => {
-  await withGame({}, async (client) => {
+  await withGame({ filter: "#" }, async (client) => {
     await client.send("maze/state", { sessionId: "g6", player_pos: "somewhere" });
     const hint = JSON.parse((await client.next((m) => m.topic === "maze/hint/g6")).text);
     equal(hint.hint, "");
@@ -634,6 +634,18 @@ test("a malformed state gets a JSON error hint", async () => {
     await client.send("maze/state/g7", { visible_map: "nope", player_pos: [0, 0] });
     const own = JSON.parse((await client.next((m) => m.topic === "maze/hint/g7")).text);
     match(own.error.message, /'visible_map' must be a list of rows/);
+    // A state nested deeper than any map is refused before it is parsed; so is a command.
+    const deep = "[".repeat(100_000) + "]".repeat(100_000);
+    await client.send("maze/state/g9", `{"player_pos":[0,0],"visible_map":${deep}}`);
+    const nested = JSON.parse((await client.next((m) => m.topic === "maze/hint/g9")).text);
+    deepEqual(nested.error, {
+      code: "invalid_request",
+      message: "payload nests arrays and objects more than 32 levels deep",
+    });
+    // Not read, it is answered in the original's plain text, and nothing is cleared.
+    await client.send("maze/clear_history/g9", `{"session_id":"g9","x":${deep}}`);
+    const refused = await client.next((m) => m.topic === "maze/assistant_response/g9");
+    equal(refused.text, "Error: payload nests arrays and objects more than 32 levels deep");
   });
 });
 

@@ -189,6 +189,15 @@ function checkLimits(config: Config): void {
       "'--audio-model' needs '--max-audio-clips' above 0 (1 when not given): it is 0",
     );
   }
+  // A payload within --max-payload-bytes must fit the budget alone, or it is never taken.
+  if (config.payloadMemory > 0 && config.payloadMemory < 4 * config.maxPayloadBytes) {
+    throw conflict(
+      "payload-memory",
+      `'--payload-memory' (${config.payloadMemory}) must be 0 or at least 4 times ` +
+        `'--max-payload-bytes' (${config.maxPayloadBytes}), the memory one payload of that size ` +
+        `takes while it is parsed: raise it to at least ${4 * config.maxPayloadBytes}`,
+    );
+  }
   if (config.visionModel && config.maxImages === 0) {
     throw conflict("max-images", "'--vision-model' needs '--max-images' above 0: it is 0");
   }

@@ -677,6 +677,15 @@ export const OPTIONS = [
     help:
       "Largest request payload; larger ones get `payload_too_large` before parsing (room for --max-images images and --max-audio-clips clips)",
   }),
+  size({
+    name: "payload-memory",
+    field: "payloadMemory",
+    default: "256MiB",
+    min: "0",
+    group: "Scheduling",
+    help:
+      "Heap the requests in flight may hold (payloads being parsed, requests queued or running, by their size and shape); one that does not fit gets `overloaded`; 0 turns it off",
+  }),
   int({
     name: "max-message-chars",
     field: "maxMessageChars",

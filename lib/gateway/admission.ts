@@ -3,10 +3,11 @@
  * is queued, each of which may answer it with an error and stop it there.
  *
  * 1. project: a project not served here is `unknown_project`;
- * 2. parse: a request that is not valid JSON or not a valid request is
- *    answered where it can be (`invalid_request`), else only counted; a reply
- *    topic its sender may not read is refused (`forbidden`, answered on the
- *    session's own reply topic);
+ * 2. parse: a payload the memory budget of payloads in flight cannot take
+ *    now is `overloaded` (`payload_budget.ts`); a request that is not valid
+ *    JSON or not a valid request is answered where it can be
+ *    (`invalid_request`), else only counted; a reply topic its sender may not
+ *    read is refused (`forbidden`, answered on the session's own reply topic);
  * 3. ownership: `forbidden` on the shared input topic under
  *    `--session-topics-only`, or for a session id this service did not sign;
  * 4. accepting: `cancelled` with a retry hint once the service is stopping;
@@ -50,6 +51,7 @@ import type { ReplyPublisher } from "./reply_publisher.ts";
 import { mqtt5Reply, type ReplyTarget, replyTarget, type ReplyTopics } from "./reply_target.ts";
 import { type Ownership, ownershipRefusal } from "./ownership.ts";
 import type { TurnLine } from "./turn_line.ts";
+import { PayloadBudget, type Reservation } from "./payload_budget.ts";
 
 /** What the admission steps check against. */
 export interface AdmissionOptions extends Ownership {
@@ -63,6 +65,8 @@ export interface AdmissionOptions extends Ownership {
   readonly line: TurnLine | undefined;
   /** Requests waiting (queued or in line) before `queue_full`. */
   readonly maxQueue: number;
+  /** Bytes of heap the requests in flight may hold, parsed or waiting (0: off). */
+  readonly payloadMemory: number;
   /** Milliseconds a request's copy is recognised (0: off). */
   readonly dedupWindowMs: number;
   /** Requests per minute per session and per client id (0: off), after a burst. */
@@ -94,6 +98,7 @@ export class Admission {
   readonly #newSessions: RateLimiter;
   /** Sessions admitted lately, not yet live in the directory (their first turn runs). */
   readonly #admitted = new LruMap<string, true>(100_000);
+  readonly #budget: PayloadBudget;
   #accepting = true;
   #nextId = 1;
 
@@ -106,6 +111,7 @@ export class Admission {
     this.#clientLimit = new RateLimiter({ perMinute: perClient, burst: burst * 10, now });
     const fresh = options.rateLimit.newSessions ?? 0;
     this.#newSessions = new RateLimiter({ perMinute: fresh, burst: fresh, now });
+    this.#budget = new PayloadBudget(options.payloadMemory);
   }
 
   /**
@@ -126,6 +132,13 @@ export class Admission {
     return this.#recent;
   }
 
+  /** Forgets the requests and rate buckets that time has made useless, while none come. */
+  sweep(): void {
+    this.#recent.sweep();
+    this.#sessionLimit.sweep();
+    this.#clientLimit.sweep();
+  }
+
   /** From now on, every request is refused with a retry hint (step 4). */
   stopAccepting(): void {
     this.#accepting = false;
@@ -143,17 +156,20 @@ export class Admission {
     // Steps 1 and 2: project, parse.
     const parsed = this.#parse(topic, project, topicSessionId, payload, packet);
     if (!parsed) return;
-    const { request, reply } = parsed;
+    const { request, reply, memory } = parsed;
     // Step 3: ownership.
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
-    if (refusal) return this.fail(reply, refusal);
+    if (refusal) {
+      memory.release();
+      return this.fail(reply, refusal);
+    }
     // Step 4: accepting.
-    if (this.refusedWhileStopping(reply)) return;
+    if (this.refusedWhileStopping(reply)) return memory.release();
     // Step 5: cancel.
-    if (request.cancel && this.#cancel(request, reply)) return;
+    if (request.cancel && this.#cancel(request, reply)) return memory.release();
     // Step 6: dedup.
     const dedupKey = this.#dedup(request, reply, payload, packet);
-    if (dedupKey === undefined) return;
+    if (dedupKey === undefined) return memory.release();
     // Steps 7 to 9: rate limit, order, queue.
     this.admit({
       kind: "turn",
@@ -164,6 +180,7 @@ export class Admission {
       target: reply,
       receivedAt: this.#options.now(),
       dedupKey,
+      memory,
     });
   }
 
@@ -318,14 +335,14 @@ export class Admission {
     topicSessionId: string | undefined,
     payload: Uint8Array,
     packet: IPublishPacket,
-  ): { request: ChatRequest; reply: ReplyTarget } | undefined {
+  ): { request: ChatRequest; reply: ReplyTarget; memory: Reservation } | undefined {
     const { topics, stats } = this.#options;
-    const outcome = parseRequest(
+    const limits = this.#options.limits(project);
+    const root = topics.responseRoot(project);
+    const outcome = this.#budget.parse(
       payload,
-      project,
-      topics.responseRoot(project),
-      this.#options.limits(project),
-      topicSessionId,
+      limits.maxPayloadBytes,
+      () => parseRequest(payload, project, root, limits, topicSessionId),
     );
     const mqtt5 = mqtt5Reply(packet);
     // A payload too broken to name its session is answered on its topic's session, if any.
@@ -351,16 +368,14 @@ export class Admission {
     }
     const who = { project, sessionId: address.sessionId, username: topicSessionId };
     const { target, refused } = replyTarget(this.#options.replyTopics, topics, who, address, mqtt5);
-    if (refused) {
-      stats.replyTopicRefused(project);
-      this.fail(target, refused);
+    if (!outcome.ok || refused || error) {
+      // Refused here: the request's memory is given back at once.
+      if (outcome.ok) outcome.memory.release();
+      if (refused) stats.replyTopicRefused(project);
+      this.fail(target, (refused ?? error)!);
       return undefined;
     }
-    if (error || !outcome.ok) {
-      this.fail(target, error!);
-      return undefined;
-    }
-    return { request: outcome.request, reply: target };
+    return { request: outcome.request, reply: target, memory: outcome.memory };
   }
 
   /** Step 5: cancels what a `cancel` request names; whether the request is done with. */

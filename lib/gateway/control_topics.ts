@@ -29,6 +29,7 @@ import {
   replyStyle,
   SESSION_ID_PATTERN,
   type Topics,
+  unparsableReason,
 } from "../protocol/mod.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
@@ -52,6 +53,8 @@ export interface ControlTopicsOptions {
   readonly operatorToken: string | undefined;
   /** The secure mode (`--session-topics-only`): project-wide commands need the operator token. */
   readonly sessionTopicsOnly: boolean;
+  /** A larger payload (or one nested too deep) is refused before it is parsed. */
+  readonly maxPayloadBytes: number;
   readonly publish: (target: ReplyTarget, body: ReplyBody) => void;
   readonly setPrompt: (project: string, prompt: string) => void;
   /** The project's prompt from its file, restored by an empty template. */
@@ -93,7 +96,9 @@ export class ControlTopics {
     mqtt5: Mqtt5Reply | undefined,
   ): void {
     const { topics, replyTopics, stats } = this.#options;
-    const body = parseBody(payload);
+    // Too large or nested too deep: refused before it is parsed.
+    const unparsable = unparsableReason(payload, this.#options.maxPayloadBytes);
+    const body = unparsable ? undefined : parseBody(payload);
     const named = target.sessionId ?? (body && sessionField(body));
     const sessionId = named === undefined || named.toLowerCase() === ALL ? ALL : named;
     // The original answered its commands in plain text; a v1 payload (`session_id`) in JSON.
@@ -112,6 +117,12 @@ export class ControlTopics {
     if (refused) {
       stats.replyTopicRefused(target.project);
       return refuse(refused.message);
+    }
+    if (unparsable) {
+      const { code, message } = unparsable;
+      stats.error(target.project, code);
+      this.#options.publish(reply, { type: "error", error: { code, message } });
+      return;
     }
     if (!body) {
       // Never read as "every session": a command is carried out only as it was written.

@@ -82,6 +82,7 @@ export class Gateway {
       scheduler: this.#scheduler,
       line: this.#line,
       limits,
+      payloadMemory: options.payloadMemory ?? 0,
       now,
       known: (project, sessionId) => options.directory.has(project, sessionId),
       finishTurn: (job) => void finishTurn(job),
@@ -105,6 +106,7 @@ export class Gateway {
       stats,
       operatorToken: options.operatorToken,
       sessionTopicsOnly: options.sessionTopicsOnly,
+      maxPayloadBytes: options.limits.maxPayloadBytes,
       publish,
       setPrompt: (project, prompt) => this.#prompts.set(project, prompt),
       defaultPrompt: (project) => options.projects.get(project)!,
@@ -149,6 +151,17 @@ export class Gateway {
   isBusy(project: string, sessionId: string): boolean {
     const key = sessionKey(project, sessionId);
     return this.#scheduler.hasSession(key) || (this.#line?.jobs(key).length ?? 0) > 0;
+  }
+
+  /**
+   * Gives back what sessions that went idle hold on this thread: requests past
+   * the dedup window, rate buckets that have filled up again, expired entries
+   * of the session directory. Each is also pruned as requests come; this is
+   * for when they stop (the service calls it every few seconds).
+   */
+  sweep(): void {
+    this.#admission.sweep();
+    this.#options.directory.sweep();
   }
 
   /** Subscribes to every enabled project's input (and control) topics. */

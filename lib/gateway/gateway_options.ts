@@ -43,6 +43,12 @@ export interface GatewayOptions {
   readonly qos: 0 | 1 | 2;
   readonly maxQueue: number;
   readonly maxInFlight: number;
+  /**
+   * Bytes of heap the requests in flight may hold, parsed or waiting, before
+   * new ones get `overloaded` (`--payload-memory`); 0 turns the budget off.
+   * @default {0}
+   */
+  readonly payloadMemory?: number;
   readonly dedupWindowMs: number;
   /** Requests per minute per session and per client id (0: off), after a burst. */
   readonly rateLimit: {

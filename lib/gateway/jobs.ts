@@ -8,6 +8,7 @@
 import { logger } from "../log.ts";
 import { type ChatRequest, ServiceError } from "../protocol/mod.ts";
 import type { TurnTicket } from "../sessions/turn_order.ts";
+import type { Reservation } from "./payload_budget.ts";
 import type { ReplyTarget } from "./reply_target.ts";
 
 /** What the scheduler runs: a turn, or a control command in its session's order. */
@@ -29,6 +30,8 @@ export interface TurnJob {
   ticket?: TurnTicket;
   /** A game state's turn: called when it has been answered or failed (latest state wins). */
   readonly settled?: () => void;
+  /** An MQTT request's share of the memory budget of payloads in flight, held until it ends. */
+  readonly memory?: Reservation;
 }
 
 /**
@@ -63,6 +66,7 @@ const log = logger("gateway");
 
 /** Lets the session's next turn start, on any instance (once per job, however often called). */
 export async function finishTurn(job: TurnJob): Promise<void> {
+  job.memory?.release();
   job.settled?.();
   try {
     await job.ticket?.finish();

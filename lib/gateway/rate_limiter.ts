@@ -1,7 +1,10 @@
 /**
  * Token buckets, one per key (a session, a client id): each holds up to
  * `burst` requests and refills at `perMinute`. A request that finds its
- * bucket empty is told when the next token arrives.
+ * bucket empty is told when the next token arrives. A bucket that has filled
+ * up again is no different from a new one, and is dropped: a burst of new
+ * sessions leaves no buckets behind once each has been idle long enough to
+ * get back what it gave (a second per request at 60 a minute).
  *
  * @module
  */
@@ -18,7 +21,7 @@ export interface RateLimiterOptions {
    */
   readonly burst?: number;
   /**
-   * Buckets kept before full ones (idle keys) are dropped.
+   * Buckets kept at most: beyond it the least recently used is dropped, full or not.
    * @default {100000}
    */
   readonly maxKeys?: number;
@@ -55,6 +58,7 @@ export class RateLimiter {
   take(key: string): number {
     if (this.#perMs === 0) return 0;
     const now = this.#now();
+    this.#dropFull(now);
     const bucket = this.#buckets.get(key) ?? { tokens: this.#burst, at: now };
     bucket.tokens = Math.min(this.#burst, bucket.tokens + (now - bucket.at) * this.#perMs);
     bucket.at = now;
@@ -64,5 +68,27 @@ export class RateLimiter {
       return 0;
     }
     return Math.ceil((1 - bucket.tokens) / this.#perMs);
+  }
+
+  /** Buckets kept now (those not full again yet). */
+  get size(): number {
+    this.sweep();
+    return this.#buckets.size;
+  }
+
+  /** Drops the buckets that have filled up again, while no request comes to do it. */
+  sweep(): void {
+    this.#dropFull(this.#now());
+  }
+
+  /**
+   * Drops full buckets, least recently used first, up to the first that is
+   * not full yet: the later ones were used since, so mostly not full either.
+   */
+  #dropFull(now: number): void {
+    for (const [key, bucket] of this.#buckets) {
+      if (bucket.tokens + (now - bucket.at) * this.#perMs < this.#burst) return;
+      this.#buckets.delete(key);
+    }
   }
 }

@@ -25,6 +25,7 @@ import {
   ServiceError,
   SESSION_ID_PATTERN,
   type Topics,
+  unparsableReason,
 } from "../protocol/mod.ts";
 import type { Stats } from "../observability/stats.ts";
 import { parseState, StateError } from "../games/maze_state.ts";
@@ -104,12 +105,16 @@ export class StateTopics {
   handle(project: string, topicSessionId: string | undefined, payload: Uint8Array): void {
     const { stats, projects } = this.#options;
     if (!projects.get(project)?.stateTopic) return;
+    const unparsable = unparsableReason(payload, this.#options.limits(project).maxPayloadBytes);
     let state;
     try {
+      if (unparsable) throw unparsable;
       state = parseState(payload, SESSION_ID_PATTERN, topicSessionId);
     } catch (error) {
-      const sessionId = topicSessionId ?? (error as StateError).sessionId;
-      const failure = new ServiceError("invalid_request", (error as Error).message);
+      const sessionId = topicSessionId ?? (error as Partial<StateError>).sessionId;
+      const failure = error instanceof ServiceError
+        ? error
+        : new ServiceError("invalid_request", (error as Error).message);
       if (sessionId === undefined || !SESSION_ID_PATTERN.test(sessionId)) {
         stats.request();
         stats.unaddressable(failure.code);

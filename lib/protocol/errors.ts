@@ -12,6 +12,8 @@ export type ErrorCode =
   | "payload_too_large"
   | "unknown_project"
   | "queue_full"
+  /** The payloads in flight hold the memory budget (`--payload-memory`): retry later. */
+  | "overloaded"
   | "rate_limited"
   | "context_overflow"
   | "engine_unavailable"

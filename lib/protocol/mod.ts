@@ -5,6 +5,7 @@
  */
 
 export * from "./errors.ts";
+export * from "./json_shape.ts";
 export * from "./reply.ts";
 export * from "./reply_style.ts";
 export * from "./request.ts";

@@ -53,7 +53,10 @@ export type ReplyBody =
     };
   };
 
-/** The text the original deployment answered a full queue with; its clients look for it. */
+/**
+ * The text the original deployment answered a full queue with; its clients look for it, also
+ * when the memory for payloads is what is full.
+ */
 export const OVERLOADED_TEXT = "Server is overloaded. Please try again in a moment.";
 
 /**
@@ -87,6 +90,8 @@ export function encodeReply(
     case "done":
       return body.response;
     case "error":
-      return body.error.code === "queue_full" ? OVERLOADED_TEXT : `Error: ${body.error.message}`;
+      return body.error.code === "queue_full" || body.error.code === "overloaded"
+        ? OVERLOADED_TEXT
+        : `Error: ${body.error.message}`;
   }
 }

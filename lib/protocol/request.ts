@@ -1,8 +1,8 @@
 /**
  * Parsing and validation of a request payload: protocol v1, and the original
  * deployment's camelCase form, read as v1 fields first ({@linkcode v1Fields}).
- * Runs on the gateway thread for every message, so it checks the size before
- * it decodes and decodes before it parses.
+ * Runs on the gateway thread for every message, so it checks the size and
+ * the nesting before it decodes, and decodes before it parses.
  *
  * @module
  */
@@ -11,6 +11,7 @@ import { z } from "zod";
 import { ServiceError } from "./errors.ts";
 import { type AudioInput, parseAudio } from "./audio.ts";
 import { type ImageInput, parseImages } from "./images.ts";
+import { jsonShape, MAX_JSON_DEPTH } from "./json_shape.ts";
 import { generatedSessionId, v1Fields } from "./request_fields.ts";
 import { type ReplyStyle, replyStyle } from "./reply_style.ts";
 import { SESSION_ID_PATTERN, SESSION_ID_RULE } from "./topics.ts";
@@ -156,12 +157,9 @@ export function parseRequest(
     address,
   });
 
-  if (payload.byteLength > limits.maxPayloadBytes) {
-    return fail(
-      `payload is ${payload.byteLength} bytes, more than the limit of ${limits.maxPayloadBytes}`,
-      peekAddress(payload),
-      "payload_too_large",
-    );
+  const unparsable = unparsableReason(payload, limits.maxPayloadBytes);
+  if (unparsable) {
+    return { ok: false, error: unparsable, address: payloadAddress(payload) };
   }
   let raw: unknown;
   try {
@@ -296,6 +294,31 @@ export function parseRequest(
   };
 }
 
+/**
+ * Why a JSON payload is not even decoded: it is over `maxPayloadBytes`, or
+ * nests arrays and objects more than {@linkcode MAX_JSON_DEPTH} levels deep
+ * (each level is an array or object on the heap: three million of them fit
+ * in 6 MB). Undefined: it may be parsed.
+ */
+export function unparsableReason(
+  payload: Uint8Array,
+  maxPayloadBytes: number,
+): ServiceError | undefined {
+  if (payload.byteLength > maxPayloadBytes) {
+    return new ServiceError(
+      "payload_too_large",
+      `payload is ${payload.byteLength} bytes, more than the limit of ${maxPayloadBytes}`,
+    );
+  }
+  if (jsonShape(payload, MAX_JSON_DEPTH).depth > MAX_JSON_DEPTH) {
+    return new ServiceError(
+      "invalid_request",
+      `payload nests arrays and objects more than ${MAX_JSON_DEPTH} levels deep`,
+    );
+  }
+  return undefined;
+}
+
 /** A string field of a JSON text, found without parsing it: `"name": "value"`. */
 function peekField(text: string, names: readonly string[]): string | undefined {
   for (const name of names) {
@@ -310,10 +333,11 @@ function peekField(text: string, names: readonly string[]): string | undefined {
 }
 
 /**
- * Where to answer a payload too large to parse: its session id (and request
- * id, reply style, reply topic), read from the text without parsing the whole.
+ * Where to answer a payload that is not parsed (too large, too deep, no room
+ * for it now): its session id (and request id, reply style, reply topic),
+ * read from the text without parsing the whole.
  */
-function peekAddress(payload: Uint8Array): ReplyAddress | undefined {
+export function payloadAddress(payload: Uint8Array): ReplyAddress | undefined {
   const text = new TextDecoder().decode(payload);
   const sessionId = peekField(text, ["session_id", "sessionId"]);
   if (sessionId === undefined || !SESSION_ID_PATTERN.test(sessionId)) return undefined;

@@ -90,7 +90,7 @@ export class SessionDirectory {
 
   /** Live sessions now. */
   get size(): number {
-    this.#sweep();
+    this.sweep();
     return this.#entries.size;
   }
 
@@ -139,7 +139,7 @@ export class SessionDirectory {
   }
 
   /** Drops expired entries (their data expires in the store by itself). */
-  #sweep(): void {
+  sweep(): void {
     const now = this.#now();
     for (const [key, entry] of this.#entries) {
       if (entry.expiresAt <= now) this.#entries.delete(key);

@@ -295,6 +295,61 @@ Deno.test("admission: a full queue is queue_full", async () => {
   });
 });
 
+Deno.test("admission: past the memory budget, overloaded with a retry hint; each ending gives its share back", async () => {
+  // A 10,000-character message holds 40,000 bytes (its text, on the gateway and its worker)
+  // until its turn ends; its payload takes about 30,000 while it is parsed.
+  const { sent, turns, send } = gateway({ payloadMemory: 100_000 });
+  const big = (session_id: string, extra: Record<string, unknown> = {}) => ({
+    session_id,
+    message: "m".repeat(10_000),
+    ...extra,
+  });
+  send("general/user_input", big("a"));
+  // Copies and cancels with nothing to cancel hold nothing once answered.
+  for (let i = 0; i < 5; i++) {
+    send("general/user_input", big("a"), { dup: true });
+    send("general/user_input", {
+      session_id: "z",
+      cancel: true,
+      system_prompt: "m".repeat(10_000),
+    });
+  }
+  equal(sent.filter((s) => errorOf(s) !== "not_found").length, 0);
+  send("general/user_input", big("b"));
+  await tick();
+  equal(turns.length, 2);
+  send("general/user_input", big("c", { request_id: "c1" }));
+  const error = sent.at(-1)!.body.error as {
+    code: string;
+    message: string;
+    retry_after_ms: number;
+  };
+  equal(sent.at(-1)!.topic, "general/assistant_response/c");
+  deepEqual([error.code, error.retry_after_ms], ["overloaded", 1000]);
+  match(error.message, /hold 0\.1 MB of the 0\.1 MB of --payload-memory/);
+  turns[0].finish(RESULT);
+  await tick();
+  send("general/user_input", big("c", { request_id: "c1" }));
+  await tick();
+  equal(turns.length, 3, "the turn that ended gave its share back");
+  // One that could never fit is not told to retry.
+  send("general/user_input", big("d", { x: Array.from({ length: 2000 }, () => []) }));
+  const tooLarge = sent.at(-1)!.body.error as { code: string; message: string };
+  equal(tooLarge.code, "payload_too_large");
+  match(tooLarge.message, /about 0\.2 MB of memory \(2,002 arrays and objects\)/);
+});
+
+Deno.test("admission: a request refused after parsing (forbidden) holds no memory", async () => {
+  const { sent, turns, send } = gateway({ payloadMemory: 100_000, sessionTopicsOnly: true });
+  const big = (session_id: string) => ({ session_id, message: "m".repeat(10_000) });
+  for (let i = 0; i < 5; i++) send("general/user_input", big(`s${i}`));
+  deepEqual(sent.map(errorOf), Array(5).fill("forbidden"));
+  send("general/user_input/a", big("a"));
+  send("general/user_input/b", big("b"));
+  await tick();
+  equal(turns.length, 2);
+});
+
 Deno.test("admission: a cancel aborts the session's turn, or is not_found", async () => {
   const { sent, turns, send } = gateway();
   send("general/user_input", { session_id: "s1", cancel: true });

@@ -113,7 +113,11 @@ Deno.test("config: a size takes B, KiB, MiB, GiB; a bare number is bytes", () =>
   equal(config(["--max-image-bytes", "64kib"]).maxImageBytes, 65_536);
   equal(config(["--max-image-bytes", "4096"]).maxImageBytes, 4096);
   equal(config(["--max-payload-bytes", "8MiB"]).maxPayloadBytes, 8 * 1024 * 1024);
-  equal(config(["--max-payload-bytes", "1GiB"]).maxPayloadBytes, 1024 ** 3);
+  equal(
+    config(["--max-payload-bytes", "1GiB", "--payload-memory=4GiB"]).maxPayloadBytes,
+    1024 ** 3,
+  );
+  equal(config(["--payload-memory", "0"]).payloadMemory, 0);
   equal(config(["--max-image-bytes", "1.5KiB"]).maxImageBytes, 1536);
 });
 
@@ -154,6 +158,10 @@ Deno.test("config: other mistakes carry their own codes", () => {
   equal(configError(() => config(["--model"]), "model").code, "missing_value");
   equal(configError(() => config(["--engine", "url"]), "engine-url").code, "missing_value");
   equal(configError(() => config(["--max-tokens", "5000"]), "max-tokens").code, "conflict");
+  equal(
+    configError(() => config(["--max-payload-bytes", "100MiB"]), "payload-memory").code,
+    "conflict",
+  );
   equal(
     configError(() => config(["--vision-model", "--max-images", "0"]), "max-images").code,
     "conflict",

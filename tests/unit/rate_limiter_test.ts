@@ -40,3 +40,25 @@ Deno.test("rate limiter: past maxKeys the least recently used bucket is forgotte
   equal(limiter.take("a") > 0, true, "a was kept");
   equal(limiter.take("b"), 0, "b starts with a full bucket again");
 });
+
+Deno.test("rate limiter: a bucket that has filled up again is dropped; a burst of keys leaves none", () => {
+  let now = 0;
+  // 6 a minute: a bucket that gave one token is full again 10 s later.
+  const limiter = new RateLimiter({ perMinute: 6, burst: 10, now: () => now });
+  for (let i = 0; i < 10_000; i++) {
+    now = i;
+    equal(limiter.take(`session-${i}`), 0);
+  }
+  equal(limiter.size, 10_000);
+  now = 14_999.5;
+  equal(limiter.size, 5_000, "the first half has been idle 10 s");
+  now = 19_999.5;
+  equal(limiter.size, 0);
+  // A bucket not full yet is kept, and still counts what it holds.
+  for (let i = 0; i < 10; i++) limiter.take("busy");
+  equal(limiter.take("busy"), 10_000);
+  now += 50_000;
+  limiter.sweep();
+  equal(limiter.size, 1);
+  equal(limiter.take("busy"), 0);
+});

@@ -33,6 +33,11 @@ Deno.test("reply: plain text is the answer once, or the original's error texts; 
   equal(encodeReply(DELTA, "text", "s", "r"), undefined);
   equal(encodeReply(DONE, "text", "s", "r"), '{"hint":"go left","move":[1,0]}');
   equal(encodeReply(FULL, "text", "s", "r"), OVERLOADED_TEXT);
+  const memory: ReplyBody = {
+    type: "error",
+    error: { code: "overloaded", message: "requests in flight hold ...", retry_after_ms: 1000 },
+  };
+  equal(encodeReply(memory, "text", "s", "r"), OVERLOADED_TEXT, "memory full is overload too");
   equal(encodeReply(TIMEOUT, "text", "s", "r"), "Error: too slow");
 });
 

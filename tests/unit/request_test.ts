@@ -151,6 +151,20 @@ Deno.test("request: a payload too large to parse is answered from what can be re
   equal(failure({ session_id: "a/b", message: big }).address, undefined);
 });
 
+Deno.test("request: a payload nested deeper than 32 levels is refused before it is parsed", () => {
+  const nested = (levels: number) =>
+    `{"session_id":"s","request_id":"r","message":"hi","x":${"[".repeat(levels)}${
+      "]".repeat(levels)
+    }}`;
+  equal(request(nested(31)).message, "hi");
+  const deep = failure(nested(32));
+  equal(deep.error.code, "invalid_request");
+  equal(deep.error.message, "payload nests arrays and objects more than 32 levels deep");
+  deepEqual(deep.address, { sessionId: "s", requestId: "r", style: "json", replyTopic: undefined });
+  // Brackets inside strings are text.
+  equal(request({ session_id: "s", message: "[".repeat(100) }).message, "[".repeat(100));
+});
+
 Deno.test("request: a message is needed unless reset or cancel is set, and it may not be blank", () => {
   match(failure({ session_id: "s", message: "  " }).error.message, /empty/);
   match(failure({ session_id: "s" }).error.message, /required unless/);

@@ -4,7 +4,7 @@
  * in between, and the bound on what is remembered.
  */
 
-import { equal } from "node:assert/strict";
+import { equal, ok } from "node:assert/strict";
 import type { Session } from "../../lib/sessions/records.ts";
 import { SessionCache } from "../../lib/sessions/session_cache.ts";
 import { WriteGenerations } from "../../lib/sessions/write_generations.ts";
@@ -55,4 +55,24 @@ Deno.test("session cache: without shared counters nothing is vouched for; 1024 s
   equal(cache.take("p", "s0"), undefined, "the least recently used is forgotten");
   equal(cache.take("p", "s1")?.session.meta?.nextSeq, 1);
   equal(cache.take("p", "s1024")?.session.meta?.nextSeq, 1024);
+});
+
+Deno.test("session cache: bounded by the bytes its histories take, the least recently used forgotten first", () => {
+  const cache = new SessionCache(undefined, { maxBytes: 1024 * 1024 });
+  const long = (nextSeq: number): Session => ({
+    ...session(nextSeq),
+    history: Array.from({ length: 4 }, (_, seq) => ({
+      seq,
+      role: seq % 2 === 0 ? "user" : "assistant",
+      content: "x".repeat(10_000),
+      tokens: 2500,
+    })),
+  });
+  for (let i = 0; i < 1000; i++) cache.remember("p", `s${i}`, long(i), undefined);
+  ok(cache.bytes <= 1024 * 1024, `${cache.bytes} bytes`);
+  ok(cache.size >= 12 && cache.size <= 13, `${cache.size} sessions`);
+  equal(cache.take("p", "s999")?.session.meta?.nextSeq, 999);
+  equal(cache.take("p", "s0"), undefined);
+  for (let i = 0; i < 1000; i++) cache.take("p", `s${i}`);
+  equal(cache.bytes, 0, "taking gives every byte back");
 });
