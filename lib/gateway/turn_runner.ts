@@ -59,7 +59,6 @@ export async function runTurnJob(
   // A turn that cannot be saved is not generated: refused at once, the client retries.
   options.storageHealth?.check();
   await engineHealth.ready(options.engineWaitMs, signal);
-  await job.ticket?.start();
   // Cancelled while it waited for its turn (in a share group, for another instance).
   signal.throwIfAborted();
   const result = await options.runTurn(
