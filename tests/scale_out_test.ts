@@ -147,7 +147,11 @@ test("three instances: a session's quick turns run one at a time, none lost", as
       }
       const stored = await history(`q${s}`);
       const expected = seen.map((_, i) => stored.indexOf(`turn ${i + 1}`) + 1);
-      deepEqual(seen, expected, `session q${s}: two turns ran at once (stored: ${stored})`);
+      deepEqual(
+        seen,
+        expected,
+        `session q${s}: two turns ran at once (stored: ${stored}; the turns saw ${seen} messages)`,
+      );
       deepEqual(stored.toSorted(), ["turn 1", "turn 2", "turn 3", "turn 4", "turn 5"]);
     }
   });
