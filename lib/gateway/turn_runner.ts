@@ -63,7 +63,6 @@ export async function runTurnJob(
   // already or the engine fails it now (loading: 503; busy: 429 with a Retry-After).
   const engineDeadline = now() + options.engineWaitMs;
   await engineHealth.ready(options.engineWaitMs, signal);
-  await job.ticket?.start();
   // Cancelled while it waited for its turn (in a share group, for another instance).
   signal.throwIfAborted();
   let delivered = false;

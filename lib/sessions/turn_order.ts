@@ -2,11 +2,14 @@
  * The order of a session's turns across instances that share one session
  * store (a share group, whose broker hands consecutive requests to different
  * instances). Each request leaves a ticket in the store stamped with the time
- * it arrived; its turn may start when no earlier ticket of the session is held
- * by another live instance, and no later one is already running there. So
- * two instances never run turns of one session at once, turns run in the
- * order they reached the instances, and a crashed instance, whose heartbeat
- * stops, holds a session up for at most `instanceTimeoutMs`.
+ * it arrived; its turn may go when no earlier ticket of the session is held
+ * by another live instance, and no later one has already gone there. A turn
+ * goes in one atomic write, checked against the session's line: every ticket
+ * and every go changes the line, so a ticket that reached the store after
+ * the look, or another instance's go, makes the write fail and the turn look
+ * again. So two instances never run turns of one session at once, turns run
+ * in the order they reached the instances, and a crashed instance, whose
+ * heartbeat stops, holds a session up for at most `instanceTimeoutMs`.
  *
  * A ticket takes a moment to reach the store, so a turn first waits
  * `windowMs` from its arrival: time for a turn that arrived a little earlier
@@ -16,10 +19,10 @@
  */
 
 import { abortableSleep } from "../_util.ts";
-import { openKv } from "./_util.ts";
+import { commitWhenFree, openKv } from "./_util.ts";
 import { sessionKey } from "./session_key.ts";
 
-/** A ticket as stored: who holds it, and whether its turn has started. */
+/** A ticket as stored: who holds it, and whether its turn has gone (it runs, or is queued to). */
 interface Holder {
   readonly instance: string;
   readonly running: boolean;
@@ -78,17 +81,14 @@ export class TurnTicket {
 
   /**
    * Resolves when the session's earlier turns on other instances are done
-   * (this instance's own run first anyway: its scheduler keeps their order).
+   * (this instance's own run first anyway: its scheduler keeps their order),
+   * with the ticket marked as gone: a ticket that reaches the store later
+   * waits for this turn.
    *
    * @throws the reason `signal` aborts with.
    */
   turn(signal: AbortSignal): Promise<void> {
     return this.#order.waitFor(this, signal);
-  }
-
-  /** Marks the turn as running, so that a ticket that reached the store late waits for it. */
-  start(): Promise<void> {
-    return this.#order.start(this);
   }
 
   /** Lets the next turn go, whether this one ran or was given up; once is enough. */
@@ -144,7 +144,11 @@ export class TurnOrder {
       this.#instance,
       this.#issued++,
     ]);
-    await this.#write(ticket, false);
+    const holder: Holder = { instance: this.#instance, running: false };
+    await this.#kv.atomic()
+      .set(ticket.key, holder, { expireIn: this.#keepMs })
+      .set(lineKey(project, sessionId), ticket.key, { expireIn: this.#keepMs })
+      .commit();
     return ticket;
   }
 
@@ -163,11 +167,6 @@ export class TurnOrder {
     return waited;
   }
 
-  /** See {@linkcode TurnTicket.start}. */
-  start(ticket: TurnTicket): Promise<void> {
-    return this.#write(ticket, true);
-  }
-
   /** See {@linkcode TurnTicket.finish}. */
   async finish(ticket: TurnTicket): Promise<void> {
     await this.#kv.delete(ticket.key);
@@ -183,7 +182,10 @@ export class TurnOrder {
     const settled = arrivedAt + this.#windowMs - this.#now();
     if (settled > 0) await this.#sleep(settled, signal);
     const alive = new Map<string, Promise<boolean>>();
+    const line = lineKey(project, sessionId);
     for (;;) {
+      // Read before the tickets: whatever reaches the store after this changes it.
+      const looked = await this.#kv.get(line);
       let blocked = false;
       for await (const entry of this.#kv.list<Holder>({ prefix: ["turn", project, sessionId] })) {
         const { instance, running } = entry.value;
@@ -193,9 +195,20 @@ export class TurnOrder {
         if (await alive.get(instance)) blocked = true;
         else await this.#kv.delete(entry.key); // its instance is gone
       }
-      if (!blocked) return;
+      if (!blocked) {
+        const holder: Holder = { instance: this.#instance, running: true };
+        // A checked write: under contention SQLite refuses it at once, and it is tried again.
+        const go = await commitWhenFree(
+          this.#kv.atomic()
+            .check(looked)
+            .set(ticket.key, holder, { expireIn: this.#keepMs })
+            .set(line, ticket.key, { expireIn: this.#keepMs }),
+        );
+        if (go.ok) return;
+      }
       alive.clear();
-      await this.#sleep(this.#pollMs * (0.5 + Math.random()), signal);
+      // Not blocked but the go failed: a ticket or a go came after the look; look again at once.
+      if (blocked) await this.#sleep(this.#pollMs * (0.5 + Math.random()), signal);
     }
   }
 
@@ -204,17 +217,17 @@ export class TurnOrder {
     return (beat.value ?? 0) > this.#now();
   }
 
-  async #write(ticket: TurnTicket, running: boolean): Promise<void> {
-    const holder: Holder = { instance: this.#instance, running };
-    await this.#kv.set(ticket.key, holder, { expireIn: this.#keepMs });
-  }
-
   /** Writes this instance's heartbeat: alive until the time it names. */
   async #beat(): Promise<void> {
     await this.#kv.set(["turn_instance", this.#instance], this.#now() + this.#timeoutMs, {
       expireIn: 2 * this.#timeoutMs,
     });
   }
+}
+
+/** The key every ticket and every go of a session's turns writes. */
+function lineKey(project: string, sessionId: string): Deno.KvKey {
+  return ["turn_line", project, sessionId];
 }
 
 /** Whether ticket key `a` sorts before `b`: by arrival, then instance, then number. */
