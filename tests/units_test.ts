@@ -367,6 +367,20 @@ Deno.test("deploy: every production path runs the real deno binary, never the np
   match(dockerfile, /^ENTRYPOINT \["deno-bin", "run"/m);
 });
 
+Deno.test("deploy: the unit finds a vLLM in its virtualenv; the docs say what the image's health check asks", async () => {
+  const read = (path: string) => Deno.readTextFile(new URL(`../${path}`, import.meta.url));
+  // systemd's default PATH holds no virtualenv: `vllm` (run by name) would not be found.
+  const unit = await read("deploy/vllm-mqtt.service");
+  const path = /^Environment=PATH=(\S+)$/m.exec(unit)?.[1];
+  assert(path, "the unit sets no PATH");
+  const engines = await read("docs/engines.md");
+  const venv = path.split(":")[0];
+  assert(engines.includes(venv), `docs/engines.md does not name the unit's ${venv}`);
+  // The image's HEALTHCHECK asks /readyz; the docs say the same.
+  match(await read("vllm.Dockerfile"), /^HEALTHCHECK[^]*\/readyz/m);
+  match(engines, /HEALTHCHECK\s+asks the program's `\/readyz`/);
+});
+
 Deno.test("docs/options.md: is what `deno task docs` renders from the option table now", async () => {
   const page = await Deno.readTextFile(new URL(`../${OPTIONS_DOC_PATH}`, import.meta.url));
   const rendered = optionsDoc();

@@ -313,3 +313,49 @@ test("attach mode: the engine is checked at start: a project's model it does not
     await Deno.remove(dataDir, { recursive: true });
   }
 });
+
+test("attach mode: vLLM started without tool parsing is refused at start when a project offers tools", async () => {
+  const broker = await startMosquitto();
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const prompts = await tempDir("vllm-mqtt-prompts-");
+  await Deno.writeTextFile(
+    `${prompts}/tooled.md`,
+    "---\ntools: [{ function: { name: wave, parameters: { type: object } } }]\n---\n# Tooled\n",
+  );
+  const start = (url: string, expectExit: boolean) =>
+    startService([
+      "--engine=url",
+      `--engine-url=${url}`,
+      `--mqtt-url=${broker.url}`,
+      `--data-dir=${dataDir}`,
+      `--prompts-dir=${prompts}`,
+      "--projects=tooled",
+    ], { expectExit });
+  const plain = await startSimulator({});
+  const parsing = await startSimulator({ toolParser: "hermes" });
+  try {
+    const refused = await start(plain.url, true);
+    assert(await refused.stop() !== 0, "started on an engine that refuses tools");
+    match(
+      refused.log(),
+      /a project file offers tools, and the engine at .* refuses them: "auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set/,
+    );
+    const served = await start(parsing.url, false);
+    const client = await TestClient.connect(broker.url);
+    try {
+      await client.subscribe("tooled/assistant_response/#");
+      await client.send("tooled/user_input", { session_id: "w", message: "please wave" });
+      const done = await client.final("w");
+      equal(done.json!.type, "done", JSON.stringify(done.json));
+    } finally {
+      await client.close();
+      await served.stop();
+    }
+  } finally {
+    await plain.close();
+    await parsing.close();
+    await broker.stop();
+    await Deno.remove(prompts, { recursive: true });
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});

@@ -102,7 +102,8 @@ export class EngineHealth {
    * stream, a 429 from a busy engine), and false is returned.
    */
   async confirmDown(): Promise<boolean> {
-    if (this.#state === "down") return true;
+    // Probed even with the circuit open: requests failing in a row open it too, and an engine
+    // that answers its probe (a busy one, answering 429) is not down.
     if (await this.#probe()) return false;
     this.#goDown("a request failed and the health probe too");
     // Probe at the shorter interval from now on, not after the healthy one's wait.

@@ -75,6 +75,55 @@ async function startSimulatorWorker(config: Config, needs: EngineNeeds): Promise
   };
 }
 
+/**
+ * Asks an attached engine whether it takes tools with `tool_choice: auto`
+ * (a one-token completion): a vLLM started without `--enable-auto-tool-choice
+ * --tool-call-parser` refuses it with 400 before generating anything, and
+ * would refuse every turn of a project with tools the same way.
+ */
+async function checkToolParsing(baseUrl: string, apiKey: string, model: string): Promise<void> {
+  let response: Response;
+  try {
+    response = await fetch(`${baseUrl}/chat/completions`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${apiKey}`, "content-type": "application/json" },
+      body: JSON.stringify({
+        model,
+        messages: [{ role: "user", content: "ping" }],
+        max_tokens: 1,
+        tools: [{ type: "function", function: { name: "ping", parameters: { type: "object" } } }],
+        tool_choice: "auto",
+      }),
+      signal: AbortSignal.timeout(30_000),
+    });
+  } catch (error) {
+    log.warn("Could not ask the engine whether it takes tools ({message})", {
+      message: (error as Error).message,
+    });
+    return;
+  }
+  const text = await response.text();
+  if (response.status === 400 && /tool-call-parser|auto-tool-choice|tool choice/i.test(text)) {
+    const message = (() => {
+      try {
+        return String(JSON.parse(text).error?.message ?? text);
+      } catch {
+        return text;
+      }
+    })();
+    throw new EngineStartError(
+      `a project file offers tools, and the engine at ${baseUrl} refuses them: ` +
+        `${message.slice(0, 200)}; start it with --enable-auto-tool-choice --tool-call-parser ` +
+        "(the parser for its model: see docs/engines.md), or drop the project's tools",
+    );
+  }
+  if (!response.ok) {
+    log.warn("The engine answered {status} when asked whether it takes tools", {
+      status: response.status,
+    });
+  }
+}
+
 /** A model as `/v1/models` lists it (vLLM adds `root`, `parent` and `max_model_len`). */
 interface ListedModel {
   readonly id: string;
@@ -86,8 +135,9 @@ interface ListedModel {
 /**
  * Attaches to an OpenAI-compatible endpoint; picks its model when it serves
  * just one. What it lists is checked against the projects: a `model:` it does
- * not serve stops the start-up (every turn of that project would be a 404);
- * a context shorter than `--max-model-len` is warned about (turns that do not
+ * not serve stops the start-up (every turn of that project would be a 404),
+ * and so does an engine that refuses tools when a project offers them; a
+ * context shorter than `--max-model-len` is warned about (turns that do not
  * fit are trimmed and tried again, at a cost).
  */
 async function attach(config: Config, needs: EngineNeeds): Promise<RunningEngine> {
@@ -141,12 +191,7 @@ async function attach(config: Config, needs: EngineNeeds): Promise<RunningEngine
       );
     }
   }
-  if (needs.tools) {
-    log.info(
-      "A project offers tools: the engine must parse tool calls (vLLM: " +
-        "--enable-auto-tool-choice --tool-call-parser), or it refuses those turns with 400",
-    );
-  }
+  if (needs.tools && listed !== undefined) await checkToolParsing(baseUrl, apiKey, model);
   // Whether the engine runs a reasoning parser cannot be read from it: `--reasoning-parser`
   // says so; without it, a model whose template opens the thinking block is filtered here.
   const parser = ["auto", "none"].includes(config.reasoningParser)

@@ -7,7 +7,9 @@
  * - `tool_choice: "auto"` (the default when `tools` are given,
  *   vllm/entrypoints/openai/protocol.py) without `--enable-auto-tool-choice
  *   --tool-call-parser`: 400 (vllm/entrypoints/openai/serving_chat.py).
- *   Current vLLM refuses `"required"` without a tool-call parser too.
+ *   Current vLLM refuses `"required"` without a tool-call parser too (v0.11.0
+ *   served it by guided decoding); that refusal is worded here in the same
+ *   way, as its wording was not found in the sources read.
  * - `top_p` outside (0, 1]: 400 from `SamplingParams` (vllm/sampling_params.py).
  * - a base64 image without its padding: vLLM decodes with `validate=True`
  *   (vllm/multimodal/image.py), which fails with "Incorrect padding".
