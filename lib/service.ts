@@ -18,7 +18,17 @@ import { Gateway } from "./gateway/gateway.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
 import { logger } from "./log.ts";
-import { connectMqtt, type MessageHandler, redact, TakeoverWatch } from "./mqtt/connect.ts";
+import {
+  connectMqtt,
+  type MessageHandler,
+  protocolOf,
+  redact,
+  sessionPresent,
+  sharedSubscriptionRefusal,
+  TakeoverWatch,
+} from "./mqtt/connect.ts";
+import { replaceSubscriptions } from "./service/subscriptions.ts";
+import { PacketLimit, topicRefusal } from "./mqtt/broker_limits.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
 import { TurnOrder } from "./sessions/turn_order.ts";
@@ -137,7 +147,7 @@ export async function startService(config: Config): Promise<Service> {
     cleanup.defer(() => pool.close());
 
     let brokerUrl = config.mqttUrl;
-    let protocolVersion = config.mqttVersion;
+    let protocolVersion: 4 | 5 | "auto" = config.mqttVersion;
     if (brokerUrl === undefined) {
       const port = config.embeddedBrokerPort;
       if (await isListening("127.0.0.1", port)) {
@@ -146,11 +156,13 @@ export async function startService(config: Config): Promise<Service> {
         const broker = await startEmbeddedBroker(port);
         cleanup.defer(() => broker.close());
         brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
-        // The embedded broker speaks MQTT 3.1.1 only.
+        // The embedded broker (aedes) speaks MQTT 3.1.1 only.
         protocolVersion = 4;
-        log.info("No broker answered on localhost:{port}; started the embedded broker there", {
-          port,
-        });
+        log.info(
+          "No broker answered on localhost:{port}; started the embedded broker there (MQTT 3.1.1 " +
+            "only: it refuses MQTT 5 clients; run mosquitto for them)",
+          { port },
+        );
       }
     }
 
@@ -164,10 +176,12 @@ export async function startService(config: Config): Promise<Service> {
       model: config.servedModelName,
       started_at: startedAt,
     });
+    const packetLimit = new PacketLimit(config.mqttMaxPacketBytes, protocolVersion !== 4);
     const client = await connectMqtt({
       url: brokerUrl,
       clientId: config.mqttClientId,
       protocolVersion,
+      packetLimit,
       username: config.mqttUsername,
       password: config.mqttPassword,
       tlsCa: config.tlsCa,
@@ -187,10 +201,24 @@ export async function startService(config: Config): Promise<Service> {
     cleanup.defer(() =>
       withTimeout(client.endAsync(), BROKER_GOODBYE_MS).catch(() => client.endAsync(true))
     );
-    log.info("Connected to broker {url} (MQTT {version})", {
+    log.info("Connected to broker {url} (MQTT {version}{limit})", {
       url: redact(brokerUrl),
-      version: protocolVersion === 5 ? "5" : "3.1.1",
+      version: protocolOf(client) === 5 ? "5" : "3.1.1",
+      limit: packetLimit.bytes === Infinity ? "" : `, packets up to ${packetLimit.bytes} bytes`,
     });
+    if (config.shareGroup !== undefined) {
+      const refusal = await sharedSubscriptionRefusal(
+        client,
+        config.shareGroup,
+        `${config.serviceName}/probe/${config.mqttClientId}`,
+      );
+      if (refusal !== undefined) {
+        throw new Error(
+          `--share-group ${config.shareGroup} cannot work on this broker: ${refusal}; ` +
+            `run one instance without --share-group, or use a broker with shared subscriptions`,
+        );
+      }
+    }
 
     // deno-lint-ignore prefer-const
     let gateway: Gateway;
@@ -210,6 +238,14 @@ export async function startService(config: Config): Promise<Service> {
     await directory.load();
     gateway = new Gateway({
       publish: publishOn(client),
+      broker: {
+        fits: (topic, payload, qos, correlationData) =>
+          packetLimit.fits(topic, payload, qos, correlationData),
+        get maxPacketBytes() {
+          return packetLimit.bytes;
+        },
+        topicRefusal: (topic) => topicRefusal(config.brokerProfile, topic),
+      },
       subscribe: (filters, qos) => client.subscribeAsync(filters, { qos }).then(() => {}),
       unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
       runTurn: (turn, onDelta, signal) => pool.run(turn, onDelta, signal),
@@ -280,6 +316,17 @@ export async function startService(config: Config): Promise<Service> {
     await gateway.subscribe();
     // Our own status topic: another instance with our client id shows itself there.
     await client.subscribeAsync(topics.status, { qos: 1 });
+    if (config.shareGroup === undefined) {
+      await replaceSubscriptions({
+        dataDir: config.dataDir,
+        broker: redact(brokerUrl),
+        clientId: config.mqttClientId,
+        sessionPresent: sessionPresent(client),
+        current: [...gateway.subscriptions, topics.status],
+        overlapping: gateway.overlapping,
+        unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
+      });
+    }
     announce();
     log.info("Serving {projects} with model {model}", {
       projects: config.projects,

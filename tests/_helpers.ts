@@ -164,6 +164,70 @@ export async function startMosquitto(extra: string[] = [], port = freePort()): P
   return broker;
 }
 
+/** Whether nats-server is installed; tests of its MQTT listener are skipped otherwise. */
+export const HAS_NATS = (() => {
+  try {
+    return new Deno.Command("nats-server", { args: ["--version"], stdout: "null", stderr: "null" })
+      .outputSync().success;
+  } catch {
+    return false;
+  }
+})();
+
+/** A nats-server with an MQTT listener, started by a test. */
+export interface NatsBroker {
+  /** The MQTT listener's port. */
+  readonly port: number;
+  readonly url: string;
+  /** Everything it logged. */
+  readonly log: () => string;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts nats-server with an MQTT listener on a free port (its MQTT support
+ * needs a server name and JetStream, whose store goes in a temporary folder).
+ */
+export async function startNats(): Promise<NatsBroker> {
+  const dir = await tempDir("vllm-mqtt-nats-");
+  const port = freePort();
+  await Deno.writeTextFile(
+    `${dir}/nats.conf`,
+    [
+      "server_name: vllm-mqtt-test",
+      `listen: 127.0.0.1:${freePort()}`,
+      `jetstream { store_dir: "${dir}/js" }`,
+      `mqtt { listen: 127.0.0.1:${port} }`,
+    ].join("\n") + "\n",
+  );
+  const child = new Deno.Command("nats-server", {
+    args: ["-c", `${dir}/nats.conf`],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output = "";
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
+  };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const close = async () => {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* gone */ }
+    await child.status;
+    await pumped;
+    await removeTempDir(dir);
+  };
+  try {
+    await waitFor(() => listening(port), 20_000, `nats-server's MQTT listener on port ${port}`);
+  } catch (error) {
+    await close();
+    throw new Error(`${(error as Error).message}\n${output}`);
+  }
+  return { port, url: `mqtt://127.0.0.1:${port}`, log: () => output, close };
+}
+
 /** A `deno` child process started in the checkout, its output collected. */
 export interface DenoProcess {
   readonly child: Deno.ChildProcess;

@@ -5,6 +5,8 @@
  * 1. project: a project not served here is `unknown_project`;
  * 2. parse: a request that is not valid JSON or not a valid request is
  *    answered where it can be (`bad_request`), else only counted;
+ *    a request whose reply topic the broker cannot carry (a session id with
+ *    `.` on NATS) cannot be answered: it is logged and counted;
  * 3. ownership: `forbidden` on the shared input topic under
  *    `--session-topics-only`, or for a session id this service did not sign;
  * 4. accepting: `cancelled` with a retry hint once the service is stopping;
@@ -116,6 +118,7 @@ export class Admission {
     const parsed = this.#parse(topic, project, topicSessionId, payload, packet);
     if (!parsed) return;
     const { request, reply } = parsed;
+    if (this.#unreachable(request, reply)) return;
     // Step 3: ownership.
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
     if (refusal) return this.fail(reply, refusal);
@@ -313,6 +316,26 @@ export class Admission {
     };
     this.fail(replyTarget(topics, project, address ?? somewhere, mqtt5), error);
     return undefined;
+  }
+
+  /**
+   * End of step 2: a reply topic the broker cannot carry. Publishing there
+   * would make it drop the connection, so the request is refused before it
+   * costs anything; nothing can tell its client, so it is logged and counted.
+   */
+  #unreachable(request: ChatRequest, reply: ReplyTarget): boolean {
+    const refusal = this.#options.replies.topicRefusal(reply.topic);
+    if (refusal === undefined) return false;
+    this.#options.stats.unaddressable("invalid_request");
+    log.warn(
+      "Refused a request of session {session}: its reply topic {topic} cannot be used: {reason}",
+      {
+        session: request.sessionId,
+        topic: reply.topic,
+        reason: refusal,
+      },
+    );
+    return true;
   }
 
   /** Step 5: cancels what a `cancel` request names; whether the request is done with. */

@@ -15,6 +15,7 @@ import { logger } from "../log.ts";
 import {
   type ChatRequest,
   type ControlCommand,
+  filterMatches,
   type ReplyBody,
   SESSION_ID_PATTERN,
 } from "../protocol/mod.ts";
@@ -50,14 +51,19 @@ export class Gateway {
   readonly #states: StateTopics | undefined;
   /** Topics already logged as holding a retained message (once each, bounded). */
   readonly #retainedTopics = new Set<string>();
-  #subscriptions: string[] = [];
+  #subscriptions: string[];
 
   constructor(options: GatewayOptions) {
     this.#options = options;
     const now = this.#now = options.now ?? (() => performance.now());
     const { topics, stats, turnOrder } = options;
     this.#prompts = new Prompts(options.projects, options.engineTokenCount);
-    this.#replies = new ReplyPublisher({ publish: options.publish, qos: options.qos, stats });
+    this.#replies = new ReplyPublisher({
+      publish: options.publish,
+      qos: options.qos,
+      stats,
+      broker: options.broker,
+    });
     this.#scheduler = new Scheduler<Job>({
       maxQueue: options.maxQueue,
       maxInFlight: options.maxInFlight,
@@ -123,6 +129,7 @@ export class Gateway {
         publish,
       })
       : undefined;
+    this.#subscriptions = this.#filters();
   }
 
   /** Requests waiting in the queue. */
@@ -141,10 +148,36 @@ export class Gateway {
     return this.#scheduler.hasSession(key) || (this.#line?.jobs(key).length ?? 0) > 0;
   }
 
+  /** The topic filters this gateway subscribes (as subscribed: shared ones with `$share/`). */
+  get subscriptions(): readonly string[] {
+    return this.#subscriptions;
+  }
+
+  /**
+   * Filters an earlier run with other options may have left in the broker's
+   * persistent session that overlap this run's, each delivering a second copy
+   * of a request: the input wildcards of `--answer-unknown-projects` when
+   * this run has them not, each served project's input topics when it has.
+   */
+  get overlapping(): readonly string[] {
+    const { topics } = this.#options;
+    const every = this.#options.answerUnknownProjects;
+    const filters = every
+      ? [...this.#prompts.projects()].flatMap((p) => [topics.input(p), topics.sessionInput(p, "+")])
+      : [topics.input("+"), topics.sessionInput("+", "+")];
+    return filters.map((filter) => topics.subscription(filter));
+  }
+
   /** Subscribes to every enabled project's input (and control) topics. */
   async subscribe(): Promise<void> {
     await this.#prompts.counted;
-    const { topics, qos } = this.#options;
+    await this.#options.subscribe(this.#subscriptions, this.#options.qos);
+    log.info("Subscribed to {filters}", { filters: this.#subscriptions });
+  }
+
+  /** The filters of every enabled project's input (and control) topics. */
+  #filters(): string[] {
+    const { topics } = this.#options;
     // One wildcard rather than both: overlapping filters may deliver a message twice.
     const every = this.#options.answerUnknownProjects;
     const filters: string[] = every ? [topics.input("+"), topics.sessionInput("+", "+")] : [];
@@ -154,9 +187,7 @@ export class Gateway {
       if (this.#control) filters.push(...this.#control.filters(project));
       if (this.#states) filters.push(...this.#states.filters(project));
     }
-    this.#subscriptions = filters.map((filter) => topics.subscription(filter));
-    await this.#options.subscribe(this.#subscriptions, qos);
-    log.info("Subscribed to {filters}", { filters });
+    return filters.map((filter) => topics.subscription(filter));
   }
 
   /**
@@ -174,6 +205,11 @@ export class Gateway {
     // replayed at every subscription (every start): acting on it would answer a stale request,
     // or clear histories, once per start.
     if (packet.retain) return this.#ignoreRetained(topic);
+    // A message through a subscription this run did not make (left in the broker's persistent
+    // session by an earlier run with other projects or options) is not for this run.
+    if (!this.#subscriptions.some((filter) => filterMatches(filter, topic))) {
+      return this.#ignoreUnsubscribed(topic);
+    }
     const target = this.#options.topics.parse(topic);
     const served = target !== undefined && this.#prompts.has(target.project);
     switch (target?.kind) {
@@ -256,6 +292,11 @@ export class Gateway {
         "replayed at every subscription; clear it with an empty retained message on that topic",
       { topic },
     );
+  }
+
+  #ignoreUnsubscribed(topic: string): void {
+    this.#options.stats.ignored("unsubscribed");
+    log.debug("Ignoring a message on {topic}: no subscription of this run matches it", { topic });
   }
 
   async #run(job: Job, signal: AbortSignal): Promise<void> {

@@ -140,6 +140,22 @@ export class Topics {
   }
 }
 
+/**
+ * Whether a topic `filter` (MQTT wildcards `+` and `#`; a shared
+ * subscription's `$share/{group}/` prefix is read past) matches `topic`.
+ */
+export function filterMatches(filter: string, topic: string): boolean {
+  const shared = /^\$share\/[^/]+\//.exec(filter);
+  const levels = (shared ? filter.slice(shared[0].length) : filter).split("/");
+  const names = topic.split("/");
+  for (let i = 0; i < levels.length; i++) {
+    if (levels[i] === "#") return true;
+    if (i >= names.length) return false;
+    if (levels[i] !== "+" && levels[i] !== names[i]) return false;
+  }
+  return levels.length === names.length;
+}
+
 /** The control topics the original deployment served. */
 export type ControlCommand = "clear_history" | "delete_session" | "template";
 

@@ -5,7 +5,7 @@
  */
 
 import assert, { deepEqual, equal } from "node:assert/strict";
-import { SESSION_ID_PATTERN, Topics } from "../../lib/protocol/topics.ts";
+import { filterMatches, SESSION_ID_PATTERN, Topics } from "../../lib/protocol/topics.ts";
 
 Deno.test("topics: the names a deployment uses, under its prefix (status and stats are not)", () => {
   const topics = new Topics("site1/", "vllm");
@@ -108,5 +108,22 @@ Deno.test("topics: a session id is 1 to 128 code points without what a topic lev
     ]
   ) {
     assert(!SESSION_ID_PATTERN.test(id), JSON.stringify(id));
+  }
+});
+
+Deno.test("filterMatches: wildcards and shared subscriptions as a broker matches them", () => {
+  const cases: [string, string, boolean][] = [
+    ["maze/user_input", "maze/user_input", true],
+    ["+/user_input", "maze/user_input", true],
+    ["+/user_input", "maze/user_input/s", false],
+    ["+/user_input/+", "maze/user_input/s", true],
+    ["maze/user_input", "racing/user_input", false],
+    ["a/#", "a/b/c", true],
+    ["a/#", "a", true],
+    ["$share/pool/maze/user_input", "maze/user_input", true],
+    ["maze/state/+", "maze/state", false],
+  ];
+  for (const [filter, topic, matches] of cases) {
+    equal(filterMatches(filter, topic), matches, `${filter} ${topic}`);
   }
 });

@@ -1,0 +1,312 @@
+/**
+ * The service against brokers that take less than MQTT allows: mosquitto
+ * with a packet limit (`max_packet_size`, which drops the connection, and
+ * `message_size_limit`, which drops the message), and NATS's MQTT listener
+ * (MQTT 3.1.1 only, no `.` or ` ` in topics, no shared subscriptions). One
+ * request whose answer the broker cannot take must leave every other
+ * session served, and a broker that lacks a feature gets a working service
+ * or a refusal that says why.
+ */
+
+import { equal, match, ok } from "node:assert/strict";
+import { startSimulator } from "../lib/engine/simulator.ts";
+import {
+  HAS_MOSQUITTO,
+  HAS_NATS,
+  type Received,
+  removeTempDir,
+  startNats,
+  startService,
+  tempDir,
+  TestClient,
+  withService,
+} from "./_helpers.ts";
+
+/** Words of filler in every answer: about 100 KB when a request lets it run. */
+const FILLER = 16_000;
+/** The engine: long answers, quickly. */
+const SIM = { ttftMs: 1, itlMs: 0, fillerTokens: FILLER, maxModelLen: 65_536 };
+/** The service can give a request that many tokens. */
+const LONG_ANSWERS = ["--max-model-len=65536", "--max-tokens=20"];
+/** A request for an answer of about 100 KB. */
+const BIG = { max_tokens: FILLER + 50 };
+
+/** Sends `count` small requests from as many sessions; waits for each one's final reply. */
+async function pings(client: TestClient, project: string, count = 30): Promise<Received[]> {
+  for (let i = 0; i < count; i++) {
+    await client.send(`${project}/user_input`, {
+      session_id: `ping-${i}`,
+      request_id: `p${i}`,
+      message: "ping",
+    });
+  }
+  const finals = [];
+  for (let i = 0; i < count; i++) finals.push(await client.final(`ping-${i}`, `p${i}`, 30_000));
+  return finals;
+}
+
+/** The text of an answer, from its `done` or (when it says so) its deltas. */
+function answerText(received: Received[], sessionId: string): string {
+  const mine = received.filter((m) => m.json?.session_id === sessionId);
+  const done = mine.find((m) => m.json!.type === "done")!.json!;
+  if (done.response_in_deltas !== true) return done.response as string;
+  return mine.filter((m) => m.json!.type === "delta").map((m) => m.json!.delta as string).join("");
+}
+
+Deno.test({
+  name: "mosquitto max_packet_size, MQTT 5: a 100 KB answer comes as deltas; 30 pings answered",
+  ignore: !HAS_MOSQUITTO,
+  fn: () =>
+    withService({
+      sim: SIM,
+      args: LONG_ANSWERS,
+      mqtt5: true,
+      brokerConfig: ["max_packet_size 65536"],
+    }, async ({ client, service }) => {
+      // Its CONNACK said the limit: nothing to configure.
+      match(service.log(), /packets up to 65536 bytes/);
+      await client.send("maze/user_input", {
+        session_id: "big",
+        request_id: "b1",
+        message: "tell me everything",
+        params: BIG,
+      });
+      const done = await client.final("big", "b1", 60_000);
+      equal(done.json!.type, "done");
+      equal(done.json!.response, "");
+      equal(done.json!.response_in_deltas, true);
+      const text = answerText(client.received, "big");
+      ok(text.length > 100_000, `${text.length} characters`);
+      ok(text.endsWith(` w${FILLER - 1}`), text.slice(-40));
+      const finals = await pings(client, "maze");
+      ok(finals.every((m) => m.json!.type === "done"));
+      ok(!service.log().includes("Lost the connection"), "the broker never dropped the service");
+    }),
+});
+
+Deno.test({
+  name:
+    "mosquitto message_size_limit, MQTT 3.1.1: with --mqtt-max-packet-bytes, long answers are split or refused by style",
+  ignore: !HAS_MOSQUITTO,
+  fn: () =>
+    withService({
+      sim: SIM,
+      args: [...LONG_ANSWERS, "--mqtt-version=4", "--mqtt-max-packet-bytes=64KiB"],
+      brokerConfig: ["message_size_limit 65536"],
+    }, async ({ client }) => {
+      // Not streamed: the whole answer comes as deltas before the done.
+      await client.send("maze/user_input", {
+        session_id: "whole",
+        request_id: "w1",
+        message: "all at once",
+        stream: false,
+        params: BIG,
+      });
+      equal((await client.final("whole", "w1", 60_000)).json!.response_in_deltas, true);
+      ok(answerText(client.received, "whole").length > 100_000);
+      // The original's plain-text style has one message an answer: a clear error instead.
+      await client.send("maze/user_input", {
+        sessionId: "plain",
+        message: "all in one",
+        params: BIG,
+      });
+      const plain = await client.next((m) => m.topic === "maze/assistant_response/plain");
+      match(plain.text, /^Error: the answer \(\d+ bytes\) is larger than the broker takes/);
+      const finals = await pings(client, "maze");
+      ok(finals.every((m) => m.json!.type === "done"));
+    }),
+});
+
+Deno.test({
+  name:
+    "mosquitto max_packet_size, MQTT 3.1.1 without the limit set: the refused packet is dropped after 3 tries; 30 pings answered",
+  ignore: !HAS_MOSQUITTO,
+  fn: () =>
+    withService({
+      sim: SIM,
+      args: [...LONG_ANSWERS, "--mqtt-version=4"],
+      brokerConfig: ["max_packet_size 65536"],
+    }, async ({ client, service }) => {
+      await client.send("maze/user_input", {
+        session_id: "big",
+        request_id: "b1",
+        message: "tell me everything",
+        params: BIG,
+      });
+      const finals = await pings(client, "maze");
+      ok(finals.every((m) => m.json!.type === "done"));
+      match(service.log(), /Dropped a message to maze\/assistant_response\/big/);
+      ok(!service.exited(), "the service is still running");
+    }),
+});
+
+/** Runs `fn` against nats-server's MQTT listener, the simulated engine and a client. */
+async function withNats(
+  args: string[],
+  fn: (client: TestClient, log: () => string) => Promise<void>,
+): Promise<void> {
+  const nats = await startNats();
+  const sim = await startSimulator({ ttftMs: 1, itlMs: 0 });
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  let service;
+  let client;
+  try {
+    service = await startService([
+      "--engine=url",
+      `--engine-url=${sim.url}`,
+      `--mqtt-url=${nats.url}`,
+      `--data-dir=${dataDir}`,
+      "--projects=maze",
+      "--workers=1",
+      ...args,
+    ]);
+    client = await TestClient.connect(nats.url, { protocolVersion: 4 });
+    await client.subscribe("maze/assistant_response/#");
+    await fn(client, service.log);
+  } catch (error) {
+    if (service) console.error(`--- service log ---\n${service.log().slice(-4000)}`);
+    throw error;
+  } finally {
+    await client?.close();
+    await service?.stop();
+    await sim.close();
+    await nats.close();
+    await removeTempDir(dataDir);
+  }
+}
+
+Deno.test({
+  name: "NATS: MQTT 5 refused, the service says so and serves with 3.1.1",
+  ignore: !HAS_NATS,
+  fn: () =>
+    withNats([], async (client, log) => {
+      match(log(), /does not take MQTT 5 .*using MQTT 3\.1\.1/);
+      match(log(), /Connected to broker .* \(MQTT 3\.1\.1/);
+      const finals = await pings(client, "maze", 5);
+      ok(finals.every((m) => m.json!.type === "done"));
+    }),
+});
+
+Deno.test({
+  name:
+    "NATS with --broker-profile nats: a session id with '.' is refused at admission; 30 pings answered",
+  ignore: !HAS_NATS,
+  fn: () =>
+    withNats(["--broker-profile=nats"], async (client, log) => {
+      for (const sessionId of ["abc.def", "with space"]) {
+        await client.send("maze/user_input", { session_id: sessionId, message: "hi" });
+      }
+      const finals = await pings(client, "maze");
+      ok(finals.every((m) => m.json!.type === "done"));
+      match(log(), /session abc\.def: its reply topic .* cannot be used: .*NATS/);
+      match(log(), /session with space: its reply topic/);
+      ok(!log().includes("Lost the connection"), "the broker never dropped the service");
+    }),
+});
+
+Deno.test({
+  name: "NATS: --share-group refuses to start, saying the broker has no shared subscriptions",
+  ignore: !HAS_NATS,
+  fn: async () => {
+    const nats = await startNats();
+    const dataDir = await tempDir("vllm-mqtt-data-");
+    try {
+      const service = await startService([
+        "--engine=sim",
+        `--mqtt-url=${nats.url}`,
+        `--data-dir=${dataDir}`,
+        "--projects=maze",
+        "--workers=1",
+        "--share-group=pool",
+        "--mqtt-client-id=member-1",
+      ], { expectExit: true, timeoutMs: 60_000 });
+      const code = await service.stop();
+      equal(code, 1);
+      match(service.log(), /--share-group pool cannot work on this broker: .*shared subscriptions/);
+    } finally {
+      await nats.close();
+      await removeTempDir(dataDir);
+    }
+  },
+});
+
+Deno.test({
+  name: "mosquitto, MQTT 3.1.1: the shared-subscription probe passes and the group serves",
+  ignore: !HAS_MOSQUITTO,
+  fn: () =>
+    withService(
+      { args: ["--mqtt-version=4", "--share-group=pool"] },
+      async ({ client }) => {
+        const finals = await pings(client, "maze", 3);
+        ok(finals.every((m) => m.json!.type === "done"));
+      },
+    ),
+});
+
+/** How many final replies a request got (after a moment for a second copy to show). */
+async function finalsOf(client: TestClient, sessionId: string, requestId: string) {
+  await client.final(sessionId, requestId);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  return client.received.filter((m) =>
+    m.json?.session_id === sessionId && m.json.request_id === requestId &&
+    (m.json.type === "done" || m.json.type === "error")
+  );
+}
+
+for (const version of ["5", "4"]) {
+  Deno.test({
+    name:
+      `MQTT ${version}: a run inherits no subscription of an earlier run with other options; each request answered once`,
+    ignore: !HAS_MOSQUITTO,
+    fn: () =>
+      withService(
+        { args: ["--answer-unknown-projects", `--mqtt-version=${version}`] },
+        async (fixture) => {
+          const { client } = fixture;
+          await client.subscribe("racing/assistant_response/#");
+          // The first run answers every project; the next one only its own.
+          await fixture.service.stop();
+          const narrow = fixture.args.filter((arg) => arg !== "--answer-unknown-projects");
+          // Sent while no service runs: the broker keeps them for the persistent session.
+          await client.send("maze/user_input", {
+            session_id: "queued",
+            request_id: "q1",
+            message: "hi",
+          });
+          fixture.service = await startService(narrow);
+          equal((await finalsOf(client, "queued", "q1")).length, 1);
+          await client.send("racing/user_input", {
+            session_id: "r",
+            request_id: "r1",
+            message: "hi",
+          });
+          await client.send("maze/user_input", {
+            session_id: "n",
+            request_id: "n1",
+            message: "hi",
+          });
+          const once = await finalsOf(client, "n", "n1");
+          equal(once.length, 1);
+          equal(once[0].json!.type, "done");
+          equal(client.received.filter((m) => m.json?.session_id === "r").length, 0);
+          // And back: the wide run has the specific filters of the narrow one left over.
+          await fixture.service.stop();
+          fixture.service = await startService(fixture.args);
+          await client.send("maze/user_input", {
+            session_id: "w",
+            request_id: "w1",
+            message: "hi",
+          });
+          equal((await finalsOf(client, "w", "w1")).length, 1);
+          await client.send("racing/user_input", {
+            session_id: "r",
+            request_id: "r2",
+            message: "hi",
+          });
+          const unknown = await finalsOf(client, "r", "r2");
+          equal(unknown.length, 1);
+          equal((unknown[0].json!.error as { code: string }).code, "unknown_project");
+        },
+      ),
+  });
+}
