@@ -13,9 +13,12 @@ import { startSimulator } from "../lib/engine/simulator.ts";
 import {
   HAS_MOSQUITTO,
   HAS_NATS,
+  HAS_RABBITMQ,
+  type OtherBroker,
   type Received,
   removeTempDir,
   startNats,
+  startRabbitMq,
   startService,
   tempDir,
   TestClient,
@@ -141,11 +144,20 @@ Deno.test({
 });
 
 /** Runs `fn` against nats-server's MQTT listener, the simulated engine and a client. */
-async function withNats(
+function withNats(
   args: string[],
   fn: (client: TestClient, log: () => string) => Promise<void>,
 ): Promise<void> {
-  const nats = await startNats();
+  return withBroker(startNats, args, fn);
+}
+
+/** Runs `fn` against a broker `start` starts, the simulated engine and a client. */
+async function withBroker(
+  start: () => Promise<OtherBroker>,
+  args: string[],
+  fn: (client: TestClient, log: () => string) => Promise<void>,
+): Promise<void> {
+  const nats = await start();
   const sim = await startSimulator({ ttftMs: 1, itlMs: 0 });
   const dataDir = await tempDir("vllm-mqtt-data-");
   let service;
@@ -310,3 +322,37 @@ for (const version of ["5", "4"]) {
       ),
   });
 }
+
+Deno.test({
+  name:
+    "RabbitMQ 3.10: MQTT 5 closed unanswered, the service says so and serves with 3.1.1; --share-group refused",
+  ignore: !HAS_RABBITMQ,
+  fn: async () => {
+    const rabbit = await startRabbitMq();
+    try {
+      await withBroker(() => Promise.resolve({ ...rabbit, close: async () => {} }), [], async (
+        client,
+        log,
+      ) => {
+        match(log(), /does not take MQTT 5 \(it closed the connection unanswered\)/);
+        const finals = await pings(client, "maze", 5);
+        ok(finals.every((m) => m.json!.type === "done"));
+      });
+      const dataDir = await tempDir("vllm-mqtt-data-");
+      const service = await startService([
+        "--engine=sim",
+        `--mqtt-url=${rabbit.url}`,
+        `--data-dir=${dataDir}`,
+        "--projects=maze",
+        "--workers=1",
+        "--share-group=pool",
+        "--mqtt-client-id=member-1",
+      ], { expectExit: true, timeoutMs: 60_000 });
+      equal(await service.stop(), 1);
+      match(service.log(), /--share-group pool cannot work on this broker/);
+      await removeTempDir(dataDir);
+    } finally {
+      await rabbit.close();
+    }
+  },
+});
