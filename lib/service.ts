@@ -297,6 +297,8 @@ export async function startService(config: Config): Promise<Service> {
       Deno.writeTextFile(statusFile, online).catch(() => {});
     };
     // After a reconnect the Last Will may have said `offline`; say `online` again.
+    const failed = (error: unknown) =>
+      log.error("Subscribing again failed: {message}", { message: String(error) });
     client.on("connect", (connack) => {
       log.info("Reconnected to the broker");
       stats.brokerReconnected();
@@ -306,11 +308,13 @@ export async function startService(config: Config): Promise<Service> {
         if (config.shareGroup === undefined) {
           log.warn("The broker kept no session for us: requests sent while we were away are lost");
         }
-        const failed = (error: unknown) =>
-          log.error("Subscribing again failed: {message}", { message: String(error) });
         gateway.subscribe().catch(failed);
-        client.subscribeAsync(topics.status, { qos: 1 }).catch(failed);
       }
+      // Also with our session kept: the retained status it sends again says whether another
+      // instance with our client id announced itself since we did. (`resubscribe`: the client
+      // skips a filter it holds already.)
+      client.subscribeAsync({ [topics.status]: { qos: 1 }, resubscribe: true } as never)
+        .catch(failed);
       announce();
     });
     await gateway.subscribe();

@@ -22,6 +22,7 @@ import {
   startService,
   tempDir,
   TestClient,
+  waitFor,
   withService,
 } from "./_helpers.ts";
 
@@ -353,6 +354,42 @@ Deno.test({
       await removeTempDir(dataDir);
     } finally {
       await rabbit.close();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a run stopped while the broker was down does not make the next run stop at a broker restart",
+  ignore: !HAS_MOSQUITTO,
+  fn: async () => {
+    const store = await tempDir("vllm-mqtt-broker-store-");
+    // mosquitto started as root runs as its own user: it must be able to save its sessions.
+    await Deno.chmod(store, 0o777);
+    try {
+      await withService({
+        brokerConfig: ["persistence true", `persistence_location ${store}/`],
+      }, async (fixture) => {
+        const { broker, client } = fixture;
+        // Stopped while the broker is down: no `offline` replaces its retained `online`.
+        await broker.stop("SIGTERM");
+        equal(await fixture.service.stop(), 0);
+        await broker.start();
+        fixture.service = await startService(fixture.args);
+        const next = fixture.service;
+        await client.send("maze/user_input", { session_id: "a", request_id: "1", message: "hi" });
+        equal((await client.final("a", "1", 30_000)).json!.type, "done");
+        // The broker restarts: the service reconnects and serves on.
+        await broker.stop("SIGTERM");
+        await broker.start();
+        await waitFor(() => next.log().includes("Reconnected") || next.exited(), 20_000);
+        await new Promise((resolve) => setTimeout(resolve, 2500));
+        ok(!next.exited(), `the service stopped:\n${next.log().slice(-1500)}`);
+        await client.send("maze/user_input", { session_id: "a", request_id: "2", message: "hi" });
+        equal((await client.final("a", "2", 30_000)).json!.type, "done");
+      });
+    } finally {
+      await removeTempDir(store);
     }
   },
 });

@@ -183,6 +183,9 @@ function connectWith(
     if (packet.cmd !== "connack") return;
     accepted = (packet.reasonCode ?? packet.returnCode ?? 0) === 0;
     if (accepted) {
+      // Here, not at the client's `connect` event: messages the broker sends at once (a Will
+      // fired by this takeover) may be handled before that event.
+      takeover.connected(performance.now());
       options.packetLimit?.connected(
         protocolVersion === 5,
         packet.properties?.maximumPacketSize,
@@ -211,7 +214,6 @@ function connectWith(
   });
   let failures = 0;
   client.on("connect", () => {
-    takeover.connected(performance.now());
     failures = 0;
     saidRefused = false;
     client.options.reconnectPeriod = firstDelay;
@@ -445,27 +447,46 @@ export async function sharedSubscriptionRefusal(
 /**
  * Tells a fight over our client id from ordinary disconnects. Two instances
  * with one id knock each other off for ever; the newcomer should stop. It
- * knows it is the newcomer when an instance with its id that started earlier
- * showed itself (its `online` status, or its Last Will fired by our taking
- * its session over), and then its own connection is
- * closed within {@link TakeoverWatch.QUICK_MS} of being accepted: the other
- * one reconnected, taking the id back. A network that drops connections
- * shows no such announcement, and is ridden out like any other.
+ * knows it is the newcomer when, in {@link TakeoverWatch.STRIKES}
+ * connections in a row, an instance with its id that started earlier showed
+ * itself during the connection (its `online` status, or its Last Will fired
+ * by our taking its session over) and the connection was then closed within
+ * {@link TakeoverWatch.QUICK_MS} of being accepted: the other one
+ * reconnected, taking the id back, each time.
+ *
+ * Only what the other instance said after our own `online` came back to us
+ * counts: our announcement replaced the retained status, so an older
+ * instance's status seen after it was published after it, by a live
+ * instance. A run that is gone left a retained `online` (it stopped while the
+ * broker was down) or a Will that fires as we take its session; both come
+ * before our announcement, and must not make a broker restart look like a
+ * takeover. An MQTT 5 broker that says "session taken over" is believed at
+ * once. A network that drops connections shows no such announcement, and is
+ * ridden out like any other.
  */
 export class TakeoverWatch {
   static readonly QUICK_MS = 2000;
+  static readonly STRIKES = 2;
 
   #connectedAt: number | undefined;
   #olderInstance = false;
+  #strikes = 0;
+  #announced = false;
 
-  /** An instance with our client id that started before us is (or was lately) online. */
-  olderInstanceSeen(): void {
-    this.#olderInstance = true;
+  /** Our own `online` came back to us: it is the retained status now. */
+  announced(): void {
+    this.#announced = true;
   }
 
-  /** The broker accepted the connection at `now`. */
+  /** A status of an instance with our client id that started before us arrived. */
+  olderInstanceSeen(): void {
+    if (this.#announced) this.#olderInstance = true;
+  }
+
+  /** The broker accepted the connection at `now`; what an earlier one saw is forgotten. */
   connected(now: number): void {
     this.#connectedAt = now;
+    this.#olderInstance = false;
   }
 
   /**
@@ -476,7 +497,9 @@ export class TakeoverWatch {
     const quick = this.#connectedAt !== undefined &&
       now - this.#connectedAt < TakeoverWatch.QUICK_MS;
     this.#connectedAt = undefined;
-    return quick && (takenOver || this.#olderInstance);
+    if (quick && takenOver) return true;
+    this.#strikes = quick && this.#olderInstance ? this.#strikes + 1 : 0;
+    return this.#strikes >= TakeoverWatch.STRIKES;
   }
 }
 

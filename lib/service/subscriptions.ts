@@ -49,7 +49,7 @@ export async function replaceSubscriptions(options: ReplaceOptions): Promise<str
       .filter((filter) => !current.has(filter));
     if (stale.length > 0) {
       await options.unsubscribe(stale);
-      log.info("Unsubscribed what an earlier run left in our MQTT session: {filters}", {
+      log.info("Unsubscribed what an earlier run may have left in our MQTT session: {filters}", {
         filters: stale,
       });
     }
