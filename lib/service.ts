@@ -28,6 +28,7 @@ import {
   TakeoverWatch,
 } from "./mqtt/connect.ts";
 import { replaceSubscriptions } from "./service/subscriptions.ts";
+import { BrokerDrops, DROPPED_TOPIC } from "./service/broker_drops.ts";
 import { PacketLimit, topicRefusal } from "./mqtt/broker_limits.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
@@ -277,8 +278,10 @@ export async function startService(config: Config): Promise<Service> {
       projectFiles: projects,
     });
     parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
+    const drops = new BrokerDrops();
     handler.resolve((topic, payload, packet) => {
-      if (topic === topics.status) {
+      if (topic === DROPPED_TOPIC) drops.note(payload);
+      else if (topic === topics.status) {
         noteStatus(payload, packet.retain, instance, startedAt, takeover);
       } else gateway.handle(topic, payload, packet);
     });
@@ -320,13 +323,15 @@ export async function startService(config: Config): Promise<Service> {
     await gateway.subscribe();
     // Our own status topic: another instance with our client id shows itself there.
     await client.subscribeAsync(topics.status, { qos: 1 });
+    // A broker without it (or whose ACL hides it) refuses or never publishes: nothing lost.
+    await client.subscribeAsync(DROPPED_TOPIC, { qos: 0 }).catch(() => {});
     if (config.shareGroup === undefined) {
       await replaceSubscriptions({
         dataDir: config.dataDir,
         broker: redact(brokerUrl),
         clientId: config.mqttClientId,
         sessionPresent: sessionPresent(client),
-        current: [...gateway.subscriptions, topics.status],
+        current: [...gateway.subscriptions, topics.status, DROPPED_TOPIC],
         overlapping: gateway.overlapping,
         unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
       });

@@ -393,3 +393,39 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "--log-level debug logs each request's path: parsed, queued, started, answered",
+  ignore: !HAS_MOSQUITTO,
+  fn: () =>
+    withService({ args: ["--log-level=debug"] }, async ({ client, service }) => {
+      await client.send("maze/user_input", { session_id: "d", request_id: "dbg", message: "hi" });
+      await client.final("d", "dbg");
+      await waitFor(() => service.log().includes("Request dbg of maze/d: answered in"));
+      for (const step of ["parsed, on maze/user_input", "admitted and queued", "started after"]) {
+        ok(service.log().includes(`Request dbg of maze/d: ${step}`), step);
+      }
+    }),
+});
+
+Deno.test({
+  name: "a broker that drops requests for a full queue: the service logs what the broker counts",
+  ignore: !HAS_MOSQUITTO,
+  fn: () =>
+    withService({
+      args: ["--mqtt-version=4", "--rate-limit=0"],
+      brokerConfig: ["max_queued_messages 5", "sys_interval 1"],
+    }, async ({ client, service }) => {
+      // A burst faster than the service reads: the broker's queue for it overflows.
+      await Promise.all(
+        Array.from({ length: 300 }, (_, i) =>
+          client.send("maze/user_input", { session_id: `b${i}`, message: "hi" })),
+      );
+      await waitFor(
+        () =>
+          /The broker dropped \d+ messages/.test(service.log()),
+        15_000,
+        "the drop to be logged",
+      );
+    }),
+});

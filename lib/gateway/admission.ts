@@ -119,6 +119,12 @@ export class Admission {
     if (!parsed) return;
     const { request, reply } = parsed;
     if (this.#unreachable(request, reply)) return;
+    log.debug("Request {request} of {project}/{session}: parsed, on {topic}", {
+      request: request.requestId ?? "-",
+      project,
+      session: request.sessionId,
+      topic,
+    });
     // Step 3: ownership.
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
     if (refusal) return this.fail(reply, refusal);
@@ -172,6 +178,13 @@ export class Admission {
   queue(job: Job): void {
     try {
       this.#options.scheduler.submit(job);
+      if (job.kind === "turn") {
+        log.debug("Request {request} of {session}: admitted and queued ({queued} waiting)", {
+          request: job.request.requestId ?? "-",
+          session: job.sessionKey,
+          queued: this.#options.scheduler.queued,
+        });
+      }
     } catch (error) {
       const failure = error instanceof QueueFullError
         ? new ServiceError("queue_full", error.message, { retryAfterMs: 1000 })
@@ -267,6 +280,13 @@ export class Admission {
 
   /** Answers `error`; a turn's job is done with, and may be retried under its id. */
   fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
+    log.debug("Request {request} of {project}/{session}: answered {code}: {message}", {
+      request: target.requestId ?? "-",
+      project: target.project,
+      session: target.sessionId,
+      code: error.code,
+      message: error.message,
+    });
     if (job?.kind === "turn") {
       this.#recent.forget(job.dedupKey);
       this.#options.finishTurn(job);

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { logger } from "../log.ts";
 import type { ReplyBody } from "../protocol/mod.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
@@ -17,6 +18,8 @@ import type { Prompts } from "./prompts.ts";
 import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
 import type { TurnJob } from "./jobs.ts";
+
+const log = logger("gateway");
 
 /**
  * Runs a turn on a request worker: `onDelta` gets its coalesced streamed
@@ -62,6 +65,11 @@ export async function runTurnJob(
   await job.ticket?.start();
   // Cancelled while it waited for its turn (in a share group, for another instance).
   signal.throwIfAborted();
+  log.debug("Request {request} of {session}: started after {ms} ms", {
+    request: request.requestId ?? "-",
+    session: job.sessionKey,
+    ms: Math.round(now() - job.receivedAt),
+  });
   const result = await options.runTurn(
     {
       id: job.id,
@@ -102,6 +110,12 @@ export async function runTurnJob(
     ...(result.historyLost && { history_lost: true }),
   };
   replies.reply(target, done);
+  log.debug("Request {request} of {session}: answered in {ms} ms ({finish})", {
+    request: request.requestId ?? "-",
+    session: job.sessionKey,
+    ms: Math.round(timing.totalMs),
+    finish: result.finishReason,
+  });
   // Kept for a client's retry under the same id; a copy without one is only ever dropped.
   if (request.requestId !== undefined) options.recent.answered(job.dedupKey, done);
   options.directory.touch(request.project, request.sessionId);
