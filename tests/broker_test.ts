@@ -9,8 +9,10 @@
  */
 
 import { equal, match, ok } from "node:assert/strict";
+import mqtt from "mqtt";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import {
+  freePort,
   HAS_MOSQUITTO,
   HAS_NATS,
   HAS_RABBITMQ,
@@ -428,4 +430,70 @@ Deno.test({
         "the drop to be logged",
       );
     }),
+});
+
+Deno.test("the embedded broker: its start-up line says MQTT 5 clients are refused, as they are; no share group", async () => {
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const port = freePort();
+  const args = [
+    "--engine=sim",
+    `--embedded-broker-port=${port}`,
+    `--data-dir=${dataDir}`,
+    "--projects=maze",
+  ];
+  const service = await startService(args);
+  try {
+    match(service.log(), /embedded broker there \(MQTT 3\.1\.1 only: it refuses MQTT 5 clients/);
+    const refused = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+      protocolVersion: 5,
+      reconnectPeriod: 0,
+    }).then((client) => client.endAsync().then(() => "accepted"), (error: Error) => error.message);
+    match(refused, /Unacceptable protocol version/);
+  } finally {
+    equal(await service.stop(), 0);
+  }
+  // aedes has no shared subscriptions: a share group would split nothing.
+  const member = await startService([...args, "--share-group=pool", "--mqtt-client-id=m1"], {
+    expectExit: true,
+    timeoutMs: 60_000,
+  });
+  equal(await member.stop(), 1);
+  match(member.log(), /--share-group pool cannot work on this broker/);
+  await removeTempDir(dataDir);
+});
+
+Deno.test({
+  name: "NATS: requests sent while the service is down are answered when it is back",
+  ignore: !HAS_NATS,
+  fn: async () => {
+    const nats = await startNats();
+    const dataDir = await tempDir("vllm-mqtt-data-");
+    const args = [
+      "--engine=sim",
+      `--mqtt-url=${nats.url}`,
+      `--data-dir=${dataDir}`,
+      "--projects=maze",
+      "--workers=1",
+    ];
+    const client = await TestClient.connect(nats.url, { protocolVersion: 4 });
+    let service = await startService(args);
+    try {
+      await client.subscribe("maze/assistant_response/#");
+      equal(await service.stop(), 0);
+      for (let i = 0; i < 10; i++) {
+        await client.send("maze/user_input", {
+          session_id: `q${i}`,
+          request_id: "q",
+          message: "hi",
+        });
+      }
+      service = await startService(args);
+      for (let i = 0; i < 10; i++) equal((await client.final(`q${i}`, "q")).json!.type, "done");
+    } finally {
+      await client.close();
+      await service.stop();
+      await nats.close();
+      await removeTempDir(dataDir);
+    }
+  },
 });
