@@ -221,7 +221,8 @@ function connectWith(
   });
   client.on("close", () => {
     // A broker that closes a connection it never accepted says no without a reason.
-    if (!accepted && !networkError && !saidRefused && !client.disconnecting) {
+    // (With `fallback`, the start-up tries 3.1.1 next, and says so.)
+    if (!accepted && !networkError && !saidRefused && !client.disconnecting && !fallback) {
       saidRefused = true;
       log.warn(
         "The broker at {url} closed the connection without accepting it (a broker that does " +
