@@ -246,7 +246,13 @@ function connectWith(
   });
   client.on("error", (error: Error & { code?: unknown }) => {
     if (isNetworkError(error)) networkError = true;
-    log.warn("MQTT error: {message}", { message: error.message });
+    // mosquitto acknowledges a message over its message_size_limit with reason code 0x95,
+    // which MQTT 5 does not list for a PUBACK: the client can only say it is invalid.
+    const hint = /puback reason code/.test(error.message)
+      ? " (a broker refusing a message as too large, such as mosquitto over its " +
+        "message_size_limit: give the service that limit as --mqtt-max-packet-bytes)"
+      : "";
+    log.warn("MQTT error: {message}{hint}", { message: error.message, hint });
   });
 
   return new Promise((resolve, reject) => {
