@@ -182,17 +182,25 @@ export class ReplyPublisher {
     let streamed = this.#streamed.get(target);
     if (!streamed) this.#streamed.set(target, streamed = { seq: 0, chars: 0 });
     const state = streamed;
-    const encode = (delta: string, seq = state.seq) =>
+    const encode = (delta: string, seq: number) =>
       encodeReply({ type: "delta", seq, delta }, "json", target.sessionId, target.requestId)!;
-    const pieces = text === ""
-      ? []
-      : splitToFit(text, (piece) => this.#fits(target, encode(piece)));
-    if (!pieces) return false;
-    for (const piece of pieces) {
-      this.#publish(target, encode(piece));
+    const publish = (piece: string, payload = encode(piece, state.seq)) => {
+      this.#publish(target, payload);
       state.seq++;
       state.chars += piece.length;
+    };
+    if (text === "") return true;
+    // Nearly always one delta that fits: encoded once.
+    const whole = encode(text, state.seq);
+    if (this.#fits(target, whole)) {
+      publish(text, whole);
+      return true;
     }
+    // Sized with the largest `seq` any piece can get, so that a longer number still fits.
+    const last = state.seq + text.length;
+    const pieces = splitToFit(text, (piece) => this.#fits(target, encode(piece, last)));
+    if (!pieces) return false;
+    for (const piece of pieces) publish(piece);
     return true;
   }
 
