@@ -18,7 +18,18 @@ import { Gateway } from "./gateway/gateway.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
 import { logger } from "./log.ts";
-import { connectMqtt, type MessageHandler, redact, TakeoverWatch } from "./mqtt/connect.ts";
+import {
+  connectMqtt,
+  type MessageHandler,
+  protocolOf,
+  redact,
+  sessionPresent,
+  sharedSubscriptionRefusal,
+  TakeoverWatch,
+} from "./mqtt/connect.ts";
+import { replaceSubscriptions } from "./service/subscriptions.ts";
+import { BrokerDrops, DROPPED_TOPIC } from "./service/broker_drops.ts";
+import { PacketLimit, topicRefusal } from "./mqtt/broker_limits.ts";
 import { Topics } from "./protocol/topics.ts";
 import { SessionDirectory } from "./sessions/session_directory.ts";
 import { TurnOrder } from "./sessions/turn_order.ts";
@@ -147,7 +158,7 @@ export async function startService(config: Config): Promise<Service> {
     cleanup.defer(() => pool.close());
 
     let brokerUrl = config.mqttUrl;
-    let protocolVersion = config.mqttVersion;
+    let protocolVersion: 4 | 5 | "auto" = config.mqttVersion;
     if (brokerUrl === undefined) {
       const port = config.embeddedBrokerPort;
       if (await isListening("127.0.0.1", port)) {
@@ -156,11 +167,13 @@ export async function startService(config: Config): Promise<Service> {
         const broker = await startEmbeddedBroker(port);
         cleanup.defer(() => broker.close());
         brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
-        // The embedded broker speaks MQTT 3.1.1 only.
+        // The embedded broker (aedes) speaks MQTT 3.1.1 only.
         protocolVersion = 4;
-        log.info("No broker answered on localhost:{port}; started the embedded broker there", {
-          port,
-        });
+        log.info(
+          "No broker answered on localhost:{port}; started the embedded broker there (MQTT 3.1.1 " +
+            "only: it refuses MQTT 5 clients; run mosquitto for them)",
+          { port },
+        );
       }
     }
 
@@ -174,10 +187,12 @@ export async function startService(config: Config): Promise<Service> {
       model: config.servedModelName,
       started_at: startedAt,
     });
+    const packetLimit = new PacketLimit(config.mqttMaxPacketBytes, protocolVersion !== 4);
     const client = await connectMqtt({
       url: brokerUrl,
       clientId: config.mqttClientId,
       protocolVersion,
+      packetLimit,
       username: config.mqttUsername,
       password: config.mqttPassword,
       tlsCa: config.tlsCa,
@@ -197,10 +212,24 @@ export async function startService(config: Config): Promise<Service> {
     cleanup.defer(() =>
       withTimeout(client.endAsync(), BROKER_GOODBYE_MS).catch(() => client.endAsync(true))
     );
-    log.info("Connected to broker {url} (MQTT {version})", {
+    log.info("Connected to broker {url} (MQTT {version}{limit})", {
       url: redact(brokerUrl),
-      version: protocolVersion === 5 ? "5" : "3.1.1",
+      version: protocolOf(client) === 5 ? "5" : "3.1.1",
+      limit: packetLimit.bytes === Infinity ? "" : `, packets up to ${packetLimit.bytes} bytes`,
     });
+    if (config.shareGroup !== undefined) {
+      const refusal = await sharedSubscriptionRefusal(
+        client,
+        config.shareGroup,
+        `${config.serviceName}/probe/${config.mqttClientId}`,
+      );
+      if (refusal !== undefined) {
+        throw new Error(
+          `--share-group ${config.shareGroup} cannot work on this broker: ${refusal}; ` +
+            `run one instance without --share-group, or use a broker with shared subscriptions`,
+        );
+      }
+    }
 
     // deno-lint-ignore prefer-const
     let gateway: Gateway;
@@ -220,6 +249,14 @@ export async function startService(config: Config): Promise<Service> {
     await directory.load();
     gateway = new Gateway({
       publish: publishOn(client),
+      broker: {
+        fits: (topic, payload, qos, correlationData) =>
+          packetLimit.fits(topic, payload, qos, correlationData),
+        get maxPacketBytes() {
+          return packetLimit.bytes;
+        },
+        topicRefusal: (topic) => topicRefusal(config.brokerProfile, topic),
+      },
       // No Local (MQTT 5): the broker never hands the service its own publications, so that
       // nothing it publishes can become a request or a command to it. A shared subscription
       // may not ask for it (MQTT 5, 3.8.3.1): there the reply topic rules alone keep replies
@@ -227,7 +264,7 @@ export async function startService(config: Config): Promise<Service> {
       subscribe: (filters, qos) =>
         client.subscribeAsync(filters, {
           qos,
-          ...(protocolVersion === 5 && !topics.shared && { nl: true }),
+          ...(protocolOf(client) === 5 && !topics.shared && { nl: true }),
         }).then(() => {}),
       unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
       runTurn: (turn, onDelta, signal) => pool.run(turn, onDelta, signal),
@@ -263,8 +300,10 @@ export async function startService(config: Config): Promise<Service> {
       projectFiles: projects,
     });
     parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
+    const drops = new BrokerDrops();
     handler.resolve((topic, payload, packet) => {
-      if (topic === topics.status) {
+      if (topic === DROPPED_TOPIC) drops.note(payload);
+      else if (topic === topics.status) {
         noteStatus(payload, packet.retain, instance, startedAt, takeover);
       } else gateway.handle(topic, payload, packet);
     });
@@ -283,6 +322,8 @@ export async function startService(config: Config): Promise<Service> {
       Deno.writeTextFile(statusFile, online).catch(() => {});
     };
     // After a reconnect the Last Will may have said `offline`; say `online` again.
+    const failed = (error: unknown) =>
+      log.error("Subscribing again failed: {message}", { message: String(error) });
     client.on("connect", (connack) => {
       log.info("Reconnected to the broker");
       stats.brokerReconnected();
@@ -292,16 +333,31 @@ export async function startService(config: Config): Promise<Service> {
         if (config.shareGroup === undefined) {
           log.warn("The broker kept no session for us: requests sent while we were away are lost");
         }
-        const failed = (error: unknown) =>
-          log.error("Subscribing again failed: {message}", { message: String(error) });
         gateway.subscribe().catch(failed);
-        client.subscribeAsync(topics.status, { qos: 1 }).catch(failed);
       }
+      // Also with our session kept: the retained status it sends again says whether another
+      // instance with our client id announced itself since we did. (`resubscribe`: the client
+      // skips a filter it holds already.)
+      client.subscribeAsync({ [topics.status]: { qos: 1 }, resubscribe: true } as never)
+        .catch(failed);
       announce();
     });
     await gateway.subscribe();
     // Our own status topic: another instance with our client id shows itself there.
     await client.subscribeAsync(topics.status, { qos: 1 });
+    // A broker without it (or whose ACL hides it) refuses or never publishes: nothing lost.
+    await client.subscribeAsync(DROPPED_TOPIC, { qos: 0 }).catch(() => {});
+    if (config.shareGroup === undefined) {
+      await replaceSubscriptions({
+        dataDir: config.dataDir,
+        broker: redact(brokerUrl),
+        clientId: config.mqttClientId,
+        sessionPresent: sessionPresent(client),
+        current: [...gateway.subscriptions, topics.status, DROPPED_TOPIC],
+        overlapping: gateway.overlapping,
+        unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
+      });
+    }
     announce();
     log.info("Serving {projects} with model {model}", {
       projects: config.projects,

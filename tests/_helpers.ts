@@ -164,6 +164,147 @@ export async function startMosquitto(extra: string[] = [], port = freePort()): P
   return broker;
 }
 
+/** Whether nats-server is installed; tests of its MQTT listener are skipped otherwise. */
+export const HAS_NATS = (() => {
+  try {
+    return new Deno.Command("nats-server", { args: ["--version"], stdout: "null", stderr: "null" })
+      .outputSync().success;
+  } catch {
+    return false;
+  }
+})();
+
+/** A broker other than mosquitto (nats-server, RabbitMQ), started by a test. */
+export interface OtherBroker {
+  /** The MQTT listener's port. */
+  readonly port: number;
+  readonly url: string;
+  /** Everything it logged. */
+  readonly log: () => string;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts nats-server with an MQTT listener on a free port (its MQTT support
+ * needs a server name and JetStream, whose store goes in a temporary folder).
+ */
+export async function startNats(): Promise<OtherBroker> {
+  const dir = await tempDir("vllm-mqtt-nats-");
+  const port = freePort();
+  await Deno.writeTextFile(
+    `${dir}/nats.conf`,
+    [
+      "server_name: vllm-mqtt-test",
+      `listen: 127.0.0.1:${freePort()}`,
+      `jetstream { store_dir: "${dir}/js" }`,
+      `mqtt { listen: 127.0.0.1:${port} }`,
+    ].join("\n") + "\n",
+  );
+  const child = new Deno.Command("nats-server", {
+    args: ["-c", `${dir}/nats.conf`],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output = "";
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
+  };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const close = async () => {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* gone */ }
+    await child.status;
+    await pumped;
+    await removeTempDir(dir);
+  };
+  try {
+    await waitFor(() => listening(port), 20_000, `nats-server's MQTT listener on port ${port}`);
+  } catch (error) {
+    await close();
+    throw new Error(`${(error as Error).message}\n${output}`);
+  }
+  return { port, url: `mqtt://127.0.0.1:${port}`, log: () => output, close };
+}
+
+/** RabbitMQ's server script, run as whoever runs the tests (its wrapper in sbin runs `su`). */
+const RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+/** Whether RabbitMQ is installed; tests of its MQTT plugin are skipped otherwise. */
+export const HAS_RABBITMQ = (() => {
+  try {
+    return Deno.statSync(RABBITMQ_SERVER).isFile;
+  } catch {
+    return false;
+  }
+})();
+
+/**
+ * Starts a RabbitMQ node of its own (own name, ports and folder) with the
+ * MQTT plugin listening on a free port; about 10 s on two cores.
+ */
+export async function startRabbitMq(): Promise<OtherBroker> {
+  const dir = await tempDir("vllm-mqtt-rabbitmq-");
+  const port = freePort();
+  const amqpPort = freePort();
+  await Deno.writeTextFile(`${dir}/enabled_plugins`, "[rabbitmq_mqtt].\n");
+  await Deno.writeTextFile(
+    `${dir}/rabbitmq.conf`,
+    [
+      `listeners.tcp.default = 127.0.0.1:${amqpPort}`,
+      `mqtt.listeners.tcp.default = 127.0.0.1:${port}`,
+      "mqtt.allow_anonymous = true",
+    ].join("\n") + "\n",
+  );
+  const child = new Deno.Command(RABBITMQ_SERVER, {
+    env: {
+      RABBITMQ_NODENAME: `vllm-mqtt-test-${port}@localhost`,
+      RABBITMQ_NODE_PORT: String(amqpPort),
+      RABBITMQ_DIST_PORT: String(freePort()),
+      RABBITMQ_MNESIA_BASE: `${dir}/mnesia`,
+      RABBITMQ_LOG_BASE: `${dir}/log`,
+      RABBITMQ_ENABLED_PLUGINS_FILE: `${dir}/enabled_plugins`,
+      RABBITMQ_CONFIG_FILE: `${dir}/rabbitmq`,
+      RABBITMQ_PID_FILE: `${dir}/pid`,
+      RABBITMQ_FEATURE_FLAGS_FILE: `${dir}/feature_flags`,
+      RABBITMQ_PLUGINS_EXPAND_DIR: `${dir}/plugins`,
+    },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output = "";
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
+  };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  let exited = false;
+  child.status.then(() => exited = true);
+  const close = async () => {
+    // The script runs the Erlang VM in the background and stops it on SIGTERM (a SIGKILL
+    // would leave the VM running, holding our pipes).
+    try {
+      child.kill("SIGTERM");
+    } catch { /* gone */ }
+    await child.status;
+    await pumped;
+    await removeTempDir(dir);
+  };
+  try {
+    await waitFor(
+      async () => exited || await listening(port),
+      60_000,
+      `RabbitMQ's MQTT listener on port ${port}`,
+    );
+    if (exited) throw new Error("RabbitMQ exited");
+  } catch (error) {
+    await close();
+    throw new Error(`${(error as Error).message}\n${output.slice(-3000)}`);
+  }
+  return { port, url: `mqtt://127.0.0.1:${port}`, log: () => output, close };
+}
+
 /** A `deno` child process started in the checkout, its output collected. */
 export interface DenoProcess {
   readonly child: Deno.ChildProcess;

@@ -12,6 +12,7 @@
  * @module
  */
 
+import { BROKER_PROFILES } from "../mqtt/broker_limits.ts";
 import { badValue, ConfigError } from "./config_error.ts";
 import {
   choice,
@@ -573,16 +574,34 @@ export const OPTIONS = [
     help: "File holding the broker password",
   }),
   transform(
-    int({
+    choice({
       name: "mqtt-version",
       field: "mqttVersion",
-      default: 5,
-      choices: [4, 5],
+      default: "auto",
+      choices: ["auto", "5", "4"],
       group: "MQTT",
-      help: "MQTT protocol: 5, or 4 for 3.1.1 (the embedded broker always uses 4)",
+      help:
+        "MQTT protocol: 5, 4 for 3.1.1, or auto: 5, else 3.1.1 when the broker refuses 5 (the embedded broker always uses 4)",
     }),
-    (version) => version as 4 | 5,
+    (version) => version === "auto" ? version : Number(version) as 4 | 5,
   ),
+  size({
+    name: "mqtt-max-packet-bytes",
+    field: "mqttMaxPacketBytes",
+    default: "0",
+    group: "MQTT",
+    help:
+      "Largest packet the broker takes (0: what an MQTT 5 broker says, else no limit); set it to a 3.1.1 broker's limit, or to mosquitto's message_size_limit. A longer answer is split into deltas",
+  }),
+  choice({
+    name: "broker-profile",
+    field: "brokerProfile",
+    default: "standard",
+    choices: BROKER_PROFILES,
+    group: "MQTT",
+    help:
+      "The broker's topic rules: standard (MQTT's), or nats (no '.' or ' ' in a topic: such session ids are refused)",
+  }),
   transform(
     int({
       name: "qos",

@@ -8,6 +8,8 @@
  *    JSON or not a valid request is answered where it can be
  *    (`invalid_request`), else only counted; a reply topic its sender may not
  *    read is refused (`forbidden`, answered on the session's own reply topic);
+ *    a request whose reply topic the broker cannot carry (a session id with
+ *    `.` on NATS) cannot be answered: it is logged and counted;
  * 3. ownership: `forbidden` on the shared input topic under
  *    `--session-topics-only`, or for a session id this service did not sign;
  * 4. accepting: `cancelled` with a retry hint once the service is stopping;
@@ -157,6 +159,13 @@ export class Admission {
     const parsed = this.#parse(topic, project, topicSessionId, payload, packet);
     if (!parsed) return;
     const { request, reply, memory } = parsed;
+    if (this.#unreachable(request, reply)) return memory.release();
+    log.debug("Request {request} of {project}/{session}: parsed, on {topic}", {
+      request: request.requestId ?? "-",
+      project,
+      session: request.sessionId,
+      topic,
+    });
     // Step 3: ownership.
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
     if (refusal) {
@@ -223,6 +232,13 @@ export class Admission {
   queue(job: Job): void {
     try {
       this.#options.scheduler.submit(job);
+      if (job.kind === "turn") {
+        log.debug("Request {request} of {session}: admitted and queued ({queued} waiting)", {
+          request: job.request.requestId ?? "-",
+          session: job.sessionKey,
+          queued: this.#options.scheduler.queued,
+        });
+      }
     } catch (error) {
       const failure = error instanceof QueueFullError
         ? new ServiceError("queue_full", error.message, { retryAfterMs: 1000 })
@@ -318,6 +334,13 @@ export class Admission {
 
   /** Answers `error`; a turn's job is done with, and may be retried under its id. */
   fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
+    log.debug("Request {request} of {project}/{session}: answered {code}: {message}", {
+      request: target.requestId ?? "-",
+      project: target.project,
+      session: target.sessionId,
+      code: error.code,
+      message: error.message,
+    });
     if (job?.kind === "turn") {
       this.#recent.forget(job.dedupKey);
       this.#options.finishTurn(job);
@@ -376,6 +399,26 @@ export class Admission {
       return undefined;
     }
     return { request: outcome.request, reply: target, memory: outcome.memory };
+  }
+
+  /**
+   * End of step 2: a reply topic the broker cannot carry. Publishing there
+   * would make it drop the connection, so the request is refused before it
+   * costs anything; nothing can tell its client, so it is logged and counted.
+   */
+  #unreachable(request: ChatRequest, reply: ReplyTarget): boolean {
+    const refusal = this.#options.replies.topicRefusal(reply.topic);
+    if (refusal === undefined) return false;
+    this.#options.stats.unaddressable("invalid_request");
+    log.warn(
+      "Refused a request of session {session}: its reply topic {topic} cannot be used: {reason}",
+      {
+        session: request.sessionId,
+        topic: reply.topic,
+        reason: refusal,
+      },
+    );
+    return true;
   }
 
   /** Step 5: cancels what a `cancel` request names; whether the request is done with. */

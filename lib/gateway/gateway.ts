@@ -19,6 +19,7 @@ import {
   type ReplyBody,
   ServiceError,
   SESSION_ID_PATTERN,
+  topicMatches,
 } from "../protocol/mod.ts";
 import { Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
@@ -53,14 +54,19 @@ export class Gateway {
   readonly #states: StateTopics | undefined;
   /** Topics already logged as holding a retained message (once each, bounded). */
   readonly #retainedTopics = new Set<string>();
-  #subscriptions: string[] = [];
+  #subscriptions: string[];
 
   constructor(options: GatewayOptions) {
     this.#options = options;
     const now = this.#now = options.now ?? (() => performance.now());
     const { topics, stats, turnOrder } = options;
     this.#prompts = new Prompts(options.projects, options.engineTokenCount);
-    this.#replies = new ReplyPublisher({ publish: options.publish, qos: options.qos, stats });
+    this.#replies = new ReplyPublisher({
+      publish: options.publish,
+      qos: options.qos,
+      stats,
+      broker: options.broker,
+    });
     this.#replyTopics = new ReplyTopics(topics, options.replyTopics);
     this.#scheduler = new Scheduler<Job>({
       maxQueue: options.maxQueue,
@@ -135,6 +141,17 @@ export class Gateway {
         publish,
       })
       : undefined;
+    this.#subscriptions = this.#filters();
+    // Every project's input and control topics, served here or by another service on the
+    // broker, and wherever else this service listens: never a reply topic.
+    this.#replyTopics.reserve([
+      ...this.#subscriptions,
+      topics.input("+"),
+      topics.sessionInput("+", "+"),
+      ...CONTROL_COMMANDS.flatMap((command) => topics.control("+", command)),
+      topics.newSession("+"),
+      ...topics.state("+"),
+    ]);
   }
 
   /** Requests waiting in the queue. */
@@ -164,10 +181,36 @@ export class Gateway {
     this.#options.directory.sweep();
   }
 
+  /** The topic filters this gateway subscribes (as subscribed: shared ones with `$share/`). */
+  get subscriptions(): readonly string[] {
+    return this.#subscriptions;
+  }
+
+  /**
+   * Filters an earlier run with other options may have left in the broker's
+   * persistent session that overlap this run's, each delivering a second copy
+   * of a request: the input wildcards of `--answer-unknown-projects` when
+   * this run has them not, each served project's input topics when it has.
+   */
+  get overlapping(): readonly string[] {
+    const { topics } = this.#options;
+    const every = this.#options.answerUnknownProjects;
+    const filters = every
+      ? [...this.#prompts.projects()].flatMap((p) => [topics.input(p), topics.sessionInput(p, "+")])
+      : [topics.input("+"), topics.sessionInput("+", "+")];
+    return filters.map((filter) => topics.subscription(filter));
+  }
+
   /** Subscribes to every enabled project's input (and control) topics. */
   async subscribe(): Promise<void> {
     await this.#prompts.counted;
-    const { topics, qos } = this.#options;
+    await this.#options.subscribe(this.#subscriptions, this.#options.qos);
+    log.info("Subscribed to {filters}", { filters: this.#subscriptions });
+  }
+
+  /** The filters of every enabled project's input (and control) topics. */
+  #filters(): string[] {
+    const { topics } = this.#options;
     // One wildcard rather than both: overlapping filters may deliver a message twice.
     const every = this.#options.answerUnknownProjects;
     const filters: string[] = every ? [topics.input("+"), topics.sessionInput("+", "+")] : [];
@@ -177,19 +220,7 @@ export class Gateway {
       if (this.#control) filters.push(...this.#control.filters(project));
       if (this.#states) filters.push(...this.#states.filters(project));
     }
-    this.#subscriptions = filters.map((filter) => topics.subscription(filter));
-    // Every project's input and control topics, served here or by another service on the
-    // broker, and wherever else this service listens: never a reply topic.
-    this.#replyTopics.reserve([
-      ...filters,
-      topics.input("+"),
-      topics.sessionInput("+", "+"),
-      ...CONTROL_COMMANDS.flatMap((command) => topics.control("+", command)),
-      topics.newSession("+"),
-      ...topics.state("+"),
-    ]);
-    await this.#options.subscribe(this.#subscriptions, qos);
-    log.info("Subscribed to {filters}", { filters });
+    return filters.map((filter) => topics.subscription(filter));
   }
 
   /**
@@ -207,6 +238,11 @@ export class Gateway {
     // replayed at every subscription (every start): acting on it would answer a stale request,
     // or clear histories, once per start.
     if (packet.retain) return this.#ignoreRetained(topic);
+    // A message through a subscription this run did not make (left in the broker's persistent
+    // session by an earlier run with other projects or options) is not for this run.
+    if (!this.#subscriptions.some((filter) => topicMatches(filter, topic))) {
+      return this.#ignoreUnsubscribed(topic);
+    }
     const target = this.#options.topics.parse(topic);
     const served = target !== undefined && this.#prompts.has(target.project);
     switch (target?.kind) {
@@ -315,6 +351,11 @@ export class Gateway {
         "replayed at every subscription; clear it with an empty retained message on that topic",
       { topic },
     );
+  }
+
+  #ignoreUnsubscribed(topic: string): void {
+    this.#options.stats.ignored("unsubscribed");
+    log.debug("Ignoring a message on {topic}: no subscription of this run matches it", { topic });
   }
 
   async #run(job: Job, signal: AbortSignal): Promise<void> {

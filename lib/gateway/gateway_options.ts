@@ -12,7 +12,7 @@ import type { EngineHealth } from "../engine/engine_health.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { Project } from "../projects/project_file.ts";
-import type { Publish } from "./reply_publisher.ts";
+import type { BrokerRules, Publish } from "./reply_publisher.ts";
 import type { SessionSigner } from "./session_signer.ts";
 import type { RunTurn } from "./turn_runner.ts";
 
@@ -20,6 +20,11 @@ import type { RunTurn } from "./turn_runner.ts";
 export interface GatewayOptions {
   /** Publishes a message on the broker. */
   readonly publish: Publish;
+  /**
+   * What the broker takes (its largest packet, the topics it can carry).
+   * @default {ANY_BROKER}
+   */
+  readonly broker?: BrokerRules;
   /** Subscribes to topic filters at the options' QoS. */
   readonly subscribe: (filters: string[], qos: 0 | 1 | 2) => Promise<void>;
   /** Unsubscribes from topic filters (leaving a share group at shutdown). */

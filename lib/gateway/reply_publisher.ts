@@ -1,14 +1,24 @@
 /**
  * Sends replies: encodes each in its request's style and publishes it on its
  * target's topic, with the request's MQTT 5 Correlation Data, or hands it to
- * an in-process caller. Knows the broker only as a `publish` function.
+ * an in-process caller. Knows the broker only as a `publish` function and
+ * what it takes (the largest packet, the topics it can carry).
+ *
+ * What the broker cannot take is never sent: an answer whose `done` would
+ * be over the largest packet comes as deltas (each within it) and a `done`
+ * without the text (`"response":""`, `"response_in_deltas":true`); a reply
+ * style that cannot carry that (plain text, a game's hint) gets a
+ * `reply_too_large` error instead; a reply that cannot be sent at all (its
+ * topic is refused, or even its error is too large) is dropped, logged and
+ * counted.
  *
  * @module
  */
 
 import { logger } from "../log.ts";
-import { encodeReply, type ReplyBody, type ServiceError } from "../protocol/mod.ts";
+import { encodeReply, type ReplyBody, ServiceError } from "../protocol/mod.ts";
 import type { Stats } from "../observability/stats.ts";
+import { splitToFit } from "../mqtt/broker_limits.ts";
 import type { ReplyTarget } from "./reply_target.ts";
 
 /** How a message is published. */
@@ -25,13 +35,41 @@ export type Publish = (
   options: PublishOptions,
 ) => Promise<void>;
 
+/** What the broker takes. */
+export interface BrokerRules {
+  /** Whether a PUBLISH of `payload` on `topic` is within the broker's largest packet. */
+  fits(topic: string, payload: string, qos: 0 | 1 | 2, correlationData?: Uint8Array): boolean;
+  /** The largest packet in bytes (Infinity: none known), for error messages. */
+  readonly maxPacketBytes: number;
+  /** Why the broker cannot carry `topic`, or undefined. */
+  topicRefusal(topic: string): string | undefined;
+}
+
+/** A broker that takes everything MQTT allows. */
+export const ANY_BROKER: BrokerRules = {
+  fits: () => true,
+  maxPacketBytes: Infinity,
+  topicRefusal: () => undefined,
+};
+
 /** Options of {@linkcode ReplyPublisher}. */
 export interface ReplyPublisherOptions {
   readonly publish: Publish;
   /** The QoS of every reply. */
   readonly qos: 0 | 1 | 2;
-  /** Counts each error reply. */
-  readonly stats: Pick<Stats, "error">;
+  /** Counts each error reply, and each reply that could not be sent. */
+  readonly stats: Pick<Stats, "error" | "unaddressable">;
+  /**
+   * What the broker takes.
+   * @default {ANY_BROKER}
+   */
+  readonly broker?: BrokerRules;
+}
+
+/** What has been sent of one answer in JSON: its deltas' next `seq`, and their length. */
+interface Streamed {
+  seq: number;
+  chars: number;
 }
 
 const log = logger("gateway");
@@ -39,9 +77,17 @@ const log = logger("gateway");
 /** Publishes replies to their targets. */
 export class ReplyPublisher {
   readonly #options: ReplyPublisherOptions;
+  readonly #broker: BrokerRules;
+  readonly #streamed = new WeakMap<ReplyTarget, Streamed>();
 
   constructor(options: ReplyPublisherOptions) {
     this.#options = options;
+    this.#broker = options.broker ?? ANY_BROKER;
+  }
+
+  /** Why the broker cannot carry `topic`, or undefined when it can. */
+  topicRefusal(topic: string): string | undefined {
+    return this.#broker.topicRefusal(topic);
   }
 
   /** Sends `body` to `target` in its style (a style that sends nothing for it: nothing). */
@@ -50,18 +96,51 @@ export class ReplyPublisher {
       target.deliver(body);
       return;
     }
+    const refusal = this.#broker.topicRefusal(target.topic);
+    if (refusal !== undefined) {
+      const code = body.type === "error" ? body.error.code : "invalid_request";
+      return this.#undeliverable(target, code, refusal);
+    }
+    if (body.type === "delta") {
+      if (target.style === "json") this.#deltas(target, body.delta);
+      return;
+    }
+    const streamed = this.#streamed.get(target);
+    this.#streamed.delete(target);
     const payload = encodeReply(body, target.style, target.sessionId, target.requestId);
     if (payload === undefined) return;
-    const { qos } = this.#options;
-    const options = target.correlationData
-      ? { qos, correlationData: target.correlationData }
-      : { qos };
-    this.#options.publish(target.topic, payload, options).catch((error) =>
-      log.warn("Reply to {topic} not sent: {message}", {
-        topic: target.topic,
-        message: (error as Error).message,
-      })
-    );
+    if (this.#fits(target, payload)) return this.#publish(target, payload);
+    if (body.type === "done" && target.style === "json") {
+      // The text the deltas have not carried yet (all of it when nothing was streamed).
+      const rest = body.response.slice(streamed?.chars ?? 0);
+      const short = encodeReply(
+        { ...body, response: "", response_in_deltas: true },
+        "json",
+        target.sessionId,
+        target.requestId,
+      )!;
+      if (this.#fits(target, short)) {
+        this.#streamed.set(target, streamed ?? { seq: 0, chars: 0 });
+        if (this.#deltas(target, rest)) {
+          this.#streamed.delete(target);
+          return this.#publish(target, short);
+        }
+      }
+      this.#streamed.delete(target);
+    }
+    if (body.type !== "error") {
+      const bytes = new TextEncoder().encode(payload).length;
+      return this.fail(
+        target,
+        new ServiceError(
+          "reply_too_large",
+          `the answer (${bytes} bytes) is larger than the broker takes in one message ` +
+            `(${this.#broker.maxPacketBytes} bytes a packet); ask for a shorter answer, or ` +
+            `for the JSON reply style ("format":"json"), which splits it`,
+        ),
+      );
+    }
+    this.#undeliverable(target, body.error.code, "it is larger than the broker takes");
   }
 
   /** Sends `error` to `target` as an error reply, and counts it. */
@@ -80,8 +159,71 @@ export class ReplyPublisher {
     });
   }
 
-  /** Publishes a message that is not a reply (a hint, a session id); a failure is ignored. */
+  /**
+   * Publishes a message that is not a reply (a hint, a session id); a failure
+   * is ignored, one the broker cannot take is not sent.
+   */
   send(topic: string, payload: string): void {
-    this.#options.publish(topic, payload, { qos: this.#options.qos }).catch(() => {});
+    const { qos } = this.#options;
+    const refusal = this.#broker.topicRefusal(topic) ??
+      (this.#broker.fits(topic, payload, qos) ? undefined : "it is larger than the broker takes");
+    if (refusal !== undefined) {
+      log.warn("Not sent to {topic}: {reason}", { topic, reason: refusal });
+      return;
+    }
+    this.#options.publish(topic, payload, { qos }).catch(() => {});
+  }
+
+  /**
+   * Publishes `text` as the next deltas of `target`'s answer, split so that
+   * each fits; whether it could be.
+   */
+  #deltas(target: ReplyTarget, text: string): boolean {
+    let streamed = this.#streamed.get(target);
+    if (!streamed) this.#streamed.set(target, streamed = { seq: 0, chars: 0 });
+    const state = streamed;
+    const encode = (delta: string, seq: number) =>
+      encodeReply({ type: "delta", seq, delta }, "json", target.sessionId, target.requestId)!;
+    const publish = (piece: string, payload = encode(piece, state.seq)) => {
+      this.#publish(target, payload);
+      state.seq++;
+      state.chars += piece.length;
+    };
+    if (text === "") return true;
+    // Nearly always one delta that fits: encoded once.
+    const whole = encode(text, state.seq);
+    if (this.#fits(target, whole)) {
+      publish(text, whole);
+      return true;
+    }
+    // Sized with the largest `seq` any piece can get, so that a longer number still fits.
+    const last = state.seq + text.length;
+    const pieces = splitToFit(text, (piece) => this.#fits(target, encode(piece, last)));
+    if (!pieces) return false;
+    for (const piece of pieces) publish(piece);
+    return true;
+  }
+
+  #fits(target: ReplyTarget, payload: string): boolean {
+    return this.#broker.fits(target.topic, payload, this.#options.qos, target.correlationData);
+  }
+
+  #publish(target: ReplyTarget, payload: string): void {
+    const { qos } = this.#options;
+    const options = target.correlationData
+      ? { qos, correlationData: target.correlationData }
+      : { qos };
+    this.#options.publish(target.topic, payload, options).catch((error) =>
+      log.warn("Reply to {topic} not sent: {message}", {
+        topic: target.topic,
+        message: (error as Error).message,
+      })
+    );
+  }
+
+  /** A reply that cannot be sent at all: logged and counted. */
+  #undeliverable(target: ReplyTarget, code: ServiceError["code"], reason: string): void {
+    this.#options.stats.unaddressable(code);
+    log.warn("Reply to {topic} not sent: {reason}", { topic: target.topic, reason });
   }
 }

@@ -7,6 +7,7 @@
  */
 
 import { ServiceError } from "../protocol/errors.ts";
+import { logger } from "../log.ts";
 import type { ReplyBody } from "../protocol/mod.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
@@ -18,6 +19,8 @@ import type { Prompts } from "./prompts.ts";
 import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
 import type { TurnJob } from "./jobs.ts";
+
+const log = logger("gateway");
 
 /**
  * Runs a turn on a request worker: `onDelta` gets its coalesced streamed
@@ -65,6 +68,11 @@ export async function runTurnJob(
   await engineHealth.ready(options.engineWaitMs, signal);
   // Cancelled while it waited for its turn (in a share group, for another instance).
   signal.throwIfAborted();
+  log.debug("Request {request} of {session}: started after {ms} ms", {
+    request: request.requestId ?? "-",
+    session: job.sessionKey,
+    ms: Math.round(now() - job.receivedAt),
+  });
   let delivered = false;
   const run = () =>
     options.runTurn(
@@ -127,6 +135,12 @@ export async function runTurnJob(
     ...(result.historyLost && { history_lost: true }),
   };
   replies.reply(target, done);
+  log.debug("Request {request} of {session}: answered in {ms} ms ({finish})", {
+    request: request.requestId ?? "-",
+    session: job.sessionKey,
+    ms: Math.round(timing.totalMs),
+    finish: result.finishReason,
+  });
   // Kept for a client's retry under the same id; a copy without one is only ever dropped.
   if (request.requestId !== undefined) options.recent.answered(job.dedupKey, done);
   options.directory.touch(request.project, request.sessionId);

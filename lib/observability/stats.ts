@@ -61,7 +61,7 @@ export interface StatsReport {
  * replays at subscription), `duplicate` (a copy of a request already taken),
  * `superseded` (a game state replaced by a newer one of its session before it ran).
  */
-export type IgnoredReason = "retained" | "duplicate" | "superseded";
+export type IgnoredReason = "retained" | "duplicate" | "superseded" | "unsubscribed";
 
 /**
  * How long an answered request took, in milliseconds from its arrival, as

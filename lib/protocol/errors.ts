@@ -23,6 +23,8 @@ export type ErrorCode =
   | "cancelled"
   | "not_found"
   | "forbidden"
+  /** The answer is larger than the broker takes, in a reply style that cannot split it. */
+  | "reply_too_large"
   | "internal";
 
 /** A failure with a protocol error code, answered to the client that caused it. */

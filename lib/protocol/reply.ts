@@ -43,6 +43,11 @@ export type ReplyBody =
      * was dropped: this turn started a fresh conversation.
      */
     readonly history_lost?: true;
+    /**
+     * The answer was larger than the broker takes in one message: its text
+     * is in the deltas before this `done`, and `response` is empty.
+     */
+    readonly response_in_deltas?: true;
   }
   | {
     readonly type: "error";

@@ -72,7 +72,7 @@ Deno.test("config table: every option reads its own default, and fills a distinc
   equal(c.servedModelName, c.model);
   equal(c.mqttUrl, undefined);
   equal(c.qos, 1);
-  equal(c.mqttVersion, 5);
+  equal(c.mqttVersion, "auto");
 });
 
 Deno.test("config table: durations end in Ms, and every default shows its unit", () => {
@@ -137,7 +137,7 @@ Deno.test("config: a bad value is a ConfigError naming the option and the value"
       [["--max-model-len", "4096.5"], "max-model-len", "4096.5", /an integer/],
       [["--temperature", "warm"], "temperature", "warm", /a number/],
       [["--qos", "3"], "qos", "3", /at most 2/],
-      [["--mqtt-version", "3"], "mqtt-version", "3", /one of 4, 5/],
+      [["--mqtt-version", "3"], "mqtt-version", "3", /one of auto, 5, 4/],
       [["--engine", "gpu"], "engine", "gpu", /one of vllm, url, sim/],
       [["--stream=maybe"], "stream", "maybe", /true or false/],
       [["--projects", "a/b"], "projects", "a/b", /\[A-Za-z0-9._-\]/],

@@ -146,3 +146,20 @@ Deno.test("topics: a topic matches a filter as MQTT matches it", () => {
   for (const [filter, topic] of yes) assert(topicMatches(filter, topic), `${filter} ${topic}`);
   for (const [filter, topic] of no) assert(!topicMatches(filter, topic), `${filter} ${topic}`);
 });
+
+Deno.test("topicMatches: wildcards and shared subscriptions as a broker matches them", () => {
+  const cases: [string, string, boolean][] = [
+    ["maze/user_input", "maze/user_input", true],
+    ["+/user_input", "maze/user_input", true],
+    ["+/user_input", "maze/user_input/s", false],
+    ["+/user_input/+", "maze/user_input/s", true],
+    ["maze/user_input", "racing/user_input", false],
+    ["a/#", "a/b/c", true],
+    ["a/#", "a", true],
+    ["$share/pool/maze/user_input", "maze/user_input", true],
+    ["maze/state/+", "maze/state", false],
+  ];
+  for (const [filter, topic, matches] of cases) {
+    equal(topicMatches(filter, topic), matches, `${filter} ${topic}`);
+  }
+});
