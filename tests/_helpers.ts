@@ -174,6 +174,8 @@ export const HAS_NATS = (() => {
   }
 })();
 
+if (!HAS_NATS) console.warn("nats-server is not installed: the NATS tests are skipped");
+
 /** A broker other than mosquitto (nats-server, RabbitMQ), started by a test. */
 export interface OtherBroker {
   /** The MQTT listener's port. */
@@ -239,6 +241,8 @@ export const HAS_RABBITMQ = (() => {
     return false;
   }
 })();
+
+if (!HAS_RABBITMQ) console.warn("rabbitmq-server is not installed: the RabbitMQ test is skipped");
 
 /**
  * Starts a RabbitMQ node of its own (own name, ports and folder) with the

@@ -44,12 +44,18 @@ export async function replaceSubscriptions(options: ReplaceOptions): Promise<str
   const current = new Set(options.current);
   let stale: string[] = [];
   if (options.sessionPresent) {
-    const recorded = await readRecord(file, options.broker, options.clientId);
+    const recorded = (await readRecord(file, options.broker, options.clientId))
+      .filter((filter) => !current.has(filter));
     stale = [...new Set([...recorded, ...options.overlapping])]
       .filter((filter) => !current.has(filter));
-    if (stale.length > 0) {
-      await options.unsubscribe(stale);
-      log.info("Unsubscribed what an earlier run may have left in our MQTT session: {filters}", {
+    if (stale.length > 0) await options.unsubscribe(stale);
+    // The overlapping filters go every time, whether or not they were there: said only in debug.
+    if (recorded.length > 0) {
+      log.info("Unsubscribed what the previous run had and this one has not: {filters}", {
+        filters: recorded,
+      });
+    } else if (stale.length > 0) {
+      log.debug("Unsubscribed filters that would overlap ours, if any were left: {filters}", {
         filters: stale,
       });
     }

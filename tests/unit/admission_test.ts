@@ -437,3 +437,28 @@ Deno.test("admission: under signed ids, sessions not seen draw from the project'
   equal(sent.length, 3, "refused");
   equal(turns.length, 5);
 });
+
+Deno.test("admission: a reply topic the broker cannot carry refuses the request before it runs", async () => {
+  const { sent, turns, send, g } = gateway({
+    broker: {
+      fits: () => true,
+      maxPacketBytes: Infinity,
+      topicRefusal: (topic) => topic.includes(".") ? "no '.' in a topic" : undefined,
+    },
+  });
+  send("general/user_input", { session_id: "abc.def", message: "hi" });
+  send("general/user_input", { session_id: "fine", message: "hi" });
+  await tick();
+  deepEqual(turns.map((t) => t.job.sessionId), ["fine"]);
+  equal(sent.length, 0);
+  equal(g.queued + g.inFlight, 1);
+});
+
+Deno.test("admission: a message no subscription of this run matches is ignored", async () => {
+  const { sent, turns, send, events } = gateway({ answerUnknownProjects: false });
+  send("racing/user_input", { session_id: "s", message: "hi" });
+  await tick();
+  equal(turns.length, 0);
+  equal(sent.length, 0);
+  deepEqual(events, [{ kind: "ignored", reason: "unsubscribed" }]);
+});
