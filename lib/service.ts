@@ -53,6 +53,25 @@ export interface Service {
 
 const log = logger("service");
 
+/** A stop was asked for (SIGINT, SIGTERM) before the service served. */
+export class StartInterruptedError extends Error {
+  readonly code = "start_interrupted";
+  constructor(readonly signal: Deno.Signal) {
+    super(`${signal} during start-up`);
+    this.name = "StartInterruptedError";
+  }
+}
+
+/** Options of {@linkcode startService}. */
+export interface StartServiceOptions {
+  /**
+   * Aborted to stop the start-up: what was started is closed, and the start
+   * rejects with the signal's reason.
+   * @default {undefined}
+   */
+  readonly signal?: AbortSignal;
+}
+
 /**
  * How long a step of the shutdown may wait on the broker: it may be gone, and
  * the Last Will says `offline` for us then.
@@ -60,7 +79,28 @@ const log = logger("service");
 const BROKER_GOODBYE_MS = 2000;
 
 /** Starts the whole service. */
-export async function startService(config: Config): Promise<Service> {
+export async function startService(
+  config: Config,
+  options: StartServiceOptions = {},
+): Promise<Service> {
+  const { signal } = options;
+  /**
+   * Waits for one step of the start-up, unless the start-up is stopped first; what the step
+   * brings up after that is closed by `close`.
+   */
+  const step = <T>(work: Promise<T>, close?: (value: T) => unknown): Promise<T> => {
+    if (!signal) return work;
+    signal.throwIfAborted();
+    const { promise, reject } = Promise.withResolvers<never>();
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    work.then((value) => {
+      if (signal.aborted) close?.(value);
+    }, () => {});
+    return Promise.race([work, promise]).finally(() =>
+      signal.removeEventListener("abort", onAbort)
+    );
+  };
   const projects = await loadProjects(config);
   const prompts = new Map([...projects].map(([name, project]) => [name, project.prompt]));
   const topics = new Topics(
@@ -93,13 +133,13 @@ export async function startService(config: Config): Promise<Service> {
     const generations = config.shareGroup === undefined && config.kvUrl === undefined
       ? WriteGenerations.create()
       : undefined;
-    const store = await openStore(kvPath, config, generations);
+    const store = await step(openStore(kvPath, config, generations), (s) => s.close());
     cleanup.defer(() => store.close());
     const storageHealth = await watchStorage(store, config);
     parts.storageHealth = storageHealth;
     cleanup.defer(() => storageHealth.close());
 
-    const engine = await startEngine(config);
+    const engine = await step(startEngine(config, signal), (e) => e.close());
     parts.engine = engine;
     cleanup.defer(() => engine.close());
     const engineHealth = new EngineHealth({
@@ -132,8 +172,8 @@ export async function startService(config: Config): Promise<Service> {
     };
     // `--workers 0`: turns run on this thread, against the service's own store.
     const pool: TurnPool = config.workers === 0
-      ? await InProcessPool.start(settings, store)
-      : await WorkerPool.start(config.workers, settings);
+      ? await step(InProcessPool.start(settings, store), (p) => p.close())
+      : await step(WorkerPool.start(config.workers, settings), (p) => p.close());
     cleanup.defer(() => pool.close());
 
     let brokerUrl = config.mqttUrl;
@@ -164,24 +204,27 @@ export async function startService(config: Config): Promise<Service> {
       model: config.servedModelName,
       started_at: startedAt,
     });
-    const client = await connectMqtt({
-      url: brokerUrl,
-      clientId: config.mqttClientId,
-      protocolVersion,
-      username: config.mqttUsername,
-      password: config.mqttPassword,
-      tlsCa: config.tlsCa,
-      tlsCert: config.tlsCert,
-      tlsKey: config.tlsKey,
-      will: { topic: topics.status, payload: offline },
-      persistentSession: config.shareGroup === undefined,
-      handler: handler.promise,
-      takeover,
-      onTakeover: (error) => {
-        takeoverError = error;
-        takenOver.resolve(error);
-      },
-    });
+    const client = await step(
+      connectMqtt({
+        url: brokerUrl,
+        clientId: config.mqttClientId,
+        protocolVersion,
+        username: config.mqttUsername,
+        password: config.mqttPassword,
+        tlsCa: config.tlsCa,
+        tlsCert: config.tlsCert,
+        tlsKey: config.tlsKey,
+        will: { topic: topics.status, payload: offline },
+        persistentSession: config.shareGroup === undefined,
+        handler: handler.promise,
+        takeover,
+        onTakeover: (error) => {
+          takeoverError = error;
+          takenOver.resolve(error);
+        },
+      }),
+      (c) => c.end(true),
+    );
     parts.client = client;
     // A broker that is gone would keep a graceful end waiting for ever.
     cleanup.defer(() =>
@@ -207,7 +250,7 @@ export async function startService(config: Config): Promise<Service> {
       ttlMs: config.sessionTtlMs,
       isBusy: (project, sessionId) => gateway.isBusy(project, sessionId),
     });
-    await directory.load();
+    await step(directory.load());
     gateway = new Gateway({
       publish: publishOn(client),
       subscribe: (filters, qos) => client.subscribeAsync(filters, { qos }).then(() => {}),
@@ -240,7 +283,6 @@ export async function startService(config: Config): Promise<Service> {
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
       projectFiles: projects,
     });
-    parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
     handler.resolve((topic, payload, packet) => {
       if (topic === topics.status) {
         noteStatus(payload, packet.retain, instance, startedAt, takeover);
@@ -281,6 +323,8 @@ export async function startService(config: Config): Promise<Service> {
     // Our own status topic: another instance with our client id shows itself there.
     await client.subscribeAsync(topics.status, { qos: 1 });
     announce();
+    // Ready (`/readyz`) once subscribed: a request sent before would reach no one.
+    parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
     log.info("Serving {projects} with model {model}", {
       projects: config.projects,
       model: config.servedModelName,

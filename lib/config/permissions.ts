@@ -10,6 +10,18 @@
  * with the set's lists widened. A flag given next to `-P` replaces the set's
  * list for its kind: the command repeats the set's entries.
  *
+ * Both run with `--no-prompt`: a service has nobody to answer Deno's
+ * permission prompts, and in a terminal Deno would stop at one for any access
+ * the set does not grant, with the HTTP endpoint not answering meanwhile. One
+ * such access happens at every start: the `debug` package (used by `mqtt` and
+ * `aedes`) tries an optional `require("supports-color")`, which looks for a
+ * `node_modules` folder in each parent folder of the checkout. Without a
+ * terminal Deno refuses it silently and the `require` falls back; with
+ * `--no-prompt` a terminal gets the same refusal, so the program behaves the
+ * same under a terminal, systemd and the tests. What the configuration
+ * itself needs is checked before anything starts (below), so no access the
+ * service needs is ever refused unannounced.
+ *
  * @module
  */
 
@@ -89,7 +101,9 @@ export function grantingCommand(missing: Needs, args: readonly string[]): string
     const list = [...new Set([...SERVICE_PERMISSIONS[kind], ...missing[kind]])];
     flags.push(`--allow-${kind}=${list.join(",")}`);
   }
-  return ["deno", "run", "-q", "-P=service", ...flags, "main.ts", ...args].map(shellQuote)
+  return ["deno", "run", "-q", "--no-prompt", "-P=service", ...flags, "main.ts", ...args].map(
+    shellQuote,
+  )
     .join(" ");
 }
 

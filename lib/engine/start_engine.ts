@@ -13,15 +13,18 @@ import { startVllm } from "./vllm_supervisor.ts";
 
 const log = logger("engine");
 
-/** Starts or attaches to the engine of `config.engine`. */
-export function startEngine(config: Config): Promise<RunningEngine> {
+/**
+ * Starts or attaches to the engine of `config.engine`; `signal` stops a vLLM
+ * that is still loading (its start rejects, and vLLM is stopped).
+ */
+export function startEngine(config: Config, signal?: AbortSignal): Promise<RunningEngine> {
   switch (config.engine) {
     case "sim":
       return startSimulatorWorker(config);
     case "url":
       return attach(config);
     case "vllm":
-      return startVllm(config);
+      return startVllm(config, signal);
   }
 }
 

@@ -85,10 +85,16 @@ export function vllmEnv(config: Config, base: Record<string, string>): Record<st
   return env;
 }
 
-/** Starts vLLM and supervises it until `close()`. */
-export async function startVllm(config: Config): Promise<RunningEngine> {
+/** Starts vLLM and supervises it until `close()`; `signal` stops a start that is under way. */
+export async function startVllm(config: Config, signal?: AbortSignal): Promise<RunningEngine> {
   const supervisor = new VllmSupervisor(config, await freePort());
-  await supervisor.start();
+  const onAbort = () => supervisor.close();
+  signal?.addEventListener("abort", onAbort, { once: true });
+  try {
+    await supervisor.start();
+  } finally {
+    signal?.removeEventListener("abort", onAbort);
+  }
   return supervisor;
 }
 
