@@ -16,15 +16,25 @@ import {
   neededBy,
   permissionAdvice,
   requiredPermissions,
+  workingFolderAdvice,
 } from "./lib/config/permissions.ts";
 import { closeLogging, logger, setupLogging } from "./lib/log.ts";
-import { type Service, StartInterruptedError, startService } from "./lib/service.ts";
+import type { Service } from "./lib/service.ts";
 import { StopSignals } from "./lib/service/stop_signals.ts";
 
 /** Time for closing the parts after accepted requests had their `--shutdown-timeout`. */
 const SHUTDOWN_MARGIN_MS = 5000;
 
 async function main(): Promise<number> {
+  // Run without the task (`deno run main.ts`): no permission at all. Said before anything reads
+  // the environment (the `mqtt` package does as it is loaded, below).
+  if (Deno.permissions.querySync({ name: "env" }).state !== "granted") {
+    console.error(
+      "vllm-mqtt: run it with 'deno task start [options]' in its folder (the task grants the " +
+        "permissions it needs), or as 'deno run -q --no-prompt -P=service main.ts [options]'",
+    );
+    return 2;
+  }
   let parsed;
   try {
     parsed = parseConfig(Deno.args, Deno.env.toObject());
@@ -42,7 +52,9 @@ async function main(): Promise<number> {
   // command that grants it (Deno's own message suggests a flag `deno task start` cannot pass).
   const missing = missingPermissions(requiredPermissions(config));
   if (missing) {
-    console.error(`vllm-mqtt: ${permissionAdvice(missing, Deno.args)}`);
+    const advice = workingFolderAdvice(missing, new URL(".", import.meta.url).pathname) ??
+      permissionAdvice(missing, Deno.args);
+    console.error(`vllm-mqtt: ${advice}`);
     return 2;
   }
   await setupLogging({ level: config.logLevel, format: config.logFormat });
@@ -105,6 +117,8 @@ async function main(): Promise<number> {
     });
   }
 
+  // Loaded once the permissions are known to be there (see the top of main).
+  const { StartInterruptedError, startService } = await import("./lib/service.ts");
   const started = await Promise.race([
     startService(config, { signal: startUp.signal }).then(
       (running) => ({ running }),

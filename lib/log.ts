@@ -55,3 +55,47 @@ export async function closeLogging(): Promise<void> {
 export function logger(part: string): Logger {
   return getLogger(["vllm-mqtt", part]);
 }
+
+/** Options of {@linkcode LogThrottle}. */
+export interface LogThrottleOptions {
+  /**
+   * Per kind of event, at most one line in this many milliseconds.
+   * @default {60000}
+   */
+  readonly everyMs?: number;
+  /**
+   * The clock, in milliseconds.
+   * @default {() => performance.now()}
+   */
+  readonly now?: () => number;
+}
+
+/**
+ * Keeps a flood of one kind of event (a client sending what cannot be
+ * served) to one log line a minute, each saying how many were left out.
+ */
+export class LogThrottle {
+  readonly #everyMs: number;
+  readonly #now: () => number;
+  readonly #kinds = new Map<string, { loggedAt: number; left: number }>();
+
+  constructor(options: LogThrottleOptions = {}) {
+    this.#everyMs = options.everyMs ?? 60_000;
+    this.#now = options.now ?? (() => performance.now());
+  }
+
+  /**
+   * Whether to log an event of `kind` now: undefined when not, else how many
+   * of its kind were left out since the last line.
+   */
+  take(kind: string): number | undefined {
+    const now = this.#now();
+    const last = this.#kinds.get(kind);
+    if (last && now - last.loggedAt < this.#everyMs) {
+      last.left++;
+      return undefined;
+    }
+    this.#kinds.set(kind, { loggedAt: now, left: 0 });
+    return last?.left ?? 0;
+  }
+}

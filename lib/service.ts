@@ -32,7 +32,7 @@ import { WorkerPool } from "./workers/worker_pool.ts";
 import { loadProjects } from "./service/projects.ts";
 import { type Parts, serveOperatorEndpoint } from "./service/operator_endpoint.ts";
 import { noteStatus } from "./service/status.ts";
-import { openStore, watchStorage } from "./service/storage.ts";
+import { openStore, prepareDataDir, watchStorage } from "./service/storage.ts";
 
 export { loadProjects } from "./service/projects.ts";
 
@@ -114,6 +114,9 @@ export async function startService(
   const parts: Parts = {};
   // Messages the broker delivers before the gateway exists wait, unacknowledged, for it.
   const handler = Promise.withResolvers<MessageHandler>();
+  // Rejected when the start-up fails, maybe before the connection that awaits it exists:
+  // the start-up's own error says what went wrong.
+  handler.promise.catch(() => {});
   const takenOver = Promise.withResolvers<Error>();
   let takeoverError: Error | undefined;
   try {
@@ -126,7 +129,7 @@ export async function startService(
     }
     // The store before the engine: a store that cannot be opened (a full disk) stops the
     // start-up before vLLM spends minutes loading a model for nothing.
-    await Deno.mkdir(config.dataDir, { recursive: true });
+    await prepareDataDir(config.dataDir);
     const kvPath = config.kvUrl ?? join(config.dataDir, "sessions.kv");
     // Alone on its sessions, the process's threads tell each other of their writes, and a
     // turn whose session nobody else wrote reads nothing from the store.
@@ -182,6 +185,8 @@ export async function startService(
       const port = config.embeddedBrokerPort;
       if (await isListening("127.0.0.1", port)) {
         brokerUrl = `mqtt://127.0.0.1:${port}`;
+        // Said, so that a program there that is no MQTT broker is seen for what it is.
+        log.info("Something listens on localhost:{port}: using it as the broker", { port });
       } else {
         const broker = await startEmbeddedBroker(port);
         cleanup.defer(() => broker.close());

@@ -25,6 +25,7 @@
  * @module
  */
 
+import { isAbsolute, join } from "node:path";
 import type { Config } from "./config.ts";
 
 /** deno.json's `service` set, as `deno task start` grants it (a test keeps the two equal). */
@@ -74,6 +75,27 @@ export function missingPermissions(needs: Needs): Needs | undefined {
   };
   const count = missing.read.length + missing.write.length + missing.net.length;
   return count === 0 ? undefined : missing;
+}
+
+/**
+ * When `missing` holds relative paths (the default `prompts` and `./data`)
+ * that the permissions grant in `programDir` but not in the working folder:
+ * the program was started from another folder, and that is what to say
+ * (naming the permissions would send the user the wrong way).
+ */
+export function workingFolderAdvice(missing: Needs, programDir: string): string | undefined {
+  const relative = (paths: string[]) => paths.filter((path) => !isAbsolute(path));
+  const read = relative(missing.read);
+  const write = relative(missing.write);
+  if (read.length + write.length === 0) return undefined;
+  const grantedThere = (name: "read" | "write") => (path: string) =>
+    Deno.permissions.querySync({ name, path: join(programDir, path) }).state === "granted";
+  if (!read.every(grantedThere("read")) || !write.every(grantedThere("write"))) return undefined;
+  const folder = programDir.replace(/\/$/, "");
+  const paths = [...new Set([...read, ...write])];
+  return `run it in its own folder (cd ${folder}): ${paths.join(" and ")} ` +
+    `${paths.length === 1 ? "is" : "are"} looked for in the working folder, and the permissions ` +
+    `grant those in ${folder}; or name other folders with --prompts-dir and --data-dir`;
 }
 
 /**

@@ -34,7 +34,7 @@ import {
   type RequestLimits,
   ServiceError,
 } from "../protocol/mod.ts";
-import { logger } from "../log.ts";
+import { logger, LogThrottle } from "../log.ts";
 import { QueueFullError, type Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import type { Stats } from "../observability/stats.ts";
@@ -81,6 +81,8 @@ export class Admission {
   readonly #recent: RecentRequests;
   readonly #sessionLimit: RateLimiter;
   readonly #clientLimit: RateLimiter;
+  /** What a client sends that cannot be served is logged, but a flood of it only once a minute. */
+  readonly #unserved: LogThrottle;
   #accepting = true;
   #nextId = 1;
 
@@ -91,6 +93,7 @@ export class Admission {
     const { perSession, perClient, burst } = options.rateLimit;
     this.#sessionLimit = new RateLimiter({ perMinute: perSession, burst, now });
     this.#clientLimit = new RateLimiter({ perMinute: perClient, burst: burst * 10, now });
+    this.#unserved = new LogThrottle({ now });
   }
 
   /** The window of recent requests, where a turn's answer is kept for a retry. */
@@ -293,6 +296,21 @@ export class Admission {
       const address = outcome.ok ? outcome.request : outcome.address;
       if (address) this.fail(replyTarget(topics, project, address, mqtt5), error);
       else stats.unaddressable(error.code);
+      // A client with a mistyped project name would otherwise never be seen.
+      const left = this.#unserved.take("unknown_project");
+      if (left !== undefined) {
+        log.warn(
+          "Request on {topic} for project {project}, which is not served here ({answer}; " +
+            "served: {projects}){left}",
+          {
+            topic,
+            project,
+            answer: address ? "answered unknown_project" : "not answerable",
+            projects: [...this.#options.prompts.projects()],
+            left: leftOut(left),
+          },
+        );
+      }
       return undefined;
     }
     if (outcome.ok) {
@@ -302,7 +320,14 @@ export class Admission {
     const { error, address } = outcome;
     if (!address && !mqtt5) {
       stats.unaddressable(error.code);
-      log.warn("Unanswerable request on {topic}: {message}", { topic, message: error.message });
+      const left = this.#unserved.take(`unanswerable ${error.code}`);
+      if (left !== undefined) {
+        log.warn("Unanswerable request on {topic}: {message}{left}", {
+          topic,
+          message: error.message,
+          left: leftOut(left),
+        });
+      }
       return undefined;
     }
     const somewhere: ReplyAddress = {
@@ -373,4 +398,9 @@ function payloadHash(payload: Uint8Array): string {
     hash = Math.imul(hash, 0x01000193);
   }
   return `${(hash >>> 0).toString(36)}:${payload.length}`;
+}
+
+/** The end of a throttled log line: how many like it were left out before it. */
+function leftOut(count: number): string {
+  return count === 0 ? "" : ` (and ${count} more like it since the last such line, not logged)`;
 }

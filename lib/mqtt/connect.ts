@@ -117,7 +117,9 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
     }
   });
   let failures = 0;
+  let connectedOnce = false;
   client.on("connect", () => {
+    connectedOnce = true;
     takeover.connected(performance.now());
     failures = 0;
     client.options.reconnectPeriod = firstDelay;
@@ -125,7 +127,7 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
   });
   client.on("close", () => {
     // Said once an outage, not at each failed attempt; not at all when we are the ones leaving.
-    if (failures === 0 && !client.disconnecting) {
+    if (failures === 0 && connectedOnce && !client.disconnecting) {
       log.warn("Lost the connection to the broker; reconnecting");
     }
     // Full jitter, so many instances do not reconnect in step.
@@ -136,7 +138,16 @@ export function connectMqtt(options: ConnectOptions): Promise<MqttClient> {
       jitter: "full",
     });
   });
-  client.on("error", (error) => log.warn("MQTT error: {message}", { message: error.message }));
+  client.on("error", (error) => {
+    if (connectedOnce) return log.warn("MQTT error: {message}", { message: error.message });
+    log.warn("Cannot reach the broker at {url}: {message}; retrying", {
+      url: redact(options.url),
+      message: error.message === "connack timeout"
+        ? "it accepted the connection but did not answer as an MQTT broker within 10 s " +
+          "(connack timeout): is the program listening there an MQTT broker?"
+        : error.message,
+    });
+  });
 
   return new Promise((resolve, reject) => {
     const onConnect = () => {
