@@ -10,7 +10,7 @@
  * @module
  */
 
-import { ConfigError, helpText, parseConfig } from "./lib/config/config.ts";
+import { ConfigError, helpText, parseConfig, versionText } from "./lib/config/config.ts";
 import {
   missingPermissions,
   neededBy,
@@ -44,7 +44,7 @@ async function main(): Promise<number> {
     return 2;
   }
   if (parsed.help) {
-    console.log(helpText());
+    console.log(parsed.show === "version" ? versionText() : helpText());
     return 0;
   }
   const { config } = parsed;

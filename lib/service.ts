@@ -181,6 +181,7 @@ export async function startService(
 
     let brokerUrl = config.mqttUrl;
     let protocolVersion = config.mqttVersion;
+    let embedded = false;
     if (brokerUrl === undefined) {
       const port = config.embeddedBrokerPort;
       if (await isListening("127.0.0.1", port)) {
@@ -191,6 +192,7 @@ export async function startService(
         const broker = await startEmbeddedBroker(port);
         cleanup.defer(() => broker.close());
         brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
+        embedded = true;
         // The embedded broker speaks MQTT 3.1.1 only.
         protocolVersion = 4;
         log.info("No broker answered on localhost:{port}; started the embedded broker there", {
@@ -199,6 +201,7 @@ export async function startService(
       }
     }
 
+    parts.broker = { url: redact(brokerUrl), embedded };
     const instance = config.mqttClientId;
     const startedAt = new Date().toISOString();
     const takeover = new TakeoverWatch();

@@ -181,6 +181,24 @@ Deno.test("start-up: run from another folder, it says so rather than naming perm
   }
 });
 
+Deno.test("start-up: a project name a letter from a prompt file's is refused as a typo", async () => {
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  try {
+    const service = await startService(
+      ["--engine=sim", "--projects=mazee,general", `--data-dir=${dataDir}`],
+      { expectExit: true },
+    );
+    equal(await service.stop(), 2, service.log());
+    assertNoNoise(service.log());
+    match(
+      service.log(),
+      /project 'mazee' has no prompt file \(prompts\/mazee\.md\): did you mean 'maze'\?/,
+    );
+  } finally {
+    await removeTempDir(dataDir);
+  }
+});
+
 mosquittoTest(
   "unknown projects and payloads that are not JSON are logged, a flood once",
   async () => {

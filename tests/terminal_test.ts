@@ -8,7 +8,7 @@
  * @module
  */
 
-import assert, { equal, match } from "node:assert/strict";
+import assert, { deepEqual, equal, match } from "node:assert/strict";
 import { freePort, removeTempDir, ROOT, TestClient, waitFor } from "./_helpers.ts";
 
 /** Whether util-linux's `script` is installed (Debian's essential `bsdutils` has it). */
@@ -100,6 +100,13 @@ async function startAndStop(
       30_000,
       () => `/readyz, with no input given; its terminal shows:\n${running.output()}`,
     );
+    // The broker it chose, as /status and the live page name it.
+    const described = await (await fetch(`http://127.0.0.1:${httpPort}/status`)).json();
+    deepEqual(described.broker, {
+      url: `mqtt://127.0.0.1:${brokerPort}`,
+      embedded: true,
+      connected: true,
+    });
     client = await TestClient.connect(`mqtt://127.0.0.1:${brokerPort}`);
     await client.subscribe("maze/assistant_response/#");
     await client.send("maze/user_input", { session_id: "t1", message: "hi", request_id: "r1" });
