@@ -384,7 +384,12 @@ export class Admission {
     if (repeat.kind === "new") return dedupKey;
     this.#options.stats.ignored("duplicate");
     if (repeat.kind === "answered" && !packet.dup) {
-      this.#options.replies.reply(reply, repeat.answer);
+      // Marked as a replay from history is: the client can tell it was not generated again.
+      const { answer } = repeat;
+      this.#options.replies.reply(
+        reply,
+        answer.type === "done" ? { ...answer, repeated: true } : answer,
+      );
     }
     return undefined;
   }
