@@ -25,6 +25,8 @@ const HAS_SCRIPT = (() => {
 interface Running {
   readonly child: Deno.ChildProcess;
   readonly output: () => string;
+  /** Its exit status, once all it wrote has been read. */
+  readonly exited: () => Promise<Deno.CommandStatus>;
   /** Its stdin, held open for as long as it runs (`script` ends at the end of its input). */
   readonly stdin: WritableStreamDefaultWriter<Uint8Array>;
 }
@@ -42,9 +44,18 @@ function spawn(program: string, args: string[]): Running {
   const pump = async (stream: ReadableStream<Uint8Array>) => {
     for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
   };
-  pump(child.stdout);
-  pump(child.stderr);
-  return { child, output: () => output, stdin: child.stdin.getWriter() };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  return {
+    child,
+    output: () => output,
+    // The exit comes before the last of the output has been read.
+    exited: async () => {
+      const status = await child.status;
+      await pumped;
+      return status;
+    },
+    stdin: child.stdin.getWriter(),
+  };
 }
 
 /** The quick start's command, on ports of its own and a data folder of its own under `data/`. */
@@ -114,7 +125,7 @@ async function startAndStop(
     await stop(running);
     const done = await client.final("t1", "r1", 20_000);
     equal(done.json?.type, "done", done.text);
-    const status = await running.child.status;
+    const status = await running.exited();
     const output = running.output();
     equal(status.code, 0, output);
     match(output, /Stopped/);
@@ -126,7 +137,7 @@ async function startAndStop(
     try {
       running.child.kill("SIGKILL");
     } catch { /* gone */ }
-    await running.child.status;
+    await running.exited();
     await running.stdin.close().catch(() => {});
     await removeTempDir(`${ROOT}${dataDir}`);
   }
