@@ -3,9 +3,9 @@
  *
  * Parses the configuration, starts the service and stops it gracefully on
  * SIGINT or SIGTERM (a second one stops at once). Exit codes: 0 after a clean
- * stop (also one asked for during start-up), 1 when start-up fails, a part fails for good (the engine gives up,
- * another instance takes the MQTT client id) or the stop is forced, 2 for a
- * configuration error.
+ * stop (also one asked for during start-up), 1 when start-up fails, a part
+ * fails for good (the engine gives up, another instance takes the MQTT client
+ * id) or the stop is forced, 2 for a configuration error.
  *
  * @module
  */
@@ -20,7 +20,7 @@ import {
 } from "./lib/config/permissions.ts";
 import { closeLogging, logger, setupLogging } from "./lib/log.ts";
 import type { Service } from "./lib/service.ts";
-import { StopSignals } from "./lib/service/stop_signals.ts";
+import { StartInterruptedError, StopSignals } from "./lib/service/stop_signals.ts";
 
 /** Time for closing the parts after accepted requests had their `--shutdown-timeout`. */
 const SHUTDOWN_MARGIN_MS = 5000;
@@ -118,7 +118,7 @@ async function main(): Promise<number> {
   }
 
   // Loaded once the permissions are known to be there (see the top of main).
-  const { StartInterruptedError, startService } = await import("./lib/service.ts");
+  const { startService } = await import("./lib/service.ts");
   const started = await Promise.race([
     startService(config, { signal: startUp.signal }).then(
       (running) => ({ running }),

@@ -53,15 +53,6 @@ export interface Service {
 
 const log = logger("service");
 
-/** A stop was asked for (SIGINT, SIGTERM) before the service served. */
-export class StartInterruptedError extends Error {
-  readonly code = "start_interrupted";
-  constructor(readonly signal: Deno.Signal) {
-    super(`${signal} during start-up`);
-    this.name = "StartInterruptedError";
-  }
-}
-
 /** Options of {@linkcode startService}. */
 export interface StartServiceOptions {
   /**

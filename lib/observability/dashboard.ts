@@ -19,7 +19,6 @@ import pageHtml from "./page/index.html" with { type: "text" };
 import pageStyle from "./page/style.css" with { type: "text" };
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
-import { redact } from "../mqtt/connect.ts";
 import type { ChatRequest, ReplyBody } from "../protocol/mod.ts";
 import { asset, SECURITY_HEADERS, text } from "./_util.ts";
 import { DashboardAuth } from "./dashboard_auth.ts";

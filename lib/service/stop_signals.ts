@@ -25,6 +25,15 @@
  * @module
  */
 
+/** A stop was asked for (SIGINT, SIGTERM) before the service served. */
+export class StartInterruptedError extends Error {
+  readonly code = "start_interrupted";
+  constructor(readonly signal: Deno.Signal) {
+    super(`${signal} during start-up`);
+    this.name = "StartInterruptedError";
+  }
+}
+
 /** How soon a repeat of the signal that started the stop counts as a copy of it, in ms. */
 export const REPEAT_WINDOW_MS = 250;
 
