@@ -158,3 +158,36 @@ export class ProbeLoop {
     }
   }
 }
+
+/**
+ * The one of `candidates` nearest to `word` by edit distance (letters added,
+ * removed or changed), if it is at most `maxDistance` away: the name a typo
+ * most likely meant.
+ */
+export function closest(
+  word: string,
+  candidates: Iterable<string>,
+  maxDistance = 2,
+): string | undefined {
+  let best: string | undefined;
+  let bestDistance = maxDistance + 1;
+  for (const candidate of candidates) {
+    const distance = editDistance(word, candidate);
+    if (distance < bestDistance) [best, bestDistance] = [candidate, distance];
+  }
+  return best;
+}
+
+/** Levenshtein distance, one row at a time. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) {
+      const change = previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1);
+      row.push(Math.min(change, previous[j] + 1, row[j - 1] + 1));
+    }
+    previous = row;
+  }
+  return previous[b.length];
+}

@@ -43,7 +43,7 @@ import { WorkerPool } from "./workers/worker_pool.ts";
 import { loadProjects } from "./service/projects.ts";
 import { type Parts, serveOperatorEndpoint } from "./service/operator_endpoint.ts";
 import { noteStatus } from "./service/status.ts";
-import { openStore, watchStorage } from "./service/storage.ts";
+import { openStore, prepareDataDir, watchStorage } from "./service/storage.ts";
 
 export { loadProjects } from "./service/projects.ts";
 
@@ -64,6 +64,16 @@ export interface Service {
 
 const log = logger("service");
 
+/** Options of {@linkcode startService}. */
+export interface StartServiceOptions {
+  /**
+   * Aborted to stop the start-up: what was started is closed, and the start
+   * rejects with the signal's reason.
+   * @default {undefined}
+   */
+  readonly signal?: AbortSignal;
+}
+
 /**
  * How long a step of the shutdown may wait on the broker: it may be gone, and
  * the Last Will says `offline` for us then.
@@ -77,7 +87,28 @@ const BROKER_GOODBYE_MS = 2000;
 const SWEEP_INTERVAL_MS = 10_000;
 
 /** Starts the whole service. */
-export async function startService(config: Config): Promise<Service> {
+export async function startService(
+  config: Config,
+  options: StartServiceOptions = {},
+): Promise<Service> {
+  const { signal } = options;
+  /**
+   * Waits for one step of the start-up, unless the start-up is stopped first; what the step
+   * brings up after that is closed by `close`.
+   */
+  const step = <T>(work: Promise<T>, close?: (value: T) => unknown): Promise<T> => {
+    if (!signal) return work;
+    signal.throwIfAborted();
+    const { promise, reject } = Promise.withResolvers<never>();
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    work.then((value) => {
+      if (signal.aborted) close?.(value);
+    }, () => {});
+    return Promise.race([work, promise]).finally(() =>
+      signal.removeEventListener("abort", onAbort)
+    );
+  };
   const projects = await loadProjects(config);
   const prompts = new Map([...projects].map(([name, project]) => [name, project.prompt]));
   const topics = new Topics(
@@ -91,6 +122,9 @@ export async function startService(config: Config): Promise<Service> {
   const parts: Parts = {};
   // Messages the broker delivers before the gateway exists wait, unacknowledged, for it.
   const handler = Promise.withResolvers<MessageHandler>();
+  // Rejected when the start-up fails, maybe before the connection that awaits it exists:
+  // the start-up's own error says what went wrong.
+  handler.promise.catch(() => {});
   const takenOver = Promise.withResolvers<Error>();
   let takeoverError: Error | undefined;
   try {
@@ -103,23 +137,26 @@ export async function startService(config: Config): Promise<Service> {
     }
     // The store before the engine: a store that cannot be opened (a full disk) stops the
     // start-up before vLLM spends minutes loading a model for nothing.
-    await Deno.mkdir(config.dataDir, { recursive: true });
+    await prepareDataDir(config.dataDir);
     const kvPath = config.kvUrl ?? join(config.dataDir, "sessions.kv");
     // Alone on its sessions, the process's threads tell each other of their writes, and a
     // turn whose session nobody else wrote reads nothing from the store.
     const generations = config.shareGroup === undefined && config.kvUrl === undefined
       ? WriteGenerations.create()
       : undefined;
-    const store = await openStore(kvPath, config, generations);
+    const store = await step(openStore(kvPath, config, generations), (s) => s.close());
     cleanup.defer(() => store.close());
     const storageHealth = await watchStorage(store, config);
     parts.storageHealth = storageHealth;
     cleanup.defer(() => storageHealth.close());
 
-    const engine = await startEngine(config, {
-      tools: [...projects.values()].some((project) => project.tools !== undefined),
-      models: [...new Set([...projects.values()].flatMap((p) => p.model ?? []))],
-    });
+    const engine = await step(
+      startEngine(config, {
+        tools: [...projects.values()].some((project) => project.tools !== undefined),
+        models: [...new Set([...projects.values()].flatMap((p) => p.model ?? []))],
+      }, signal),
+      (e) => e.close(),
+    );
     parts.engine = engine;
     cleanup.defer(() => engine.close());
     const engineHealth = new EngineHealth({
@@ -153,20 +190,24 @@ export async function startService(config: Config): Promise<Service> {
     };
     // `--workers 0`: turns run on this thread, against the service's own store.
     const pool: TurnPool = config.workers === 0
-      ? await InProcessPool.start(settings, store)
-      : await WorkerPool.start(config.workers, settings);
+      ? await step(InProcessPool.start(settings, store), (p) => p.close())
+      : await step(WorkerPool.start(config.workers, settings), (p) => p.close());
     cleanup.defer(() => pool.close());
 
     let brokerUrl = config.mqttUrl;
     let protocolVersion: 4 | 5 | "auto" = config.mqttVersion;
+    let embedded = false;
     if (brokerUrl === undefined) {
       const port = config.embeddedBrokerPort;
       if (await isListening("127.0.0.1", port)) {
         brokerUrl = `mqtt://127.0.0.1:${port}`;
+        // Said, so that a program there that is no MQTT broker is seen for what it is.
+        log.info("Something listens on localhost:{port}: using it as the broker", { port });
       } else {
         const broker = await startEmbeddedBroker(port);
         cleanup.defer(() => broker.close());
         brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
+        embedded = true;
         // The embedded broker (aedes) speaks MQTT 3.1.1 only.
         protocolVersion = 4;
         log.info(
@@ -177,6 +218,7 @@ export async function startService(config: Config): Promise<Service> {
       }
     }
 
+    parts.broker = { url: redact(brokerUrl), embedded };
     const instance = config.mqttClientId;
     const startedAt = new Date().toISOString();
     const takeover = new TakeoverWatch();
@@ -188,25 +230,28 @@ export async function startService(config: Config): Promise<Service> {
       started_at: startedAt,
     });
     const packetLimit = new PacketLimit(config.mqttMaxPacketBytes, protocolVersion !== 4);
-    const client = await connectMqtt({
-      url: brokerUrl,
-      clientId: config.mqttClientId,
-      protocolVersion,
-      packetLimit,
-      username: config.mqttUsername,
-      password: config.mqttPassword,
-      tlsCa: config.tlsCa,
-      tlsCert: config.tlsCert,
-      tlsKey: config.tlsKey,
-      will: { topic: topics.status, payload: offline },
-      persistentSession: config.shareGroup === undefined,
-      handler: handler.promise,
-      takeover,
-      onTakeover: (error) => {
-        takeoverError = error;
-        takenOver.resolve(error);
-      },
-    });
+    const client = await step(
+      connectMqtt({
+        url: brokerUrl,
+        clientId: config.mqttClientId,
+        protocolVersion,
+        packetLimit,
+        username: config.mqttUsername,
+        password: config.mqttPassword,
+        tlsCa: config.tlsCa,
+        tlsCert: config.tlsCert,
+        tlsKey: config.tlsKey,
+        will: { topic: topics.status, payload: offline },
+        persistentSession: config.shareGroup === undefined,
+        handler: handler.promise,
+        takeover,
+        onTakeover: (error) => {
+          takeoverError = error;
+          takenOver.resolve(error);
+        },
+      }),
+      (c) => c.end(true),
+    );
     parts.client = client;
     // A broker that is gone would keep a graceful end waiting for ever.
     cleanup.defer(() =>
@@ -246,7 +291,7 @@ export async function startService(config: Config): Promise<Service> {
       ttlMs: config.sessionTtlMs,
       isBusy: (project, sessionId) => gateway.isBusy(project, sessionId),
     });
-    await directory.load();
+    await step(directory.load());
     gateway = new Gateway({
       publish: publishOn(client),
       broker: {
@@ -299,7 +344,6 @@ export async function startService(config: Config): Promise<Service> {
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
       projectFiles: projects,
     });
-    parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
     const drops = new BrokerDrops();
     handler.resolve((topic, payload, packet) => {
       if (topic === DROPPED_TOPIC) drops.note(payload);
@@ -359,6 +403,8 @@ export async function startService(config: Config): Promise<Service> {
       });
     }
     announce();
+    // Ready (`/readyz`) once subscribed: a request sent before would reach no one.
+    parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
     log.info("Serving {projects} with model {model}", {
       projects: config.projects,
       model: config.servedModelName,

@@ -213,13 +213,20 @@ Deno.test({
   ignore: !HAS_NATS,
   fn: () =>
     withNats(["--broker-profile=nats"], async (client, log) => {
-      for (const sessionId of ["abc.def", "with space"]) {
-        await client.send("maze/user_input", { session_id: sessionId, message: "hi" });
-      }
+      await client.send("maze/user_input", { session_id: "abc.def", message: "hi" });
+      // A reply topic below the session's own is the requester's to name, but not with a '.'.
+      await client.send("maze/user_input", {
+        session_id: "abc",
+        message: "hi",
+        reply_topic: "maze/assistant_response/abc/v1.2",
+      });
+      // White space is refused in every session id, whatever the broker.
+      await client.send("maze/user_input", { session_id: "with space", message: "hi" });
       const finals = await pings(client, "maze");
       ok(finals.every((m) => m.json!.type === "done"));
       match(log(), /session abc\.def: its reply topic .* cannot be used: .*NATS/);
-      match(log(), /session with space: its reply topic/);
+      match(log(), /session abc: its reply topic maze\/assistant_response\/abc\/v1\.2 cannot/);
+      match(log(), /Unanswerable request on maze\/user_input: 'session_id'.*white space/);
       ok(!log().includes("Lost the connection"), "the broker never dropped the service");
     }),
 });

@@ -263,6 +263,8 @@ test("a repeated request_id is answered again, not generated twice", async () =>
     const again = await client.final("d", "same");
     deepEqual(again.json!.response, first.json!.response);
     deepEqual(sim.received.length, before);
+    // Marked as sent again, as a replay from history after a restart is; the first is not.
+    deepEqual([first.json!.repeated, again.json!.repeated], [undefined, true]);
   });
 });
 

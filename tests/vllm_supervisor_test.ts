@@ -10,6 +10,7 @@ import {
   type Mosquitto,
   mosquittoTest as test,
   ROOT,
+  spawnService,
   startMosquitto,
   startService,
   tempDir,
@@ -230,6 +231,33 @@ test("managed vLLM: a start-up that hangs times out; one that ignores SIGTERM is
   match(service2.log(), /sending SIGKILL/);
   assert(!alive(second.pid) && !alive(second.childPid));
   await stubborn.broker.stop();
+});
+
+test("managed vLLM: SIGINT while it loads stops it and the program (exit 0, no process left)", async () => {
+  const loading = await managed({ STAND_IN_HANG: "1" }, ["--vllm-startup-timeout=120"]);
+  const service = spawnService(loading.args, { env: loading.env });
+  try {
+    await waitFor(() => /waiting for \/health/.test(service.log()), 30_000, "vllm started");
+    await waitFor(
+      async () => {
+        try {
+          return JSON.parse(await Deno.readTextFile(loading.record)).childPid !== undefined;
+        } catch {
+          return false;
+        }
+      },
+      10_000,
+      "the stand-in's record",
+    );
+    const { pid, childPid } = JSON.parse(await Deno.readTextFile(loading.record));
+    equal(await service.stop("SIGINT"), 0, service.log());
+    match(service.log(), /SIGINT during start-up: stopping what was started/);
+    match(service.log(), /Stopped before serving/);
+    assert(!alive(pid) && !alive(childPid), "vLLM's processes outlived the program");
+  } finally {
+    await service.stop("SIGKILL");
+    await loading.broker.stop();
+  }
 });
 
 Deno.test("managed vLLM: without vllm on PATH start-up fails at once, naming the alternatives", async () => {

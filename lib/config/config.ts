@@ -20,7 +20,7 @@ import { OPTIONS, type OptionSpec } from "./options.ts";
 import { type Args, optionText, readArgs } from "./read_args.ts";
 
 export { ConfigError, type ConfigErrorCode } from "./config_error.ts";
-export { helpText } from "./help_text.ts";
+export { helpText, versionText } from "./help_text.ts";
 export type { LoraModule } from "./options.ts";
 
 /** The value of every option, by the field its table entry names. */
@@ -50,8 +50,11 @@ export type Config = Readonly<
 /** Which engine answers the requests. */
 export type EngineMode = Config["engine"];
 
-/** What {@linkcode parseConfig} returns: a configuration, or a request for help. */
-export type ParseResult = { help: true } | { help: false; config: Config };
+/** What {@linkcode parseConfig} returns: a configuration, or a request for help or the version. */
+export type ParseResult =
+  /** Information instead of a run: the `--help` text, or the `--version` line. */
+  | { help: true; show: "help" | "version" }
+  | { help: false; config: Config };
 
 /** Every option's value (given, from the environment, or its default), and which were given. */
 function readValues(
@@ -90,7 +93,8 @@ export function parseConfig(
   readTextFile: (path: string) => string = Deno.readTextFileSync,
 ): ParseResult {
   const args = readArgs(argv);
-  if (args.help) return { help: true };
+  if (args.help) return { help: true, show: "help" };
+  if (args.version) return { help: true, show: "version" };
   const { values, given } = readValues(args, env);
   const { serverUrl, mqttBroker, mqttPort, enableDebugLogging, ...options } = values;
 

@@ -5,8 +5,14 @@
  * @module
  */
 
+import denoConfig from "../../deno.json" with { type: "json" };
 import { defaultText } from "./option_spec.ts";
 import { OPTIONS, type OptionSpec } from "./options.ts";
+
+/** The `--version` line: the program's version (deno.json's) and the Deno that runs it. */
+export function versionText(): string {
+  return `vllm-mqtt ${denoConfig.version} (deno ${Deno.version.deno}, protocol v1)`;
+}
 
 /** What `<...>` after a flag calls its value. */
 const VALUE_NAMES: Readonly<Record<OptionSpec["kind"], string>> = {
@@ -24,7 +30,7 @@ export function helpText(): string {
   const lines = [
     "vllm-mqtt: serve a large language model to MQTT clients",
     "",
-    "Usage: deno task start [OPTIONS]",
+    "Usage: deno task start [OPTIONS]      (--help: this text; --version: the version)",
     "",
     "Every option also reads VLLM_MQTT_<NAME> from the environment (NAME in upper snake case).",
     "Underscores may replace dashes (--max_model_len). Booleans: --flag, --no-flag, --flag=false.",
@@ -43,6 +49,7 @@ export function helpText(): string {
       ? ` (also ${option.aliases.map((a) => `--${a}`).join(", ")})`
       : "";
     const notes: string[] = [];
+    if (option.choices) notes.push(`one of: ${option.choices.join(", ")}`);
     const shown = defaultText(option);
     if (shown) notes.push(`default: ${shown}`);
     if (option.unit !== undefined) {

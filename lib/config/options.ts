@@ -112,7 +112,8 @@ export const OPTIONS = [
       field: "projects",
       default: ["general"],
       group: "Projects",
-      help: "Projects to serve, comma- or space-separated; each needs prompts/NAME.md",
+      help:
+        "Projects to serve, comma- or space-separated; each is prompted by prompts/NAME.md, or by the general prompt when there is none (refused when NAME is a letter or two from a prompt file's name: a typo)",
     }),
     projectNames,
   ),

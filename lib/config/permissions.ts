@@ -10,9 +10,22 @@
  * with the set's lists widened. A flag given next to `-P` replaces the set's
  * list for its kind: the command repeats the set's entries.
  *
+ * Both run with `--no-prompt`: a service has nobody to answer Deno's
+ * permission prompts, and in a terminal Deno would stop at one for any access
+ * the set does not grant, with the HTTP endpoint not answering meanwhile. One
+ * such access happens at every start: the `debug` package (used by `mqtt` and
+ * `aedes`) tries an optional `require("supports-color")`, which looks for a
+ * `node_modules` folder in each parent folder of the checkout. Without a
+ * terminal Deno refuses it silently and the `require` falls back; with
+ * `--no-prompt` a terminal gets the same refusal, so the program behaves the
+ * same under a terminal, systemd and the tests. What the configuration
+ * itself needs is checked before anything starts (below), so no access the
+ * service needs is ever refused unannounced.
+ *
  * @module
  */
 
+import { isAbsolute, join } from "node:path";
 import type { Config } from "./config.ts";
 
 /** deno.json's `service` set, as `deno task start` grants it (a test keeps the two equal). */
@@ -65,6 +78,27 @@ export function missingPermissions(needs: Needs): Needs | undefined {
 }
 
 /**
+ * When `missing` holds relative paths (the default `prompts` and `./data`)
+ * that the permissions grant in `programDir` but not in the working folder:
+ * the program was started from another folder, and that is what to say
+ * (naming the permissions would send the user the wrong way).
+ */
+export function workingFolderAdvice(missing: Needs, programDir: string): string | undefined {
+  const relative = (paths: string[]) => paths.filter((path) => !isAbsolute(path));
+  const read = relative(missing.read);
+  const write = relative(missing.write);
+  if (read.length + write.length === 0) return undefined;
+  const grantedThere = (name: "read" | "write") => (path: string) =>
+    Deno.permissions.querySync({ name, path: join(programDir, path) }).state === "granted";
+  if (!read.every(grantedThere("read")) || !write.every(grantedThere("write"))) return undefined;
+  const folder = programDir.replace(/\/$/, "");
+  const paths = [...new Set([...read, ...write])];
+  return `run it in its own folder (cd ${folder}): ${paths.join(" and ")} ` +
+    `${paths.length === 1 ? "is" : "are"} looked for in the working folder, and the permissions ` +
+    `grant those in ${folder}; or name other folders with --prompts-dir and --data-dir`;
+}
+
+/**
  * What a permission error (`Requires write access to "/srv/x", run again with
  * the --allow-write flag`) asks for, when it is of a kind the command grants.
  */
@@ -89,7 +123,9 @@ export function grantingCommand(missing: Needs, args: readonly string[]): string
     const list = [...new Set([...SERVICE_PERMISSIONS[kind], ...missing[kind]])];
     flags.push(`--allow-${kind}=${list.join(",")}`);
   }
-  return ["deno", "run", "-q", "-P=service", ...flags, "main.ts", ...args].map(shellQuote)
+  return ["deno", "run", "-q", "--no-prompt", "-P=service", ...flags, "main.ts", ...args].map(
+    shellQuote,
+  )
     .join(" ");
 }
 

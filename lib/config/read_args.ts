@@ -13,6 +13,7 @@
 import { ConfigError } from "./config_error.ts";
 import { OPTIONS, type OptionSpec } from "./options.ts";
 import { parseBoolean } from "./values.ts";
+import { closest } from "../_util.ts";
 
 /** Every option by its name and by each of its aliases. */
 const BY_NAME: ReadonlyMap<string, OptionSpec> = new Map(
@@ -32,6 +33,8 @@ export interface Args {
   readonly given: ReadonlyMap<string, string>;
   /** `--help` or `-h` was given. */
   readonly help: boolean;
+  /** `--version` was given. */
+  readonly version: boolean;
   /** Secrets given on the command line, where other users of the machine can see them. */
   readonly warnings: readonly string[];
 }
@@ -45,10 +48,15 @@ export function readArgs(argv: readonly string[]): Args {
   const given = new Map<string, string>();
   const warnings: string[] = [];
   let help = false;
+  let version = false;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === "--help" || arg === "-h") {
       help = true;
+      continue;
+    }
+    if (arg === "--version") {
+      version = true;
       continue;
     }
     if (!arg.startsWith("--")) {
@@ -74,7 +82,9 @@ export function readArgs(argv: readonly string[]): Args {
       inline = "false";
     }
     if (!option) {
-      throw new ConfigError(`unknown option '--${name}' (see --help)`, {
+      const meant = closest(name, BY_NAME.keys());
+      const hint = meant === undefined ? "" : `did you mean '--${meant}'? `;
+      throw new ConfigError(`unknown option '--${name}' (${hint}see --help)`, {
         code: "unknown_option",
         option: name,
       });
@@ -122,7 +132,7 @@ export function readArgs(argv: readonly string[]): Args {
     }
     given.set(option.name, raw);
   }
-  return { given, help, warnings };
+  return { given, help, version, warnings };
 }
 
 /**

@@ -16,15 +16,23 @@ import { EngineStartError, startVllm } from "./vllm_supervisor.ts";
 
 const log = logger("engine");
 
-/** Starts or attaches to the engine of `config.engine`, for projects that need `needs`. */
-export function startEngine(config: Config, needs: EngineNeeds = {}): Promise<RunningEngine> {
+/**
+ * Starts or attaches to the engine of `config.engine`, for projects that need
+ * `needs`; `signal` stops a vLLM that is still loading (its start rejects, and
+ * vLLM is stopped).
+ */
+export function startEngine(
+  config: Config,
+  needs: EngineNeeds = {},
+  signal?: AbortSignal,
+): Promise<RunningEngine> {
   switch (config.engine) {
     case "sim":
       return startSimulatorWorker(config, needs);
     case "url":
       return attach(config, needs);
     case "vllm":
-      return startVllm(config, needs);
+      return startVllm(config, needs, signal);
   }
 }
 

@@ -158,13 +158,23 @@ export async function checkLoraRanks(config: Config): Promise<void> {
   }
 }
 
-/** Starts vLLM and supervises it until `close()`. */
-export async function startVllm(config: Config, needs: EngineNeeds = {}): Promise<RunningEngine> {
+/** Starts vLLM and supervises it until `close()`; `signal` stops a start that is under way. */
+export async function startVllm(
+  config: Config,
+  needs: EngineNeeds = {},
+  signal?: AbortSignal,
+): Promise<RunningEngine> {
   // The command line and the adapters are checked before anything starts.
   vllmArgs(config, 0, needs);
   await checkLoraRanks(config);
   const supervisor = new VllmSupervisor(config, await freePort(), needs);
-  await supervisor.start();
+  const onAbort = () => supervisor.close();
+  signal?.addEventListener("abort", onAbort, { once: true });
+  try {
+    await supervisor.start();
+  } finally {
+    signal?.removeEventListener("abort", onAbort);
+  }
   return supervisor;
 }
 

@@ -41,7 +41,7 @@ import {
   ServiceError,
 } from "../protocol/mod.ts";
 import { LruMap } from "../_util.ts";
-import { logger } from "../log.ts";
+import { logger, LogThrottle } from "../log.ts";
 import { QueueFullError, type Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import type { Stats } from "../observability/stats.ts";
@@ -101,6 +101,8 @@ export class Admission {
   /** Sessions admitted lately, not yet live in the directory (their first turn runs). */
   readonly #admitted = new LruMap<string, true>(100_000);
   readonly #budget: PayloadBudget;
+  /** What a client sends that cannot be served is logged, but a flood of it only once a minute. */
+  readonly #unserved: LogThrottle;
   #accepting = true;
   #nextId = 1;
 
@@ -114,6 +116,7 @@ export class Admission {
     const fresh = options.rateLimit.newSessions ?? 0;
     this.#newSessions = new RateLimiter({ perMinute: fresh, burst: fresh, now });
     this.#budget = new PayloadBudget(options.payloadMemory);
+    this.#unserved = new LogThrottle({ now });
   }
 
   /**
@@ -377,16 +380,41 @@ export class Admission {
         style: "json",
         replyTopic: undefined,
       });
-    const error = !this.#options.prompts.has(project)
+    const served = this.#options.prompts.has(project);
+    const error = !served
       ? new ServiceError("unknown_project", `project "${project}" is not served here`)
       : outcome.ok
       ? undefined
       : outcome.error;
+    if (!served) {
+      // A client with a mistyped project name would otherwise never be seen.
+      const left = this.#unserved.take("unknown_project");
+      if (left !== undefined) {
+        log.warn(
+          "Request on {topic} for project {project}, which is not served here ({answer}; " +
+            "served: {projects}){left}",
+          {
+            topic,
+            project,
+            answer: address ? "answered unknown_project" : "not answerable",
+            projects: [...this.#options.prompts.projects()],
+            left: leftOut(left),
+          },
+        );
+      }
+    }
     if (!address) {
       // No session whose topics the sender may read: nowhere to answer (not even a Response
       // Topic it names, which could be anyone's).
       stats.unaddressable(error!.code);
-      log.warn("Unanswerable request on {topic}: {message}", { topic, message: error!.message });
+      const left = served ? this.#unserved.take(`unanswerable ${error!.code}`) : undefined;
+      if (left !== undefined) {
+        log.warn("Unanswerable request on {topic}: {message}{left}", {
+          topic,
+          message: error!.message,
+          left: leftOut(left),
+        });
+      }
       return undefined;
     }
     const who = { project, sessionId: address.sessionId, username: topicSessionId };
@@ -465,7 +493,12 @@ export class Admission {
     if (repeat.kind === "new") return dedupKey;
     this.#options.stats.ignored("duplicate");
     if (repeat.kind === "answered" && !packet.dup) {
-      this.#options.replies.reply(reply, repeat.answer);
+      // Marked as a replay from history is: the client can tell it was not generated again.
+      const { answer } = repeat;
+      this.#options.replies.reply(
+        reply,
+        answer.type === "done" ? { ...answer, repeated: true } : answer,
+      );
     }
     return undefined;
   }
@@ -479,4 +512,9 @@ function payloadHash(payload: Uint8Array): string {
     hash = Math.imul(hash, 0x01000193);
   }
   return `${(hash >>> 0).toString(36)}:${payload.length}`;
+}
+
+/** The end of a throttled log line: how many like it were left out before it. */
+function leftOut(count: number): string {
+  return count === 0 ? "" : ` (and ${count} more like it since the last such line, not logged)`;
 }

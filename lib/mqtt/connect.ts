@@ -213,7 +213,9 @@ function connectWith(
     }
   });
   let failures = 0;
+  let connectedOnce = false;
   client.on("connect", () => {
+    connectedOnce = true;
     failures = 0;
     saidRefused = false;
     client.options.reconnectPeriod = firstDelay;
@@ -246,6 +248,16 @@ function connectWith(
   });
   client.on("error", (error: Error & { code?: unknown }) => {
     if (isNetworkError(error)) networkError = true;
+    // Before any connection, a network error or a silent listener means no broker is there yet.
+    if (!connectedOnce && (isNetworkError(error) || error.message === "connack timeout")) {
+      return log.warn("Cannot reach the broker at {url}: {message}; retrying", {
+        url: redact(options.url),
+        message: error.message === "connack timeout"
+          ? "it accepted the connection but did not answer as an MQTT broker within 10 s " +
+            "(connack timeout): is the program listening there an MQTT broker?"
+          : error.message,
+      });
+    }
     // mosquitto acknowledges a message over its message_size_limit with reason code 0x95,
     // which MQTT 5 does not list for a PUBACK: the client can only say it is invalid.
     const hint = /puback reason code/.test(error.message)

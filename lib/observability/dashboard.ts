@@ -19,7 +19,6 @@ import pageHtml from "./page/index.html" with { type: "text" };
 import pageStyle from "./page/style.css" with { type: "text" };
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
-import { redact } from "../mqtt/connect.ts";
 import type { ChatRequest, ReplyBody } from "../protocol/mod.ts";
 import { asset, SECURITY_HEADERS, text } from "./_util.ts";
 import { DashboardAuth } from "./dashboard_auth.ts";
@@ -190,6 +189,8 @@ export interface ServiceParts {
   readonly engineHealth?: { readonly state: string; readonly outages: number };
   readonly storageHealth?: { readonly available: boolean; readonly reason: string | undefined };
   readonly client?: { readonly connected: boolean };
+  /** The broker the service connects to, once chosen (a URL without its password). */
+  readonly broker?: BrokerChoice;
   readonly serving?: {
     readonly gateway: {
       readonly queued: number;
@@ -199,6 +200,20 @@ export interface ServiceParts {
     readonly directory: { readonly size: number };
     readonly live: LiveStats;
   };
+}
+
+/** The broker the service chose: its URL (without a password), and whether it started it. */
+export interface BrokerChoice {
+  readonly url: string;
+  readonly embedded: boolean;
+}
+
+/** The broker as the page names it: which one, and on which port. */
+export function brokerLabel(config: Pick<Config, "embeddedBrokerPort">, broker?: BrokerChoice) {
+  if (broker === undefined) {
+    return `localhost:${config.embeddedBrokerPort}, or an embedded broker there (not chosen yet)`;
+  }
+  return broker.embedded ? `${broker.url} (embedded, started by this program)` : broker.url;
 }
 
 /** The page of a service with `config`, reading `parts` as they come up. */
@@ -230,7 +245,7 @@ export function serviceDashboard(config: Config, parts: Readonly<ServiceParts>):
           restarts: parts.engine?.restarts ?? {},
         },
         broker: {
-          url: config.mqttUrl === undefined ? "localhost (or embedded)" : redact(config.mqttUrl),
+          url: brokerLabel(config, parts.broker),
           connected: parts.client?.connected ?? false,
         },
         storage: {

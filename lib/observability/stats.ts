@@ -156,6 +156,9 @@ export class Stats {
     this.#gauges = gauges;
     this.#now = options.now ?? (() => performance.now());
     this.#since = this.#now();
+    // A sample from the start: a counter with none until its first reconnect cannot be graphed
+    // or alerted on (`increase()` sees nothing to increase from).
+    this.#reconnects.inc({}, 0);
     const gauge = (name: string, help: string, read: (g: Gauges) => number) =>
       new Gauge(name, help, () => read(this.#gauges()));
     this.#metrics = [

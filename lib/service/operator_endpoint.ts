@@ -13,7 +13,7 @@ import type { RunningEngine } from "../engine/running_engine.ts";
 import type { Gateway } from "../gateway/gateway.ts";
 import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
-import { isLoopback, serviceDashboard } from "../observability/dashboard.ts";
+import { type BrokerChoice, isLoopback, serviceDashboard } from "../observability/dashboard.ts";
 import { type HttpEndpoint, serveHttpEndpoint } from "../observability/http_endpoint.ts";
 import type { LiveStats } from "../observability/live_stats.ts";
 import type { Stats } from "../observability/stats.ts";
@@ -28,6 +28,7 @@ export interface Parts {
   engineHealth?: EngineHealth;
   storageHealth?: StorageHealth;
   client?: MqttClient;
+  broker?: BrokerChoice;
   serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats; live: LiveStats };
 }
 
@@ -66,7 +67,8 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
         projects: config.projects,
         started_at: startedAt,
         broker: {
-          url: config.mqttUrl === undefined ? undefined : redact(config.mqttUrl),
+          url: parts.broker?.url ?? (config.mqttUrl && redact(config.mqttUrl)),
+          embedded: parts.broker?.embedded ?? false,
           connected: parts.client?.connected ?? false,
         },
         engine: {

@@ -10,6 +10,47 @@ import { SessionStore } from "../sessions/session_store.ts";
 import { checkHeadroom, storageFailure, StorageHealth } from "../sessions/storage_health.ts";
 import type { WriteGenerations } from "../sessions/write_generations.ts";
 
+/** The data folder cannot hold the session store: not a folder, or not writable. */
+export class DataDirError extends Error {
+  readonly code = "data_dir_unusable";
+  constructor(message: string) {
+    super(message);
+    this.name = "DataDirError";
+  }
+}
+
+/**
+ * Makes `--data-dir` (and its parents) if it is missing, and checks that it
+ * is a folder this process can write, so that a start-up it cannot serve
+ * stops with the reason in one line (SQLite's own words, "unable to open
+ * database file", name neither the folder nor the fault).
+ */
+export async function prepareDataDir(dir: string): Promise<void> {
+  const unusable = (why: string, fix: string) =>
+    new DataDirError(
+      `the data folder ${dir} (--data-dir) ${why}: ${fix}, or give another --data-dir`,
+    );
+  try {
+    await Deno.mkdir(dir, { recursive: true });
+  } catch (error) {
+    if (error instanceof Deno.errors.AlreadyExists) {
+      throw unusable("is a file, not a folder", "move the file away");
+    }
+    throw unusable(`cannot be made (${(error as Error).message})`, "make its parent writable");
+  }
+  // A read-only file system, or a folder of another user: a file of our own cannot be made.
+  const probe = `${dir}/.write-check-${Deno.pid}`;
+  try {
+    await Deno.writeTextFile(probe, "");
+  } catch (error) {
+    if (error instanceof Deno.errors.NotCapable) throw error;
+    // No room: opening the store below says so, with what to do about it.
+    if (/^the disk (is full|quota)/.test(storageFailure(error) ?? "")) return;
+    throw unusable(`cannot be written (${(error as Error).message})`, "make it writable");
+  }
+  await Deno.remove(probe).catch(() => {});
+}
+
 /** Room a store that ran out of space must have again before it takes turns. */
 const STORAGE_HEADROOM_BYTES = 1024 * 1024;
 

@@ -6,7 +6,13 @@
  */
 
 import assert, { deepEqual, equal, match, throws } from "node:assert/strict";
-import { type Config, ConfigError, helpText, parseConfig } from "../../lib/config/config.ts";
+import {
+  type Config,
+  ConfigError,
+  helpText,
+  parseConfig,
+  versionText,
+} from "../../lib/config/config.ts";
 import { defaultText } from "../../lib/config/option_spec.ts";
 import { OPTIONS, type OptionSpec } from "../../lib/config/options.ts";
 import {
@@ -231,8 +237,8 @@ Deno.test("config: the result is frozen, lists inside it too", () => {
 });
 
 Deno.test("config: --help asks for help before any value is read", () => {
-  deepEqual(parseConfig(["--max-tokens", "0", "--help"], {}), { help: true });
-  deepEqual(parseConfig(["-h"], {}), { help: true });
+  deepEqual(parseConfig(["--max-tokens", "0", "--help"], {}), { help: true, show: "help" });
+  deepEqual(parseConfig(["-h"], {}), { help: true, show: "help" });
 });
 
 Deno.test("values: readers and writers of durations, sizes and booleans", () => {
@@ -276,4 +282,28 @@ Deno.test("config: --reply-topics takes topic filters with the three placeholder
     config([], { VLLM_MQTT_OPERATOR_TOKEN: "operator-Token-0123456789" }).operatorToken,
     "operator-Token-0123456789",
   );
+});
+
+Deno.test("config: a mistyped option is named with the one it most likely meant", () => {
+  throws(
+    () => config(["--projets", "maze"]),
+    /unknown option '--projets' \(did you mean '--projects'\? see --help\)/,
+  );
+  throws(() => config(["--max_model_lenn=4096"]), /did you mean '--max-model-len'\?/);
+  // Nothing near: no guess.
+  throws(() => config(["--bogus"]), /unknown option '--bogus' \(see --help\)/);
+});
+
+Deno.test("config: --version asks for the version line, --help for the help", () => {
+  deepEqual(parseConfig(["--version"], {}), { help: true, show: "version" });
+  deepEqual(parseConfig(["--engine=sim", "--help"], {}), { help: true, show: "help" });
+  match(versionText(), /^vllm-mqtt \d+\.\d+\.\d+ \(deno \d+\.\d+\.\d+, protocol v1\)$/);
+});
+
+Deno.test("config: --help lists each option's choices, and says what a project without a file gets", () => {
+  const text = helpText();
+  match(text, /--log-level <string>\n.*\[one of: debug, info, warning, error; default: info\]/);
+  match(text, /--log-format <string>\n.*one of: text, json/);
+  assert(!/needs prompts\/NAME\.md/.test(text), text);
+  match(text, /or by the general prompt when there is none/);
 });

@@ -100,3 +100,11 @@ Deno.test("stats: watchers see each event until they stop watching", () => {
   stats.answered("maze", took(1), null);
   deepEqual(seen, ["answered", "error", "ignored", "reconnected"]);
 });
+
+Deno.test("stats: /metrics has a broker reconnect count from the start, 0 until one", () => {
+  const stats = new Stats(() => gauges);
+  const lines = () => stats.prometheus().split("\n");
+  assert(lines().includes("vllm_mqtt_broker_reconnects_total 0"), stats.prometheus());
+  stats.brokerReconnected();
+  assert(lines().includes("vllm_mqtt_broker_reconnects_total 1"), stats.prometheus());
+});

@@ -1,5 +1,5 @@
 import { deepEqual, equal, ok, throws } from "node:assert/strict";
-import { backoffDelay, LruMap, ProbeLoop } from "../../lib/_util.ts";
+import { backoffDelay, closest, LruMap, ProbeLoop } from "../../lib/_util.ts";
 
 Deno.test("backoffDelay doubles from firstMs up to maxMs, exactly without jitter", () => {
   const delays = [0, 1, 2, 3, 4, 5, 6].map((attempt) =>
@@ -57,4 +57,14 @@ Deno.test("ProbeLoop probes after each wait, reads the interval anew, wakes earl
   await loop.close();
   equal(loop.signal.aborted, true);
   equal(probes, 1);
+});
+
+Deno.test("closest: the nearest name within the distance, else none", () => {
+  const names = ["maze", "general", "racing", "driving"];
+  equal(closest("mazee", names), "maze");
+  equal(closest("genral", names), "general");
+  equal(closest("drivng", names), "driving");
+  equal(closest("kg_llm_new", names), undefined);
+  equal(closest("maz", names, 1), "maze");
+  equal(closest("mz", names, 1), undefined);
 });
