@@ -33,8 +33,8 @@ let tick: Promise<void> | undefined;
  * Resolves at the next tick of this thread's read clock: one timer, however
  * many streams wait for it. Ticks fall on multiples of
  * {@linkcode READ_TICK_MS} of the wall clock, the same instants in every
- * thread, so that the request workers' deltas reach the gateway together and
- * wake it once.
+ * thread, so that the request workers' deltas reach the gateway close
+ * together.
  */
 export function readTick(): Promise<void> {
   return tick ??= new Promise((resolve) =>

@@ -100,14 +100,7 @@ export type ToWorker =
 /** Worker → gateway. */
 export type FromWorker =
   | { readonly type: "ready" }
-  | {
-    /**
-     * Streamed text of one or more turns, `[id, seq, text]` after another:
-     * the deltas a worker made in one turn of its event loop, sent together.
-     */
-    readonly type: "deltas";
-    readonly deltas: readonly (number | string)[];
-  }
+  | { readonly type: "delta"; readonly id: number; readonly seq: number; readonly text: string }
   | { readonly type: "done"; readonly id: number; readonly result: TurnResult }
   | {
     readonly type: "error";

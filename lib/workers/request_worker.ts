@@ -9,7 +9,6 @@
 
 /// <reference lib="deno.worker" />
 
-import { readTick } from "../engine/socket_reader.ts";
 import { setupLogging } from "../log.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
@@ -20,28 +19,6 @@ let context: Promise<TurnContext> | undefined;
 const running = new Map<number, AbortController>();
 
 const post = (message: FromWorker) => self.postMessage(message);
-
-/**
- * Deltas not yet sent, `[id, seq, text]` after another, sent together at the
- * next tick of the read clock (the streams' reads wait for it too): each
- * message wakes the gateway, which costs more CPU than the deltas' own work,
- * and the gateway then publishes them together. A turn's first delta goes at
- * once, with whatever waits.
- */
-let outbox: (number | string)[] = [];
-
-function sendDeltas(): void {
-  if (outbox.length === 0) return;
-  post({ type: "deltas", deltas: outbox });
-  outbox = [];
-}
-
-function delta(id: number, seq: number, text: string): void {
-  if (outbox.length === 0 && seq > 0) readTick().then(sendDeltas);
-  outbox.push(id, seq, text);
-  // A turn's first delta goes at once: time to first delta is what a user notices.
-  if (seq === 0) sendDeltas();
-}
 
 async function open(settings: WorkerSettings): Promise<TurnContext> {
   // A worker is an isolate of its own: its log records go nowhere until it is set up.
@@ -63,16 +40,13 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
       running.set(job.id, controller);
       context!
         .then((ctx) =>
-          runTurn(job, ctx, controller.signal, (seq, text) => delta(job.id, seq, text))
+          runTurn(job, ctx, controller.signal, (seq, text) => {
+            post({ type: "delta", id: job.id, seq, text });
+          })
         )
-        .then((result) => {
-          // Its deltas before its outcome.
-          sendDeltas();
-          post({ type: "done", id: job.id, result });
-        })
+        .then((result) => post({ type: "done", id: job.id, result }))
         .catch((error) => {
           const failure = turnFailure(error, controller.signal);
-          sendDeltas();
           post({
             type: "error",
             id: job.id,

@@ -172,18 +172,12 @@ export class WorkerPool implements TurnPool {
 
   #receive(message: FromWorker): void {
     if (message.type === "ready" || message.type === "closed") return;
-    if (message.type === "deltas") {
-      const { deltas } = message;
-      for (let i = 0; i < deltas.length; i += 3) {
-        this.#pending.get(deltas[i] as number)?.onDelta(
-          deltas[i + 1] as number,
-          deltas[i + 2] as string,
-        );
-      }
-      return;
-    }
     const pending = this.#pending.get(message.id);
     if (!pending) return;
+    if (message.type === "delta") {
+      pending.onDelta(message.seq, message.text);
+      return;
+    }
     this.#pending.delete(message.id);
     pending.slot.busy--;
     if (message.type === "done") {

@@ -79,21 +79,12 @@ Deno.test("worker pool: a turn's deltas and result come back; a session keeps it
   const deltas: string[] = [];
   const first = p.run(job(1, "x"), (seq, text) => deltas.push(`${seq}:${text}`));
   const owner = workers.find((w) => w.runs().length === 1)!;
-  owner.say({ type: "deltas", deltas: [1, 0, "hel"] });
+  owner.say({ type: "delta", id: 1, seq: 0, text: "hel" });
   owner.say({ type: "done", id: 1, result: RESULT });
   deepEqual(await first, RESULT);
   deepEqual(deltas, ["0:hel"]);
-  // Several turns' deltas in one message, each to its own turn.
-  const [a, b]: string[][] = [[], []];
-  const turnA = p.run(job(3, "x"), (seq, text) => a.push(`${seq}:${text}`));
-  const turnB = p.run(job(4, "x"), (seq, text) => b.push(`${seq}:${text}`));
-  owner.say({ type: "deltas", deltas: [3, 1, "lo", 4, 1, "wor", 3, 2, "!"] });
-  owner.say({ type: "done", id: 3, result: RESULT });
-  owner.say({ type: "done", id: 4, result: RESULT });
-  await Promise.all([turnA, turnB]);
-  deepEqual([a, b], [["1:lo", "2:!"], ["1:wor"]]);
   const second = p.run(job(2, "x"), () => {});
-  equal(owner.runs().length, 4, "the session's own worker, which holds its history");
+  equal(owner.runs().length, 2, "the session's own worker, which holds its history");
   owner.say({ type: "error", id: 2, code: "engine_unavailable", message: "down" });
   await rejects(second, (e: ServiceError) => e.code === "engine_unavailable");
   await p.close();
