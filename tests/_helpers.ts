@@ -324,13 +324,18 @@ export interface DenoProcess {
 export type ServiceProcess = DenoProcess;
 
 /**
- * Runs `deno` with `args` in the checkout, collecting its stdout and stderr;
- * `env` is added to the environment it inherits.
+ * Runs `deno` with `args` in the checkout (or in `root`, another one),
+ * collecting its stdout and stderr; `env` is added to the environment it
+ * inherits.
  */
-export function spawnDeno(args: string[], env?: Record<string, string>): DenoProcess {
+export function spawnDeno(
+  args: string[],
+  env?: Record<string, string>,
+  root: string = ROOT,
+): DenoProcess {
   const child = new Deno.Command(Deno.execPath(), {
     args,
-    cwd: ROOT,
+    cwd: root,
     env,
     stdout: "piped",
     stderr: "piped",
@@ -366,8 +371,8 @@ export function spawnDeno(args: string[], env?: Record<string, string>): DenoPro
  * given next to `-P` replaces the set's list for its kind, so the set's paths
  * are repeated.
  */
-export function servicePermissions(args: readonly string[]): string[] {
-  const set = JSON.parse(Deno.readTextFileSync(`${ROOT}deno.json`)).permissions.service;
+export function servicePermissions(args: readonly string[], root: string = ROOT): string[] {
+  const set = JSON.parse(Deno.readTextFileSync(`${root}deno.json`)).permissions.service;
   const paths = (...flags: string[]) =>
     flags.flatMap((flag) =>
       args.flatMap((arg, i) =>
@@ -408,6 +413,12 @@ export interface StartOptions {
   timeoutMs?: number;
   /** Flags for `deno run` itself, before the permissions (e.g. `--cpu-prof`). @default [] */
   denoFlags?: string[];
+  /**
+   * The checkout whose `main.ts` runs (the bench compares two); its own
+   * `deno.json` grants the permissions.
+   * @default {ROOT}
+   */
+  root?: string;
 }
 
 /**
@@ -416,17 +427,22 @@ export interface StartOptions {
  */
 export function spawnService(
   args: string[],
-  options: Pick<StartOptions, "env" | "denoFlags"> = {},
+  options: Pick<StartOptions, "env" | "denoFlags" | "root"> = {},
 ): ServiceProcess {
-  return spawnDeno([
-    "run",
-    ...(options.denoFlags ?? []),
-    ...servicePermissions(args),
-    `${ROOT}main.ts`,
-    // Several services run side by side in the tests: no fixed HTTP port unless asked.
-    ...(args.some((arg) => arg.startsWith("--http-port")) ? [] : ["--http-port=0"]),
-    ...args,
-  ], options.env);
+  const root = options.root ?? ROOT;
+  return spawnDeno(
+    [
+      "run",
+      ...(options.denoFlags ?? []),
+      ...servicePermissions(args, root),
+      `${root}main.ts`,
+      // Several services run side by side in the tests: no fixed HTTP port unless asked.
+      ...(args.some((arg) => arg.startsWith("--http-port")) ? [] : ["--http-port=0"]),
+      ...args,
+    ],
+    options.env,
+    root,
+  );
 }
 
 /**

@@ -1,10 +1,14 @@
 /**
  * A zero-latency OpenAI-compatible engine stand-in for the CPU benchmarks
  * (a Web Worker: post it {@linkcode StandInOptions}, it answers with its URL).
- * Every answer is the same text, sent at once: in one chunk, or in `chunks`
- * chunks of `chunkText` each (one SSE event each, all enqueued at once), then the finish chunk, `usage` when asked, and `data: [DONE]`.
- * It does as little work per request as it can (events are encoded once), so
- * that the machine's cores go to what is measured.
+ * Every answer is the same text: in one chunk, or in `chunks` chunks of
+ * `chunkText` each (one SSE event each), then the finish chunk, `usage` when
+ * asked, and `data: [DONE]`. The chunks go back to back (`gapMs` 0: all
+ * enqueued at once, so that a reader gets many in one read), or one every
+ * `gapMs` milliseconds, each its own chunked frame, as an engine sends tokens
+ * while it generates them. It does as little work per request as it can
+ * (events are encoded once), so that the machine's cores go to what is
+ * measured.
  *
  * @module
  */
@@ -17,12 +21,14 @@ export interface StandInOptions {
   readonly chunks: number;
   /** The text of each chunk. */
   readonly chunkText: string;
+  /** Milliseconds between content chunks; 0 sends them all at once. */
+  readonly gapMs: number;
 }
 
 const encoder = new TextEncoder();
 const event = (payload: unknown) => encoder.encode(`data: ${JSON.stringify(payload)}\n\n`);
 
-function serve({ chunks, chunkText }: StandInOptions): string {
+function serve({ chunks, chunkText, gapMs }: StandInOptions): string {
   const created = Math.floor(Date.now() / 1000);
   const chunk = (delta: Record<string, unknown>, finish: string | null) =>
     event({
@@ -70,17 +76,34 @@ function serve({ chunks, chunkText }: StandInOptions): string {
         },
       })
       : undefined;
-    // Every event at once, each its own enqueue (as a zero-latency engine would write them).
-    const stream = new ReadableStream<Uint8Array>({
-      start(controller) {
-        controller.enqueue(role);
-        for (let i = 0; i < chunks; i++) controller.enqueue(content);
-        controller.enqueue(finish);
-        if (usage) controller.enqueue(usage);
-        controller.enqueue(done);
-        controller.close();
-      },
-    });
+    const end = (controller: ReadableStreamDefaultController<Uint8Array>) => {
+      controller.enqueue(finish);
+      if (usage) controller.enqueue(usage);
+      controller.enqueue(done);
+      controller.close();
+    };
+    let sent = 0;
+    const stream = gapMs === 0
+      // Every event at once, each its own enqueue (as a zero-latency engine would write them).
+      ? new ReadableStream<Uint8Array>({
+        start(controller) {
+          controller.enqueue(role);
+          for (let i = 0; i < chunks; i++) controller.enqueue(content);
+          end(controller);
+        },
+      })
+      // One content chunk a pull, each after the gap: a frame a token. Behind after a late
+      // timer, it does not catch up (an engine that falls behind sends its tokens later).
+      : new ReadableStream<Uint8Array>({
+        start(controller) {
+          controller.enqueue(role);
+        },
+        async pull(controller) {
+          await new Promise((resolve) => setTimeout(resolve, gapMs));
+          controller.enqueue(content);
+          if (++sent === chunks) end(controller);
+        },
+      }, { highWaterMark: 0 });
     return new Response(stream, {
       headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
     });

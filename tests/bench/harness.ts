@@ -207,13 +207,15 @@ export interface Running {
  * the engine `sim` and the broker at `brokerUrl`, with `args` after the bench's
  * own flags, and opens `connections` load generator clients.
  * `BENCH_DENO_FLAGS` adds flags to `deno run` (e.g. `--cpu-prof
- * --cpu-prof-dir=prof` to profile a run).
+ * --cpu-prof-dir=prof` to profile a run). `root` runs another checkout's
+ * service (the CPU bench compares two).
  */
 export async function run(
   brokerUrl: string,
   sim: Simulator,
   args: string[],
   connections: number,
+  root?: string,
 ): Promise<Running> {
   const dataDir = await tempDir("vllm-mqtt-bench-");
   const httpPort = freePort();
@@ -231,7 +233,7 @@ export async function run(
     "--rate-limit=0",
     "--rate-limit-client=0",
     ...args,
-  ], { denoFlags });
+  ], { denoFlags, root });
   const load = await Load.open(brokerUrl, connections);
   return {
     sim,

@@ -42,11 +42,20 @@ const GENERAL_PROMPT =
     .trim();
 const broker = await startMosquitto();
 const results: Record<string, unknown> = {};
-/** `--only=cpu`: the CPU table alone (a minute, not four). */
-const cpuOnly = Deno.args.includes("--only=cpu");
+/**
+ * `--only=cpu`: the CPU table alone (a few minutes, not eight); `--only=tokens`,
+ * `--only=paced` or `--only=requests`: its per-token, paced per-token or
+ * per-request rows alone.
+ */
+const only = Deno.args.find((arg) => arg.startsWith("--only="))?.slice("--only=".length);
+const cpuOnly = ["cpu", "tokens", "paced", "requests"].includes(only ?? "");
 
 // The bridge's own cost in CPU time, first: it does not depend on who else gets the cores.
-const cpu = await cpuBench(broker.url, GENERAL_PROMPT);
+const cpu = await cpuBench(
+  broker.url,
+  GENERAL_PROMPT,
+  only === "tokens" || only === "paced" || only === "requests" ? only : undefined,
+);
 results.cpu = cpu;
 console.log(JSON.stringify(cpu));
 
