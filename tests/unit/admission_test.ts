@@ -340,6 +340,26 @@ Deno.test("admission: past the memory budget, overloaded with a retry hint; each
   match(tooLarge.message, /about 0\.2 MB of memory \(2,002 arrays and objects\)/);
 });
 
+Deno.test("admission: audio clips are held in the memory budget until their turn ends", async () => {
+  // A 13.6 KB WAV is an 18,200-character data URL: a request holds twice that (the gateway's
+  // copy and its worker's) until its turn ends, and takes about 55,000 bytes while parsed.
+  const wav = await Deno.readFile(new URL("../fixtures/audio/hello.wav", import.meta.url));
+  const clip = `data:audio/wav;base64,${Buffer.from(wav).toString("base64")}`;
+  const limits = { ...LIMITS, maxAudioClips: 1, maxAudioBytes: 1 << 20, maxAudioMs: 30_000 };
+  const { sent, turns, send } = gateway({ payloadMemory: 100_000, limits });
+  send("general/user_input", { session_id: "a", audio: [clip] });
+  send("general/user_input", { session_id: "b", audio: [clip] });
+  await tick();
+  equal(turns.length, 2);
+  send("general/user_input", { session_id: "c", audio: [clip] });
+  equal(errorOf(sent.at(-1)!), "overloaded");
+  turns[0].finish(RESULT);
+  await tick();
+  send("general/user_input", { session_id: "c", audio: [clip] });
+  await tick();
+  equal(turns.length, 3, "the turn that ended gave its share back");
+});
+
 Deno.test("admission: a request refused after parsing (forbidden) holds no memory", async () => {
   const { sent, turns, send } = gateway({ payloadMemory: 100_000, sessionTopicsOnly: true });
   const big = (session_id: string) => ({ session_id, message: "m".repeat(10_000) });
