@@ -177,14 +177,15 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     }
     received.push(body as Record<string, unknown>);
     if (received.length > 1000) received.shift();
-    const unheard = undecodableAudio(body.messages);
-    if (unheard) return error(400, unheard);
     const adapter = body.model !== undefined && body.model !== model ? body.model : undefined;
     if (adapter !== undefined && !(options.adapters ?? []).includes(adapter)) {
       return error(404, `The model \`${adapter}\` does not exist.`);
     }
     const refusal = refusalOf(body, { toolParser: options.toolParser });
     if (refusal) return error(refusal.status, refusal.message);
+    // Decoded once the request is taken (its base64 first: an unpadded clip is refused above).
+    const unheard = undecodableAudio(body.messages);
+    if (unheard) return error(400, unheard);
 
     const prompt = promptTokenIds(
       body.messages,
