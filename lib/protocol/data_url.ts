@@ -9,7 +9,7 @@
  */
 
 /** Bytes a payload holds per item besides its base64: `"data:audio/mpeg;base64,",` and slack. */
-export const DATA_URL_OVERHEAD = 64;
+const DATA_URL_OVERHEAD = 64;
 
 /** A data URL's head, up to its first `,`: `data:{type}[;params],`. */
 export const DATA_URL = /^data:([^,]*?),/i;
