@@ -483,3 +483,49 @@ Deno.test("admission: a message no subscription of this run matches is ignored",
   equal(sent.length, 0);
   deepEqual(events, [{ kind: "ignored", reason: "unsubscribed" }]);
 });
+
+Deno.test("admission: every refusal after parsing gives the request's memory back", async () => {
+  // Each 10,000-character request holds 40,000 bytes of the 100,000 until it ends: five refused
+  // ones that kept theirs would leave no room for the two taken at the end.
+  const big = (session_id: string, extra: Record<string, unknown> = {}) => ({
+    session_id,
+    message: "m".repeat(10_000),
+    ...extra,
+  });
+  const refusals: [
+    string,
+    Partial<GatewayOptions>,
+    (i: number) => [string, Record<string, unknown>],
+  ][] = [
+    ["unknown_project", {}, (i) => ["racing/user_input", big(`u${i}`)]],
+    [
+      "forbidden reply topic",
+      {},
+      (i) => ["general/user_input", big(`f${i}`, { reply_topic: "x" })],
+    ],
+    ["rate_limited", { rateLimit: { perSession: 1, perClient: 0, burst: 1 } }, () => [
+      "general/user_input",
+      big("r"),
+    ]],
+    ["unreachable reply topic", {
+      broker: {
+        fits: () => true,
+        maxPacketBytes: Infinity,
+        topicRefusal: (topic) => topic.includes(".") ? "no '.' in a topic" : undefined,
+      },
+    }, (i) => ["general/user_input", big(`n.${i}`)]],
+  ];
+  for (const [name, options, request] of refusals) {
+    const { turns, send } = gateway({ payloadMemory: 100_000, ...options });
+    for (let i = 0; i < 5; i++) send(...request(i));
+    await tick();
+    // What was taken (the rate limit's first) ends, and gives its share back.
+    for (const turn of turns) turn.finish(RESULT);
+    await tick();
+    const before = turns.length;
+    send("general/user_input", big("a"));
+    send("general/user_input", big("b"));
+    await tick();
+    equal(turns.length - before, 2, name);
+  }
+});
