@@ -26,7 +26,8 @@
  * 9. queue: into the scheduler, or `queue_full`.
  *
  * A turn that did not come as an MQTT request (the operator page's "try
- * it", a game state) passes steps 4 and 7 to 9 only.
+ * it", a game state) passes steps 4 and 7 to 9 only (a game state also the
+ * end of step 2: a hint topic the broker cannot carry).
  *
  * @module
  */
@@ -287,6 +288,8 @@ export class Admission {
    */
   takeState(request: ChatRequest, target: ReplyTarget, settled: () => void): void {
     this.#options.stats.request();
+    // A hint the broker cannot carry is not worth a turn, as a request's answer is not.
+    if (this.#unreachable(request, target)) return settled();
     const job = this.#inProcessTurn("state", request, target, settled);
     // A refusal settles the job like any other end (its fail finishes the turn).
     if (this.refusedWhileStopping(target, job)) return;
