@@ -441,12 +441,17 @@ export class Admission {
     const refusal = this.#options.replies.topicRefusal(reply.topic);
     if (refusal === undefined) return false;
     this.#options.stats.unaddressable("invalid_request");
+    // A client's doing, like the unserved requests: a flood of it is one line a minute.
+    const left = this.#unserved.take("unreachable");
+    if (left === undefined) return true;
     log.warn(
-      "Refused a request of session {session}: its reply topic {topic} cannot be used: {reason}",
+      "Refused a request of session {session}: its reply topic {topic} cannot be used: " +
+        "{reason}{left}",
       {
         session: request.sessionId,
         topic: reply.topic,
         reason: refusal,
+        left: leftOut(left),
       },
     );
     return true;
