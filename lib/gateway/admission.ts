@@ -42,7 +42,7 @@ import {
   ServiceError,
 } from "../protocol/mod.ts";
 import { LruMap } from "../_util.ts";
-import { logger, LogThrottle } from "../log.ts";
+import { leftOut, logger, LogThrottle } from "../log.ts";
 import { QueueFullError, type Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import type { Stats } from "../observability/stats.ts";
@@ -520,9 +520,4 @@ function payloadHash(payload: Uint8Array): string {
     hash = Math.imul(hash, 0x01000193);
   }
   return `${(hash >>> 0).toString(36)}:${payload.length}`;
-}
-
-/** The end of a throttled log line: how many like it were left out before it. */
-function leftOut(count: number): string {
-  return count === 0 ? "" : ` (and ${count} more like it since the last such line, not logged)`;
 }
