@@ -371,7 +371,7 @@ export class Admission {
     const outcome = this.#budget.parse(
       payload,
       limits.maxPayloadBytes,
-      () => parseRequest(payload, project, root, limits, topicSessionId),
+      (judged) => parseRequest(payload, project, root, limits, topicSessionId, judged),
     );
     const mqtt5 = mqtt5Reply(packet);
     // A payload too broken to name its session is answered on its topic's session, if any.

@@ -82,17 +82,19 @@ export class PayloadBudget {
    * payload's parse cost fits now, and the request it yields keeps its own
    * cost (`memory`, to release when its turn ends). A payload over
    * `maxPayloadBytes` or nested too deep costs nothing: `parse` refuses it
-   * before it decodes anything.
+   * before it decodes anything. `parse` is told whether the payload was
+   * found within those limits here (`judged`), so as not to judge it again.
    */
   parse(
     payload: Uint8Array,
     maxPayloadBytes: number,
-    parse: () => ParseOutcome,
+    parse: (judged: boolean) => ParseOutcome,
   ): BudgetedOutcome {
     const shape = payload.byteLength > maxPayloadBytes
       ? undefined
       : jsonShape(payload, MAX_JSON_DEPTH);
-    const cost = shape && shape.depth <= MAX_JSON_DEPTH ? parseCost(payload, shape) : 0;
+    const judged = shape !== undefined && shape.depth <= MAX_JSON_DEPTH;
+    const cost = judged ? parseCost(payload, shape) : 0;
     const parsing = this.reserve(cost);
     if (!("release" in parsing)) {
       const address = payloadAddress(payload);
@@ -100,7 +102,7 @@ export class PayloadBudget {
     }
     let outcome: ParseOutcome;
     try {
-      outcome = parse();
+      outcome = parse(judged);
     } finally {
       parsing.release();
     }
