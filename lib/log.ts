@@ -118,3 +118,8 @@ export class LogThrottle {
     return last?.left ?? 0;
   }
 }
+
+/** The end of a throttled log line: how many like it were left out before it. */
+export function leftOut(count: number): string {
+  return count === 0 ? "" : ` (and ${count} more like it since the last such line, not logged)`;
+}

@@ -418,6 +418,40 @@ Deno.test("audio: the simulated engine refuses a clip it cannot decode, as vLLM'
   }
 });
 
+Deno.test("audio: a clip sent without its base64 padding goes to the engine padded, which vLLM refuses unpadded", async () => {
+  // 1,366 bytes: base64 that ends in "==".
+  const unpadded = base64(OPUS).replace(/=+$/, "");
+  const checked = parseAudio([`data:audio/ogg;base64,${unpadded}`, unpadded], {
+    ...LIMITS,
+    maxAudioBytes: 1 << 20,
+  });
+  assert(checked.ok, !checked.ok ? checked.message : "");
+  deepEqual(checked.audio.map((clip) => clip.url), [
+    dataUrl("audio/ogg", OPUS),
+    dataUrl("audio/ogg", OPUS),
+  ]);
+  // vLLM's audio loader (Python's base64.b64decode) refuses it unpadded: so does the simulator.
+  const sim = await startSimulator({ ttftMs: 0, itlMs: 0 });
+  try {
+    for (
+      const part of [
+        { type: "audio_url", audio_url: { url: `data:audio/ogg;base64,${unpadded}` } },
+        { type: "input_audio", input_audio: { data: base64(WAV).slice(0, -2), format: "wav" } },
+      ]
+    ) {
+      const response = await fetch(`${sim.url}/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ messages: [{ role: "user", content: [part] }], max_tokens: 8 }),
+      });
+      equal(response.status, 400);
+      equal((await response.json()).error.message, "Incorrect padding");
+    }
+  } finally {
+    await sim.close();
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // End to end, against a stand-in engine that records what it is sent.
 

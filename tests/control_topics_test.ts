@@ -4,11 +4,13 @@
  * written (a payload that is not a JSON object is refused, never read as
  * "every session"), and a command for every session of a project needs the
  * operator token, not only the broker's ACL. A real mosquitto, the service as
- * a child process, an engine that repeats what it is told.
+ * a child process, an engine that repeats what it is told. And in the open
+ * deployment, a session id a command's payload names that is not one is
+ * never made into a reply topic.
  */
 
 import { deepEqual, equal, match } from "node:assert/strict";
-import { mosquittoTest as test, type TestClient } from "./_helpers.ts";
+import { mosquittoTest as test, type TestClient, withService } from "./_helpers.ts";
 import { errorCode, type SecureDeployment, withSecureDeployment } from "./_secure_deployment.ts";
 
 const TOKEN = "operator-Token-0123456789";
@@ -109,4 +111,24 @@ test("with --operator-token, a project-wide command carries it or is refused", a
     ]);
     equal(d.service.log().includes(TOKEN), false, "the token was logged");
   }, { VLLM_MQTT_OPERATOR_TOKEN: TOKEN });
+});
+
+test("a command naming a session id that could not be one is counted, not answered on a topic made of it", async () => {
+  await withService({}, async ({ client, service }) => {
+    // As a topic, `maze/assistant_response/x/#` holds a wildcard: publishing there, the
+    // service would be disconnected by the broker (again at each redelivery).
+    await client.send("maze/clear_history", { session_id: "x/#" });
+    await client.send("maze/delete_session", { sessionId: "a+b" });
+    // A session id on the topic is still answered where it came from.
+    await client.send("maze/clear_history/a b", {});
+    const invalid = await client.next((m) => m.topic === "maze/assistant_response/a b");
+    equal(invalid.text, 'Error: session id "a b" is not valid');
+    await client.send("general/user_input", { session_id: "s1", message: "hi", format: "json" });
+    match(String((await client.final("s1")).json!.response), /you said "hi"/);
+    equal(service.log().match(/protocol error|Lost the connection/g), null, service.log());
+    deepEqual(
+      client.received.filter((m) => m.topic.startsWith("maze/")).map((m) => m.topic),
+      ["maze/assistant_response/a b"],
+    );
+  });
 });

@@ -649,6 +649,15 @@ test("a malformed state gets a JSON error hint", async () => {
   });
 });
 
+test("states that name no session are counted, and logged once a minute", async () => {
+  await withService({}, async ({ client, service }) => {
+    for (let i = 0; i < 5; i++) await client.send("maze/state", "not json");
+    await client.send("maze/user_input", { session_id: "s1", message: "hi", format: "json" });
+    await client.final("s1");
+    equal(service.log().match(/Unanswerable state on maze/g)?.length, 1, service.log());
+  });
+});
+
 test("a model answer that is not JSON is wrapped, its thinking removed", async () => {
   const dir = await promptsDir({
     "game.md": "---\nstate_topic: true\nhint_topic: true\n---\n# Game guide\n\nHelp the player.\n",

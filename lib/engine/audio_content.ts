@@ -13,7 +13,6 @@
  * @module
  */
 
-import OpenAI from "openai";
 import {
   AUDIO_MEDIA_TYPES,
   type AudioInput,
@@ -23,6 +22,7 @@ import {
 } from "../protocol/audio.ts";
 import { type AudioHeader, DECODED_CODECS, readAudioHeader } from "../protocol/audio_header.ts";
 import { ServiceError } from "../protocol/errors.ts";
+import { refusedText } from "./engine_errors.ts";
 
 /** An audio content part, as vLLM's chat API takes it. */
 export type AudioPart =
@@ -124,18 +124,14 @@ export function audioRefusal(
   messages: readonly { readonly content: unknown }[],
 ): ServiceError | undefined {
   if (!messages.some((message) => hasAudio(message.content))) return undefined;
-  if (!(error instanceof OpenAI.APIError) || error.status === undefined) return undefined;
-  if (error.status < 400 || error.status === 429) return undefined;
-  const fromJson = typeof error.error === "string"
-    ? error.error
-    : (error.error as { message?: unknown } | undefined)?.message;
-  const text = typeof fromJson === "string" ? fromJson : error.message ?? "";
-  const detail = text.replace(/\p{Cc}+/gu, " ").replace(/\s+/g, " ").trim().slice(0, 200);
+  const refused = refusedText(error);
+  if (!refused) return undefined;
+  const { status, text, detail } = refused;
   if (NO_AUDIO_LOADER.test(text)) {
     return new ServiceError(
       "internal",
       `the engine cannot decode audio: vLLM lacks its audio extra (pip install "vllm[audio]") ` +
-        `(the engine answered ${error.status}: ${detail})`,
+        `(the engine answered ${status}: ${detail})`,
       { cause: error },
     );
   }
@@ -154,7 +150,7 @@ export function audioRefusal(
     : "the served model does not accept images or audio; send text only";
   return new ServiceError(
     "invalid_request",
-    `${what} (the engine answered ${error.status}: ${detail})`,
+    `${what} (the engine answered ${status}: ${detail})`,
     { cause: error },
   );
 }

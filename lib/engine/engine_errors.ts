@@ -119,6 +119,25 @@ export function streamedError(error: unknown): Error {
   return streamFailed(message);
 }
 
+/**
+ * The words of an engine's refusal of a request (a 4xx other than 429, whose
+ * text may name what the model does not take): its HTTP status, `text` as the
+ * engine wrote it, to match, and `detail`, on one line and bounded, to pass
+ * on to a client; undefined for any other error.
+ */
+export function refusedText(
+  error: unknown,
+): { status: number; text: string; detail: string } | undefined {
+  if (!(error instanceof OpenAI.APIError) || error.status === undefined) return undefined;
+  if (error.status < 400 || error.status === 429) return undefined;
+  const fromJson = typeof error.error === "string"
+    ? error.error
+    : (error.error as { message?: unknown } | undefined)?.message;
+  const text = typeof fromJson === "string" ? fromJson : error.message ?? "";
+  const detail = text.replace(/\p{Cc}+/gu, " ").replace(/\s+/g, " ").trim().slice(0, 200);
+  return { status: error.status, text, detail };
+}
+
 /** `engine_unavailable` for a stream that cannot be an answer, saying why. */
 export function brokenStream(why: string): ServiceError {
   return new ServiceError("engine_unavailable", why, { retryAfterMs: RETRY_AFTER_MS });

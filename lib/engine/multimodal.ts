@@ -7,11 +7,11 @@
  * @module
  */
 
-import OpenAI from "openai";
 import { type AudioPart, audioPart } from "./audio_content.ts";
 import type { AudioInput } from "../protocol/audio.ts";
 import { type ImageHeader, readImageHeader } from "../protocol/image_header.ts";
 import { ServiceError } from "../protocol/errors.ts";
+import { refusedText } from "./engine_errors.ts";
 import { imageTokenBound, imageTokens } from "../protocol/images.ts";
 
 /** An OpenAI chat content part: text, an image by URL (a data URL here), or audio. */
@@ -123,17 +123,11 @@ export function imageRefusal(
   messages: readonly { readonly content: unknown }[],
 ): ServiceError | undefined {
   if (!messages.some((message) => imageUrlsOf(message.content).length > 0)) return undefined;
-  if (!(error instanceof OpenAI.APIError) || error.status === undefined) return undefined;
-  if (error.status < 400 || error.status === 429) return undefined;
-  const fromJson = typeof error.error === "string"
-    ? error.error
-    : (error.error as { message?: unknown } | undefined)?.message;
-  const text = typeof fromJson === "string" ? fromJson : error.message ?? "";
-  if (!NO_IMAGES.test(text)) return undefined;
-  const detail = text.replace(/\p{Cc}+/gu, " ").replace(/\s+/g, " ").trim().slice(0, 200);
+  const refused = refusedText(error);
+  if (!refused || !NO_IMAGES.test(refused.text)) return undefined;
   return new ServiceError(
     "invalid_request",
-    `the served model does not accept images; send text only (the engine answered ${error.status}: ${detail})`,
+    `the served model does not accept images; send text only (the engine answered ${refused.status}: ${refused.detail})`,
     { cause: error },
   );
 }

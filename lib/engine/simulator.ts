@@ -177,14 +177,15 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     }
     received.push(body as Record<string, unknown>);
     if (received.length > 1000) received.shift();
-    const unheard = undecodableAudio(body.messages);
-    if (unheard) return error(400, unheard);
     const adapter = body.model !== undefined && body.model !== model ? body.model : undefined;
     if (adapter !== undefined && !(options.adapters ?? []).includes(adapter)) {
       return error(404, `The model \`${adapter}\` does not exist.`);
     }
     const refusal = refusalOf(body, { toolParser: options.toolParser });
     if (refusal) return error(refusal.status, refusal.message);
+    // Decoded once the request is taken (its base64 first: an unpadded clip is refused above).
+    const unheard = undecodableAudio(body.messages);
+    if (unheard) return error(400, unheard);
 
     const prompt = promptTokenIds(
       body.messages,
@@ -192,11 +193,11 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     );
     // Images count roughly as vLLM counts Qwen2.5-VL's (`imageTokens`): a token per 28×28 pixels;
     // audio as Qwen2-Audio's, 25 tokens a second.
-    const imageTokens = body.messages.reduce(
+    const mediaTokens = body.messages.reduce(
       (sum, m) => sum + imageTokensOf(m.content) + audioTokensOf(m.content),
       0,
     );
-    const promptTokens = prompt.length + imageTokens;
+    const promptTokens = prompt.length + mediaTokens;
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? maxModelLen - promptTokens;
     if (maxTokens > maxModelLen) {
       // vLLM's check of max_tokens alone, before the prompt's length is known.
@@ -209,7 +210,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     // vLLM counts a prompt's image (and audio) tokens only once the engine has processed them,
     // after the 200 of a stream: that overflow comes inside the stream (v0.11.0's processor words it).
     const textTokens = prompt.length;
-    const lateOverflow = imageTokens > 0 && textTokens + maxTokens <= maxModelLen &&
+    const lateOverflow = mediaTokens > 0 && textTokens + maxTokens <= maxModelLen &&
       promptTokens > maxModelLen;
     if (lateOverflow && body.stream) {
       return streamedError(

@@ -11,8 +11,10 @@
  *   served it by guided decoding); that refusal is worded here in the same
  *   way, as its wording was not found in the sources read.
  * - `top_p` outside (0, 1]: 400 from `SamplingParams` (vllm/sampling_params.py).
- * - a base64 image without its padding: vLLM decodes with `validate=True`
- *   (vllm/multimodal/image.py), which fails with "Incorrect padding".
+ * - a base64 image or audio clip without its padding: vLLM decodes images
+ *   with `validate=True` (vllm/multimodal/image.py) and audio with
+ *   `base64.b64decode` (vllm/multimodal/audio.py), both of which fail with
+ *   "Incorrect padding". (`input_audio` data is made into such a data URL.)
  *
  * Refusals that come after the 200 of a stream (the prompt's length with its
  * images, found by the engine once the images are processed) are in
@@ -65,14 +67,37 @@ export function refusalOf(body: ChatBody, settings: RefusalSettings): Refusal | 
   }
   for (const message of body.messages ?? []) {
     if (!Array.isArray(message.content)) continue;
-    for (const part of message.content as { type?: string; image_url?: { url?: unknown } }[]) {
-      const url = part?.type === "image_url" ? part.image_url?.url : undefined;
-      if (typeof url !== "string" || !/^data:[^,]*;base64,/i.test(url)) continue;
-      const data = url.slice(url.indexOf(",") + 1);
-      if (data.length % 4 !== 0) return { status: 400, message: "Incorrect padding" };
+    for (const part of message.content as MediaPart[]) {
+      const data = base64Of(part);
+      if (data !== undefined && data.length % 4 !== 0) {
+        return { status: 400, message: "Incorrect padding" };
+      }
     }
   }
   return undefined;
+}
+
+/** A content part that may carry base64 media. */
+interface MediaPart {
+  readonly type?: string;
+  readonly image_url?: { readonly url?: unknown };
+  readonly audio_url?: { readonly url?: unknown };
+  readonly input_audio?: { readonly data?: unknown };
+}
+
+/** The base64 of a part's image or audio, when it carries it inline. */
+function base64Of(part: MediaPart): string | undefined {
+  if (part?.type === "input_audio") {
+    const data = part.input_audio?.data;
+    return typeof data === "string" ? data : undefined;
+  }
+  const url = part?.type === "image_url"
+    ? part.image_url?.url
+    : part?.type === "audio_url"
+    ? part.audio_url?.url
+    : undefined;
+  if (typeof url !== "string" || !/^data:[^,]*;base64,/i.test(url)) return undefined;
+  return url.slice(url.indexOf(",") + 1);
 }
 
 /** A number as Python prints a float (`0.0`, `1.5`). */

@@ -26,7 +26,8 @@
  * 9. queue: into the scheduler, or `queue_full`.
  *
  * A turn that did not come as an MQTT request (the operator page's "try
- * it", a game state) passes steps 4 and 7 to 9 only.
+ * it", a game state) passes steps 4 and 7 to 9 only (a game state also the
+ * end of step 2: a hint topic the broker cannot carry).
  *
  * @module
  */
@@ -41,7 +42,7 @@ import {
   ServiceError,
 } from "../protocol/mod.ts";
 import { LruMap } from "../_util.ts";
-import { logger, LogThrottle } from "../log.ts";
+import { leftOut, logger, LogThrottle } from "../log.ts";
 import { QueueFullError, type Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import type { Stats } from "../observability/stats.ts";
@@ -287,6 +288,8 @@ export class Admission {
    */
   takeState(request: ChatRequest, target: ReplyTarget, settled: () => void): void {
     this.#options.stats.request();
+    // A hint the broker cannot carry is not worth a turn, as a request's answer is not.
+    if (this.#unreachable(request, target)) return settled();
     const job = this.#inProcessTurn("state", request, target, settled);
     // A refusal settles the job like any other end (its fail finishes the turn).
     if (this.refusedWhileStopping(target, job)) return;
@@ -368,7 +371,7 @@ export class Admission {
     const outcome = this.#budget.parse(
       payload,
       limits.maxPayloadBytes,
-      () => parseRequest(payload, project, root, limits, topicSessionId),
+      (judged) => parseRequest(payload, project, root, limits, topicSessionId, judged),
     );
     const mqtt5 = mqtt5Reply(packet);
     // A payload too broken to name its session is answered on its topic's session, if any.
@@ -438,12 +441,17 @@ export class Admission {
     const refusal = this.#options.replies.topicRefusal(reply.topic);
     if (refusal === undefined) return false;
     this.#options.stats.unaddressable("invalid_request");
+    // A client's doing, like the unserved requests: a flood of it is one line a minute.
+    const left = this.#unserved.take("unreachable");
+    if (left === undefined) return true;
     log.warn(
-      "Refused a request of session {session}: its reply topic {topic} cannot be used: {reason}",
+      "Refused a request of session {session}: its reply topic {topic} cannot be used: " +
+        "{reason}{left}",
       {
         session: request.sessionId,
         topic: reply.topic,
         reason: refusal,
+        left: leftOut(left),
       },
     );
     return true;
@@ -512,9 +520,4 @@ function payloadHash(payload: Uint8Array): string {
     hash = Math.imul(hash, 0x01000193);
   }
   return `${(hash >>> 0).toString(36)}:${payload.length}`;
-}
-
-/** The end of a throttled log line: how many like it were left out before it. */
-function leftOut(count: number): string {
-  return count === 0 ? "" : ` (and ${count} more like it since the last such line, not logged)`;
 }

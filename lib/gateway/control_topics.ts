@@ -11,7 +11,8 @@
  * The session id comes from the topic's last level or the payload (`sessionId`,
  * `session_id` or `target`; a number stands for its decimal string; `all`, in
  * any case, for every session; a payload that is neither empty nor a JSON
- * object is refused, never read as naming none). A project-wide command needs
+ * object is refused, never read as naming none; a session id in the payload
+ * that is not valid is counted, not answered: it has no reply topic). A project-wide command needs
  * the operator token when one is set, and always in the secure mode
  * (`--session-topics-only`). Each command is acknowledged on the session's reply topic
  * in the session's reply style (plain text unless the payload uses `session_id`
@@ -48,7 +49,7 @@ export interface ControlTopicsOptions {
   readonly topics: Topics;
   /** The reply topics a command may name (its MQTT 5 Response Topic). */
   readonly replyTopics: ReplyTopics;
-  readonly stats: Pick<Stats, "error" | "replyTopicRefused">;
+  readonly stats: Pick<Stats, "error" | "replyTopicRefused" | "unaddressable">;
   /** The secret a project-wide command must carry (`--operator-token`); undefined: none. */
   readonly operatorToken: string | undefined;
   /** The secure mode (`--session-topics-only`): project-wide commands need the operator token. */
@@ -101,6 +102,19 @@ export class ControlTopics {
     const body = unparsable ? undefined : parseBody(payload);
     const named = target.sessionId ?? (body && sessionField(body));
     const sessionId = named === undefined || named.toLowerCase() === ALL ? ALL : named;
+    if (
+      target.sessionId === undefined && sessionId !== ALL && !SESSION_ID_PATTERN.test(sessionId)
+    ) {
+      // A session id the payload names that could not be one has no reply topic: built from it,
+      // the topic could hold a wildcard (`{"session_id":"#"}`), for which the broker drops the
+      // service's connection. Counted, not answered.
+      stats.unaddressable("invalid_request");
+      log.debug("Control command {command} for session id {session}, which is not valid", {
+        command: target.command,
+        session: JSON.stringify(sessionId),
+      });
+      return;
+    }
     // The original answered its commands in plain text; a v1 payload (`session_id`) in JSON.
     const style = replyStyle(body?.format, !(body && "session_id" in body));
     const who = { project: target.project, sessionId, username: undefined };
@@ -135,6 +149,7 @@ export class ControlTopics {
       return;
     }
     if (sessionId !== ALL && !SESSION_ID_PATTERN.test(sessionId)) {
+      stats.error(target.project, "invalid_request");
       this.#options.publish(
         reply,
         errorBody(`session id ${JSON.stringify(sessionId)} is not valid`),

@@ -4,7 +4,7 @@
  * answered. A payload is charged before it is parsed, by its shape (see
  * `protocol/json_shape.ts`): its text and the arrays and objects `JSON.parse`
  * would build. Once parsed, only what the request keeps stays charged (its
- * message, system prompt and images, held on the gateway's thread and again
+ * message, system prompt, images and audio, held on the gateway's thread and again
  * on its worker's) until the turn is answered or refused. A payload that does
  * not fit now is refused with `overloaded` and a retry hint; one that could
  * never fit, with `payload_too_large`. So big or deeply structured payloads
@@ -82,17 +82,19 @@ export class PayloadBudget {
    * payload's parse cost fits now, and the request it yields keeps its own
    * cost (`memory`, to release when its turn ends). A payload over
    * `maxPayloadBytes` or nested too deep costs nothing: `parse` refuses it
-   * before it decodes anything.
+   * before it decodes anything. `parse` is told whether the payload was
+   * found within those limits here (`judged`), so as not to judge it again.
    */
   parse(
     payload: Uint8Array,
     maxPayloadBytes: number,
-    parse: () => ParseOutcome,
+    parse: (judged: boolean) => ParseOutcome,
   ): BudgetedOutcome {
     const shape = payload.byteLength > maxPayloadBytes
       ? undefined
       : jsonShape(payload, MAX_JSON_DEPTH);
-    const cost = shape && shape.depth <= MAX_JSON_DEPTH ? parseCost(payload, shape) : 0;
+    const judged = shape !== undefined && shape.depth <= MAX_JSON_DEPTH;
+    const cost = judged ? parseCost(payload, shape) : 0;
     const parsing = this.reserve(cost);
     if (!("release" in parsing)) {
       const address = payloadAddress(payload);
@@ -100,7 +102,7 @@ export class PayloadBudget {
     }
     let outcome: ParseOutcome;
     try {
-      outcome = parse();
+      outcome = parse(judged);
     } finally {
       parsing.release();
     }
@@ -143,12 +145,13 @@ function parseCost(payload: Uint8Array, shape: JsonShape): number {
 }
 
 /**
- * The heap a parsed request keeps until its turn is answered: its texts and
- * images, twice (the gateway's copy and its worker's).
+ * The heap a parsed request keeps until its turn is answered: its texts,
+ * images and audio clips, twice (the gateway's copy and its worker's).
  */
 function requestCost(request: ChatRequest): number {
   let bytes = 2 * ((request.message?.length ?? 0) + (request.systemPrompt?.length ?? 0));
   for (const image of request.images ?? []) bytes += image.url.length;
+  for (const clip of request.audio ?? []) bytes += clip.url.length;
   return 2 * bytes;
 }
 

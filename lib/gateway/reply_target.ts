@@ -51,9 +51,6 @@ export const DEFAULT_REPLY_TOPICS: readonly string[] = Object.freeze([
   "{project}/assistant_response/{session_id}/#",
 ]);
 
-/** The placeholders a reply topic pattern may hold. */
-export const REPLY_TOPIC_PLACEHOLDERS = ["{project}", "{session_id}", "{username}"] as const;
-
 /** The MQTT 5 reply properties of a request, when it names a Response Topic. */
 export function mqtt5Reply(packet: IPublishPacket): Mqtt5Reply | undefined {
   const topic = packet.properties?.responseTopic;

@@ -14,7 +14,7 @@
  * @module
  */
 
-import { logger } from "../log.ts";
+import { leftOut, logger, LogThrottle } from "../log.ts";
 import type { Project } from "../projects/project_file.ts";
 import {
   type ChatRequest,
@@ -75,6 +75,8 @@ export class StateTopics {
   readonly #options: StateTopicsOptions;
   /** Sessions with a state turn in the service, and the state waiting behind it, if any. */
   readonly #sessions = new Map<string, { waiting: Waiting | undefined }>();
+  /** Unanswerable states are logged, but a flood of them only once a minute per project. */
+  readonly #unanswerable = new LogThrottle();
 
   constructor(options: StateTopicsOptions) {
     this.#options = options;
@@ -118,9 +120,13 @@ export class StateTopics {
       if (sessionId === undefined || !SESSION_ID_PATTERN.test(sessionId)) {
         stats.request();
         stats.unaddressable(failure.code);
-        log.warn("Unanswerable state on {project}: {message}", {
+        // A client's doing: a flood of it is one line a minute, as for requests.
+        const left = this.#unanswerable.take(project);
+        if (left === undefined) return;
+        log.warn("Unanswerable state on {project}: {message}{left}", {
           project,
           message: failure.message,
+          left: leftOut(left),
         });
         return;
       }

@@ -18,6 +18,15 @@
  */
 
 import {
+  base64Room,
+  byteSize,
+  DATA_URL,
+  decodedLength,
+  fromBase64,
+  normalBase64,
+  OTHER_URL,
+} from "./data_url.ts";
+import {
   type AudioHeader,
   type AudioKind,
   DECODED_CODECS,
@@ -90,21 +99,13 @@ const CONVERSIONS: Readonly<Record<string, string>> = {
   "AAC (ADTS)": "ffmpeg -i clip.aac clip.mp3",
 };
 
-/** Bytes a payload holds per clip besides its base64: `"data:audio/mpeg;base64,",` and slack. */
-const DATA_URL_OVERHEAD = 64;
-
 /**
  * The payload size `--max-audio-clips` clips of `--max-audio-bytes` each take
  * as base64 data URLs (the text beside them is counted with the images').
  */
 export function payloadRoomForAudio(maxClips: number, maxBytes: number): number {
-  return maxClips * (4 * Math.ceil(maxBytes / 3) + DATA_URL_OVERHEAD);
+  return base64Room(maxClips, maxBytes);
 }
-
-const DATA_URL = /^data:([^,]*?),/i;
-/** A URL of any scheme (http:, file:...): never base64, which has no ':'. */
-const OTHER_URL = /^[a-z][a-z0-9+.-]*:/i;
-const WHITESPACE = /\s/;
 
 const count = (n: number) => n.toLocaleString("en-US");
 
@@ -178,13 +179,13 @@ function checkClip(item: unknown, limits: AudioLimits): AudioInput | string {
   } else if (OTHER_URL.test(item)) {
     return "is neither a data:audio/...;base64 URL nor base64 (send the clip itself, not its address)";
   }
-  if (WHITESPACE.test(base64)) base64 = base64.replace(/\s+/g, "");
+  // Padded: vLLM's audio loader refuses base64 without its padding ("Incorrect padding").
+  base64 = normalBase64(base64);
   if (base64 === "") return "is empty";
   // Refused by its length before anything is decoded.
-  const decodedLength = Math.floor(base64.length * 3 / 4) -
-    (base64.endsWith("==") ? 2 : base64.endsWith("=") ? 1 : 0);
-  if (decodedLength > limits.maxAudioBytes) {
-    return `is ${count(decodedLength)} bytes, more than the limit of ${
+  const length = decodedLength(base64);
+  if (length > limits.maxAudioBytes) {
+    return `is ${count(length)} bytes, more than the limit of ${
       count(limits.maxAudioBytes)
     } (--max-audio-bytes)`;
   }
@@ -240,28 +241,12 @@ const clip = (url: string, header: AudioHeader, bytes: number): AudioInput => ({
 /** "an MP3", "an Ogg", "a WAV", "a FLAC": by how the name is said. */
 const article = (name: string) => /^(?:MP|Ogg|AAC|AMR|AIFF|RF64)/.test(name) ? "an" : "a";
 
-/**
- * Base64 of the standard alphabet, padding optional: `Uint8Array.fromBase64`
- * refuses any other character itself (whitespace is removed before), ten
- * times faster than a regular expression over the text would (0.6 ms a MB).
- */
-function fromBase64(text: string): Uint8Array {
-  return (Uint8Array as unknown as { fromBase64(text: string): Uint8Array }).fromBase64(text);
-}
-
-/** A byte count for people: 820 B, 1.2 KB, 3.4 MB. */
-function size(bytes: number): string {
-  if (bytes < 1000) return `${bytes} B`;
-  if (bytes < 1_000_000) return `${(bytes / 1000).toFixed(bytes < 10_000 ? 1 : 0)} KB`;
-  return `${(bytes / 1_000_000).toFixed(1)} MB`;
-}
-
 /** One clip in words: `wav 0.85 s, 13.6 KB`; `mp3 ~0.94 s, 2.8 KB` when estimated. */
 export function describeAudio(
   clip: Pick<AudioInput, "kind" | "seconds" | "estimated" | "bytes">,
 ): string {
   return `${clip.kind} ${clip.estimated ? "~" : ""}${formatSeconds(clip.seconds)}, ${
-    size(clip.bytes)
+    byteSize(clip.bytes)
   }`;
 }
 

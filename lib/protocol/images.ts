@@ -14,6 +14,15 @@
  * @module
  */
 
+import {
+  base64Room,
+  byteSize,
+  DATA_URL,
+  decodedLength,
+  fromBase64,
+  normalBase64,
+  OTHER_URL,
+} from "./data_url.ts";
 import { type ImageKind, readImageHeader, sniffImage } from "./image_header.ts";
 
 /** An image as checked: what the engine is sent, and what the marker says of it. */
@@ -40,8 +49,6 @@ export interface ImageLimits {
 /** Pixels a side of an image may have (vLLM's image loader refuses decompression bombs too). */
 export const MAX_IMAGE_SIDE = 16_384;
 
-/** Bytes a payload holds per image besides its base64: `"data:image/jpeg;base64,",` and slack. */
-const DATA_URL_OVERHEAD = 64;
 /** Bytes a payload holds besides its images: the message and the other fields. */
 export const TEXT_PAYLOAD_ROOM = 16 * 1024;
 
@@ -52,7 +59,7 @@ export const TEXT_PAYLOAD_ROOM = 16 * 1024;
  */
 export function payloadRoomForImages(maxImages: number, maxImageBytes: number): number {
   if (maxImages === 0) return 0;
-  return maxImages * (4 * Math.ceil(maxImageBytes / 3) + DATA_URL_OVERHEAD) + TEXT_PAYLOAD_ROOM;
+  return base64Room(maxImages, maxImageBytes) + TEXT_PAYLOAD_ROOM;
 }
 
 /** The outcome of checking a request's `images`. */
@@ -60,11 +67,7 @@ export type ImagesOutcome =
   | { readonly ok: true; readonly images: readonly ImageInput[] }
   | { readonly ok: false; readonly message: string };
 
-const DATA_URL = /^data:([^,]*?),/i;
 const REMOTE_URL = /^https?:\/\//i;
-/** A URL of another scheme (file:, ftp:, blob:...): never base64, which has no ':'. */
-const OTHER_URL = /^[a-z][a-z0-9+.-]*:/i;
-const WHITESPACE = /\s/;
 
 const count = (n: number) => n.toLocaleString("en-US");
 
@@ -121,18 +124,13 @@ function checkImage(item: unknown, limits: ImageLimits): ImageInput | string {
   } else if (OTHER_URL.test(item)) {
     return "is neither a data:image/...;base64 URL nor base64";
   }
-  if (WHITESPACE.test(base64)) base64 = base64.replace(/\s+/g, "");
+  // Padded: what was taken here is taken by vLLM too.
+  base64 = normalBase64(base64);
   if (base64 === "") return "is empty";
-  // vLLM decodes with validate=True, which refuses base64 without its padding ("Incorrect
-  // padding"): padded here, so that what was taken here is taken there.
-  if (base64.length % 4 !== 0 && !base64.endsWith("=")) {
-    base64 += "=".repeat((4 - base64.length % 4) % 4);
-  }
   // Refused by its length before anything is decoded.
-  const decodedLength = Math.floor(base64.length * 3 / 4) -
-    (base64.endsWith("==") ? 2 : base64.endsWith("=") ? 1 : 0);
-  if (decodedLength > limits.maxImageBytes) {
-    return `is ${count(decodedLength)} bytes, more than the limit of ${
+  const length = decodedLength(base64);
+  if (length > limits.maxImageBytes) {
+    return `is ${count(length)} bytes, more than the limit of ${
       count(limits.maxImageBytes)
     } (--max-image-bytes)`;
   }
@@ -160,23 +158,10 @@ function checkImage(item: unknown, limits: ImageLimits): ImageInput | string {
   return { url, kind, bytes: bytes.length, width: header.width, height: header.height };
 }
 
-/** Strict base64 (standard alphabet; padding optional). */
-function fromBase64(text: string): Uint8Array {
-  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text)) throw new SyntaxError("not base64");
-  return (Uint8Array as unknown as { fromBase64(text: string): Uint8Array }).fromBase64(text);
-}
-
-/** A byte count for people: 820 B, 1.2 KB, 3.4 MB. */
-function size(bytes: number): string {
-  if (bytes < 1000) return `${bytes} B`;
-  if (bytes < 1_000_000) return `${(bytes / 1000).toFixed(bytes < 10_000 ? 1 : 0)} KB`;
-  return `${(bytes / 1_000_000).toFixed(1)} MB`;
-}
-
 /** One image in words: `png 64×48, 1.2 KB`, or `remote image (example.com)`. */
 export function describeImage(image: ImageInput): string {
   if (image.kind === "remote") return `remote image (${new URL(image.url).host})`;
-  return `${image.kind} ${image.width}×${image.height}, ${size(image.bytes)}`;
+  return `${image.kind} ${image.width}×${image.height}, ${byteSize(image.bytes)}`;
 }
 
 /**

@@ -139,6 +139,8 @@ const clamp = (value: number, low: number, high: number) => Math.min(high, Math.
  * @param responseRoot The project's `.../assistant_response/` topic: a request that names no
  *   session but a `replyTopic` below it is that reply topic's session.
  * @param topicSessionId The session a per-session input topic names: the payload's own must match.
+ * @param judged Whether the payload is known to be within the size and nesting limits already
+ *   (the memory budget judges it before parsing): it is not judged again.
  */
 export function parseRequest(
   payload: Uint8Array,
@@ -146,6 +148,7 @@ export function parseRequest(
   responseRoot: string,
   limits: RequestLimits,
   topicSessionId?: string,
+  judged = false,
 ): ParseOutcome {
   const fail = (
     message: string,
@@ -157,7 +160,7 @@ export function parseRequest(
     address,
   });
 
-  const unparsable = unparsableReason(payload, limits.maxPayloadBytes);
+  const unparsable = judged ? undefined : unparsableReason(payload, limits.maxPayloadBytes);
   if (unparsable) {
     return { ok: false, error: unparsable, address: payloadAddress(payload) };
   }

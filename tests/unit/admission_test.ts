@@ -340,6 +340,26 @@ Deno.test("admission: past the memory budget, overloaded with a retry hint; each
   match(tooLarge.message, /about 0\.2 MB of memory \(2,002 arrays and objects\)/);
 });
 
+Deno.test("admission: audio clips are held in the memory budget until their turn ends", async () => {
+  // A 13.6 KB WAV is an 18,200-character data URL: a request holds twice that (the gateway's
+  // copy and its worker's) until its turn ends, and takes about 55,000 bytes while parsed.
+  const wav = await Deno.readFile(new URL("../fixtures/audio/hello.wav", import.meta.url));
+  const clip = `data:audio/wav;base64,${Buffer.from(wav).toString("base64")}`;
+  const limits = { ...LIMITS, maxAudioClips: 1, maxAudioBytes: 1 << 20, maxAudioMs: 30_000 };
+  const { sent, turns, send } = gateway({ payloadMemory: 100_000, limits });
+  send("general/user_input", { session_id: "a", audio: [clip] });
+  send("general/user_input", { session_id: "b", audio: [clip] });
+  await tick();
+  equal(turns.length, 2);
+  send("general/user_input", { session_id: "c", audio: [clip] });
+  equal(errorOf(sent.at(-1)!), "overloaded");
+  turns[0].finish(RESULT);
+  await tick();
+  send("general/user_input", { session_id: "c", audio: [clip] });
+  await tick();
+  equal(turns.length, 3, "the turn that ended gave its share back");
+});
+
 Deno.test("admission: a request refused after parsing (forbidden) holds no memory", async () => {
   const { sent, turns, send } = gateway({ payloadMemory: 100_000, sessionTopicsOnly: true });
   const big = (session_id: string) => ({ session_id, message: "m".repeat(10_000) });
@@ -462,4 +482,50 @@ Deno.test("admission: a message no subscription of this run matches is ignored",
   equal(turns.length, 0);
   equal(sent.length, 0);
   deepEqual(events, [{ kind: "ignored", reason: "unsubscribed" }]);
+});
+
+Deno.test("admission: every refusal after parsing gives the request's memory back", async () => {
+  // Each 10,000-character request holds 40,000 bytes of the 100,000 until it ends: five refused
+  // ones that kept theirs would leave no room for the two taken at the end.
+  const big = (session_id: string, extra: Record<string, unknown> = {}) => ({
+    session_id,
+    message: "m".repeat(10_000),
+    ...extra,
+  });
+  const refusals: [
+    string,
+    Partial<GatewayOptions>,
+    (i: number) => [string, Record<string, unknown>],
+  ][] = [
+    ["unknown_project", {}, (i) => ["racing/user_input", big(`u${i}`)]],
+    [
+      "forbidden reply topic",
+      {},
+      (i) => ["general/user_input", big(`f${i}`, { reply_topic: "x" })],
+    ],
+    ["rate_limited", { rateLimit: { perSession: 1, perClient: 0, burst: 1 } }, () => [
+      "general/user_input",
+      big("r"),
+    ]],
+    ["unreachable reply topic", {
+      broker: {
+        fits: () => true,
+        maxPacketBytes: Infinity,
+        topicRefusal: (topic) => topic.includes(".") ? "no '.' in a topic" : undefined,
+      },
+    }, (i) => ["general/user_input", big(`n.${i}`)]],
+  ];
+  for (const [name, options, request] of refusals) {
+    const { turns, send } = gateway({ payloadMemory: 100_000, ...options });
+    for (let i = 0; i < 5; i++) send(...request(i));
+    await tick();
+    // What was taken (the rate limit's first) ends, and gives its share back.
+    for (const turn of turns) turn.finish(RESULT);
+    await tick();
+    const before = turns.length;
+    send("general/user_input", big("a"));
+    send("general/user_input", big("b"));
+    await tick();
+    equal(turns.length - before, 2, name);
+  }
 });
