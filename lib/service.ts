@@ -312,7 +312,7 @@ export async function startService(
           ...(protocolOf(client) === 5 && !topics.shared && { nl: true }),
         }).then(() => {}),
       unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
-      runTurn: (turn, onDelta, signal) => pool.run(turn, onDelta, signal),
+      pool,
       topics,
       projects: prompts,
       directory,

@@ -2,9 +2,10 @@
  * The gateway: the thread that holds the MQTT connection. It routes each
  * message by its topic, takes requests through the admission steps (see
  * `admission.ts`), runs what is admitted in the scheduler's order, and
- * publishes what the workers produce. It never waits on the session store or
- * the engine itself, and knows the broker and the workers only as functions
- * (`publish`, `subscribe`, `unsubscribe`, `runTurn`).
+ * publishes what the workers produce. It knows the broker only as functions
+ * (`publish`, `subscribe`, `unsubscribe`) and the workers as a `TurnPool`:
+ * an admitted turn goes from the scheduler to the pool's `run` (see
+ * `turn_runner.ts`), and its deltas and answer come back here to be published.
  *
  * @module
  */

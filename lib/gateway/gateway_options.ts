@@ -14,7 +14,7 @@ import type { Stats } from "../observability/stats.ts";
 import type { Project } from "../projects/project_file.ts";
 import type { BrokerRules, Publish } from "./reply_publisher.ts";
 import type { SessionSigner } from "./session_signer.ts";
-import type { RunTurn } from "./turn_runner.ts";
+import type { TurnPool } from "../workers/turn_pool.ts";
 
 /** What the gateway is built from. */
 export interface GatewayOptions {
@@ -29,8 +29,8 @@ export interface GatewayOptions {
   readonly subscribe: (filters: string[], qos: 0 | 1 | 2) => Promise<void>;
   /** Unsubscribes from topic filters (leaving a share group at shutdown). */
   readonly unsubscribe: (filters: string[]) => Promise<void>;
-  /** Runs a turn on a request worker. */
-  readonly runTurn: RunTurn;
+  /** Runs the admitted turns: the request workers, or the gateway's own thread (`--workers 0`). */
+  readonly pool: TurnPool;
   readonly topics: Topics;
   readonly projects: ReadonlyMap<string, string>;
   readonly directory: SessionDirectory;

@@ -14,7 +14,8 @@ import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { Stats } from "../observability/stats.ts";
 import { type Project, turnShape } from "../projects/project_file.ts";
-import type { TurnJob as WorkerTurn, TurnResult } from "../workers/messages.ts";
+import type { TurnResult } from "../workers/messages.ts";
+import type { TurnPool } from "../workers/turn_pool.ts";
 import type { Prompts } from "./prompts.ts";
 import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
@@ -22,19 +23,10 @@ import type { TurnJob } from "./jobs.ts";
 
 const log = logger("gateway");
 
-/**
- * Runs a turn on a request worker: `onDelta` gets its coalesced streamed
- * text; an abort of `signal` cancels it. Rejects with a `ServiceError`.
- */
-export type RunTurn = (
-  turn: WorkerTurn,
-  onDelta: (seq: number, text: string) => void,
-  signal: AbortSignal,
-) => Promise<TurnResult>;
-
 /** What a turn is run with. */
 export interface TurnRunnerOptions {
-  readonly runTurn: RunTurn;
+  /** Runs the turn on a request worker (or the gateway's own thread). */
+  readonly pool: TurnPool;
   readonly prompts: Prompts;
   readonly replies: ReplyPublisher;
   readonly recent: RecentRequests;
@@ -75,7 +67,7 @@ export async function runTurnJob(
   });
   let delivered = false;
   const run = () =>
-    options.runTurn(
+    options.pool.run(
       {
         id: job.id,
         project: request.project,

@@ -1,7 +1,7 @@
 /**
  * Unit tests of the gateway's admission steps: requests fed to the gateway
  * in-process, with a stand-in broker (`publish` records what would go on the
- * wire) and stand-in workers (`runTurn` answers when the test says), on an
+ * wire) and stand-in workers (a pool whose turns answer when the test says), on an
  * injected clock.
  */
 
@@ -64,10 +64,13 @@ function gateway(options: Partial<GatewayOptions> = {}) {
     },
     subscribe: () => Promise.resolve(),
     unsubscribe: () => Promise.resolve(),
-    runTurn: (job, onDelta, signal) => {
-      const { promise, resolve, reject } = Promise.withResolvers<TurnResult>();
-      turns.push({ job, onDelta, signal, finish: resolve, fail: reject });
-      return promise;
+    pool: {
+      run: (job, onDelta, signal) => {
+        const { promise, resolve, reject } = Promise.withResolvers<TurnResult>();
+        turns.push({ job, onDelta, signal: signal!, finish: resolve, fail: reject });
+        return promise;
+      },
+      close: () => Promise.resolve(),
     },
     topics: new Topics("", "vllm"),
     projects: new Map([["general", "You are helpful."]]),
