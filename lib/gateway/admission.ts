@@ -174,7 +174,7 @@ export class Admission {
     const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
     if (refusal) {
       memory.release();
-      return this.fail(reply, refusal);
+      return this.refuse(reply, refusal);
     }
     // Step 4: accepting.
     if (this.refusedWhileStopping(reply)) return memory.release();
@@ -223,13 +223,16 @@ export class Admission {
         "Rate limit exceeded. Please slow down your requests.",
         { retryAfterMs: wait },
       );
-      return this.fail(job.target, error, job);
+      return this.refuse(job.target, error, job);
     }
     this.#admitted.set(job.sessionKey, true);
     const { line, scheduler, maxQueue } = this.#options;
     // Line and queue full: straight to the scheduler, which refuses it if its queue is full.
-    if (line && line.size + scheduler.queued < maxQueue) line.wait(job);
-    else this.queue(job);
+    if (!line || line.size + scheduler.queued >= maxQueue) return this.queue(job);
+    // The line resolves before its settled() does, so a drain waits for this to have acted.
+    line.wait(job).then((refusal) =>
+      refusal ? this.refuse(job.target, refusal, job) : this.queue(job)
+    );
   }
 
   /** Queues a job in the scheduler, or answers `queue_full`. */
@@ -247,7 +250,7 @@ export class Admission {
       const failure = error instanceof QueueFullError
         ? new ServiceError("queue_full", error.message, { retryAfterMs: 1000 })
         : asServiceError(error);
-      this.fail(job.target, failure, job);
+      this.refuse(job.target, failure, job);
     }
   }
 
@@ -272,7 +275,7 @@ export class Admission {
     };
     const nothing = () => {};
     if (!this.#options.prompts.has(project)) {
-      this.fail(reply, new ServiceError("unknown_project", `project "${project}" is not served`));
+      this.refuse(reply, new ServiceError("unknown_project", `project "${project}" is not served`));
       return nothing;
     }
     if (this.refusedWhileStopping(reply)) return nothing;
@@ -324,7 +327,7 @@ export class Admission {
   /** Refuses with a retry hint, once the service is stopping; whether it did. */
   refusedWhileStopping(target: ReplyTarget, job?: TurnJob): boolean {
     if (this.#accepting) return false;
-    this.fail(target, shuttingDown(), job);
+    this.refuse(target, shuttingDown(), job);
     return true;
   }
 
@@ -333,13 +336,13 @@ export class Admission {
     const { scheduler, line } = this.#options;
     const lined = line?.jobs(key, matches) ?? [];
     const found = lined.length > 0 || scheduler.hasSession(key, matches);
-    for (const job of scheduler.cancel(key, reason, matches)) this.fail(job.target, reason, job);
+    for (const job of scheduler.cancel(key, reason, matches)) this.refuse(job.target, reason, job);
     for (const job of lined) line!.abort(job, reason);
     return found;
   }
 
   /** Answers `error`; a turn's job is done with, and may be retried under its id. */
-  fail(target: ReplyTarget, error: ServiceError, job?: Job): void {
+  refuse(target: ReplyTarget, error: ServiceError, job?: Job): void {
     log.debug("Request {request} of {project}/{session}: answered {code}: {message}", {
       request: target.requestId ?? "-",
       project: target.project,
@@ -351,7 +354,7 @@ export class Admission {
       this.#recent.forget(job.dedupKey);
       this.#options.finishTurn(job);
     }
-    this.#options.replies.fail(target, error);
+    this.#options.replies.refuse(target, error);
   }
 
   /**
@@ -426,7 +429,7 @@ export class Admission {
       // Refused here: the request's memory is given back at once.
       if (outcome.ok) outcome.memory.release();
       if (refused) stats.replyTopicRefused(project);
-      this.fail(target, (refused ?? error)!);
+      this.refuse(target, (refused ?? error)!);
       return undefined;
     }
     return { request: outcome.request, reply: target, memory: outcome.memory };
@@ -469,7 +472,7 @@ export class Admission {
       const what = request.requestId === undefined
         ? `session ${request.sessionId} has no request`
         : `session ${request.sessionId} has no request ${request.requestId}`;
-      this.fail(
+      this.refuse(
         reply,
         new ServiceError("not_found", `nothing to cancel: ${what} waiting or running`),
       );

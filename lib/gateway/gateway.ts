@@ -76,8 +76,6 @@ export class Gateway {
     });
     this.#line = turnOrder && new TurnLine({
       order: turnOrder,
-      submit: (job) => this.#admission.queue(job),
-      fail: (job, error) => this.#admission.fail(job.target, error, job),
       wallClock: (receivedAt) => performance.timeOrigin + receivedAt,
     });
     const limits = (project: string) => projectLimits(options, project);
@@ -296,7 +294,7 @@ export class Gateway {
     this.#line?.abortAll(leaving);
     await this.#line?.settled();
     for (const job of this.#scheduler.drainQueue()) {
-      this.#admission.fail(job.target, leaving, job);
+      this.#admission.refuse(job.target, leaving, job);
     }
     this.#scheduler.abortRunning(leaving);
     await this.#scheduler.idle();
@@ -336,7 +334,7 @@ export class Gateway {
       const error = new ServiceError("rate_limited", "too many new sessions: try again later", {
         retryAfterMs: wait,
       });
-      return this.#replies.fail(target, error);
+      return this.#replies.refuse(target, error);
     }
     const id = signer.issue();
     this.#admission.started(project, id);
@@ -367,7 +365,7 @@ export class Gateway {
       const failure = asServiceError(error);
       if (failure.code === "engine_unavailable") this.#options.engineHealth.failed();
       if (failure.code === "storage_unavailable") this.#options.storageHealth?.failed(failure);
-      this.#admission.fail(job.target, failure, job);
+      this.#admission.refuse(job.target, failure, job);
     } finally {
       // The next turn of the session, on any instance, may start once this one is saved.
       await finishTurn(job);

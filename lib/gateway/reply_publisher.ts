@@ -130,7 +130,7 @@ export class ReplyPublisher {
     }
     if (body.type !== "error") {
       const bytes = new TextEncoder().encode(payload).length;
-      return this.fail(
+      return this.refuse(
         target,
         new ServiceError(
           "reply_too_large",
@@ -144,7 +144,7 @@ export class ReplyPublisher {
   }
 
   /** Sends `error` to `target` as an error reply, and counts it. */
-  fail(target: ReplyTarget, error: ServiceError): void {
+  refuse(target: ReplyTarget, error: ServiceError): void {
     this.#options.stats.error(target.project, error.code);
     if (error.code === "internal") {
       log.error("Request failed: {message}", { message: error.message });

@@ -1,8 +1,9 @@
 /**
  * Turns waiting for their session's earlier turns on other instances (a share
  * group), before the queue. Each takes its ticket at once, so that its place
- * is the order it arrived in, and is queued when the session's earlier turns
- * on other instances are done.
+ * is the order it arrived in; `wait` resolves when the session's earlier turns
+ * on other instances are done (the caller queues it), or with the reason it
+ * could not take its place or was given up (the caller refuses it).
  *
  * @module
  */
@@ -15,10 +16,6 @@ import type { ServiceError } from "../protocol/mod.ts";
 export interface TurnLineOptions {
   /** The order of a session's turns across instances. */
   readonly order: TurnOrder;
-  /** Queues a job whose turn has come (or refuses it: the queue is full). */
-  readonly submit: (job: TurnJob) => void;
-  /** Fails a job that could not take its place, or was given up. */
-  readonly fail: (job: TurnJob, error: ServiceError) => void;
   /** The wall clock time (ms since the epoch) a job's `receivedAt` stands for. */
   readonly wallClock: (receivedAt: number) => number;
 }
@@ -29,7 +26,7 @@ export class TurnLine {
   /** How to give a waiting job up, and when it is queued or has failed. */
   readonly #waiting = new Map<
     TurnJob,
-    { readonly abort: AbortController; readonly waited: Promise<void> }
+    { readonly abort: AbortController; readonly waited: Promise<ServiceError | undefined> }
   >();
 
   constructor(options: TurnLineOptions) {
@@ -47,13 +44,16 @@ export class TurnLine {
   }
 
   /**
-   * Puts `job` in its session's line: two instances waiting on each other's
-   * queued turns cannot deadlock, as a waiting job holds no in-flight slot.
+   * Puts `job` in its session's line: resolves once its turn has come, or
+   * with the reason it could not take its place or was given up. Two
+   * instances waiting on each other's queued turns cannot deadlock, as a
+   * waiting job holds no in-flight slot.
    */
-  wait(job: TurnJob): void {
+  wait(job: TurnJob): Promise<ServiceError | undefined> {
     const abort = new AbortController();
     const waited = this.#take(job, abort.signal).finally(() => this.#waiting.delete(job));
     this.#waiting.set(job, { abort, waited });
+    return waited;
   }
 
   /** Gives a waiting job up: it fails with `reason`. */
@@ -66,12 +66,12 @@ export class TurnLine {
     for (const { abort } of this.#waiting.values()) abort.abort(reason);
   }
 
-  /** Resolves once every job waiting now is queued or has failed. */
+  /** Resolves once every job waiting now has its outcome, and its caller has acted on it. */
   async settled(): Promise<void> {
     await Promise.all([...this.#waiting.values()].map(({ waited }) => waited));
   }
 
-  async #take(job: TurnJob, signal: AbortSignal): Promise<void> {
+  async #take(job: TurnJob, signal: AbortSignal): Promise<ServiceError | undefined> {
     try {
       const { project, sessionId } = job.request;
       job.ticket = await this.#options.order.take(
@@ -81,9 +81,7 @@ export class TurnLine {
       );
       await job.ticket.turn(signal);
     } catch (error) {
-      this.#options.fail(job, asServiceError(error));
-      return;
+      return asServiceError(error);
     }
-    this.#options.submit(job);
   }
 }
