@@ -1,6 +1,10 @@
 /**
  * The admission of requests: the steps a request passes, in order, before it
- * is queued, each of which may answer it with an error and stop it there.
+ * is queued. Each goes on, with what it adds, or stops the request (a
+ * `Stop`: refused with an error, sent the answer it already had, or dropped
+ * and counted); one place acts on a stop (`#stop`: gives the request's memory
+ * back, sends the refusal), and once the request is a turn one other place
+ * refuses it (`refuse`: answers, gives its memory back, releases its session).
  *
  * 1. project: a project not served here is `unknown_project`;
  * 2. parse: a payload the memory budget of payloads in flight cannot take
@@ -86,11 +90,42 @@ export interface AdmissionOptions extends Ownership {
   readonly limits: (project: string) => RequestLimits;
   /** The gateway's clock (milliseconds). */
   readonly now: () => number;
-  /** Called once a job has failed or finished: its session's next turn may start. */
-  readonly finishTurn: (job: TurnJob) => void;
+  /**
+   * Called once a job has been refused or finished: gives its memory back,
+   * and lets its session's next turn start.
+   */
+  readonly releaseSession: (job: TurnJob) => void;
 }
 
 const log = logger("gateway");
+
+/**
+ * What an admission step decides: go on, with what it adds, or stop the
+ * request there ({@linkcode Stop}).
+ */
+type Step<T> = { readonly kind: "go"; readonly value: T } | Stop;
+
+/**
+ * A request stopped by a step: refused with an error where it can be
+ * answered, sent the answer it already had (a client's retry), or dropped
+ * (counted and logged by the step). `memory` is its share of the payload
+ * budget, given back when it stops.
+ */
+type Stop =
+  & (
+    | { readonly kind: "refuse"; readonly target: ReplyTarget; readonly error: ServiceError }
+    | { readonly kind: "repeat"; readonly target: ReplyTarget; readonly answer: ReplyBody }
+    | { readonly kind: "drop" }
+  )
+  & { readonly memory?: Reservation };
+
+const go = <T>(value: T): Step<T> => ({ kind: "go", value });
+const refusal = (target: ReplyTarget, error: ServiceError): Stop => ({
+  kind: "refuse",
+  target,
+  error,
+});
+const DROP: Stop = { kind: "drop" };
 
 /** The admission steps, and the state they keep (the dedup window, the rate limits). */
 export class Admission {
@@ -161,28 +196,18 @@ export class Admission {
     this.#options.stats.request();
     // Steps 1 and 2: project, parse.
     const parsed = this.#parse(topic, project, topicSessionId, payload, packet);
-    if (!parsed) return;
-    const { request, reply, memory } = parsed;
-    if (this.#unreachable(request, reply)) return memory.release();
+    if (parsed.kind !== "go") return this.#stop(parsed);
+    const { request, reply, memory } = parsed.value;
     log.debug("Request {request} of {project}/{session}: parsed, on {topic}", {
       request: request.requestId ?? "-",
       project,
       session: request.sessionId,
       topic,
     });
-    // Step 3: ownership.
-    const refusal = ownershipRefusal(this.#options, project, topicSessionId, request.sessionId);
-    if (refusal) {
-      memory.release();
-      return this.refuse(reply, refusal);
-    }
-    // Step 4: accepting.
-    if (this.refusedWhileStopping(reply)) return memory.release();
-    // Step 5: cancel.
-    if (request.cancel && this.#cancel(request, reply)) return memory.release();
-    // Step 6: dedup.
-    const dedupKey = this.#dedup(request, reply, payload, packet);
-    if (dedupKey === undefined) return memory.release();
+    // Steps 3 to 6: ownership, accepting, cancel, dedup.
+    const screened = this.#screen(request, reply, topicSessionId, payload, packet);
+    if (screened.kind !== "go") return this.#stop({ ...screened, memory });
+    const dedupKey = screened.value;
     // Steps 7 to 9: rate limit, order, queue.
     this.admit({
       kind: "turn",
@@ -198,11 +223,63 @@ export class Admission {
   }
 
   /**
+   * Steps 3 to 6, those between parsing and the job: each goes on or stops
+   * the request. Goes on with the request's dedup key.
+   */
+  #screen(
+    request: ChatRequest,
+    reply: ReplyTarget,
+    topicSessionId: string | undefined,
+    payload: Uint8Array,
+    packet: IPublishPacket,
+  ): Step<string> {
+    const { project, sessionId } = request;
+    // Step 3: ownership.
+    const owner = ownershipRefusal(this.#options, project, topicSessionId, sessionId);
+    if (owner) return refusal(reply, owner);
+    // Step 4: accepting.
+    if (!this.#accepting) return refusal(reply, shuttingDown());
+    // Step 5: cancel.
+    if (request.cancel) {
+      const cancelled = this.#cancel(request, reply);
+      if (cancelled.kind !== "go") return cancelled;
+    }
+    // Step 6: dedup.
+    return this.#dedup(request, reply, payload, packet);
+  }
+
+  /**
+   * The one place a request stopped before it became a job is acted on: its
+   * memory given back, its refusal or its earlier answer sent.
+   */
+  #stop(stop: Stop): void {
+    stop.memory?.release();
+    if (stop.kind === "refuse") this.refuse(stop.target, stop.error);
+    else if (stop.kind === "repeat") this.#options.replies.reply(stop.target, stop.answer);
+  }
+
+  /**
    * The last steps of every turn, however it came (an MQTT request, the
    * operator page, a game state): the rate limits, then the session's line
    * across instances, or the queue.
    */
   admit(job: TurnJob): void {
+    // Step 7: rate limit.
+    const limited = this.#rateLimit(job);
+    if (limited) return this.refuse(job.target, limited, job);
+    this.#admitted.set(job.sessionKey, true);
+    // Step 8: order (a share group), or step 9: queue.
+    const { line, scheduler, maxQueue } = this.#options;
+    // Line and queue full: straight to the scheduler, which refuses it if its queue is full.
+    if (!line || line.size + scheduler.queued >= maxQueue) return this.queue(job);
+    // The line resolves before its settled() does, so a drain waits for this to have acted.
+    line.wait(job).then((refused) =>
+      refused ? this.refuse(job.target, refused, job) : this.queue(job)
+    );
+  }
+
+  /** Step 7: the rate limits a turn is over, as the refusal with the time to wait. */
+  #rateLimit(job: TurnJob): ServiceError | undefined {
     const { request } = job;
     // Under signed ids, a session not seen (an id hoarded from earlier issues) draws from its
     // project's allowance of new sessions first, as issuing it did, so that rotating ids gains
@@ -216,22 +293,12 @@ export class Admission {
         this.#sessionLimit.take(job.sessionKey),
         request.clientId === undefined ? 0 : this.#clientLimit.take(request.clientId),
       );
-    if (wait > 0) {
-      // The original's words: its plain-text clients show them.
-      const error = new ServiceError(
-        "rate_limited",
-        "Rate limit exceeded. Please slow down your requests.",
-        { retryAfterMs: wait },
-      );
-      return this.refuse(job.target, error, job);
-    }
-    this.#admitted.set(job.sessionKey, true);
-    const { line, scheduler, maxQueue } = this.#options;
-    // Line and queue full: straight to the scheduler, which refuses it if its queue is full.
-    if (!line || line.size + scheduler.queued >= maxQueue) return this.queue(job);
-    // The line resolves before its settled() does, so a drain waits for this to have acted.
-    line.wait(job).then((refusal) =>
-      refusal ? this.refuse(job.target, refusal, job) : this.queue(job)
+    if (wait <= 0) return undefined;
+    // The original's words: its plain-text clients show them.
+    return new ServiceError(
+      "rate_limited",
+      "Rate limit exceeded. Please slow down your requests.",
+      { retryAfterMs: wait },
     );
   }
 
@@ -278,10 +345,13 @@ export class Admission {
       this.refuse(reply, new ServiceError("unknown_project", `project "${project}" is not served`));
       return nothing;
     }
-    if (this.refusedWhileStopping(reply)) return nothing;
+    if (!this.#accepting) {
+      this.refuse(reply, shuttingDown());
+      return nothing;
+    }
     const job = this.#inProcessTurn("ask", request, reply);
     this.admit(job);
-    return () => this.cancelTurns(job.sessionKey, cancelledByClient(), (j) => j === job);
+    return () => this.#cancelTurns(job.sessionKey, cancelledByClient(), (j) => j === job);
   }
 
   /**
@@ -294,8 +364,8 @@ export class Admission {
     // A hint the broker cannot carry is not worth a turn, as a request's answer is not.
     if (this.#unreachable(request, target)) return settled();
     const job = this.#inProcessTurn("state", request, target, settled);
-    // A refusal settles the job like any other end (its fail finishes the turn).
-    if (this.refusedWhileStopping(target, job)) return;
+    // A refusal settles the job like any other end (its refusal releases the session).
+    if (!this.#accepting) return this.refuse(target, shuttingDown(), job);
     this.admit(job);
   }
 
@@ -324,15 +394,8 @@ export class Admission {
     };
   }
 
-  /** Refuses with a retry hint, once the service is stopping; whether it did. */
-  refusedWhileStopping(target: ReplyTarget, job?: TurnJob): boolean {
-    if (this.#accepting) return false;
-    this.refuse(target, shuttingDown(), job);
-    return true;
-  }
-
   /** Cancels a session's turns that `matches` selects, waiting or running; whether any was. */
-  cancelTurns(key: string, reason: ServiceError, matches: (job: Job) => boolean): boolean {
+  #cancelTurns(key: string, reason: ServiceError, matches: (job: Job) => boolean): boolean {
     const { scheduler, line } = this.#options;
     const lined = line?.jobs(key, matches) ?? [];
     const found = lined.length > 0 || scheduler.hasSession(key, matches);
@@ -341,7 +404,11 @@ export class Admission {
     return found;
   }
 
-  /** Answers `error`; a turn's job is done with, and may be retried under its id. */
+  /**
+   * The one place a refusal is sent: answers `error`; a turn's job is done
+   * with (its session released, its memory given back) and may be retried
+   * under its id.
+   */
   refuse(target: ReplyTarget, error: ServiceError, job?: Job): void {
     log.debug("Request {request} of {project}/{session}: answered {code}: {message}", {
       request: target.requestId ?? "-",
@@ -352,14 +419,16 @@ export class Admission {
     });
     if (job?.kind === "turn") {
       this.#recent.forget(job.dedupKey);
-      this.#options.finishTurn(job);
+      this.#options.releaseSession(job);
     }
     this.#options.replies.refuse(target, error);
   }
 
   /**
    * Steps 1 and 2: the project, then the payload, then the reply topic it
-   * names (refused where its sender may not read). Answers what is wrong.
+   * names (refused where its sender may not read, dropped where the broker
+   * cannot carry it). Goes on with the request, where it is answered, and its
+   * share of the memory budget.
    */
   #parse(
     topic: string,
@@ -367,7 +436,7 @@ export class Admission {
     topicSessionId: string | undefined,
     payload: Uint8Array,
     packet: IPublishPacket,
-  ): { request: ChatRequest; reply: ReplyTarget; memory: Reservation } | undefined {
+  ): Step<{ request: ChatRequest; reply: ReplyTarget; memory: Reservation }> {
     const { topics, stats } = this.#options;
     const limits = this.#options.limits(project);
     const root = topics.responseRoot(project);
@@ -421,18 +490,21 @@ export class Admission {
           left: leftOut(left),
         });
       }
-      return undefined;
+      return DROP;
     }
     const who = { project, sessionId: address.sessionId, username: topicSessionId };
     const { target, refused } = replyTarget(this.#options.replyTopics, topics, who, address, mqtt5);
     if (!outcome.ok || refused || error) {
-      // Refused here: the request's memory is given back at once.
-      if (outcome.ok) outcome.memory.release();
       if (refused) stats.replyTopicRefused(project);
-      this.refuse(target, (refused ?? error)!);
-      return undefined;
+      // Refused here: a request's memory, if it took any, is given back at once.
+      return {
+        ...refusal(target, (refused ?? error)!),
+        memory: outcome.ok ? outcome.memory : undefined,
+      };
     }
-    return { request: outcome.request, reply: target, memory: outcome.memory };
+    const { request, memory } = outcome;
+    if (this.#unreachable(request, target)) return { ...DROP, memory };
+    return go({ request, reply: target, memory });
   }
 
   /**
@@ -460,24 +532,25 @@ export class Admission {
     return true;
   }
 
-  /** Step 5: cancels what a `cancel` request names; whether the request is done with. */
-  #cancel(request: ChatRequest, reply: ReplyTarget): boolean {
+  /**
+   * Step 5: cancels what a `cancel` request names; goes on if the request
+   * also carries a message or a reset.
+   */
+  #cancel(request: ChatRequest, reply: ReplyTarget): Step<void> {
     const key = sessionKey(request.project, request.sessionId);
     const matches = request.requestId !== undefined && request.message === undefined
       ? (job: Job) => job.kind === "turn" && job.request.requestId === request.requestId
       : (job: Job) => job.kind === "turn";
-    const found = this.cancelTurns(key, cancelledByClient(), matches);
-    if (request.message !== undefined || request.reset) return false;
-    if (!found) {
-      const what = request.requestId === undefined
-        ? `session ${request.sessionId} has no request`
-        : `session ${request.sessionId} has no request ${request.requestId}`;
-      this.refuse(
-        reply,
-        new ServiceError("not_found", `nothing to cancel: ${what} waiting or running`),
-      );
-    }
-    return true;
+    const found = this.#cancelTurns(key, cancelledByClient(), matches);
+    if (request.message !== undefined || request.reset) return go(undefined);
+    if (found) return DROP;
+    const what = request.requestId === undefined
+      ? `session ${request.sessionId} has no request`
+      : `session ${request.sessionId} has no request ${request.requestId}`;
+    return refusal(
+      reply,
+      new ServiceError("not_found", `nothing to cancel: ${what} waiting or running`),
+    );
   }
 
   /**
@@ -485,15 +558,15 @@ export class Admission {
    * flag) or a client's retry under the same request_id. A redelivered copy is
    * dropped whatever became of the first (its answer is on its way, queued for
    * the client's session like every reply); a retry is sent the first's answer
-   * again, as the client may have missed it. Returns the request's dedup key,
-   * or undefined for a copy.
+   * again, as the client may have missed it. Goes on with the request's dedup
+   * key.
    */
   #dedup(
     request: ChatRequest,
     reply: ReplyTarget,
     payload: Uint8Array,
     packet: IPublishPacket,
-  ): string | undefined {
+  ): Step<string> {
     const key = sessionKey(request.project, request.sessionId);
     const dedupKey = request.requestId !== undefined
       ? `${key}/${request.requestId}`
@@ -501,17 +574,16 @@ export class Admission {
     const repeat = request.requestId !== undefined || packet.dup
       ? this.#recent.check(dedupKey)
       : this.#recent.record(dedupKey);
-    if (repeat.kind === "new") return dedupKey;
+    if (repeat.kind === "new") return go(dedupKey);
     this.#options.stats.ignored("duplicate");
-    if (repeat.kind === "answered" && !packet.dup) {
-      // Marked as a replay from history is: the client can tell it was not generated again.
-      const { answer } = repeat;
-      this.#options.replies.reply(
-        reply,
-        answer.type === "done" ? { ...answer, repeated: true } : answer,
-      );
-    }
-    return undefined;
+    if (repeat.kind !== "answered" || packet.dup) return DROP;
+    // Marked as a replay from history is: the client can tell it was not generated again.
+    const { answer } = repeat;
+    return {
+      kind: "repeat",
+      target: reply,
+      answer: answer.type === "done" ? { ...answer, repeated: true } : answer,
+    };
   }
 }
 

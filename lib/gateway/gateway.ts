@@ -90,7 +90,7 @@ export class Gateway {
       payloadMemory: options.payloadMemory ?? 0,
       now,
       known: (project, sessionId) => options.directory.has(project, sessionId),
-      finishTurn: (job) => void finishTurn(job),
+      releaseSession: (job) => void finishTurn(job),
     });
     this.#turns = {
       ...options,
