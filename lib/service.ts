@@ -7,7 +7,7 @@
  */
 
 import { join } from "node:path";
-import type { MqttClient } from "mqtt";
+import type { IConnackPacket, MqttClient } from "mqtt";
 import { withTimeout } from "./_util.ts";
 import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
 import type { Config } from "./config/config.ts";
@@ -92,23 +92,7 @@ export async function startService(
   options: StartServiceOptions = {},
 ): Promise<Service> {
   const { signal } = options;
-  /**
-   * Waits for one step of the start-up, unless the start-up is stopped first; what the step
-   * brings up after that is closed by `close`.
-   */
-  const step = <T>(work: Promise<T>, close?: (value: T) => unknown): Promise<T> => {
-    if (!signal) return work;
-    signal.throwIfAborted();
-    const { promise, reject } = Promise.withResolvers<never>();
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener("abort", onAbort, { once: true });
-    work.then((value) => {
-      if (signal.aborted) close?.(value);
-    }, () => {});
-    return Promise.race([work, promise]).finally(() =>
-      signal.removeEventListener("abort", onAbort)
-    );
-  };
+  const step = startupStep(signal);
   const projects = await loadProjects(config);
   const prompts = new Map([...projects].map(([name, project]) => [name, project.prompt]));
   const topics = new Topics(
@@ -194,29 +178,7 @@ export async function startService(
       : await step(WorkerPool.start(config.workers, settings), (p) => p.close());
     cleanup.defer(() => pool.close());
 
-    let brokerUrl = config.mqttUrl;
-    let protocolVersion: 4 | 5 | "auto" = config.mqttVersion;
-    let embedded = false;
-    if (brokerUrl === undefined) {
-      const port = config.embeddedBrokerPort;
-      if (await isListening("127.0.0.1", port)) {
-        brokerUrl = `mqtt://127.0.0.1:${port}`;
-        // Said, so that a program there that is no MQTT broker is seen for what it is.
-        log.info("Something listens on localhost:{port}: using it as the broker", { port });
-      } else {
-        const broker = await startEmbeddedBroker(port);
-        cleanup.defer(() => broker.close());
-        brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
-        embedded = true;
-        // The embedded broker (aedes) speaks MQTT 3.1.1 only.
-        protocolVersion = 4;
-        log.info(
-          "No broker answered on localhost:{port}; started the embedded broker there (MQTT 3.1.1 " +
-            "only: it refuses MQTT 5 clients; run mosquitto for them)",
-          { port },
-        );
-      }
-    }
+    const { brokerUrl, protocolVersion, embedded } = await chooseBroker(config, cleanup);
 
     parts.broker = { url: redact(brokerUrl), embedded };
     const instance = config.mqttClientId;
@@ -262,19 +224,7 @@ export async function startService(
       version: protocolOf(client) === 5 ? "5" : "3.1.1",
       limit: packetLimit.bytes === Infinity ? "" : `, packets up to ${packetLimit.bytes} bytes`,
     });
-    if (config.shareGroup !== undefined) {
-      const refusal = await sharedSubscriptionRefusal(
-        client,
-        config.shareGroup,
-        `${config.serviceName}/probe/${config.mqttClientId}`,
-      );
-      if (refusal !== undefined) {
-        throw new Error(
-          `--share-group ${config.shareGroup} cannot work on this broker: ${refusal}; ` +
-            `run one instance without --share-group, or use a broker with shared subscriptions`,
-        );
-      }
-    }
+    if (config.shareGroup !== undefined) await requireSharedSubscriptions(client, config);
 
     // deno-lint-ignore prefer-const
     let gateway: Gateway;
@@ -365,27 +315,10 @@ export async function startService(
       client.publish(topics.status, online, { qos: 1, retain: true }, () => {});
       Deno.writeTextFile(statusFile, online).catch(() => {});
     };
-    // After a reconnect the Last Will may have said `offline`; say `online` again.
-    const failed = (error: unknown) =>
-      log.error("Subscribing again failed: {message}", { message: String(error) });
-    client.on("connect", (connack) => {
-      log.info("Reconnected to the broker");
-      stats.brokerReconnected();
-      if (!connack.sessionPresent) {
-        // Our persistent session is gone (the broker restarted without saving it, or it
-        // expired), and with it the requests the broker held for us.
-        if (config.shareGroup === undefined) {
-          log.warn("The broker kept no session for us: requests sent while we were away are lost");
-        }
-        gateway.subscribe().catch(failed);
-      }
-      // Also with our session kept: the retained status it sends again says whether another
-      // instance with our client id announced itself since we did. (`resubscribe`: the client
-      // skips a filter it holds already.)
-      client.subscribeAsync({ [topics.status]: { qos: 1 }, resubscribe: true } as never)
-        .catch(failed);
-      announce();
-    });
+    client.on(
+      "connect",
+      (connack) => reconnected(connack, { client, config, topics, gateway, stats, announce }),
+    );
     await gateway.subscribe();
     // Our own status topic: another instance with our client id shows itself there.
     await client.subscribeAsync(topics.status, { qos: 1 });
@@ -447,6 +380,111 @@ export async function startService(
     // Taken over during start-up, what failed next is only a consequence.
     throw takeoverError ?? error;
   }
+}
+
+/**
+ * Returns how to wait for one step of the start-up, unless the start-up is
+ * stopped first (`signal`); what the step brings up after that is closed by
+ * `close`.
+ */
+function startupStep(
+  signal: AbortSignal | undefined,
+): <T>(work: Promise<T>, close?: (value: T) => unknown) => Promise<T> {
+  return <T>(work: Promise<T>, close?: (value: T) => unknown): Promise<T> => {
+    if (!signal) return work;
+    signal.throwIfAborted();
+    const { promise, reject } = Promise.withResolvers<never>();
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    work.then((value) => {
+      if (signal.aborted) close?.(value);
+    }, () => {});
+    return Promise.race([work, promise]).finally(() =>
+      signal.removeEventListener("abort", onAbort)
+    );
+  };
+}
+
+/**
+ * The broker to connect to: `--mqtt-url`; else whatever listens on the
+ * embedded broker's port on localhost; else the embedded broker, started
+ * there (closed by `cleanup`).
+ */
+async function chooseBroker(
+  config: Config,
+  cleanup: AsyncDisposableStack,
+): Promise<{ brokerUrl: string; protocolVersion: 4 | 5 | "auto"; embedded: boolean }> {
+  if (config.mqttUrl !== undefined) {
+    return { brokerUrl: config.mqttUrl, protocolVersion: config.mqttVersion, embedded: false };
+  }
+  const port = config.embeddedBrokerPort;
+  if (await isListening("127.0.0.1", port)) {
+    // Said, so that a program there that is no MQTT broker is seen for what it is.
+    log.info("Something listens on localhost:{port}: using it as the broker", { port });
+    return {
+      brokerUrl: `mqtt://127.0.0.1:${port}`,
+      protocolVersion: config.mqttVersion,
+      embedded: false,
+    };
+  }
+  const broker = await startEmbeddedBroker(port);
+  cleanup.defer(() => broker.close());
+  log.info(
+    "No broker answered on localhost:{port}; started the embedded broker there (MQTT 3.1.1 " +
+      "only: it refuses MQTT 5 clients; run mosquitto for them)",
+    { port },
+  );
+  // The embedded broker (aedes) speaks MQTT 3.1.1 only.
+  return { brokerUrl: `mqtt://127.0.0.1:${broker.port}`, protocolVersion: 4, embedded: true };
+}
+
+/** Stops the start-up when the broker cannot serve `--share-group` (no shared subscriptions). */
+async function requireSharedSubscriptions(client: MqttClient, config: Config): Promise<void> {
+  const refusal = await sharedSubscriptionRefusal(
+    client,
+    config.shareGroup!,
+    `${config.serviceName}/probe/${config.mqttClientId}`,
+  );
+  if (refusal === undefined) return;
+  throw new Error(
+    `--share-group ${config.shareGroup} cannot work on this broker: ${refusal}; ` +
+      `run one instance without --share-group, or use a broker with shared subscriptions`,
+  );
+}
+
+/**
+ * After a reconnect: subscribes again where the broker kept no session, and
+ * says `online` again (the Last Will may have said `offline`).
+ */
+function reconnected(
+  connack: IConnackPacket,
+  { client, config, topics, gateway, stats, announce }: {
+    client: MqttClient;
+    config: Config;
+    topics: Topics;
+    gateway: Gateway;
+    stats: Stats;
+    announce: () => void;
+  },
+): void {
+  const failed = (error: unknown) =>
+    log.error("Subscribing again failed: {message}", { message: String(error) });
+  log.info("Reconnected to the broker");
+  stats.brokerReconnected();
+  if (!connack.sessionPresent) {
+    // Our persistent session is gone (the broker restarted without saving it, or it
+    // expired), and with it the requests the broker held for us.
+    if (config.shareGroup === undefined) {
+      log.warn("The broker kept no session for us: requests sent while we were away are lost");
+    }
+    gateway.subscribe().catch(failed);
+  }
+  // Also with our session kept: the retained status it sends again says whether another
+  // instance with our client id announced itself since we did. (`resubscribe`: the client
+  // skips a filter it holds already.)
+  client.subscribeAsync({ [topics.status]: { qos: 1 }, resubscribe: true } as never)
+    .catch(failed);
+  announce();
 }
 
 /** Publishes on `client`; the promise settles when the message is sent (or not). */
