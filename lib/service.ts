@@ -14,7 +14,8 @@ import type { Config } from "./config/config.ts";
 import { EngineHealth } from "./engine/engine_health.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
 import { startEngine } from "./engine/start_engine.ts";
-import { Gateway } from "./gateway/gateway.ts";
+import { Gateway, type GatewayOptions } from "./gateway/gateway.ts";
+import type { RunningEngine } from "./engine/running_engine.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
 import { logger } from "./log.ts";
@@ -157,21 +158,7 @@ export async function startService(
     });
     if (turnOrder) cleanup.defer(() => turnOrder.close());
 
-    const settings: WorkerSettings = {
-      endpoint: engine.endpoint,
-      kvPath,
-      writeGenerations: generations?.buffer,
-      sessionTtlMs: config.sessionTtlMs,
-      maxHistoryTokens: config.maxHistoryTokens,
-      trimLowWater: config.trimLowWater,
-      maxModelLen: config.maxModelLen,
-      maxTokens: config.maxTokens,
-      requestTimeoutMs: config.requestTimeoutMs,
-      engineRetries: config.engineRetries,
-      skipThinking: config.skipThinking,
-      thinkingOpened: engine.thinkingOpened ?? false,
-      log: { level: config.logLevel, format: config.logFormat },
-    };
+    const settings = workerSettings(config, engine, kvPath, generations);
     // `--workers 0`: turns run on this thread, against the service's own store.
     const pool: TurnPool = config.workers === 0
       ? await step(InProcessPool.start(settings, store), (p) => p.close())
@@ -243,25 +230,8 @@ export async function startService(
     });
     await step(directory.load());
     gateway = new Gateway({
-      publish: publishOn(client),
-      broker: {
-        fits: (topic, payload, qos, correlationData) =>
-          packetLimit.fits(topic, payload, qos, correlationData),
-        get maxPacketBytes() {
-          return packetLimit.bytes;
-        },
-        topicRefusal: (topic) => topicRefusal(config.brokerProfile, topic),
-      },
-      // No Local (MQTT 5): the broker never hands the service its own publications, so that
-      // nothing it publishes can become a request or a command to it. A shared subscription
-      // may not ask for it (MQTT 5, 3.8.3.1): there the reply topic rules alone keep replies
-      // off the topics it listens to.
-      subscribe: (filters, qos) =>
-        client.subscribeAsync(filters, {
-          qos,
-          ...(protocolOf(client) === 5 && !topics.shared && { nl: true }),
-        }).then(() => {}),
-      unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
+      ...gatewayBroker(client, packetLimit, config, topics),
+      ...gatewayLimits(config),
       pool,
       topics,
       projects: prompts,
@@ -269,27 +239,7 @@ export async function startService(
       stats,
       engineHealth,
       storageHealth,
-      engineWaitMs: config.engineWaitMs,
-      limits: config,
-      qos: config.qos,
-      maxQueue: config.maxQueue,
-      maxInFlight: config.maxInFlight,
-      payloadMemory: config.payloadMemory,
-      dedupWindowMs: config.dedupWindowMs,
-      rateLimit: {
-        perSession: config.rateLimit,
-        perClient: config.rateLimitClient,
-        burst: config.rateLimitBurst,
-        newSessions: config.rateLimitNewSessions,
-      },
       controlStore: config.controlTopics ? store : undefined,
-      answerUnknownProjects: config.answerUnknownProjects,
-      sessionTopicsOnly: config.sessionTopicsOnly,
-      signer: config.sessionSecret === undefined
-        ? undefined
-        : new SessionSigner(config.sessionSecret),
-      replyTopics: config.replyTopics,
-      operatorToken: config.operatorToken,
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
       projectFiles: projects,
@@ -450,6 +400,86 @@ async function requireSharedSubscriptions(client: MqttClient, config: Config): P
     `--share-group ${config.shareGroup} cannot work on this broker: ${refusal}; ` +
       `run one instance without --share-group, or use a broker with shared subscriptions`,
   );
+}
+
+/** What the request workers are started with. */
+function workerSettings(
+  config: Config,
+  engine: RunningEngine,
+  kvPath: string,
+  generations: WriteGenerations | undefined,
+): WorkerSettings {
+  return {
+    endpoint: engine.endpoint,
+    kvPath,
+    writeGenerations: generations?.buffer,
+    sessionTtlMs: config.sessionTtlMs,
+    maxHistoryTokens: config.maxHistoryTokens,
+    trimLowWater: config.trimLowWater,
+    maxModelLen: config.maxModelLen,
+    maxTokens: config.maxTokens,
+    requestTimeoutMs: config.requestTimeoutMs,
+    engineRetries: config.engineRetries,
+    skipThinking: config.skipThinking,
+    thinkingOpened: engine.thinkingOpened ?? false,
+    log: { level: config.logLevel, format: config.logFormat },
+  };
+}
+
+/** The gateway's broker: the MQTT client as functions, and what the broker takes. */
+function gatewayBroker(
+  client: MqttClient,
+  packetLimit: PacketLimit,
+  config: Config,
+  topics: Topics,
+): Pick<GatewayOptions, "publish" | "broker" | "subscribe" | "unsubscribe"> {
+  return {
+    publish: publishOn(client),
+    broker: {
+      fits: (topic, payload, qos, correlationData) =>
+        packetLimit.fits(topic, payload, qos, correlationData),
+      get maxPacketBytes() {
+        return packetLimit.bytes;
+      },
+      topicRefusal: (topic) => topicRefusal(config.brokerProfile, topic),
+    },
+    // No Local (MQTT 5): the broker never hands the service its own publications, so that
+    // nothing it publishes can become a request or a command to it. A shared subscription
+    // may not ask for it (MQTT 5, 3.8.3.1): there the reply topic rules alone keep replies
+    // off the topics it listens to.
+    subscribe: (filters, qos) =>
+      client.subscribeAsync(filters, {
+        qos,
+        ...(protocolOf(client) === 5 && !topics.shared && { nl: true }),
+      }).then(() => {}),
+    unsubscribe: (filters) => client.unsubscribeAsync(filters).then(() => {}),
+  };
+}
+
+/** The gateway's limits and admission rules, as configured. */
+function gatewayLimits(config: Config) {
+  return {
+    engineWaitMs: config.engineWaitMs,
+    limits: config,
+    qos: config.qos,
+    maxQueue: config.maxQueue,
+    maxInFlight: config.maxInFlight,
+    payloadMemory: config.payloadMemory,
+    dedupWindowMs: config.dedupWindowMs,
+    rateLimit: {
+      perSession: config.rateLimit,
+      perClient: config.rateLimitClient,
+      burst: config.rateLimitBurst,
+      newSessions: config.rateLimitNewSessions,
+    },
+    answerUnknownProjects: config.answerUnknownProjects,
+    sessionTopicsOnly: config.sessionTopicsOnly,
+    signer: config.sessionSecret === undefined
+      ? undefined
+      : new SessionSigner(config.sessionSecret),
+    replyTopics: config.replyTopics,
+    operatorToken: config.operatorToken,
+  } satisfies Partial<GatewayOptions>;
 }
 
 /**
