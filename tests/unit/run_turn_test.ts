@@ -38,6 +38,9 @@ const FORMAT = {
   json_schema: { name: "move", schema: { type: "object" } },
 } as const;
 
+/** A message as a turn's commit takes it. */
+type StoredTurn = Parameters<SessionStore["commitTurn"]>[4][number];
+
 /** Earlier turns of the session, as the store keeps them. */
 const EARLIER = [
   { role: "user" as const, content: "first question", tokens: 5 },
@@ -48,10 +51,14 @@ const EARLIER = [
 
 /**
  * Runs `job` against an engine answering `answers`, on a session holding
- * `EARLIER`; the outcome, the deltas sent, what the engine was asked and the
+ * `EARLIER` then `later`; the outcome, the deltas sent, what the engine was asked and the
  * session's history afterwards.
  */
-async function turn(answers: readonly Answer[], job: TurnJob = JOB) {
+async function turn(
+  answers: readonly Answer[],
+  job: TurnJob = JOB,
+  later: readonly StoredTurn[] = [],
+) {
   await using engine = new FakeEngine(answers);
   const client = new EngineClient(
     { baseUrl: engine.baseUrl, apiKey: "none", model: "m" },
@@ -59,7 +66,10 @@ async function turn(answers: readonly Answer[], job: TurnJob = JOB) {
   );
   const store = new SessionStore(await Deno.openKv(":memory:"), 60_000);
   try {
-    await store.commitTurn(job.project, job.sessionId, await store.load("p", "s"), 0, EARLIER);
+    await store.commitTurn(job.project, job.sessionId, await store.load("p", "s"), 0, [
+      ...EARLIER,
+      ...later,
+    ]);
     const deltas: string[] = [];
     const outcome = await runTurn(
       job,
@@ -189,4 +199,24 @@ Deno.test("runTurn: a 429 fails the turn with the engine's Retry-After, for the 
     return true;
   });
   equal(asked.length, 1);
+});
+
+Deno.test("runTurn: a request whose request_id the history holds is answered from there, the engine not asked", async () => {
+  // The engine would answer anything else: only the stored answer may come back.
+  const { outcome, asked, history } = await turn([streamOf(["generated again"])], {
+    ...JOB,
+    requestId: "r1",
+  }, [
+    { role: "user", content: "What next?", tokens: 5, requestId: "r1" },
+    { role: "assistant", content: "Go east.", tokens: 5, finishReason: "length" },
+  ]);
+  deepEqual(outcome, {
+    response: "Go east.",
+    finishReason: "length",
+    usage: null,
+    ttftMs: null,
+    repeated: true,
+  });
+  equal(asked.length, 0);
+  deepEqual(history, [...EARLIER.map((m) => m.content), "What next?", "Go east."]);
 });
