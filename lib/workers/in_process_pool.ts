@@ -12,7 +12,7 @@
  * @module
  */
 
-import { ServiceError } from "../protocol/errors.ts";
+import { fromWire, ServiceError, toWire } from "../protocol/errors.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
 import { runTurn, type TurnContext } from "./run_turn.ts";
@@ -53,7 +53,8 @@ export class InProcessPool implements TurnPool {
     try {
       return await runTurn(job, this.#context, aborted, onDelta);
     } catch (error) {
-      throw turnFailure(error, aborted);
+      // As a worker's failure arrives: what crosses the threads, without the cause.
+      throw fromWire(toWire(turnFailure(error, aborted)));
     } finally {
       this.#running.delete(closing);
     }

@@ -85,7 +85,7 @@ Deno.test("worker pool: a turn's deltas and result come back; a session keeps it
   deepEqual(deltas, ["0:hel"]);
   const second = p.run(job(2, "x"), () => {});
   equal(owner.runs().length, 2, "the session's own worker, which holds its history");
-  owner.say({ type: "error", id: 2, code: "engine_unavailable", message: "down" });
+  owner.say({ type: "error", id: 2, error: { code: "engine_unavailable", message: "down" } });
   await rejects(second, (e: ServiceError) => e.code === "engine_unavailable");
   await p.close();
 });
@@ -98,10 +98,13 @@ Deno.test("worker pool: an abort cancels the turn; a crash fails only its turns"
   deepEqual(workers[0].received.at(-1), {
     type: "cancel",
     id: 1,
-    code: "cancelled",
-    message: "cancelled by the client",
+    reason: { code: "cancelled", message: "cancelled by the client" },
   });
-  workers[0].say({ type: "error", id: 1, code: "cancelled", message: "cancelled by the client" });
+  workers[0].say({
+    type: "error",
+    id: 1,
+    error: { code: "cancelled", message: "cancelled by the client" },
+  });
   await rejects(running, (e: ServiceError) => e.code === "cancelled");
 
   const lost = p.run(job(2), () => {});
