@@ -22,6 +22,7 @@
 
 import OpenAI from "openai";
 import { abortableSleep, backoffDelay } from "../_util.ts";
+import { logger } from "../log.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import {
   brokenStream,
@@ -36,6 +37,10 @@ import { audioRefusal } from "./audio_content.ts";
 import { imageRefusal, type MessageContent } from "./multimodal.ts";
 import { sseData } from "./sse.ts";
 import { checkUsage } from "./usage_check.ts";
+
+// A request worker sets up logging as the service was told to (`--log-format`), so this
+// logger writes there as it does on the gateway's thread.
+const log = logger("engine");
 
 /** How to reach the engine. */
 export interface EngineEndpoint {
@@ -62,11 +67,6 @@ export interface EngineClientOptions {
    * @default {false}
    */
   readonly disableThinking?: boolean;
-  /**
-   * Where warnings go (request workers have no logger of their own).
-   * @default {console.warn}
-   */
-  readonly warn?: (message: string) => void;
 }
 
 /** A chat message as sent to the engine. */
@@ -113,7 +113,6 @@ export class EngineClient {
   readonly #timeoutMs: number;
   readonly #retries: number;
   readonly #disableThinking: boolean;
-  readonly #warn: (message: string) => void;
   /** The completions' own connections, where the engine can be reached without `fetch`. */
   readonly #direct: HttpStreamClient | undefined;
   readonly #completionsUrl: URL;
@@ -126,7 +125,6 @@ export class EngineClient {
     this.#timeoutMs = options.timeoutMs ?? 120_000;
     this.#retries = options.retries ?? 2;
     this.#disableThinking = options.disableThinking ?? false;
-    this.#warn = options.warn ?? ((message) => console.warn(message));
     this.#completionsUrl = new URL(`${endpoint.baseUrl.replace(/\/+$/, "")}/chat/completions`);
     this.#direct = directlyReachable(this.#completionsUrl)
       ? new HttpStreamClient(this.#completionsUrl)
@@ -314,9 +312,9 @@ export class EngineClient {
     const checked = await checkUsage(usage, messages, params, generated, offered);
     if (checked.wrong.length > 0 && !this.#usageWarned) {
       this.#usageWarned = true;
-      this.#warn(
-        `vllm-mqtt engine: usage out of bounds: ${checked.wrong.join(", ")}; ` +
-          "estimates are used instead (logged once per worker)",
+      log.warn(
+        "Usage out of bounds: {wrong}; estimates are used instead (logged once per worker)",
+        { wrong: checked.wrong.join(", ") },
       );
     }
     return checked.usage;
