@@ -14,7 +14,7 @@
 
 import { fromWire, ServiceError, toWire } from "../protocol/errors.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
-import type { TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
+import type { TurnResult, WorkerSettings, WorkerTurn } from "./messages.ts";
 import { runTurn, type TurnContext } from "./run_turn.ts";
 import { openTurnContext, turnFailure } from "./turn_context.ts";
 import type { TurnPool } from "./turn_pool.ts";
@@ -42,7 +42,7 @@ export class InProcessPool implements TurnPool {
 
   /** Runs one turn on this thread, as {@linkcode TurnPool.run} says. */
   async run(
-    job: TurnJob,
+    job: WorkerTurn,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {

@@ -36,7 +36,7 @@ export interface WorkerSettings {
 }
 
 /** One turn of one session, as the gateway hands it to a worker. */
-export interface TurnJob {
+export interface WorkerTurn {
   readonly id: number;
   readonly project: string;
   readonly sessionId: string;
@@ -91,7 +91,7 @@ export interface TurnResult {
 /** Gateway → worker. */
 export type ToWorker =
   | { readonly type: "init"; readonly settings: WorkerSettings }
-  | { readonly type: "run"; readonly job: TurnJob }
+  | { readonly type: "run"; readonly job: WorkerTurn }
   /** Aborts a running turn, which then fails with `reason` (a shutdown's carries a retry hint). */
   | { readonly type: "cancel"; readonly id: number; readonly reason: WireError }
   | { readonly type: "close" };

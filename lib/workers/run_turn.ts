@@ -20,7 +20,7 @@ import type { HistoryEntry, Session, SessionStore } from "../sessions/session_st
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
 import { estimateMessageTokens, estimatePromptTokens, messageTokenBound } from "../tokens.ts";
 import { DeltaCoalescer } from "./delta_coalescer.ts";
-import type { TurnJob, TurnResult } from "./messages.ts";
+import type { TurnResult, WorkerTurn } from "./messages.ts";
 
 /** What a turn runs against. */
 export interface TurnContext {
@@ -42,7 +42,7 @@ export interface TurnContext {
 
 /** Runs `job`; streamed text goes to `onDelta` coalesced, when the job streams. */
 export async function runTurn(
-  job: TurnJob,
+  job: WorkerTurn,
   context: TurnContext,
   signal: AbortSignal,
   onDelta: (seq: number, text: string) => void,
@@ -189,7 +189,7 @@ export async function runTurn(
 }
 
 /** Estimated tokens of the tools and schema a turn offers, by their JSON (a worker's few, kept). */
-async function offeredTokens(job: TurnJob): Promise<number> {
+async function offeredTokens(job: WorkerTurn): Promise<number> {
   if (!job.tools && !job.responseFormat) return 0;
   return await estimatePromptTokens(
     JSON.stringify([job.tools?.map((tool) => tool.definition), job.responseFormat]),
@@ -204,7 +204,7 @@ const UNSUPPORTED_FORMAT = /response_format|json_schema|structured|guided/i;
  * object, made a hint object when the turn answers a game state.
  */
 function answerOf(
-  job: TurnJob,
+  job: WorkerTurn,
   visible: string,
   toolCalls: readonly { name: string; arguments: string }[] | undefined,
 ): string {
@@ -231,7 +231,7 @@ function storedAnswer(
 /** Stores the turn with token counts from the engine's usage where it gave them. */
 async function saveTurn(
   context: TurnContext,
-  job: TurnJob,
+  job: WorkerTurn,
   session: Session,
   drop: number,
   systemTokens: number,

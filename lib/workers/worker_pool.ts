@@ -8,7 +8,7 @@
 
 import { fromWire, ServiceError, toWire } from "../protocol/errors.ts";
 import { sessionKey } from "../sessions/session_key.ts";
-import type { FromWorker, ToWorker, TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
+import type { FromWorker, ToWorker, TurnResult, WorkerSettings, WorkerTurn } from "./messages.ts";
 import type { TurnPool } from "./turn_pool.ts";
 
 interface Pending {
@@ -72,7 +72,7 @@ export class WorkerPool implements TurnPool {
 
   /** Runs one turn on its session's worker, as {@linkcode TurnPool.run} says. */
   async run(
-    job: TurnJob,
+    job: WorkerTurn,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {

@@ -2,7 +2,12 @@
 
 import { deepEqual, equal, rejects } from "node:assert/strict";
 import { type PoolWorker, WorkerPool } from "../../lib/workers/worker_pool.ts";
-import type { FromWorker, ToWorker, TurnJob, WorkerSettings } from "../../lib/workers/messages.ts";
+import type {
+  FromWorker,
+  ToWorker,
+  WorkerSettings,
+  WorkerTurn,
+} from "../../lib/workers/messages.ts";
 import { ServiceError } from "../../lib/protocol/errors.ts";
 
 /** A worker stand-in: records what it is sent, answers what the test makes it answer. */
@@ -38,14 +43,14 @@ class FakeWorker implements PoolWorker {
     this.onerror?.(event);
   }
 
-  runs(): TurnJob[] {
+  runs(): WorkerTurn[] {
     return this.received.flatMap((m) => m.type === "run" ? [m.job] : []);
   }
 }
 
 const SETTINGS = {} as WorkerSettings;
 
-function job(id: number, sessionId = `s${id}`): TurnJob {
+function job(id: number, sessionId = `s${id}`): WorkerTurn {
   return {
     id,
     project: "p",
