@@ -23,6 +23,7 @@
 import OpenAI from "openai";
 import { abortableSleep, backoffDelay } from "../_util.ts";
 import { logger } from "../log.ts";
+import type { ToolCall } from "../projects/project_tools.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import {
   brokenStream,
@@ -74,13 +75,6 @@ export interface ChatMessage {
   readonly role: "system" | "user" | "assistant";
   /** Text, or (a user turn with images) content parts: text, then `image_url` parts. */
   readonly content: MessageContent;
-}
-
-/** A tool call of a completion: the function's name and its arguments, as JSON text. */
-export interface ToolCall {
-  readonly id?: string;
-  readonly name: string;
-  readonly arguments: string;
 }
 
 /** What one completion asks of the engine beyond the messages and sampling. */
