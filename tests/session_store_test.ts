@@ -11,7 +11,8 @@ import { EngineClient } from "../lib/engine/engine_client.ts";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import { SessionStore, type StoredMessage } from "../lib/sessions/session_store.ts";
 import type { WorkerTurn } from "../lib/workers/messages.ts";
-import { runTurn, type TurnContext } from "../lib/workers/run_turn.ts";
+import { runTurn } from "../lib/workers/run_turn.ts";
+import type { TurnContext } from "../lib/workers/turn_context.ts";
 
 const turn = (user: string, answer: string): StoredMessage[] => [
   { role: "user", content: user, tokens: 5 },

@@ -15,8 +15,8 @@
 import { fromWire, ServiceError, toWire } from "../protocol/errors.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { TurnResult, WorkerSettings, WorkerTurn } from "./messages.ts";
-import { runTurn, type TurnContext } from "./run_turn.ts";
-import { openTurnContext, turnFailure } from "./turn_context.ts";
+import { runTurn } from "./run_turn.ts";
+import { openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
 import type { TurnPool } from "./turn_pool.ts";
 
 /** Runs turns in place: one session store and one engine client for all of them. */

@@ -12,8 +12,8 @@
 import { setupLogging } from "../log.ts";
 import { fromWire, toWire } from "../protocol/errors.ts";
 import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
-import { runTurn, type TurnContext } from "./run_turn.ts";
-import { openTurnContext, turnFailure } from "./turn_context.ts";
+import { runTurn } from "./run_turn.ts";
+import { openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
 
 let context: Promise<TurnContext> | undefined;
 const running = new Map<number, AbortController>();

@@ -9,36 +9,19 @@
  * @module
  */
 
-import type { ChatMessage, EngineClient } from "../engine/engine_client.ts";
+import type { ChatMessage } from "../engine/engine_client.ts";
 import { userContent } from "../engine/multimodal.ts";
 import { ThinkingFilter } from "../engine/thinking_filter.ts";
 import { guidanceFromToolCalls, hintObject } from "../games/hints.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import { audioClipsTokens, withAudioMarker } from "../protocol/audio.ts";
 import { imagesTokens, withImageMarker } from "../protocol/images.ts";
-import type { HistoryEntry, Session, SessionStore } from "../sessions/session_store.ts";
+import type { HistoryEntry, Session } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
 import { estimateMessageTokens, estimatePromptTokens, messageTokenBound } from "../tokens.ts";
 import { DeltaCoalescer } from "./delta_coalescer.ts";
 import type { TurnResult, WorkerTurn } from "./messages.ts";
-
-/** What a turn runs against. */
-export interface TurnContext {
-  readonly store: SessionStore;
-  readonly engine: EngineClient;
-  readonly maxHistoryTokens: number;
-  /** Share of the budget trimming drops down to. */
-  readonly trimLowWater: number;
-  readonly maxModelLen: number;
-  readonly skipThinking: boolean;
-  /** Answers start inside a thinking block (see `RunningEngine.thinkingOpened`). */
-  readonly thinkingOpened?: boolean;
-  /**
-   * The answer length history is budgeted for (`--max-tokens`): a request
-   * asking for more keeps its history and gets what the context leaves.
-   */
-  readonly defaultMaxTokens?: number;
-}
+import type { TurnContext } from "./turn_context.ts";
 
 /** Runs `job`; streamed text goes to `onDelta` coalesced, when the job streams. */
 export async function runTurn(

@@ -1,7 +1,7 @@
 /**
- * What turns run against, opened from the {@linkcode WorkerSettings}, and how
- * a failed turn is told to its client: the same in a request worker and on
- * the gateway's thread (`--workers 0`).
+ * What turns run against ({@linkcode TurnContext}), opened from the
+ * {@linkcode WorkerSettings}, and how a failed turn is told to its client: the
+ * same in a request worker and on the gateway's thread (`--workers 0`).
  *
  * @module
  */
@@ -12,7 +12,24 @@ import { SessionStore } from "../sessions/session_store.ts";
 import { asStorageError } from "../sessions/storage_health.ts";
 import { WriteGenerations } from "../sessions/write_generations.ts";
 import type { WorkerSettings } from "./messages.ts";
-import type { TurnContext } from "./run_turn.ts";
+
+/** What a turn runs against. */
+export interface TurnContext {
+  readonly store: SessionStore;
+  readonly engine: EngineClient;
+  readonly maxHistoryTokens: number;
+  /** Share of the budget trimming drops down to. */
+  readonly trimLowWater: number;
+  readonly maxModelLen: number;
+  readonly skipThinking: boolean;
+  /** Answers start inside a thinking block (see `RunningEngine.thinkingOpened`). */
+  readonly thinkingOpened?: boolean;
+  /**
+   * The answer length history is budgeted for (`--max-tokens`): a request
+   * asking for more keeps its history and gets what the context leaves.
+   */
+  readonly defaultMaxTokens?: number;
+}
 
 /**
  * Opens a session store and an engine client for turns. `store`, when given,
