@@ -1,7 +1,8 @@
 /**
  * The protocol's error codes and the one error class that carries them, so a
  * failure anywhere (parsing, queueing, the engine) reaches the client as
- * `{"type":"error","error":{"code":...}}` without string matching on messages.
+ * `{"type":"error","error":{"code":...}}` without string matching on messages;
+ * the one conversion of anything thrown into it, and its form between threads.
  *
  * @module
  */
