@@ -14,7 +14,7 @@ import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { Stats } from "../observability/stats.ts";
 import { type Project, turnShape } from "../projects/project_file.ts";
-import type { TurnJob as WorkerTurn, TurnResult } from "../workers/messages.ts";
+import type { TurnResult, WorkerTurn } from "../workers/messages.ts";
 import type { Prompts } from "./prompts.ts";
 import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
