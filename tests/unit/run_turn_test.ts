@@ -9,7 +9,7 @@ import { deepEqual, equal, match, rejects } from "node:assert/strict";
 import { EngineClient } from "../../lib/engine/engine_client.ts";
 import { ServiceError } from "../../lib/protocol/errors.ts";
 import { SessionStore } from "../../lib/sessions/session_store.ts";
-import type { TurnJob } from "../../lib/workers/messages.ts";
+import type { WorkerTurn } from "../../lib/workers/messages.ts";
 import { runTurn } from "../../lib/workers/run_turn.ts";
 import {
   type Answer,
@@ -20,7 +20,7 @@ import {
   streamOf,
 } from "./_fake_engine.ts";
 
-const JOB: TurnJob = {
+const JOB: WorkerTurn = {
   id: 1,
   project: "p",
   sessionId: "s",
@@ -56,7 +56,7 @@ const EARLIER = [
  */
 async function turn(
   answers: readonly Answer[],
-  job: TurnJob = JOB,
+  job: WorkerTurn = JOB,
   later: readonly StoredTurn[] = [],
 ) {
   await using engine = new FakeEngine(answers);
