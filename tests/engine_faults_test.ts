@@ -587,7 +587,7 @@ test("during a 503 'model loading' a request is held for --engine-wait, though t
 });
 
 test("absurd usage figures are replaced by estimates, logged once, and do not empty the history", async () => {
-  await withStandIn([], async ({ engine, service, ask }) => {
+  await withStandIn(["--log-format=json"], async ({ engine, service, ask }) => {
     for (const fault of ["absurd-prompt", "absurd-completion"]) {
       const reply = await ask(fault, fault, fault);
       equal(reply.type, "done", JSON.stringify(reply));
@@ -607,5 +607,8 @@ test("absurd usage figures are replaced by estimates, logged once, and do not em
     await service.stop();
     const warnings = service.log().split("\n").filter((line) => /usage out of bounds/i.test(line));
     equal(warnings.length, 1, service.log().slice(-3000));
+    // A record in the format the service was told to log in, from the worker that saw it.
+    const record = JSON.parse(warnings[0]);
+    deepEqual([record.level, record.logger], ["WARN", "vllm-mqtt.engine"]);
   });
 });

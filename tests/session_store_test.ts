@@ -10,8 +10,9 @@ import assert, { deepEqual, equal } from "node:assert/strict";
 import { EngineClient } from "../lib/engine/engine_client.ts";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import { SessionStore, type StoredMessage } from "../lib/sessions/session_store.ts";
-import type { TurnJob } from "../lib/workers/messages.ts";
-import { runTurn, type TurnContext } from "../lib/workers/run_turn.ts";
+import type { WorkerTurn } from "../lib/workers/messages.ts";
+import { runTurn } from "../lib/workers/run_turn.ts";
+import type { TurnContext } from "../lib/workers/turn_context.ts";
 
 const turn = (user: string, answer: string): StoredMessage[] => [
   { role: "user", content: user, tokens: 5 },
@@ -157,7 +158,7 @@ Deno.test("run turn: a request_id already in the history is answered from it, al
         maxModelLen: 4096,
         skipThinking: false,
       });
-      const job = (id: number, requestId: string, reset = false): TurnJob => ({
+      const job = (id: number, requestId: string, reset = false): WorkerTurn => ({
         id,
         project: "p",
         sessionId: "s",

@@ -22,6 +22,8 @@
 
 import OpenAI from "openai";
 import { abortableSleep, backoffDelay } from "../_util.ts";
+import { logger } from "../log.ts";
+import type { ToolCall } from "../projects/project_tools.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import {
   brokenStream,
@@ -36,6 +38,10 @@ import { audioRefusal } from "./audio_content.ts";
 import { imageRefusal, type MessageContent } from "./multimodal.ts";
 import { sseData } from "./sse.ts";
 import { checkUsage } from "./usage_check.ts";
+
+// A request worker sets up logging as the service was told to (`--log-format`), so this
+// logger writes there as it does on the gateway's thread.
+const log = logger("engine");
 
 /** How to reach the engine. */
 export interface EngineEndpoint {
@@ -62,11 +68,6 @@ export interface EngineClientOptions {
    * @default {false}
    */
   readonly disableThinking?: boolean;
-  /**
-   * Where warnings go (request workers have no logger of their own).
-   * @default {console.warn}
-   */
-  readonly warn?: (message: string) => void;
 }
 
 /** A chat message as sent to the engine. */
@@ -74,13 +75,6 @@ export interface ChatMessage {
   readonly role: "system" | "user" | "assistant";
   /** Text, or (a user turn with images) content parts: text, then `image_url` parts. */
   readonly content: MessageContent;
-}
-
-/** A tool call of a completion: the function's name and its arguments, as JSON text. */
-export interface ToolCall {
-  readonly id?: string;
-  readonly name: string;
-  readonly arguments: string;
 }
 
 /** What one completion asks of the engine beyond the messages and sampling. */
@@ -113,7 +107,6 @@ export class EngineClient {
   readonly #timeoutMs: number;
   readonly #retries: number;
   readonly #disableThinking: boolean;
-  readonly #warn: (message: string) => void;
   /** The completions' own connections, where the engine can be reached without `fetch`. */
   readonly #direct: HttpStreamClient | undefined;
   readonly #completionsUrl: URL;
@@ -126,7 +119,6 @@ export class EngineClient {
     this.#timeoutMs = options.timeoutMs ?? 120_000;
     this.#retries = options.retries ?? 2;
     this.#disableThinking = options.disableThinking ?? false;
-    this.#warn = options.warn ?? ((message) => console.warn(message));
     this.#completionsUrl = new URL(`${endpoint.baseUrl.replace(/\/+$/, "")}/chat/completions`);
     this.#direct = directlyReachable(this.#completionsUrl)
       ? new HttpStreamClient(this.#completionsUrl)
@@ -314,9 +306,9 @@ export class EngineClient {
     const checked = await checkUsage(usage, messages, params, generated, offered);
     if (checked.wrong.length > 0 && !this.#usageWarned) {
       this.#usageWarned = true;
-      this.#warn(
-        `vllm-mqtt engine: usage out of bounds: ${checked.wrong.join(", ")}; ` +
-          "estimates are used instead (logged once per worker)",
+      log.warn(
+        "Usage out of bounds: {wrong}; estimates are used instead (logged once per worker)",
+        { wrong: checked.wrong.join(", ") },
       );
     }
     return checked.usage;

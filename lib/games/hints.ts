@@ -6,15 +6,8 @@
  * @module
  */
 
-import type { ProjectTool } from "../projects/project_tools.ts";
+import type { ProjectTool, ToolCall } from "../projects/project_tools.ts";
 import type { JsonObject } from "../projects/response_format.ts";
-
-/** A tool call as the engine returned it: the function's name and its arguments as JSON text. */
-export interface ToolCall {
-  readonly id?: string;
-  readonly name: string;
-  readonly arguments: string;
-}
 
 /**
  * The text as a JSON object, if it is one: the whole text, or the whole text

@@ -57,11 +57,6 @@ export function cancelledByClient(): ServiceError {
   return new ServiceError("cancelled", "cancelled by the client");
 }
 
-/** Any thrown value as a {@linkcode ServiceError}; unknown failures become `internal`. */
-export function asServiceError(error: unknown): ServiceError {
-  return error instanceof ServiceError ? error : new ServiceError("internal", String(error));
-}
-
 const log = logger("gateway");
 
 /** Lets the session's next turn start, on any instance (once per job, however often called). */

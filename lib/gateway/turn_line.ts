@@ -9,7 +9,8 @@
  */
 
 import type { TurnOrder } from "../sessions/turn_order.ts";
-import { asServiceError, type TurnJob } from "./jobs.ts";
+import { asServiceError } from "../protocol/errors.ts";
+import type { TurnJob } from "./jobs.ts";
 import type { ServiceError } from "../protocol/mod.ts";
 
 /** Options of {@linkcode TurnLine}. */

@@ -36,7 +36,11 @@ export function page(html: string, status: number, headers: Record<string, strin
 }
 
 /** A plain-text answer, for a person reading it (an error, mostly). */
-export function text(body: string, status: number, headers: Record<string, string> = {}): Response {
+export function plainText(
+  body: string,
+  status: number,
+  headers: Record<string, string> = {},
+): Response {
   return new Response(body, {
     status,
     headers: { "content-type": "text/plain; charset=utf-8", ...headers },

@@ -20,7 +20,7 @@ import pageStyle from "./page/style.css" with { type: "text" };
 import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
 import type { ChatRequest, ReplyBody } from "../protocol/mod.ts";
-import { asset, SECURITY_HEADERS, text } from "./_util.ts";
+import { asset, plainText, SECURITY_HEADERS } from "./_util.ts";
 import { DashboardAuth } from "./dashboard_auth.ts";
 import type { LivePoint, LiveStats, LiveSummary } from "./live_stats.ts";
 import { tryIt, type TryItSource } from "./try_it.ts";
@@ -109,16 +109,18 @@ export class Dashboard {
       return this.#auth.throttled(client) ?? this.#auth.refusal(request, path);
     }
     if (path === "/dashboard/try") {
-      if (!this.#options.tryIt) return text("try it is turned off on this service\n", 404);
-      if (request.method !== "POST") return text("method not allowed\n", 405, { allow: "POST" });
+      if (!this.#options.tryIt) return plainText("try it is turned off on this service\n", 404);
+      if (request.method !== "POST") {
+        return plainText("method not allowed\n", 405, { allow: "POST" });
+      }
       return await tryIt(request, this.#source);
     }
     if (request.method !== "GET" && request.method !== "HEAD") {
-      return text("method not allowed\n", 405, { allow: "GET" });
+      return plainText("method not allowed\n", 405, { allow: "GET" });
     }
     if (path === "/dashboard/events") return this.#events();
     const file = FILES[path];
-    if (!file) return text("not found\n", 404);
+    if (!file) return plainText("not found\n", 404);
     return asset(file.body, file.type);
   }
 

@@ -12,7 +12,7 @@
 
 import { LruMap } from "../_util.ts";
 import { RateLimiter } from "../gateway/rate_limiter.ts";
-import { page, redirect, text } from "./_util.ts";
+import { page, plainText, redirect } from "./_util.ts";
 
 const COOKIE = "vllm_mqtt_dashboard";
 const CHALLENGE = { "www-authenticate": 'Bearer realm="vllm-mqtt"' };
@@ -67,7 +67,7 @@ export class DashboardAuth {
       this.#blockedUntil.delete(client);
       return undefined;
     }
-    return text("too many wrong tokens: wait and try again\n", 429, {
+    return plainText("too many wrong tokens: wait and try again\n", 429, {
       "retry-after": String(Math.ceil(wait / 1000)),
     });
   }
@@ -92,7 +92,7 @@ export class DashboardAuth {
    */
   refusal(request: Request, path: string): Response {
     if (path === "/" && request.method !== "POST") return page(LOGIN_PAGE, 401, CHALLENGE);
-    return text("a token is needed: Authorization: Bearer TOKEN\n", 401, CHALLENGE);
+    return plainText("a token is needed: Authorization: Bearer TOKEN\n", 401, CHALLENGE);
   }
 
   /** The sign-in form's answer: a cookie holding the token's hash, and back to the page. */

@@ -17,7 +17,7 @@
  * @module
  */
 
-import { text } from "./_util.ts";
+import { plainText } from "./_util.ts";
 
 /** Options of {@linkcode RequestOrigin}. */
 export interface RequestOriginOptions {
@@ -50,17 +50,17 @@ export class RequestOrigin {
   refusal(request: Request): Response | undefined {
     const host = request.headers.get("host");
     if (host === null || !this.#knownHost(host)) {
-      return text(
+      return plainText(
         "unknown Host: this endpoint answers to localhost, IP addresses and --http-allowed-hosts\n",
         403,
       );
     }
-    if (!sameOrigin(request)) return text("requests from other origins are refused\n", 403);
+    if (!sameOrigin(request)) return plainText("requests from other origins are refused\n", 403);
     const site = request.headers.get("sec-fetch-site");
     const followedLink = request.headers.get("sec-fetch-mode") === "navigate" &&
       (request.method === "GET" || request.method === "HEAD");
     if ((site === "cross-site" || site === "same-site") && !followedLink) {
-      return text("requests from other sites are refused\n", 403);
+      return plainText("requests from other sites are refused\n", 403);
     }
     return undefined;
   }

@@ -13,7 +13,7 @@ import {
   type ReplyBody,
   type RequestLimits,
 } from "../protocol/mod.ts";
-import { json, SECURITY_HEADERS, text } from "./_util.ts";
+import { json, plainText, SECURITY_HEADERS } from "./_util.ts";
 import { sameOrigin } from "./request_origin.ts";
 
 /** Session ids the page may use: its own, never a client's. */
@@ -43,9 +43,9 @@ const encoder = new TextEncoder();
 export async function tryIt(request: Request, source: TryItSource): Promise<Response> {
   // A page of another origin may post here (the browser sends no preflight for a form):
   // only JSON from this page's own origin is taken.
-  if (!sameOrigin(request)) return text("try it takes requests from this page only\n", 403);
+  if (!sameOrigin(request)) return plainText("try it takes requests from this page only\n", 403);
   if (!request.headers.get("content-type")?.startsWith("application/json")) {
-    return text("send JSON: {project, session_id, message}\n", 415);
+    return plainText("send JSON: {project, session_id, message}\n", 415);
   }
   let raw: Record<string, unknown>;
   try {

@@ -30,6 +30,13 @@ export interface ProjectTool {
   readonly mapsTo?: Readonly<Record<string, string | readonly string[]>>;
 }
 
+/** A call of a tool, as the engine returned it: the function's name and its arguments as JSON text. */
+export interface ToolCall {
+  readonly id?: string;
+  readonly name: string;
+  readonly arguments: string;
+}
+
 /** How the model may call tools (OpenAI's `tool_choice`, the string forms). */
 export type ToolChoice = "auto" | "required" | "none";
 

@@ -1,7 +1,8 @@
 /**
  * The protocol's error codes and the one error class that carries them, so a
  * failure anywhere (parsing, queueing, the engine) reaches the client as
- * `{"type":"error","error":{"code":...}}` without string matching on messages.
+ * `{"type":"error","error":{"code":...}}` without string matching on messages;
+ * the one conversion of anything thrown into it, and its form between threads.
  *
  * @module
  */
@@ -45,9 +46,35 @@ export class ServiceError extends Error {
   }
 }
 
-/** Any thrown value as a {@linkcode ServiceError}; unknown failures become `internal`. */
-export function toServiceError(error: unknown): ServiceError {
+/**
+ * Any thrown value as a {@linkcode ServiceError}: the one conversion the
+ * gateway and both pools use, so a failure reads the same from any of them.
+ * A `ServiceError` is itself; anything else is `internal`, its message kept.
+ */
+export function asServiceError(error: unknown): ServiceError {
   if (error instanceof ServiceError) return error;
   const message = error instanceof Error ? error.message : String(error);
   return new ServiceError("internal", `internal error: ${message}`, { cause: error });
+}
+
+/**
+ * A {@linkcode ServiceError} as it crosses between threads (a structured
+ * clone keeps neither its class nor its cause): what the client is told.
+ */
+export interface WireError {
+  readonly code: ErrorCode;
+  readonly message: string;
+  /** Present only when the error carries a retry hint. */
+  readonly retryAfterMs?: number;
+}
+
+/** `error`'s {@linkcode WireError}: its code, message and retry hint, nothing else. */
+export function toWire(error: ServiceError): WireError {
+  const { code, message, retryAfterMs } = error;
+  return retryAfterMs === undefined ? { code, message } : { code, message, retryAfterMs };
+}
+
+/** The {@linkcode ServiceError} a {@linkcode WireError} stands for. */
+export function fromWire(wire: WireError): ServiceError {
+  return new ServiceError(wire.code, wire.message, { retryAfterMs: wire.retryAfterMs });
 }

@@ -5,6 +5,7 @@
  */
 
 import { abortableSleep, backoffDelay } from "../_util.ts";
+import { SessionStoreError } from "./session_store_error.ts";
 
 /**
  * How long a write waits for a store that another connection keeps locked
@@ -90,43 +91,4 @@ export async function openKv(path: string): Promise<Deno.Kv> {
 /** Whether `error` is SQLite refusing a lock another connection holds. */
 function isLocked(error: unknown): boolean {
   return /database is locked/i.test((error as Error)?.message ?? "");
-}
-
-/**
- * Whether `error` says that a stored record cannot be read: a value Deno KV
- * cannot deserialize, a damaged SQLite page, or a message missing some of its
- * chunks ({@linkcode DamagedRecord}).
- */
-export function isDamage(error: unknown): boolean {
-  if (error instanceof DamagedRecord) return true;
-  return /could not deserialize|disk image is malformed|not a database|database corrupt/i.test(
-    (error as Error)?.message ?? "",
-  );
-}
-
-/** Why a session store write failed (other than for the disk: see `storage_health.ts`). */
-export type SessionStoreErrorCode =
-  /** Another connection held the store's lock for too long. */
-  | "busy"
-  /** A checked write found the record changed. */
-  | "rejected"
-  /** Other writers changed the session on every try of a turn's commit. */
-  | "conflict";
-
-/**
- * A session store write that failed. Its name stays `Error`: a client is told
- * `String(error)` of a failed turn, and that stays what it was.
- */
-export class SessionStoreError extends Error {
-  readonly code: SessionStoreErrorCode;
-
-  constructor(code: SessionStoreErrorCode, message: string) {
-    super(message);
-    this.code = code;
-  }
-}
-
-/** A record that was read but does not make sense (e.g. a message missing a chunk). */
-export class DamagedRecord extends Error {
-  override name = "DamagedRecord";
 }

@@ -22,7 +22,7 @@
  */
 
 import { logger } from "../log.ts";
-import { SessionStoreError } from "./_util.ts";
+import { SessionStoreError } from "./session_store_error.ts";
 import { type GroupCommit, PendingWrite } from "./group_commit.ts";
 import {
   deleteMessages,

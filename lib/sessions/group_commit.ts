@@ -22,7 +22,8 @@
  * @module
  */
 
-import { commitWhenFree, SessionStoreError } from "./_util.ts";
+import { commitWhenFree } from "./_util.ts";
+import { SessionStoreError } from "./session_store_error.ts";
 
 /** Deno KV's limits per atomic operation (`Deno.openKv` on a local file). */
 const MAX_CHECKS = 100;

@@ -21,7 +21,8 @@
  */
 
 import type { Usage } from "../protocol/reply.ts";
-import { commitOrThrow, DamagedRecord } from "./_util.ts";
+import { commitOrThrow } from "./_util.ts";
+import { DamagedRecord } from "./session_store_error.ts";
 
 /** One message of a session's history. */
 export interface StoredMessage {

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { isDamage } from "./_util.ts";
+import { isDamage } from "./session_store_error.ts";
 
 /** Code points, surrogates left out, so that their order is UTF-8's (the keys' order). */
 const CODE_POINTS = 0x110000 - 0x800;

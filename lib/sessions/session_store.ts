@@ -20,7 +20,8 @@
  */
 
 import { logger } from "../log.ts";
-import { commitOrThrow, isDamage, openKv } from "./_util.ts";
+import { commitOrThrow, openKv } from "./_util.ts";
+import { isDamage } from "./session_store_error.ts";
 import { commitTurn, type TurnCommitContext } from "./commit_turn.ts";
 import { GroupCommit } from "./group_commit.ts";
 import {

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { isDamage } from "./_util.ts";
+import { isDamage } from "./session_store_error.ts";
 import { readHistory, type SessionMeta } from "./records.ts";
 import { readableEntries } from "./scan.ts";
 import { sessionKey } from "./session_key.ts";

@@ -12,11 +12,11 @@
  * @module
  */
 
-import { ServiceError } from "../protocol/errors.ts";
+import { fromWire, ServiceError, toWire } from "../protocol/errors.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
-import type { TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
-import { runTurn, type TurnContext } from "./run_turn.ts";
-import { openTurnContext, turnFailure } from "./turn_context.ts";
+import type { TurnResult, WorkerSettings, WorkerTurn } from "./messages.ts";
+import { runTurn } from "./run_turn.ts";
+import { openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
 import type { TurnPool } from "./turn_pool.ts";
 
 /** Runs turns in place: one session store and one engine client for all of them. */
@@ -42,7 +42,7 @@ export class InProcessPool implements TurnPool {
 
   /** Runs one turn on this thread, as {@linkcode TurnPool.run} says. */
   async run(
-    job: TurnJob,
+    job: WorkerTurn,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {
@@ -53,7 +53,8 @@ export class InProcessPool implements TurnPool {
     try {
       return await runTurn(job, this.#context, aborted, onDelta);
     } catch (error) {
-      throw turnFailure(error, aborted);
+      // As a worker's failure arrives: what crosses the threads, without the cause.
+      throw fromWire(toWire(turnFailure(error, aborted)));
     } finally {
       this.#running.delete(closing);
     }

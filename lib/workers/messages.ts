@@ -6,7 +6,7 @@
  * @module
  */
 
-import type { ErrorCode } from "../protocol/errors.ts";
+import type { WireError } from "../protocol/errors.ts";
 import type { SamplingParams, Usage } from "../protocol/mod.ts";
 import type { EngineEndpoint } from "../engine/engine_client.ts";
 import type { AudioInput } from "../protocol/audio.ts";
@@ -36,7 +36,7 @@ export interface WorkerSettings {
 }
 
 /** One turn of one session, as the gateway hands it to a worker. */
-export interface TurnJob {
+export interface WorkerTurn {
   readonly id: number;
   readonly project: string;
   readonly sessionId: string;
@@ -91,15 +91,9 @@ export interface TurnResult {
 /** Gateway → worker. */
 export type ToWorker =
   | { readonly type: "init"; readonly settings: WorkerSettings }
-  | { readonly type: "run"; readonly job: TurnJob }
-  | {
-    readonly type: "cancel";
-    readonly id: number;
-    readonly code: ErrorCode;
-    readonly message: string;
-    /** The retry hint the turn's error carries (a service shutting down gives one). */
-    readonly retryAfterMs?: number;
-  }
+  | { readonly type: "run"; readonly job: WorkerTurn }
+  /** Aborts a running turn, which then fails with `reason` (a shutdown's carries a retry hint). */
+  | { readonly type: "cancel"; readonly id: number; readonly reason: WireError }
   | { readonly type: "close" };
 
 /** Worker → gateway. */
@@ -107,11 +101,5 @@ export type FromWorker =
   | { readonly type: "ready" }
   | { readonly type: "delta"; readonly id: number; readonly seq: number; readonly text: string }
   | { readonly type: "done"; readonly id: number; readonly result: TurnResult }
-  | {
-    readonly type: "error";
-    readonly id: number;
-    readonly code: ErrorCode;
-    readonly message: string;
-    readonly retryAfterMs?: number;
-  }
+  | { readonly type: "error"; readonly id: number; readonly error: WireError }
   | { readonly type: "closed" };

@@ -10,10 +10,10 @@
 /// <reference lib="deno.worker" />
 
 import { setupLogging } from "../log.ts";
-import { ServiceError } from "../protocol/errors.ts";
+import { fromWire, toWire } from "../protocol/errors.ts";
 import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
-import { runTurn, type TurnContext } from "./run_turn.ts";
-import { openTurnContext, turnFailure } from "./turn_context.ts";
+import { runTurn } from "./run_turn.ts";
+import { openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
 
 let context: Promise<TurnContext> | undefined;
 const running = new Map<number, AbortController>();
@@ -46,22 +46,13 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
         )
         .then((result) => post({ type: "done", id: job.id, result }))
         .catch((error) => {
-          const failure = turnFailure(error, controller.signal);
-          post({
-            type: "error",
-            id: job.id,
-            code: failure.code,
-            message: failure.message,
-            retryAfterMs: failure.retryAfterMs,
-          });
+          post({ type: "error", id: job.id, error: toWire(turnFailure(error, controller.signal)) });
         })
         .finally(() => running.delete(job.id));
       break;
     }
     case "cancel":
-      running.get(message.id)?.abort(
-        new ServiceError(message.code, message.message, { retryAfterMs: message.retryAfterMs }),
-      );
+      running.get(message.id)?.abort(fromWire(message.reason));
       break;
     case "close":
       context?.then((ctx) => {

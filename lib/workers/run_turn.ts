@@ -9,40 +9,23 @@
  * @module
  */
 
-import type { ChatMessage, EngineClient } from "../engine/engine_client.ts";
+import type { ChatMessage } from "../engine/engine_client.ts";
 import { userContent } from "../engine/multimodal.ts";
 import { ThinkingFilter } from "../engine/thinking_filter.ts";
 import { guidanceFromToolCalls, hintObject } from "../games/hints.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import { audioClipsTokens, withAudioMarker } from "../protocol/audio.ts";
 import { imagesTokens, withImageMarker } from "../protocol/images.ts";
-import type { HistoryEntry, Session, SessionStore } from "../sessions/session_store.ts";
+import type { HistoryEntry, Session } from "../sessions/session_store.ts";
 import { historyBudget, messagesToDrop } from "../sessions/trim.ts";
 import { estimateMessageTokens, estimatePromptTokens, messageTokenBound } from "../tokens.ts";
 import { DeltaCoalescer } from "./delta_coalescer.ts";
-import type { TurnJob, TurnResult } from "./messages.ts";
-
-/** What a turn runs against. */
-export interface TurnContext {
-  readonly store: SessionStore;
-  readonly engine: EngineClient;
-  readonly maxHistoryTokens: number;
-  /** Share of the budget trimming drops down to. */
-  readonly trimLowWater: number;
-  readonly maxModelLen: number;
-  readonly skipThinking: boolean;
-  /** Answers start inside a thinking block (see `RunningEngine.thinkingOpened`). */
-  readonly thinkingOpened?: boolean;
-  /**
-   * The answer length history is budgeted for (`--max-tokens`): a request
-   * asking for more keeps its history and gets what the context leaves.
-   */
-  readonly defaultMaxTokens?: number;
-}
+import type { TurnResult, WorkerTurn } from "./messages.ts";
+import type { TurnContext } from "./turn_context.ts";
 
 /** Runs `job`; streamed text goes to `onDelta` coalesced, when the job streams. */
 export async function runTurn(
-  job: TurnJob,
+  job: WorkerTurn,
   context: TurnContext,
   signal: AbortSignal,
   onDelta: (seq: number, text: string) => void,
@@ -189,7 +172,7 @@ export async function runTurn(
 }
 
 /** Estimated tokens of the tools and schema a turn offers, by their JSON (a worker's few, kept). */
-async function offeredTokens(job: TurnJob): Promise<number> {
+async function offeredTokens(job: WorkerTurn): Promise<number> {
   if (!job.tools && !job.responseFormat) return 0;
   return await estimatePromptTokens(
     JSON.stringify([job.tools?.map((tool) => tool.definition), job.responseFormat]),
@@ -204,7 +187,7 @@ const UNSUPPORTED_FORMAT = /response_format|json_schema|structured|guided/i;
  * object, made a hint object when the turn answers a game state.
  */
 function answerOf(
-  job: TurnJob,
+  job: WorkerTurn,
   visible: string,
   toolCalls: readonly { name: string; arguments: string }[] | undefined,
 ): string {
@@ -231,7 +214,7 @@ function storedAnswer(
 /** Stores the turn with token counts from the engine's usage where it gave them. */
 async function saveTurn(
   context: TurnContext,
-  job: TurnJob,
+  job: WorkerTurn,
   session: Session,
   drop: number,
   systemTokens: number,

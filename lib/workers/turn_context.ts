@@ -1,18 +1,35 @@
 /**
- * What turns run against, opened from the {@linkcode WorkerSettings}, and how
- * a failed turn is told to its client: the same in a request worker and on
- * the gateway's thread (`--workers 0`).
+ * What turns run against ({@linkcode TurnContext}), opened from the
+ * {@linkcode WorkerSettings}, and how a failed turn is told to its client: the
+ * same in a request worker and on the gateway's thread (`--workers 0`).
  *
  * @module
  */
 
 import { EngineClient } from "../engine/engine_client.ts";
-import { ServiceError, toServiceError } from "../protocol/errors.ts";
+import { asServiceError, ServiceError } from "../protocol/errors.ts";
 import { SessionStore } from "../sessions/session_store.ts";
 import { asStorageError } from "../sessions/storage_health.ts";
 import { WriteGenerations } from "../sessions/write_generations.ts";
 import type { WorkerSettings } from "./messages.ts";
-import type { TurnContext } from "./run_turn.ts";
+
+/** What a turn runs against. */
+export interface TurnContext {
+  readonly store: SessionStore;
+  readonly engine: EngineClient;
+  readonly maxHistoryTokens: number;
+  /** Share of the budget trimming drops down to. */
+  readonly trimLowWater: number;
+  readonly maxModelLen: number;
+  readonly skipThinking: boolean;
+  /** Answers start inside a thinking block (see `RunningEngine.thinkingOpened`). */
+  readonly thinkingOpened?: boolean;
+  /**
+   * The answer length history is budgeted for (`--max-tokens`): a request
+   * asking for more keeps its history and gets what the context leaves.
+   */
+  readonly defaultMaxTokens?: number;
+}
 
 /**
  * Opens a session store and an engine client for turns. `store`, when given,
@@ -45,13 +62,11 @@ export async function openTurnContext(
 /**
  * What a turn that threw `error` tells its client: the cancel's reason when
  * it was cancelled, `storage_unavailable` for a write the disk had no room
- * for, `internal` for anything unexpected. Only the code, the
- * message and the retry time, as a worker's message carries them.
+ * for, `internal` for anything unexpected. Both pools send it on as its
+ * {@linkcode toWire} form, so a client cannot tell which one ran the turn.
  */
 export function turnFailure(error: unknown, signal: AbortSignal): ServiceError {
-  const failure = signal.aborted && signal.reason instanceof ServiceError
-    ? signal.reason
-    // A write the disk had no room for: the client may retry once there is.
-    : asStorageError(error) ?? toServiceError(error);
-  return new ServiceError(failure.code, failure.message, { retryAfterMs: failure.retryAfterMs });
+  if (signal.aborted && signal.reason instanceof ServiceError) return signal.reason;
+  // A write the disk had no room for: the client may retry once there is.
+  return asStorageError(error) ?? asServiceError(error);
 }

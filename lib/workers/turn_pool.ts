@@ -7,7 +7,7 @@
  * @module
  */
 
-import type { TurnJob, TurnResult } from "./messages.ts";
+import type { TurnResult, WorkerTurn } from "./messages.ts";
 
 /** Runs turns; see {@linkcode TurnPool.run}. */
 export interface TurnPool {
@@ -17,7 +17,7 @@ export interface TurnPool {
    * abort of `signal` from now on cancels the turn with the signal's reason.
    */
   run(
-    job: TurnJob,
+    job: WorkerTurn,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult>;

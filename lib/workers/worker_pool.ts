@@ -6,9 +6,9 @@
  * @module
  */
 
-import { ServiceError } from "../protocol/errors.ts";
+import { fromWire, ServiceError, toWire } from "../protocol/errors.ts";
 import { sessionKey } from "../sessions/session_key.ts";
-import type { FromWorker, ToWorker, TurnJob, TurnResult, WorkerSettings } from "./messages.ts";
+import type { FromWorker, ToWorker, TurnResult, WorkerSettings, WorkerTurn } from "./messages.ts";
 import type { TurnPool } from "./turn_pool.ts";
 
 interface Pending {
@@ -72,7 +72,7 @@ export class WorkerPool implements TurnPool {
 
   /** Runs one turn on its session's worker, as {@linkcode TurnPool.run} says. */
   async run(
-    job: TurnJob,
+    job: WorkerTurn,
     onDelta: (seq: number, text: string) => void,
     signal?: AbortSignal,
   ): Promise<TurnResult> {
@@ -106,16 +106,7 @@ export class WorkerPool implements TurnPool {
   /** Tells a running turn's worker to abort it; it then fails with `error`. */
   #cancel(id: number, error: ServiceError): void {
     const pending = this.#pending.get(id);
-    if (pending) {
-      const { code, message, retryAfterMs } = error;
-      this.#send(pending.slot, {
-        type: "cancel",
-        id,
-        code,
-        message,
-        ...(retryAfterMs !== undefined && { retryAfterMs }),
-      });
-    }
+    if (pending) this.#send(pending.slot, { type: "cancel", id, reason: toWire(error) });
   }
 
   /** Closes the workers' stores and terminates them. Turns still running are failed. */
@@ -183,9 +174,7 @@ export class WorkerPool implements TurnPool {
     if (message.type === "done") {
       pending.resolve(message.result);
     } else {
-      pending.reject(
-        new ServiceError(message.code, message.message, { retryAfterMs: message.retryAfterMs }),
-      );
+      pending.reject(fromWire(message.error));
     }
   }
 

@@ -14,7 +14,7 @@ import { Stats, type StatsEvent } from "../../lib/observability/stats.ts";
 import { type RequestLimits, Topics } from "../../lib/protocol/mod.ts";
 import type { SessionDirectory } from "../../lib/sessions/session_directory.ts";
 import type { SessionSigner } from "../../lib/gateway/session_signer.ts";
-import type { TurnJob, TurnResult } from "../../lib/workers/messages.ts";
+import type { TurnResult, WorkerTurn } from "../../lib/workers/messages.ts";
 
 const LIMITS: RequestLimits = {
   maxPayloadBytes: 65_536,
@@ -34,7 +34,7 @@ interface Sent {
 
 /** A turn handed to the stand-in workers, finished by the test. */
 interface Turn {
-  readonly job: TurnJob;
+  readonly job: WorkerTurn;
   readonly onDelta: (seq: number, text: string) => void;
   readonly signal: AbortSignal;
   readonly finish: (result: TurnResult) => void;

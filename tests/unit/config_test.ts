@@ -307,3 +307,103 @@ Deno.test("config: --help lists each option's choices, and says what a project w
   assert(!/needs prompts\/NAME\.md/.test(text), text);
   match(text, /or by the general prompt when there is none/);
 });
+
+Deno.test("config: defaults, flags, environment fallbacks, frozen", () => {
+  const c = config([]);
+  deepEqual(c.projects, ["general"]);
+  equal(c.engine, "vllm");
+  equal(c.maxModelLen, 4096);
+  equal(c.temperature, 0.6);
+  equal(c.maxInFlight, 256);
+  assert(Object.isFrozen(c));
+  const d = config(["--projects", "maze,driving", "--max-tokens=100"], {
+    VLLM_MQTT_TEMPERATURE: "0",
+  });
+  deepEqual(d.projects, ["maze", "driving"]);
+  equal(d.maxTokens, 100);
+  equal(d.temperature, 0);
+});
+
+Deno.test("config: the original script's command line means the same as the new one", () => {
+  const old = config([
+    "--projects",
+    "maze",
+    "driving",
+    "--model",
+    "Qwen/Qwen3-8B",
+    "--max_model_len",
+    "8192",
+    "--tensor_parallel_size",
+    "2",
+    "--gpu_memory_utilization",
+    "0.8",
+    "--max_history_tokens",
+    "2000",
+    "--num_workers",
+    "3",
+    "--skip_thinking",
+    "False",
+    "--mqtt_broker",
+    "broker.local",
+    "--mqtt_port",
+    "1884",
+    "--max_concurrent_sessions",
+    "64",
+    "--visible_devices",
+    "2",
+    "--model_provider",
+    "modelscope",
+    "--top_p",
+    "0.8",
+  ]);
+  const now = config([
+    "--projects=maze,driving",
+    "--model=Qwen/Qwen3-8B",
+    "--max-model-len=8192",
+    "--tensor-parallel-size=2",
+    "--gpu-memory-utilization=0.8",
+    "--max-history-tokens=2000",
+    "--workers=3",
+    "--no-skip-thinking",
+    "--mqtt-url=mqtt://broker.local:1884",
+    "--max-sessions=64",
+    "--visible-devices=2",
+    "--model-provider=modelscope",
+    "--top-p=0.8",
+  ]);
+  deepEqual({ ...old, warnings: [] }, { ...now, warnings: [] });
+});
+
+Deno.test("config: bad values stop start-up naming the option", () => {
+  throws(
+    () => config(["--max-tokens", "0"]),
+    /'--max-tokens' must be at least 1: current value is "0"/,
+  );
+  throws(() => config(["--engine", "gpu"]), /'--engine' must be one of vllm, url, sim/);
+  throws(() => config(["--engine", "url"]), /needs '--engine-url'/);
+  throws(() => config(["--bogus"]), /unknown option '--bogus'/);
+  throws(() => config(["--projects", "a/b"]), ConfigError);
+  throws(() => config(["--mqtt-url", "http://x"]), /'--mqtt-url' must be/);
+  throws(() => config(["--kv-url", "kv.example:4512"]), /'--kv-url' must be an http\(s\) URL/);
+  throws(() => config(["--max-tokens", "5000"]), /below '--max-model-len'/);
+});
+
+Deno.test("config: secrets come from the environment or a file; on the command line they warn", () => {
+  equal(config([], { VLLM_MQTT_MQTT_PASSWORD: "env-secret" }).mqttPassword, "env-secret");
+  equal(config(["--mqtt-password-file", "/x"]).mqttPassword, "file-secret");
+  const c = config(["--mqtt_password", "cli-secret"]);
+  equal(c.mqttPassword, "cli-secret");
+  match(c.warnings[0], /visible to other users/);
+  assert(!c.warnings[0].includes("cli-secret"));
+  // A password inside the broker's URL is as visible there.
+  const inUrl = config(["--mqtt-url", "mqtt://svc:url-secret@127.0.0.1:1883"]);
+  match(inUrl.warnings[0], /'--mqtt-url' on the command line holds a password/);
+  assert(!inUrl.warnings[0].includes("url-secret"));
+  deepEqual(config(["--mqtt-url", "mqtt://svc@127.0.0.1:1883"]).warnings, []);
+});
+
+Deno.test("config: --help lists every option with its default", () => {
+  const help = helpText();
+  for (const option of OPTIONS) assert(help.includes(`--${option.name}`), option.name);
+  match(help, /--max-model-len <int>\n.*\[default: 4096\]/);
+});

@@ -8,7 +8,7 @@ import { deepEqual, equal, rejects } from "node:assert/strict";
 import { ServiceError } from "../../lib/protocol/errors.ts";
 import type { SessionStore } from "../../lib/sessions/session_store.ts";
 import { InProcessPool } from "../../lib/workers/in_process_pool.ts";
-import type { TurnJob, WorkerSettings } from "../../lib/workers/messages.ts";
+import type { WorkerSettings, WorkerTurn } from "../../lib/workers/messages.ts";
 import { turnFailure } from "../../lib/workers/turn_context.ts";
 
 const SETTINGS = {
@@ -18,7 +18,7 @@ const SETTINGS = {
   skipThinking: false,
 } as WorkerSettings;
 
-const RESET: TurnJob = {
+const RESET: WorkerTurn = {
   id: 1,
   project: "p",
   sessionId: "s",

@@ -14,7 +14,7 @@ import {
   splitText,
   writeBatches,
 } from "../../lib/sessions/records.ts";
-import { isDamage } from "../../lib/sessions/_util.ts";
+import { isDamage } from "../../lib/sessions/session_store_error.ts";
 
 const meta = (firstSeq: number, nextSeq: number): SessionMeta => ({
   firstSeq,

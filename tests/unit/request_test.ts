@@ -171,3 +171,100 @@ Deno.test("request: a message is needed unless reset or cancel is set, and it ma
   const reset = request({ session_id: "s", reset: true });
   deepEqual([reset.reset, reset.message], [true, undefined]);
 });
+
+/** Tighter caps than `LIMITS`, where each is reached by the tests below. */
+const TIGHT: RequestLimits = {
+  maxPayloadBytes: 1024,
+  maxMessageChars: 100,
+  maxPriority: 10,
+  maxTokens: 512,
+  temperature: 0.6,
+  topP: 0.9,
+  stream: true,
+};
+const parseTight = (value: unknown) =>
+  parseRequest(
+    new TextEncoder().encode(typeof value === "string" ? value : JSON.stringify(value)),
+    "maze",
+    ROOT,
+    TIGHT,
+  );
+
+Deno.test("request: v1 fields, clamping and defaults", () => {
+  const outcome = parseTight({
+    session_id: "s-1.a_b",
+    message: "hi",
+    priority: 99,
+    params: { max_tokens: 9999, temperature: 0, top_k: 5, stop: "END" },
+  });
+  assert(outcome.ok);
+  const r = outcome.request;
+  equal(r.priority, 10);
+  deepEqual(r.params, { max_tokens: 512, temperature: 0, top_p: 0.9, top_k: 5, stop: ["END"] });
+  equal(r.style, "json");
+  equal(r.stream, true);
+});
+
+Deno.test("request: the original camelCase form gets plain-text replies", () => {
+  const outcome = parseTight({
+    sessionId: "p",
+    message: "hi",
+    temperature: 0,
+    topP: 0.5,
+    maxTokens: 64,
+    systemPrompt: "You are terse.",
+    replyTopic: "maze/assistant_response/custom",
+    requestId: "r",
+    clientId: "game-1",
+  });
+  assert(outcome.ok);
+  const r = outcome.request;
+  deepEqual([r.sessionId, r.style, r.stream, r.requestId, r.clientId], [
+    "p",
+    "text",
+    false,
+    "r",
+    "game-1",
+  ]);
+  deepEqual(r.params, { max_tokens: 64, temperature: 0, top_p: 0.5 });
+  equal(r.systemPrompt, "You are terse.");
+  equal(r.replyTopic, "maze/assistant_response/custom");
+  const json = parseTight({ sessionId: "p", message: "hi", format: "json" });
+  assert(json.ok && json.request.style === "json");
+  // The reply topic is kept as named (the gateway decides whether its sender may read it);
+  // a request that names no session is the session of the reply topic it names.
+  const own = parseTight({ message: "hi", replyTopic: "maze/assistant_response/tab-1/client/r1" });
+  assert(own.ok);
+  deepEqual([own.request.sessionId, own.request.replyTopic], [
+    "tab-1",
+    "maze/assistant_response/tab-1/client/r1",
+  ]);
+  const elsewhere = parseTight({ message: "hi", replyTopic: "other/topic" });
+  assert(elsewhere.ok);
+  match(elsewhere.request.sessionId, /^default-[0-9a-f]{8}$/);
+});
+
+Deno.test("request: each bad input has its code, and an address when it names a session", () => {
+  const bad = (value: unknown) => {
+    const outcome = parseTight(value);
+    assert(!outcome.ok);
+    return [outcome.error.code, outcome.address?.sessionId];
+  };
+  deepEqual(bad("{oops"), ["invalid_request", undefined]);
+  deepEqual(bad("[1]"), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "a/b", message: "x" }), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "a+", message: "x" }), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "a\u0000", message: "x" }), ["invalid_request", undefined]);
+  deepEqual(bad({ session_id: "s" }), ["invalid_request", "s"]);
+  deepEqual(bad({ session_id: "s", message: "x".repeat(101) }), ["invalid_request", "s"]);
+  deepEqual(bad({ session_id: "s", message: "x", params: { logit_bias: {} } }), [
+    "invalid_request",
+    "s",
+  ]);
+  // Too large to parse whole, yet its session can be read and answered.
+  deepEqual(bad({ session_id: "s", message: "x".repeat(2000) }), ["payload_too_large", "s"]);
+  deepEqual(bad({ message: "x".repeat(2000), sessionId: "t" }), ["payload_too_large", "t"]);
+  deepEqual(bad({ message: "x".repeat(2000) }), ["payload_too_large", undefined]);
+  const invalidUtf8 = parseRequest(new Uint8Array([0x22, 0xff, 0x22]), "maze", ROOT, TIGHT);
+  assert(!invalidUtf8.ok && /UTF-8/.test(invalidUtf8.error.message));
+});

@@ -1,6 +1,7 @@
 /** Unit tests of the scheduler: order, per-session lines, the in-flight cap, cancel, drain. */
 
 import { deepEqual, equal, throws } from "node:assert/strict";
+import { ServiceError } from "../../lib/protocol/errors.ts";
 import { QueueFullError, Scheduler } from "../../lib/scheduler/scheduler.ts";
 
 interface Item {
@@ -97,4 +98,38 @@ Deno.test("scheduler: drainQueue and abortRunning empty it at shutdown", async (
   finish.get("a1")!();
   await waited;
   equal(idle, true);
+});
+
+Deno.test("scheduler: priority then arrival; one per session; cap; queue_full; cancel", async () => {
+  const started: string[] = [];
+  const finishers = new Map<string, () => void>();
+  const scheduler = new Scheduler<{ sessionKey: string; priority: number; name: string }>({
+    maxQueue: 4,
+    maxInFlight: 1,
+    run: (item) =>
+      new Promise<void>((resolve) => {
+        started.push(item.name);
+        finishers.set(item.name, resolve);
+      }),
+  });
+  const tick = () => new Promise((resolve) => setTimeout(resolve, 0));
+  scheduler.submit({ sessionKey: "a", priority: 0, name: "a1" });
+  scheduler.submit({ sessionKey: "a", priority: -5, name: "a2" });
+  scheduler.submit({ sessionKey: "b", priority: 5, name: "b1" });
+  scheduler.submit({ sessionKey: "c", priority: -1, name: "c1" });
+  scheduler.submit({ sessionKey: "d", priority: 0, name: "d1" });
+  throws(
+    () => scheduler.submit({ sessionKey: "e", priority: 0, name: "e1" }),
+    (e: ServiceError) => e.code === "queue_full",
+  );
+  const removed = scheduler.cancel("d", new ServiceError("cancelled", "x"));
+  deepEqual(removed.map((i) => i.name), ["d1"]);
+  // a2 (priority -5) becomes ready when a1 finishes and beats c1 (-1).
+  for (const name of ["a1", "a2", "c1", "b1"]) {
+    await tick();
+    equal(started.at(-1), name);
+    finishers.get(name)!();
+  }
+  await scheduler.idle();
+  deepEqual(started, ["a1", "a2", "c1", "b1"]);
 });

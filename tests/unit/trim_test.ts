@@ -42,3 +42,28 @@ Deno.test("trim: the budget is the cap, or what the context leaves, never below 
   equal(budget(100_000, 500, 50), 500 - 100 - 50 - 16);
   equal(budget(100_000, 100), 0);
 });
+
+Deno.test("trim: nothing while under budget, whole turns down to the low-water mark beyond it", () => {
+  const turn = (
+    u: number,
+    a: number,
+  ) => [{ role: "user" as const, tokens: u }, { role: "assistant" as const, tokens: a }];
+  const history = [...turn(50, 50), ...turn(50, 50), ...turn(50, 50), ...turn(50, 50)];
+  equal(messagesToDrop(history, 100, 500), 0);
+  // 400 + 150 > 500: drop turns until history and message fit 300 (60%): three turns.
+  equal(messagesToDrop(history, 150, 500), 6);
+  // Never splits a turn: a user message with two answers goes as one.
+  const odd = [{ role: "user" as const, tokens: 10 }, { role: "assistant" as const, tokens: 10 }, {
+    role: "assistant" as const,
+    tokens: 10,
+  }, ...turn(10, 10)];
+  equal(messagesToDrop(odd, 100, 100), 5);
+  equal(
+    historyBudget({ maxHistoryTokens: 3000, maxModelLen: 4096, maxTokens: 512, systemTokens: 200 }),
+    3000,
+  );
+  equal(
+    historyBudget({ maxHistoryTokens: 3000, maxModelLen: 2048, maxTokens: 512, systemTokens: 200 }),
+    2048 - 512 - 200 - 41,
+  );
+});

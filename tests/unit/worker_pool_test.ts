@@ -2,7 +2,12 @@
 
 import { deepEqual, equal, rejects } from "node:assert/strict";
 import { type PoolWorker, WorkerPool } from "../../lib/workers/worker_pool.ts";
-import type { FromWorker, ToWorker, TurnJob, WorkerSettings } from "../../lib/workers/messages.ts";
+import type {
+  FromWorker,
+  ToWorker,
+  WorkerSettings,
+  WorkerTurn,
+} from "../../lib/workers/messages.ts";
 import { ServiceError } from "../../lib/protocol/errors.ts";
 
 /** A worker stand-in: records what it is sent, answers what the test makes it answer. */
@@ -38,14 +43,14 @@ class FakeWorker implements PoolWorker {
     this.onerror?.(event);
   }
 
-  runs(): TurnJob[] {
+  runs(): WorkerTurn[] {
     return this.received.flatMap((m) => m.type === "run" ? [m.job] : []);
   }
 }
 
 const SETTINGS = {} as WorkerSettings;
 
-function job(id: number, sessionId = `s${id}`): TurnJob {
+function job(id: number, sessionId = `s${id}`): WorkerTurn {
   return {
     id,
     project: "p",
@@ -85,7 +90,7 @@ Deno.test("worker pool: a turn's deltas and result come back; a session keeps it
   deepEqual(deltas, ["0:hel"]);
   const second = p.run(job(2, "x"), () => {});
   equal(owner.runs().length, 2, "the session's own worker, which holds its history");
-  owner.say({ type: "error", id: 2, code: "engine_unavailable", message: "down" });
+  owner.say({ type: "error", id: 2, error: { code: "engine_unavailable", message: "down" } });
   await rejects(second, (e: ServiceError) => e.code === "engine_unavailable");
   await p.close();
 });
@@ -98,10 +103,13 @@ Deno.test("worker pool: an abort cancels the turn; a crash fails only its turns"
   deepEqual(workers[0].received.at(-1), {
     type: "cancel",
     id: 1,
-    code: "cancelled",
-    message: "cancelled by the client",
+    reason: { code: "cancelled", message: "cancelled by the client" },
   });
-  workers[0].say({ type: "error", id: 1, code: "cancelled", message: "cancelled by the client" });
+  workers[0].say({
+    type: "error",
+    id: 1,
+    error: { code: "cancelled", message: "cancelled by the client" },
+  });
   await rejects(running, (e: ServiceError) => e.code === "cancelled");
 
   const lost = p.run(job(2), () => {});
