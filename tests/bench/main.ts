@@ -284,7 +284,7 @@ if (!cpuOnly) {
     "(c) trimming near the budget (target: low water beats one turn on hit rate and TTFD)",
   );
   console.table(trimRows);
-  console.log("(d) 10,000 live sessions (target: service RSS under 300 MB)");
+  console.log("(d) 10,000 live sessions (goal: peak RSS <= 350 MB)");
   console.table([results.sessions]);
   console.log("(e) a flood 50 times the queue (queue_full quickly; accepted requests finish)");
   console.table([results.flood]);
