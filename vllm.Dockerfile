@@ -26,5 +26,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=900s \
 # The permissions of deno.json's `service` set, widened for the compose network's broker host,
 # /data, and 0.0.0.0 (compose.yaml's --http-host, for Prometheus on the compose network).
 # --allow-run is unscoped here: the CUDA image sets LD_LIBRARY_PATH, which vLLM needs and a
-# scoped --allow-run refuses to pass on.
-ENTRYPOINT ["deno-bin", "run", "--allow-net=127.0.0.1,localhost,mosquitto,0.0.0.0", "--allow-read=prompts,lib,/data", "--allow-write=/data", "--allow-env", "--allow-run", "main.ts", "--data-dir=/data"]
+# scoped --allow-run refuses to pass on. --max-semi-space-size=4 as `deno task start`: each thread's
+# young-generation semi-spaces at most 4 MB, not V8's 32 (docs/operations.md).
+ENTRYPOINT ["deno-bin", "run", "--v8-flags=--max-semi-space-size=4", "--allow-net=127.0.0.1,localhost,mosquitto,0.0.0.0", "--allow-read=prompts,lib,/data", "--allow-write=/data", "--allow-env", "--allow-run", "main.ts", "--data-dir=/data"]

@@ -127,7 +127,7 @@ interface Variant {
 }
 
 /** `BENCH_COMPARE`'s checkouts, as paths ending in `/`. */
-const COMPARE_ROOTS = (Deno.env.get("BENCH_COMPARE") ?? "").split(",").filter(Boolean)
+export const COMPARE_ROOTS = (Deno.env.get("BENCH_COMPARE") ?? "").split(",").filter(Boolean)
   .map((root) => root.replace(/\/?$/, "/"));
 
 const VARIANTS: readonly Variant[] = [

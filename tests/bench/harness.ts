@@ -10,6 +10,7 @@ import type { SimulatorOptions } from "../../lib/engine/simulator.ts";
 import {
   freePort,
   removeTempDir,
+  ROOT,
   type ServiceProcess,
   startMosquitto,
   startService,
@@ -194,6 +195,14 @@ export class Load {
   }
 }
 
+/** The `--v8-flags=...` of the `start` task in the `deno.json` of checkout `root`. */
+function startTaskV8Flags(root: string): string[] {
+  const config = JSON.parse(Deno.readTextFileSync(`${root}deno.json`));
+  return String(config.tasks?.start ?? "").split(/\s+/).filter((flag) =>
+    flag.startsWith("--v8-flags=")
+  );
+}
+
 export interface Running {
   readonly sim: Simulator;
   readonly service: ServiceProcess;
@@ -206,9 +215,10 @@ export interface Running {
  * Starts the service (`main.ts`, the permissions `deno task start` grants) on
  * the engine `sim` and the broker at `brokerUrl`, with `args` after the bench's
  * own flags, and opens `connections` load generator clients.
- * `BENCH_DENO_FLAGS` adds flags to `deno run` (e.g. `--cpu-prof
- * --cpu-prof-dir=prof` to profile a run). `root` runs another checkout's
- * service (the CPU bench compares two).
+ * The V8 flags of the checkout's `deno task start` are passed too, so that the
+ * service runs as that task runs it. `BENCH_DENO_FLAGS` adds flags to
+ * `deno run` (e.g. `--cpu-prof --cpu-prof-dir=prof` to profile a run). `root`
+ * runs another checkout's service (the CPU bench compares two).
  */
 export async function run(
   brokerUrl: string,
@@ -219,7 +229,10 @@ export async function run(
 ): Promise<Running> {
   const dataDir = await tempDir("vllm-mqtt-bench-");
   const httpPort = freePort();
-  const denoFlags = (Deno.env.get("BENCH_DENO_FLAGS") ?? "").split(/\s+/).filter(Boolean);
+  const denoFlags = [
+    ...startTaskV8Flags(root ?? ROOT),
+    ...(Deno.env.get("BENCH_DENO_FLAGS") ?? "").split(/\s+/).filter(Boolean),
+  ];
   const service = await startService([
     "--engine=url",
     `--engine-url=${sim.url}`,
