@@ -17,15 +17,7 @@
  * @module
  */
 
-import {
-  base64Room,
-  byteSize,
-  DATA_URL,
-  decodedLength,
-  fromBase64,
-  normalBase64,
-  OTHER_URL,
-} from "./data_url.ts";
+import { base64Room, byteSize, DATA_URL, decodeBase64, firstBytes, OTHER_URL } from "./data_url.ts";
 import {
   type AudioHeader,
   type AudioKind,
@@ -107,8 +99,6 @@ export function payloadRoomForAudio(maxClips: number, maxBytes: number): number 
   return base64Room(maxClips, maxBytes);
 }
 
-const count = (n: number) => n.toLocaleString("en-US");
-
 /** Seconds for people: `0.85 s`, `42.3 s`. */
 export function formatSeconds(seconds: number): string {
   return `${seconds < 10 ? seconds.toFixed(2) : seconds.toFixed(1)} s`;
@@ -180,25 +170,13 @@ function checkClip(item: unknown, limits: AudioLimits): AudioInput | string {
     return "is neither a data:audio/...;base64 URL nor base64 (send the clip itself, not its address)";
   }
   // Padded: vLLM's audio loader refuses base64 without its padding ("Incorrect padding").
-  base64 = normalBase64(base64);
-  if (base64 === "") return "is empty";
-  // Refused by its length before anything is decoded.
-  const length = decodedLength(base64);
-  if (length > limits.maxAudioBytes) {
-    return `is ${count(length)} bytes, more than the limit of ${
-      count(limits.maxAudioBytes)
-    } (--max-audio-bytes)`;
-  }
-  let bytes: Uint8Array;
-  try {
-    bytes = fromBase64(base64);
-  } catch {
-    return "is not valid base64";
-  }
+  const decoded = decodeBase64(base64, limits.maxAudioBytes, "--max-audio-bytes");
+  if (typeof decoded === "string") return decoded;
+  base64 = decoded.base64;
+  const bytes = decoded.bytes;
   const sniffed = sniffAudio(bytes);
   if (sniffed === undefined) {
-    const first = [...bytes.subarray(0, 4)].map((b) => b.toString(16).padStart(2, "0")).join(" ");
-    return `is not a WAV, MP3, FLAC or Ogg clip (its first bytes are ${first || "none"})`;
+    return `is not a WAV, MP3, FLAC or Ogg clip (its first bytes are ${firstBytes(bytes)})`;
   }
   if ("other" in sniffed) {
     const how = CONVERSIONS[sniffed.other];

@@ -46,6 +46,37 @@ export function fromBase64(text: string): Uint8Array {
   return (Uint8Array as unknown as { fromBase64(text: string): Uint8Array }).fromBase64(text);
 }
 
+/**
+ * `text` as the base64 the engine is sent (`normalBase64`) and the bytes it
+ * decodes to, refused by its decoded length before anything is decoded; a
+ * string says why it is refused (`is empty`, `is N bytes, more than ...
+ * (option)`, `is not valid base64`).
+ */
+export function decodeBase64(
+  text: string,
+  maxBytes: number,
+  option: string,
+): { readonly base64: string; readonly bytes: Uint8Array } | string {
+  const base64 = normalBase64(text);
+  if (base64 === "") return "is empty";
+  const length = decodedLength(base64);
+  if (length > maxBytes) {
+    return `is ${count(length)} bytes, more than the limit of ${count(maxBytes)} (${option})`;
+  }
+  try {
+    return { base64, bytes: fromBase64(base64) };
+  } catch {
+    return "is not valid base64";
+  }
+}
+
+/** The first bytes of a file in hex (`89 50 4e 47`), to say what it is when it is not what it should be. */
+export function firstBytes(bytes: Uint8Array): string {
+  return [...bytes.subarray(0, 4)].map((b) => b.toString(16).padStart(2, "0")).join(" ") || "none";
+}
+
+const count = (n: number) => n.toLocaleString("en-US");
+
 /** A byte count for people: 820 B, 1.2 KB, 3.4 MB. */
 export function byteSize(bytes: number): string {
   if (bytes < 1000) return `${bytes} B`;

@@ -14,15 +14,7 @@
  * @module
  */
 
-import {
-  base64Room,
-  byteSize,
-  DATA_URL,
-  decodedLength,
-  fromBase64,
-  normalBase64,
-  OTHER_URL,
-} from "./data_url.ts";
+import { base64Room, byteSize, DATA_URL, decodeBase64, firstBytes, OTHER_URL } from "./data_url.ts";
 import { type ImageKind, readImageHeader, sniffImage } from "./image_header.ts";
 
 /** An image as checked: what the engine is sent, and what the marker says of it. */
@@ -68,8 +60,6 @@ export type ImagesOutcome =
   | { readonly ok: false; readonly message: string };
 
 const REMOTE_URL = /^https?:\/\//i;
-
-const count = (n: number) => n.toLocaleString("en-US");
 
 /**
  * Checks a request's `images` field (undefined or null: none).
@@ -125,25 +115,13 @@ function checkImage(item: unknown, limits: ImageLimits): ImageInput | string {
     return "is neither a data:image/...;base64 URL nor base64";
   }
   // Padded: what was taken here is taken by vLLM too.
-  base64 = normalBase64(base64);
-  if (base64 === "") return "is empty";
-  // Refused by its length before anything is decoded.
-  const length = decodedLength(base64);
-  if (length > limits.maxImageBytes) {
-    return `is ${count(length)} bytes, more than the limit of ${
-      count(limits.maxImageBytes)
-    } (--max-image-bytes)`;
-  }
-  let bytes: Uint8Array;
-  try {
-    bytes = fromBase64(base64);
-  } catch {
-    return "is not valid base64";
-  }
+  const decoded = decodeBase64(base64, limits.maxImageBytes, "--max-image-bytes");
+  if (typeof decoded === "string") return decoded;
+  base64 = decoded.base64;
+  const bytes = decoded.bytes;
   const kind = sniffImage(bytes);
   if (kind === undefined) {
-    const first = [...bytes.subarray(0, 4)].map((b) => b.toString(16).padStart(2, "0")).join(" ");
-    return `is not a PNG, JPEG, WebP or GIF image (its first bytes are ${first || "none"})`;
+    return `is not a PNG, JPEG, WebP or GIF image (its first bytes are ${firstBytes(bytes)})`;
   }
   const header = readImageHeader(bytes);
   if (!header) return `is a ${kind.toUpperCase()} whose header is damaged or cut short`;
