@@ -31,6 +31,23 @@ if (!HAS_MOSQUITTO) {
   console.warn("mosquitto is not installed: the mosquitto-only tests are skipped");
 }
 
+/**
+ * A child's standard output and error, collected as text as they come:
+ * `output()` is what has come so far, `pumped` settles once both are read to
+ * their end (after the child's exit, which comes first).
+ */
+export function collectOutput(
+  child: Deno.ChildProcess,
+): { output: () => string; pumped: Promise<void> } {
+  let text = "";
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) text += decoder.decode(chunk, { stream: true });
+  };
+  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]).then(() => {});
+  return { output: () => text, pumped };
+}
+
 /** A free TCP port on the loopback interface. */
 export function freePort(): number {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
@@ -207,12 +224,7 @@ export async function startNats(): Promise<OtherBroker> {
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const { output, pumped } = collectOutput(child);
   const close = async () => {
     try {
       child.kill("SIGKILL");
@@ -225,9 +237,9 @@ export async function startNats(): Promise<OtherBroker> {
     await waitFor(() => listening(port), 20_000, `nats-server's MQTT listener on port ${port}`);
   } catch (error) {
     await close();
-    throw new Error(`${(error as Error).message}\n${output}`);
+    throw new Error(`${(error as Error).message}\n${output()}`);
   }
-  return { port, url: `mqtt://127.0.0.1:${port}`, log: () => output, close };
+  return { port, url: `mqtt://127.0.0.1:${port}`, log: output, close };
 }
 
 /** RabbitMQ's server script, run as whoever runs the tests (its wrapper in sbin runs `su`). */
@@ -277,12 +289,7 @@ export async function startRabbitMq(): Promise<OtherBroker> {
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const { output, pumped } = collectOutput(child);
   let exited = false;
   child.status.then(() => exited = true);
   const close = async () => {
@@ -304,9 +311,9 @@ export async function startRabbitMq(): Promise<OtherBroker> {
     if (exited) throw new Error("RabbitMQ exited");
   } catch (error) {
     await close();
-    throw new Error(`${(error as Error).message}\n${output.slice(-3000)}`);
+    throw new Error(`${(error as Error).message}\n${output().slice(-3000)}`);
   }
-  return { port, url: `mqtt://127.0.0.1:${port}`, log: () => output, close };
+  return { port, url: `mqtt://127.0.0.1:${port}`, log: output, close };
 }
 
 /** A `deno` child process started in the checkout, its output collected. */
@@ -340,17 +347,12 @@ export function spawnDeno(
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const { output, pumped } = collectOutput(child);
   let exited = false;
   child.status.then(() => exited = true);
   return {
     child,
-    log: () => output,
+    log: output,
     exited: () => exited,
     async stop(signal: Deno.Signal = "SIGTERM") {
       if (!exited) {

@@ -9,7 +9,7 @@
  */
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
-import { freePort, removeTempDir, ROOT, TestClient, waitFor } from "./_helpers.ts";
+import { collectOutput, freePort, removeTempDir, ROOT, TestClient, waitFor } from "./_helpers.ts";
 
 /** Whether util-linux's `script` is installed (Debian's essential `bsdutils` has it). */
 const HAS_SCRIPT = (() => {
@@ -39,15 +39,10 @@ function spawn(program: string, args: string[]): Running {
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  let output = "";
-  const decoder = new TextDecoder();
-  const pump = async (stream: ReadableStream<Uint8Array>) => {
-    for await (const chunk of stream) output += decoder.decode(chunk, { stream: true });
-  };
-  const pumped = Promise.all([pump(child.stdout), pump(child.stderr)]);
+  const { output, pumped } = collectOutput(child);
   return {
     child,
-    output: () => output,
+    output,
     // The exit comes before the last of the output has been read.
     exited: async () => {
       const status = await child.status;

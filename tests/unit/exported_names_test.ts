@@ -8,21 +8,12 @@
  */
 
 import { deepEqual } from "node:assert/strict";
+import { sourceFiles } from "./_source_files.ts";
 
 const ROOT = new URL("../../", import.meta.url);
 /** A declaration exported by name (re-exports such as `export * from` declare nothing). */
 const EXPORT =
   /^export\s+(?:declare\s+)?(?:default\s+)?(?:async\s+)?(?:abstract\s+)?(?:class|function\*?|const|let|var|interface|type|enum)\s+([A-Za-z_$][\w$]*)/gm;
-
-async function sourceFiles(dir: URL): Promise<URL[]> {
-  const files: URL[] = [];
-  for await (const entry of Deno.readDir(dir)) {
-    const url = new URL(entry.name + (entry.isDirectory ? "/" : ""), dir);
-    if (entry.isDirectory) files.push(...await sourceFiles(url));
-    else if (entry.name.endsWith(".ts")) files.push(url);
-  }
-  return files;
-}
 
 /** Each exported name, with the files of lib/ that declare it, by path relative to the repository. */
 async function exportedNames(): Promise<Map<string, string[]>> {

@@ -7,20 +7,11 @@
  */
 
 import assert, { deepEqual } from "node:assert/strict";
+import { sourceFiles } from "./_source_files.ts";
 
 const ROOT = new URL("../../", import.meta.url);
 /** Relative imports and re-exports, static or dynamic, `import type` included. */
 const IMPORT = /(?:\bfrom\s*|\bimport\s*\(?\s*)"(\.{1,2}\/[^"]+\.ts)"/g;
-
-async function sourceFiles(dir: URL): Promise<URL[]> {
-  const files: URL[] = [];
-  for await (const entry of Deno.readDir(dir)) {
-    const url = new URL(entry.name + (entry.isDirectory ? "/" : ""), dir);
-    if (entry.isDirectory) files.push(...await sourceFiles(url));
-    else if (entry.name.endsWith(".ts")) files.push(url);
-  }
-  return files;
-}
 
 /** Each file's local imports, by path relative to the repository. */
 async function importGraph(): Promise<Map<string, string[]>> {
