@@ -145,8 +145,12 @@ Deno.test({
   async fn() {
     for (let i = 0; i < 10; i++) {
       await startAndStop(
-        // `script -e` runs the command in a new pseudo-terminal and exits with its code.
-        (command) => spawn("script", ["-qfec", command.join(" "), "/dev/null"]),
+        // `script -e` runs the command in a new pseudo-terminal and exits with its code. It runs
+        // it with `$SHELL -c`: `exec` makes `deno task` the terminal's foreground process, as an
+        // interactive shell's job is. Without it, a shell that stays as the command's parent
+        // (dash, when SHELL is unset or /bin/sh) is in the foreground group too, gets the
+        // Ctrl-C itself and exits 130 whatever the program did.
+        (command) => spawn("script", ["-qfec", `exec ${command.join(" ")}`, "/dev/null"]),
         // Ctrl-C typed at the terminal: the terminal signals the whole foreground group.
         async (running) => await running.stdin.write(new Uint8Array([0x03])),
       );
