@@ -34,6 +34,11 @@ function mazeFile(weights: { a: number; b: number }, extra = ""): string {
   return [
     "---",
     "experiment: maze-lora-2026-12",
+    "state_topic: true",
+    "hint_topic: true",
+    "response_format:",
+    "  name: maze_hint",
+    "  schema: { type: object, properties: { hint: { type: string } }, required: [hint] }",
     extra,
     "variants:",
     "  - name: a",
@@ -163,6 +168,20 @@ test("a 90/10 experiment: sessions split by the weights, each answered by its on
         }
       }),
     );
+    // A game's state turn: its hint names the session's variant, and that variant answered.
+    await client.subscribe("maze/hint/#");
+    const onB = ids.find((id) => first.get(id)!.variant === "b")!;
+    for (const id of [ids.find((id) => first.get(id)!.variant === "a")!, onB]) {
+      await client.send(`maze/state/${id}`, {
+        player_pos: [1, 1],
+        exit_pos: [3, 3],
+        visible_map: [[0, 0, 0], [0, 1, 1], [0, 1, 0]],
+      });
+      const hint = await client.next((m) => m.topic === `maze/hint/${id}`, 30_000);
+      equal(hint.json!.variant, first.get(id)!.variant, hint.text);
+      const { model } = signature(hint.json!.hint as string);
+      equal(model, first.get(id)!.variant === "b" ? ADAPTER : "sim-model");
+    }
     // A project without an experiment answers as before: no variant field.
     await client.send("general/user_input", { session_id: "plain", message: "hi" });
     const plain = await client.final("plain");
@@ -197,8 +216,11 @@ test("a session keeps its variant across a restart and a weight change; new ones
 
 test("two instances of a share group answer each session with its one variant", async () => {
   await withSetup({ a: 50, b: 50 }, async ({ client, start }) => {
+    const ports = [freePort(), freePort()];
     await Promise.all(
-      ["x", "y"].map((name) => start([`--share-group=ab`, `--mqtt-client-id=ab-${name}`])),
+      ["x", "y"].map((name, i) =>
+        start([`--share-group=ab`, `--mqtt-client-id=ab-${name}`, `--http-port=${ports[i]}`])
+      ),
     );
     const ids = Array.from({ length: 30 }, (_, i) => `shared-${i}`);
     const seen = new Map<string, Set<string>>();
@@ -222,8 +244,35 @@ test("two instances of a share group answer each session with its one variant", 
       seen.set(id, variants);
     }));
     for (const [id, variants] of seen) equal(variants.size, 1, `${id}: ${[...variants]}`);
-    const onB = [...seen.values()].filter((v) => v.has("b")).length;
-    assert(onB > 0 && onB < 30, `${onB} of 30 on b`);
+    const onB = ids.filter((id) => seen.get(id)!.has("b"));
+    assert(onB.length > 0 && onB.length < 30, `${onB.length} of 30 on b`);
+    // Stopped on one instance: the other reads it from the store, and b's sessions move to a
+    // wherever their turns land.
+    const stop = await fetch(`http://127.0.0.1:${ports[0]}/operator/experiments/maze`, {
+      method: "POST",
+      body: JSON.stringify({ stop: "b", reason: "test" }),
+    });
+    equal(stop.status, 200, await stop.text());
+    await waitFor(
+      async () => {
+        const state = await fetch(`http://127.0.0.1:${ports[1]}/operator/experiments/maze`);
+        return ((await state.json()).control?.stopped ?? []).includes("b");
+      },
+      10_000,
+      "the other instance to read the stop",
+    );
+    await Promise.all(onB.map(async (id) => {
+      for (const requestId of ["5", "6"]) {
+        await client.send("maze/user_input", {
+          session_id: id,
+          request_id: requestId,
+          message: "go",
+        });
+        const reply = await client.final(id, requestId, 30_000);
+        equal(reply.json!.variant, "a", reply.text);
+        equal(signature(reply.json!.response as string).model, "sim-model");
+      }
+    }));
   });
 });
 
