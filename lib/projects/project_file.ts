@@ -198,6 +198,14 @@ export function parseProjectFile(name: string, file: string, text: string): Proj
   }
 
   const experiment = parseExperiment(name, data, hintTopic, fail);
+  // The same one constraint per answer as above, for a variant's own response format.
+  const formatted = experiment?.variants.find((v) => v.responseFormat !== undefined);
+  if (tools !== undefined && formatted !== undefined) {
+    fail(
+      `variants (${formatted.name}).response_format`,
+      "cannot be served with the project's 'tools' (vLLM holds an answer to one of them)",
+    );
+  }
 
   return Object.freeze({
     name,

@@ -254,3 +254,17 @@ Deno.test("feedback payloads: request_id and a score or label; anything else ref
   ok(!large.ok);
   equal(large.error.code, "payload_too_large");
 });
+
+Deno.test("variants: a variant's response format with the project's tools is refused", () => {
+  const front = [
+    "tools:",
+    "  - type: function",
+    "    function: { name: look, parameters: { type: object, properties: { x: { type: integer } } } }",
+    "    maps_to: { look: x }",
+    "variants:",
+    "  - name: a",
+    "    weight: 1",
+    "    response_format: { name: x, schema: { type: object } }",
+  ].join("\n");
+  throws(() => project(front), /variants \(a\)\.response_format.*tools/);
+});
