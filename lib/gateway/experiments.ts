@@ -246,7 +246,10 @@ export class Experiments {
     const cacheKey = `${project}\0${sessionId}`;
     const now = this.#now();
     const cached = this.#cache.get(cacheKey);
-    if (cached && now - cached.refreshedAt < this.#options.ttlMs / 2) return cached.record;
+    if (
+      cached && cached.record.experiment === experiment.salt &&
+      now - cached.refreshedAt < this.#options.ttlMs / 2
+    ) return cached.record;
     const key = variantKey(project, sessionId);
     const keep = { expireIn: 2 * this.#options.ttlMs };
     let seen: Deno.KvEntryMaybe<VariantRecord> | undefined = cached && {
@@ -257,7 +260,9 @@ export class Experiments {
     for (;;) {
       seen ??= await this.#kv.get<VariantRecord>(key);
       // The first instance to write a session's variant wins; one that finds it there keeps it.
-      const record: VariantRecord = seen.value ?? {
+      // One given in an earlier experiment (another salt) does not count: a new one deals anew.
+      const current = seen.value?.experiment === experiment.salt ? seen.value : null;
+      const record: VariantRecord = current ?? {
         variant: requested ?? assignVariant(experiment, sessionId),
         experiment: experiment.salt,
         at: now,

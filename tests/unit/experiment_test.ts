@@ -268,3 +268,24 @@ Deno.test("variants: a variant's response format with the project's tools is ref
   ].join("\n");
   throws(() => project(front), /variants \(a\)\.response_format.*tools/);
 });
+
+Deno.test(
+  "stored assignment: a new experiment name deals the sessions anew",
+  withExperiments(AB, async (experiments, path) => {
+    const ids = Array.from({ length: 40 }, (_, i) => `s${i}`);
+    for (const id of ids) await experiments.assign("maze", id);
+    const renamed = project(
+      "experiment: next\nvariants:\n  - name: a\n    weight: 0\n  - name: c\n    weight: 1",
+    );
+    const next = await Experiments.open(path, {
+      projects: new Map([["maze", renamed]]),
+      ttlMs: 60_000,
+      controlReloadMs: 60_000,
+    });
+    try {
+      for (const id of ids) equal((await next.assign("maze", id))!.name, "c");
+    } finally {
+      next.close();
+    }
+  }),
+);
