@@ -18,6 +18,7 @@ import { Gateway, type GatewayOptions } from "./gateway/gateway.ts";
 import type { RunningEngine } from "./engine/running_engine.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
+import { Experiments } from "./gateway/experiments.ts";
 import { logger } from "./log.ts";
 import {
   connectMqtt,
@@ -138,7 +139,12 @@ export async function startService(
     const engine = await step(
       startEngine(config, {
         tools: [...projects.values()].some((project) => project.tools !== undefined),
-        models: [...new Set([...projects.values()].flatMap((p) => p.model ?? []))],
+        models: [
+          ...new Set([...projects.values()].flatMap((p) => [
+            ...(p.model === undefined ? [] : [p.model]),
+            ...(p.experiment?.variants ?? []).flatMap((v) => v.model ?? []),
+          ])),
+        ],
       }, signal),
       (e) => e.close(),
     );
@@ -157,6 +163,12 @@ export async function startService(
       keepMs: config.sessionTtlMs,
     });
     if (turnOrder) cleanup.defer(() => turnOrder.close());
+    // The sessions' experiment variants, in the sessions' store (every instance reads them).
+    const experiments = [...projects.values()].some((p) => p.experiment !== undefined)
+      ? await Experiments.open(kvPath, { projects, ttlMs: config.sessionTtlMs })
+      : undefined;
+    if (experiments) cleanup.defer(() => experiments.close());
+    parts.experiments = experiments;
 
     const settings = workerSettings(config, engine, kvPath, generations);
     // `--workers 0`: turns run on this thread, against the service's own store.
@@ -243,6 +255,8 @@ export async function startService(
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
       projectFiles: projects,
+      experiments,
+      historyStore: store,
     });
     const drops = new BrokerDrops();
     handler.resolve((topic, payload, packet) => {
