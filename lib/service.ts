@@ -138,7 +138,12 @@ export async function startService(
     const engine = await step(
       startEngine(config, {
         tools: [...projects.values()].some((project) => project.tools !== undefined),
-        models: [...new Set([...projects.values()].flatMap((p) => p.model ?? []))],
+        models: [
+          ...new Set([...projects.values()].flatMap((p) => [
+            ...(p.model === undefined ? [] : [p.model]),
+            ...(p.experiment?.variants ?? []).flatMap((v) => v.model ?? []),
+          ])),
+        ],
       }, signal),
       (e) => e.close(),
     );

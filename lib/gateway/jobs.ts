@@ -21,7 +21,8 @@ export interface TurnJob {
   readonly sessionKey: string;
   readonly priority: number;
   readonly request: ChatRequest;
-  readonly target: ReplyTarget;
+  /** Where its replies go; given the session's variant once that is known (the turn runner). */
+  target: ReplyTarget;
   /** When it arrived, on the gateway's clock. */
   readonly receivedAt: number;
   /** Its entry in the window of recent requests. */
@@ -32,6 +33,11 @@ export interface TurnJob {
   readonly settled?: () => void;
   /** An MQTT request's share of the memory budget of payloads in flight, held until it ends. */
   readonly memory?: Reservation;
+  /**
+   * The name of the experiment variant that answers it, set before the turn
+   * runs (`experiments.ts`); undefined for a project without an experiment.
+   */
+  variant?: string;
 }
 
 /**

@@ -38,6 +38,8 @@ export interface ReplyTarget {
   readonly correlationData: Uint8Array | undefined;
   /** Replies go here instead of to the broker (a request from the gateway's `ask`). */
   readonly deliver?: (body: ReplyBody) => void;
+  /** The experiment variant that answers the session, named in JSON replies and hints. */
+  readonly variant?: string;
 }
 
 /** The MQTT 5 Response Topic and Correlation Data of a request. */

@@ -78,7 +78,13 @@ export type StatsEvent =
   | { readonly kind: "answered"; readonly project: string; readonly timing: RequestDurations }
   | { readonly kind: "error"; readonly project: string | undefined; readonly code: ErrorCode }
   | { readonly kind: "ignored"; readonly reason: IgnoredReason }
-  | { readonly kind: "reconnected" };
+  | { readonly kind: "reconnected" }
+  | {
+    readonly kind: "feedback";
+    readonly project: string;
+    readonly variant: string | undefined;
+    readonly score: number | undefined;
+  };
 
 /** Options of {@linkcode Stats}. */
 export interface StatsOptions {
@@ -149,6 +155,18 @@ export class Stats {
     "vllm_mqtt_broker_reconnects_total",
     "Reconnections to the MQTT broker",
   );
+  readonly #feedback = new Counter(
+    "vllm_mqtt_feedback_total",
+    "Feedback records stored (each request's once), by project and experiment variant",
+  );
+  readonly #feedbackScores = new Counter(
+    "vllm_mqtt_feedback_score_sum",
+    "Sum of the scores of the stored feedback that has one, by project and variant",
+  );
+  readonly #feedbackScored = new Counter(
+    "vllm_mqtt_feedback_scored_total",
+    "Stored feedback that has a score, by project and variant (the mean's denominator)",
+  );
   readonly #metrics: readonly Metric[];
 
   /** `gauges` is read at each report and scrape. */
@@ -171,6 +189,9 @@ export class Stats {
       this.#latency,
       this.#promptTokens,
       this.#generationTokens,
+      this.#feedback,
+      this.#feedbackScores,
+      this.#feedbackScored,
       gauge("vllm_mqtt_in_flight", "Requests being run", (g) => g.inFlight),
       gauge("vllm_mqtt_queue_depth", "Requests waiting in the queue", (g) => g.queued),
       gauge("vllm_mqtt_live_sessions", "Sessions with history", (g) => g.liveSessions),
@@ -245,6 +266,21 @@ export class Stats {
     this.#ignored[reason] = (this.#ignored[reason] ?? 0) + 1;
     this.#ignoredTotal.inc({ reason });
     this.#emit({ kind: "ignored", reason });
+  }
+
+  /**
+   * A feedback record was stored for a request of `project` (a repeat of its
+   * request_id is not counted): its variant, if the project has an
+   * experiment, and its score, if it has one.
+   */
+  feedback(project: string, variant: string | undefined, score: number | undefined): void {
+    const labels = { project, variant: variant ?? "" };
+    this.#feedback.inc(labels);
+    if (score !== undefined) {
+      this.#feedbackScores.inc(labels, score);
+      this.#feedbackScored.inc(labels);
+    }
+    this.#emit({ kind: "feedback", project, variant, score });
   }
 
   /** The MQTT connection was re-established. */

@@ -28,12 +28,14 @@
 import { parse as parseYaml } from "yaml";
 import { ConfigError } from "../config/config.ts";
 import { isObject, show } from "./_util.ts";
+import { type Experiment, parseExperiment, type Variant } from "./experiment.ts";
 import { parseTools, type ProjectTool, type ToolChoice } from "./project_tools.ts";
 import { parseResponseFormat, type ResponseFormat } from "./response_format.ts";
 
 // The parts of a project, where callers have always imported them from.
 export type { ProjectTool, ToolChoice } from "./project_tools.ts";
 export type { ResponseFormat } from "./response_format.ts";
+export type { Experiment, Variant } from "./experiment.ts";
 
 /** Which turns of a project the response format and tools apply to. */
 export type ApplyTo = "state" | "all";
@@ -59,6 +61,8 @@ export interface Project {
   /** Sampling defaults for the project's requests that set none. */
   readonly temperature: number | undefined;
   readonly maxTokens: number | undefined;
+  /** Its A/B test: the variants its sessions are dealt to; undefined: none. */
+  readonly experiment: Experiment | undefined;
 }
 
 /** The keys a front matter may hold. */
@@ -72,6 +76,9 @@ export const FRONT_MATTER_KEYS = [
   "model",
   "temperature",
   "max_tokens",
+  "experiment",
+  "allow_variant_request",
+  "variants",
 ] as const;
 
 const OPENING = /^---[ \t]*\r?\n/;
@@ -92,6 +99,7 @@ export function plainProject(name: string, prompt: string, file?: string): Proje
     model: undefined,
     temperature: undefined,
     maxTokens: undefined,
+    experiment: undefined,
   });
 }
 
@@ -189,6 +197,8 @@ export function parseProjectFile(name: string, file: string, text: string): Proj
     fail("max_tokens", `must be a whole number of at least 1, not ${show(maxTokens)}`);
   }
 
+  const experiment = parseExperiment(name, data, hintTopic, fail);
+
   return Object.freeze({
     name,
     file,
@@ -202,6 +212,7 @@ export function parseProjectFile(name: string, file: string, text: string): Proj
     model: model as string | undefined,
     temperature: temperature as number | undefined,
     maxTokens: maxTokens as number | undefined,
+    experiment,
   });
 }
 
@@ -215,13 +226,22 @@ export interface TurnShape {
   readonly hint?: true;
 }
 
-/** The shape of a turn of `project`: a state message's (`state`), or a chat turn's. */
-export function turnShape(project: Project | undefined, state: boolean): TurnShape {
+/**
+ * The shape of a turn of `project`: a state message's (`state`), or a chat
+ * turn's; a `variant`'s model and response format replace the project's.
+ */
+export function turnShape(
+  project: Project | undefined,
+  state: boolean,
+  variant?: Variant,
+): TurnShape {
   if (project === undefined) return {};
   const structured = state || project.applyTo === "all";
+  const model = variant?.model ?? project.model;
+  const responseFormat = variant?.responseFormat ?? project.responseFormat;
   return {
-    ...(project.model !== undefined && { model: project.model }),
-    ...(structured && project.responseFormat && { responseFormat: project.responseFormat }),
+    ...(model !== undefined && { model }),
+    ...(structured && responseFormat && { responseFormat }),
     ...(structured && project.tools && { tools: project.tools }),
     ...(structured && project.tools && project.toolChoice && { toolChoice: project.toolChoice }),
     ...(state && { hint: true as const }),
@@ -237,5 +257,40 @@ export async function readProjectFile(name: string, file: string): Promise<Proje
     if (error instanceof Deno.errors.NotFound) return undefined;
     throw error;
   }
-  return parseProjectFile(name, file, text);
+  const project = parseProjectFile(name, file, text);
+  return project.experiment === undefined ? project : await withVariantPrompts(project, file);
+}
+
+/**
+ * `project` with the text of each variant's `prompt` file, read from beside
+ * `file`; a file that cannot be read stops the start-up, naming it.
+ */
+async function withVariantPrompts(project: Project, file: string): Promise<Project> {
+  const folder = file.includes("/") ? file.slice(0, file.lastIndexOf("/") + 1) : "";
+  const variants: Variant[] = [];
+  for (const variant of project.experiment!.variants) {
+    if (variant.promptFile === undefined) {
+      variants.push(variant);
+      continue;
+    }
+    const path = folder + variant.promptFile;
+    let text: string;
+    try {
+      text = await Deno.readTextFile(path);
+    } catch (error) {
+      throw new ConfigError(
+        `${file}: front matter key 'variants' (${variant.name}).prompt: cannot read ${path}: ${
+          (error as Error).message
+        }`,
+      );
+    }
+    if (text.trim() === "") {
+      throw new ConfigError(
+        `${file}: front matter key 'variants' (${variant.name}).prompt: ${path} is empty`,
+      );
+    }
+    variants.push(Object.freeze({ ...variant, prompt: text.trim() }));
+  }
+  const experiment = Object.freeze({ ...project.experiment!, variants: Object.freeze(variants) });
+  return Object.freeze({ ...project, experiment });
 }

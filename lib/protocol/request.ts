@@ -51,6 +51,8 @@ export interface ChatRequest {
    */
   readonly replyTopic: string | undefined;
   readonly clientId: string | undefined;
+  /** The experiment variant the request asks to be answered by (projects that allow it). */
+  readonly variant?: string;
 }
 
 /** The limits and defaults requests are checked and clamped against. */
@@ -121,6 +123,8 @@ const requestSchema = z.object({
   system_prompt: z.string().max(32_768).optional(),
   reply_topic: z.string().max(512).optional(),
   client_id: shortString.optional(),
+  // Taken only where the project allows it (`allow_variant_request`); checked by the gateway.
+  variant: z.string().max(32).optional(),
   // Checked on their own (`images.ts`), to name the bad image and why.
   images: z.unknown().optional(),
   // Checked on their own (`audio.ts`), to name the bad clip and why.
@@ -293,6 +297,7 @@ export function parseRequest(
       systemPrompt: body.system_prompt,
       replyTopic: address.replyTopic,
       clientId: body.client_id,
+      ...(body.variant !== undefined && { variant: body.variant }),
     },
   };
 }

@@ -79,10 +79,19 @@ function checkModels(projects: ReadonlyMap<string, Project>, config: Config): vo
   if (config.engine === "url") return;
   const served = [config.servedModelName, ...config.loraModules.map(({ name }) => name)];
   for (const project of projects.values()) {
-    if (project.model === undefined || served.includes(project.model)) continue;
-    throw new ConfigError(
-      `${project.file}: front matter key 'model': ${project.model} is not served: ` +
-        `add '--lora-modules ${project.model}=PATH' (served now: ${served.join(", ")})`,
-    );
+    const asked = [
+      { key: "model", model: project.model },
+      ...(project.experiment?.variants ?? []).map((v) => ({
+        key: `variants (${v.name}).model`,
+        model: v.model,
+      })),
+    ];
+    for (const { key, model } of asked) {
+      if (model === undefined || served.includes(model)) continue;
+      throw new ConfigError(
+        `${project.file}: front matter key '${key}': ${model} is not served: ` +
+          `add '--lora-modules ${model}=PATH' (served now: ${served.join(", ")})`,
+      );
+    }
   }
 }

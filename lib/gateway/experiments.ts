@@ -1,0 +1,342 @@
+/**
+ * The experiments of the served projects at run time: each session's variant,
+ * stored once with the session, and the operator's decisions (a winner, a
+ * variant stopped), shared by every instance through Deno KV.
+ *
+ * Keys:
+ *
+ * - `["variant", project, sessionId]` → {@linkcode VariantRecord}: the
+ *   variant a session was first given, written with an atomic check (only
+ *   where none is) so that two instances agree: the first write wins, the
+ *   other reads it. It lives as long as a session does (`--session-ttl`
+ *   from its last turn: each turn past half of that writes it again).
+ * - `["experiment_control", project]` → {@linkcode ExperimentControl}:
+ *   read again by every instance every `controlReloadMs`.
+ *
+ * The variant that answers a turn is the stored one, unless the operator
+ * named a winner or stopped it ({@linkcode servedVariant}); a weight change
+ * moves no running session (it has its stored variant), and a restart or
+ * another instance reads the same record. Assignments are cached (an LRU), so
+ * a session's later turns on this instance read nothing from the store.
+ *
+ * @module
+ */
+
+import { LruMap } from "../_util.ts";
+import { logger } from "../log.ts";
+import {
+  assignVariant,
+  type Experiment,
+  type ExperimentControl,
+  servedVariant,
+  type Variant,
+} from "../projects/experiment.ts";
+import type { Project } from "../projects/project_file.ts";
+import { ServiceError } from "../protocol/errors.ts";
+import { commitWhenFree, openKv } from "../sessions/_util.ts";
+
+export type { ExperimentControl } from "../projects/experiment.ts";
+
+/** A session's variant as stored. */
+export interface VariantRecord {
+  readonly variant: string;
+  /** The experiment's salt when it was given. */
+  readonly experiment: string;
+  /** When it was given, in milliseconds since the epoch. */
+  readonly at: number;
+}
+
+/** Options of {@linkcode Experiments}. */
+export interface ExperimentsOptions {
+  /** The served projects; those with an experiment are the ones served here. */
+  readonly projects: ReadonlyMap<string, Project>;
+  /** Milliseconds a session lives after its last turn (`--session-ttl`). */
+  readonly ttlMs: number;
+  /**
+   * Milliseconds between reads of the operator's decisions.
+   * @default {1000}
+   */
+  readonly controlReloadMs?: number;
+  /**
+   * Sessions whose variant is kept in memory.
+   * @default {100000}
+   */
+  readonly cacheSize?: number;
+  /**
+   * The wall clock, in milliseconds since the epoch.
+   * @default {Date.now}
+   */
+  readonly now?: () => number;
+}
+
+/** What a session's stored variant is kept in memory with. */
+interface Cached {
+  readonly record: VariantRecord;
+  /** When this instance last wrote or read it (its time to live is counted from a write). */
+  refreshedAt: number;
+  versionstamp: string;
+}
+
+const log = logger("gateway");
+
+/** The key of a session's variant. */
+export function variantKey(project: string, sessionId: string): Deno.KvKey {
+  return ["variant", project, sessionId];
+}
+
+/** The key of a project's experiment control. */
+export function controlKey(project: string): Deno.KvKey {
+  return ["experiment_control", project];
+}
+
+/** The experiments of the served projects, and the sessions' variants. */
+export class Experiments {
+  readonly #kv: Deno.Kv;
+  readonly #options: ExperimentsOptions;
+  readonly #now: () => number;
+  readonly #cache: LruMap<string, Cached>;
+  readonly #controls = new Map<string, ExperimentControl>();
+  readonly #timer: ReturnType<typeof setInterval>;
+  #closed = false;
+
+  private constructor(kv: Deno.Kv, options: ExperimentsOptions) {
+    this.#kv = kv;
+    this.#options = options;
+    this.#now = options.now ?? Date.now;
+    this.#cache = new LruMap(options.cacheSize ?? 100_000);
+    this.#timer = setInterval(() => this.reload(), options.controlReloadMs ?? 1000);
+  }
+
+  /** Opens the store at `path` and reads the operator's decisions once. */
+  static async open(path: string, options: ExperimentsOptions): Promise<Experiments> {
+    const experiments = new Experiments(await openKv(path), options);
+    await experiments.reload();
+    return experiments;
+  }
+
+  /** The experiment of `project`, if it has one. */
+  experiment(project: string): Experiment | undefined {
+    return this.#options.projects.get(project)?.experiment;
+  }
+
+  /** The operator's decisions on `project`'s experiment, as last read. */
+  control(project: string): ExperimentControl | undefined {
+    return this.#controls.get(project);
+  }
+
+  /** Reads the operator's decisions again (every instance does, every second). */
+  async reload(): Promise<void> {
+    const projects = [...this.#options.projects.values()].filter((p) => p.experiment);
+    if (projects.length === 0 || this.#closed) return;
+    try {
+      const entries = await this.#kv.getMany<ExperimentControl[]>(
+        projects.map((p) => controlKey(p.name)),
+      );
+      for (const [i, entry] of entries.entries()) {
+        const name = projects[i].name;
+        const before = this.#controls.get(name);
+        if (entry.value === null) this.#controls.delete(name);
+        else this.#controls.set(name, entry.value);
+        if (entry.value !== null && entry.value.at !== before?.at) {
+          log.info("Experiment of {project}: {control}", {
+            project: name,
+            control: JSON.stringify(entry.value),
+          });
+        }
+      }
+    } catch (error) {
+      if (!this.#closed) {
+        log.warn("Reading the experiments' control: {message}", { message: String(error) });
+      }
+    }
+  }
+
+  /**
+   * The variant that answers `sessionId` of `project` now, giving the session
+   * one (stored, first write wins) if it has none; undefined for a project
+   * without an experiment. `requested`: the variant the request asks for,
+   * taken only where the project allows it and the session has none yet or
+   * that one.
+   *
+   * @throws {ServiceError} `forbidden` for a request choosing a variant where
+   * the project does not allow it; `invalid_request` for one it does not have,
+   * or another than the session's.
+   */
+  async assign(
+    project: string,
+    sessionId: string,
+    requested?: string,
+  ): Promise<Variant | undefined> {
+    const experiment = this.experiment(project);
+    if (experiment === undefined) {
+      if (requested !== undefined) {
+        throw new ServiceError(
+          "invalid_request",
+          `project ${project} runs no experiment: 'variant' is not taken`,
+        );
+      }
+      return undefined;
+    }
+    if (requested !== undefined) {
+      if (!experiment.allowRequest) {
+        throw new ServiceError(
+          "forbidden",
+          `project ${project} does not let a request choose its variant (allow_variant_request is off)`,
+        );
+      }
+      if (!experiment.variants.some((v) => v.name === requested)) {
+        throw new ServiceError(
+          "invalid_request",
+          `'variant': project ${project} has no variant ${JSON.stringify(requested)} (it has ${
+            experiment.variants.map((v) => v.name).join(", ")
+          })`,
+        );
+      }
+    }
+    const record = await this.#stored(project, sessionId, experiment, requested);
+    const name = servedVariant(experiment, record.variant, sessionId, this.control(project));
+    if (requested !== undefined && name !== requested) {
+      throw new ServiceError(
+        "invalid_request",
+        `'variant': session ${sessionId} is answered by variant ${name}, not ${requested}`,
+      );
+    }
+    return experiment.variants.find((v) => v.name === name);
+  }
+
+  /**
+   * The variant that answers a session now, from memory alone (for a reply
+   * that does not come from a turn: a refusal, a repeat); undefined when this
+   * instance has not seen the session, or the project runs no experiment.
+   */
+  known(project: string, sessionId: string): string | undefined {
+    const experiment = this.experiment(project);
+    const cached = experiment && this.#cache.get(`${project}\0${sessionId}`);
+    if (!cached) return undefined;
+    return servedVariant(experiment!, cached.record.variant, sessionId, this.control(project));
+  }
+
+  /** The session's stored variant: from memory, else the store, else given now. */
+  async #stored(
+    project: string,
+    sessionId: string,
+    experiment: Experiment,
+    requested: string | undefined,
+  ): Promise<VariantRecord> {
+    const cacheKey = `${project}\0${sessionId}`;
+    const now = this.#now();
+    const cached = this.#cache.get(cacheKey);
+    const key = variantKey(project, sessionId);
+    if (cached && now - cached.refreshedAt < this.#options.ttlMs / 2) return cached.record;
+    if (cached) {
+      // Past half its life: written again, so that it lives as long as the session does.
+      const write = await commitWhenFree(
+        this.#kv.atomic()
+          .check({ key, versionstamp: cached.versionstamp })
+          .set(key, cached.record, { expireIn: this.#options.ttlMs }),
+      );
+      if (write.ok) {
+        cached.refreshedAt = now;
+        cached.versionstamp = write.versionstamp;
+        return cached.record;
+      }
+    }
+    for (;;) {
+      const entry = await this.#kv.get<VariantRecord>(key);
+      if (entry.value !== null) {
+        this.#cache.set(cacheKey, {
+          record: entry.value,
+          refreshedAt: now,
+          versionstamp: entry.versionstamp,
+        });
+        return entry.value;
+      }
+      const record: VariantRecord = {
+        variant: requested ?? assignVariant(experiment, sessionId),
+        experiment: experiment.salt,
+        at: now,
+      };
+      const write = await commitWhenFree(
+        this.#kv.atomic()
+          .check({ key, versionstamp: null })
+          .set(key, record, { expireIn: this.#options.ttlMs }),
+      );
+      // Another instance gave the session its variant first: read it.
+      if (!write.ok) continue;
+      this.#cache.set(cacheKey, { record, refreshedAt: now, versionstamp: write.versionstamp });
+      return record;
+    }
+  }
+
+  /** Sets the operator's decision here and in the store; the other instances read it. */
+  async decide(
+    project: string,
+    decision: { readonly winner: string } | { readonly stop: string; readonly reason: string },
+  ): Promise<ExperimentControl> {
+    const control = "winner" in decision
+      ? await endExperiment(this.#kv, project, decision.winner, this.#now)
+      : await stopVariant(this.#kv, project, decision.stop, decision.reason, this.#now);
+    this.#controls.set(project, control);
+    return control;
+  }
+
+  /** Stops reading the operator's decisions and closes the store. */
+  close(): void {
+    this.#closed = true;
+    clearInterval(this.#timer);
+    this.#kv.close();
+  }
+}
+
+/**
+ * Stops `variant` of `project`'s experiment at once: its sessions move to the
+ * variants left, by the same hash over their weights, on every instance
+ * within a second. For the operator's endpoint and for a guardrail.
+ */
+export async function stopVariant(
+  kv: Deno.Kv,
+  project: string,
+  variant: string,
+  reason: string,
+  now: () => number = Date.now,
+): Promise<ExperimentControl> {
+  return await changeControl(kv, project, (control) => ({
+    ...control,
+    stopped: control.stopped.includes(variant) ? control.stopped : [...control.stopped, variant],
+    reasons: { ...control.reasons, [variant]: reason },
+    at: now(),
+  }));
+}
+
+/** Ends `project`'s experiment: every session, running ones too, gets `winner`. */
+export async function endExperiment(
+  kv: Deno.Kv,
+  project: string,
+  winner: string,
+  now: () => number = Date.now,
+): Promise<ExperimentControl> {
+  return await changeControl(kv, project, (control) => ({ ...control, winner, at: now() }));
+}
+
+/** Reads `project`'s experiment control as stored; undefined when the operator set none. */
+export async function readExperimentControl(
+  kv: Deno.Kv,
+  project: string,
+): Promise<ExperimentControl | undefined> {
+  return (await kv.get<ExperimentControl>(controlKey(project))).value ?? undefined;
+}
+
+/** Applies `change` to the stored control, retried until no other writer came between. */
+async function changeControl(
+  kv: Deno.Kv,
+  project: string,
+  change: (control: ExperimentControl) => ExperimentControl,
+): Promise<ExperimentControl> {
+  const key = controlKey(project);
+  for (;;) {
+    const entry = await kv.get<ExperimentControl>(key);
+    const next = change(entry.value ?? { stopped: [], reasons: {}, at: 0 });
+    const write = await commitWhenFree(kv.atomic().check(entry).set(key, next));
+    if (write.ok) return next;
+  }
+}

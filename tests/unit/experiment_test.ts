@@ -1,0 +1,224 @@
+/**
+ * Unit tests of experiments (lib/projects/experiment.ts, lib/gateway/experiments.ts):
+ * the front matter's variants and their errors, the assignment hash against
+ * the weights (2,000 sessions split 90/10 within binomial bounds), stopped
+ * variants and winners, and the stored assignment in an in-memory Deno KV
+ * (first write wins, a weight change moves no stored session).
+ */
+
+import { equal, match, ok, rejects, throws } from "node:assert/strict";
+import { ConfigError } from "../../lib/config/config.ts";
+import {
+  assignVariant,
+  type Experiment,
+  pickVariant,
+  servedVariant,
+  variantPoint,
+} from "../../lib/projects/experiment.ts";
+import { parseProjectFile, type Project } from "../../lib/projects/project_file.ts";
+import { Experiments, readExperimentControl, stopVariant } from "../../lib/gateway/experiments.ts";
+import { ServiceError } from "../../lib/protocol/errors.ts";
+
+const file = (front: string) => `---\n${front}\n---\n# Maze\nGuide the player.\n`;
+
+function project(front: string, name = "maze"): Project {
+  return parseProjectFile(name, `prompts/${name}.md`, file(front));
+}
+
+function experiment(weights: Record<string, number>, salt = "maze"): Experiment {
+  return {
+    salt,
+    allowRequest: false,
+    variants: Object.entries(weights).map(([name, weight]) => ({ name, weight })),
+  };
+}
+
+Deno.test("variants: parsed from the front matter, with the salt defaulting to the project", () => {
+  const p = project(
+    "variants:\n  - name: a\n    weight: 80\n  - name: b\n    weight: 20\n" +
+      "    model: maze-lora-v2\n    temperature: 0.2\n    top_p: 0.9\n    max_tokens: 64",
+  );
+  equal(p.experiment?.salt, "maze");
+  equal(p.experiment?.allowRequest, false);
+  equal(p.experiment?.variants.length, 2);
+  const b = p.experiment!.variants[1];
+  equal(b.model, "maze-lora-v2");
+  equal(b.temperature, 0.2);
+  equal(b.topP, 0.9);
+  equal(b.maxTokens, 64);
+  equal(project("experiment: x-1\nvariants:\n  - name: a\n    weight: 1").experiment?.salt, "x-1");
+  equal(project("state_topic: true").experiment, undefined);
+});
+
+Deno.test("variants: bad values stop the start-up naming the file and the value", () => {
+  const bad: [string, RegExp][] = [
+    ["variants: []", /prompts\/maze\.md: .*'variants'/],
+    ["variants:\n  - name: a\n    weight: 1\n  - name: a\n    weight: 2", /"a" is used twice/],
+    ["variants:\n  - name: a\n    weight: -1", /variants\[0\] \(a\)\.weight.*-1/],
+    ["variants:\n  - name: a\n    weight: 0", /weights sum to 0/],
+    ["variants:\n  - name: a b\n    weight: 1", /variants\[0\]\.name/],
+    ["variants:\n  - name: a\n    weight: 1\n    colour: red", /unknown key/],
+    ["variants:\n  - name: a\n    weight: 1\n    prompt: ../secret", /prompt/],
+    ["variants:\n  - name: a\n    weight: 1\n    temperature: 3", /temperature.*3/],
+    ["allow_variant_request: true", /no 'variants'/],
+  ];
+  for (const [front, message] of bad) {
+    throws(() => project(front), (error: unknown) => {
+      ok(error instanceof ConfigError, String(error));
+      match((error as Error).message, message);
+      return true;
+    });
+  }
+});
+
+Deno.test("assignment: 2,000 sessions split 90/10 within binomial bounds", () => {
+  const e = experiment({ a: 90, b: 10 });
+  let b = 0;
+  for (let i = 0; i < 2000; i++) if (assignVariant(e, `session-${i}`) === "b") b++;
+  // Mean 200, standard deviation sqrt(2000 * 0.1 * 0.9) = 13.4: four of them either side.
+  ok(b > 200 - 4 * 13.4 && b < 200 + 4 * 13.4, `${b} of 2000 on b`);
+  // Random-looking ids (UUIDs) too.
+  let c = 0;
+  for (let i = 0; i < 2000; i++) if (assignVariant(e, crypto.randomUUID()) === "b") c++;
+  ok(c > 200 - 4 * 13.4 && c < 200 + 4 * 13.4, `${c} of 2000 UUIDs on b`);
+});
+
+Deno.test("assignment: stable, salted, and weight 0 never picked", () => {
+  const e = experiment({ a: 50, b: 50 });
+  equal(assignVariant(e, "s1"), assignVariant(e, "s1"));
+  const point = variantPoint("maze", "s1");
+  ok(point >= 0 && point < 1);
+  ok(variantPoint("other", "s1") !== point);
+  for (let i = 0; i < 200; i++) equal(assignVariant(experiment({ a: 1, b: 0 }), `s${i}`), "a");
+  equal(pickVariant([{ name: "a", weight: 0 }], 0.5), undefined);
+  equal(pickVariant([{ name: "a", weight: 1 }, { name: "b", weight: 1 }], 0.999999), "b");
+});
+
+Deno.test("served variant: a winner takes every session; a stopped variant's move by the hash", () => {
+  const e = experiment({ a: 50, b: 25, c: 25 });
+  const control = { stopped: ["b"], reasons: { b: "errors" }, at: 1 };
+  for (let i = 0; i < 300; i++) {
+    const id = `s${i}`;
+    equal(servedVariant(e, "a", id, { ...control, winner: "c" }), "c");
+    equal(servedVariant(e, "a", id, control), "a");
+    const moved = servedVariant(e, "b", id, control);
+    ok(moved === "a" || moved === "c");
+    // The same on every instance: a function of the session alone.
+    equal(servedVariant(e, "b", id, control), moved);
+  }
+  // A variant no longer in the file is treated as stopped.
+  ok(["a", "b", "c"].includes(servedVariant(e, "gone", "s1", undefined)));
+});
+
+function withExperiments(
+  front: string,
+  run: (experiments: Experiments, path: string) => Promise<void>,
+): () => Promise<void> {
+  return async () => {
+    const dir = await Deno.makeTempDir();
+    const path = `${dir}/kv`;
+    const p = project(front);
+    const experiments = await Experiments.open(path, {
+      projects: new Map([["maze", p]]),
+      ttlMs: 60_000,
+      controlReloadMs: 60_000,
+    });
+    try {
+      await run(experiments, path);
+    } finally {
+      experiments.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  };
+}
+
+const AB = "variants:\n  - name: a\n    weight: 50\n  - name: b\n    weight: 50";
+
+Deno.test(
+  "stored assignment: kept across a weight change and read by another instance",
+  withExperiments(AB, async (experiments, path) => {
+    const ids = Array.from({ length: 40 }, (_, i) => `s${i}`);
+    const first = new Map<string, string>();
+    for (const id of ids) first.set(id, (await experiments.assign("maze", id))!.name);
+    equal(experiments.known("maze", "s0"), first.get("s0"));
+    // Another instance whose file gives everything to a.
+    const moved = project("variants:\n  - name: a\n    weight: 1\n  - name: b\n    weight: 0");
+    const other = await Experiments.open(path, {
+      projects: new Map([["maze", moved]]),
+      ttlMs: 60_000,
+      controlReloadMs: 60_000,
+    });
+    try {
+      for (const id of ids) equal((await other.assign("maze", id))!.name, first.get(id));
+      equal((await other.assign("maze", "new-session"))!.name, "a");
+    } finally {
+      other.close();
+    }
+    ok([...first.values()].includes("b"));
+  }),
+);
+
+Deno.test(
+  "stored assignment: the first of two concurrent writers wins",
+  withExperiments(AB, async (experiments, path) => {
+    const other = await Experiments.open(path, {
+      projects: new Map([[
+        "maze",
+        project("variants:\n  - name: a\n    weight: 0\n  - name: b\n    weight: 1"),
+      ]]),
+      ttlMs: 60_000,
+      controlReloadMs: 60_000,
+    });
+    try {
+      for (let i = 0; i < 20; i++) {
+        const [x, y] = await Promise.all([
+          experiments.assign("maze", `race${i}`),
+          other.assign("maze", `race${i}`),
+        ]);
+        equal(x!.name, y!.name);
+      }
+    } finally {
+      other.close();
+    }
+  }),
+);
+
+Deno.test(
+  "control: stopVariant and a winner change what answers, stored for every instance",
+  withExperiments(AB, async (experiments, path) => {
+    const ids = Array.from({ length: 40 }, (_, i) => `s${i}`);
+    for (const id of ids) await experiments.assign("maze", id);
+    const kv = await Deno.openKv(path);
+    try {
+      await stopVariant(kv, "maze", "b", "too slow");
+      equal((await readExperimentControl(kv, "maze"))?.reasons.b, "too slow");
+    } finally {
+      kv.close();
+    }
+    await experiments.reload();
+    for (const id of ids) equal((await experiments.assign("maze", id))!.name, "a");
+    await experiments.decide("maze", { winner: "b" });
+    for (const id of ids) equal(experiments.known("maze", id), "b");
+  }),
+);
+
+Deno.test(
+  "requested variant: refused unless the project allows it",
+  withExperiments(AB, async (experiments) => {
+    await rejects(experiments.assign("maze", "s1", "b"), (error: unknown) => {
+      ok(error instanceof ServiceError);
+      equal(error.code, "forbidden");
+      return true;
+    });
+  }),
+);
+
+Deno.test(
+  "requested variant: taken where allowed, and kept by the session",
+  withExperiments(`allow_variant_request: true\n${AB}`, async (experiments) => {
+    equal((await experiments.assign("maze", "pick", "b"))!.name, "b");
+    equal((await experiments.assign("maze", "pick"))!.name, "b");
+    await rejects(experiments.assign("maze", "pick", "a"), /answered by variant b/);
+    await rejects(experiments.assign("maze", "pick", "z"), /no variant "z"/);
+  }),
+);
