@@ -19,7 +19,9 @@
  * @module
  */
 
+import { readExperimentControl } from "../gateway/experiments.ts";
 import { logger } from "../log.ts";
+import type { ExperimentControl } from "../projects/experiment.ts";
 import {
   type ExperimentFigures,
   experimentFigures,
@@ -39,14 +41,6 @@ export interface MonitoredExperiment {
   readonly salt: string;
   /** Variant names in their listed order; the first is the baseline. */
   readonly variants: readonly string[];
-}
-
-/** What an experiment's operator control says (`["experiment_control", project]`). */
-export interface ExperimentControl {
-  readonly winner?: string;
-  readonly stopped: readonly string[];
-  readonly reasons: Readonly<Record<string, string>>;
-  readonly at: number;
 }
 
 /** How a turn of a session in an experiment ended. */
@@ -80,6 +74,8 @@ export interface ExperimentPanel {
 export interface ExperimentMonitorOptions {
   /** The store outcomes are written to and feedback and control are read from. */
   readonly kv: Deno.Kv;
+  /** Whether {@linkcode ExperimentMonitor.close} closes `kv`. @default {false} */
+  readonly ownsStore?: boolean;
   /** Per project with variants, its experiment. */
   readonly experiments: ReadonlyMap<string, MonitoredExperiment>;
   /** Milliseconds an outcome is kept. @default {2_592_000_000} (30 days) */
@@ -110,6 +106,7 @@ export class ExperimentMonitor {
   readonly #timer: ReturnType<typeof setInterval> | undefined;
   #checking: Promise<unknown> | undefined;
   #panels: { at: number; panels: Promise<ExperimentPanel[]> } | undefined;
+  #latest: ExperimentPanel[] | undefined;
 
   readonly #requests = new Counter(
     "vllm_mqtt_variant_requests_total",
@@ -244,6 +241,16 @@ export class ExperimentMonitor {
   }
 
   /**
+   * The panels as last computed, for a caller that cannot wait (the live
+   * page's updates); starts computing them again when they are stale.
+   */
+  snapshot(): ExperimentPanel[] | undefined {
+    const pending = this.panels();
+    pending.then((panels) => this.#latest = panels, () => {});
+    return this.#latest;
+  }
+
+  /**
    * Stops each variant found worse than its baseline beyond the margins (not
    * one stopped already); returns what it found.
    */
@@ -282,6 +289,7 @@ export class ExperimentMonitor {
     clearInterval(this.#timer);
     await this.#checking;
     await this.#log.flushed();
+    if (this.#options.ownsStore) this.#options.kv.close();
   }
 
   /** Resolves once every outcome so far is stored. */
@@ -313,10 +321,8 @@ export class ExperimentMonitor {
     return panels;
   }
 
-  async #control(project: string): Promise<ExperimentControl | undefined> {
-    const value = (await this.#options.kv.get<ExperimentControl>(["experiment_control", project]))
-      .value;
-    return value ?? undefined;
+  #control(project: string): Promise<ExperimentControl | undefined> {
+    return readExperimentControl(this.#options.kv, project);
   }
 
   /** The outcomes of `project` within the retention. */

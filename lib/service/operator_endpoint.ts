@@ -15,6 +15,7 @@ import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
 import { type BrokerChoice, isLoopback, serviceDashboard } from "../observability/dashboard.ts";
 import { type HttpEndpoint, serveHttpEndpoint } from "../observability/http_endpoint.ts";
+import type { ExperimentMonitor } from "../observability/experiment_monitor.ts";
 import type { LiveStats } from "../observability/live_stats.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
@@ -29,7 +30,14 @@ export interface Parts {
   storageHealth?: StorageHealth;
   client?: MqttClient;
   broker?: BrokerChoice;
-  serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats; live: LiveStats };
+  serving?: {
+    gateway: Gateway;
+    directory: SessionDirectory;
+    stats: Stats;
+    live: LiveStats;
+    /** The projects' experiments, when some project has one. */
+    experiments: ExperimentMonitor | undefined;
+  };
 }
 
 /** The HTTP endpoint, reporting on the parts that are up so far. */
@@ -59,7 +67,9 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
           ...(reason !== undefined && { reason: `session store: ${reason}` }),
         };
       },
-      metrics: () => parts.serving?.stats.prometheus() ?? "",
+      metrics: () =>
+        (parts.serving?.stats.prometheus() ?? "") +
+        (parts.serving?.experiments?.prometheus() ?? ""),
       status: () => ({
         status: parts.serving ? "online" : "starting",
         instance: config.mqttClientId,
