@@ -18,6 +18,7 @@ import { Gateway, type GatewayOptions } from "./gateway/gateway.ts";
 import type { RunningEngine } from "./engine/running_engine.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
+import { Experiments } from "./gateway/experiments.ts";
 import { logger } from "./log.ts";
 import {
   connectMqtt,
@@ -39,7 +40,6 @@ import { LiveStats } from "./observability/live_stats.ts";
 import { Stats } from "./observability/stats.ts";
 import type { Project } from "./projects/project_file.ts";
 import { ExperimentMonitor } from "./observability/experiment_monitor.ts";
-import { stopVariant } from "./gateway/experiments.ts";
 import { openKv } from "./sessions/_util.ts";
 import { InProcessPool } from "./workers/in_process_pool.ts";
 import type { WorkerSettings } from "./workers/messages.ts";
@@ -166,14 +166,25 @@ export async function startService(
       keepMs: config.sessionTtlMs,
     });
     if (turnOrder) cleanup.defer(() => turnOrder.close());
+    // The sessions' experiment variants, in the sessions' store (every instance reads them).
+    const experiments = [...projects.values()].some((p) => p.experiment !== undefined)
+      ? await Experiments.open(kvPath, { projects, ttlMs: config.sessionTtlMs })
+      : undefined;
+    if (experiments) cleanup.defer(() => experiments.close());
+    parts.experiments = experiments;
     // Variants the guardrail stopped, said on the status topic (its `online` message).
     const guardrailStops: Record<string, Record<string, string>> = {};
     let announceStops = () => {};
-    const experimentMonitor = [...projects.values()].some((p) => p.experiment !== undefined)
+    const experimentMonitor = experiments
       ? await step(
-        startExperimentMonitor(config, projects, kvPath, (project, variant, reason) => {
-          (guardrailStops[project] ??= {})[variant] = reason;
-          announceStops();
+        startExperimentMonitor(config, projects, kvPath, {
+          stop: async (project, variant, reason) => {
+            await experiments.decide(project, { stop: variant, reason });
+          },
+          stopped: (project, variant, reason) => {
+            (guardrailStops[project] ??= {})[variant] = reason;
+            announceStops();
+          },
         }),
         (m) => m.close(),
       )
@@ -265,6 +276,8 @@ export async function startService(
       turnOrder,
       engineTokenCount: (text) => engineTokenCount(engine.endpoint, text),
       projectFiles: projects,
+      experiments,
+      historyStore: store,
       experimentMonitor,
     });
     const drops = new BrokerDrops();
@@ -368,13 +381,17 @@ export async function startService(
 /**
  * The per-variant figures of the projects with an experiment, on a store
  * connection of their own, with the guardrail when `--guardrail` is on: it
- * stops a variant through the experiment's control, and `stopped` tells.
+ * stops a variant through the experiment's control (`guardrail.stop`), and
+ * `guardrail.stopped` tells.
  */
 async function startExperimentMonitor(
   config: Config,
   projects: ReadonlyMap<string, Project>,
   kvPath: string,
-  stopped: (project: string, variant: string, reason: string) => void,
+  guardrail: {
+    readonly stop: (project: string, variant: string, reason: string) => Promise<void>;
+    readonly stopped: (project: string, variant: string, reason: string) => void;
+  },
 ): Promise<ExperimentMonitor> {
   const kv = await openKv(kvPath);
   const experiments = new Map(
@@ -403,10 +420,8 @@ async function startExperimentMonitor(
           intervalMs: config.guardrailIntervalMs,
         }
         : undefined,
-      stopVariant: async (project, variant, reason) => {
-        await stopVariant(kv, project, variant, reason);
-      },
-      onStopped: stopped,
+      stopVariant: guardrail.stop,
+      onStopped: guardrail.stopped,
     });
   } catch (error) {
     kv.close();

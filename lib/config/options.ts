@@ -44,6 +44,23 @@ function loraModule(value: string): LoraModule {
   return Object.freeze({ name, path });
 }
 
+/**
+ * `MODEL=QUALITY` entries of `--sim-quality`, read: how often (0 to 1) the
+ * simulated engine's answers of each served model or adapter come out good.
+ */
+function simQuality(entries: readonly string[]): Readonly<Record<string, number>> {
+  const qualities: Record<string, number> = {};
+  for (const entry of entries) {
+    const [, name, value] = /^([^=\s]+)=([0-9.]+)$/.exec(entry) ?? [];
+    const quality = Number(value);
+    if (name === undefined || !(quality >= 0 && quality <= 1)) {
+      throw badValue("sim-quality", "MODEL=QUALITY entries with a quality from 0 to 1", entry);
+    }
+    qualities[name] = quality;
+  }
+  return Object.freeze(qualities);
+}
+
 /** Project names, each once; a name becomes a topic level and a file name, so it is plain. */
 function projectNames(names: readonly string[]): readonly string[] {
   if (names.length === 0) {
@@ -305,6 +322,17 @@ export const OPTIONS = [
     group: "Engine",
     help: "Simulated engine: time between tokens at batch size 1 (grows with the batch)",
   }),
+  transform(
+    list({
+      name: "sim-quality",
+      field: "simQuality",
+      default: [],
+      group: "Engine",
+      help:
+        "Simulated engine: MODEL=QUALITY entries (0 to 1) for the served model and adapters; when set, every answer names its model, a hash of its system prompt and a good or bad outcome drawn with that probability (a bad game answer is not valid JSON), to test experiments against known truth",
+    }),
+    simQuality,
+  ),
 
   // vLLM (managed mode)
   int({

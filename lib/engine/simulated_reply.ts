@@ -40,6 +40,15 @@
  * - `model`: one of the adapters (vLLM's `--lora-modules`): the answer starts
  *   with `{adapter}: `.
  *
+ * Told how good each model is (`quality`, for tests of experiments), every
+ * answer starts with a signature, `<sim model=maze-lora-v2 prompt=1f0c3a9e
+ * quality=0.6 outcome=good> `: the model or adapter asked, an FNV-1a hash of
+ * the system prompt it got (so a test can tell which variant answered), and
+ * an outcome drawn with the model's quality as the probability of `good`
+ * (from a hash of the conversation: the same conversation, the same outcome).
+ * A `bad` answer held to a JSON format is cut by its last character: not valid
+ * JSON, as a weaker model's game answer may be.
+ *
  * @module
  */
 
@@ -106,19 +115,30 @@ export interface ReplyOptions {
   readonly splitReasoning?: boolean;
   /** Most tokens the answer may have (`max_tokens`). */
   readonly maxTokens: number;
+  /**
+   * The model asked and how often (0 to 1) its answers are good: the answer
+   * is signed, and a bad one held to a JSON format is not valid JSON.
+   */
+  readonly graded?: { readonly model: string; readonly quality: number };
 }
 
 /** The simulated model's reply to `body`, by the rules in this module's documentation. */
 export function simulatedReply(body: ChatBody, options: ReplyOptions): SimulatedReply {
   const messages = body.messages ?? [];
-  const text = (options.adapter ? `${options.adapter}: ` : "") +
+  const outcome = options.graded && gradedOutcome(messages, options.graded);
+  const text = (outcome ? `${outcome.signature} ` : "") +
+    (options.adapter ? `${options.adapter}: ` : "") +
     replyText(messages, options.fillerTokens);
   const choice = body.tool_choice ?? (body.tools?.length ? "auto" : undefined);
   // A guided answer (a required or named call) is the call alone; an auto one is held to the
   // response_format's schema when there is one, where no tool call fits.
   const guided = choice === "required" || typeof choice === "object";
   const call = guided || (choice === "auto" && !body.response_format) ? toolCall(body) : undefined;
-  const content = guided ? "" : call ? text : formatted(text, body.response_format, messages);
+  const shaped = guided ? "" : call ? text : formatted(text, body.response_format, messages);
+  // A bad answer to a JSON format is cut short: the client cannot parse it.
+  const content = outcome && !outcome.good && body.response_format !== undefined && shaped !== ""
+    ? shaped.slice(0, -1)
+    : shaped;
   // Held to a grammar from its first token (no parser to wait for the reasoning's end), a
   // model has no room to reason.
   const constrained = guided || body.response_format !== undefined;
@@ -187,6 +207,42 @@ export function promptTokenIds(
       .join("") +
     "<|im_start|>assistant\n";
   return tokenIds(rendered);
+}
+
+/**
+ * The signature of a graded answer and its outcome: good with the model's
+ * quality as the probability, drawn from a hash of the conversation.
+ */
+function gradedOutcome(
+  messages: { role: string; content: unknown }[],
+  graded: { readonly model: string; readonly quality: number },
+): { readonly signature: string; readonly good: boolean } {
+  const system = textOf(messages.find((m) => m.role === "system")?.content ?? "");
+  const conversation = messages.map((m) => `${m.role}:${textOf(m.content)}`).join("\n");
+  const draw = fnv1a(`${graded.model}\n${conversation}`) / 0x1_0000_0000;
+  const good = draw < graded.quality;
+  const prompt = fnv1a(system).toString(16).padStart(8, "0");
+  return {
+    signature: `<sim model=${graded.model} prompt=${prompt} quality=${graded.quality} outcome=${
+      good ? "good" : "bad"
+    }>`,
+    good,
+  };
+}
+
+/** FNV-1a (32 bits) over the UTF-16 code units of `text`, mixed (MurmurHash3's finaliser). */
+function fnv1a(text: string): number {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    hash ^= text.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193);
+  }
+  hash ^= hash >>> 16;
+  hash = Math.imul(hash, 0x85ebca6b);
+  hash ^= hash >>> 13;
+  hash = Math.imul(hash, 0xc2b2ae35);
+  hash ^= hash >>> 16;
+  return hash >>> 0;
 }
 
 /** The usual answer: the system prompt's first line, the turn count and the last user message. */

@@ -118,6 +118,14 @@ export interface SimulatorOptions {
    * @default {[]}
    */
   readonly adapters?: readonly string[];
+  /**
+   * How good the answers of each model or adapter are, 0 to 1 (`--sim-quality`):
+   * when set, every answer is signed with its model, a hash of its system
+   * prompt and an outcome drawn with that probability (see `simulated_reply.ts`);
+   * a model not named here is good half of the time.
+   * @default {undefined}
+   */
+  readonly quality?: Readonly<Record<string, number>>;
 }
 
 /**
@@ -236,6 +244,9 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       thinking: thinks ? (options.thinking === "always" ? "opened" : "tagged") : undefined,
       splitReasoning: options.reasoningParser !== undefined,
       maxTokens,
+      ...(options.quality && {
+        graded: { model: adapter ?? model, quality: options.quality[adapter ?? model] ?? 0.5 },
+      }),
     });
     const { tokens, reasoning, calls, finishReason, completionTokens } = reply;
     const usage = {

@@ -64,6 +64,7 @@ async function startSimulatorWorker(config: Config, needs: EngineNeeds): Promise
       ttftMs: config.simTtftMs,
       itlMs: config.simItlMs,
       adapters: config.loraModules.map(({ name }) => name),
+      ...(Object.keys(config.simQuality).length > 0 && { quality: config.simQuality }),
       toolParser,
       reasoningParser,
     });

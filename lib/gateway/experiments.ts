@@ -12,6 +12,8 @@
  *   from its last turn: each turn past half of that writes it again).
  * - `["experiment_control", project]` → {@linkcode ExperimentControl}:
  *   read again by every instance every `controlReloadMs`.
+ * - `["feedback", project, sessionId, requestId]` → {@linkcode FeedbackRecord}
+ *   (`feedback_topic.ts`): written once (atomic check), kept 90 days.
  *
  * The variant that answers a turn is the stored one, unless the operator
  * named a winner or stopped it ({@linkcode servedVariant}); a weight change
@@ -43,6 +45,16 @@ export interface VariantRecord {
   /** The experiment's salt when it was given. */
   readonly experiment: string;
   /** When it was given, in milliseconds since the epoch. */
+  readonly at: number;
+}
+
+/** One stored feedback record (`feedback_topic.ts`). */
+export interface FeedbackRecord {
+  /** The variant answering the session when the feedback came. */
+  readonly variant?: string;
+  readonly score?: number;
+  readonly label?: string;
+  /** When it was stored, in milliseconds since the epoch. */
   readonly at: number;
 }
 
@@ -83,6 +95,14 @@ const log = logger("gateway");
 export function variantKey(project: string, sessionId: string): Deno.KvKey {
   return ["variant", project, sessionId];
 }
+
+/** The key of the feedback on one request of a session. */
+export function feedbackKey(project: string, sessionId: string, requestId: string): Deno.KvKey {
+  return ["feedback", project, sessionId, requestId];
+}
+
+/** How long feedback is kept for the reports: 90 days. */
+const FEEDBACK_KEEP_MS = 90 * 24 * 3_600_000;
 
 /** The key of a project's experiment control. */
 export function controlKey(project: string): Deno.KvKey {
@@ -168,15 +188,8 @@ export class Experiments {
     requested?: string,
   ): Promise<Variant | undefined> {
     const experiment = this.experiment(project);
-    if (experiment === undefined) {
-      if (requested !== undefined) {
-        throw new ServiceError(
-          "invalid_request",
-          `project ${project} runs no experiment: 'variant' is not taken`,
-        );
-      }
-      return undefined;
-    }
+    // Without an experiment a request's `variant` is ignored, as every unknown field is.
+    if (experiment === undefined) return undefined;
     if (requested !== undefined) {
       if (!experiment.allowRequest) {
         throw new ServiceError(
@@ -266,6 +279,25 @@ export class Experiments {
       this.#cache.set(cacheKey, { record, refreshedAt: now, versionstamp: write.versionstamp });
       return record;
     }
+  }
+
+  /**
+   * Stores the feedback on a session's request, once: false when the
+   * request_id had feedback already (this copy is not stored).
+   */
+  async storeFeedback(
+    project: string,
+    sessionId: string,
+    requestId: string,
+    record: FeedbackRecord,
+  ): Promise<boolean> {
+    const key = feedbackKey(project, sessionId, requestId);
+    const write = await commitWhenFree(
+      this.#kv.atomic()
+        .check({ key, versionstamp: null })
+        .set(key, record, { expireIn: FEEDBACK_KEEP_MS }),
+    );
+    return write.ok;
   }
 
   /** Sets the operator's decision here and in the store; the other instances read it. */

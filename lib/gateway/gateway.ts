@@ -32,6 +32,7 @@ import { Prompts } from "./prompts.ts";
 import { ReplyPublisher } from "./reply_publisher.ts";
 import { mqtt5Reply, type ReplyTarget, ReplyTopics } from "./reply_target.ts";
 import { controlHint, StateTopics } from "./state_topics.ts";
+import { FeedbackTopic } from "./feedback_topic.ts";
 import { TurnLine } from "./turn_line.ts";
 import { runTurnJob, type TurnRunnerOptions } from "./turn_runner.ts";
 import { type GatewayOptions, projectLimits } from "./gateway_options.ts";
@@ -54,6 +55,7 @@ export class Gateway {
   readonly #turns: TurnRunnerOptions;
   readonly #control: ControlTopics | undefined;
   readonly #states: StateTopics | undefined;
+  readonly #feedback: FeedbackTopic | undefined;
   /** Topics already logged as holding a retained message (once each, bounded). */
   readonly #retainedTopics = new Set<string>();
   #subscriptions: string[];
@@ -68,6 +70,8 @@ export class Gateway {
       qos: options.qos,
       stats,
       broker: options.broker,
+      variantOf: options.experiments &&
+        ((project, sessionId) => options.experiments!.known(project, sessionId)),
     });
     this.#replyTopics = new ReplyTopics(topics, options.replyTopics);
     this.#scheduler = new Scheduler<Job>({
@@ -101,6 +105,7 @@ export class Gateway {
       // Optional in the gateway's options, required (maybe undefined) in the runner's.
       projectFiles: options.projectFiles,
       storageHealth: options.storageHealth,
+      experiments: options.experiments,
       now,
     };
     const publish = (target: ReplyTarget, body: ReplyBody) => this.#replies.reply(target, body);
@@ -141,6 +146,16 @@ export class Gateway {
         publish,
       })
       : undefined;
+    this.#feedback = options.experiments && options.historyStore && new FeedbackTopic({
+      topics,
+      experiments: options.experiments,
+      store: options.historyStore,
+      stats,
+      sessionTopicsOnly: options.sessionTopicsOnly,
+      signer: options.signer,
+      refuse: (target, error) => this.#replies.refuse(target, error),
+      send: (topic, payload) => this.#replies.send(topic, payload),
+    });
     this.#subscriptions = this.#filters();
     // Every project's input and control topics, served here or by another service on the
     // broker, and wherever else this service listens: never a reply topic.
@@ -151,6 +166,7 @@ export class Gateway {
       ...CONTROL_COMMANDS.flatMap((command) => topics.control("+", command)),
       topics.newSession("+"),
       ...topics.state("+"),
+      topics.feedback("+"),
     ]);
   }
 
@@ -219,6 +235,9 @@ export class Gateway {
       if (this.#options.signer) filters.push(topics.newSession(project));
       if (this.#control) filters.push(...this.#control.filters(project));
       if (this.#states) filters.push(...this.#states.filters(project));
+      if (this.#feedback && this.#options.experiments?.experiment(project)) {
+        filters.push(topics.feedback(project));
+      }
     }
     return filters.map((filter) => topics.subscription(filter));
   }
@@ -253,6 +272,9 @@ export class Gateway {
         return this.#issueSession(target.project, target.nonce);
       case "state":
         if (served) this.#states?.handle(target.project, target.sessionId, payload);
+        return;
+      case "feedback":
+        if (served) void this.#feedback?.handle(target.project, target.sessionId, payload);
         return;
       case "input":
         return this.#admission.request(topic, target.project, target.sessionId, payload, packet);

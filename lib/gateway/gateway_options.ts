@@ -15,6 +15,7 @@ import type { Stats } from "../observability/stats.ts";
 import type { Project } from "../projects/project_file.ts";
 import type { BrokerRules, Publish } from "./reply_publisher.ts";
 import type { SessionSigner } from "./session_signer.ts";
+import type { Experiments } from "./experiments.ts";
 import type { TurnPool } from "../workers/turn_pool.ts";
 
 /** What the gateway is built from. */
@@ -97,6 +98,18 @@ export interface GatewayOptions {
   readonly projectFiles?: ReadonlyMap<string, Project>;
   /** Where turns of a project with an experiment are counted per variant. @default {undefined} */
   readonly experimentMonitor?: ExperimentMonitor;
+  /**
+   * The sessions' experiment variants and the feedback store; undefined when
+   * no project runs an experiment (then no feedback topic is served).
+   * @default {undefined}
+   */
+  readonly experiments?: Experiments;
+  /**
+   * The sessions' stored histories, where the feedback topic looks for the
+   * request_id rated; undefined: no feedback topic.
+   * @default {undefined}
+   */
+  readonly historyStore?: Pick<SessionStore, "load">;
   /**
    * The clock of queue times, rate limits and the dedup window (milliseconds).
    * @default {performance.now}

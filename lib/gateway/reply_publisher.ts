@@ -64,6 +64,12 @@ export interface ReplyPublisherOptions {
    * @default {ANY_BROKER}
    */
   readonly broker?: BrokerRules;
+  /**
+   * The experiment variant answering a session, for a reply whose target
+   * does not name one (a refusal before the turn ran, a repeated answer).
+   * @default {() => undefined}
+   */
+  readonly variantOf?: (project: string, sessionId: string) => string | undefined;
 }
 
 /** What has been sent of one answer in JSON: its deltas' next `seq`, and their length. */
@@ -107,7 +113,8 @@ export class ReplyPublisher {
     }
     const streamed = this.#streamed.get(target);
     this.#streamed.delete(target);
-    const payload = encodeReply(body, target.style, target.sessionId, target.requestId);
+    const variant = target.variant ?? this.#options.variantOf?.(target.project, target.sessionId);
+    const payload = encodeReply(body, target.style, target.sessionId, target.requestId, variant);
     if (payload === undefined) return;
     if (this.#fits(target, payload)) return this.#publish(target, payload);
     if (body.type === "done" && target.style === "json") {
@@ -118,6 +125,7 @@ export class ReplyPublisher {
         "json",
         target.sessionId,
         target.requestId,
+        variant,
       )!;
       if (this.#fits(target, short)) {
         this.#streamed.set(target, streamed ?? { seq: 0, chars: 0 });

@@ -14,13 +14,15 @@ import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { ExperimentMonitor } from "../observability/experiment_monitor.ts";
 import type { Stats } from "../observability/stats.ts";
-import { type Project, turnShape } from "../projects/project_file.ts";
+import { type Project, turnShape, type Variant } from "../projects/project_file.ts";
+import type { SamplingParams } from "../protocol/request.ts";
 import type { TurnResult } from "../workers/messages.ts";
 import type { TurnPool } from "../workers/turn_pool.ts";
 import type { Prompts } from "./prompts.ts";
 import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
 import type { TurnJob } from "./jobs.ts";
+import type { Experiments } from "./experiments.ts";
 
 const log = logger("gateway");
 
@@ -38,6 +40,8 @@ export interface TurnRunnerOptions {
   /** Milliseconds a turn waits for an engine that is down. */
   readonly engineWaitMs: number;
   readonly projectFiles: ReadonlyMap<string, Project> | undefined;
+  /** The sessions' experiment variants; undefined when no project runs an experiment. */
+  readonly experiments: Pick<Experiments, "assign"> | undefined;
   /** Where a turn of a session in an experiment is counted for its variant. */
   readonly experimentMonitor?: ExperimentMonitor;
   /** The gateway's clock. */
@@ -50,13 +54,24 @@ export async function runTurnJob(
   job: TurnJob,
   signal: AbortSignal,
 ): Promise<void> {
-  const { request, target } = job;
+  const { request } = job;
   const { engineHealth, replies, now } = options;
   const startedAt = now();
-  const prompt = request.systemPrompt ?? options.prompts.get(request.project);
   await options.directory.settled(request.project, request.sessionId);
   // A turn that cannot be saved is not generated: refused at once, the client retries.
   options.storageHealth?.check();
+  // The session's variant, given it on its first turn (stored: every instance agrees).
+  const variant = await options.experiments?.assign(
+    request.project,
+    request.sessionId,
+    request.variant,
+  );
+  if (variant) {
+    job.variant = variant.name;
+    job.target = { ...job.target, variant: variant.name };
+  }
+  const target = job.target;
+  const prompt = request.systemPrompt ?? variant?.prompt ?? options.prompts.get(request.project);
   // A turn waits for the engine up to --engine-wait in all, whether the circuit is open
   // already or the engine fails it now (loading: 503; busy: 429 with a Retry-After).
   const engineDeadline = now() + options.engineWaitMs;
@@ -83,9 +98,13 @@ export async function runTurnJob(
         systemPrompt: prompt,
         systemTokens: options.prompts.tokens(prompt),
         systemPromptFromRequest: request.systemPrompt !== undefined,
-        params: request.params,
+        params: variant ? variantParams(request.params, variant) : request.params,
         stream: request.stream,
-        ...turnShape(options.projectFiles?.get(request.project), job.settled !== undefined),
+        ...turnShape(
+          options.projectFiles?.get(request.project),
+          job.settled !== undefined,
+          variant,
+        ),
       },
       (seq, delta) => {
         delivered = true;
@@ -158,4 +177,17 @@ export async function runTurnJob(
       },
     );
   }
+}
+
+/**
+ * The sampling parameters of a turn answered by `variant`: its own win over
+ * the request's, so that what is compared is the variants.
+ */
+function variantParams(params: SamplingParams, variant: Variant): SamplingParams {
+  return {
+    ...params,
+    ...(variant.temperature !== undefined && { temperature: variant.temperature }),
+    ...(variant.topP !== undefined && { top_p: variant.topP }),
+    ...(variant.maxTokens !== undefined && { max_tokens: variant.maxTokens }),
+  };
 }

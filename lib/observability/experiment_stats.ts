@@ -54,7 +54,7 @@ export interface OutcomeRecord {
 }
 
 /** One rating or label of an answer, as stored by the feedback topic. */
-export interface FeedbackRecord {
+export interface SessionFeedback {
   readonly sessionId: string;
   readonly requestId: string;
   /** The session's variant (when absent, read from the session's outcomes). */
@@ -166,7 +166,7 @@ interface VariantData {
 /** The figures of every variant, and each one's verdict against the baseline. */
 export function experimentFigures(
   outcomes: readonly OutcomeRecord[],
-  feedback: readonly FeedbackRecord[],
+  feedback: readonly SessionFeedback[],
   options: ExperimentStatsOptions = {},
 ): ExperimentFigures {
   const alpha = options.alpha ?? 0.05;
@@ -198,7 +198,7 @@ export function experimentFigures(
 /** Per variant, each session's figures, from the records. */
 function gather(
   outcomes: readonly OutcomeRecord[],
-  feedback: readonly FeedbackRecord[],
+  feedback: readonly SessionFeedback[],
 ): Map<string, VariantData> {
   const data = new Map<string, VariantData>();
   const variantOf = new Map<string, string>();

@@ -23,7 +23,7 @@
  */
 
 import { logger } from "../log.ts";
-import type { FeedbackRecord, OutcomeRecord } from "./experiment_stats.ts";
+import type { OutcomeRecord, SessionFeedback } from "./experiment_stats.ts";
 
 const log = logger("experiments");
 
@@ -133,10 +133,10 @@ export async function readFeedback(
   kv: Deno.Kv,
   project: string,
   range: TimeRange = {},
-): Promise<FeedbackRecord[]> {
-  const found: FeedbackRecord[] = [];
+): Promise<SessionFeedback[]> {
+  const found: SessionFeedback[] = [];
   for await (
-    const entry of kv.list<Omit<FeedbackRecord, "sessionId" | "requestId">>({
+    const entry of kv.list<Omit<SessionFeedback, "sessionId" | "requestId">>({
       prefix: ["feedback", project],
     })
   ) {

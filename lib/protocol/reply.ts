@@ -66,27 +66,37 @@ export const OVERLOADED_TEXT = "Server is overloaded. Please try again in a mome
 
 /**
  * Encodes a reply in the request's style, or returns undefined when that style
- * sends nothing for it (plain-text clients get no deltas).
+ * sends nothing for it (plain-text clients get no deltas). `variant`: the
+ * experiment variant that answers the session, named in a JSON `done` or
+ * `error` and in a hint (a delta stays short; plain text stays as it was).
  */
 export function encodeReply(
   body: ReplyBody,
   style: ReplyStyle,
   sessionId: string,
   requestId: string | undefined,
+  variant?: string,
 ): string | undefined {
+  const named = variant !== undefined && body.type !== "delta" ? { variant } : {};
   if (style === "json") {
-    return JSON.stringify({ session_id: sessionId, request_id: requestId ?? null, ...body });
+    return JSON.stringify({
+      session_id: sessionId,
+      request_id: requestId ?? null,
+      ...body,
+      ...named,
+    });
   }
   if (style === "hint") {
     switch (body.type) {
       case "delta":
         return undefined;
       case "done":
-        return JSON.stringify(hintObject(body.response));
+        return JSON.stringify({ ...hintObject(body.response), ...named });
       case "error":
-        return JSON.stringify(
-          errorHint(body.error.code, body.error.message, body.error.retry_after_ms),
-        );
+        return JSON.stringify({
+          ...errorHint(body.error.code, body.error.message, body.error.retry_after_ms),
+          ...named,
+        });
     }
   }
   switch (body.type) {

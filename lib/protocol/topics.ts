@@ -110,6 +110,14 @@ export class Topics {
     return [`${this.#prefix}${project}/state`, `${this.#prefix}${project}/state/+`];
   }
 
+  /**
+   * The filter `{prefix}{project}/feedback/+`: where a session's client rates
+   * its answers (projects with an experiment), `.../feedback/{sessionId}`.
+   */
+  feedback(project: string): string {
+    return `${this.#prefix}${project}/feedback/+`;
+  }
+
   /** `{prefix}{project}/hint/{sessionId}`: where a game reads the hints for its state. */
   hint(project: string, sessionId: string): string {
     return `${this.#prefix}${project}/hint/${sessionId}`;
@@ -132,7 +140,7 @@ export class Topics {
 
   /**
    * What an incoming topic addresses: a project's input, a game's state, a
-   * request for a new session id, or a control command (each with the
+   * request for a new session id, a session's feedback, or a control command (each with the
    * session id or nonce of its last level, if any); undefined for a topic
    * that is none of ours. The project is not checked against those served.
    */
@@ -146,6 +154,9 @@ export class Topics {
     }
     if (kind === "state" && (levels.length === 2 || levels.length === 3)) {
       return { kind: "state", project, sessionId };
+    }
+    if (levels.length === 3 && kind === "feedback") {
+      return { kind: "feedback", project, sessionId };
     }
     if (levels.length === 3 && kind === "new_session") {
       return { kind: "new_session", project, nonce: sessionId };
@@ -196,5 +207,6 @@ export type TopicTarget =
   | { kind: "input"; project: string; sessionId: string | undefined }
   | { kind: "control"; project: string; command: ControlCommand; sessionId: string | undefined }
   | { kind: "new_session"; project: string; nonce: string }
+  | { kind: "feedback"; project: string; sessionId: string }
   /** `sessionId`: the session named by a per-session state topic. */
   | { kind: "state"; project: string; sessionId: string | undefined };

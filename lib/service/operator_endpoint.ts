@@ -11,6 +11,8 @@ import { type Config, ConfigError } from "../config/config.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { RunningEngine } from "../engine/running_engine.ts";
 import type { Gateway } from "../gateway/gateway.ts";
+import type { Experiments } from "../gateway/experiments.ts";
+import { ExperimentEndpoint } from "./experiment_endpoint.ts";
 import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
 import { type BrokerChoice, isLoopback, serviceDashboard } from "../observability/dashboard.ts";
@@ -35,9 +37,11 @@ export interface Parts {
     directory: SessionDirectory;
     stats: Stats;
     live: LiveStats;
-    /** The projects' experiments, when some project has one. */
+    /** The projects' experiments' figures, when some project has one. */
     experiments: ExperimentMonitor | undefined;
   };
+  /** The sessions' experiment variants and the operator's decisions, when a project runs one. */
+  experiments?: Experiments;
 }
 
 /** The HTTP endpoint, reporting on the parts that are up so far. */
@@ -45,13 +49,20 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
   const startedAt = new Date().toISOString();
   const engineState = () => parts.engineHealth?.state ?? "starting";
   const dashboard = config.dashboard ? serviceDashboard(config, parts) : undefined;
+  const experiments = new ExperimentEndpoint({
+    token: config.dashboardToken,
+    httpHost: config.httpHost,
+    experiments: () => parts.serving && parts.experiments,
+    projects: config.projects,
+  });
   try {
     const endpoint = serveHttpEndpoint({
       hostname: config.httpHost,
       port: config.httpPort,
       allowedHosts: config.httpAllowedHosts,
     }, {
-      page: dashboard && ((request, client) => dashboard.handle(request, client)),
+      page: (request, client) =>
+        experiments.handle(request, client) ?? dashboard?.handle(request, client),
       readiness: () => {
         const broker = parts.client?.connected ?? false;
         const engine = engineState() === "ready";

@@ -3,11 +3,11 @@
 import assert from "node:assert/strict";
 import {
   experimentFigures,
-  type FeedbackRecord,
   guardrailBreaches,
   normalCdf,
   normalQuantile,
   type OutcomeRecord,
+  type SessionFeedback,
   sessionsNeeded,
   tQuantile,
   welchDifference,
@@ -81,7 +81,7 @@ interface Arm {
 function simulate(arms: readonly Arm[], seed: number) {
   const next = random(seed);
   const outcomes: OutcomeRecord[] = [];
-  const feedback: FeedbackRecord[] = [];
+  const feedback: SessionFeedback[] = [];
   let at = 0;
   for (const arm of arms) {
     for (let s = 0; s < arm.sessions; s++) {
