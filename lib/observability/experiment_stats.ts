@@ -450,7 +450,12 @@ function rateDifference(
   const sb = side(b);
   const center = sb.adjusted - sa.adjusted;
   const half = z * Math.sqrt(sa.variance + sb.variance);
-  return { value: sb.p - sa.p, low: center - half, high: center + half };
+  // Two rates differ by at most 1 either way.
+  return {
+    value: sb.p - sa.p,
+    low: Math.max(-1, center - half),
+    high: Math.min(1, center + half),
+  };
 }
 
 /** Welch's interval of mean(b) − mean(a), at two-sided level `alpha`. */
