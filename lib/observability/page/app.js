@@ -214,6 +214,8 @@ const EXPERIMENT_COLUMNS = [
   ["variant", (v) => v.name],
   ["sessions", (v) => v.sessions],
   ["requests", (v) => v.requests],
+  ["mean score", (v) => interval(v.meanScore, (x) => num(x))],
+  ["feedback rate", (v) => interval(v.feedbackRate, pct)],
   ["error rate", (v) => interval(v.errorRate, pct)],
   ["errors", (v) => Object.entries(v.errors).map(([c, n]) => `${c} ${n}`).join(", ") || "0"],
   ["first delta p50/p95 ms", (v) => `${fmt(v.ttfdMs.p50)} / ${fmt(v.ttfdMs.p95)}`],
@@ -221,8 +223,6 @@ const EXPERIMENT_COLUMNS = [
   ["tokens in/out", (v) => `${v.tokensIn} / ${v.tokensOut}`],
   ["parse failures", (v) => `${v.parseFailures} (${pct(v.parseFailureRate.value)})`],
   ["turns/session", (v) => interval(v.turnsPerSession, (x) => num(x, 1))],
-  ["feedback rate", (v) => interval(v.feedbackRate, pct)],
-  ["mean score", (v) => interval(v.meanScore, (x) => num(x))],
 ];
 
 function renderExperiments(panels) {
@@ -235,7 +235,9 @@ function renderExperiments(panels) {
     title.textContent = `${panel.project} · experiment ${panel.experiment}`;
     const table = document.createElement("table");
     const head = document.createElement("tr");
-    for (const [name] of [...EXPERIMENT_COLUMNS, ["status"]]) {
+    // The status second: a stopped variant shows at a glance, however wide the table.
+    const names = EXPERIMENT_COLUMNS.map(([name]) => name);
+    for (const name of [names[0], "status", ...names.slice(1)]) {
       const th = document.createElement("th");
       th.textContent = name;
       head.append(th);
@@ -245,12 +247,12 @@ function renderExperiments(panels) {
     for (const v of panel.figures.variants) {
       const row = document.createElement("tr");
       row.dataset.variant = v.name;
-      for (const [name, value] of EXPERIMENT_COLUMNS) {
+      const cells = EXPERIMENT_COLUMNS.map(([name, value]) => {
         const cell = document.createElement("td");
         cell.dataset.column = name;
         cell.textContent = String(value(v));
-        row.append(cell);
-      }
+        return cell;
+      });
       const status = document.createElement("td");
       status.dataset.column = "status";
       const stopped = panel.stopped[v.name];
@@ -261,8 +263,8 @@ function renderExperiments(panels) {
         : v.name === panel.figures.baseline
         ? "baseline"
         : "running";
-      if (stopped !== undefined) status.className = "bad";
-      row.append(status);
+      status.className = stopped !== undefined ? "bad status" : "status";
+      row.append(cells[0], status, ...cells.slice(1));
       body.append(row);
     }
     const verdicts = document.createElement("ul");
@@ -279,7 +281,11 @@ function renderExperiments(panels) {
       item.append(strong, ` (${basis})`);
       verdicts.append(item);
     }
-    article.append(title, table, verdicts);
+    // Wider than the page on a narrow screen: the table scrolls, the page does not.
+    const scroll = document.createElement("div");
+    scroll.className = "scroll";
+    scroll.append(table);
+    article.append(title, scroll, verdicts);
     return article;
   }));
 }
