@@ -8,8 +8,8 @@
  * - `["variant", project, sessionId]` → {@linkcode VariantRecord}: the
  *   variant a session was first given, written with an atomic check (only
  *   where none is) so that two instances agree: the first write wins, the
- *   other reads it. It lives as long as a session does (`--session-ttl`
- *   from its last turn: each turn past half of that writes it again).
+ *   other reads it. It outlives the session (`--session-ttl` from its last
+ *   turn): it is kept twice that, written again at least every half of it.
  * - `["experiment_control", project]` → {@linkcode ExperimentControl}:
  *   read again by every instance every `controlReloadMs`.
  * - `["feedback", project, sessionId, requestId]` → {@linkcode FeedbackRecord}
@@ -229,7 +229,14 @@ export class Experiments {
     return servedVariant(experiment!, cached.record.variant, sessionId, this.control(project));
   }
 
-  /** The session's stored variant: from memory, else the store, else given now. */
+  /**
+   * The session's stored variant: from memory, else the store, else given now.
+   *
+   * Each write (the first, and one at least every half `ttlMs` while the
+   * session has turns here) keeps the record for twice `ttlMs`: it outlives
+   * the session, which lives `ttlMs` from its last turn. A record read from
+   * the store is written again at once, since when it was written is not known.
+   */
   async #stored(
     project: string,
     sessionId: string,
@@ -239,45 +246,31 @@ export class Experiments {
     const cacheKey = `${project}\0${sessionId}`;
     const now = this.#now();
     const cached = this.#cache.get(cacheKey);
-    const key = variantKey(project, sessionId);
     if (cached && now - cached.refreshedAt < this.#options.ttlMs / 2) return cached.record;
-    if (cached) {
-      // Past half its life: written again, so that it lives as long as the session does.
-      const write = await commitWhenFree(
-        this.#kv.atomic()
-          .check({ key, versionstamp: cached.versionstamp })
-          .set(key, cached.record, { expireIn: this.#options.ttlMs }),
-      );
-      if (write.ok) {
-        cached.refreshedAt = now;
-        cached.versionstamp = write.versionstamp;
-        return cached.record;
-      }
-    }
+    const key = variantKey(project, sessionId);
+    const keep = { expireIn: 2 * this.#options.ttlMs };
+    let seen: Deno.KvEntryMaybe<VariantRecord> | undefined = cached && {
+      key,
+      value: cached.record,
+      versionstamp: cached.versionstamp,
+    };
     for (;;) {
-      const entry = await this.#kv.get<VariantRecord>(key);
-      if (entry.value !== null) {
-        this.#cache.set(cacheKey, {
-          record: entry.value,
-          refreshedAt: now,
-          versionstamp: entry.versionstamp,
-        });
-        return entry.value;
-      }
-      const record: VariantRecord = {
+      seen ??= await this.#kv.get<VariantRecord>(key);
+      // The first instance to write a session's variant wins; one that finds it there keeps it.
+      const record: VariantRecord = seen.value ?? {
         variant: requested ?? assignVariant(experiment, sessionId),
         experiment: experiment.salt,
         at: now,
       };
       const write = await commitWhenFree(
-        this.#kv.atomic()
-          .check({ key, versionstamp: null })
-          .set(key, record, { expireIn: this.#options.ttlMs }),
+        this.#kv.atomic().check({ key, versionstamp: seen.versionstamp }).set(key, record, keep),
       );
-      // Another instance gave the session its variant first: read it.
-      if (!write.ok) continue;
-      this.#cache.set(cacheKey, { record, refreshedAt: now, versionstamp: write.versionstamp });
-      return record;
+      if (write.ok) {
+        this.#cache.set(cacheKey, { record, refreshedAt: now, versionstamp: write.versionstamp });
+        return record;
+      }
+      // Another instance wrote it meanwhile: read what it wrote.
+      seen = undefined;
     }
   }
 

@@ -22,7 +22,8 @@
  * - acknowledged on the session's reply topic,
  *   `{"type":"feedback","session_id":"s1","request_id":"r7","accepted":true,"variant":"b"}`;
  *   a bad payload is answered there with an error reply (`invalid_request`,
- *   `payload_too_large`) and counted like any error.
+ *   `payload_too_large`; `overloaded` while 256 are being stored) and counted
+ *   like any error.
  *
  * @module
  */
@@ -39,6 +40,8 @@ import type { ReplyTarget } from "./reply_target.ts";
 export const MAX_FEEDBACK_BYTES = 4096;
 /** The longest label taken, in characters. */
 export const MAX_LABEL_CHARS = 500;
+/** Feedback messages handled at once (each reads a history and writes a record); more: `overloaded`. */
+const MAX_IN_FLIGHT = 256;
 
 /** What the feedback topic acts on. */
 export interface FeedbackTopicOptions extends Ownership {
@@ -60,6 +63,7 @@ const FIELDS = ["request_id", "score", "label"];
 /** Takes feedback on `{project}/feedback/{session_id}`. */
 export class FeedbackTopic {
   readonly #options: FeedbackTopicOptions;
+  #inFlight = 0;
 
   constructor(options: FeedbackTopicOptions) {
     this.#options = options;
@@ -83,6 +87,16 @@ export class FeedbackTopic {
     const { requestId, score, label } = parsed;
     const owner = ownershipRefusal(this.#options, project, sessionId, sessionId);
     if (owner) return this.#options.refuse(target(requestId), owner);
+    // A flood of feedback waits on the store: refused rather than held in memory.
+    if (this.#inFlight >= MAX_IN_FLIGHT) {
+      return this.#options.refuse(
+        target(requestId),
+        new ServiceError("overloaded", "too much feedback at once: try again", {
+          retryAfterMs: 1000,
+        }),
+      );
+    }
+    this.#inFlight++;
     try {
       const { history } = await this.#options.store.load(project, sessionId);
       if (!history.some((m) => m.role === "user" && m.requestId === requestId)) {
@@ -131,6 +145,8 @@ export class FeedbackTopic {
         });
       }
       this.#options.refuse(target(requestId), failure);
+    } finally {
+      this.#inFlight--;
     }
   }
 }

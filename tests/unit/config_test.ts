@@ -151,6 +151,7 @@ Deno.test("config: a bad value is a ConfigError naming the option and the value"
       [["--share-group", "a/b"], "share-group", "a/b", /one topic level/],
       [["--kv-url", "kv.example:4512"], "kv-url", "kv.example:4512", /http\(s\) URL/],
       [["--lora-modules", "adapter"], "lora-modules", "adapter", /NAME=PATH/],
+      [["--sim-quality", "sim-model=1.5"], "sim-quality", "sim-model=1.5", /from 0 to 1/],
     ] as const
   ) {
     const error = configError(() => config([...argv]), option, value);
@@ -227,6 +228,10 @@ Deno.test("config: the result is frozen, lists inside it too", () => {
   deepEqual(c.projects, ["maze", "driving"]);
   assert(Object.isFrozen(c.projects));
   deepEqual(c.loraModules, [{ name: "a", path: "/x" }, { name: "b", path: "/y" }]);
+  deepEqual(config(["--sim-quality", "sim-model=0.8,a=0.6"]).simQuality, {
+    "sim-model": 0.8,
+    a: 0.6,
+  });
   assert(Object.isFrozen(c.loraModules) && Object.isFrozen(c.loraModules[0]));
   deepEqual(c.vllmArgs, ["--enforce-eager", "--seed", "1"]);
   assert(Object.isFrozen(c.vllmArgs));

@@ -18,6 +18,7 @@ import {
 import { parseProjectFile, type Project } from "../../lib/projects/project_file.ts";
 import { Experiments, readExperimentControl, stopVariant } from "../../lib/gateway/experiments.ts";
 import { ServiceError } from "../../lib/protocol/errors.ts";
+import { parseFeedback } from "../../lib/gateway/feedback_topic.ts";
 
 const file = (front: string) => `---\n${front}\n---\n# Maze\nGuide the player.\n`;
 
@@ -222,3 +223,34 @@ Deno.test(
     await rejects(experiments.assign("maze", "pick", "z"), /no variant "z"/);
   }),
 );
+
+Deno.test("feedback payloads: request_id and a score or label; anything else refused with a reason", () => {
+  const read = (value: unknown) =>
+    parseFeedback(
+      new TextEncoder().encode(typeof value === "string" ? value : JSON.stringify(value)),
+    );
+  const good = read({ request_id: "r7", score: 1, label: "maze solved in 12 moves" });
+  ok(good.ok);
+  equal(good.requestId, "r7");
+  equal(good.score, 1);
+  ok(read({ request_id: "r7", score: -2.5 }).ok);
+  ok(read({ request_id: "r7", label: "lost" }).ok);
+  const refused: [unknown, RegExp][] = [
+    ["{", /not valid JSON/],
+    [[1], /JSON object/],
+    [{ score: 1 }, /'request_id'/],
+    [{ request_id: "r7" }, /'score' or a 'label'/],
+    [{ request_id: "r7", score: "1" }, /finite number/],
+    [{ request_id: "r7", label: "x".repeat(501) }, /at most 500/],
+    [{ request_id: "r7", score: 1, rating: 5 }, /'rating' is not a feedback field/],
+  ];
+  for (const [value, reason] of refused) {
+    const outcome = read(value);
+    ok(!outcome.ok, JSON.stringify(value));
+    equal(outcome.error.code, "invalid_request");
+    match(outcome.error.message, reason);
+  }
+  const large = parseFeedback(new Uint8Array(5000));
+  ok(!large.ok);
+  equal(large.error.code, "payload_too_large");
+});

@@ -49,3 +49,18 @@ Deno.test("reply: a hint is always an object with a string hint; errors keep the
     error: { code: "queue_full", message: "the queue is full", retry_after_ms: 500 },
   });
 });
+
+Deno.test("reply: an experiment's variant is named in done, errors and hints, not deltas or text", () => {
+  equal(JSON.parse(encodeReply(DONE, "json", "s", "r", "b")!).variant, "b");
+  equal(JSON.parse(encodeReply(FULL, "json", "s", "r", "b")!).variant, "b");
+  equal("variant" in JSON.parse(encodeReply(DELTA, "json", "s", "r", "b")!), false);
+  deepEqual(JSON.parse(encodeReply(DONE, "hint", "s", "r", "b")!), {
+    hint: "go left",
+    move: [1, 0],
+    variant: "b",
+  });
+  equal(JSON.parse(encodeReply(TIMEOUT, "hint", "s", "r", "b")!).variant, "b");
+  equal(encodeReply(DONE, "text", "s", "r", "b"), '{"hint":"go left","move":[1,0]}');
+  equal(encodeReply(TIMEOUT, "text", "s", "r", "b"), "Error: too slow");
+  equal("variant" in JSON.parse(encodeReply(DONE, "json", "s", "r")!), false);
+});

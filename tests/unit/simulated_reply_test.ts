@@ -1,6 +1,6 @@
 /** What the simulated engine's model says (lib/engine/simulated_reply.ts). */
 
-import { deepEqual, equal, match } from "node:assert/strict";
+import { deepEqual, equal, match, ok } from "node:assert/strict";
 import { sample, simulatedReply } from "../../lib/engine/simulated_reply.ts";
 
 const CHAT = [
@@ -73,4 +73,44 @@ Deno.test("sample: the least value of each kind of schema", () => {
   deepEqual(sample({ type: "array", minItems: 2, items: { type: "integer" } }, {}), [0, 0]);
   deepEqual(sample({ anyOf: [{ type: "string", maxLength: 2 }] }, { text: "hello" }), "he");
   equal(sample(undefined, {}), null);
+});
+
+Deno.test("simulated reply: graded answers name the model and prompt; good as often as the quality", () => {
+  const graded = (model: string, quality: number, messages = CHAT) =>
+    simulatedReply({ messages }, { ...PLAIN, graded: { model, quality } }).tokens.join("");
+  match(graded("m", 1), /^<sim model=m prompt=[0-9a-f]{8} quality=1 outcome=good> \[Maze guide\]/);
+  const other = [{ role: "system", content: "# Other" }, ...CHAT.slice(1)];
+  const hash = (text: string) => /prompt=([0-9a-f]{8})/.exec(text)![1];
+  equal(hash(graded("m", 1)), hash(graded("x", 0)));
+  equal(hash(graded("m", 1)) === hash(graded("m", 1, other)), false);
+  match(graded("m", 0), /outcome=bad/);
+  // 1,000 conversations at 0.8: good 800 times on average, standard deviation 12.6.
+  let good = 0;
+  for (let i = 0; i < 1000; i++) {
+    const messages = [CHAT[0], { role: "user", content: `move ${i}` }];
+    if (graded("m", 0.8, messages).includes("outcome=good")) good++;
+  }
+  ok(good > 750 && good < 850, `${good} of 1000 good`);
+  // The same conversation, the same outcome.
+  equal(graded("m", 0.5), graded("m", 0.5));
+});
+
+Deno.test("simulated reply: a bad graded answer to a JSON format is not valid JSON", () => {
+  const format = {
+    type: "json_schema",
+    json_schema: { schema: { type: "object", properties: { hint: { type: "string" } } } },
+  };
+  const text = (quality: number) =>
+    simulatedReply({ messages: CHAT, response_format: format }, {
+      ...PLAIN,
+      graded: { model: "m", quality },
+    }).tokens.join("");
+  match(JSON.parse(text(1)).hint, /outcome=good/);
+  let parsed = true;
+  try {
+    JSON.parse(text(0));
+  } catch {
+    parsed = false;
+  }
+  equal(parsed, false);
 });
