@@ -38,6 +38,9 @@ import { TurnOrder } from "./sessions/turn_order.ts";
 import { WriteGenerations } from "./sessions/write_generations.ts";
 import { LiveStats } from "./observability/live_stats.ts";
 import { Stats } from "./observability/stats.ts";
+import type { Project } from "./projects/project_file.ts";
+import { ExperimentMonitor } from "./observability/experiment_monitor.ts";
+import { openKv } from "./sessions/_util.ts";
 import { InProcessPool } from "./workers/in_process_pool.ts";
 import type { WorkerSettings } from "./workers/messages.ts";
 import type { TurnPool } from "./workers/turn_pool.ts";
@@ -169,6 +172,24 @@ export async function startService(
       : undefined;
     if (experiments) cleanup.defer(() => experiments.close());
     parts.experiments = experiments;
+    // Variants the guardrail stopped, said on the status topic (its `online` message).
+    const guardrailStops: Record<string, Record<string, string>> = {};
+    let announceStops = () => {};
+    const experimentMonitor = experiments
+      ? await step(
+        startExperimentMonitor(config, projects, kvPath, {
+          stop: async (project, variant, reason) => {
+            await experiments.decide(project, { stop: variant, reason });
+          },
+          stopped: (project, variant, reason) => {
+            (guardrailStops[project] ??= {})[variant] = reason;
+            announceStops();
+          },
+        }),
+        (m) => m.close(),
+      )
+      : undefined;
+    if (experimentMonitor) cleanup.defer(() => experimentMonitor.close());
 
     const settings = workerSettings(config, engine, kvPath, generations);
     // `--workers 0`: turns run on this thread, against the service's own store.
@@ -257,6 +278,7 @@ export async function startService(
       projectFiles: projects,
       experiments,
       historyStore: store,
+      experimentMonitor,
     });
     const drops = new BrokerDrops();
     handler.resolve((topic, payload, packet) => {
@@ -272,12 +294,16 @@ export async function startService(
       projects: config.projects,
       started_at: startedAt,
     };
-    const online = JSON.stringify(onlineStatus);
+    let online = JSON.stringify(onlineStatus);
     // The status also goes to a file, for container health checks that speak no MQTT.
     const statusFile = join(config.dataDir, "status.json");
     const announce = () => {
       client.publish(topics.status, online, { qos: 1, retain: true }, () => {});
       Deno.writeTextFile(statusFile, online).catch(() => {});
+    };
+    announceStops = () => {
+      online = JSON.stringify({ ...onlineStatus, stopped_variants: guardrailStops });
+      announce();
     };
     client.on(
       "connect",
@@ -301,7 +327,13 @@ export async function startService(
     }
     announce();
     // Ready (`/readyz`) once subscribed: a request sent before would reach no one.
-    parts.serving = { gateway, directory, stats, live: new LiveStats(stats, config.projects) };
+    parts.serving = {
+      gateway,
+      directory,
+      stats,
+      live: new LiveStats(stats, config.projects),
+      experiments: experimentMonitor,
+    };
     log.info("Serving {projects} with model {model}", {
       projects: config.projects,
       model: config.servedModelName,
@@ -343,6 +375,57 @@ export async function startService(
     await cleanup.disposeAsync();
     // Taken over during start-up, what failed next is only a consequence.
     throw takeoverError ?? error;
+  }
+}
+
+/**
+ * The per-variant figures of the projects with an experiment, on a store
+ * connection of their own, with the guardrail when `--guardrail` is on: it
+ * stops a variant through the experiment's control (`guardrail.stop`), and
+ * `guardrail.stopped` tells.
+ */
+async function startExperimentMonitor(
+  config: Config,
+  projects: ReadonlyMap<string, Project>,
+  kvPath: string,
+  guardrail: {
+    readonly stop: (project: string, variant: string, reason: string) => Promise<void>;
+    readonly stopped: (project: string, variant: string, reason: string) => void;
+  },
+): Promise<ExperimentMonitor> {
+  const kv = await openKv(kvPath);
+  const experiments = new Map(
+    [...projects].flatMap(([name, project]) =>
+      project.experiment
+        ? [
+          [name, {
+            salt: project.experiment.salt,
+            variants: project.experiment.variants.map((v) => v.name),
+          }] as const,
+        ]
+        : []
+    ),
+  );
+  try {
+    return await ExperimentMonitor.open({
+      kv,
+      ownsStore: true,
+      experiments,
+      retentionMs: config.outcomeRetentionMs,
+      guardrail: config.guardrail
+        ? {
+          errorRate: config.guardrailErrorMargin,
+          ttfd: config.guardrailTtfdMargin,
+          minSessions: config.guardrailMinSessions,
+          intervalMs: config.guardrailIntervalMs,
+        }
+        : undefined,
+      stopVariant: guardrail.stop,
+      onStopped: guardrail.stopped,
+    });
+  } catch (error) {
+    kv.close();
+    throw error;
   }
 }
 

@@ -13,7 +13,22 @@ import fs from "node:fs";
 import type { Browser, Page } from "playwright-core";
 import { type LivePoint, LiveStats } from "../lib/observability/live_stats.ts";
 import { Stats } from "../lib/observability/stats.ts";
-import { type Fixture, freePort, HAS_MOSQUITTO, ROOT, waitFor, withService } from "./_helpers.ts";
+import {
+  type Fixture,
+  freePort,
+  HAS_MOSQUITTO,
+  removeTempDir,
+  ROOT,
+  tempDir,
+  waitFor,
+  withService,
+} from "./_helpers.ts";
+import {
+  AB_ADAPTER,
+  meanSessionScore,
+  playSessions,
+  writeExperimentPrompts,
+} from "./_experiment_traffic.ts";
 
 const CHROMIUM = Deno.env.get("CHROMIUM_PATH") ?? "/usr/bin/chromium";
 const HAS_CHROMIUM = (() => {
@@ -519,3 +534,86 @@ Deno.test({
     });
   },
 });
+
+browserTest(
+  "dashboard: the experiment panel shows the variants side by side, intervals, verdict and a stop",
+  async () => {
+    const port = freePort();
+    const prompts = await tempDir("vllm-mqtt-prompts-");
+    await writeExperimentPrompts(prompts, "# Maze guide B\nBe brief.\n");
+    try {
+      await withService(
+        {
+          args: [`--http-port=${port}`, `--prompts-dir=${prompts}`, "--rate-limit=0"],
+          sim: {
+            ttftMs: 2,
+            itlMs: 0,
+            adapters: [AB_ADAPTER],
+            quality: { "sim-model": 0.9, [AB_ADAPTER]: 0.2 },
+          },
+        },
+        (f) =>
+          withBrowser(async (browser) => {
+            const base = `http://127.0.0.1:${port}`;
+            const { page, errors } = await openPage(browser, `${base}/`);
+            await waitFor(
+              async () => (await text(page, "#engine-state")) === "ready",
+              10_000,
+              "ready",
+            );
+            const played = await playSessions(f.client, {
+              sessions: 30,
+              turns: 2,
+              prefix: "web",
+              feedback: true,
+            });
+            const panel = 'article.experiment[data-project="maze"]';
+            const cell = (variant: string, column: string) =>
+              text(page, `${panel} tr[data-variant="${variant}"] td[data-column="${column}"]`);
+            await waitFor(
+              async () =>
+                (await page.locator(panel).count()) === 1 &&
+                Number(await cell("a", "requests")) === played.answered.a &&
+                Number(await cell("b", "requests")) === played.answered.b,
+              10_000,
+              "the panel to count every turn of both variants",
+            );
+            match(await text(page, `${panel} h3`), /^maze · experiment maze-ab$/);
+            const sessions = (v: string) =>
+              [...played.variantOf.values()].filter((x) => x === v).length;
+            equal(Number(await cell("a", "sessions")), sessions("a"));
+            equal(Number(await cell("b", "sessions")), sessions("b"));
+            // The mean score and its interval, as the players rated.
+            const score = /^([\d.]+) \[([\d.-]+), ([\d.]+)\]$/.exec(await cell("a", "mean score"));
+            assert(score, await cell("a", "mean score"));
+            assert(Math.abs(Number(score[1]) - meanSessionScore(played, "a")) < 0.006);
+            assert(Number(score[2]) <= Number(score[1]) && Number(score[1]) <= Number(score[3]));
+            match(await cell("a", "error rate"), /^0\.0% \[0\.0%, [\d.]+%\]$/);
+            equal(await cell("a", "status"), "baseline");
+            equal(await cell("b", "status"), "running");
+            const verdict = `${panel} .verdicts li[data-variant="b"]`;
+            equal(await text(page, `${verdict} b`), "b worse");
+            equal(await page.locator(verdict).getAttribute("data-outcome"), "worse");
+            match(await text(page, verdict), /\(mean feedback score, -0\.\d+ against a\)$/);
+
+            // The operator stops b: the panel says so, with the reason.
+            const stop = await fetch(`${base}/operator/experiments/maze`, {
+              method: "POST",
+              headers: { "content-type": "application/json" },
+              body: JSON.stringify({ stop: "b", reason: "worse feedback" }),
+            });
+            equal(stop.status, 200, await stop.text());
+            await waitFor(
+              async () => (await cell("b", "status")) === "stopped: worse feedback",
+              10_000,
+              "the panel to show b stopped",
+            );
+            console.log(`experiment panel: ${await screenshot(page, "dashboard-experiment")}`);
+            deepEqual(errors, []);
+          }),
+      );
+    } finally {
+      await removeTempDir(prompts);
+    }
+  },
+);

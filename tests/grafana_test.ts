@@ -13,7 +13,16 @@
 import assert, { deepEqual, equal, match, ok } from "node:assert/strict";
 import { parse as parseYaml } from "yaml";
 import { Stats } from "../lib/observability/stats.ts";
-import { freePort, mosquittoTest, ROOT, waitFor, withService } from "./_helpers.ts";
+import {
+  freePort,
+  mosquittoTest,
+  removeTempDir,
+  ROOT,
+  tempDir,
+  waitFor,
+  withService,
+} from "./_helpers.ts";
+import { AB_ADAPTER, writeExperimentPrompts } from "./_experiment_traffic.ts";
 
 const DEPLOY = `${ROOT}deploy/`;
 const DASHBOARD_FILE = `${DEPLOY}grafana/vllm-mqtt-dashboard.json`;
@@ -152,13 +161,22 @@ mosquittoTest(
   "every metric the Grafana dashboard queries is on /metrics, as its type allows",
   async () => {
     const port = freePort();
-    await withService({ args: [`--http-port=${port}`] }, async ({ client, broker }) => {
+    // maze runs an experiment (variants a and b): its turns make the per-variant series.
+    const prompts = await tempDir("vllm-mqtt-prompts-");
+    await writeExperimentPrompts(prompts, "# Maze guide B\nBe brief.\n");
+    await withService({
+      args: [`--http-port=${port}`, `--prompts-dir=${prompts}`],
+      sim: { ttftMs: 5, itlMs: 1, adapters: [AB_ADAPTER] },
+    }, async ({ client, broker }) => {
       const metrics = async () => await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
       // Answered, in two projects (tokens counted), an error reply, a message with no session to
       // answer, a reply topic refused, and a client's retry of an answered request (ignored as a
       // duplicate).
       await client.send("maze/user_input", { session_id: "g1", message: "hi", request_id: "r1" });
       equal((await client.final("g1", "r1")).json!.type, "done");
+      // A rating of that answer, on the session's feedback topic.
+      await client.send("maze/feedback/g1", { request_id: "r1", score: 1 });
+      await client.next((m) => m.json?.type === "feedback" && m.json.request_id === "r1");
       await client.send("general/user_input", { session_id: "g2", message: "hello" });
       equal((await client.final("g2")).json!.type, "done");
       await client.send("maze/user_input", { session_id: "g3", message: 42 });
@@ -246,7 +264,7 @@ mosquittoTest(
       }
       // And the other way round: nothing the service exports is missing from the dashboard.
       deepEqual([...scraped.types.keys()].filter((name) => !used.has(name)), []);
-    });
+    }).finally(() => removeTempDir(prompts));
   },
 );
 

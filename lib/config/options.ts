@@ -1031,4 +1031,60 @@ export const OPTIONS = [
     group: "Operation",
     help: "Log lines as text or as JSON objects",
   }),
+
+  // Experiments (A/B tests: a project's `variants`)
+  duration({
+    name: "outcome-retention",
+    field: "outcomeRetentionMs",
+    unit: "s",
+    default: "720h",
+    min: "1m",
+    group: "Experiments",
+    help:
+      "How long each turn's outcome in an experiment is kept in the store, for `deno task ab-report` and the live page (720h: 30 days)",
+  }),
+  flag({
+    name: "guardrail",
+    field: "guardrail",
+    default: false,
+    group: "Experiments",
+    help:
+      "Stop a variant automatically when its error rate or time to first delta is shown worse than the baseline's beyond the margins (a one-sided test at 95%), and say so in the log, on the status topic and on the live page",
+  }),
+  num({
+    name: "guardrail-error-margin",
+    field: "guardrailErrorMargin",
+    default: 0.05,
+    min: 0,
+    max: 1,
+    group: "Experiments",
+    help:
+      "Guardrail: how much higher than the baseline's a variant's error rate may be (0.05: 5 points)",
+  }),
+  num({
+    name: "guardrail-ttfd-margin",
+    field: "guardrailTtfdMargin",
+    default: 0.5,
+    min: 0,
+    group: "Experiments",
+    help:
+      "Guardrail: how much slower than the baseline's a variant's mean time to first delta may be, as a share of it (0.5: half again)",
+  }),
+  int({
+    name: "guardrail-min-sessions",
+    field: "guardrailMinSessions",
+    default: 20,
+    min: 2,
+    group: "Experiments",
+    help: "Guardrail: sessions the baseline and a variant each need before the variant is judged",
+  }),
+  duration({
+    name: "guardrail-interval",
+    field: "guardrailIntervalMs",
+    unit: "s",
+    default: "30s",
+    min: "100ms",
+    group: "Experiments",
+    help: "Guardrail: time between checks",
+  }),
 ] as const satisfies readonly OptionSpec[];

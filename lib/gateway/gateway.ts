@@ -389,6 +389,22 @@ export class Gateway {
       if (failure.code === "engine_unavailable") this.#options.engineHealth.failed();
       if (failure.code === "storage_unavailable") this.#options.storageHealth?.failed(failure);
       this.#admission.refuse(job.target, failure, job);
+      // A cancellation (the client's, or a shutdown's) is no fault of the variant's.
+      if (job.variant !== undefined && failure.code !== "cancelled") {
+        this.#options.experimentMonitor?.turnEnded(
+          job.request.project,
+          job.request.sessionId,
+          job.request.requestId,
+          job.variant,
+          {
+            ok: false,
+            errorCode: failure.code,
+            totalMs: this.#now() - job.receivedAt,
+            tokensIn: 0,
+            tokensOut: 0,
+          },
+        );
+      }
     } finally {
       // The next turn of the session, on any instance, may start once this one is saved.
       await finishTurn(job);

@@ -10,6 +10,7 @@ import type { SessionStore } from "../sessions/session_store.ts";
 import type { TurnOrder } from "../sessions/turn_order.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
+import type { ExperimentMonitor } from "../observability/experiment_monitor.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { Project } from "../projects/project_file.ts";
 import type { BrokerRules, Publish } from "./reply_publisher.ts";
@@ -95,6 +96,8 @@ export interface GatewayOptions {
    * format, tools, model, sampling defaults); a project not here has only its prompt.
    */
   readonly projectFiles?: ReadonlyMap<string, Project>;
+  /** Where turns of a project with an experiment are counted per variant. @default {undefined} */
+  readonly experimentMonitor?: ExperimentMonitor;
   /**
    * The sessions' experiment variants and the feedback store; undefined when
    * no project runs an experiment (then no feedback topic is served).

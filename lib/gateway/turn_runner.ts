@@ -12,6 +12,7 @@ import type { ReplyBody } from "../protocol/mod.ts";
 import type { EngineHealth } from "../engine/engine_health.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
+import type { ExperimentMonitor } from "../observability/experiment_monitor.ts";
 import type { Stats } from "../observability/stats.ts";
 import { type Project, turnShape, type Variant } from "../projects/project_file.ts";
 import type { SamplingParams } from "../protocol/request.ts";
@@ -41,6 +42,8 @@ export interface TurnRunnerOptions {
   readonly projectFiles: ReadonlyMap<string, Project> | undefined;
   /** The sessions' experiment variants; undefined when no project runs an experiment. */
   readonly experiments: Pick<Experiments, "assign"> | undefined;
+  /** Where a turn of a session in an experiment is counted for its variant. */
+  readonly experimentMonitor?: ExperimentMonitor;
   /** The gateway's clock. */
   readonly now: () => number;
 }
@@ -158,6 +161,22 @@ export async function runTurnJob(
   // A repeat sent from history generated nothing: no engine figures to count.
   if (result.repeated) options.stats.ignored("duplicate");
   else options.stats.answered(request.project, timing, result.usage);
+  if (job.variant !== undefined && !result.repeated) {
+    options.experimentMonitor?.turnEnded(
+      request.project,
+      request.sessionId,
+      request.requestId,
+      job.variant,
+      {
+        ok: true,
+        ...(timing.ttftMs !== null && { ttfdMs: timing.ttftMs }),
+        totalMs: timing.totalMs,
+        tokensIn: result.usage?.prompt_tokens ?? 0,
+        tokensOut: result.usage?.completion_tokens ?? 0,
+        ...(result.parseFailed && { parseFailed: true }),
+      },
+    );
+  }
 }
 
 /**

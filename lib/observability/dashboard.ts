@@ -22,6 +22,7 @@ import { logger } from "../log.ts";
 import type { ChatRequest, ReplyBody } from "../protocol/mod.ts";
 import { asset, plainText, SECURITY_HEADERS } from "./_util.ts";
 import { DashboardAuth } from "./dashboard_auth.ts";
+import type { ExperimentPanel } from "./experiment_monitor.ts";
 import type { LivePoint, LiveStats, LiveSummary } from "./live_stats.ts";
 import { tryIt, type TryItSource } from "./try_it.ts";
 
@@ -31,6 +32,8 @@ export interface DashboardSource extends TryItSource {
   state(): Record<string, unknown>;
   /** Per-second statistics, once the service serves. */
   live(): LiveStats | undefined;
+  /** The experiments' panels as last computed, when a project runs one. */
+  experiments?(): readonly ExperimentPanel[] | undefined;
 }
 
 /** Options of {@linkcode Dashboard}. */
@@ -49,6 +52,8 @@ export interface DashboardUpdate {
   readonly state: Record<string, unknown>;
   readonly summary: LiveSummary | null;
   readonly point: LivePoint | null;
+  /** One panel per project with an experiment: its variants, intervals and verdicts. */
+  readonly experiments: readonly ExperimentPanel[] | null;
 }
 
 const log = logger("http");
@@ -181,6 +186,7 @@ export class Dashboard {
       state: this.#source.state(),
       summary: live?.summary() ?? null,
       point: live ? live.point(live.second - 1) : null,
+      experiments: this.#source.experiments?.() ?? null,
     };
   }
 }
@@ -201,6 +207,7 @@ export interface ServiceParts {
     };
     readonly directory: { readonly size: number };
     readonly live: LiveStats;
+    readonly experiments?: { snapshot(): readonly ExperimentPanel[] | undefined };
   };
 }
 
@@ -225,6 +232,7 @@ export function serviceDashboard(config: Config, parts: Readonly<ServiceParts>):
     projects: config.projects,
     limits: config,
     live: () => parts.serving?.live,
+    experiments: () => parts.serving?.experiments?.snapshot(),
     ask: (request, deliver) => parts.serving?.gateway.ask(request, deliver),
     state: () => {
       const engineState = parts.engineHealth?.state ?? "starting";

@@ -57,36 +57,60 @@ export class Gauge implements Metric {
   }
 }
 
-/** Observations counted into cumulative buckets (seconds, as Prometheus expects). */
+/**
+ * Observations counted into cumulative buckets (seconds, as Prometheus
+ * expects), per label set: none for the service's own histograms, a
+ * project and variant for an experiment's.
+ */
 export class Histogram implements Metric {
   readonly #name: string;
   readonly #help: string;
   readonly #bounds: readonly number[];
-  readonly #counts: number[];
-  #sum = 0;
-  #count = 0;
+  readonly #labelled: boolean;
+  readonly #series = new Map<
+    string,
+    { labels: Labels; counts: number[]; sum: number; count: number }
+  >();
 
-  constructor(name: string, help: string, bounds: readonly number[]) {
+  /** `labelled`: every series has labels, so none is shown before the first observation. */
+  constructor(name: string, help: string, bounds: readonly number[], labelled = false) {
     this.#name = name;
     this.#help = help;
     this.#bounds = bounds;
-    this.#counts = bounds.map(() => 0);
+    this.#labelled = labelled;
   }
 
-  observe(value: number): void {
-    this.#sum += value;
-    this.#count++;
-    for (let i = 0; i < this.#bounds.length; i++) if (value <= this.#bounds[i]) this.#counts[i]++;
+  observe(value: number, labels: Labels = {}): void {
+    const key = labelText(labels);
+    let series = this.#series.get(key);
+    if (!series) {
+      series = { labels, counts: this.#bounds.map(() => 0), sum: 0, count: 0 };
+      this.#series.set(key, series);
+    }
+    series.sum += value;
+    series.count++;
+    for (let i = 0; i < this.#bounds.length; i++) {
+      if (value <= this.#bounds[i]) series.counts[i]++;
+    }
   }
 
   render(): string {
     const lines = [`# HELP ${this.#name} ${this.#help}`, `# TYPE ${this.#name} histogram`];
-    this.#bounds.forEach((bound, i) =>
-      lines.push(`${this.#name}_bucket{le="${bound}"} ${this.#counts[i]}`)
-    );
-    lines.push(`${this.#name}_bucket{le="+Inf"} ${this.#count}`);
-    lines.push(`${this.#name}_sum ${this.#sum}`);
-    lines.push(`${this.#name}_count ${this.#count}`);
+    // An unlabelled histogram has its series from the start (zeros), as before labels existed.
+    const all = this.#series.size > 0 || this.#labelled
+      ? [...this.#series.values()]
+      : [{ labels: {}, counts: this.#bounds.map(() => 0), sum: 0, count: 0 }];
+    for (const { labels, counts, sum, count } of all) {
+      const text = labelText(labels);
+      this.#bounds.forEach((bound, i) =>
+        lines.push(
+          `${this.#name}_bucket${labelText({ ...labels, le: String(bound) })} ${counts[i]}`,
+        )
+      );
+      lines.push(`${this.#name}_bucket${labelText({ ...labels, le: "+Inf" })} ${count}`);
+      lines.push(`${this.#name}_sum${text} ${sum}`);
+      lines.push(`${this.#name}_count${text} ${count}`);
+    }
     return lines.join("\n");
   }
 }

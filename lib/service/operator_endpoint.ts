@@ -17,6 +17,7 @@ import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
 import { type BrokerChoice, isLoopback, serviceDashboard } from "../observability/dashboard.ts";
 import { type HttpEndpoint, serveHttpEndpoint } from "../observability/http_endpoint.ts";
+import type { ExperimentMonitor } from "../observability/experiment_monitor.ts";
 import type { LiveStats } from "../observability/live_stats.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
@@ -31,7 +32,14 @@ export interface Parts {
   storageHealth?: StorageHealth;
   client?: MqttClient;
   broker?: BrokerChoice;
-  serving?: { gateway: Gateway; directory: SessionDirectory; stats: Stats; live: LiveStats };
+  serving?: {
+    gateway: Gateway;
+    directory: SessionDirectory;
+    stats: Stats;
+    live: LiveStats;
+    /** The projects' experiments' figures, when some project has one. */
+    experiments: ExperimentMonitor | undefined;
+  };
   /** The sessions' experiment variants and the operator's decisions, when a project runs one. */
   experiments?: Experiments;
 }
@@ -70,7 +78,9 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
           ...(reason !== undefined && { reason: `session store: ${reason}` }),
         };
       },
-      metrics: () => parts.serving?.stats.prometheus() ?? "",
+      metrics: () =>
+        (parts.serving?.stats.prometheus() ?? "") +
+        (parts.serving?.experiments?.prometheus() ?? ""),
       status: () => ({
         status: parts.serving ? "online" : "starting",
         instance: config.mqttClientId,

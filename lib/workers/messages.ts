@@ -86,6 +86,8 @@ export interface TurnResult {
   readonly historyLost?: boolean;
   /** The answer was not generated but repeated from history (its request_id was there). */
   readonly repeated?: boolean;
+  /** A JSON object was asked for or begun, and the answer is none (see `run_turn.ts`). */
+  readonly parseFailed?: boolean;
 }
 
 /** Gateway → worker. */

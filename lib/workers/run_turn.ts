@@ -12,7 +12,7 @@
 import type { ChatMessage } from "../engine/engine_client.ts";
 import { userContent } from "../engine/multimodal.ts";
 import { ThinkingFilter } from "../engine/thinking_filter.ts";
-import { guidanceFromToolCalls, hintObject } from "../games/hints.ts";
+import { guidanceFromToolCalls, hintObject, jsonObjectOf } from "../games/hints.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import { audioClipsTokens, withAudioMarker } from "../protocol/audio.ts";
 import { imagesTokens, withImageMarker } from "../protocol/images.ts";
@@ -159,7 +159,7 @@ export async function runTurn(
     }
   }
   const { completion, firstVisibleAt } = outcome;
-  const visible = answerOf(job, outcome.visible, completion.toolCalls);
+  const { answer: visible, parseFailed } = answerOf(job, outcome.visible, completion.toolCalls);
 
   await saveTurn(context, job, session, drop, systemTokens, completion, visible);
   return {
@@ -168,6 +168,7 @@ export async function runTurn(
     usage: completion.usage ?? null,
     ttftMs: firstVisibleAt === undefined ? null : Math.round(firstVisibleAt - started),
     ...(historyLost && { historyLost }),
+    ...(parseFailed && { parseFailed }),
   };
 }
 
@@ -184,18 +185,24 @@ const UNSUPPORTED_FORMAT = /response_format|json_schema|structured|guided/i;
 
 /**
  * The answer of a turn: the visible text, with tool calls mapped into a JSON
- * object, made a hint object when the turn answers a game state.
+ * object, made a hint object when the turn answers a game state; and whether
+ * it failed to parse: a JSON object was asked for (a response format) or
+ * begun (`{` or a code fence), and the answer is none (the game then gets the
+ * text as its `hint`, without an action).
  */
 function answerOf(
   job: WorkerTurn,
   visible: string,
   toolCalls: readonly { name: string; arguments: string }[] | undefined,
-): string {
+): { answer: string; parseFailed: boolean } {
   let answer = visible;
   if (job.tools && toolCalls && toolCalls.length > 0) {
     answer = JSON.stringify(guidanceFromToolCalls(job.tools, toolCalls, visible));
   }
-  return job.hint ? JSON.stringify(hintObject(answer)) : answer;
+  const begun = /^\s*(\{|```)/.test(answer);
+  const parseFailed = (job.responseFormat !== undefined || begun) &&
+    jsonObjectOf(answer) === undefined;
+  return { answer: job.hint ? JSON.stringify(hintObject(answer)) : answer, parseFailed };
 }
 
 /** The answer stored after the user message that came with `requestId`, if any. */

@@ -194,6 +194,100 @@ function render(update) {
   setText("window-label", `last ${summary.window_s} s`);
   renderProjects(summary);
   renderErrors(summary);
+  renderExperiments(update.experiments ?? []);
+}
+
+// ---------------------------------------------------------------- experiments
+
+const pct = (share) => share === null || share === undefined ? "–" : `${(share * 100).toFixed(1)}%`;
+const num = (value, digits = 2) =>
+  value === null || value === undefined
+    ? "–"
+    : String(Math.round(value * 10 ** digits) / 10 ** digits);
+/** An estimate and its interval; JSON has no infinity, so an open end comes as null. */
+function interval(i, show) {
+  if (!i) return "–";
+  return `${show(i.value)} [${show(i.low)}, ${show(i.high)}]`;
+}
+
+const EXPERIMENT_COLUMNS = [
+  ["variant", (v) => v.name],
+  ["sessions", (v) => v.sessions],
+  ["requests", (v) => v.requests],
+  ["mean score", (v) => interval(v.meanScore, (x) => num(x))],
+  ["feedback rate", (v) => interval(v.feedbackRate, pct)],
+  ["error rate", (v) => interval(v.errorRate, pct)],
+  ["errors", (v) => Object.entries(v.errors).map(([c, n]) => `${c} ${n}`).join(", ") || "0"],
+  ["first delta p50/p95 ms", (v) => `${fmt(v.ttfdMs.p50)} / ${fmt(v.ttfdMs.p95)}`],
+  ["total p50/p95 ms", (v) => `${fmt(v.totalMs.p50)} / ${fmt(v.totalMs.p95)}`],
+  ["tokens in/out", (v) => `${v.tokensIn} / ${v.tokensOut}`],
+  ["parse failures", (v) => `${v.parseFailures} (${pct(v.parseFailureRate.value)})`],
+  ["turns/session", (v) => interval(v.turnsPerSession, (x) => num(x, 1))],
+];
+
+function renderExperiments(panels) {
+  $("experiments").hidden = panels.length === 0;
+  $("experiment-list").replaceChildren(...panels.map((panel) => {
+    const article = document.createElement("article");
+    article.className = "experiment";
+    article.dataset.project = panel.project;
+    const title = document.createElement("h3");
+    title.textContent = `${panel.project} · experiment ${panel.experiment}`;
+    const table = document.createElement("table");
+    const head = document.createElement("tr");
+    // The status second: a stopped variant shows at a glance, however wide the table.
+    const names = EXPERIMENT_COLUMNS.map(([name]) => name);
+    for (const name of [names[0], "status", ...names.slice(1)]) {
+      const th = document.createElement("th");
+      th.textContent = name;
+      head.append(th);
+    }
+    table.createTHead().append(head);
+    const body = table.createTBody();
+    for (const v of panel.figures.variants) {
+      const row = document.createElement("tr");
+      row.dataset.variant = v.name;
+      const cells = EXPERIMENT_COLUMNS.map(([name, value]) => {
+        const cell = document.createElement("td");
+        cell.dataset.column = name;
+        cell.textContent = String(value(v));
+        return cell;
+      });
+      const status = document.createElement("td");
+      status.dataset.column = "status";
+      const stopped = panel.stopped[v.name];
+      status.textContent = panel.winner === v.name
+        ? "winner: every session"
+        : stopped !== undefined
+        ? `stopped: ${stopped}`
+        : v.name === panel.figures.baseline
+        ? "baseline"
+        : "running";
+      status.className = stopped !== undefined ? "bad status" : "status";
+      row.append(cells[0], status, ...cells.slice(1));
+      body.append(row);
+    }
+    const verdicts = document.createElement("ul");
+    verdicts.className = "verdicts";
+    for (const verdict of panel.figures.verdicts) {
+      const item = document.createElement("li");
+      item.dataset.variant = verdict.variant;
+      item.dataset.outcome = verdict.outcome;
+      const basis = verdict.metric === "feedback_score"
+        ? `mean feedback score, ${num(verdict.difference.value)} against ${verdict.baseline}`
+        : `error rate, ${pct(verdict.difference.value)} against ${verdict.baseline}`;
+      const strong = document.createElement("b");
+      strong.textContent = verdict.text;
+      item.append(strong, ` (${basis})`);
+      verdicts.append(item);
+    }
+    // Wider than the page on a narrow screen: the table scrolls, the page does not.
+    const scroll = document.createElement("div");
+    scroll.className = "scroll";
+    scroll.append(table);
+    article.append(title, scroll, verdicts);
+    return article;
+  }));
 }
 
 function renderProjects(summary) {

@@ -1,0 +1,346 @@
+/**
+ * The service's view of its running experiments: every turn of a project with
+ * variants ends here ({@linkcode ExperimentMonitor.turnEnded}), and is
+ * counted per variant in `/metrics`, stored (`outcome_log.ts`), and kept in
+ * memory for the live page's experiment panel and the guardrail, which both
+ * take their figures from `experiment_stats.ts` as the report does.
+ *
+ * The in-memory outcomes start with what the store holds of the current
+ * experiments (within the retention), so a restart loses nothing; on a
+ * shared store (`--kv-url`) they are this instance's turns from then on plus
+ * what the store held at start, while the report reads every instance's.
+ *
+ * The guardrail (`--guardrail`, off by default) checks every
+ * `--guardrail-interval` whether a variant is worse than the baseline beyond
+ * its margins with enough sessions to tell (see `guardrailBreaches`), and
+ * stops it through the experiment's own control (new turns of its sessions go
+ * to the baseline), then tells the operator.
+ *
+ * @module
+ */
+
+import { readExperimentControl } from "../gateway/experiments.ts";
+import { logger } from "../log.ts";
+import type { ExperimentControl } from "../projects/experiment.ts";
+import {
+  type ExperimentFigures,
+  experimentFigures,
+  type GuardrailBreach,
+  guardrailBreaches,
+  type GuardrailMargins,
+  type OutcomeRecord,
+} from "./experiment_stats.ts";
+import { OutcomeLog, readFeedback, readOutcomes } from "./outcome_log.ts";
+import { Counter, Histogram, type Metric, renderMetrics, SECONDS_BUCKETS } from "./prometheus.ts";
+
+const log = logger("experiments");
+
+/** A project's experiment as the monitor needs it. */
+export interface MonitoredExperiment {
+  /** Its salt: outcomes are stored under it, so a new salt starts a new experiment. */
+  readonly salt: string;
+  /** Variant names in their listed order; the first is the baseline. */
+  readonly variants: readonly string[];
+}
+
+/** How a turn of a session in an experiment ended. */
+export interface TurnOutcome {
+  readonly ok: boolean;
+  readonly errorCode?: string;
+  readonly ttfdMs?: number;
+  readonly totalMs: number;
+  readonly tokensIn: number;
+  readonly tokensOut: number;
+  readonly parseFailed?: boolean;
+}
+
+/** The guardrail's settings. */
+export interface GuardrailSettings extends GuardrailMargins {
+  /** Milliseconds between checks. */
+  readonly intervalMs: number;
+}
+
+/** One project's panel: its variants side by side, the verdicts, what was stopped. */
+export interface ExperimentPanel {
+  readonly project: string;
+  readonly experiment: string;
+  readonly figures: ExperimentFigures;
+  /** Stopped variants, each with why (the operator's or the guardrail's reason). */
+  readonly stopped: Readonly<Record<string, string>>;
+  readonly winner: string | null;
+}
+
+/** Options of {@linkcode ExperimentMonitor}. */
+export interface ExperimentMonitorOptions {
+  /** The store outcomes are written to and feedback and control are read from. */
+  readonly kv: Deno.Kv;
+  /** Whether {@linkcode ExperimentMonitor.close} closes `kv`. @default {false} */
+  readonly ownsStore?: boolean;
+  /** Per project with variants, its experiment. */
+  readonly experiments: ReadonlyMap<string, MonitoredExperiment>;
+  /** Milliseconds an outcome is kept. @default {2_592_000_000} (30 days) */
+  readonly retentionMs?: number;
+  /** The guardrail, when on. @default {undefined} */
+  readonly guardrail?: GuardrailSettings;
+  /**
+   * Stops a variant of a project's experiment (the experiment's control).
+   * @default {undefined} (the guardrail only reports)
+   */
+  readonly stopVariant?: (project: string, variant: string, reason: string) => Promise<void>;
+  /** Called after the guardrail stopped a variant (status topic, ...). @default {undefined} */
+  readonly onStopped?: (project: string, variant: string, reason: string) => void;
+  /** Outcomes kept in memory per project, the oldest dropped beyond. @default {100_000} */
+  readonly maxRecords?: number;
+  /** Milliseconds the panels' figures are reused for. @default {2000} */
+  readonly panelCacheMs?: number;
+  /** The wall clock, in Unix milliseconds. @default {Date.now} */
+  readonly now?: () => number;
+}
+
+/** Per-variant figures of the running experiments. */
+export class ExperimentMonitor {
+  readonly #options: ExperimentMonitorOptions;
+  readonly #now: () => number;
+  readonly #log: OutcomeLog;
+  readonly #records = new Map<string, OutcomeRecord[]>();
+  readonly #timer: ReturnType<typeof setInterval> | undefined;
+  #checking: Promise<unknown> | undefined;
+  #panels: { at: number; panels: Promise<ExperimentPanel[]> } | undefined;
+  #latest: ExperimentPanel[] | undefined;
+
+  readonly #requests = new Counter(
+    "vllm_mqtt_variant_requests_total",
+    "Turns of a project with an experiment, by project, variant and outcome (answered, or the error code)",
+  );
+  readonly #ttfd = new Histogram(
+    "vllm_mqtt_variant_time_to_first_delta_seconds",
+    "Time from arrival to the first delta, by project and variant",
+    SECONDS_BUCKETS,
+    true,
+  );
+  readonly #total = new Histogram(
+    "vllm_mqtt_variant_request_duration_seconds",
+    "Time from arrival to the final answer, by project and variant",
+    SECONDS_BUCKETS,
+    true,
+  );
+  readonly #tokensIn = new Counter(
+    "vllm_mqtt_variant_prompt_tokens_total",
+    "Prompt tokens of an experiment's turns, by project and variant",
+  );
+  readonly #tokensOut = new Counter(
+    "vllm_mqtt_variant_generation_tokens_total",
+    "Generated tokens of an experiment's turns, by project and variant",
+  );
+  readonly #parseFailures = new Counter(
+    "vllm_mqtt_variant_parse_failures_total",
+    "Hint or JSON answers that did not parse as the object the project asks for, by project and variant",
+  );
+  readonly #metrics: readonly Metric[] = [
+    this.#requests,
+    this.#ttfd,
+    this.#total,
+    this.#tokensIn,
+    this.#tokensOut,
+    this.#parseFailures,
+  ];
+
+  private constructor(options: ExperimentMonitorOptions) {
+    this.#options = options;
+    this.#now = options.now ?? Date.now;
+    this.#log = new OutcomeLog(options.kv, { retentionMs: options.retentionMs });
+    for (const [project, experiment] of options.experiments) {
+      this.#records.set(project, []);
+      // A sample per variant from the start, so that a variant with no errors yet has a series.
+      for (const variant of experiment.variants) {
+        this.#requests.inc({ project, variant, outcome: "answered" }, 0);
+        this.#parseFailures.inc({ project, variant }, 0);
+      }
+    }
+    const guardrail = options.guardrail;
+    this.#timer = guardrail && options.experiments.size > 0
+      ? setInterval(() => {
+        this.#checking ??= this.checkGuardrail()
+          .catch((error) =>
+            log.error("Guardrail check failed: {message}", { message: String(error) })
+          )
+          .finally(() => this.#checking = undefined);
+      }, guardrail.intervalMs)
+      : undefined;
+  }
+
+  /** Starts monitoring: notes each experiment's variants and loads what the store kept of it. */
+  static async open(options: ExperimentMonitorOptions): Promise<ExperimentMonitor> {
+    const monitor = new ExperimentMonitor(options);
+    const since = monitor.#now() - (options.retentionMs ?? 30 * 24 * 3_600_000);
+    for (const [project, experiment] of options.experiments) {
+      await monitor.#log.describe(project, experiment.salt, experiment.variants);
+      const stored = (await readOutcomes(options.kv, project, { since })).get(experiment.salt);
+      if (stored) monitor.#keep(project, stored.sort((a, b) => a.at - b.at));
+    }
+    return monitor;
+  }
+
+  /** Whether `project` runs an experiment. */
+  has(project: string): boolean {
+    return this.#options.experiments.has(project);
+  }
+
+  /** Counts and stores how a turn of a session of `project` on `variant` ended. */
+  turnEnded(
+    project: string,
+    sessionId: string,
+    requestId: string | undefined,
+    variant: string,
+    outcome: TurnOutcome,
+  ): void {
+    const experiment = this.#options.experiments.get(project);
+    if (!experiment) return;
+    const labels = { project, variant };
+    this.#requests.inc({
+      ...labels,
+      outcome: outcome.ok ? "answered" : outcome.errorCode ?? "internal",
+    });
+    if (outcome.ok) {
+      if (outcome.ttfdMs !== undefined) this.#ttfd.observe(outcome.ttfdMs / 1000, labels);
+      this.#total.observe(outcome.totalMs / 1000, labels);
+    }
+    this.#tokensIn.inc(labels, outcome.tokensIn);
+    this.#tokensOut.inc(labels, outcome.tokensOut);
+    if (outcome.parseFailed) this.#parseFailures.inc(labels);
+    const record: OutcomeRecord = {
+      variant,
+      sessionId,
+      ...(requestId !== undefined && { requestId }),
+      ok: outcome.ok,
+      ...(outcome.errorCode !== undefined && { errorCode: outcome.errorCode }),
+      ...(outcome.ttfdMs !== undefined && { ttfdMs: Math.round(outcome.ttfdMs) }),
+      totalMs: Math.round(outcome.totalMs),
+      tokensIn: outcome.tokensIn,
+      tokensOut: outcome.tokensOut,
+      ...(outcome.parseFailed && { parseFailed: true }),
+      at: this.#now(),
+    };
+    this.#keep(project, [record]);
+    this.#log.add(project, experiment.salt, record);
+  }
+
+  /** The per-variant metrics, in Prometheus text format (empty without experiments). */
+  prometheus(): string {
+    return this.#options.experiments.size === 0 ? "" : renderMetrics(this.#metrics);
+  }
+
+  /** Each experiment's figures, verdicts and stopped variants (reused for a moment). */
+  panels(): Promise<ExperimentPanel[]> {
+    const now = this.#now();
+    if (!this.#panels || now - this.#panels.at >= (this.#options.panelCacheMs ?? 2000)) {
+      this.#panels = { at: now, panels: this.#computePanels() };
+      this.#panels.panels.catch(() => this.#panels = undefined);
+    }
+    return this.#panels.panels;
+  }
+
+  /**
+   * The panels as last computed, for a caller that cannot wait (the live
+   * page's updates); starts computing them again when they are stale.
+   */
+  snapshot(): ExperimentPanel[] | undefined {
+    const pending = this.panels();
+    pending.then((panels) => this.#latest = panels, () => {});
+    return this.#latest;
+  }
+
+  /**
+   * Stops each variant found worse than its baseline beyond the margins (not
+   * one stopped already); returns what it found.
+   */
+  async checkGuardrail(): Promise<GuardrailBreach[]> {
+    const guardrail = this.#options.guardrail;
+    if (!guardrail) return [];
+    const found: GuardrailBreach[] = [];
+    for (const [project, experiment] of this.#options.experiments) {
+      const control = await this.#control(project);
+      if (control?.winner !== undefined) continue;
+      const stopped = new Set(control?.stopped ?? []);
+      const breaches = guardrailBreaches(
+        this.#current(project),
+        experiment.variants,
+        guardrail,
+      ).filter((breach) => !stopped.has(breach.variant));
+      for (const breach of breaches) {
+        const reason = `guardrail: ${breach.reason}`;
+        log.warn("Experiment {experiment} of {project}: variant {variant} stopped, {reason}", {
+          experiment: experiment.salt,
+          project,
+          variant: breach.variant,
+          reason,
+        });
+        await this.#options.stopVariant?.(project, breach.variant, reason);
+        this.#options.onStopped?.(project, breach.variant, reason);
+        this.#panels = undefined;
+        found.push(breach);
+      }
+    }
+    return found;
+  }
+
+  /** Stops the guardrail and writes what is queued. */
+  async close(): Promise<void> {
+    clearInterval(this.#timer);
+    await this.#checking;
+    await this.#log.flushed();
+    if (this.#options.ownsStore) this.#options.kv.close();
+  }
+
+  /** Resolves once every outcome so far is stored. */
+  flushed(): Promise<void> {
+    return this.#log.flushed();
+  }
+
+  async #computePanels(): Promise<ExperimentPanel[]> {
+    const panels: ExperimentPanel[] = [];
+    const since = this.#now() - (this.#options.retentionMs ?? 30 * 24 * 3_600_000);
+    for (const [project, experiment] of this.#options.experiments) {
+      const outcomes = this.#current(project);
+      const sessions = new Set(outcomes.map((o) => o.sessionId));
+      const feedback = (await readFeedback(this.#options.kv, project, { since }))
+        .filter((f) => sessions.has(f.sessionId));
+      const control = await this.#control(project);
+      const stopped: Record<string, string> = {};
+      for (const variant of control?.stopped ?? []) {
+        stopped[variant] = control?.reasons[variant] ?? "stopped";
+      }
+      panels.push({
+        project,
+        experiment: experiment.salt,
+        figures: experimentFigures(outcomes, feedback, { variants: experiment.variants }),
+        stopped,
+        winner: control?.winner ?? null,
+      });
+    }
+    return panels;
+  }
+
+  #control(project: string): Promise<ExperimentControl | undefined> {
+    return readExperimentControl(this.#options.kv, project);
+  }
+
+  /** The outcomes of `project` within the retention. */
+  #current(project: string): OutcomeRecord[] {
+    const records = this.#records.get(project) ?? [];
+    const since = this.#now() - (this.#options.retentionMs ?? 30 * 24 * 3_600_000);
+    const first = records.findIndex((r) => r.at >= since);
+    if (first > 0) records.splice(0, first);
+    else if (first < 0) records.length = 0;
+    return records;
+  }
+
+  #keep(project: string, records: readonly OutcomeRecord[]): void {
+    const list = this.#records.get(project);
+    if (!list) return;
+    list.push(...records);
+    // Dropped a tenth at a time: one at a time would shift the whole list on every turn.
+    const max = this.#options.maxRecords ?? 100_000;
+    if (list.length > max) list.splice(0, list.length - Math.floor(max * 0.9));
+  }
+}

@@ -1,0 +1,170 @@
+/**
+ * The experiment monitor and its outcome log, on an in-memory Deno KV with an
+ * injected clock: outcomes stored in batches and read back by time range,
+ * per-variant metrics, the panels' figures with feedback, and the guardrail
+ * stopping a variant through the injected stop (no timer: checked directly).
+ */
+
+import assert, { deepEqual, equal, match } from "node:assert/strict";
+import { ExperimentMonitor, type TurnOutcome } from "../../lib/observability/experiment_monitor.ts";
+import {
+  OutcomeLog,
+  readExperimentMeta,
+  readFeedback,
+  readOutcomes,
+} from "../../lib/observability/outcome_log.ts";
+import { stopVariant } from "../../lib/gateway/experiments.ts";
+
+const ok = (ttfdMs: number): TurnOutcome => ({
+  ok: true,
+  ttfdMs,
+  totalMs: ttfdMs * 3,
+  tokensIn: 10,
+  tokensOut: 5,
+});
+const failed: TurnOutcome = {
+  ok: false,
+  errorCode: "context_overflow",
+  totalMs: 4,
+  tokensIn: 0,
+  tokensOut: 0,
+};
+
+Deno.test("outcome log: a burst is written in batches and read back by project, experiment and time", async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const log = new OutcomeLog(kv);
+    for (let i = 0; i < 1200; i++) {
+      log.add("maze", i < 1000 ? "x1" : "x2", {
+        variant: i % 2 === 0 ? "a" : "b",
+        sessionId: `s${i % 50}`,
+        ok: true,
+        totalMs: 1,
+        tokensIn: 1,
+        tokensOut: 1,
+        at: i,
+      });
+    }
+    await log.flushed();
+    equal(log.lost, 0);
+    const all = await readOutcomes(kv, "maze");
+    deepEqual([...all.keys()], ["x1", "x2"]);
+    equal(all.get("x1")!.length, 1000);
+    equal(all.get("x2")!.length, 200);
+    const some = await readOutcomes(kv, "maze", { since: 100, until: 150 });
+    equal(some.get("x1")!.length, 50);
+    equal((await readOutcomes(kv, "general")).size, 0);
+
+    await log.describe("maze", "x1", ["a", "b"]);
+    deepEqual((await readExperimentMeta(kv, "maze", "x1"))?.variants, ["a", "b"]);
+    await kv.set(["feedback", "maze", "s1", "r1"], { variant: "b", score: 1, at: 5 });
+    await kv.set(["feedback", "maze", "s2", "r9"], { score: 0, at: 500 });
+    deepEqual(await readFeedback(kv, "maze", { until: 100 }), [
+      { variant: "b", score: 1, at: 5, sessionId: "s1", requestId: "r1" },
+    ]);
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("experiment monitor: metrics, panels with feedback, and what a restart finds", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let now = 1_000_000;
+  const experiments = new Map([["maze", { salt: "m1", variants: ["a", "b"] }]]);
+  try {
+    const monitor = await ExperimentMonitor.open({ kv, experiments, now: () => now });
+    assert(monitor.has("maze") && !monitor.has("general"));
+    monitor.turnEnded("maze", "s1", "r1", "a", ok(100));
+    monitor.turnEnded("maze", "s1", "r2", "a", ok(300));
+    monitor.turnEnded("maze", "s2", "r1", "b", failed);
+    monitor.turnEnded("maze", "s3", "r1", "b", { ...ok(50), parseFailed: true });
+    const metrics = monitor.prometheus();
+    match(
+      metrics,
+      /^vllm_mqtt_variant_requests_total\{project="maze",variant="a",outcome="answered"\} 2$/m,
+    );
+    match(
+      metrics,
+      /^vllm_mqtt_variant_requests_total\{project="maze",variant="b",outcome="context_overflow"\} 1$/m,
+    );
+    match(
+      metrics,
+      /^vllm_mqtt_variant_time_to_first_delta_seconds_count\{project="maze",variant="a"\} 2$/m,
+    );
+    match(
+      metrics,
+      /^vllm_mqtt_variant_time_to_first_delta_seconds_sum\{project="maze",variant="a"\} 0\.4$/m,
+    );
+    match(metrics, /^vllm_mqtt_variant_parse_failures_total\{project="maze",variant="b"\} 1$/m);
+    match(metrics, /^vllm_mqtt_variant_prompt_tokens_total\{project="maze",variant="a"\} 20$/m);
+
+    await kv.set(["feedback", "maze", "s1", "r1"], { variant: "a", score: 1, at: now });
+    // Feedback of a session with no turn in this experiment is not its.
+    await kv.set(["feedback", "maze", "elsewhere", "r1"], { variant: "a", score: 0, at: now });
+    const [panel] = await monitor.panels();
+    equal(panel.project, "maze");
+    equal(panel.experiment, "m1");
+    const [a, b] = panel.figures.variants;
+    deepEqual([a.name, a.sessions, a.requests, a.feedback, a.meanScore?.value], ["a", 1, 2, 1, 1]);
+    deepEqual([b.name, b.sessions, b.requests, b.parseFailures], ["b", 2, 2, 1]);
+    deepEqual(b.errors, { context_overflow: 1 });
+    equal(a.ttfdMs.p50, 300);
+    deepEqual(panel.stopped, {});
+    equal(panel.winner, null);
+    await monitor.close();
+
+    // A restart reads what the store kept; past the retention, nothing.
+    now += 1000;
+    const again = await ExperimentMonitor.open({ kv, experiments, now: () => now });
+    equal((await again.panels())[0].figures.variants[0].requests, 2);
+    await again.close();
+    now += 31 * 24 * 3_600_000;
+    const later = await ExperimentMonitor.open({ kv, experiments, now: () => now });
+    equal((await later.panels())[0].figures.variants[0].requests, 0);
+    await later.close();
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("experiment monitor: the guardrail stops a failing variant once, and the panel says why", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const stops: string[] = [];
+  const told: string[] = [];
+  try {
+    const monitor = await ExperimentMonitor.open({
+      kv,
+      experiments: new Map([["maze", { salt: "m1", variants: ["a", "b"] }]]),
+      guardrail: { errorRate: 0.05, ttfd: 0.5, minSessions: 10, intervalMs: 3_600_000 },
+      stopVariant: async (project, variant, reason) => {
+        stops.push(`${project}/${variant}`);
+        await stopVariant(kv, project, variant, reason);
+      },
+      onStopped: (project, variant, reason) => told.push(`${project}/${variant}: ${reason}`),
+    });
+    for (let s = 0; s < 9; s++) {
+      monitor.turnEnded("maze", `a${s}`, "r1", "a", ok(100));
+      monitor.turnEnded("maze", `b${s}`, "r1", "b", failed);
+    }
+    // Nine sessions each: too few to tell.
+    deepEqual(await monitor.checkGuardrail(), []);
+    monitor.turnEnded("maze", "a9", "r1", "a", ok(100));
+    monitor.turnEnded("maze", "b9", "r1", "b", failed);
+    const [breach] = await monitor.checkGuardrail();
+    equal(breach.variant, "b");
+    equal(breach.metric, "error_rate");
+    deepEqual(stops, ["maze/b"]);
+    match(
+      told[0],
+      /^maze\/b: guardrail: error rate 100% against the baseline's 0% \(10 and 10 sessions\)/,
+    );
+    // Stopped already: not again.
+    deepEqual(await monitor.checkGuardrail(), []);
+    deepEqual(stops, ["maze/b"]);
+    const [panel] = await monitor.panels();
+    match(panel.stopped.b, /^guardrail: error rate/);
+    await monitor.close();
+  } finally {
+    kv.close();
+  }
+});
