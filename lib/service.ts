@@ -11,11 +11,9 @@ import type { IConnackPacket, MqttClient } from "mqtt";
 import { withTimeout } from "./_util.ts";
 import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
 import type { Config } from "./config/config.ts";
-import { EngineHealth } from "./engine/engine_health.ts";
+import { EngineFleet } from "./engine/engine_fleet.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
-import { startEngine } from "./engine/start_engine.ts";
 import { Gateway, type GatewayOptions } from "./gateway/gateway.ts";
-import type { RunningEngine } from "./engine/running_engine.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
 import { logger } from "./log.ts";
@@ -135,21 +133,18 @@ export async function startService(
     parts.storageHealth = storageHealth;
     cleanup.defer(() => storageHealth.close());
 
-    const engine = await step(
-      startEngine(config, {
+    const fleet = await step(
+      EngineFleet.start(config, {
         tools: [...projects.values()].some((project) => project.tools !== undefined),
         models: [...new Set([...projects.values()].flatMap((p) => p.model ?? []))],
-      }, signal),
-      (e) => e.close(),
+      }, { signal }),
+      (f) => f.close(),
     );
-    parts.engine = engine;
-    cleanup.defer(() => engine.close());
-    const engineHealth = new EngineHealth({
-      probeUrl: engine.probeUrl,
-      apiKey: engine.endpoint.apiKey,
-    }).start();
-    parts.engineHealth = engineHealth;
-    cleanup.defer(() => engineHealth.close());
+    // The fleet reads as one engine where one is asked about (ready while any is).
+    parts.engine = fleet;
+    parts.engineHealth = fleet;
+    cleanup.defer(() => fleet.close());
+    const engine = fleet.first.running;
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
       windowMs: config.orderWindowMs,
@@ -158,7 +153,7 @@ export async function startService(
     });
     if (turnOrder) cleanup.defer(() => turnOrder.close());
 
-    const settings = workerSettings(config, engine, kvPath, generations);
+    const settings = workerSettings(config, fleet, kvPath, generations);
     // `--workers 0`: turns run on this thread, against the service's own store.
     const pool: TurnPool = config.workers === 0
       ? await step(InProcessPool.start(settings, store), (p) => p.close())
@@ -219,8 +214,8 @@ export async function startService(
       queued: gateway.queued,
       inFlight: gateway.inFlight,
       liveSessions: directory.size,
-      engineReady: engineHealth.state === "ready",
-      engineRestarts: engine.restarts,
+      engineReady: fleet.state === "ready",
+      engineRestarts: fleet.restarts,
     }));
     const directory = new SessionDirectory({
       store,
@@ -237,7 +232,7 @@ export async function startService(
       projects: prompts,
       directory,
       stats,
-      engineHealth,
+      engineHealth: fleet.first.health,
       storageHealth,
       controlStore: config.controlTopics ? store : undefined,
       turnOrder,
@@ -304,7 +299,7 @@ export async function startService(
 
     return {
       brokerUrl,
-      failed: Promise.race([engine.failed, takenOver.promise]),
+      failed: Promise.race([fleet.failed, takenOver.promise]),
       stop: async () => {
         log.info("Shutting down: finishing accepted requests (up to {s} s)", {
           s: config.shutdownTimeoutMs / 1000,
@@ -321,7 +316,7 @@ export async function startService(
         await cleanup.disposeAsync();
         log.info("Stopped");
       },
-      killNow: () => engine.killNow(),
+      killNow: () => fleet.killNow(),
     };
   } catch (error) {
     // Nothing held for the gateway is acknowledged: the broker delivers it at the next start.
@@ -405,12 +400,14 @@ async function requireSharedSubscriptions(client: MqttClient, config: Config): P
 /** What the request workers are started with. */
 function workerSettings(
   config: Config,
-  engine: RunningEngine,
+  fleet: EngineFleet,
   kvPath: string,
   generations: WriteGenerations | undefined,
 ): WorkerSettings {
+  const engine = fleet.first.running;
   return {
     endpoint: engine.endpoint,
+    endpoints: fleet.engines.map(({ running }) => running.endpoint),
     kvPath,
     writeGenerations: generations?.buffer,
     sessionTtlMs: config.sessionTtlMs,

@@ -195,7 +195,8 @@ export const OPTIONS = [
     name: "engine-url",
     field: "engineUrl",
     group: "Engine",
-    help: "OpenAI-compatible base URL for --engine url, e.g. http://gpu-box:8000/v1",
+    help:
+      "OpenAI-compatible base URL for --engine url, e.g. http://gpu-box:8000/v1; several engines: their URLs separated by commas (see --route-policy)",
   }),
   text({
     name: "server-url",
@@ -304,6 +305,24 @@ export const OPTIONS = [
     min: "0",
     group: "Engine",
     help: "Simulated engine: time between tokens at batch size 1 (grows with the batch)",
+  }),
+  int({
+    name: "sim-engines",
+    field: "simEngines",
+    default: 1,
+    min: 1,
+    max: 64,
+    group: "Engine",
+    help: "Simulated engines to run side by side (--engine sim), each with its own prefix cache",
+  }),
+  choice({
+    name: "route-policy",
+    field: "routePolicy",
+    default: "cache-aware",
+    choices: ["cache-aware", "round-robin", "least-loaded", "consistent-hash"],
+    group: "Engine",
+    help:
+      "With several engines, which one a turn goes to: cache-aware (the session's home engine, which holds its prefix, unless another saves more time to first token), round-robin, least-loaded, consistent-hash (by session)",
   }),
 
   // vLLM (managed mode)
@@ -439,7 +458,8 @@ export const OPTIONS = [
     name: "visible-devices",
     field: "visibleDevices",
     group: "vLLM",
-    help: "GPUs vLLM may use (sets CUDA_VISIBLE_DEVICES), e.g. 2 or 0,1",
+    help:
+      "GPUs vLLM may use (sets CUDA_VISIBLE_DEVICES), e.g. 2 or 0,1; groups separated by ';' start one vLLM per group (\"0,1;2,3\": two, each with --tensor-parallel-size 2)",
   }),
   choice({
     name: "model-provider",

@@ -26,6 +26,7 @@ import { Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import { Admission } from "./admission.ts";
 import { ControlTopics } from "./control_topics.ts";
+import { oneEngine } from "./engine_choice.ts";
 import { asServiceError } from "../protocol/errors.ts";
 import { finishTurn, type Job, shuttingDown } from "./jobs.ts";
 import { Prompts } from "./prompts.ts";
@@ -101,6 +102,7 @@ export class Gateway {
       // Optional in the gateway's options, required (maybe undefined) in the runner's.
       projectFiles: options.projectFiles,
       storageHealth: options.storageHealth,
+      engines: options.engines ?? oneEngine(options.engineHealth),
       now,
     };
     const publish = (target: ReplyTarget, body: ReplyBody) => this.#replies.reply(target, body);
@@ -364,7 +366,6 @@ export class Gateway {
       await runTurnJob(this.#turns, job, signal);
     } catch (error) {
       const failure = asServiceError(error);
-      if (failure.code === "engine_unavailable") this.#options.engineHealth.failed();
       if (failure.code === "storage_unavailable") this.#options.storageHealth?.failed(failure);
       this.#admission.refuse(job.target, failure, job);
     } finally {

@@ -8,8 +8,7 @@
 
 import type { MqttClient } from "mqtt";
 import { type Config, ConfigError } from "../config/config.ts";
-import type { EngineHealth } from "../engine/engine_health.ts";
-import type { RunningEngine } from "../engine/running_engine.ts";
+import type { EngineFleet } from "../engine/engine_fleet.ts";
 import type { Gateway } from "../gateway/gateway.ts";
 import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
@@ -24,8 +23,10 @@ const log = logger("service");
 
 /** The service's parts as they come up, for the HTTP endpoint (which comes up first). */
 export interface Parts {
-  engine?: RunningEngine;
-  engineHealth?: EngineHealth;
+  /** The engines, read as one (their restarts summed). */
+  engine?: EngineFleet;
+  /** The engines' health, read as one (ready while any engine is). */
+  engineHealth?: EngineFleet;
   storageHealth?: StorageHealth;
   client?: MqttClient;
   broker?: BrokerChoice;
