@@ -13,6 +13,8 @@ import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
 import type { Config } from "./config/config.ts";
 import { EngineFleet } from "./engine/engine_fleet.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
+import { FleetRouting } from "./gateway/fleet_routing.ts";
+import { Router } from "./routing/router.ts";
 import { Gateway, type GatewayOptions } from "./gateway/gateway.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
@@ -133,11 +135,14 @@ export async function startService(
     parts.storageHealth = storageHealth;
     cleanup.defer(() => storageHealth.close());
 
+    const models = [...new Set([...projects.values()].flatMap((p) => p.model ?? []))];
+    // Set once the fleet is up: told of each engine's circuit opening and closing.
+    let routing: FleetRouting | undefined;
     const fleet = await step(
       EngineFleet.start(config, {
         tools: [...projects.values()].some((project) => project.tools !== undefined),
-        models: [...new Set([...projects.values()].flatMap((p) => p.model ?? []))],
-      }, { signal }),
+        models,
+      }, { signal, onHealth: (index, ready) => routing?.health(index, ready) }),
       (f) => f.close(),
     );
     // The fleet reads as one engine where one is asked about (ready while any is).
@@ -145,6 +150,11 @@ export async function startService(
     parts.engineHealth = fleet;
     cleanup.defer(() => fleet.close());
     const engine = fleet.first.running;
+    if (fleet.engines.length > 1) {
+      routing = startRouting(config, fleet, models);
+      parts.routing = routing;
+      cleanup.defer(() => routing?.close());
+    }
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
       windowMs: config.orderWindowMs,
@@ -216,6 +226,7 @@ export async function startService(
       liveSessions: directory.size,
       engineReady: fleet.state === "ready",
       engineRestarts: fleet.restarts,
+      ...(routing && { engines: routing.engineGauges() }),
     }));
     const directory = new SessionDirectory({
       store,
@@ -233,6 +244,7 @@ export async function startService(
       directory,
       stats,
       engineHealth: fleet.first.health,
+      engines: routing,
       storageHealth,
       controlStore: config.controlTopics ? store : undefined,
       turnOrder,
@@ -395,6 +407,27 @@ async function requireSharedSubscriptions(client: MqttClient, config: Config): P
     `--share-group ${config.shareGroup} cannot work on this broker: ${refusal}; ` +
       `run one instance without --share-group, or use a broker with shared subscriptions`,
   );
+}
+
+/**
+ * The router over several engines, each a candidate for the models it lists
+ * (one whose list is unknown, for every model a project asks for), and every
+ * one for a turn that names no model (it is sent to the engine's own).
+ */
+function startRouting(
+  config: Config,
+  fleet: EngineFleet,
+  models: readonly string[],
+): FleetRouting {
+  const everything = [config.servedModelName, ...models];
+  const router = new Router(
+    fleet.engines.map(({ id, running }) => ({
+      id,
+      models: [...new Set([config.servedModelName, ...running.serves ?? everything])],
+    })),
+    { policy: config.routePolicy },
+  );
+  return new FleetRouting({ fleet, router, model: config.servedModelName }).start();
 }
 
 /** What the request workers are started with. */

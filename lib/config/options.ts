@@ -13,6 +13,7 @@
  */
 
 import { BROKER_PROFILES } from "../mqtt/broker_limits.ts";
+import { ROUTE_POLICIES } from "../routing/router.ts";
 import { badValue, ConfigError } from "./config_error.ts";
 import {
   choice,
@@ -319,7 +320,7 @@ export const OPTIONS = [
     name: "route-policy",
     field: "routePolicy",
     default: "cache-aware",
-    choices: ["cache-aware", "round-robin", "least-loaded", "consistent-hash"],
+    choices: ROUTE_POLICIES,
     group: "Engine",
     help:
       "With several engines, which one a turn goes to: cache-aware (the session's home engine, which holds its prefix, unless another saves more time to first token), round-robin, least-loaded, consistent-hash (by session)",

@@ -11,15 +11,17 @@
 import type { EngineHealth } from "../engine/engine_health.ts";
 
 /** What the gateway knows of a turn when it chooses its engine. */
-export interface TurnToRoute {
+export interface TurnFacts {
   /** The session's key (`project/session id`). */
   readonly session: string;
   /** The served model or adapter the turn asks for (the project's `model:`); undefined: the engine's. */
   readonly model: string | undefined;
   /** The system prompt's tokens, when counted. */
   readonly systemTokens: number | undefined;
-  /** An upper bound of the new message's tokens (text and media). */
+  /** Estimated tokens of the new message (its text and media). */
   readonly messageTokens: number;
+  /** The turn resets the session's history first. */
+  readonly reset: boolean;
 }
 
 /** How a turn ended on its engine, told to whoever chose it. */
@@ -30,6 +32,8 @@ export interface TurnOutcome {
   readonly promptTokens?: number;
   /** The answer's tokens, when the engine answered with usage. */
   readonly completionTokens?: number;
+  /** Milliseconds from the turn reaching its worker to its first token, when one came. */
+  readonly ttftMs?: number;
 }
 
 /** An engine given to one turn. */
@@ -38,6 +42,8 @@ export interface EngineLease {
   readonly index: number;
   /** Its circuit: told of failures, probed when one looks like an outage. */
   readonly health: Pick<EngineHealth, "succeeded" | "failed" | "confirmDown">;
+  /** The turn's first token came: its prompt is no longer waiting there. */
+  prefilled(): void;
   /** The turn is over on this engine (answered, failed, or moved to another). */
   finished(outcome: TurnOutcome): void;
 }
@@ -53,7 +59,7 @@ export interface TurnEngines {
    * or the reason `signal` aborts with.
    */
   acquire(
-    turn: TurnToRoute,
+    turn: TurnFacts,
     exclude: ReadonlySet<number>,
     waitMs: number,
     signal: AbortSignal,
@@ -64,7 +70,7 @@ export interface TurnEngines {
 export function oneEngine(
   health: Pick<EngineHealth, "ready" | "succeeded" | "failed" | "confirmDown">,
 ): TurnEngines {
-  const lease: EngineLease = { index: 0, health, finished: () => {} };
+  const lease: EngineLease = { index: 0, health, prefilled: () => {}, finished: () => {} };
   return {
     acquire: async (_turn, _exclude, waitMs, signal) => {
       await health.ready(waitMs, signal);

@@ -22,9 +22,15 @@ import type { Prompts } from "./prompts.ts";
 import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
 import type { TurnJob } from "./jobs.ts";
-import type { EngineLease, TurnEngines, TurnToRoute } from "./engine_choice.ts";
+import type { EngineLease, TurnEngines, TurnFacts } from "./engine_choice.ts";
 
 const log = logger("gateway");
+
+/**
+ * Bytes of text a token covers, about (cl100k on English): the new message's share of the
+ * prompt, for choosing its engine (the engine's usage gives the exact count after).
+ */
+const BYTES_PER_TOKEN = 4;
 
 /** What a turn is run with. */
 export interface TurnRunnerOptions {
@@ -60,14 +66,15 @@ export async function runTurnJob(
   options.storageHealth?.check();
   const shape = turnShape(options.projectFiles?.get(request.project), job.settled !== undefined);
   const systemTokens = options.prompts.tokens(prompt);
-  const route: TurnToRoute = {
+  const route: TurnFacts = {
     session: job.sessionKey,
     model: shape.model,
     systemTokens,
     messageTokens: request.message === undefined
       ? 0
-      : messageTokenBound(request.message) + imagesTokens(request.images) +
-        audioClipsTokens(request.audio),
+      : Math.ceil(messageTokenBound(request.message) / BYTES_PER_TOKEN) +
+        imagesTokens(request.images) + audioClipsTokens(request.audio),
+    reset: request.reset,
   };
   // A turn waits for an engine up to --engine-wait in all, whether the circuits are open
   // already or its engine fails it now (loading: 503; busy: 429 with a Retry-After).
@@ -111,6 +118,7 @@ export async function runTurnJob(
         ...(engine !== 0 && { engine }),
       },
       (seq, delta) => {
+        if (!delivered) lease.prefilled();
         delivered = true;
         replies.reply(target, { type: "delta", seq, delta });
       },
@@ -142,6 +150,7 @@ export async function runTurnJob(
   const { health } = lease;
   lease.finished({
     ok: true,
+    ...(result.ttftMs !== null && { ttftMs: result.ttftMs }),
     ...(result.usage && !result.repeated && {
       promptTokens: result.usage.prompt_tokens,
       completionTokens: result.usage.completion_tokens,

@@ -9,10 +9,16 @@
 import type { MqttClient } from "mqtt";
 import { type Config, ConfigError } from "../config/config.ts";
 import type { EngineFleet } from "../engine/engine_fleet.ts";
+import type { FleetRouting } from "../gateway/fleet_routing.ts";
 import type { Gateway } from "../gateway/gateway.ts";
 import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
-import { type BrokerChoice, isLoopback, serviceDashboard } from "../observability/dashboard.ts";
+import {
+  type BrokerChoice,
+  engineStatus,
+  isLoopback,
+  serviceDashboard,
+} from "../observability/dashboard.ts";
 import { type HttpEndpoint, serveHttpEndpoint } from "../observability/http_endpoint.ts";
 import type { LiveStats } from "../observability/live_stats.ts";
 import type { Stats } from "../observability/stats.ts";
@@ -27,6 +33,8 @@ export interface Parts {
   engine?: EngineFleet;
   /** The engines' health, read as one (ready while any engine is). */
   engineHealth?: EngineFleet;
+  /** The router over several engines (none with one engine). */
+  routing?: FleetRouting;
   storageHealth?: StorageHealth;
   client?: MqttClient;
   broker?: BrokerChoice;
@@ -76,6 +84,8 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
           mode: config.engine,
           state: engineState(),
           restarts: parts.engine?.restarts ?? {},
+          // Several engines: each one, with its load and routing.
+          ...(parts.routing && { engines: parts.routing.engineGauges().map(engineStatus) }),
         },
         queued: parts.serving?.gateway.queued ?? 0,
         in_flight: parts.serving?.gateway.inFlight ?? 0,
