@@ -2,6 +2,7 @@
 
 import { deepEqual, equal, ok, throws } from "node:assert/strict";
 import { parseEngineLoad } from "../../lib/routing/engine_load.ts";
+import { RouteLedger } from "../../lib/routing/route_ledger.ts";
 import {
   type RouteDecision,
   type RoutePolicy,
@@ -244,4 +245,34 @@ Deno.test("engine load: vLLM's gauges and counters, the older names, several eng
     { kvCacheUsage: 0.9, prefixCacheHits: 7 },
   );
   deepEqual(parseEngineLoad("not metrics\n"), {});
+});
+
+Deno.test("route ledger: two instances sharing the store keep a session on one engine, moves included", async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const ledger = new RouteLedger(kv, { ttlMs: 60_000 });
+    const a = router("cache-aware").router;
+    const b = router("cache-aware").router;
+    // Instance a saw other sessions of project p; b saw none: on their own they could differ.
+    for (let i = 0; i < 3; i++) turn(a, nth(`p/warm${i}`, 0));
+    const first = (await ledger.route(a, nth("p/s", 0)))!;
+    a.started(first.engine, first);
+    a.finished(first.engine, first, { ok: true });
+    equal(await ledger.home("p", "s"), first.engine);
+    const second = (await ledger.route(b, nth("p/s", 1)))!;
+    deepEqual([second.engine, second.reason, second.uncachedTokens], [first.engine, "home", 500]);
+    // b finds that engine overloaded and moves the session; a follows.
+    for (let i = 0; i < 20; i++) {
+      b.started(first.engine, { engine: first.engine, reason: "new", uncachedTokens: 8000 });
+    }
+    const moved = (await ledger.route(b, nth("p/s", 1)))!;
+    equal(moved.reason, "moved_for_load");
+    b.started(moved.engine, moved);
+    const third = (await ledger.route(a, nth("p/s", 2)))!;
+    deepEqual([third.engine, third.reason], [moved.engine, "home"]);
+    await ledger.forget("p", "s");
+    equal(await ledger.home("p", "s"), undefined);
+  } finally {
+    kv.close();
+  }
 });
