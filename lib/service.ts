@@ -14,6 +14,7 @@ import type { Config } from "./config/config.ts";
 import { EngineFleet } from "./engine/engine_fleet.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
 import { FleetRouting } from "./gateway/fleet_routing.ts";
+import { RouteLedger } from "./routing/route_ledger.ts";
 import { Router } from "./routing/router.ts";
 import { Gateway, type GatewayOptions } from "./gateway/gateway.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
@@ -151,7 +152,11 @@ export async function startService(
     cleanup.defer(() => fleet.close());
     const engine = fleet.first.running;
     if (fleet.engines.length > 1) {
-      routing = startRouting(config, fleet, models);
+      // In a share group the instances agree on each session's home through the shared store.
+      const ledgerKv = config.shareGroup === undefined ? undefined : await Deno.openKv(kvPath);
+      if (ledgerKv) cleanup.defer(() => ledgerKv.close());
+      const ledger = ledgerKv && new RouteLedger(ledgerKv, { ttlMs: config.sessionTtlMs });
+      routing = startRouting(config, fleet, models, ledger);
       parts.routing = routing;
       cleanup.defer(() => routing?.close());
     }
@@ -418,6 +423,7 @@ function startRouting(
   config: Config,
   fleet: EngineFleet,
   models: readonly string[],
+  ledger: RouteLedger | undefined,
 ): FleetRouting {
   const everything = [config.servedModelName, ...models];
   const router = new Router(
@@ -427,7 +433,7 @@ function startRouting(
     })),
     { policy: config.routePolicy },
   );
-  return new FleetRouting({ fleet, router, model: config.servedModelName }).start();
+  return new FleetRouting({ fleet, router, model: config.servedModelName, ledger }).start();
 }
 
 /** What the request workers are started with. */

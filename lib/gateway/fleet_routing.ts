@@ -16,6 +16,7 @@ import { abortableSleep, LruMap, ProbeLoop } from "../_util.ts";
 import type { EngineFleet, FleetEngine } from "../engine/engine_fleet.ts";
 import { ServiceError } from "../protocol/errors.ts";
 import { parseEngineLoad } from "../routing/engine_load.ts";
+import type { RouteLedger } from "../routing/route_ledger.ts";
 import type { RouteDecision, Router } from "../routing/router.ts";
 import type { EngineGauges } from "../observability/stats.ts";
 import type { EngineLease, TurnEngines, TurnFacts } from "./engine_choice.ts";
@@ -26,6 +27,12 @@ export interface FleetRoutingOptions {
   readonly router: Router;
   /** The model a turn that names none asks for (`--served-model-name`). */
   readonly model: string;
+  /**
+   * The session -> home ledger shared by the instances of a share group, so that they keep a
+   * session on one engine; none alone.
+   * @default {undefined}
+   */
+  readonly ledger?: RouteLedger;
   /**
    * Milliseconds between reads of each engine's `/metrics`.
    * @default {2000}
@@ -54,6 +61,7 @@ export class FleetRouting implements TurnEngines {
   readonly #fleet: EngineFleet;
   readonly #router: Router;
   readonly #model: string;
+  readonly #ledger: RouteLedger | undefined;
   readonly #now: () => number;
   readonly #last: LruMap<string, LastTurn>;
   readonly #loads: ProbeLoop;
@@ -62,6 +70,7 @@ export class FleetRouting implements TurnEngines {
     this.#fleet = options.fleet;
     this.#router = options.router;
     this.#model = options.model;
+    this.#ledger = options.ledger;
     this.#now = options.now ?? (() => performance.now());
     this.#last = new LruMap(options.maxSessions ?? 100_000);
     const interval = options.loadIntervalMs ?? 2000;
@@ -105,8 +114,12 @@ export class FleetRouting implements TurnEngines {
     for (;;) {
       signal.throwIfAborted();
       // Another engine than those that failed the turn; failing that, one of those, back.
-      const decision = this.#router.route(routed, excluded) ?? this.#router.route(routed);
-      const engine = decision && this.#fleet.engines.find((e) => e.id === decision.engine);
+      const decision = (this.#ledger
+        ? await this.#ledger.route(this.#router, routed, excluded)
+        : this.#router.route(routed, excluded)) ?? this.#router.route(routed);
+      const engine = decision && this.#fleet.engines.find((e) =>
+        e.id === decision.engine
+      );
       if (decision && engine) return this.#lease(turn.session, engine, decision);
       const left = deadline - this.#now();
       if (left <= 0) throw unavailable(routed.model);
