@@ -133,6 +133,48 @@ test("several engines: a session's turns stay on its engine under light load, an
   });
 });
 
+test("--engine sim --sim-engines 3: three simulated engines, each session kept on one", async () => {
+  const broker = await startMosquitto();
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const port = freePort();
+  const client = await TestClient.connect(broker.url);
+  let service: ServiceProcess | undefined;
+  try {
+    service = await startService([
+      "--engine=sim",
+      "--sim-engines=3",
+      "--sim-ttft=5ms",
+      "--sim-itl=1ms",
+      `--mqtt-url=${broker.url}`,
+      `--data-dir=${dataDir}`,
+      "--projects=maze",
+      `--http-port=${port}`,
+    ]);
+    await client.subscribe("maze/assistant_response/#");
+    const sessions = Array.from({ length: 6 }, (_, i) => `sim${i}`);
+    for (let n = 1; n <= 3; n++) {
+      const replies = await Promise.all(sessions.map((s) => turn(client, s, n)));
+      for (const reply of replies) equal(reply.json!.type, "done", reply.text);
+    }
+    const text = await metrics(port);
+    const per = (name: string, labels: (id: string) => string) =>
+      ["e0", "e1", "e2"].map((id) => sample(text, name, labels(id)));
+    const sum = (values: number[]) => values.reduce((a, b) => a + b, 0);
+    const turns = per("vllm_mqtt_engine_turns_total", (id) => `engine="${id}"`);
+    equal(sum(turns), 18);
+    assert(turns.filter((n) => n > 0).length >= 2, `all turns on one engine: ${turns}`);
+    const decisions = (reason: string) =>
+      sum(per("vllm_mqtt_route_decisions_total", (id) => `engine="${id}",reason="${reason}"`));
+    deepEqual([decisions("new"), decisions("home"), decisions("moved_for_load")], [6, 12, 0]);
+    match(service.log(), /Engine e2: http:\/\/127\.0\.0\.1:\d+\/v1/);
+  } finally {
+    await client.close();
+    await service?.stop();
+    await broker.close();
+    await removeTempDir(dataDir);
+  }
+});
+
 test("several engines: a hot engine (a queue of others' requests in its /metrics) sheds new sessions and moves its own", async () => {
   // Prefill one prompt at a time: another tenant's long prompts queue up on engine 0.
   await withSimulators(2, { prefillQueue: true, prefillMsPerToken: 0.5 }, async (sims) => {
