@@ -191,12 +191,12 @@ test("several engines: a hot engine (a queue of others' requests in its /metrics
         const onHot = before.filter((session) => enginesOf(sims, session).has(0));
         assert(onHot.length > 0, "no session started on engine 0");
 
-        // Another tenant floods engine 0: 20 prompts of ~1,000 tokens, each prefilled in turn
-        // (half a second each).
+        // Another tenant floods engine 0: 40 prompts of ~1,000 tokens, each prefilled in turn
+        // (half a second each: a queue of 20 s, ended by the test when it is done).
         const flood = new AbortController();
         const long = "lorem ipsum dolor sit amet ".repeat(200);
         const flooding = Array.from(
-          { length: 30 },
+          { length: 40 },
           (_, i) =>
             fetch(`${sims[0].url}/chat/completions`, {
               method: "POST",
@@ -205,6 +205,7 @@ test("several engines: a hot engine (a queue of others' requests in its /metrics
                 model: "sim-model",
                 messages: [{ role: "user", content: `${i} ${long}` }],
                 max_tokens: 4,
+                stream: true,
               }),
               signal: flood.signal,
             }).then((r) => r.text()).catch(() => ""),
@@ -224,6 +225,8 @@ test("several engines: a hot engine (a queue of others' requests in its /metrics
           // A session at home on the hot engine moves rather than wait behind the queue.
           equal((await turn(client, onHot[0], 2)).json!.type, "done");
           const text = await metrics(port);
+          // Still hot when all that was decided: the queue was there for every choice.
+          assert(sample(text, "vllm_mqtt_engine_waiting", 'engine="e0"') > 0, text);
           assert(
             sample(
               text,
