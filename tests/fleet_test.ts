@@ -485,6 +485,16 @@ test("several engines: two instances in a share group keep each session on one e
         for (const reply of replies) equal(reply.json!.type, "done", reply.text);
       }
       for (const session of sessions) equal(enginesOf(sims, session).size, 1, session);
+      // The instances' shared record of each session's home names the engine that ran it.
+      const kv = await Deno.openKv(`${dataDir}/sessions.kv`);
+      try {
+        for (const session of sessions) {
+          const home = (await kv.get<string>(["route", "maze", session])).value;
+          equal(home, `e${[...enginesOf(sims, session)][0]}`, session);
+        }
+      } finally {
+        kv.close();
+      }
       // Both instances ran turns (the broker split them): the agreement was needed.
       for (const port of ports) {
         const text = await metrics(port);

@@ -127,17 +127,20 @@ export class FleetRouting implements TurnEngines {
     }
   }
 
-  /** Waits until an engine serving `model` takes turns again, or `waitMs` passes. */
+  /**
+   * Waits until an engine serving `model` takes turns again, or `waitMs` passes. Only those
+   * down are waited for: one that is up is the router's to choose (it hears of each circuit
+   * from the same probe), so this never returns at once for an engine it would not take.
+   */
   async #anyBack(model: string, waitMs: number, signal: AbortSignal): Promise<void> {
-    const serving = this.#fleet.engines.filter((engine) =>
-      !engine.gaveUp && this.#serves(engine, model)
+    const down = this.#fleet.engines.filter((engine) =>
+      !engine.gaveUp && engine.health.state === "down" && this.#serves(engine, model)
     );
     const settled = new AbortController();
     const both = AbortSignal.any([signal, settled.signal]);
     try {
-      // The router hears of a circuit closing from the same probe: asked again, it chooses.
       await Promise.any([
-        ...serving.map((engine) => engine.health.ready(waitMs, both)),
+        ...down.map((engine) => engine.health.ready(waitMs, both)),
         abortableSleep(waitMs, both).then(() => Promise.reject(unavailable(model))),
       ]);
     } catch {
@@ -148,8 +151,9 @@ export class FleetRouting implements TurnEngines {
     }
   }
 
+  /** Whether `engine` serves `model`: the default one always (each engine answers with its own). */
   #serves(engine: FleetEngine, model: string): boolean {
-    return engine.running.serves?.includes(model) ?? true;
+    return model === this.#model || (engine.running.serves?.includes(model) ?? true);
   }
 
   /** What the router is told of a turn: its size, and what the session sent before it. */
