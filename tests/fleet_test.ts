@@ -568,3 +568,52 @@ test("managed vLLM: --visible-devices with groups starts one vLLM per group, eac
     await removeTempDir(dir);
   }
 });
+
+test("managed vLLM: an engine that gives up for good stays out, and the others serve", async () => {
+  const broker = await startMosquitto();
+  const dir = await standInPath();
+  const dataDir = await tempDir("vllm-mqtt-data-");
+  const port = freePort();
+  const client = await TestClient.connect(broker.url);
+  let service: ServiceProcess | undefined;
+  try {
+    // The vLLM on GPU 1 dies 1.5 s after it is up; no restart is allowed.
+    service = await startService([
+      "--engine=vllm",
+      `--mqtt-url=${broker.url}`,
+      `--data-dir=${dataDir}`,
+      "--projects=maze",
+      "--visible-devices=0;1",
+      "--vllm-max-restarts=0",
+      `--http-port=${port}`,
+    ], {
+      env: {
+        PATH: `${dir}:${Deno.env.get("PATH")}`,
+        STAND_IN_EXIT_AFTER_MS: "1500",
+        STAND_IN_EXIT_GPUS: "1",
+      },
+    });
+    await waitFor(
+      () => /Engine e1 gave up for good .*; it stays out, 1 other\(s\) serve/.test(service!.log()),
+      15_000,
+      "engine e1 to give up",
+    );
+    await client.subscribe("maze/assistant_response/#");
+    const replies = await Promise.all(
+      Array.from({ length: 6 }, (_, i) => turn(client, `gone${i}`, 1)),
+    );
+    for (const reply of replies) equal(reply.json!.type, "done", reply.text);
+    const text = await metrics(port);
+    equal(sample(text, "vllm_mqtt_engine_gave_up", 'engine="e1"'), 1);
+    equal(sample(text, "vllm_mqtt_engine_turns_total", 'engine="e0"'), 6);
+    assert(!service.exited(), "the program gave up with one engine left");
+    const ready = await fetch(`http://127.0.0.1:${port}/readyz`);
+    equal(ready.status, 200, await ready.text());
+  } finally {
+    await client.close();
+    await service?.stop();
+    await broker.close();
+    await removeTempDir(dataDir);
+    await removeTempDir(dir);
+  }
+});

@@ -8,7 +8,8 @@
  *   (`{port}` in it is replaced by the port: one file per stand-in when several run);
  * - STAND_IN_HANG=1: never become healthy;
  * - STAND_IN_CRASH_AFTER=N: exit with code 3 after N chat completions;
- * - STAND_IN_EXIT_AFTER_MS=N: exit with code 4 N ms after becoming healthy;
+ * - STAND_IN_EXIT_AFTER_MS=N: exit with code 4 N ms after becoming healthy (with
+ *   STAND_IN_EXIT_GPUS=G, only the stand-in whose CUDA_VISIBLE_DEVICES is G);
  * - STAND_IN_IGNORE_SIGTERM=1: ignore SIGTERM (then only SIGKILL stops it);
  * - STAND_IN_TTFT_MS, STAND_IN_ITL_MS: the simulated engine's timing (5 ms and 1 ms).
  */
@@ -72,4 +73,7 @@ if (crashAfter > 0) {
   }, 20);
 }
 const exitAfter = Number(env("STAND_IN_EXIT_AFTER_MS") ?? 0);
-if (exitAfter > 0) setTimeout(() => Deno.exit(4), exitAfter);
+// Several stand-ins share the environment: STAND_IN_EXIT_GPUS picks the one that exits by its GPUs.
+const exits = env("STAND_IN_EXIT_GPUS") === undefined ||
+  env("STAND_IN_EXIT_GPUS") === env("CUDA_VISIBLE_DEVICES");
+if (exitAfter > 0 && exits) setTimeout(() => Deno.exit(4), exitAfter);
