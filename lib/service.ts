@@ -146,9 +146,7 @@ export async function startService(
       }, { signal, onHealth: (index, ready) => routing?.health(index, ready) }),
       (f) => f.close(),
     );
-    // The fleet reads as one engine where one is asked about (ready while any is).
-    parts.engine = fleet;
-    parts.engineHealth = fleet;
+    parts.engines = fleet;
     cleanup.defer(() => fleet.close());
     const engine = fleet.first.running;
     if (fleet.engines.length > 1) {

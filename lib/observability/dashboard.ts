@@ -206,8 +206,12 @@ export function engineStatus(engine: EngineGauges) {
 
 /** The parts of a running service the page reports on, as they come up. */
 export interface ServiceParts {
-  readonly engine?: { readonly restarts: Readonly<Record<string, number>> };
-  readonly engineHealth?: { readonly state: string; readonly outages: number };
+  /** The engines, read as one: ready while any is, outages and restarts summed. */
+  readonly engines?: {
+    readonly state: string;
+    readonly outages: number;
+    readonly restarts: Readonly<Record<string, number>>;
+  };
   /** Several engines: each one's health, load and routing. */
   readonly routing?: { engineGauges(): EngineGauges[] };
   readonly storageHealth?: { readonly available: boolean; readonly reason: string | undefined };
@@ -248,7 +252,7 @@ export function serviceDashboard(config: Config, parts: Readonly<ServiceParts>):
     live: () => parts.serving?.live,
     ask: (request, deliver) => parts.serving?.gateway.ask(request, deliver),
     state: () => {
-      const engineState = parts.engineHealth?.state ?? "starting";
+      const engineState = parts.engines?.state ?? "starting";
       return {
         status: parts.serving ? "online" : "starting",
         instance: {
@@ -264,8 +268,8 @@ export function serviceDashboard(config: Config, parts: Readonly<ServiceParts>):
           state: engineState,
           ready: engineState === "ready",
           circuit: engineState === "ready" ? "closed" : engineState === "down" ? "open" : "-",
-          outages: parts.engineHealth?.outages ?? 0,
-          restarts: parts.engine?.restarts ?? {},
+          outages: parts.engines?.outages ?? 0,
+          restarts: parts.engines?.restarts ?? {},
           engines: parts.routing?.engineGauges().map(engineStatus) ?? [],
         },
         broker: {

@@ -29,10 +29,8 @@ const log = logger("service");
 
 /** The service's parts as they come up, for the HTTP endpoint (which comes up first). */
 export interface Parts {
-  /** The engines, read as one (their restarts summed). */
-  engine?: EngineFleet;
-  /** The engines' health, read as one (ready while any engine is). */
-  engineHealth?: EngineFleet;
+  /** The engines, read as one where one is asked about (ready while any is, restarts summed). */
+  engines?: EngineFleet;
   /** The router over several engines (none with one engine). */
   routing?: FleetRouting;
   storageHealth?: StorageHealth;
@@ -44,7 +42,7 @@ export interface Parts {
 /** The HTTP endpoint, reporting on the parts that are up so far. */
 export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): HttpEndpoint {
   const startedAt = new Date().toISOString();
-  const engineState = () => parts.engineHealth?.state ?? "starting";
+  const engineState = () => parts.engines?.state ?? "starting";
   const dashboard = config.dashboard ? serviceDashboard(config, parts) : undefined;
   try {
     const endpoint = serveHttpEndpoint({
@@ -83,7 +81,7 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
         engine: {
           mode: config.engine,
           state: engineState(),
-          restarts: parts.engine?.restarts ?? {},
+          restarts: parts.engines?.restarts ?? {},
           // Several engines: each one, with its load and routing.
           ...(parts.routing && { engines: parts.routing.engineGauges().map(engineStatus) }),
         },
