@@ -139,7 +139,8 @@ export async function runTurnJob(
       const left = engineDeadline - now();
       if (!unavailable || delivered || left <= 0 || !await lease.health.confirmDown()) {
         if (unavailable) lease.health.failed();
-        lease.finished({ ok: false });
+        // A cancel, a refused request or a full disk is no failure of the engine's.
+        lease.finished({ ok: !engineFailed(error) });
         throw error;
       }
       lease.finished({ ok: false });
@@ -189,4 +190,10 @@ export async function runTurnJob(
   // A repeat sent from history generated nothing: no engine figures to count.
   if (result.repeated) options.stats.ignored("duplicate");
   else options.stats.answered(request.project, timing, result.usage);
+}
+
+/** Whether a turn's error was the engine's doing (unreachable, too slow, broken answer). */
+function engineFailed(error: unknown): boolean {
+  return !(error instanceof ServiceError) ||
+    ["engine_unavailable", "timeout", "internal"].includes(error.code);
 }
