@@ -133,7 +133,7 @@ test("several engines: a session's turns stay on its engine under light load, an
   });
 });
 
-test("--engine sim --sim-engines 3: three simulated engines, each session kept on one", async () => {
+test("--engine sim --sim-engines 3 --workers 0: three simulated engines, each session kept on one", async () => {
   const broker = await startMosquitto();
   const dataDir = await tempDir("vllm-mqtt-data-");
   const port = freePort();
@@ -145,6 +145,8 @@ test("--engine sim --sim-engines 3: three simulated engines, each session kept o
       "--sim-engines=3",
       "--sim-ttft=5ms",
       "--sim-itl=1ms",
+      // Turns on the gateway's thread: its one turn context holds a client per engine too.
+      "--workers=0",
       `--mqtt-url=${broker.url}`,
       `--data-dir=${dataDir}`,
       "--projects=maze",
