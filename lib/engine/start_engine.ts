@@ -186,7 +186,7 @@ async function checkToolParsing(baseUrl: string, apiKey: string, model: string):
 }
 
 /** vLLM's Prometheus `/metrics`, beside the API's `/v1` (an endpoint not under /v1: none). */
-export function metricsUrlOf(baseUrl: string): string | undefined {
+function metricsUrlOf(baseUrl: string): string | undefined {
   return /\/v1$/.test(baseUrl) ? `${baseUrl.slice(0, -3)}/metrics` : undefined;
 }
 
