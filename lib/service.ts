@@ -11,11 +11,12 @@ import type { IConnackPacket, MqttClient } from "mqtt";
 import { withTimeout } from "./_util.ts";
 import { isListening, startEmbeddedBroker } from "./broker/embedded_broker.ts";
 import type { Config } from "./config/config.ts";
-import { EngineHealth } from "./engine/engine_health.ts";
+import { EngineFleet } from "./engine/engine_fleet.ts";
 import { engineTokenCount } from "./engine/engine_tokenizer.ts";
-import { startEngine } from "./engine/start_engine.ts";
+import { FleetRouting } from "./gateway/fleet_routing.ts";
+import { RouteLedger } from "./routing/route_ledger.ts";
+import { Router } from "./routing/router.ts";
 import { Gateway, type GatewayOptions } from "./gateway/gateway.ts";
-import type { RunningEngine } from "./engine/running_engine.ts";
 import type { Publish } from "./gateway/reply_publisher.ts";
 import { SessionSigner } from "./gateway/session_signer.ts";
 import { Experiments } from "./gateway/experiments.ts";
@@ -139,26 +140,34 @@ export async function startService(
     parts.storageHealth = storageHealth;
     cleanup.defer(() => storageHealth.close());
 
-    const engine = await step(
-      startEngine(config, {
+    // The models and adapters the projects and their experiments' variants ask for by name.
+    const models = [
+      ...new Set([...projects.values()].flatMap((p) => [
+        ...(p.model === undefined ? [] : [p.model]),
+        ...(p.experiment?.variants ?? []).flatMap((v) => v.model ?? []),
+      ])),
+    ];
+    // Set once the fleet is up: told of each engine's circuit opening and closing.
+    let routing: FleetRouting | undefined;
+    const fleet = await step(
+      EngineFleet.start(config, {
         tools: [...projects.values()].some((project) => project.tools !== undefined),
-        models: [
-          ...new Set([...projects.values()].flatMap((p) => [
-            ...(p.model === undefined ? [] : [p.model]),
-            ...(p.experiment?.variants ?? []).flatMap((v) => v.model ?? []),
-          ])),
-        ],
-      }, signal),
-      (e) => e.close(),
+        models,
+      }, { signal, onHealth: (index, ready) => routing?.health(index, ready) }),
+      (f) => f.close(),
     );
-    parts.engine = engine;
-    cleanup.defer(() => engine.close());
-    const engineHealth = new EngineHealth({
-      probeUrl: engine.probeUrl,
-      apiKey: engine.endpoint.apiKey,
-    }).start();
-    parts.engineHealth = engineHealth;
-    cleanup.defer(() => engineHealth.close());
+    parts.engines = fleet;
+    cleanup.defer(() => fleet.close());
+    const engine = fleet.first.running;
+    if (fleet.engines.length > 1) {
+      // In a share group the instances agree on each session's home through the shared store.
+      const ledgerKv = config.shareGroup === undefined ? undefined : await Deno.openKv(kvPath);
+      if (ledgerKv) cleanup.defer(() => ledgerKv.close());
+      const ledger = ledgerKv && new RouteLedger(ledgerKv, { ttlMs: config.sessionTtlMs });
+      routing = startRouting(config, fleet, models, ledger);
+      parts.routing = routing;
+      cleanup.defer(() => routing?.close());
+    }
     const turnOrder = config.shareGroup === undefined ? undefined : await TurnOrder.open(kvPath, {
       instance: config.mqttClientId,
       windowMs: config.orderWindowMs,
@@ -191,7 +200,7 @@ export async function startService(
       : undefined;
     if (experimentMonitor) cleanup.defer(() => experimentMonitor.close());
 
-    const settings = workerSettings(config, engine, kvPath, generations);
+    const settings = workerSettings(config, fleet, kvPath, generations);
     // `--workers 0`: turns run on this thread, against the service's own store.
     const pool: TurnPool = config.workers === 0
       ? await step(InProcessPool.start(settings, store), (p) => p.close())
@@ -252,8 +261,9 @@ export async function startService(
       queued: gateway.queued,
       inFlight: gateway.inFlight,
       liveSessions: directory.size,
-      engineReady: engineHealth.state === "ready",
-      engineRestarts: engine.restarts,
+      engineReady: fleet.state === "ready",
+      engineRestarts: fleet.restarts,
+      ...(routing && { engines: routing.engineGauges() }),
     }));
     const directory = new SessionDirectory({
       store,
@@ -270,7 +280,8 @@ export async function startService(
       projects: prompts,
       directory,
       stats,
-      engineHealth,
+      engineHealth: fleet.first.health,
+      engines: routing,
       storageHealth,
       controlStore: config.controlTopics ? store : undefined,
       turnOrder,
@@ -350,7 +361,7 @@ export async function startService(
 
     return {
       brokerUrl,
-      failed: Promise.race([engine.failed, takenOver.promise]),
+      failed: Promise.race([fleet.failed, takenOver.promise]),
       stop: async () => {
         log.info("Shutting down: finishing accepted requests (up to {s} s)", {
           s: config.shutdownTimeoutMs / 1000,
@@ -367,7 +378,7 @@ export async function startService(
         await cleanup.disposeAsync();
         log.info("Stopped");
       },
-      killNow: () => engine.killNow(),
+      killNow: () => fleet.killNow(),
     };
   } catch (error) {
     // Nothing held for the gateway is acknowledged: the broker delivers it at the next start.
@@ -499,15 +510,39 @@ async function requireSharedSubscriptions(client: MqttClient, config: Config): P
   );
 }
 
+/**
+ * The router over several engines, each a candidate for the models it lists
+ * (one whose list is unknown, for every model a project asks for), and every
+ * one for a turn that names no model (it is sent to the engine's own).
+ */
+function startRouting(
+  config: Config,
+  fleet: EngineFleet,
+  models: readonly string[],
+  ledger: RouteLedger | undefined,
+): FleetRouting {
+  const everything = [config.servedModelName, ...models];
+  const router = new Router(
+    fleet.engines.map(({ id, running }) => ({
+      id,
+      models: [...new Set([config.servedModelName, ...running.serves ?? everything])],
+    })),
+    { policy: config.routePolicy },
+  );
+  return new FleetRouting({ fleet, router, model: config.servedModelName, ledger }).start();
+}
+
 /** What the request workers are started with. */
 function workerSettings(
   config: Config,
-  engine: RunningEngine,
+  fleet: EngineFleet,
   kvPath: string,
   generations: WriteGenerations | undefined,
 ): WorkerSettings {
+  const engine = fleet.first.running;
   return {
     endpoint: engine.endpoint,
+    endpoints: fleet.engines.map(({ running }) => running.endpoint),
     kvPath,
     writeGenerations: generations?.buffer,
     sessionTtlMs: config.sessionTtlMs,

@@ -13,15 +13,17 @@ import fs from "node:fs";
 import type { Browser, Page } from "playwright-core";
 import { type LivePoint, LiveStats } from "../lib/observability/live_stats.ts";
 import { Stats } from "../lib/observability/stats.ts";
+import { startSimulator } from "../lib/engine/simulator.ts";
 import {
-  type Fixture,
   freePort,
   HAS_MOSQUITTO,
   removeTempDir,
   ROOT,
+  type ServiceFixture,
   tempDir,
   waitFor,
   withService,
+  withServiceOn,
 } from "./_helpers.ts";
 import {
   AB_ADAPTER,
@@ -146,7 +148,7 @@ async function screenshot(page: Page, name: string): Promise<string> {
   return path;
 }
 
-async function sendTraffic(f: Fixture, count: number, marker: string): Promise<void> {
+async function sendTraffic(f: ServiceFixture, count: number, marker: string): Promise<void> {
   for (let i = 0; i < count; i++) {
     const project = i % 3 === 2 ? "general" : "maze";
     await f.client.send(`${project}/user_input`, {
@@ -333,6 +335,56 @@ browserTest(
           deepEqual(errors, []);
         }),
     );
+  },
+);
+
+browserTest(
+  "dashboard: with several engines the engine card shows each one, and one going down",
+  async () => {
+    const port = freePort();
+    const sims = await Promise.all([0, 1].map(() => startSimulator({ ttftMs: 5, itlMs: 1 })));
+    try {
+      await withServiceOn(
+        sims.map((sim) => sim.url).join(","),
+        { args: [`--http-port=${port}`] },
+        (f) =>
+          withBrowser(async (browser) => {
+            const { page, errors } = await openPage(browser, `http://127.0.0.1:${port}/`);
+            const line = (id: string) => text(page, `#engine-list li[data-engine="${id}"]`);
+            await waitFor(
+              async () => (await page.locator("#engine-list li").count()) === 2,
+              10_000,
+              "a line per engine",
+            );
+            match(await line("e0"), /^e0\s*ready · in flight 0/);
+            match(await line("e1"), /^e1\s*ready/);
+            // Sessions' turns show on the engine that ran them.
+            await sendTraffic(f, 6, "fleet");
+            await waitFor(
+              async () => {
+                const turns = await Promise.all(
+                  ["e0", "e1"].map(async (id) =>
+                    Number(/turns (\d+)/.exec(await line(id))?.[1] ?? 0)
+                  ),
+                );
+                return turns[0] + turns[1] === 6 &&
+                  turns[0] === sims[0].received.length && turns[1] === sims[1].received.length;
+              },
+              5000,
+              "the engines' turns on the page",
+            );
+            // Engine e1 dies: its line says so within a probe (5 s), e0 stays ready.
+            sims[1].fault = "error";
+            await waitFor(async () => /^e1\s*down/.test(await line("e1")), 10_000, "e1 down");
+            match(await line("e0"), /^e0\s*ready/);
+            equal(await text(page, "#engine-state"), "ready");
+            await screenshot(page, "dashboard-engines");
+            deepEqual(errors, []);
+          }),
+      );
+    } finally {
+      await Promise.all(sims.map((sim) => sim.close()));
+    }
   },
 );
 

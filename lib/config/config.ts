@@ -42,6 +42,18 @@ export type Config = Readonly<
   Omit<OptionValues, InputOnly | "servedModelName"> & {
     /** The name the engine serves the model under: `--served-model-name`, else `--model`. */
     servedModelName: string;
+    /**
+     * `--engine-url` read as its list of URLs (several engines, comma-separated), each without
+     * its trailing slash; `engineUrl` is the first.
+     * @default {[]}
+     */
+    engineUrls: readonly string[];
+    /**
+     * `--visible-devices` split into its GPU groups (`;`): one managed vLLM each. Empty when
+     * not given (one vLLM, CUDA_VISIBLE_DEVICES untouched).
+     * @default {[]}
+     */
+    gpuGroups: readonly string[];
     /** Warnings found while parsing (a secret on the command line); logged once logging is up. */
     warnings: readonly string[];
   }
@@ -107,9 +119,14 @@ export function parseConfig(
       option: "engine-url",
     });
   }
-  if (engineUrl !== undefined && !URL.canParse(engineUrl)) {
-    throw badValue("engine-url", "a URL", engineUrl);
+  const engineUrls = (engineUrl ?? "").split(",").map((url) => url.trim().replace(/\/+$/, ""))
+    .filter((url) => url !== "");
+  for (const url of engineUrls) {
+    if (!URL.canParse(url)) {
+      throw badValue("engine-url", "a URL (or URLs separated by commas)", url);
+    }
   }
+  const gpuGroups = gpuGroupsOf(options.visibleDevices, options.pipelineParallelSize);
 
   // The original script's `--mqtt_broker HOST --mqtt_port PORT`.
   let mqttUrl = options.mqttUrl;
@@ -141,7 +158,9 @@ export function parseConfig(
   const config: Config = {
     ...options,
     engine,
-    engineUrl: engineUrl?.replace(/\/+$/, ""),
+    engineUrl: engineUrls[0],
+    engineUrls: Object.freeze(engineUrls),
+    gpuGroups,
     mqttUrl,
     mqttPassword,
     servedModelName: options.servedModelName ?? options.model,
@@ -153,6 +172,29 @@ export function parseConfig(
   };
   checkLimits(config);
   return { help: false, config: Object.freeze(config) };
+}
+
+/**
+ * The GPU groups of `--visible-devices` ("0,1;2,3": one vLLM on 0,1 and one on 2,3). Each group
+ * of several is split by tensor parallelism over what pipeline parallelism leaves, so its
+ * GPUs must divide evenly.
+ */
+function gpuGroupsOf(devices: string | undefined, pipeline: number): readonly string[] {
+  if (devices === undefined) return Object.freeze([]);
+  const groups = devices.split(";").map((group) => group.trim());
+  if (groups.some((group) => group === "")) {
+    throw badValue("visible-devices", "GPU ids, with groups separated by ';' (0,1;2,3)", devices);
+  }
+  for (const group of groups) {
+    if (groups.length > 1 && group.split(",").length % pipeline !== 0) {
+      throw conflict(
+        "visible-devices",
+        `'--visible-devices' group ${group} has ${group.split(",").length} GPUs, which ` +
+          `'--pipeline-parallel-size' ${pipeline} does not divide`,
+      );
+    }
+  }
+  return Object.freeze(groups);
 }
 
 /** Limits that are fine alone but must agree with each other. */

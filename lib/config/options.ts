@@ -13,6 +13,7 @@
  */
 
 import { BROKER_PROFILES } from "../mqtt/broker_limits.ts";
+import { ROUTE_POLICIES } from "../routing/router.ts";
 import { badValue, ConfigError } from "./config_error.ts";
 import {
   choice,
@@ -212,7 +213,8 @@ export const OPTIONS = [
     name: "engine-url",
     field: "engineUrl",
     group: "Engine",
-    help: "OpenAI-compatible base URL for --engine url, e.g. http://gpu-box:8000/v1",
+    help:
+      "OpenAI-compatible base URL for --engine url, e.g. http://gpu-box:8000/v1; several engines: their URLs separated by commas (see --route-policy)",
   }),
   text({
     name: "server-url",
@@ -333,6 +335,24 @@ export const OPTIONS = [
     }),
     simQuality,
   ),
+  int({
+    name: "sim-engines",
+    field: "simEngines",
+    default: 1,
+    min: 1,
+    max: 64,
+    group: "Engine",
+    help: "Simulated engines to run side by side (--engine sim), each with its own prefix cache",
+  }),
+  choice({
+    name: "route-policy",
+    field: "routePolicy",
+    default: "cache-aware",
+    choices: ROUTE_POLICIES,
+    group: "Engine",
+    help:
+      "With several engines, which one a turn goes to: cache-aware (the session's home engine, which holds its prefix, unless another saves more time to first token), round-robin, least-loaded, consistent-hash (by session)",
+  }),
 
   // vLLM (managed mode)
   int({
@@ -467,7 +487,8 @@ export const OPTIONS = [
     name: "visible-devices",
     field: "visibleDevices",
     group: "vLLM",
-    help: "GPUs vLLM may use (sets CUDA_VISIBLE_DEVICES), e.g. 2 or 0,1",
+    help:
+      "GPUs vLLM may use (sets CUDA_VISIBLE_DEVICES), e.g. 2 or 0,1; groups separated by ';' start one vLLM per group (\"0,1;2,3\": two, each with --tensor-parallel-size 2)",
   }),
   choice({
     name: "model-provider",

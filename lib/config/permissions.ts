@@ -58,7 +58,7 @@ export function requiredPermissions(config: Config): Needs {
     if (name !== "" && !LOCAL_HOSTS.has(name)) net.push(name);
   };
   host(config.mqttUrl);
-  if (config.engine === "url") host(config.engineUrl);
+  if (config.engine === "url") config.engineUrls.forEach(host);
   host(config.kvUrl);
   if (config.httpPort !== 0 && !LOCAL_HOSTS.has(config.httpHost)) net.push(config.httpHost);
   return { read, write: [config.dataDir], net };

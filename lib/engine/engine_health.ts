@@ -32,6 +32,16 @@ export interface EngineHealthOptions {
    * @default {3}
    */
   readonly failureThreshold?: number;
+  /**
+   * The engine's id in log lines, when there are several (`e1`).
+   * @default {undefined}
+   */
+  readonly name?: string;
+  /**
+   * Told each time the circuit opens (`down`) or closes (`ready`).
+   * @default {undefined}
+   */
+  readonly onChange?: (state: EngineState) => void;
 }
 
 /** `ready`: requests flow. `down`: the circuit is open and the probe waits for the engine. */
@@ -41,7 +51,9 @@ const log = logger("engine");
 
 /** A circuit breaker with a health probe, for one engine. */
 export class EngineHealth {
-  readonly #options: Required<Omit<EngineHealthOptions, "apiKey">> & { apiKey?: string };
+  readonly #options:
+    & Required<Omit<EngineHealthOptions, "apiKey" | "name" | "onChange">>
+    & Pick<EngineHealthOptions, "apiKey" | "name" | "onChange">;
   readonly #loop: ProbeLoop;
   #state: EngineState = "ready";
   #failures = 0;
@@ -142,15 +154,25 @@ export class EngineHealth {
     if (this.#state === "down") return;
     this.#state = "down";
     this.#outages++;
-    log.warn("Engine unavailable ({why}); holding requests until it answers again", { why });
+    log.warn("Engine {name}unavailable ({why}); holding requests until it answers again", {
+      name: this.#named,
+      why,
+    });
+    this.#options.onChange?.("down");
   }
 
   /** The engine answers again: waiting requests go on, new ones flow. */
   #comeBack(): void {
     this.#state = "ready";
     this.#failures = 0;
-    log.info("Engine is answering again");
+    log.info("Engine {name}is answering again", { name: this.#named });
     this.#release();
+    this.#options.onChange?.("ready");
+  }
+
+  /** The engine's name and a space, for log lines (nothing when it is the only one). */
+  get #named(): string {
+    return this.#options.name === undefined ? "" : `${this.#options.name} `;
   }
 
   #release(): void {

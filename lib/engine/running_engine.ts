@@ -12,6 +12,18 @@ export interface RunningEngine {
   readonly endpoint: EngineEndpoint;
   /** Polled by the health probe: vLLM's `/health`, else `{base}/models`. */
   readonly probeUrl: string;
+  /**
+   * vLLM's Prometheus metrics (queue, KV cache use, prefix cache hits), read
+   * for routing; undefined when the engine has none known.
+   * @default {undefined}
+   */
+  readonly metricsUrl?: string;
+  /**
+   * The models and adapters it lists (`/v1/models`); undefined when unknown
+   * (an attached engine not reachable at start), then taken to serve all.
+   * @default {undefined}
+   */
+  readonly serves?: readonly string[];
   /** Restarts of a managed engine, by cause (`exit_1`, `signal_SIGKILL`, ...). */
   readonly restarts: Readonly<Record<string, number>>;
   /** Resolves (with a reason) if the engine gives up for good. */

@@ -109,6 +109,14 @@ export interface SimulatorOptions {
    */
   readonly prefixCacheBlocks?: number;
   /**
+   * Prefill one prompt at a time, as a GPU does (decode is batched): a request's first token
+   * waits for the prefills ahead of it, `wait + ttftMs + prefillMsPerToken * uncached`, and
+   * `/metrics` counts the requests waiting for theirs in `vllm:num_requests_waiting`. Off,
+   * prefills overlap and nothing waits.
+   * @default {false}
+   */
+  readonly prefillQueue?: boolean;
+  /**
    * When set, `/v1/*` requires `Authorization: Bearer <apiKey>`, as `vllm serve --api-key` does.
    */
   readonly apiKey?: string;
@@ -163,6 +171,11 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
   const prefixCache = new PrefixCache(options.prefixCacheBlocks ?? 65536);
   const prefillMsPerToken = options.prefillMsPerToken ?? 0;
   let running = 0;
+  // The serialized prefill: when the GPU is free for the next prompt, and the start times of the
+  // prefills not begun yet (vLLM's waiting requests), with the prompt tokens of those running.
+  let prefillFreeAt = 0;
+  const prefillStarts = new Set<{ readonly start: number }>();
+  let runningPromptTokens = 0;
   let requestsTotal = 0;
   let promptTokensTotal = 0;
   let generationTokensTotal = 0;
@@ -256,8 +269,22 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     };
     const id = `chatcmpl-sim-${++requestsTotal}`;
     const created = Math.floor(Date.now() / 1000);
-    const firstTokenMs = ttftMs + prefillMsPerToken * (promptTokens - prefixCache.lookup(prompt));
+    const prefillMs = prefillMsPerToken * (promptTokens - prefixCache.lookup(prompt));
+    let firstTokenMs = ttftMs + prefillMs;
+    const now = performance.now();
+    const queued = { start: Math.max(now, prefillFreeAt) };
+    if (options.prefillQueue) {
+      prefillFreeAt = queued.start + prefillMs;
+      firstTokenMs += queued.start - now;
+      prefillStarts.add(queued);
+    }
     running++;
+    runningPromptTokens += promptTokens;
+    const ended = () => {
+      running--;
+      runningPromptTokens -= promptTokens;
+      prefillStarts.delete(queued);
+    };
     promptTokensTotal += promptTokens;
     generationTokensTotal += reasoning.length + tokens.length;
 
@@ -267,7 +294,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
           firstTokenMs + tokenGap() * Math.max(0, reasoning.length + tokens.length - 1),
         );
       } finally {
-        running--;
+        ended();
       }
       return Response.json(completionObject({ id, created, model }, reply, usage));
     }
@@ -322,7 +349,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
           // Cancelled by the client, or a dropped connection to show.
           if (!signal.aborted) controller.error(cause);
         } finally {
-          running--;
+          ended();
         }
       },
     });
@@ -342,10 +369,19 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
     return Response.json({ count: tokens.length, max_model_len: maxModelLen, tokens });
   }
 
-  const metrics = () =>
-    new Response(
+  const metrics = () => {
+    const now = performance.now();
+    let waiting = 0;
+    for (const { start } of prefillStarts) if (start > now) waiting++;
+    const blocks = options.prefixCacheBlocks ?? 65536;
+    return new Response(
       [
-        `vllm:num_requests_running{model_name="${model}"} ${running}`,
+        `vllm:num_requests_running{model_name="${model}"} ${running - waiting}`,
+        `vllm:num_requests_waiting{model_name="${model}"} ${waiting}`,
+        `vllm:kv_cache_usage_perc{model_name="${model}"} ${
+          Math.min(1, runningPromptTokens / 16 / blocks)
+        }`,
+        `vllm:cache_config_info{block_size="16",num_gpu_blocks="${blocks}"} 1`,
         `vllm:request_success_total{model_name="${model}"} ${requestsTotal}`,
         `vllm:prompt_tokens_total{model_name="${model}"} ${promptTokensTotal}`,
         `vllm:generation_tokens_total{model_name="${model}"} ${generationTokensTotal}`,
@@ -355,6 +391,7 @@ export function startSimulator(options: SimulatorOptions = {}): Promise<Simulato
       ].join("\n"),
       { headers: { "content-type": "text/plain; version=0.0.4" } },
     );
+  };
 
   let fault: SimulatedFault | undefined;
   const hanging = new Set<() => void>();

@@ -1,9 +1,10 @@
 /**
- * Brings up the engine the configuration names and returns how to reach it:
- * the simulator in a worker (`sim`), an existing endpoint (`url`), or a
- * supervised `vllm serve` (`vllm`). Each is set up for what the projects
- * need (tool parsing, the reasoning parser of the model's family), and an
- * attached engine is checked against it at start.
+ * Brings up the engines the configuration names and returns how to reach
+ * each: simulators in workers (`sim`, `--sim-engines` of them), existing
+ * endpoints (`url`, each URL of `--engine-url`), or supervised `vllm serve`
+ * processes (`vllm`, one per GPU group of `--visible-devices`). Each is set up
+ * for what the projects need (tool parsing, the reasoning parser of the
+ * model's family), and attached engines are checked against it at start.
  *
  * @module
  */
@@ -17,23 +18,73 @@ import { EngineStartError, startVllm } from "./vllm_supervisor.ts";
 const log = logger("engine");
 
 /**
- * Starts or attaches to the engine of `config.engine`, for projects that need
- * `needs`; `signal` stops a vLLM that is still loading (its start rejects, and
- * vLLM is stopped).
+ * Starts or attaches to the engines of `config.engine`, for projects that
+ * need `needs`, all at once; `signal` stops a vLLM that is still loading (its
+ * start rejects, and vLLM is stopped). When one fails to start, those started
+ * are closed and the start rejects.
  */
-export function startEngine(
+export async function startEngines(
   config: Config,
   needs: EngineNeeds = {},
   signal?: AbortSignal,
-): Promise<RunningEngine> {
+): Promise<RunningEngine[]> {
+  const starts: Promise<RunningEngine>[] = [];
   switch (config.engine) {
     case "sim":
-      return startSimulatorWorker(config, needs);
+      for (let i = 0; i < config.simEngines; i++) starts.push(startSimulatorWorker(config, needs));
+      break;
     case "url":
-      return attach(config, needs);
+      for (const url of config.engineUrls) starts.push(attach(config, needs, url));
+      break;
     case "vllm":
-      return startVllm(config, needs, signal);
+      // One vLLM per GPU group, each on its own GPUs with tensor parallelism over them.
+      if (config.gpuGroups.length <= 1) starts.push(startVllm(config, needs, signal));
+      for (const group of config.gpuGroups.length > 1 ? config.gpuGroups : []) {
+        const gpus = group.split(",").length;
+        starts.push(startVllm(
+          {
+            ...config,
+            visibleDevices: group,
+            tensorParallelSize: gpus / config.pipelineParallelSize,
+          },
+          needs,
+          signal,
+        ));
+      }
+      break;
   }
+  const outcomes = await Promise.allSettled(starts);
+  const failure = outcomes.find((outcome) => outcome.status === "rejected");
+  const started = outcomes.flatMap((outcome) =>
+    outcome.status === "fulfilled" ? [outcome.value] : []
+  );
+  if (failure !== undefined) {
+    await Promise.all(started.map((engine) => engine.close()));
+    throw failure.reason;
+  }
+  if (config.engine === "url") checkServedModels(started, needs);
+  return started;
+}
+
+/**
+ * Stops the start-up when a project's `model:` is served by none of the
+ * attached engines (every turn of that project would be a 404); one that some
+ * serve goes only to those.
+ */
+function checkServedModels(engines: readonly RunningEngine[], needs: EngineNeeds): void {
+  const listed = engines.filter((engine) => engine.serves !== undefined);
+  if (listed.length === 0) return;
+  const served = [...new Set(listed.flatMap((engine) => engine.serves!))];
+  const missing = (needs.models ?? []).filter((name) => !served.includes(name));
+  if (missing.length === 0) return;
+  const where = engines.length === 1
+    ? `the engine at ${engines[0].endpoint.baseUrl} does not serve`
+    : `none of the engines (${engines.map((e) => e.endpoint.baseUrl).join(", ")}) serves`;
+  throw new EngineStartError(
+    `a project file asks for ${missing.join(", ")}, which ${where} ` +
+      `(it serves ${served.join(", ") || "nothing"}): every turn of that project ` +
+      "would be refused with 404; serve it there (vLLM: --lora-modules) or change the file",
+  );
 }
 
 /** Whether answers start inside a thinking block no parser takes out (see `model_family.ts`). */
@@ -73,6 +124,8 @@ async function startSimulatorWorker(config: Config, needs: EngineNeeds): Promise
   return {
     endpoint: { baseUrl: url, apiKey: "sim", model: config.servedModelName },
     probeUrl: `${url}/models`,
+    metricsUrl: metricsUrlOf(url),
+    serves: [config.servedModelName, ...config.loraModules.map(({ name }) => name)],
     restarts: {},
     failed: new Promise(() => {}),
     close: () => {
@@ -133,6 +186,11 @@ async function checkToolParsing(baseUrl: string, apiKey: string, model: string):
   }
 }
 
+/** vLLM's Prometheus `/metrics`, beside the API's `/v1` (an endpoint not under /v1: none). */
+function metricsUrlOf(baseUrl: string): string | undefined {
+  return /\/v1$/.test(baseUrl) ? `${baseUrl.slice(0, -3)}/metrics` : undefined;
+}
+
 /** A model as `/v1/models` lists it (vLLM adds `root`, `parent` and `max_model_len`). */
 interface ListedModel {
   readonly id: string;
@@ -149,8 +207,11 @@ interface ListedModel {
  * context shorter than `--max-model-len` is warned about (turns that do not
  * fit are trimmed and tried again, at a cost).
  */
-async function attach(config: Config, needs: EngineNeeds): Promise<RunningEngine> {
-  const baseUrl = config.engineUrl!;
+async function attach(
+  config: Config,
+  needs: EngineNeeds,
+  baseUrl: string,
+): Promise<RunningEngine> {
   const apiKey = config.engineApiKey ?? "none";
   let model = config.servedModelName;
   let listed: ListedModel[] | undefined;
@@ -180,14 +241,6 @@ async function attach(config: Config, needs: EngineNeeds): Promise<RunningEngine
     } else if (!served.includes(model)) {
       log.warn("Engine does not list model {model}; it serves {served}", { model, served });
     }
-    const missing = (needs.models ?? []).filter((name) => !served.includes(name));
-    if (missing.length > 0) {
-      throw new EngineStartError(
-        `a project file asks for ${missing.join(", ")}, which the engine at ${baseUrl} does ` +
-          `not serve (it serves ${served.join(", ") || "nothing"}): every turn of that project ` +
-          "would be refused with 404; serve it there (vLLM: --lora-modules) or change the file",
-      );
-    }
     const chosen = listed.find((m) => m.id === model);
     family = chosen?.root ?? chosen?.id ?? family;
     const context = chosen?.max_model_len;
@@ -209,6 +262,8 @@ async function attach(config: Config, needs: EngineNeeds): Promise<RunningEngine
   return {
     endpoint: { baseUrl, apiKey, model },
     probeUrl: `${baseUrl}/models`,
+    metricsUrl: metricsUrlOf(baseUrl),
+    ...(listed !== undefined && { serves: listed.map((m) => m.id) }),
     restarts: {},
     failed: new Promise(() => {}),
     close: () => Promise.resolve(),

@@ -212,6 +212,14 @@ class VllmSupervisor implements RunningEngine {
     return `http://127.0.0.1:${this.#port}/health`;
   }
 
+  get metricsUrl(): string {
+    return `http://127.0.0.1:${this.#port}/metrics`;
+  }
+
+  get serves(): readonly string[] {
+    return [this.#config.servedModelName, ...this.#config.loraModules.map(({ name }) => name)];
+  }
+
   /** Spawns vLLM and waits until it is healthy. */
   async start(): Promise<void> {
     const apiKey = this.#apiKey;

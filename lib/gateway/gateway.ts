@@ -26,6 +26,7 @@ import { Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import { Admission } from "./admission.ts";
 import { ControlTopics } from "./control_topics.ts";
+import { oneEngine } from "./engine_choice.ts";
 import { asServiceError } from "../protocol/errors.ts";
 import { finishTurn, type Job, shuttingDown } from "./jobs.ts";
 import { Prompts } from "./prompts.ts";
@@ -106,6 +107,7 @@ export class Gateway {
       projectFiles: options.projectFiles,
       storageHealth: options.storageHealth,
       experiments: options.experiments,
+      engines: options.engines ?? oneEngine(options.engineHealth),
       now,
     };
     const publish = (target: ReplyTarget, body: ReplyBody) => this.#replies.reply(target, body);
@@ -386,7 +388,6 @@ export class Gateway {
       await runTurnJob(this.#turns, job, signal);
     } catch (error) {
       const failure = asServiceError(error);
-      if (failure.code === "engine_unavailable") this.#options.engineHealth.failed();
       if (failure.code === "storage_unavailable") this.#options.storageHealth?.failed(failure);
       this.#admission.refuse(job.target, failure, job);
       // A cancellation (the client's, or a shutdown's) is no fault of the variant's.

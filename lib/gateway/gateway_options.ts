@@ -17,6 +17,7 @@ import type { BrokerRules, Publish } from "./reply_publisher.ts";
 import type { SessionSigner } from "./session_signer.ts";
 import type { Experiments } from "./experiments.ts";
 import type { TurnPool } from "../workers/turn_pool.ts";
+import type { TurnEngines } from "./engine_choice.ts";
 
 /** What the gateway is built from. */
 export interface GatewayOptions {
@@ -39,6 +40,12 @@ export interface GatewayOptions {
   readonly stats: Stats;
   /** Gate in front of the engine: a request waits while it is down. */
   readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed" | "confirmDown">;
+  /**
+   * Gives each turn its engine (several engines: the router); without it,
+   * every turn goes to the one engine behind `engineHealth`.
+   * @default {oneEngine(engineHealth)}
+   */
+  readonly engines?: TurnEngines;
   /**
    * Whether the session store can be written: while it cannot (a full disk),
    * turns are refused before anything is generated.

@@ -9,7 +9,9 @@
 import { ServiceError } from "../protocol/errors.ts";
 import { logger } from "../log.ts";
 import type { ReplyBody } from "../protocol/mod.ts";
-import type { EngineHealth } from "../engine/engine_health.ts";
+import { messageTokenBound } from "../tokens.ts";
+import { audioClipsTokens } from "../protocol/audio.ts";
+import { imagesTokens } from "../protocol/images.ts";
 import type { StorageHealth } from "../sessions/storage_health.ts";
 import type { SessionDirectory } from "../sessions/session_directory.ts";
 import type { ExperimentMonitor } from "../observability/experiment_monitor.ts";
@@ -23,8 +25,15 @@ import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
 import type { TurnJob } from "./jobs.ts";
 import type { Experiments } from "./experiments.ts";
+import type { EngineLease, TurnEngines, TurnFacts } from "./engine_choice.ts";
 
 const log = logger("gateway");
+
+/**
+ * Bytes of text a token covers, about (cl100k on English): the new message's share of the
+ * prompt, for choosing its engine (the engine's usage gives the exact count after).
+ */
+const BYTES_PER_TOKEN = 4;
 
 /** What a turn is run with. */
 export interface TurnRunnerOptions {
@@ -35,9 +44,10 @@ export interface TurnRunnerOptions {
   readonly recent: RecentRequests;
   readonly directory: SessionDirectory;
   readonly stats: Stats;
-  readonly engineHealth: Pick<EngineHealth, "ready" | "succeeded" | "failed" | "confirmDown">;
+  /** Gives each turn its engine (the router, with several). */
+  readonly engines: TurnEngines;
   readonly storageHealth: StorageHealth | undefined;
-  /** Milliseconds a turn waits for an engine that is down. */
+  /** Milliseconds a turn waits for an engine serving its model to take turns. */
   readonly engineWaitMs: number;
   readonly projectFiles: ReadonlyMap<string, Project> | undefined;
   /** The sessions' experiment variants; undefined when no project runs an experiment. */
@@ -55,7 +65,7 @@ export async function runTurnJob(
   signal: AbortSignal,
 ): Promise<void> {
   const { request } = job;
-  const { engineHealth, replies, now } = options;
+  const { replies, now } = options;
   const startedAt = now();
   await options.directory.settled(request.project, request.sessionId);
   // A turn that cannot be saved is not generated: refused at once, the client retries.
@@ -72,19 +82,45 @@ export async function runTurnJob(
   }
   const target = job.target;
   const prompt = request.systemPrompt ?? variant?.prompt ?? options.prompts.get(request.project);
-  // A turn waits for the engine up to --engine-wait in all, whether the circuit is open
-  // already or the engine fails it now (loading: 503; busy: 429 with a Retry-After).
+  const shape = turnShape(
+    options.projectFiles?.get(request.project),
+    job.settled !== undefined,
+    variant,
+  );
+  const systemTokens = options.prompts.tokens(prompt);
+  const route: TurnFacts = {
+    session: job.sessionKey,
+    model: shape.model,
+    systemTokens,
+    messageTokens: request.message === undefined
+      ? 0
+      : Math.ceil(messageTokenBound(request.message) / BYTES_PER_TOKEN) +
+        imagesTokens(request.images) + audioClipsTokens(request.audio),
+    reset: request.reset,
+  };
+  // A turn waits for an engine up to --engine-wait in all, whether the circuits are open
+  // already or its engine fails it now (loading: 503; busy: 429 with a Retry-After).
   const engineDeadline = now() + options.engineWaitMs;
-  await engineHealth.ready(options.engineWaitMs, signal);
+  // Engines that failed this turn while down: it goes to another one if any serves it.
+  const tried = new Set<number>();
+  let lease: EngineLease = await options.engines.acquire(
+    route,
+    tried,
+    options.engineWaitMs,
+    signal,
+  );
   // Cancelled while it waited for its turn (in a share group, for another instance).
-  signal.throwIfAborted();
+  if (signal.aborted) {
+    lease.finished({ ok: false });
+    signal.throwIfAborted();
+  }
   log.debug("Request {request} of {session}: started after {ms} ms", {
     request: request.requestId ?? "-",
     session: job.sessionKey,
     ms: Math.round(now() - job.receivedAt),
   });
   let delivered = false;
-  const run = () =>
+  const run = (engine: number) =>
     options.pool.run(
       {
         id: job.id,
@@ -96,17 +132,15 @@ export async function runTurnJob(
         ...(request.audio && { audio: request.audio }),
         reset: request.reset,
         systemPrompt: prompt,
-        systemTokens: options.prompts.tokens(prompt),
+        systemTokens,
         systemPromptFromRequest: request.systemPrompt !== undefined,
         params: variant ? variantParams(request.params, variant) : request.params,
         stream: request.stream,
-        ...turnShape(
-          options.projectFiles?.get(request.project),
-          job.settled !== undefined,
-          variant,
-        ),
+        ...shape,
+        ...(engine !== 0 && { engine }),
       },
       (seq, delta) => {
+        if (!delivered) lease.prefilled();
         delivered = true;
         replies.reply(target, { type: "delta", seq, delta });
       },
@@ -115,20 +149,37 @@ export async function runTurnJob(
   let result: TurnResult;
   for (;;) {
     try {
-      result = await run();
+      result = await run(lease.index);
       break;
     } catch (error) {
-      // An engine that is down (loading, restarting) holds the turn until it is back, within
-      // --engine-wait, and the turn is tried again if nothing of it reached the client. An
-      // engine that answers its probe failed this turn alone (a broken stream, a 429 with its
+      // An engine that is down (loading, restarting, dead) holds the turn until one serving it
+      // takes turns, within --engine-wait: another engine at once when there is one, else this
+      // one when it is back; tried again only if nothing of it reached the client. An engine
+      // that answers its probe failed this turn alone (a broken stream, a 429 with its
       // Retry-After): the client gets the error, with the engine's pause as retry_after_ms.
-      if (!(error instanceof ServiceError) || error.code !== "engine_unavailable") throw error;
+      const unavailable = error instanceof ServiceError && error.code === "engine_unavailable";
       const left = engineDeadline - now();
-      if (delivered || left <= 0 || !await engineHealth.confirmDown()) throw error;
-      await engineHealth.ready(left, signal);
+      if (!unavailable || delivered || left <= 0 || !await lease.health.confirmDown()) {
+        if (unavailable) lease.health.failed();
+        // A cancel, a refused request or a full disk is no failure of the engine's.
+        lease.finished({ ok: !engineFailed(error) });
+        throw error;
+      }
+      lease.finished({ ok: false });
+      tried.add(lease.index);
+      lease = await options.engines.acquire(route, tried, left, signal);
     }
   }
-  engineHealth.succeeded();
+  const { health } = lease;
+  lease.finished({
+    ok: true,
+    ...(result.ttftMs !== null && { ttftMs: result.ttftMs }),
+    ...(result.usage && !result.repeated && {
+      promptTokens: result.usage.prompt_tokens,
+      completionTokens: result.usage.completion_tokens,
+    }),
+  });
+  health.succeeded();
   const queueMs = startedAt - job.receivedAt;
   const timing = {
     queueMs,
@@ -190,4 +241,10 @@ function variantParams(params: SamplingParams, variant: Variant): SamplingParams
     ...(variant.topP !== undefined && { top_p: variant.topP }),
     ...(variant.maxTokens !== undefined && { max_tokens: variant.maxTokens }),
   };
+}
+
+/** Whether a turn's error was the engine's doing (unreachable, too slow, broken answer). */
+function engineFailed(error: unknown): boolean {
+  return !(error instanceof ServiceError) ||
+    ["engine_unavailable", "timeout", "internal"].includes(error.code);
 }

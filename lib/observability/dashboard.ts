@@ -24,6 +24,7 @@ import { asset, plainText, SECURITY_HEADERS } from "./_util.ts";
 import { DashboardAuth } from "./dashboard_auth.ts";
 import type { ExperimentPanel } from "./experiment_monitor.ts";
 import type { LivePoint, LiveStats, LiveSummary } from "./live_stats.ts";
+import type { EngineGauges } from "./stats.ts";
 import { tryIt, type TryItSource } from "./try_it.ts";
 
 /** Where the page's numbers come from. */
@@ -191,10 +192,34 @@ export class Dashboard {
   }
 }
 
+/** One engine of several, as `/status` and the live page show it (snake case, as the rest). */
+export function engineStatus(engine: EngineGauges) {
+  return {
+    id: engine.id,
+    url: engine.url,
+    state: engine.state,
+    in_flight: engine.inFlight,
+    waiting: engine.waiting ?? null,
+    prefix_hit_rate: engine.prefixHitRate ?? null,
+    sessions: engine.sessions,
+    turns: engine.turns,
+    errors: engine.errors,
+    outages: engine.outages,
+    restarts: engine.restarts,
+    decisions: engine.decisions,
+  };
+}
+
 /** The parts of a running service the page reports on, as they come up. */
 export interface ServiceParts {
-  readonly engine?: { readonly restarts: Readonly<Record<string, number>> };
-  readonly engineHealth?: { readonly state: string; readonly outages: number };
+  /** The engines, read as one: ready while any is, outages and restarts summed. */
+  readonly engines?: {
+    readonly state: string;
+    readonly outages: number;
+    readonly restarts: Readonly<Record<string, number>>;
+  };
+  /** Several engines: each one's health, load and routing. */
+  readonly routing?: { engineGauges(): EngineGauges[] };
   readonly storageHealth?: { readonly available: boolean; readonly reason: string | undefined };
   readonly client?: { readonly connected: boolean };
   /** The broker the service connects to, once chosen (a URL without its password). */
@@ -235,7 +260,7 @@ export function serviceDashboard(config: Config, parts: Readonly<ServiceParts>):
     experiments: () => parts.serving?.experiments?.snapshot(),
     ask: (request, deliver) => parts.serving?.gateway.ask(request, deliver),
     state: () => {
-      const engineState = parts.engineHealth?.state ?? "starting";
+      const engineState = parts.engines?.state ?? "starting";
       return {
         status: parts.serving ? "online" : "starting",
         instance: {
@@ -251,8 +276,9 @@ export function serviceDashboard(config: Config, parts: Readonly<ServiceParts>):
           state: engineState,
           ready: engineState === "ready",
           circuit: engineState === "ready" ? "closed" : engineState === "down" ? "open" : "-",
-          outages: parts.engineHealth?.outages ?? 0,
-          restarts: parts.engine?.restarts ?? {},
+          outages: parts.engines?.outages ?? 0,
+          restarts: parts.engines?.restarts ?? {},
+          engines: parts.routing?.engineGauges().map(engineStatus) ?? [],
         },
         broker: {
           url: brokerLabel(config, parts.broker),

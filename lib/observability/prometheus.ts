@@ -57,6 +57,31 @@ export class Gauge implements Metric {
   }
 }
 
+/** Values read at scrape time, one per label set (a series absent from a read is left out). */
+export class LabelledGauge implements Metric {
+  readonly #name: string;
+  readonly #help: string;
+  readonly #read: () => readonly { labels: Labels; value: number }[];
+
+  constructor(
+    name: string,
+    help: string,
+    read: () => readonly { labels: Labels; value: number }[],
+  ) {
+    this.#name = name;
+    this.#help = help;
+    this.#read = read;
+  }
+
+  render(): string {
+    const lines = [`# HELP ${this.#name} ${this.#help}`, `# TYPE ${this.#name} gauge`];
+    for (const { labels, value } of this.#read()) {
+      lines.push(`${this.#name}${labelText(labels)} ${value}`);
+    }
+    return lines.join("\n");
+  }
+}
+
 /**
  * Observations counted into cumulative buckets (seconds, as Prometheus
  * expects), per label set: none for the service's own histograms, a
@@ -135,9 +160,9 @@ export const SECONDS_BUCKETS: readonly number[] = [
   120,
 ];
 
-/** Renders every metric, in order, as one exposition document. */
+/** Renders every metric, in order, as one exposition document (one that renders nothing is left out). */
 export function renderMetrics(metrics: readonly Metric[]): string {
-  return metrics.map((metric) => metric.render()).join("\n") + "\n";
+  return metrics.map((metric) => metric.render()).filter((text) => text !== "").join("\n") + "\n";
 }
 
 function labelText(labels: Labels): string {

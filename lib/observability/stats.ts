@@ -12,6 +12,7 @@ import {
   Counter,
   Gauge,
   Histogram,
+  LabelledGauge,
   type Metric,
   renderMetrics,
   SECONDS_BUCKETS,
@@ -26,6 +27,40 @@ export interface Gauges {
   readonly engineReady: boolean;
   /** Restarts of a managed engine, by cause. */
   readonly engineRestarts: Readonly<Record<string, number>>;
+  /**
+   * Each engine, when there are several (each then labelled `engine` in `/metrics`).
+   * @default {undefined}
+   */
+  readonly engines?: readonly EngineGauges[];
+}
+
+/** One engine of several, as `/metrics`, `/status` and the live page show it. */
+export interface EngineGauges {
+  /** `e0`, `e1`, ... */
+  readonly id: string;
+  /** Its base URL. */
+  readonly url: string;
+  /** `ready`: its circuit is closed; `down`: open; `gave_up`: a managed engine out for good. */
+  readonly state: "ready" | "down" | "gave_up";
+  /** Turns this service has running there. */
+  readonly inFlight: number;
+  /** Requests waiting in its queue, as its `/metrics` said last (absent: it does not say). */
+  readonly waiting?: number;
+  /** Its prefix cache's hit rate since it started (hits over queries, from its `/metrics`). */
+  readonly prefixHitRate?: number;
+  /** Sessions whose home it is. */
+  readonly sessions: number;
+  /** Turns sent there, and those it failed. */
+  readonly turns: number;
+  readonly errors: number;
+  /** Prompt tokens sent there that it was expected not to hold (prefilled anew). */
+  readonly uncachedTokens: number;
+  /** Times its circuit opened. */
+  readonly outages: number;
+  /** Restarts of it (a managed engine), by cause. */
+  readonly restarts: Readonly<Record<string, number>>;
+  /** Routing decisions that sent a turn there, by reason (home, new, moved_for_load, rehomed). */
+  readonly decisions: Readonly<Record<string, number>>;
 }
 
 /** One statistics report, as published on `{service}/stats`. */
@@ -71,6 +106,84 @@ export interface RequestDurations {
   readonly queueMs: number;
   readonly ttftMs: number | null;
   readonly totalMs: number;
+}
+
+/**
+ * The metrics of each engine, labelled `engine`, when there are several (none with one: the
+ * service's own metrics say it all).
+ */
+function engineMetrics(read: () => readonly EngineGauges[] | undefined): Metric[] {
+  const each = (name: string, help: string, value: (engine: EngineGauges) => number | undefined) =>
+    new LabelledGauge(name, help, () =>
+      (read() ?? []).flatMap((engine) => {
+        const v = value(engine);
+        return v === undefined ? [] : [{ labels: { engine: engine.id }, value: v }];
+      }));
+  const counted = (
+    name: string,
+    help: string,
+    add: (counter: Counter, e: EngineGauges) => void,
+  ) => ({
+    render: () => {
+      const counter = new Counter(name, help);
+      for (const engine of read() ?? []) add(counter, engine);
+      return counter.render();
+    },
+  });
+  const present = () => (read()?.length ?? 0) > 0;
+  const metrics: Metric[] = [
+    each(
+      "vllm_mqtt_engine_ready",
+      "1 while the engine's circuit is closed",
+      (e) => +(e.state === "ready"),
+    ),
+    each(
+      "vllm_mqtt_engine_gave_up",
+      "1 once a managed engine gave up for good",
+      (e) => +(e.state === "gave_up"),
+    ),
+    each("vllm_mqtt_engine_in_flight", "Turns running on the engine", (e) => e.inFlight),
+    each(
+      "vllm_mqtt_engine_waiting",
+      "Requests waiting in the engine's queue (its /metrics)",
+      (e) => e.waiting,
+    ),
+    each(
+      "vllm_mqtt_engine_prefix_cache_hit_rate",
+      "The engine's prefix cache hits over queries since it started (its /metrics)",
+      (e) => e.prefixHitRate,
+    ),
+    each("vllm_mqtt_engine_sessions", "Sessions whose home is the engine", (e) => e.sessions),
+    counted(
+      "vllm_mqtt_engine_turns_total",
+      "Turns sent to the engine",
+      (c, e) => c.inc({ engine: e.id }, e.turns),
+    ),
+    counted(
+      "vllm_mqtt_engine_errors_total",
+      "Turns the engine failed",
+      (c, e) => c.inc({ engine: e.id }, e.errors),
+    ),
+    counted(
+      "vllm_mqtt_engine_uncached_tokens_total",
+      "Prompt tokens sent to the engine that it was expected not to hold",
+      (c, e) => c.inc({ engine: e.id }, e.uncachedTokens),
+    ),
+    counted(
+      "vllm_mqtt_engine_outages_total",
+      "Times the engine's circuit opened",
+      (c, e) => c.inc({ engine: e.id }, e.outages),
+    ),
+    counted(
+      "vllm_mqtt_route_decisions_total",
+      "Turns routed to the engine, by reason (home, new, moved_for_load, rehomed)",
+      (c, e) => {
+        for (const [reason, n] of Object.entries(e.decisions)) c.inc({ engine: e.id, reason }, n);
+      },
+    ),
+  ];
+  // Not even the HELP lines with one engine: /metrics stays as it was.
+  return metrics.map((metric) => ({ render: () => present() ? metric.render() : "" }));
 }
 
 /** One counted event, for a live view ({@linkcode Stats.watch}); counts and times only. */
@@ -209,6 +322,7 @@ export class Stats {
           return restarts.render();
         },
       },
+      ...engineMetrics(() => this.#gauges().engines),
     ];
   }
 

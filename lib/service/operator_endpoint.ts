@@ -8,14 +8,19 @@
 
 import type { MqttClient } from "mqtt";
 import { type Config, ConfigError } from "../config/config.ts";
-import type { EngineHealth } from "../engine/engine_health.ts";
-import type { RunningEngine } from "../engine/running_engine.ts";
+import type { EngineFleet } from "../engine/engine_fleet.ts";
+import type { FleetRouting } from "../gateway/fleet_routing.ts";
 import type { Gateway } from "../gateway/gateway.ts";
 import type { Experiments } from "../gateway/experiments.ts";
 import { ExperimentEndpoint } from "./experiment_endpoint.ts";
 import { logger } from "../log.ts";
 import { redact } from "../mqtt/connect.ts";
-import { type BrokerChoice, isLoopback, serviceDashboard } from "../observability/dashboard.ts";
+import {
+  type BrokerChoice,
+  engineStatus,
+  isLoopback,
+  serviceDashboard,
+} from "../observability/dashboard.ts";
 import { type HttpEndpoint, serveHttpEndpoint } from "../observability/http_endpoint.ts";
 import type { ExperimentMonitor } from "../observability/experiment_monitor.ts";
 import type { LiveStats } from "../observability/live_stats.ts";
@@ -27,8 +32,10 @@ const log = logger("service");
 
 /** The service's parts as they come up, for the HTTP endpoint (which comes up first). */
 export interface Parts {
-  engine?: RunningEngine;
-  engineHealth?: EngineHealth;
+  /** The engines, read as one where one is asked about (ready while any is, restarts summed). */
+  engines?: EngineFleet;
+  /** The router over several engines (none with one engine). */
+  routing?: FleetRouting;
   storageHealth?: StorageHealth;
   client?: MqttClient;
   broker?: BrokerChoice;
@@ -47,7 +54,7 @@ export interface Parts {
 /** The HTTP endpoint, reporting on the parts that are up so far. */
 export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): HttpEndpoint {
   const startedAt = new Date().toISOString();
-  const engineState = () => parts.engineHealth?.state ?? "starting";
+  const engineState = () => parts.engines?.state ?? "starting";
   const dashboard = config.dashboard ? serviceDashboard(config, parts) : undefined;
   const experiments = new ExperimentEndpoint({
     token: config.dashboardToken,
@@ -95,7 +102,9 @@ export function serveOperatorEndpoint(config: Config, parts: Readonly<Parts>): H
         engine: {
           mode: config.engine,
           state: engineState(),
-          restarts: parts.engine?.restarts ?? {},
+          restarts: parts.engines?.restarts ?? {},
+          // Several engines: each one, with its load and routing.
+          ...(parts.routing && { engines: parts.routing.engineGauges().map(engineStatus) }),
         },
         queued: parts.serving?.gateway.queued ?? 0,
         in_flight: parts.serving?.gateway.inFlight ?? 0,

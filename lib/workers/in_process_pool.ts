@@ -16,7 +16,7 @@ import { fromWire, ServiceError, toWire } from "../protocol/errors.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { TurnResult, WorkerSettings, WorkerTurn } from "./messages.ts";
 import { runTurn } from "./run_turn.ts";
-import { openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
+import { closeEngines, openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
 import type { TurnPool } from "./turn_pool.ts";
 
 /** Runs turns in place: one session store and one engine client for all of them. */
@@ -61,13 +61,13 @@ export class InProcessPool implements TurnPool {
   }
 
   /**
-   * Fails the turns still running (`cancelled`), and closes the engine client
+   * Fails the turns still running (`cancelled`), and closes the engine clients
    * and the store if it opened it.
    */
   close(): Promise<void> {
     const closing = new ServiceError("cancelled", "the service is shutting down");
     for (const controller of this.#running) controller.abort(closing);
-    this.#context.engine.close();
+    closeEngines(this.#context);
     if (this.#ownsStore) this.#context.store.close();
     return Promise.resolve();
   }

@@ -16,7 +16,14 @@ import type { ProjectTool, ResponseFormat, ToolChoice } from "../projects/projec
 
 /** What a worker needs to know, sent once before any job. */
 export interface WorkerSettings {
+  /** The first engine (the only one, unless several are configured). */
   readonly endpoint: EngineEndpoint;
+  /**
+   * Every engine, in the fleet's order (`WorkerTurn.engine` indexes it);
+   * without it, `endpoint` alone.
+   * @default {[endpoint]}
+   */
+  readonly endpoints?: readonly EngineEndpoint[];
   readonly kvPath: string;
   /** The process's session write counters, when it is the sessions' only writer. */
   readonly writeGenerations: SharedArrayBuffer | undefined;
@@ -70,6 +77,11 @@ export interface WorkerTurn {
   readonly model?: string;
   /** The answer is a hint object: a JSON object with a string `hint`, whatever the model said. */
   readonly hint?: true;
+  /**
+   * The engine the router chose, as its index in `WorkerSettings.endpoints`.
+   * @default {0}
+   */
+  readonly engine?: number;
 }
 
 /** The outcome of a turn that produced an answer. */

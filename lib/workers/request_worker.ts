@@ -13,7 +13,7 @@ import { setupLogging } from "../log.ts";
 import { fromWire, toWire } from "../protocol/errors.ts";
 import type { FromWorker, ToWorker, WorkerSettings } from "./messages.ts";
 import { runTurn } from "./run_turn.ts";
-import { openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
+import { closeEngines, openTurnContext, type TurnContext, turnFailure } from "./turn_context.ts";
 
 let context: Promise<TurnContext> | undefined;
 const running = new Map<number, AbortController>();
@@ -56,7 +56,7 @@ self.onmessage = (event: MessageEvent<ToWorker>) => {
       break;
     case "close":
       context?.then((ctx) => {
-        ctx.engine.close();
+        closeEngines(ctx);
         ctx.store.close();
       }).finally(() => post({ type: "closed" }));
       break;

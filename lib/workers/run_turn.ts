@@ -124,14 +124,20 @@ export async function runTurn(
       coalescer?.push(text);
     };
     try {
-      const completion = await context.engine.complete(prompt(drop), params, signal, (text) => {
-        show(filter ? filter.push(text) : text);
-      }, {
-        model: job.model,
-        responseFormat,
-        tools: job.tools?.map((tool) => tool.definition),
-        toolChoice: job.toolChoice,
-      });
+      const completion = await engineOf(context, job).complete(
+        prompt(drop),
+        params,
+        signal,
+        (text) => {
+          show(filter ? filter.push(text) : text);
+        },
+        {
+          model: job.model,
+          responseFormat,
+          tools: job.tools?.map((tool) => tool.definition),
+          toolChoice: job.toolChoice,
+        },
+      );
       if (filter) show(filter.end());
       coalescer?.flush();
       return { completion, visible, firstVisibleAt };
@@ -170,6 +176,11 @@ export async function runTurn(
     ...(historyLost && { historyLost }),
     ...(parseFailed && { parseFailed }),
   };
+}
+
+/** The client of the engine the turn was routed to. */
+function engineOf(context: TurnContext, job: WorkerTurn) {
+  return context.engines?.[job.engine ?? 0] ?? context.engine;
 }
 
 /** Estimated tokens of the tools and schema a turn offers, by their JSON (a worker's few, kept). */

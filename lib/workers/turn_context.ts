@@ -16,7 +16,13 @@ import type { WorkerSettings } from "./messages.ts";
 /** What a turn runs against. */
 export interface TurnContext {
   readonly store: SessionStore;
+  /** The first engine's client (the only one, unless several are configured). */
   readonly engine: EngineClient;
+  /**
+   * A client for each engine, in the fleet's order (a turn's `engine` picks one).
+   * @default {[engine]}
+   */
+  readonly engines?: readonly EngineClient[];
   readonly maxHistoryTokens: number;
   /** Share of the budget trimming drops down to. */
   readonly trimLowWater: number;
@@ -39,17 +45,21 @@ export async function openTurnContext(
   settings: WorkerSettings,
   store?: SessionStore,
 ): Promise<TurnContext> {
+  const engines = (settings.endpoints ?? [settings.endpoint]).map((endpoint) =>
+    new EngineClient(endpoint, {
+      timeoutMs: settings.requestTimeoutMs,
+      retries: settings.engineRetries,
+      disableThinking: settings.skipThinking,
+    })
+  );
   return {
     store: store ?? await SessionStore.open(
       settings.kvPath,
       settings.sessionTtlMs,
       settings.writeGenerations && WriteGenerations.from(settings.writeGenerations),
     ),
-    engine: new EngineClient(settings.endpoint, {
-      timeoutMs: settings.requestTimeoutMs,
-      retries: settings.engineRetries,
-      disableThinking: settings.skipThinking,
-    }),
+    engine: engines[0],
+    engines,
     maxHistoryTokens: settings.maxHistoryTokens,
     trimLowWater: settings.trimLowWater,
     maxModelLen: settings.maxModelLen,
@@ -57,6 +67,11 @@ export async function openTurnContext(
     skipThinking: settings.skipThinking,
     thinkingOpened: settings.thinkingOpened ?? false,
   };
+}
+
+/** Closes every engine client of `context`. */
+export function closeEngines(context: TurnContext): void {
+  for (const engine of context.engines ?? [context.engine]) engine.close();
 }
 
 /**

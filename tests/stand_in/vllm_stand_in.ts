@@ -4,11 +4,14 @@
  * EngineCore) and serves the simulated engine on the given port.
  *
  * Behaviour is set by environment variables:
- * - STAND_IN_RECORD: file to write `{"args": [...], "env": {...}, "pid": n, "childPid": n}` to;
+ * - STAND_IN_RECORD: file to write `{"args": [...], "env": {...}, "pid": n, "childPid": n}` to
+ *   (`{port}` in it is replaced by the port: one file per stand-in when several run);
  * - STAND_IN_HANG=1: never become healthy;
  * - STAND_IN_CRASH_AFTER=N: exit with code 3 after N chat completions;
- * - STAND_IN_EXIT_AFTER_MS=N: exit with code 4 N ms after becoming healthy;
- * - STAND_IN_IGNORE_SIGTERM=1: ignore SIGTERM (then only SIGKILL stops it).
+ * - STAND_IN_EXIT_AFTER_MS=N: exit with code 4 N ms after becoming healthy (with
+ *   STAND_IN_EXIT_GPUS=G, only the stand-in whose CUDA_VISIBLE_DEVICES is G);
+ * - STAND_IN_IGNORE_SIGTERM=1: ignore SIGTERM (then only SIGKILL stops it);
+ * - STAND_IN_TTFT_MS, STAND_IN_ITL_MS: the simulated engine's timing (5 ms and 1 ms).
  */
 
 import { startSimulator } from "../../lib/engine/simulator.ts";
@@ -27,7 +30,7 @@ if (args[0] !== "serve" || !args[1]) {
 // vLLM's engine core runs as another process of the same group.
 const engineCore = new Deno.Command("sleep", { args: ["3600"], stdout: "null", stderr: "null" })
   .spawn();
-const record = env("STAND_IN_RECORD");
+const record = env("STAND_IN_RECORD")?.replace("{port}", flag("--port") ?? "");
 if (record) {
   Deno.writeTextFileSync(
     record,
@@ -49,8 +52,8 @@ const sim = await startSimulator({
   apiKey: flag("--api-key") ?? env("VLLM_API_KEY"),
   toolParser: args.includes("--enable-auto-tool-choice") ? flag("--tool-call-parser") : undefined,
   reasoningParser: flag("--reasoning-parser"),
-  ttftMs: 5,
-  itlMs: 1,
+  ttftMs: Number(env("STAND_IN_TTFT_MS") ?? 5),
+  itlMs: Number(env("STAND_IN_ITL_MS") ?? 1),
 });
 console.log("INFO Application startup complete.");
 const crashAfter = Number(env("STAND_IN_CRASH_AFTER") ?? 0);
@@ -70,4 +73,7 @@ if (crashAfter > 0) {
   }, 20);
 }
 const exitAfter = Number(env("STAND_IN_EXIT_AFTER_MS") ?? 0);
-if (exitAfter > 0) setTimeout(() => Deno.exit(4), exitAfter);
+// Several stand-ins share the environment: STAND_IN_EXIT_GPUS picks the one that exits by its GPUs.
+const exits = env("STAND_IN_EXIT_GPUS") === undefined ||
+  env("STAND_IN_EXIT_GPUS") === env("CUDA_VISIBLE_DEVICES");
+if (exitAfter > 0 && exits) setTimeout(() => Deno.exit(4), exitAfter);

@@ -412,3 +412,27 @@ Deno.test("config: --help lists every option with its default", () => {
   for (const option of OPTIONS) assert(help.includes(`--${option.name}`), option.name);
   match(help, /--max-model-len <int>\n.*\[default: 4096\]/);
 });
+
+Deno.test("config: several engines: --engine-url takes a list, --visible-devices groups, --sim-engines, --route-policy", () => {
+  const one = config(["--engine=url", "--engine-url=http://a:8000/v1/"]);
+  deepEqual([one.engineUrl, one.engineUrls], ["http://a:8000/v1", ["http://a:8000/v1"]]);
+  const two = config(["--engine=url", "--engine-url=http://a:8000/v1, http://b:8000/v1/"]);
+  deepEqual(two.engineUrls, ["http://a:8000/v1", "http://b:8000/v1"]);
+  equal(two.engineUrl, "http://a:8000/v1");
+  configError(
+    () => config(["--engine=url", "--engine-url=http://a:8000/v1,not a url"]),
+    "engine-url",
+    "not a url",
+  );
+  deepEqual(config([]).gpuGroups, []);
+  deepEqual(config(["--visible-devices=0,1"]).gpuGroups, ["0,1"]);
+  deepEqual(config(["--visible-devices=0,1;2,3"]).gpuGroups, ["0,1", "2,3"]);
+  configError(() => config(["--visible-devices=0,1;"]), "visible-devices", "0,1;");
+  configError(
+    () => config(["--visible-devices=0,1,2;3,4,5", "--pipeline-parallel-size=2"]),
+    "visible-devices",
+  );
+  deepEqual([config([]).simEngines, config([]).routePolicy], [1, "cache-aware"]);
+  equal(config(["--sim-engines=3"]).simEngines, 3);
+  configError(() => config(["--route-policy=random"]), "route-policy", "random");
+});

@@ -161,6 +161,7 @@ function render(update) {
       ? "0"
       : `${sum(engine.restarts)} (${restarts.map(([k, v]) => `${k}: ${v}`).join(", ")})`,
   );
+  renderEngines(engine.engines ?? []);
 
   setText("broker-connected", state.broker.connected ? "connected" : "disconnected");
   dot("broker-dot", state.broker.connected ? "good" : "bad");
@@ -288,6 +289,37 @@ function renderExperiments(panels) {
     article.append(title, scroll, verdicts);
     return article;
   }));
+}
+
+/** Several engines: one line each, with its state, load and routing. */
+function renderEngines(engines) {
+  const list = $("engine-list");
+  list.hidden = engines.length === 0;
+  for (const engine of engines) {
+    let item = list.querySelector(`li[data-engine="${CSS.escape(engine.id)}"]`);
+    if (!item) {
+      item = document.createElement("li");
+      item.dataset.engine = engine.id;
+      const light = document.createElement("span");
+      const name = document.createElement("b");
+      const detail = document.createElement("small");
+      name.textContent = engine.id;
+      name.title = engine.url;
+      item.append(light, name, detail);
+      list.append(item);
+    }
+    const [light, , detail] = item.children;
+    light.className = `dot ${engine.state === "ready" ? "good" : "bad"}`;
+    const hit = engine.prefix_hit_rate === null
+      ? "–"
+      : `${Math.round(engine.prefix_hit_rate * 100)}%`;
+    const moved = (engine.decisions.moved_for_load ?? 0) + (engine.decisions.rehomed ?? 0);
+    detail.textContent =
+      `${engine.state} · in flight ${engine.in_flight} · waiting ${
+        fmt(engine.waiting)
+      } · cache hits ${hit} · sessions ${engine.sessions} · turns ${engine.turns} (moved in ${moved})` +
+      ` · errors ${engine.errors}`;
+  }
 }
 
 function renderProjects(summary) {

@@ -1,0 +1,647 @@
+/**
+ * Which engine a turn goes to, when several engines serve the same model.
+ *
+ * The service knows what the engines' routers have to guess: the session a
+ * turn belongs to, how many of its prompt's tokens were sent in that session's
+ * previous turn (its reusable prefix), and how many every session of the
+ * project shares (the system prompt). The `cache-aware` policy uses that: each
+ * turn goes to the engine with the lowest expected time to first token,
+ *
+ *     expected wait there + this turn's uncached tokens there / that engine's prefill rate
+ *     (+ the cost of the tokens it would evict from a full cache)
+ *
+ * and stays on its session's home engine unless another one saves more than
+ * `marginMs`. The expected wait is the larger of (a) the uncached tokens this
+ * service has in flight there, not yet prefilled, over the prefill rate (plus
+ * requests vLLM reports waiting that are not ours) and (b) a queueing estimate
+ * from the engine's recent prefill work (a decaying sum, so paced sessions,
+ * which leave nothing in flight between turns, still count as load):
+ * `u / (1 - u)` mean prefills, `u` the share of recent time it spent
+ * prefilling. What an engine still holds of a session is modelled per engine
+ * as an LRU of sessions (and of each project's shared system prompt) sized in
+ * tokens against the engine's KV cache: a session whose engine took more than
+ * its cache of other tokens since is taken as evicted, as vLLM's LRU of blocks
+ * would have evicted it.
+ *
+ * Baselines (`--route-policy`): `round-robin`, `least-loaded` (fewest turns in
+ * flight) and `consistent-hash` (the session's hash on a ring: sticky, blind
+ * to load). Only engines serving the turn's model or adapter are candidates,
+ * whatever the policy.
+ *
+ * Several instances in a share group: a new (or re-homed) session's engine is
+ * chosen by cost, with ties (costs within a tenth of the margin, as under
+ * light load) broken by rendezvous hashing of the session over the candidates, so
+ * instances that see the same idle engines choose the same one without asking
+ * each other; a home that load moved, or that one instance chose under load,
+ * is recorded in the shared store by `route_ledger.ts` (keys
+ * `["route", project, sessionId]`, expiring with the session) and adopted by
+ * the instance that runs the session's next turn ({@linkcode Router.adopt}).
+ * The store, not a rule alone, because the rule can only agree on what every
+ * instance sees, and each instance sees only its own turns in flight.
+ *
+ * @module
+ */
+
+import type { EngineLoad } from "./engine_load.ts";
+
+/** How turns are spread over engines. */
+export type RoutePolicy = "cache-aware" | "round-robin" | "least-loaded" | "consistent-hash";
+
+/** The route policies, for option parsing. */
+export const ROUTE_POLICIES: readonly RoutePolicy[] = [
+  "cache-aware",
+  "round-robin",
+  "least-loaded",
+  "consistent-hash",
+];
+
+/** One engine the router may send turns to. */
+export interface EngineSlot {
+  /** Its name in metrics and logs: `e0`, `e1`... */
+  readonly id: string;
+  /** The model and the adapters it serves (a turn asking for another is never sent there). */
+  readonly models: readonly string[];
+  /** Tokens its KV cache holds, when known before its `/metrics` tells. */
+  readonly cacheTokens?: number;
+}
+
+/** What the router needs to know of a turn. */
+export interface TurnToRoute {
+  /** The session: `${project}/${sessionId}`. */
+  readonly key: string;
+  /** The model or adapter the turn asks for. */
+  readonly model: string;
+  /** Estimated tokens of the whole prompt sent (system prompt, history and message). */
+  readonly promptTokens: number;
+  /** Of those, tokens sent in this session's previous turn (0 or absent for a new session). */
+  readonly prefixTokens?: number;
+  /** Of those, tokens every session of the project sends first (the system prompt). */
+  readonly sharedPrefixTokens?: number;
+}
+
+/**
+ * Why a turn went where it went: to its session's `home`; a `new` session;
+ * `moved_for_load` from a home that is up; `rehomed` from a home that is
+ * down, no longer serves the model, or already failed this turn.
+ */
+export type RouteReason = "home" | "new" | "moved_for_load" | "rehomed";
+
+/** The router's choice for one turn. */
+export interface RouteDecision {
+  readonly engine: string;
+  readonly reason: RouteReason;
+  /** Estimated prompt tokens that engine has to prefill (not in its prefix cache). */
+  readonly uncachedTokens: number;
+}
+
+/** How a turn sent to an engine ended, for {@linkcode Router.finished}. */
+export interface RouteOutcome {
+  /** Whether the engine answered. */
+  readonly ok: boolean;
+  /** Milliseconds from sending the turn to its first token, when one came. */
+  readonly ttftMs?: number;
+  /** The prompt's tokens as the engine counted them (`usage.prompt_tokens`). */
+  readonly promptTokens?: number;
+}
+
+/** Options of {@linkcode Router}. */
+export interface RouterOptions {
+  /**
+   * How turns are spread.
+   * @default {"cache-aware"}
+   */
+  readonly policy?: RoutePolicy;
+  /**
+   * A session stays on its home engine unless another is expected to reach its first token
+   * this many milliseconds sooner.
+   * @default {250}
+   */
+  readonly marginMs?: number;
+  /**
+   * Prefill rate assumed for an engine until its turns have measured it, in tokens per millisecond.
+   * @default {10}
+   */
+  readonly prefillTokensPerMs?: number;
+  /**
+   * KV cache size assumed for an engine, in tokens, until its slot or `/metrics` tells.
+   * @default {500000}
+   */
+  readonly cacheTokens?: number;
+  /**
+   * Half-life of the decaying sum of recent prefill work that measures an engine's load
+   * between turns, in milliseconds.
+   * @default {10000}
+   */
+  readonly recentHalfLifeMs?: number;
+  /**
+   * Load an engine's `/metrics` reported is ignored once older than this, in milliseconds.
+   * @default {10000}
+   */
+  readonly loadMaxAgeMs?: number;
+  /**
+   * Sessions remembered (the least recently routed are forgotten beyond).
+   * @default {100000}
+   */
+  readonly maxSessions?: number;
+  /**
+   * The clock, in milliseconds.
+   * @default {performance.now}
+   */
+  readonly now?: () => number;
+}
+
+/** One engine as the router sees it, for metrics and the live page. */
+export interface EngineRouteStats {
+  readonly id: string;
+  readonly models: readonly string[];
+  readonly healthy: boolean;
+  /** Turns sent there and not finished. */
+  readonly inFlight: number;
+  /** Uncached tokens of those turns not prefilled yet. */
+  readonly uncachedInFlight: number;
+  /** The decaying sum of uncached tokens sent there recently. */
+  readonly recentUncachedTokens: number;
+  /** Uncached tokens sent there since the router started. */
+  readonly uncachedTokensTotal: number;
+  /** Turns sent there since the router started. */
+  readonly turnsTotal: number;
+  /** Turns that ended with the engine failing. */
+  readonly failuresTotal: number;
+  /** Sessions whose home it is. */
+  readonly sessions: number;
+  /** Tokens of sessions it probably still holds in its prefix cache (the router's model). */
+  readonly residentTokens: number;
+  /** Its KV cache's size in tokens, as the router takes it. */
+  readonly cacheTokens: number;
+  /** Decisions that sent a turn there, by reason. */
+  readonly decisions: Readonly<Record<RouteReason, number>>;
+  /** Measured (or assumed) prefill rate, tokens per millisecond. */
+  readonly prefillTokensPerMs: number;
+  /** What its `/metrics` said last, if anything. */
+  readonly load?: EngineLoad;
+}
+
+/** The router's state, for metrics and the live page. */
+export interface RouterSnapshot {
+  readonly policy: RoutePolicy;
+  /** Sessions remembered. */
+  readonly sessions: number;
+  readonly engines: readonly EngineRouteStats[];
+}
+
+/** Turns with fewer tokens ahead of their first token say little about the prefill rate. */
+const MIN_RATE_SAMPLE_TOKENS = 256;
+/** Weight of a new sample in the prefill rate's moving average. */
+const RATE_ALPHA = 0.2;
+/** Points per engine on the consistent-hash ring. */
+const RING_POINTS = 64;
+/** Utilization beyond which the queueing estimate stops growing (it diverges at 1). */
+const MAX_UTILIZATION = 0.95;
+
+interface Resident {
+  tokens: number;
+}
+
+interface EngineState {
+  readonly slot: EngineSlot;
+  healthy: boolean;
+  inFlight: number;
+  /** Turns in flight not prefilled yet, and their uncached tokens. */
+  queued: number;
+  uncachedInFlight: number;
+  /** Decaying sum of uncached tokens, as of `recentAt`. */
+  recent: number;
+  recentAt: number;
+  uncachedTotal: number;
+  turnsTotal: number;
+  failuresTotal: number;
+  /** Mean uncached tokens per turn (moving average). */
+  meanUncached: number;
+  msPerToken: number;
+  sessions: number;
+  /** Sessions (by key) and shared prompts (by `project/`) it holds, least recently used first. */
+  readonly resident: Map<string, Resident>;
+  residentTokens: number;
+  cacheTokens: number;
+  load?: EngineLoad;
+  loadAt: number;
+  readonly decisions: Record<RouteReason, number>;
+}
+
+interface SessionEntry {
+  home: string;
+}
+
+interface Flight {
+  readonly engine: string;
+  readonly ahead: number;
+  prefilled: boolean;
+  done: boolean;
+}
+
+/** Routes turns to engines; see the module doc. */
+export class Router {
+  readonly #policy: RoutePolicy;
+  readonly #marginMs: number;
+  readonly #defaultCacheTokens: number;
+  readonly #halfLifeMs: number;
+  readonly #loadMaxAgeMs: number;
+  readonly #maxSessions: number;
+  readonly #now: () => number;
+  readonly #engines = new Map<string, EngineState>();
+  readonly #order: readonly EngineState[];
+  /** Sessions by key, least recently routed first. */
+  readonly #sessions = new Map<string, SessionEntry>();
+  readonly #flights = new WeakMap<RouteDecision, Flight>();
+  /** The turn each decision was made for, until it ends. */
+  readonly #turns = new WeakMap<RouteDecision, TurnToRoute>();
+  readonly #ring: readonly { point: number; engine: EngineState }[];
+  #next = 0;
+
+  constructor(engines: readonly EngineSlot[], options: RouterOptions = {}) {
+    this.#policy = options.policy ?? "cache-aware";
+    if (!ROUTE_POLICIES.includes(this.#policy)) {
+      throw new RangeError(`unknown route policy "${this.#policy}"`);
+    }
+    this.#marginMs = options.marginMs ?? 250;
+    this.#defaultCacheTokens = options.cacheTokens ?? 500_000;
+    this.#halfLifeMs = options.recentHalfLifeMs ?? 10_000;
+    this.#loadMaxAgeMs = options.loadMaxAgeMs ?? 10_000;
+    this.#maxSessions = options.maxSessions ?? 100_000;
+    this.#now = options.now ?? (() => performance.now());
+    const msPerToken = 1 / (options.prefillTokensPerMs ?? 10);
+    const now = this.#now();
+    for (const slot of engines) {
+      if (this.#engines.has(slot.id)) throw new RangeError(`engine "${slot.id}" named twice`);
+      this.#engines.set(slot.id, {
+        slot,
+        healthy: true,
+        inFlight: 0,
+        queued: 0,
+        uncachedInFlight: 0,
+        recent: 0,
+        recentAt: now,
+        uncachedTotal: 0,
+        turnsTotal: 0,
+        failuresTotal: 0,
+        meanUncached: 0,
+        msPerToken,
+        sessions: 0,
+        resident: new Map(),
+        residentTokens: 0,
+        cacheTokens: slot.cacheTokens ?? this.#defaultCacheTokens,
+        loadAt: -Infinity,
+        decisions: { home: 0, new: 0, moved_for_load: 0, rehomed: 0 },
+      });
+    }
+    this.#order = [...this.#engines.values()];
+    this.#ring = this.#order
+      .flatMap((engine) =>
+        Array.from({ length: RING_POINTS }, (_, i) => ({
+          point: hash32(`${engine.slot.id}#${i}`),
+          engine,
+        }))
+      )
+      .sort((a, b) => a.point - b.point || (a.engine.slot.id < b.engine.slot.id ? -1 : 1));
+  }
+
+  /** The policy in use. */
+  get policy(): RoutePolicy {
+    return this.#policy;
+  }
+
+  /**
+   * The engine for a turn; `undefined` when no healthy engine serves its model
+   * (none left once `exclude`, the engines this turn already failed on, is set aside).
+   */
+  route(turn: TurnToRoute, exclude?: ReadonlySet<string>): RouteDecision | undefined {
+    const candidates = this.#order.filter((engine) =>
+      engine.healthy && engine.slot.models.includes(turn.model) && !exclude?.has(engine.slot.id)
+    );
+    if (candidates.length === 0) return undefined;
+    const entry = this.#sessions.get(turn.key);
+    const home = entry && candidates.find((engine) => engine.slot.id === entry.home);
+    let chosen: EngineState;
+    switch (this.#policy) {
+      case "round-robin":
+        chosen = candidates[this.#next++ % candidates.length];
+        break;
+      case "least-loaded": {
+        // Ties (idle engines) taken in turn, not always the first.
+        const start = this.#next++;
+        chosen = candidates[start % candidates.length];
+        for (let i = 1; i < candidates.length; i++) {
+          const engine = candidates[(start + i) % candidates.length];
+          if (engine.inFlight < chosen.inFlight) chosen = engine;
+        }
+        break;
+      }
+      case "consistent-hash":
+        chosen = this.#onRing(turn.key, new Set(candidates));
+        break;
+      default:
+        chosen = this.#cheapest(turn, candidates, home);
+    }
+    const reason: RouteReason = !entry
+      ? "new"
+      : chosen === home
+      ? "home"
+      : home
+      ? "moved_for_load"
+      : "rehomed";
+    const decision = {
+      engine: chosen.slot.id,
+      reason,
+      uncachedTokens: this.#uncached(chosen, turn),
+    };
+    this.#turns.set(decision, turn);
+    return decision;
+  }
+
+  /** A turn was sent where `decision` says: it is in flight there, and that engine is its session's home. */
+  started(engine: string, decision: RouteDecision): void {
+    const state = this.#engine(engine);
+    const now = this.#now();
+    state.recent = this.#decayed(state, now) + decision.uncachedTokens;
+    state.recentAt = now;
+    state.inFlight++;
+    state.queued++;
+    state.uncachedTotal += decision.uncachedTokens;
+    state.turnsTotal++;
+    state.decisions[decision.reason]++;
+    state.meanUncached += (decision.uncachedTokens - state.meanUncached) * RATE_ALPHA;
+    this.#flights.set(decision, {
+      engine,
+      ahead: state.uncachedInFlight,
+      prefilled: false,
+      done: false,
+    });
+    state.uncachedInFlight += decision.uncachedTokens;
+    const turn = this.#turns.get(decision);
+    if (turn) {
+      this.#home(turn.key, state);
+      this.#touch(state, sharedKey(turn.key), turn.sharedPrefixTokens ?? 0);
+      this.#touch(state, turn.key, turn.promptTokens - (turn.sharedPrefixTokens ?? 0));
+    }
+  }
+
+  /**
+   * The turn's first token came (its prompt is prefilled): its tokens no longer wait ahead of
+   * others'. Optional: {@linkcode finished} does it for a turn that did not call it.
+   */
+  prefilled(engine: string, decision: RouteDecision): void {
+    const flight = this.#flights.get(decision);
+    if (!flight || flight.prefilled || flight.engine !== engine) return;
+    flight.prefilled = true;
+    const state = this.#engine(engine);
+    state.queued--;
+    state.uncachedInFlight -= decision.uncachedTokens;
+  }
+
+  /** The turn ended: measures the engine's prefill rate from its time to first token. */
+  finished(engine: string, decision: RouteDecision, outcome: RouteOutcome): void {
+    const flight = this.#flights.get(decision);
+    if (!flight || flight.done || flight.engine !== engine) return;
+    this.prefilled(engine, decision);
+    flight.done = true;
+    const state = this.#engine(engine);
+    state.inFlight--;
+    const turn = this.#turns.get(decision);
+    if (!outcome.ok) {
+      state.failuresTotal++;
+      // What a failed turn left in the cache is unknown: count on nothing.
+      if (turn) this.#forget(state, turn.key);
+      return;
+    }
+    const tokens = flight.ahead + decision.uncachedTokens;
+    if (outcome.ttftMs !== undefined && tokens >= MIN_RATE_SAMPLE_TOKENS) {
+      state.msPerToken += (outcome.ttftMs / tokens - state.msPerToken) * RATE_ALPHA;
+    }
+    if (turn && outcome.promptTokens !== undefined && state.resident.has(turn.key)) {
+      // The engine's own count replaces the estimate.
+      this.#touch(state, turn.key, outcome.promptTokens - (turn.sharedPrefixTokens ?? 0));
+    }
+  }
+
+  /**
+   * An engine went down (its circuit opened, its process died) or came back. Down, it is no
+   * candidate and what it held is forgotten (a restarted engine's cache is empty); its sessions
+   * are re-homed at their next turn, each by cost with ties broken by its rendezvous order.
+   */
+  setHealthy(engine: string, healthy: boolean): void {
+    const state = this.#engine(engine);
+    if (state.healthy === healthy) return;
+    state.healthy = healthy;
+    if (!healthy) {
+      state.resident.clear();
+      state.residentTokens = 0;
+    }
+  }
+
+  /** What the engine's `/metrics` said (see `engine_load.ts`). */
+  observe(engine: string, load: EngineLoad): void {
+    const state = this.#engine(engine);
+    state.load = load;
+    state.loadAt = this.#now();
+    if (load.cacheTokens !== undefined && load.cacheTokens > 0 && !state.slot.cacheTokens) {
+      state.cacheTokens = load.cacheTokens;
+      this.#evict(state);
+    }
+  }
+
+  /**
+   * Takes `engine` as the session's home, as another instance recorded it in the shared store
+   * (`route_ledger.ts`): it is taken to hold the session's previous turn (of a size learnt at
+   * the session's next turn there).
+   */
+  adopt(key: string, engine: string): void {
+    const state = this.#engines.get(engine);
+    if (!state) return;
+    const entry = this.#sessions.get(key);
+    if (entry?.home === engine) return;
+    this.#home(key, state);
+    if (!state.resident.has(key)) this.#touch(state, key, 1);
+  }
+
+  /** The session's home engine, if it has one. */
+  homeOf(key: string): string | undefined {
+    return this.#sessions.get(key)?.home;
+  }
+
+  /** Forgets a session (deleted or expired). */
+  forgetSession(key: string): void {
+    const entry = this.#sessions.get(key);
+    if (!entry) return;
+    this.#sessions.delete(key);
+    this.#engines.get(entry.home)!.sessions--;
+    for (const state of this.#order) this.#forget(state, key);
+  }
+
+  /** Per engine: in flight, uncached tokens in flight, sessions homed, decisions, prefill rate. */
+  snapshot(): RouterSnapshot {
+    const now = this.#now();
+    return {
+      policy: this.#policy,
+      sessions: this.#sessions.size,
+      engines: this.#order.map((state) => ({
+        id: state.slot.id,
+        models: state.slot.models,
+        healthy: state.healthy,
+        inFlight: state.inFlight,
+        uncachedInFlight: state.uncachedInFlight,
+        recentUncachedTokens: Math.round(this.#decayed(state, now)),
+        uncachedTokensTotal: state.uncachedTotal,
+        turnsTotal: state.turnsTotal,
+        failuresTotal: state.failuresTotal,
+        sessions: state.sessions,
+        residentTokens: state.residentTokens,
+        cacheTokens: state.cacheTokens,
+        decisions: { ...state.decisions },
+        prefillTokensPerMs: 1 / state.msPerToken,
+        ...(state.load && { load: state.load }),
+      })),
+    };
+  }
+
+  /** `cache-aware`: the lowest expected time to first token, home unless another saves the margin. */
+  #cheapest(turn: TurnToRoute, candidates: EngineState[], home?: EngineState): EngineState {
+    const now = this.#now();
+    const costs = candidates.map((engine) => this.#cost(engine, turn, now));
+    let best = 0;
+    for (let i = 1; i < costs.length; i++) if (costs[i] < costs[best]) best = i;
+    if (home) {
+      const homeCost = costs[candidates.indexOf(home)];
+      return costs[best] < homeCost - this.#marginMs ? candidates[best] : home;
+    }
+    // Near-ties broken the same way by every instance: the session's rendezvous order.
+    let chosen = best;
+    let weight = -1;
+    for (let i = 0; i < costs.length; i++) {
+      if (costs[i] > costs[best] + this.#marginMs / 10) continue;
+      const w = hash32(`${turn.key}\u0000${candidates[i].slot.id}`);
+      if (w > weight) [chosen, weight] = [i, w];
+    }
+    return candidates[chosen];
+  }
+
+  /** Expected milliseconds to the turn's first token on `engine`. */
+  #cost(engine: EngineState, turn: TurnToRoute, now: number): number {
+    const uncached = this.#uncached(engine, turn);
+    // (a) what is known to be queued there: ours, and requests vLLM reports waiting beyond ours.
+    let queuedTokens = engine.uncachedInFlight;
+    if (engine.load?.waiting !== undefined && now - engine.loadAt <= this.#loadMaxAgeMs) {
+      queuedTokens += Math.max(0, engine.load.waiting - engine.queued) * engine.meanUncached;
+    }
+    // (b) what its recent work says about the wait a turn arriving now meets (paced sessions
+    // leave nothing in flight): u / (1 - u) mean prefills, u its recent share of time prefilling.
+    const windowMs = this.#halfLifeMs / Math.LN2;
+    const utilization = Math.min(
+      MAX_UTILIZATION,
+      (this.#decayed(engine, now) * engine.msPerToken) / windowMs,
+    );
+    const queueingMs = utilization / (1 - utilization) * engine.meanUncached * engine.msPerToken;
+    // Tokens it would have to evict from a full cache are prefilled again later by someone.
+    const overflow = Math.max(0, engine.residentTokens + uncached - engine.cacheTokens);
+    const evictionMs = Math.min(overflow, uncached) * engine.msPerToken;
+    return Math.max(queuedTokens * engine.msPerToken, queueingMs) +
+      uncached * engine.msPerToken + evictionMs;
+  }
+
+  /** Estimated tokens of the turn's prompt `engine` does not hold. */
+  #uncached(engine: EngineState, turn: TurnToRoute): number {
+    const shared = turn.sharedPrefixTokens ?? 0;
+    let cached = 0;
+    const own = engine.resident.get(turn.key);
+    if (own) cached = Math.min(turn.prefixTokens ?? turn.promptTokens, turn.promptTokens);
+    else if (shared > 0 && engine.resident.has(sharedKey(turn.key))) cached = shared;
+    return Math.max(0, turn.promptTokens - cached);
+  }
+
+  /** The session's decaying recent work on `engine` as of `now`. */
+  #decayed(engine: EngineState, now: number): number {
+    return engine.recent * 2 ** (-(now - engine.recentAt) / this.#halfLifeMs);
+  }
+
+  #onRing(key: string, candidates: ReadonlySet<EngineState>): EngineState {
+    const point = hash32(key);
+    let low = 0;
+    let high = this.#ring.length;
+    while (low < high) {
+      const mid = (low + high) >> 1;
+      if (this.#ring[mid].point < point) low = mid + 1;
+      else high = mid;
+    }
+    for (let i = 0; i < this.#ring.length; i++) {
+      const { engine } = this.#ring[(low + i) % this.#ring.length];
+      if (candidates.has(engine)) return engine;
+    }
+    throw new Error("no candidate on the ring"); // unreachable: candidates is not empty
+  }
+
+  #home(key: string, state: EngineState): void {
+    const entry = this.#sessions.get(key);
+    if (entry) {
+      this.#sessions.delete(key); // re-inserted as the most recently routed
+      if (entry.home !== state.slot.id) {
+        this.#engines.get(entry.home)!.sessions--;
+        state.sessions++;
+        entry.home = state.slot.id;
+      }
+      this.#sessions.set(key, entry);
+      return;
+    }
+    this.#sessions.set(key, { home: state.slot.id });
+    state.sessions++;
+    while (this.#sessions.size > this.#maxSessions) {
+      const [oldest] = this.#sessions.keys();
+      this.forgetSession(oldest);
+    }
+  }
+
+  /** `key` is the most recently used of what `state` holds, with `tokens` tokens. */
+  #touch(state: EngineState, key: string, tokens: number): void {
+    if (tokens <= 0) return;
+    this.#forget(state, key);
+    state.resident.set(key, { tokens });
+    state.residentTokens += tokens;
+    this.#evict(state);
+  }
+
+  #forget(state: EngineState, key: string): void {
+    const held = state.resident.get(key);
+    if (!held) return;
+    state.resident.delete(key);
+    state.residentTokens -= held.tokens;
+  }
+
+  /** LRU eviction beyond the cache's size, keeping the most recent entry. */
+  #evict(state: EngineState): void {
+    while (state.residentTokens > state.cacheTokens && state.resident.size > 1) {
+      const [oldest] = state.resident.keys();
+      this.#forget(state, oldest);
+    }
+  }
+
+  #engine(id: string): EngineState {
+    const state = this.#engines.get(id);
+    if (!state) throw new RangeError(`no engine "${id}"`);
+    return state;
+  }
+}
+
+/** The resident key of a project's shared system prompt: `project/`. */
+function sharedKey(sessionKey: string): string {
+  return sessionKey.slice(0, sessionKey.indexOf("/") + 1);
+}
+
+/** FNV-1a over UTF-16 code units, then murmur3's finalizer (so that near keys spread). */
+function hash32(text: string): number {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) hash = Math.imul(hash ^ text.charCodeAt(i), 0x01000193);
+  hash ^= hash >>> 16;
+  hash = Math.imul(hash, 0x85ebca6b);
+  hash ^= hash >>> 13;
+  hash = Math.imul(hash, 0xc2b2ae35);
+  hash ^= hash >>> 16;
+  return hash >>> 0;
+}
