@@ -10,8 +10,10 @@
  *   where none is) so that two instances agree: the first write wins, the
  *   other reads it. It outlives the session (`--session-ttl` from its last
  *   turn): it is kept twice that, written again at least every half of it.
- * - `["experiment_control", project]` → {@linkcode ExperimentControl}:
- *   read again by every instance every `controlReloadMs`.
+ * - `["experiment_control", project, experiment]` → {@linkcode ExperimentControl}:
+ *   read again by every instance every `controlReloadMs`; keyed by the
+ *   experiment's salt, so a new experiment starts without the last one's
+ *   winner or stopped variants.
  * - `["feedback", project, sessionId, requestId]` → {@linkcode FeedbackRecord}
  *   (`feedback_topic.ts`): written once (atomic check), kept 90 days.
  *
@@ -104,9 +106,9 @@ export function feedbackKey(project: string, sessionId: string, requestId: strin
 /** How long feedback is kept for the reports: 90 days. */
 const FEEDBACK_KEEP_MS = 90 * 24 * 3_600_000;
 
-/** The key of a project's experiment control. */
-export function controlKey(project: string): Deno.KvKey {
-  return ["experiment_control", project];
+/** The key of the operator's control of `project`'s experiment `experiment` (its salt). */
+export function controlKey(project: string, experiment: string): Deno.KvKey {
+  return ["experiment_control", project, experiment];
 }
 
 /** The experiments of the served projects, and the sessions' variants. */
@@ -150,7 +152,7 @@ export class Experiments {
     if (projects.length === 0 || this.#closed) return;
     try {
       const entries = await this.#kv.getMany<ExperimentControl[]>(
-        projects.map((p) => controlKey(p.name)),
+        projects.map((p) => controlKey(p.name, p.experiment!.salt)),
       );
       for (const [i, entry] of entries.entries()) {
         const name = projects[i].name;
@@ -303,9 +305,10 @@ export class Experiments {
     project: string,
     decision: { readonly winner: string } | { readonly stop: string; readonly reason: string },
   ): Promise<ExperimentControl> {
+    const { salt } = this.experiment(project)!;
     const control = "winner" in decision
-      ? await endExperiment(this.#kv, project, decision.winner, this.#now)
-      : await stopVariant(this.#kv, project, decision.stop, decision.reason, this.#now);
+      ? await endExperiment(this.#kv, project, salt, decision.winner, this.#now)
+      : await stopVariant(this.#kv, project, salt, decision.stop, decision.reason, this.#now);
     this.#controls.set(project, control);
     return control;
   }
@@ -319,18 +322,20 @@ export class Experiments {
 }
 
 /**
- * Stops `variant` of `project`'s experiment at once: its sessions move to the
- * variants left, by the same hash over their weights, on every instance
- * within a second. For the operator's endpoint and for a guardrail.
+ * Stops `variant` of `project`'s experiment `experiment` (its salt) at once:
+ * its sessions move to the variants left, by the same hash over their
+ * weights, on every instance within a second. For the operator's endpoint and
+ * for a guardrail.
  */
 export async function stopVariant(
   kv: Deno.Kv,
   project: string,
+  experiment: string,
   variant: string,
   reason: string,
   now: () => number = Date.now,
 ): Promise<ExperimentControl> {
-  return await changeControl(kv, project, (control) => ({
+  return await changeControl(kv, controlKey(project, experiment), (control) => ({
     ...control,
     stopped: control.stopped.includes(variant) ? control.stopped : [...control.stopped, variant],
     reasons: { ...control.reasons, [variant]: reason },
@@ -338,31 +343,42 @@ export async function stopVariant(
   }));
 }
 
-/** Ends `project`'s experiment: every session, running ones too, gets `winner`. */
+/**
+ * Ends `project`'s experiment `experiment` (its salt): every session, running
+ * ones too, gets `winner`.
+ */
 export async function endExperiment(
   kv: Deno.Kv,
   project: string,
+  experiment: string,
   winner: string,
   now: () => number = Date.now,
 ): Promise<ExperimentControl> {
-  return await changeControl(kv, project, (control) => ({ ...control, winner, at: now() }));
+  return await changeControl(
+    kv,
+    controlKey(project, experiment),
+    (control) => ({ ...control, winner, at: now() }),
+  );
 }
 
-/** Reads `project`'s experiment control as stored; undefined when the operator set none. */
+/**
+ * Reads the control of `project`'s experiment `experiment` (its salt) as
+ * stored; undefined when the operator set none.
+ */
 export async function readExperimentControl(
   kv: Deno.Kv,
   project: string,
+  experiment: string,
 ): Promise<ExperimentControl | undefined> {
-  return (await kv.get<ExperimentControl>(controlKey(project))).value ?? undefined;
+  return (await kv.get<ExperimentControl>(controlKey(project, experiment))).value ?? undefined;
 }
 
-/** Applies `change` to the stored control, retried until no other writer came between. */
+/** Applies `change` to the control stored at `key`, retried until no other writer came between. */
 async function changeControl(
   kv: Deno.Kv,
-  project: string,
+  key: Deno.KvKey,
   change: (control: ExperimentControl) => ExperimentControl,
 ): Promise<ExperimentControl> {
-  const key = controlKey(project);
   for (;;) {
     const entry = await kv.get<ExperimentControl>(key);
     const next = change(entry.value ?? { stopped: [], reasons: {}, at: 0 });

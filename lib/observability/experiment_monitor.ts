@@ -259,7 +259,7 @@ export class ExperimentMonitor {
     if (!guardrail) return [];
     const found: GuardrailBreach[] = [];
     for (const [project, experiment] of this.#options.experiments) {
-      const control = await this.#control(project);
+      const control = await this.#control(project, experiment);
       if (control?.winner !== undefined) continue;
       const stopped = new Set(control?.stopped ?? []);
       const breaches = guardrailBreaches(
@@ -305,7 +305,7 @@ export class ExperimentMonitor {
       const sessions = new Set(outcomes.map((o) => o.sessionId));
       const feedback = (await readFeedback(this.#options.kv, project, { since }))
         .filter((f) => sessions.has(f.sessionId));
-      const control = await this.#control(project);
+      const control = await this.#control(project, experiment);
       const stopped: Record<string, string> = {};
       for (const variant of control?.stopped ?? []) {
         stopped[variant] = control?.reasons[variant] ?? "stopped";
@@ -321,8 +321,11 @@ export class ExperimentMonitor {
     return panels;
   }
 
-  #control(project: string): Promise<ExperimentControl | undefined> {
-    return readExperimentControl(this.#options.kv, project);
+  #control(
+    project: string,
+    experiment: MonitoredExperiment,
+  ): Promise<ExperimentControl | undefined> {
+    return readExperimentControl(this.#options.kv, project, experiment.salt);
   }
 
   /** The outcomes of `project` within the retention. */

@@ -191,8 +191,8 @@ Deno.test(
     for (const id of ids) await experiments.assign("maze", id);
     const kv = await Deno.openKv(path);
     try {
-      await stopVariant(kv, "maze", "b", "too slow");
-      equal((await readExperimentControl(kv, "maze"))?.reasons.b, "too slow");
+      await stopVariant(kv, "maze", "maze", "b", "too slow");
+      equal((await readExperimentControl(kv, "maze", "maze"))?.reasons.b, "too slow");
     } finally {
       kv.close();
     }
@@ -284,6 +284,32 @@ Deno.test(
     });
     try {
       for (const id of ids) equal((await next.assign("maze", id))!.name, "c");
+    } finally {
+      next.close();
+    }
+  }),
+);
+
+Deno.test(
+  "control: a new experiment name starts without the last one's winner or stops",
+  withExperiments(AB, async (experiments, path) => {
+    await experiments.decide("maze", { stop: "a", reason: "too slow" });
+    await experiments.decide("maze", { winner: "b" });
+    const renamed = project(
+      "experiment: next\nvariants:\n  - name: a\n    weight: 50\n  - name: b\n    weight: 50",
+    );
+    const next = await Experiments.open(path, {
+      projects: new Map([["maze", renamed]]),
+      ttlMs: 60_000,
+      controlReloadMs: 60_000,
+    });
+    try {
+      equal(next.control("maze"), undefined);
+      const served = new Set<string>();
+      for (let i = 0; i < 40; i++) served.add((await next.assign("maze", `s${i}`))!.name);
+      equal(served.size, 2, "the new experiment deals by its weights, not the old winner");
+      // The old experiment's decisions stay with it.
+      equal(experiments.control("maze")?.winner, "b");
     } finally {
       next.close();
     }
