@@ -175,25 +175,23 @@ export async function startService(
       keepMs: config.sessionTtlMs,
     });
     if (turnOrder) cleanup.defer(() => turnOrder.close());
+    // Said again on the status topic once it is up, when a variant is stopped (here or by
+    // another instance, the guardrail or the operator).
+    let announce = () => {};
     // The sessions' experiment variants, in the sessions' store (every instance reads them).
     const experiments = [...projects.values()].some((p) => p.experiment !== undefined)
-      ? await Experiments.open(kvPath, { projects, ttlMs: config.sessionTtlMs })
+      ? await Experiments.open(kvPath, {
+        projects,
+        ttlMs: config.sessionTtlMs,
+        onControl: () => announce(),
+      })
       : undefined;
     if (experiments) cleanup.defer(() => experiments.close());
     parts.experiments = experiments;
-    // Variants the guardrail stopped, said on the status topic (its `online` message).
-    const guardrailStops: Record<string, Record<string, string>> = {};
-    let announceStops = () => {};
     const experimentMonitor = experiments
       ? await step(
-        startExperimentMonitor(config, projects, kvPath, {
-          stop: async (project, variant, reason) => {
-            await experiments.decide(project, { stop: variant, reason });
-          },
-          stopped: (project, variant, reason) => {
-            (guardrailStops[project] ??= {})[variant] = reason;
-            announceStops();
-          },
+        startExperimentMonitor(config, projects, kvPath, async (project, variant, reason) => {
+          await experiments.decide(project, { stop: variant, reason });
         }),
         (m) => m.close(),
       )
@@ -305,16 +303,18 @@ export async function startService(
       projects: config.projects,
       started_at: startedAt,
     };
-    let online = JSON.stringify(onlineStatus);
     // The status also goes to a file, for container health checks that speak no MQTT.
     const statusFile = join(config.dataDir, "status.json");
-    const announce = () => {
+    announce = () => {
+      // The variants stopped, as every instance reads them from the store (a restart too).
+      const stopped = experiments?.stoppedVariants() ?? {};
+      const online = JSON.stringify(
+        Object.keys(stopped).length === 0
+          ? onlineStatus
+          : { ...onlineStatus, stopped_variants: stopped },
+      );
       client.publish(topics.status, online, { qos: 1, retain: true }, () => {});
       Deno.writeTextFile(statusFile, online).catch(() => {});
-    };
-    announceStops = () => {
-      online = JSON.stringify({ ...onlineStatus, stopped_variants: guardrailStops });
-      announce();
     };
     client.on(
       "connect",
@@ -392,17 +392,14 @@ export async function startService(
 /**
  * The per-variant figures of the projects with an experiment, on a store
  * connection of their own, with the guardrail when `--guardrail` is on: it
- * stops a variant through the experiment's control (`guardrail.stop`), and
- * `guardrail.stopped` tells.
+ * stops a variant through the experiment's control (`stop`), which tells the
+ * status topic.
  */
 async function startExperimentMonitor(
   config: Config,
   projects: ReadonlyMap<string, Project>,
   kvPath: string,
-  guardrail: {
-    readonly stop: (project: string, variant: string, reason: string) => Promise<void>;
-    readonly stopped: (project: string, variant: string, reason: string) => void;
-  },
+  stop: (project: string, variant: string, reason: string) => Promise<void>,
 ): Promise<ExperimentMonitor> {
   const kv = await openKv(kvPath);
   const experiments = new Map(
@@ -431,8 +428,7 @@ async function startExperimentMonitor(
           intervalMs: config.guardrailIntervalMs,
         }
         : undefined,
-      stopVariant: guardrail.stop,
-      onStopped: guardrail.stopped,
+      stopVariant: stop,
     });
   } catch (error) {
     kv.close();

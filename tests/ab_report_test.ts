@@ -246,7 +246,7 @@ test("ab-report: an A/A split says no difference yet; JSON answers that do not p
   });
 });
 
-test("guardrail: a variant that fails its turns is stopped, said on the status topic, its sessions go to the baseline", async () => {
+test("guardrail: a variant that fails its turns is stopped, said on the status topic (after a restart too), its sessions go to the baseline", async () => {
   // b's prompt is far longer than the model's context: every turn of b fails (context_overflow).
   const huge = `# Maze guide B\n${"wall ".repeat(12_000)}\n`;
   await withExperiment(
@@ -299,6 +299,23 @@ test("guardrail: a variant that fails its turns is stopped, said on the status t
         equal(reply.type, "done", JSON.stringify(reply));
         equal(reply.variant, "a");
       }
+
+      // b stays stopped after a restart (without the guardrail), and the status still says so.
+      equal(await service.stop(), 0);
+      const again = await start([]);
+      const restarted = await client.next(
+        (m) =>
+          m.topic === "vllm-mqtt/status" && m.json?.status === "online" &&
+          m.json.started_at !== status.json!.started_at,
+        20_000,
+      );
+      match(
+        (restarted.json!.stopped_variants as Record<string, Record<string, string>>)?.maze?.b ??
+          "",
+        /^guardrail: error rate 100%/,
+        JSON.stringify(restarted.json),
+      );
+      await again.stop();
     },
   );
 });

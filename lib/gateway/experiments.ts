@@ -81,6 +81,12 @@ export interface ExperimentsOptions {
    * @default {Date.now}
    */
   readonly now?: () => number;
+  /**
+   * Told when the operator's decisions on a project's experiment change: read
+   * from the store (at the start, or set by another instance) or decided here.
+   * @default {undefined}
+   */
+  readonly onControl?: (project: string) => void;
 }
 
 /** What a session's stored variant is kept in memory with. */
@@ -146,6 +152,21 @@ export class Experiments {
     return this.#controls.get(project);
   }
 
+  /**
+   * The stopped variants of each project that has some, each with why (the
+   * operator's or the guardrail's reason), as last read: what the status
+   * topic's `stopped_variants` says.
+   */
+  stoppedVariants(): Record<string, Record<string, string>> {
+    const stopped: Record<string, Record<string, string>> = {};
+    for (const [project, control] of this.#controls) {
+      for (const variant of control.stopped) {
+        (stopped[project] ??= {})[variant] = control.reasons[variant] ?? "stopped";
+      }
+    }
+    return stopped;
+  }
+
   /** Reads the operator's decisions again (every instance does, every second). */
   async reload(): Promise<void> {
     const projects = [...this.#options.projects.values()].filter((p) => p.experiment);
@@ -159,12 +180,14 @@ export class Experiments {
         const before = this.#controls.get(name);
         if (entry.value === null) this.#controls.delete(name);
         else this.#controls.set(name, entry.value);
-        if (entry.value !== null && entry.value.at !== before?.at) {
+        if (entry.value?.at === before?.at) continue;
+        if (entry.value !== null) {
           log.info("Experiment of {project}: {control}", {
             project: name,
             control: JSON.stringify(entry.value),
           });
         }
+        this.#options.onControl?.(name);
       }
     } catch (error) {
       if (!this.#closed) {
@@ -310,6 +333,7 @@ export class Experiments {
       ? await endExperiment(this.#kv, project, salt, decision.winner, this.#now)
       : await stopVariant(this.#kv, project, salt, decision.stop, decision.reason, this.#now);
     this.#controls.set(project, control);
+    this.#options.onControl?.(project);
     return control;
   }
 

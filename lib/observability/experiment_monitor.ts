@@ -87,8 +87,6 @@ export interface ExperimentMonitorOptions {
    * @default {undefined} (the guardrail only reports)
    */
   readonly stopVariant?: (project: string, variant: string, reason: string) => Promise<void>;
-  /** Called after the guardrail stopped a variant (status topic, ...). @default {undefined} */
-  readonly onStopped?: (project: string, variant: string, reason: string) => void;
   /** Outcomes kept in memory per project, the oldest dropped beyond. @default {100_000} */
   readonly maxRecords?: number;
   /** Milliseconds the panels' figures are reused for. @default {2000} */
@@ -276,7 +274,6 @@ export class ExperimentMonitor {
           reason,
         });
         await this.#options.stopVariant?.(project, breach.variant, reason);
-        this.#options.onStopped?.(project, breach.variant, reason);
         this.#panels = undefined;
         found.push(breach);
       }

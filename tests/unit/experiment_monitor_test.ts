@@ -138,9 +138,9 @@ Deno.test("experiment monitor: the guardrail stops a failing variant once, and t
       guardrail: { errorRate: 0.05, ttfd: 0.5, minSessions: 10, intervalMs: 3_600_000 },
       stopVariant: async (project, variant, reason) => {
         stops.push(`${project}/${variant}`);
+        told.push(`${project}/${variant}: ${reason}`);
         await stopVariant(kv, project, "m1", variant, reason);
       },
-      onStopped: (project, variant, reason) => told.push(`${project}/${variant}: ${reason}`),
     });
     for (let s = 0; s < 9; s++) {
       monitor.turnEnded("maze", `a${s}`, "r1", "a", ok(100));
