@@ -4,6 +4,24 @@
  * @module
  */
 
+/**
+ * FNV-1a (32 bits) over the UTF-16 code units of `text`, mixed by MurmurHash3's
+ * finaliser so that texts that differ in their last character land far apart.
+ */
+export function mixedHash32(text: string): number {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    hash ^= text.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193);
+  }
+  hash ^= hash >>> 16;
+  hash = Math.imul(hash, 0x85ebca6b);
+  hash ^= hash >>> 13;
+  hash = Math.imul(hash, 0xc2b2ae35);
+  hash ^= hash >>> 16;
+  return hash >>> 0;
+}
+
 /** Resolves after `ms`, or rejects with the signal's reason when it aborts first. */
 export function abortableSleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {

@@ -52,6 +52,7 @@
  * @module
  */
 
+import { mixedHash32 } from "../_util.ts";
 import { encode } from "gpt-tokenizer/encoding/cl100k_base";
 import { boxedIn } from "../games/maze_state.ts";
 import { heardAudio } from "./audio_content.ts";
@@ -219,30 +220,15 @@ function gradedOutcome(
 ): { readonly signature: string; readonly good: boolean } {
   const system = textOf(messages.find((m) => m.role === "system")?.content ?? "");
   const conversation = messages.map((m) => `${m.role}:${textOf(m.content)}`).join("\n");
-  const draw = fnv1a(`${graded.model}\n${conversation}`) / 0x1_0000_0000;
+  const draw = mixedHash32(`${graded.model}\n${conversation}`) / 0x1_0000_0000;
   const good = draw < graded.quality;
-  const prompt = fnv1a(system).toString(16).padStart(8, "0");
+  const prompt = mixedHash32(system).toString(16).padStart(8, "0");
   return {
     signature: `<sim model=${graded.model} prompt=${prompt} quality=${graded.quality} outcome=${
       good ? "good" : "bad"
     }>`,
     good,
   };
-}
-
-/** FNV-1a (32 bits) over the UTF-16 code units of `text`, mixed (MurmurHash3's finaliser). */
-function fnv1a(text: string): number {
-  let hash = 0x811c9dc5;
-  for (let i = 0; i < text.length; i++) {
-    hash ^= text.charCodeAt(i);
-    hash = Math.imul(hash, 0x01000193);
-  }
-  hash ^= hash >>> 16;
-  hash = Math.imul(hash, 0x85ebca6b);
-  hash ^= hash >>> 13;
-  hash = Math.imul(hash, 0xc2b2ae35);
-  hash ^= hash >>> 16;
-  return hash >>> 0;
 }
 
 /** The usual answer: the system prompt's first line, the turn count and the last user message. */

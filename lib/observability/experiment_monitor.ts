@@ -43,16 +43,8 @@ export interface MonitoredExperiment {
   readonly variants: readonly string[];
 }
 
-/** How a turn of a session in an experiment ended. */
-export interface TurnOutcome {
-  readonly ok: boolean;
-  readonly errorCode?: string;
-  readonly ttfdMs?: number;
-  readonly totalMs: number;
-  readonly tokensIn: number;
-  readonly tokensOut: number;
-  readonly parseFailed?: boolean;
-}
+/** How a turn of a session in an experiment ended: its outcome record, but for whose and when. */
+export type TurnOutcome = Omit<OutcomeRecord, "variant" | "sessionId" | "requestId" | "at">;
 
 /** The guardrail's settings. */
 export interface GuardrailSettings extends GuardrailMargins {

@@ -25,6 +25,7 @@
  * @module
  */
 
+import { mixedHash32 } from "../_util.ts";
 import { type Fail, isObject, show } from "./_util.ts";
 import { parseResponseFormat, type ResponseFormat } from "./response_format.ts";
 
@@ -181,23 +182,12 @@ function parseVariant(entry: unknown, index: number, hintTopic: boolean, fail: F
 }
 
 /**
- * The session's point in [0, 1): FNV-1a (32 bits) over the UTF-8 bytes of
- * `${salt}\0${sessionId}`, mixed by MurmurHash3's finaliser so that ids that
- * differ in their last character land far apart.
+ * The session's point in [0, 1): a mixed FNV-1a hash of `${salt}\0${sessionId}`
+ * ({@linkcode mixedHash32}), so that ids that differ in their last character
+ * land far apart.
  */
 export function variantPoint(salt: string, sessionId: string): number {
-  const bytes = new TextEncoder().encode(`${salt}\0${sessionId}`);
-  let hash = 0x811c9dc5;
-  for (const byte of bytes) {
-    hash ^= byte;
-    hash = Math.imul(hash, 0x01000193);
-  }
-  hash ^= hash >>> 16;
-  hash = Math.imul(hash, 0x85ebca6b);
-  hash ^= hash >>> 13;
-  hash = Math.imul(hash, 0xc2b2ae35);
-  hash ^= hash >>> 16;
-  return (hash >>> 0) / 0x1_0000_0000;
+  return mixedHash32(`${salt}\0${sessionId}`) / 0x1_0000_0000;
 }
 
 /**
