@@ -109,9 +109,10 @@ export async function runTurnJob(
     options.engineWaitMs,
     signal,
   );
-  // Cancelled while it waited for its turn (in a share group, for another instance).
+  // Cancelled while it waited for its turn (in a share group, for another instance): no
+  // failure of the engine's.
   if (signal.aborted) {
-    lease.finished({ ok: false });
+    lease.finished({ ok: true });
     signal.throwIfAborted();
   }
   log.debug("Request {request} of {session}: started after {ms} ms", {
