@@ -65,7 +65,11 @@ export class Gateway {
     this.#options = options;
     const now = this.#now = options.now ?? (() => performance.now());
     const { topics, stats, turnOrder } = options;
-    this.#prompts = new Prompts(options.projects, options.engineTokenCount);
+    // The variants' own prompts are counted too: the workers and the router get their tokens.
+    const variantPrompts = [...options.projectFiles?.values() ?? []]
+      .flatMap((project) => project.experiment?.variants ?? [])
+      .flatMap((variant) => variant.prompt ?? []);
+    this.#prompts = new Prompts(options.projects, options.engineTokenCount, variantPrompts);
     this.#replies = new ReplyPublisher({
       publish: options.publish,
       qos: options.qos,
