@@ -161,7 +161,7 @@ export async function startService(
     const engine = fleet.first.running;
     if (fleet.engines.length > 1) {
       // In a share group the instances agree on each session's home through the shared store.
-      const ledgerKv = config.shareGroup === undefined ? undefined : await Deno.openKv(kvPath);
+      const ledgerKv = config.shareGroup === undefined ? undefined : await openKv(kvPath);
       if (ledgerKv) cleanup.defer(() => ledgerKv.close());
       const ledger = ledgerKv && new RouteLedger(ledgerKv, { ttlMs: config.sessionTtlMs });
       routing = startRouting(config, fleet, models, ledger);
