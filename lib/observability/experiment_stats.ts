@@ -57,7 +57,10 @@ export interface OutcomeRecord {
 export interface SessionFeedback {
   readonly sessionId: string;
   readonly requestId: string;
-  /** The session's variant (when absent, read from the session's outcomes). */
+  /**
+   * The session's variant when the feedback came; the outcome of the rated request, where
+   * there is one, says which variant answered it, and wins.
+   */
   readonly variant?: string;
   readonly score?: number;
   readonly label?: string;
@@ -202,6 +205,8 @@ function gather(
 ): Map<string, VariantData> {
   const data = new Map<string, VariantData>();
   const variantOf = new Map<string, string>();
+  /** The variant that answered each request (`session\0request`). */
+  const answeredBy = new Map<string, string>();
   const session = (variant: string, sessionId: string): SessionFigures => {
     let v = data.get(variant);
     if (!v) data.set(variant, v = emptyVariant());
@@ -214,6 +219,7 @@ function gather(
   };
   for (const o of outcomes) {
     variantOf.set(o.sessionId, o.variant);
+    if (o.requestId !== undefined) answeredBy.set(`${o.sessionId}\0${o.requestId}`, o.variant);
     const s = session(o.variant, o.sessionId);
     const v = data.get(o.variant)!;
     s.requests++;
@@ -233,7 +239,10 @@ function gather(
     v.tokensOut += o.tokensOut;
   }
   for (const f of feedback) {
-    const variant = f.variant ?? variantOf.get(f.sessionId);
+    // The variant that answered the rated request: the one stored with the feedback is the
+    // session's when it came, another once the operator stopped a variant or named a winner.
+    const variant = answeredBy.get(`${f.sessionId}\0${f.requestId}`) ?? f.variant ??
+      variantOf.get(f.sessionId);
     if (variant === undefined) continue;
     const s = session(variant, f.sessionId);
     s.feedback++;

@@ -232,3 +232,32 @@ Deno.test("experiment stats: the guardrail stops a variant shown worse, not a lu
   ], 13);
   assert.deepEqual(guardrailBreaches(same.outcomes, ["a", "b"], margins), []);
 });
+
+Deno.test("experiment stats: feedback counts for the variant that answered the rated request", () => {
+  // Session s answered twice by b; then the operator named a winner, a: the feedback on b's
+  // answers, sent after, was stored with the variant answering the session then (a).
+  const turn = (requestId: string, variant: string, sessionId = "s"): OutcomeRecord => ({
+    variant,
+    sessionId,
+    requestId,
+    ok: true,
+    ttfdMs: 10,
+    totalMs: 30,
+    tokensIn: 5,
+    tokensOut: 5,
+    at: 1,
+  });
+  const outcomes = [turn("r1", "b"), turn("r2", "b"), turn("r1", "a", "t")];
+  const feedback: SessionFeedback[] = [
+    { sessionId: "s", requestId: "r1", variant: "a", score: 0, at: 2 },
+    { sessionId: "s", requestId: "r2", variant: "a", score: 0, at: 2 },
+    { sessionId: "t", requestId: "r1", variant: "a", score: 1, at: 2 },
+  ];
+  const { variants } = experimentFigures(outcomes, feedback, { variants: ["a", "b"] });
+  const [a, b] = variants;
+  assert.equal(b.feedback, 2);
+  assert.equal(b.meanScore?.value, 0);
+  assert.equal(a.feedback, 1);
+  assert.equal(a.meanScore?.value, 1);
+  assert(a.feedbackRate.low <= a.feedbackRate.value && a.feedbackRate.value <= 1);
+});
