@@ -119,6 +119,7 @@ export interface ReplyOptions {
   /**
    * The model asked and how often (0 to 1) its answers are good: the answer
    * is signed, and a bad one held to a JSON format is not valid JSON.
+   * @default {undefined} (not signed)
    */
   readonly graded?: { readonly model: string; readonly quality: number };
 }

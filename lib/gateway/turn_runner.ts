@@ -52,7 +52,10 @@ export interface TurnRunnerOptions {
   readonly projectFiles: ReadonlyMap<string, Project> | undefined;
   /** The sessions' experiment variants; undefined when no project runs an experiment. */
   readonly experiments: Pick<Experiments, "assign"> | undefined;
-  /** Where a turn of a session in an experiment is counted for its variant. */
+  /**
+   * Where a turn of a session in an experiment is counted for its variant.
+   * @default {undefined}
+   */
   readonly experimentMonitor?: ExperimentMonitor;
   /** The gateway's clock. */
   readonly now: () => number;
