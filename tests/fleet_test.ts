@@ -454,6 +454,81 @@ test("several engines: a project's adapter goes only to the engines that serve i
   }
 });
 
+test("several engines: an experiment's adapter variant goes only to the engines that serve it", async () => {
+  const dir = await tempDir("vllm-mqtt-prompts-");
+  await Deno.writeTextFile(
+    `${dir}/maze.md`,
+    [
+      "---",
+      "variants:",
+      "  - name: a",
+      "    weight: 50",
+      "  - name: b",
+      "    weight: 50",
+      "    model: maze-lora-v2",
+      "---",
+      "# Maze",
+    ].join("\n"),
+  );
+  await Deno.writeTextFile(`${dir}/general.md`, "# General\n");
+  try {
+    // Engine 2 alone serves b's adapter.
+    await withSimulators(
+      3,
+      (i) => i === 2 ? { adapters: ["maze-lora-v2"] } : {},
+      async (sims) => {
+        await withServiceOn(
+          sims.map((sim) => sim.url).join(","),
+          { args: [`--prompts-dir=${dir}`] },
+          async ({ client }) => {
+            const sessions = Array.from({ length: 12 }, (_, i) => `x${i}`);
+            const variantOf = new Map<string, string>();
+            for (let n = 1; n <= 2; n++) {
+              const replies = await Promise.all(sessions.map((s) => turn(client, s, n)));
+              for (const [i, reply] of replies.entries()) {
+                equal(reply.json!.type, "done", reply.text);
+                const variant = String(reply.json!.variant);
+                equal(variantOf.get(sessions[i]) ?? variant, variant, "one variant a session");
+                variantOf.set(sessions[i], variant);
+              }
+            }
+            const b = sessions.filter((s) => variantOf.get(s) === "b");
+            assert(b.length > 0 && b.length < sessions.length, JSON.stringify([...variantOf]));
+            for (const session of b) deepEqual([...enginesOf(sims, session)], [2], session);
+            // The adapter's name reached engine 2 alone, once for each of b's turns.
+            for (const [i, sim] of sims.entries()) {
+              const adapter = sim.received.filter((body) => body.model === "maze-lora-v2").length;
+              equal(adapter, i === 2 ? 2 * b.length : 0);
+            }
+          },
+        );
+      },
+    );
+    // No engine serving it: the start stops, naming the adapter.
+    await withSimulators(2, {}, async (sims) => {
+      const broker = await startMosquitto();
+      const dataDir = await tempDir("vllm-mqtt-data-");
+      try {
+        const refused = await startService([
+          "--engine=url",
+          `--engine-url=${sims.map((sim) => sim.url).join(",")}`,
+          `--mqtt-url=${broker.url}`,
+          `--data-dir=${dataDir}`,
+          `--prompts-dir=${dir}`,
+          "--projects=maze",
+        ], { expectExit: true });
+        assert(await refused.stop() !== 0);
+        match(refused.log(), /asks for maze-lora-v2, which none of the engines \(.*\) serves/);
+      } finally {
+        await broker.close();
+        await removeTempDir(dataDir);
+      }
+    });
+  } finally {
+    await removeTempDir(dir);
+  }
+});
+
 test("several engines: two instances in a share group keep each session on one engine", async () => {
   await withSimulators(3, {}, async (sims) => {
     const broker = await startMosquitto();
