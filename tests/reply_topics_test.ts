@@ -11,7 +11,7 @@
  */
 
 import assert, { deepEqual, equal, match } from "node:assert/strict";
-import { mosquittoTest as test, type TestClient } from "./_helpers.ts";
+import { mosquittoTest as test, removeTempDir, tempDir, type TestClient } from "./_helpers.ts";
 import { errorCode, type SecureDeployment, withSecureDeployment } from "./_secure_deployment.ts";
 
 const CONTROL = /^[^/]+\/(clear_history|delete_session|template)(\/|$)/;
@@ -172,4 +172,44 @@ test("MQTT 3.1.1: the topic rules alone keep replies off the control topics; the
     equal(mine.text, "mine");
     await intact(alice);
   });
+});
+
+test("feedback under the shipped ACL: alice can rate neither bob's answers nor aim a reply at his feedback topic", async () => {
+  const prompts = await tempDir("vllm-mqtt-prompts-");
+  await Deno.writeTextFile(
+    `${prompts}/maze.md`,
+    "---\nvariants:\n  - name: a\n    weight: 1\n  - name: b\n    weight: 1\n---\n# Maze\n",
+  );
+  await Deno.writeTextFile(`${prompts}/general.md`, "# General\n");
+  try {
+    await withSecureDeployment([`--prompts-dir=${prompts}`], async (d) => {
+      const intact = await guardBob(d, "maze");
+      const alice = await d.login("alice");
+      await alice.subscribe("maze/assistant_response/alice");
+      // The broker does not let her write there (whether it says so or drops it).
+      await alice.send("maze/feedback/bob", { request_id: "b1", score: 0 }).catch(() => {});
+      // Nor may a reply of hers go there: the service listens to that topic.
+      await alice.send("maze/user_input/alice", {
+        message: '{"request_id": "b1", "score": 0}',
+        request_id: "a1",
+      }, { properties: { responseTopic: "maze/feedback/bob" } });
+      match(await refusedAt(alice, "maze", "a1"), /one the service listens to/);
+      // Her own answers she rates.
+      await alice.send("maze/user_input/alice", { message: "mine", request_id: "a2" });
+      await alice.final("alice", "a2");
+      await alice.send("maze/feedback/alice", { request_id: "a2", score: 1 });
+      const ack = await alice.next((m) => m.json?.type === "feedback");
+      equal(ack.json!.accepted, true, ack.text);
+      equal(ack.json!.duplicate, undefined, ack.text);
+      // Bob's rating of b1 is the first stored: nothing of alice's was.
+      const bob = await d.login("bob");
+      await bob.subscribe("maze/assistant_response/bob");
+      await bob.send("maze/feedback/bob", { request_id: "b1", score: 1 });
+      const stored = await bob.next((m) => m.json?.type === "feedback");
+      deepEqual([stored.json!.accepted, stored.json!.duplicate], [true, undefined], stored.text);
+      await intact(alice);
+    });
+  } finally {
+    await removeTempDir(prompts);
+  }
 });
