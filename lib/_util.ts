@@ -22,6 +22,13 @@ export function mixedHash32(text: string): number {
   return hash >>> 0;
 }
 
+/** The nearest-rank percentile `q` (0 to 1) of `values`, rounded; null when there are none. */
+export function percentile(values: readonly number[], q: number): number | null {
+  if (values.length === 0) return null;
+  const sorted = values.toSorted((a, b) => a - b);
+  return Math.round(sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]);
+}
+
 /** Resolves after `ms`, or rejects with the signal's reason when it aborts first. */
 export function abortableSleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {

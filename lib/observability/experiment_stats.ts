@@ -35,6 +35,8 @@
  * @module
  */
 
+import { percentile } from "../_util.ts";
+
 /** One finished turn of a session in an experiment, as stored. */
 export interface OutcomeRecord {
   readonly variant: string;
@@ -492,13 +494,6 @@ function meanInterval(values: readonly number[], z: number): Interval | null {
   const level = normalCdf(z);
   const half = tQuantile(level, values.length - 1) * Math.sqrt(variance(values) / values.length);
   return { value: m, low: m - half, high: m + half };
-}
-
-/** The nearest-rank percentile `q` of `values`, rounded; null when there are none. */
-function percentile(values: readonly number[], q: number): number | null {
-  if (values.length === 0) return null;
-  const sorted = values.toSorted((x, y) => x - y);
-  return Math.round(sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]);
 }
 
 function sum(values: readonly number[]): number {

@@ -8,6 +8,7 @@
  * @module
  */
 
+import { percentile } from "../_util.ts";
 import type { ErrorCode } from "../protocol/mod.ts";
 import type { IgnoredReason, Stats, StatsEvent } from "./stats.ts";
 
@@ -264,10 +265,4 @@ function emptyProject(): ProjectBucket {
 function sample(values: number[], value: number): void {
   if (values.length < SAMPLE) values.push(value);
   else values[Math.floor(Math.random() * SAMPLE)] = value;
-}
-
-function percentile(values: number[], q: number): number | null {
-  if (values.length === 0) return null;
-  const sorted = values.toSorted((a, b) => a - b);
-  return Math.round(sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]);
 }
