@@ -60,8 +60,8 @@ export interface SessionFeedback {
   readonly sessionId: string;
   readonly requestId: string;
   /**
-   * The session's variant when the feedback came; the outcome of the rated request, where
-   * there is one, says which variant answered it, and wins.
+   * The session's variant when the feedback came, as stored; the figures take the variant
+   * from the rated request's outcome instead (the one that answered it).
    */
   readonly variant?: string;
   readonly score?: number;
@@ -206,7 +206,6 @@ function gather(
   feedback: readonly SessionFeedback[],
 ): Map<string, VariantData> {
   const data = new Map<string, VariantData>();
-  const variantOf = new Map<string, string>();
   /** The variant that answered each request (`session\0request`). */
   const answeredBy = new Map<string, string>();
   const session = (variant: string, sessionId: string): SessionFigures => {
@@ -220,7 +219,6 @@ function gather(
     return s;
   };
   for (const o of outcomes) {
-    variantOf.set(o.sessionId, o.variant);
     if (o.requestId !== undefined) answeredBy.set(`${o.sessionId}\0${o.requestId}`, o.variant);
     const s = session(o.variant, o.sessionId);
     const v = data.get(o.variant)!;
@@ -241,10 +239,11 @@ function gather(
     v.tokensOut += o.tokensOut;
   }
   for (const f of feedback) {
-    // The variant that answered the rated request: the one stored with the feedback is the
-    // session's when it came, another once the operator stopped a variant or named a winner.
-    const variant = answeredBy.get(`${f.sessionId}\0${f.requestId}`) ?? f.variant ??
-      variantOf.get(f.sessionId);
+    // The variant that answered the rated request, as its outcome says (the one stored with the
+    // feedback is the session's when it came: another once the operator stopped a variant or
+    // named a winner). A request with no outcome here (before the experiment, or the range)
+    // was no turn of the figures: its rating is no variant's.
+    const variant = answeredBy.get(`${f.sessionId}\0${f.requestId}`);
     if (variant === undefined) continue;
     const s = session(variant, f.sessionId);
     s.feedback++;

@@ -233,7 +233,7 @@ Deno.test("experiment stats: the guardrail stops a variant shown worse, not a lu
   assert.deepEqual(guardrailBreaches(same.outcomes, ["a", "b"], margins), []);
 });
 
-Deno.test("experiment stats: feedback counts for the variant that answered the rated request", () => {
+Deno.test("experiment stats: feedback counts for the variant that answered the rated request, and only for a request with an outcome", () => {
   // Session s answered twice by b; then the operator named a winner, a: the feedback on b's
   // answers, sent after, was stored with the variant answering the session then (a).
   const turn = (requestId: string, variant: string, sessionId = "s"): OutcomeRecord => ({
@@ -252,6 +252,10 @@ Deno.test("experiment stats: feedback counts for the variant that answered the r
     { sessionId: "s", requestId: "r1", variant: "a", score: 0, at: 2 },
     { sessionId: "s", requestId: "r2", variant: "a", score: 0, at: 2 },
     { sessionId: "t", requestId: "r1", variant: "a", score: 1, at: 2 },
+    // A rating of an answer no outcome in the range tells of (given before the experiment, or
+    // before the range): no variant's.
+    { sessionId: "old", requestId: "r0", variant: "b", score: 1, at: 2 },
+    { sessionId: "s", requestId: "r0", variant: "b", score: 1, at: 2 },
   ];
   const { variants } = experimentFigures(outcomes, feedback, { variants: ["a", "b"] });
   const [a, b] = variants;
@@ -259,5 +263,7 @@ Deno.test("experiment stats: feedback counts for the variant that answered the r
   assert.equal(b.meanScore?.value, 0);
   assert.equal(a.feedback, 1);
   assert.equal(a.meanScore?.value, 1);
+  assert.equal(b.sessions, 1);
+  assert.deepEqual([b.feedbackRate.value, b.feedbackRate.high], [1, 1]);
   assert(a.feedbackRate.low <= a.feedbackRate.value && a.feedbackRate.value <= 1);
 });
