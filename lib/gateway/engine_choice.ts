@@ -14,7 +14,10 @@ import type { EngineHealth } from "../engine/engine_health.ts";
 export interface TurnFacts {
   /** The session's key (`project/session id`). */
   readonly session: string;
-  /** The served model or adapter the turn asks for (the project's `model:`); undefined: the engine's. */
+  /**
+   * The served model or adapter the turn asks for (its experiment variant's `model:`, else its
+   * project's); undefined: the engine's.
+   */
   readonly model: string | undefined;
   /** The system prompt's tokens, when counted. */
   readonly systemTokens: number | undefined;
