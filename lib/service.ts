@@ -368,6 +368,8 @@ export async function startService(
         });
         clearInterval(statsTimer);
         await gateway.drain(config.shutdownTimeoutMs);
+        // From here the status says only `offline` (a variant stopped now must not say `online`).
+        announce = () => {};
         if (client.connected) {
           await withTimeout(
             client.publishAsync(topics.status, offline, { qos: 1, retain: true }),
