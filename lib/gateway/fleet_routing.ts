@@ -19,7 +19,7 @@ import { parseEngineLoad } from "../routing/engine_load.ts";
 import type { RouteLedger } from "../routing/route_ledger.ts";
 import type { RouteDecision, Router } from "../routing/router.ts";
 import type { EngineGauges } from "../observability/stats.ts";
-import type { EngineLease, TurnEngines, TurnFacts } from "./engine_choice.ts";
+import type { EngineLease, TurnEngines, TurnFacts } from "./turn_engines.ts";
 
 /** Options of {@linkcode FleetRouting}. */
 export interface FleetRoutingOptions {

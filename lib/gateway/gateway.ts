@@ -26,7 +26,7 @@ import { Scheduler } from "../scheduler/scheduler.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import { Admission } from "./admission.ts";
 import { ControlTopics } from "./control_topics.ts";
-import { oneEngine } from "./engine_choice.ts";
+import { oneEngine } from "./turn_engines.ts";
 import { asServiceError } from "../protocol/errors.ts";
 import { finishTurn, type Job, shuttingDown } from "./jobs.ts";
 import { Prompts } from "./prompts.ts";

@@ -17,7 +17,7 @@ import type { BrokerRules, Publish } from "./reply_publisher.ts";
 import type { SessionSigner } from "./session_signer.ts";
 import type { Experiments } from "./experiments.ts";
 import type { TurnPool } from "../workers/turn_pool.ts";
-import type { TurnEngines } from "./engine_choice.ts";
+import type { TurnEngines } from "./turn_engines.ts";
 
 /** What the gateway is built from. */
 export interface GatewayOptions {

@@ -25,7 +25,7 @@ import type { RecentRequests } from "./recent_requests.ts";
 import type { ReplyPublisher } from "./reply_publisher.ts";
 import type { TurnJob } from "./jobs.ts";
 import type { Experiments } from "./experiments.ts";
-import type { EngineLease, TurnEngines, TurnFacts } from "./engine_choice.ts";
+import type { EngineLease, TurnEngines, TurnFacts } from "./turn_engines.ts";
 
 const log = logger("gateway");
 

@@ -7,7 +7,7 @@
 
 import { deepEqual, equal, rejects } from "node:assert/strict";
 import { Prompts } from "../../lib/gateway/prompts.ts";
-import type { EngineTurnOutcome, TurnEngines } from "../../lib/gateway/engine_choice.ts";
+import type { EngineTurnOutcome, TurnEngines } from "../../lib/gateway/turn_engines.ts";
 import type { TurnJob } from "../../lib/gateway/jobs.ts";
 import { runTurnJob, type TurnRunnerOptions } from "../../lib/gateway/turn_runner.ts";
 import type { ChatRequest, ReplyBody } from "../../lib/protocol/mod.ts";
