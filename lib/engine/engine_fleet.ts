@@ -13,7 +13,7 @@ import type { Config } from "../config/config.ts";
 import { logger } from "../log.ts";
 import { EngineHealth, type EngineState } from "./engine_health.ts";
 import type { EngineNeeds, RunningEngine } from "./running_engine.ts";
-import { startEngines } from "./start_engine.ts";
+import { startEngines } from "./start_engines.ts";
 
 const log = logger("engine");
 

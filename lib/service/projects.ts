@@ -73,7 +73,7 @@ async function promptFileNames(dir: string): Promise<string[]> {
 /**
  * A project's `model` must be one the engine serves: the model, or a LoRA
  * adapter of `--lora-modules` (managed vLLM, simulated engine). An attached
- * engine's own list is checked when it is attached (`engine/start_engine.ts`).
+ * engine's own list is checked when it is attached (`engine/start_engines.ts`).
  */
 function checkModels(projects: ReadonlyMap<string, Project>, config: Config): void {
   if (config.engine === "url") return;
