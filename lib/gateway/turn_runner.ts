@@ -124,6 +124,9 @@ export async function runTurnJob(
     ms: Math.round(now() - job.receivedAt),
   });
   let delivered = false;
+  // When the try that answers began: the worker's time to first token counts from there, and
+  // what came before it (waiting for an engine, a try an engine failed) counts too.
+  let triedAt = startedAt;
   const run = (engine: number) =>
     options.pool.run(
       {
@@ -153,6 +156,7 @@ export async function runTurnJob(
   let result: TurnResult;
   for (;;) {
     try {
+      triedAt = now();
       result = await run(lease.index);
       break;
     } catch (error) {
@@ -187,7 +191,7 @@ export async function runTurnJob(
   const queueMs = startedAt - job.receivedAt;
   const timing = {
     queueMs,
-    ttftMs: result.ttftMs === null ? null : queueMs + result.ttftMs,
+    ttftMs: result.ttftMs === null ? null : triedAt - job.receivedAt + result.ttftMs,
     totalMs: now() - job.receivedAt,
   };
   const done: ReplyBody = {

@@ -13,6 +13,7 @@ import { runTurnJob, type TurnRunnerOptions } from "../../lib/gateway/turn_runne
 import type { ChatRequest, ReplyBody } from "../../lib/protocol/mod.ts";
 import { ServiceError } from "../../lib/protocol/errors.ts";
 import type { TurnResult, WorkerTurn } from "../../lib/workers/messages.ts";
+import type { TurnOutcome } from "../../lib/observability/experiment_monitor.ts";
 
 const request: ChatRequest = {
   project: "maze",
@@ -57,7 +58,10 @@ const answer: TurnResult = {
   ttftMs: 5,
 };
 
-/** Engines that hand out leases in turn and note what each was told, and a runner over them. */
+/**
+ * Engines that hand out leases in turn and note what each was told, and a runner over them,
+ * on a clock the test moves (`clock.now`).
+ */
 function setup(
   run: (turn: WorkerTurn, onDelta: (seq: number, text: string) => void) => Promise<TurnResult>,
   acquired: (index: number) => void = () => {},
@@ -65,6 +69,8 @@ function setup(
   const told: { engine: number; outcome: EngineTurnOutcome }[] = [];
   const replies: ReplyBody[] = [];
   const counted: string[] = [];
+  const outcomes: TurnOutcome[] = [];
+  const clock = { now: 0 };
   let next = 0;
   const engines: TurnEngines = {
     acquire: (_turn, exclude) => {
@@ -102,21 +108,24 @@ function setup(
       assign: () => Promise.resolve({ name: "b", weight: 1 }),
     },
     experimentMonitor: {
-      turnEnded: (_p: string, _s: string, _r: string, variant: string) =>
-        counted.push(`outcome ${variant}`),
+      turnEnded: (_p: string, _s: string, _r: string, variant: string, outcome: TurnOutcome) => {
+        counted.push(`outcome ${variant}`);
+        outcomes.push(outcome);
+      },
     },
-    now: () => 0,
+    now: () => clock.now,
   } as unknown as TurnRunnerOptions;
-  return { options, told, replies, counted };
+  return { options, told, replies, counted, outcomes, clock };
 }
 
 Deno.test("turn runner: a turn whose engine is down moves to another, each lease told once, the turn counted once", async () => {
   const ran: (number | undefined)[] = [];
-  const { options, told, replies, counted } = setup((turn) => {
+  const { options, told, replies, counted, outcomes, clock } = setup((turn) => {
     ran.push(turn.engine);
-    return turn.engine === undefined
-      ? Promise.reject(new ServiceError("engine_unavailable", "connection refused"))
-      : Promise.resolve(answer);
+    if (turn.engine !== undefined) return Promise.resolve(answer);
+    // The first engine takes a second to fail the turn.
+    clock.now += 1000;
+    return Promise.reject(new ServiceError("engine_unavailable", "connection refused"));
   });
   await runTurnJob(options, job(), new AbortController().signal);
   deepEqual(ran, [undefined, 1]);
@@ -124,6 +133,10 @@ Deno.test("turn runner: a turn whose engine is down moves to another, each lease
   equal(told[1].outcome.promptTokens, 20);
   deepEqual(replies.map((r) => r.type), ["done"]);
   deepEqual(counted, ["answered", "outcome b"]);
+  // The first token came a second and 5 ms after the turn arrived: the failed try counts.
+  const done = replies[0] as Extract<ReplyBody, { type: "done" }>;
+  equal(done.timing.ttft_ms, 1005);
+  equal(outcomes[0].ttfdMs, 1005);
 });
 
 Deno.test("turn runner: a turn cancelled while it waited for its engine is no failure of that engine's", async () => {
