@@ -100,12 +100,12 @@ interface Cached {
 const log = logger("gateway");
 
 /** The key of a session's variant. */
-export function variantKey(project: string, sessionId: string): Deno.KvKey {
+function variantKey(project: string, sessionId: string): Deno.KvKey {
   return ["variant", project, sessionId];
 }
 
 /** The key of the feedback on one request of a session. */
-export function feedbackKey(project: string, sessionId: string, requestId: string): Deno.KvKey {
+function feedbackKey(project: string, sessionId: string, requestId: string): Deno.KvKey {
   return ["feedback", project, sessionId, requestId];
 }
 
@@ -113,7 +113,7 @@ export function feedbackKey(project: string, sessionId: string, requestId: strin
 const FEEDBACK_KEEP_MS = 90 * 24 * 3_600_000;
 
 /** The key of the operator's control of `project`'s experiment `experiment` (its salt). */
-export function controlKey(project: string, experiment: string): Deno.KvKey {
+function controlKey(project: string, experiment: string): Deno.KvKey {
   return ["experiment_control", project, experiment];
 }
 

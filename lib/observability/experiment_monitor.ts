@@ -171,11 +171,6 @@ export class ExperimentMonitor {
     return monitor;
   }
 
-  /** Whether `project` runs an experiment. */
-  has(project: string): boolean {
-    return this.#options.experiments.has(project);
-  }
-
   /** Counts and stores how a turn of a session of `project` on `variant` ended. */
   turnEnded(
     project: string,
