@@ -398,7 +398,7 @@ test("a request chooses its variant only where the project allows it", async () 
   });
 });
 
-test("the operator stops a variant and ends the experiment over HTTP, with the token", async () => {
+test("the operator stops a variant and ends the experiment over HTTP, with the token; feedback counts for the variant that answered", async () => {
   const token = "an-Operator-Token-0123456789";
   await withSetup({ a: 50, b: 50 }, async ({ client, start }) => {
     const port = freePort();
@@ -429,6 +429,12 @@ test("the operator stops a variant and ends the experiment over HTTP, with the t
     equal(ended.status, 200);
     await ended.body?.cancel();
     for (const id of ids) equal((await turn(client, id, "3")).variant, "b", id);
+    // A rating of an answer a gave, sent once b won: counted for a, which answered it.
+    await client.send(`maze/feedback/${onB[0]}`, { request_id: "2", score: 1 });
+    const ack = await client.next((m) => m.json?.type === "feedback");
+    equal(ack.json!.variant, "a", ack.text);
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    match(metrics, /vllm_mqtt_feedback_total\{project="maze",variant="a"\} 1\n/);
     const state = await fetch(`http://127.0.0.1:${port}/operator/experiments/maze`, {
       headers: { authorization: `Bearer ${token}` },
     });

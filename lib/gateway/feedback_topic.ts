@@ -20,7 +20,8 @@
  *   atomic check: a repeat of the same request_id is acknowledged with
  *   `"duplicate": true` and neither stored nor counted again;
  * - acknowledged on the session's reply topic,
- *   `{"type":"feedback","session_id":"s1","request_id":"r7","accepted":true,"variant":"b"}`;
+ *   `{"type":"feedback","session_id":"s1","request_id":"r7","accepted":true,"variant":"b"}`
+ *   (the variant that answered r7, where this instance knows it; else the session's now);
  *   a bad payload is answered there with an error reply (`invalid_request`,
  *   `payload_too_large`; `overloaded` while 256 are being stored) and counted
  *   like any error.
@@ -54,6 +55,15 @@ export interface FeedbackTopicOptions extends Ownership {
   readonly refuse: (target: ReplyTarget, error: ServiceError) => void;
   /** Publishes a message that is not a reply (the acknowledgement). */
   readonly send: (topic: string, payload: string) => void;
+  /**
+   * The variant that answered a request, where it is known here (the experiments' outcomes).
+   * @default {undefined} (the variant answering the session now)
+   */
+  readonly answeredBy?: (
+    project: string,
+    sessionId: string,
+    requestId: string,
+  ) => string | undefined;
 }
 
 const log = logger("gateway");
@@ -106,7 +116,10 @@ export class FeedbackTopic {
             "stored history): feedback rates an answer the session got, by its request_id",
         );
       }
-      const variant = (await this.#options.experiments.assign(project, sessionId))?.name;
+      // The variant that answered the rated request; where that is not known here, the one
+      // answering the session now (the same, unless the operator stopped it or named a winner).
+      const variant = this.#options.answeredBy?.(project, sessionId, requestId) ??
+        (await this.#options.experiments.assign(project, sessionId))?.name;
       const record: FeedbackRecord = {
         ...(variant !== undefined && { variant }),
         ...(score !== undefined && { score }),

@@ -161,6 +161,9 @@ export class Gateway {
       signer: options.signer,
       refuse: (target, error) => this.#replies.refuse(target, error),
       send: (topic, payload) => this.#replies.send(topic, payload),
+      answeredBy: options.experimentMonitor &&
+        ((project, sessionId, requestId) =>
+          options.experimentMonitor!.answeredBy(project, sessionId, requestId)),
     });
     this.#subscriptions = this.#filters();
     // Every project's input and control topics, served here or by another service on the

@@ -210,6 +210,22 @@ export class ExperimentMonitor {
     this.#log.add(project, experiment.salt, record);
   }
 
+  /**
+   * The variant that answered request `requestId` of a session, when its outcome is among those
+   * kept here (this instance's turns, and what the store held at the start); the latest first,
+   * as a rating mostly follows its answer soon.
+   */
+  answeredBy(project: string, sessionId: string, requestId: string): string | undefined {
+    const records = this.#records.get(project) ?? [];
+    for (let i = records.length - 1; i >= 0; i--) {
+      const record = records[i];
+      if (record.ok && record.sessionId === sessionId && record.requestId === requestId) {
+        return record.variant;
+      }
+    }
+    return undefined;
+  }
+
   /** The per-variant metrics, in Prometheus text format (empty without experiments). */
   prometheus(): string {
     return this.#options.experiments.size === 0 ? "" : renderMetrics(this.#metrics);

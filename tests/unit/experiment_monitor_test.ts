@@ -77,6 +77,11 @@ Deno.test("experiment monitor: metrics, panels with feedback, and what a restart
     monitor.turnEnded("maze", "s1", "r2", "a", ok(300));
     monitor.turnEnded("maze", "s2", "r1", "b", failed);
     monitor.turnEnded("maze", "s3", "r1", "b", { ...ok(50), parseFailed: true });
+    // Which variant answered a request, for its rating: one that failed answered nothing.
+    equal(monitor.answeredBy("maze", "s3", "r1"), "b");
+    equal(monitor.answeredBy("maze", "s1", "r2"), "a");
+    equal(monitor.answeredBy("maze", "s2", "r1"), undefined);
+    equal(monitor.answeredBy("maze", "s9", "r1"), undefined);
     const metrics = monitor.prometheus();
     match(
       metrics,
