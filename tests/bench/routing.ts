@@ -68,7 +68,7 @@ const SCENARIOS: readonly Scenario[] = [
     hot: 4,
     thinkMs: 2000,
     durationMs: 15_000,
-    cacheBlocks: 6000, // 96,000 tokens an engine: the live sessions fit in the four, barely
+    cacheBlocks: 3200, // 51,200 tokens an engine: by the end, the live sessions fit in the four, barely
   },
   {
     name: "high load",
@@ -158,6 +158,9 @@ async function startEngine(id: string, cacheBlocks: number): Promise<Engine> {
 
 type Message = { role: "system" | "user" | "assistant"; content: string };
 
+/** The engine answered with an error status: it is up. */
+class EngineRefusal extends Error {}
+
 /** One policy through one scenario. */
 async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingRow> {
   const engines = await Promise.all(
@@ -225,7 +228,7 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
     });
     if (!response.ok) {
       await response.body?.cancel();
-      throw new Error(`HTTP ${response.status}`);
+      throw new EngineRefusal(`HTTP ${response.status}`);
     }
     let text = "";
     let promptTokens = 0;
@@ -239,7 +242,7 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
       }
       if (event.usage) promptTokens = event.usage.prompt_tokens;
     }
-    if (promptTokens === 0) throw new Error("stream cut");
+    if (promptTokens === 0) throw new Error("stream cut before its usage");
     return { text, promptTokens };
   };
 
@@ -269,11 +272,11 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
         turns++;
         lastDone = elapsed();
         return answer;
-      } catch {
+      } catch (error) {
         router.finished(engine.id, decision, { ok: false });
         exclude.add(engine.id);
-        // The connection failing is the engine down (the service's circuit opens on it).
-        if (!engine.alive) router.setHealthy(engine.id, false);
+        // The connection refused or cut is the engine down (the service's circuit opens on it).
+        if (!(error instanceof EngineRefusal)) router.setHealthy(engine.id, false);
         // Text had come: the client is told to retry, and does (the same turn, again).
         if (firstAt !== undefined) retried++;
       }
@@ -326,14 +329,6 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
   await scrape();
   for (const engine of engines) if (engine.alive) engine.worker.terminate();
 
-  if (Deno.env.get("ROUTING_DEBUG")) {
-    for (const e of router.snapshot().engines) {
-      const { load: _, ...rest } = e;
-      console.log(
-        JSON.stringify({ ...rest, hits: byId.get(e.id)!.hits, queries: byId.get(e.id)!.queries }),
-      );
-    }
-  }
   const survivors = engines.filter((e) => e.alive);
   const uncached = survivors.map((e) => e.queries - e.hits);
   const mean = uncached.reduce((a, b) => a + b, 0) / uncached.length;
@@ -366,14 +361,17 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
   };
 }
 
-/** Every scenario, every policy in turn; `scenarios` picks some by name. */
-export async function routingBench(scenarios?: readonly string[]): Promise<RoutingRow[]> {
+/** Every scenario, every policy in turn; `scenarios` and `policies` pick some. */
+export async function routingBench(
+  scenarios?: readonly string[],
+  policies: readonly RoutePolicy[] = POLICIES,
+): Promise<RoutingRow[]> {
   // Loads the tokenizer before the clock runs.
   tokenIds("warm up");
   const rows: RoutingRow[] = [];
   for (const scenario of SCENARIOS) {
     if (scenarios && !scenarios.includes(scenario.name)) continue;
-    for (const policy of POLICIES) {
+    for (const policy of policies) {
       const row = await runOne(scenario, policy);
       rows.push(row);
       console.log(JSON.stringify(row));
