@@ -591,11 +591,12 @@ export class Router {
   /** Estimated tokens of the turn's prompt `engine` does not hold. */
   #uncached(engine: EngineState, turn: TurnToRoute): number {
     const shared = turn.sharedPrefixTokens ?? 0;
-    let cached = 0;
+    // The session's previous prompt, where the engine holds it (its size when the caller does
+    // not say how much of it this prompt repeats), else the project's system prompt.
     const own = engine.resident.get(turn.key);
-    if (own) cached = Math.min(turn.prefixTokens ?? turn.promptTokens, turn.promptTokens);
-    else if (shared > 0 && engine.resident.has(sharedKey(turn.key))) cached = shared;
-    return Math.max(0, turn.promptTokens - cached);
+    const ownCached = own ? turn.prefixTokens ?? own.tokens + shared : 0;
+    const sharedCached = engine.resident.has(sharedKey(turn.key)) ? shared : 0;
+    return Math.max(0, turn.promptTokens - Math.max(ownCached, sharedCached));
   }
 
   /** The session's decaying recent work on `engine` as of `now`. */

@@ -276,3 +276,12 @@ Deno.test("route ledger: two instances sharing the store keep a session on one e
     kv.close();
   }
 });
+
+Deno.test("router: a trimmed history (nothing repeated) still finds the system prompt cached", () => {
+  const { router: r } = router("cache-aware");
+  const first = turn(r, nth("p/a", 3));
+  const trimmed = r.route({ ...nth("p/a", 4), prefixTokens: 0 })!;
+  deepEqual([trimmed.engine, trimmed.uncachedTokens], [first.engine, 2500]);
+  // Not told what it repeats: taken to repeat all the previous prompt.
+  equal(r.route({ ...nth("p/a", 4), prefixTokens: undefined })!.uncachedTokens, 500);
+});
