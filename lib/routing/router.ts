@@ -236,6 +236,8 @@ interface Estimate {
   /** The turn's tokens not cached there. */
   readonly uncached: number;
   readonly msPerToken: number;
+  /** Its recent share of time prefilling (at most `MAX_UTILIZATION`). */
+  readonly utilization: number;
   /** Milliseconds to its first token there, from what is queued now. */
   readonly nowMs: number;
   /** The wait a turn meets there on average, from its recent work. */
@@ -533,10 +535,12 @@ export class Router {
       for (let i = 0; i < candidates.length; i++) {
         // Not to an engine busier over time: moving there would only move the queue.
         if (candidates[i] === home || estimates[i].laterMs > here.laterMs) continue;
-        // The history prefilled again there delays the turns that come after it as much as
-        // this one: a move is worth it only if it still saves the margin counting that twice.
-        const { nowMs, uncached, msPerToken } = estimates[i];
-        const ms = nowMs + Math.max(0, uncached - here.uncached) * msPerToken;
+        // The history prefilled again there delays the turns that arrive meanwhile, the more
+        // the busier it is (u / (1 - u) of them): a move is worth it only if it still saves the
+        // margin counting that too.
+        const { nowMs, uncached, msPerToken, utilization } = estimates[i];
+        const ms = nowMs + Math.max(0, uncached - here.uncached) * msPerToken *
+            utilization / (1 - utilization);
         if (ms < bestMs) [best, bestMs] = [i, ms];
       }
       return best !== undefined && bestMs < here.nowMs - this.#marginMs ? candidates[best] : home;
@@ -583,6 +587,7 @@ export class Router {
     return {
       uncached,
       msPerToken: engine.msPerToken,
+      utilization,
       nowMs: (queuedTokens + uncached + evicted) * engine.msPerToken,
       laterMs: utilization / (1 - utilization) * engine.meanUncached * engine.msPerToken,
     };

@@ -72,7 +72,7 @@ const SCENARIOS: readonly Scenario[] = [
   },
   {
     name: "high load",
-    sessions: 96,
+    sessions: 108,
     hot: 4,
     thinkMs: 2000,
     durationMs: 15_000,
