@@ -13,8 +13,10 @@
  * counting the uncached tokens this service has in flight there, not yet
  * prefilled, and the requests vLLM reports waiting that are not ours. A
  * session's turn stays on its home engine unless another engine, not busier
- * over time, saves more than `marginMs`: a move pays the whole history once,
- * and moving on a passing queue, or to an engine that only looks idle this
+ * over time, saves more than `marginMs`, counting the history prefilled again
+ * there as delaying `u / (1 - u)` turns more (`u` below): a move pays the
+ * whole history once, at high load that costs everyone more than it saves, and
+ * moving on a passing queue, or to an engine that only looks idle this
  * instant, starts a cascade of moves. A new session (or one whose home is
  * gone) goes where that time plus the wait its next turns will meet is
  * lowest: that wait comes from the engine's recent prefill work (a decaying
@@ -24,7 +26,12 @@
  * as an LRU of sessions (and of each project's shared system prompt) sized in
  * tokens against the engine's KV cache: a session whose engine took more than
  * its cache of other tokens since is taken as evicted, as vLLM's LRU of blocks
- * would have evicted it.
+ * would have evicted it. Each engine's prefill rate is measured from its
+ * turns' times to first token (the uncached tokens ahead of a turn and its
+ * own, over that time). An engine down is no candidate and forgets what it
+ * held; its sessions are re-homed at their next turn by the rule for new
+ * sessions, in a stable order (ties broken by each session's rendezvous order
+ * over the engines left, so they spread over them).
  *
  * Baselines (`--route-policy`): `round-robin`, `least-loaded` (fewest turns in
  * flight) and `consistent-hash` (the session's hash on a ring: sticky, blind
