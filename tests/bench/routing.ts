@@ -9,16 +9,17 @@
  * failed turn on another engine and takes an engine whose connection fails
  * as down (its circuit open).
  *
- * Time runs 10 times faster than in life: prefill at 0.05 ms a token here
- * stands for 0.5 ms (a prompt of 4,000 tokens in 2 s, a big model on a busy
- * GPU), think time of 1 s for 10 s, and "the 60 s after the kill" is the 6 s
- * after it.
+ * Time runs 10 times faster than in life: prefill at 0.1 ms a token here
+ * stands for 1 ms (1,000 tokens a second: a large model on a GPU that also
+ * decodes), think time of 2 s for 20 s, and "the 60 s after the kill" is the
+ * 6 s after it.
  *
  * Workload: a fixed number of live sessions, each of 8 to 16 turns, then
  * replaced by a new one; four projects with system prompts of about 1,200
  * tokens; each user message about 400 tokens (pasted text), each answer
- * about 50; a few hot sessions that barely think. Every policy gets the same
- * sessions (a seeded generator) on fresh engines.
+ * about 100 (decoded at 1 ms a token); four hot sessions that think a tenth
+ * as long. Every policy gets the same sessions (a seeded generator) on fresh
+ * engines.
  *
  * @module
  */
