@@ -26,7 +26,7 @@ import {
 } from "./harness.ts";
 import { COMPARE_ROOTS, cpuBench, cpuTable, REPEATS } from "./cpu.ts";
 import { burstBench, type BurstRow } from "./burst.ts";
-import { routingBench } from "./routing.ts";
+import { decisionCost, routingBench } from "./routing.ts";
 
 /** Prometheus counters of the simulated engine. */
 async function engineCounters(sim: Simulator): Promise<Record<string, number>> {
@@ -54,6 +54,8 @@ const results: Record<string, unknown> = {};
 const ROUTING_TITLE =
   "(f) four engines, routing policies (goals: cache-aware's hit rate >= consistent-hash's with " +
   "imbalance <= 1.2; its p95 TTFT <= 0.7x the best baseline's; 0 lost turns; times 10x faster than life)";
+const COST_TITLE =
+  "the router's CPU time a turn (route, started, prefilled, finished), by engines and policy";
 const only = Deno.args.find((arg) => arg.startsWith("--only="))?.slice("--only=".length);
 const cpuOnly = ["cpu", "tokens", "paced", "requests"].includes(only ?? "");
 
@@ -87,9 +89,15 @@ if (only === "burst") {
 if (only === "routing") {
   await broker.stop();
   const rows = await routingBench();
+  const cost = decisionCost();
   console.log(ROUTING_TITLE);
   console.table(rows);
-  await Deno.writeTextFile("bench-results.json", JSON.stringify({ routing: rows }, null, 2));
+  console.log(COST_TITLE);
+  console.table(cost);
+  await Deno.writeTextFile(
+    "bench-results.json",
+    JSON.stringify({ routing: rows, routing_cost: cost }, null, 2),
+  );
   Deno.exit(0);
 }
 
@@ -280,6 +288,7 @@ if (!cpuOnly) {
   }
   // (f): several engines, the routing policies side by side.
   results.routing = await routingBench();
+  results.routing_cost = decisionCost();
 }
 await broker.stop();
 
@@ -306,5 +315,7 @@ if (!cpuOnly) {
   console.table([results.flood]);
   console.log(ROUTING_TITLE);
   console.table(results.routing);
+  console.log(COST_TITLE);
+  console.table(results.routing_cost);
 }
 await Deno.writeTextFile("bench-results.json", JSON.stringify(results, null, 2));

@@ -362,6 +362,52 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
   };
 }
 
+/** CPU time of the router's part of a turn (route, started, prefilled, finished), by engines. */
+export interface DecisionCostRow {
+  readonly engines: number;
+  readonly policy: RoutePolicy;
+  readonly us_per_turn: number;
+}
+
+/**
+ * What the router costs a turn as engines are added: 20,000 turns of 2,000 sessions through each
+ * policy with 4, 16 and 64 engines, on one thread, no I/O (the median of 3 runs each).
+ */
+export function decisionCost(): DecisionCostRow[] {
+  const rows: DecisionCostRow[] = [];
+  for (const count of [4, 16, 64]) {
+    const slots = Array.from({ length: count }, (_, i) => ({ id: `e${i}`, models: ["m"] }));
+    for (const policy of POLICIES) {
+      const runs: number[] = [];
+      for (let run = 0; run < 3; run++) {
+        const router = new Router(slots, { policy });
+        const turns = 20_000;
+        const started = performance.now();
+        for (let i = 0; i < turns; i++) {
+          const n = Math.floor(i / 2000);
+          const decision = router.route({
+            key: `p${i % 4}/s${i % 2000}`,
+            model: "m",
+            promptTokens: 1200 + 500 * (n + 1),
+            prefixTokens: n === 0 ? 0 : 1200 + 500 * n,
+            sharedPrefixTokens: 1200,
+          })!;
+          router.started(decision.engine, decision);
+          router.prefilled(decision.engine, decision);
+          router.finished(decision.engine, decision, { ok: true, ttftMs: 50 });
+        }
+        runs.push((performance.now() - started) * 1000 / turns);
+      }
+      rows.push({
+        engines: count,
+        policy,
+        us_per_turn: round(runs.toSorted((a, b) => a - b)[1], 2),
+      });
+    }
+  }
+  return rows;
+}
+
 /** Every scenario, every policy in turn; `scenarios` and `policies` pick some. */
 export async function routingBench(
   scenarios?: readonly string[],
