@@ -111,8 +111,9 @@ export interface SimulatorOptions {
   /**
    * Prefill one prompt at a time, as a GPU does (decode is batched): a request's first token
    * waits for the prefills ahead of it, `wait + ttftMs + prefillMsPerToken * uncached`, and
-   * `/metrics` counts the requests waiting for theirs in `vllm:num_requests_waiting`. Off,
-   * prefills overlap and nothing waits.
+   * `/metrics` counts the requests waiting for theirs in `vllm:num_requests_waiting` (a request
+   * cancelled while it waits still takes its turn, where vLLM would drop it). Off, prefills
+   * overlap and nothing waits.
    * @default {false}
    */
   readonly prefillQueue?: boolean;

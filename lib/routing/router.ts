@@ -4,24 +4,34 @@
  * The service knows what the engines' routers have to guess: the session a
  * turn belongs to, how many of its prompt's tokens were sent in that session's
  * previous turn (its reusable prefix), and how many every session of the
- * project shares (the system prompt). The `cache-aware` policy uses that: each
- * turn goes to the engine with the lowest expected time to first token,
+ * project shares (the system prompt). The `cache-aware` policy uses that. A
+ * turn's expected time to first token on an engine is
  *
- *     expected wait there + this turn's uncached tokens there / that engine's prefill rate
- *     (+ the cost of the tokens it would evict from a full cache)
+ *     (uncached tokens queued there + this turn's uncached tokens there) / its prefill rate
+ *     (+ as much again for the tokens it would evict from a full cache)
  *
- * and stays on its session's home engine unless another one saves more than
- * `marginMs`. The expected wait is the larger of (a) the uncached tokens this
- * service has in flight there, not yet prefilled, over the prefill rate (plus
- * requests vLLM reports waiting that are not ours) and (b) a queueing estimate
- * from the engine's recent prefill work (a decaying sum, so paced sessions,
- * which leave nothing in flight between turns, still count as load):
- * `u / (1 - u)` mean prefills, `u` the share of recent time it spent
+ * counting the uncached tokens this service has in flight there, not yet
+ * prefilled, and the requests vLLM reports waiting that are not ours. A
+ * session's turn stays on its home engine unless another engine, not busier
+ * over time, saves more than `marginMs`, counting the history prefilled again
+ * there as delaying `u / (1 - u)` turns more (`u` below): a move pays the
+ * whole history once, at high load that costs everyone more than it saves, and
+ * moving on a passing queue, or to an engine that only looks idle this
+ * instant, starts a cascade of moves. A new session (or one whose home is
+ * gone) goes where that time plus the wait its next turns will meet is
+ * lowest: that wait comes from the engine's recent prefill work (a decaying
+ * sum, so paced sessions, which leave nothing in flight between turns, still
+ * count), `u / (1 - u)` mean prefills, `u` its recent share of time
  * prefilling. What an engine still holds of a session is modelled per engine
  * as an LRU of sessions (and of each project's shared system prompt) sized in
  * tokens against the engine's KV cache: a session whose engine took more than
  * its cache of other tokens since is taken as evicted, as vLLM's LRU of blocks
- * would have evicted it.
+ * would have evicted it. Each engine's prefill rate is measured from its
+ * turns' times to first token (the uncached tokens ahead of a turn and its
+ * own, over that time). An engine down is no candidate and forgets what it
+ * held; its sessions are re-homed at their next turn by the rule for new
+ * sessions, in a stable order (ties broken by each session's rendezvous order
+ * over the engines left, so they spread over them).
  *
  * Baselines (`--route-policy`): `round-robin`, `least-loaded` (fewest turns in
  * flight) and `consistent-hash` (the session's hash on a ring: sticky, blind
@@ -226,6 +236,19 @@ interface EngineState {
   load?: EngineLoad;
   loadAt: number;
   readonly decisions: Record<RouteReason, number>;
+}
+
+/** What a turn would meet on an engine (`Router`'s `#estimate`). */
+interface Estimate {
+  /** The turn's tokens not cached there. */
+  readonly uncached: number;
+  readonly msPerToken: number;
+  /** Its recent share of time prefilling (at most `MAX_UTILIZATION`). */
+  readonly utilization: number;
+  /** Milliseconds to its first token there, from what is queued now. */
+  readonly nowMs: number;
+  /** The wait a turn meets there on average, from its recent work. */
+  readonly laterMs: number;
 }
 
 interface SessionEntry {
@@ -503,16 +526,35 @@ export class Router {
     };
   }
 
-  /** `cache-aware`: the lowest expected time to first token, home unless another saves the margin. */
+  /**
+   * `cache-aware`. A session at home stays unless another engine, not busier in the long run,
+   * gives this turn its first token `marginMs` sooner. Else (a new session, or its home gone):
+   * the lowest sum of this turn's expected time to first token and the wait its next turns
+   * will meet there; near-ties broken by the session's rendezvous order.
+   */
   #cheapest(turn: TurnToRoute, candidates: EngineState[], home?: EngineState): EngineState {
     const now = this.#now();
-    const costs = candidates.map((engine) => this.#cost(engine, turn, now));
+    const estimates = candidates.map((engine) => this.#estimate(engine, turn, now));
+    if (home) {
+      const here = estimates[candidates.indexOf(home)];
+      let best: number | undefined;
+      let bestMs = Infinity;
+      for (let i = 0; i < candidates.length; i++) {
+        // Not to an engine busier over time: moving there would only move the queue.
+        if (candidates[i] === home || estimates[i].laterMs > here.laterMs) continue;
+        // The history prefilled again there delays the turns that arrive meanwhile, the more
+        // the busier it is (u / (1 - u) of them): a move is worth it only if it still saves the
+        // margin counting that too.
+        const { nowMs, uncached, msPerToken, utilization } = estimates[i];
+        const ms = nowMs + Math.max(0, uncached - here.uncached) * msPerToken *
+            utilization / (1 - utilization);
+        if (ms < bestMs) [best, bestMs] = [i, ms];
+      }
+      return best !== undefined && bestMs < here.nowMs - this.#marginMs ? candidates[best] : home;
+    }
+    const costs = estimates.map(({ nowMs, laterMs }) => nowMs + laterMs);
     let best = 0;
     for (let i = 1; i < costs.length; i++) if (costs[i] < costs[best]) best = i;
-    if (home) {
-      const homeCost = costs[candidates.indexOf(home)];
-      return costs[best] < homeCost - this.#marginMs ? candidates[best] : home;
-    }
     // Near-ties broken the same way by every instance: the session's rendezvous order.
     let chosen = best;
     let weight = -1;
@@ -524,37 +566,49 @@ export class Router {
     return candidates[chosen];
   }
 
-  /** Expected milliseconds to the turn's first token on `engine`. */
-  #cost(engine: EngineState, turn: TurnToRoute, now: number): number {
+  /**
+   * `nowMs`: expected milliseconds to this turn's first token on `engine`, from what is queued
+   * there now; `laterMs`: the wait a turn meets there on average, from its recent work.
+   */
+  #estimate(
+    engine: EngineState,
+    turn: TurnToRoute,
+    now: number,
+  ): Estimate {
     const uncached = this.#uncached(engine, turn);
-    // (a) what is known to be queued there: ours, and requests vLLM reports waiting beyond ours.
+    // What is queued there: ours, and requests vLLM reports waiting beyond ours.
     let queuedTokens = engine.uncachedInFlight;
     if (engine.load?.waiting !== undefined && now - engine.loadAt <= this.#loadMaxAgeMs) {
       queuedTokens += Math.max(0, engine.load.waiting - engine.queued) * engine.meanUncached;
     }
-    // (b) what its recent work says about the wait a turn arriving now meets (paced sessions
-    // leave nothing in flight): u / (1 - u) mean prefills, u its recent share of time prefilling.
+    // Tokens it would have to evict from a full cache are prefilled again later by someone.
+    const overflow = Math.max(0, engine.residentTokens + uncached - engine.cacheTokens);
+    const evicted = Math.min(overflow, uncached);
+    // Paced sessions leave nothing in flight between turns: the wait over time comes from the
+    // engine's recent work, u / (1 - u) mean prefills, u its recent share of time prefilling.
     const windowMs = this.#halfLifeMs / Math.LN2;
     const utilization = Math.min(
       MAX_UTILIZATION,
       (this.#decayed(engine, now) * engine.msPerToken) / windowMs,
     );
-    const queueingMs = utilization / (1 - utilization) * engine.meanUncached * engine.msPerToken;
-    // Tokens it would have to evict from a full cache are prefilled again later by someone.
-    const overflow = Math.max(0, engine.residentTokens + uncached - engine.cacheTokens);
-    const evictionMs = Math.min(overflow, uncached) * engine.msPerToken;
-    return Math.max(queuedTokens * engine.msPerToken, queueingMs) +
-      uncached * engine.msPerToken + evictionMs;
+    return {
+      uncached,
+      msPerToken: engine.msPerToken,
+      utilization,
+      nowMs: (queuedTokens + uncached + evicted) * engine.msPerToken,
+      laterMs: utilization / (1 - utilization) * engine.meanUncached * engine.msPerToken,
+    };
   }
 
   /** Estimated tokens of the turn's prompt `engine` does not hold. */
   #uncached(engine: EngineState, turn: TurnToRoute): number {
     const shared = turn.sharedPrefixTokens ?? 0;
-    let cached = 0;
+    // The session's previous prompt, where the engine holds it (its size when the caller does
+    // not say how much of it this prompt repeats), else the project's system prompt.
     const own = engine.resident.get(turn.key);
-    if (own) cached = Math.min(turn.prefixTokens ?? turn.promptTokens, turn.promptTokens);
-    else if (shared > 0 && engine.resident.has(sharedKey(turn.key))) cached = shared;
-    return Math.max(0, turn.promptTokens - cached);
+    const ownCached = own ? turn.prefixTokens ?? own.tokens + shared : 0;
+    const sharedCached = engine.resident.has(sharedKey(turn.key)) ? shared : 0;
+    return Math.max(0, turn.promptTokens - Math.max(ownCached, sharedCached));
   }
 
   /** The session's decaying recent work on `engine` as of `now`. */

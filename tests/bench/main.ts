@@ -26,6 +26,7 @@ import {
 } from "./harness.ts";
 import { COMPARE_ROOTS, cpuBench, cpuTable, REPEATS } from "./cpu.ts";
 import { burstBench, type BurstRow } from "./burst.ts";
+import { decisionCost, routingBench } from "./routing.ts";
 
 /** Prometheus counters of the simulated engine. */
 async function engineCounters(sim: Simulator): Promise<Record<string, number>> {
@@ -47,8 +48,14 @@ const results: Record<string, unknown> = {};
  * `--only=cpu`: the CPU table alone (a few minutes, not eight); `--only=tokens`,
  * `--only=paced` or `--only=requests`: its per-token, paced per-token or
  * per-request rows alone; `--only=burst`: (d) alone, {@linkcode REPEATS} times,
- * each time also for each of `BENCH_COMPARE`'s checkouts, with the medians.
+ * each time also for each of `BENCH_COMPARE`'s checkouts, with the medians;
+ * `--only=routing`: (f) alone, the routing policies over four engines (`routing.ts`).
  */
+const ROUTING_TITLE =
+  "(f) four engines, routing policies (goals: cache-aware's hit rate >= consistent-hash's with " +
+  "imbalance <= 1.2; its p95 TTFT <= 0.7x the best baseline's; 0 lost turns; times 10x faster than life)";
+const COST_TITLE =
+  "the router's CPU time a turn (route, started, prefilled, finished), by engines and policy";
 const only = Deno.args.find((arg) => arg.startsWith("--only="))?.slice("--only=".length);
 const cpuOnly = ["cpu", "tokens", "paced", "requests"].includes(only ?? "");
 
@@ -76,6 +83,21 @@ if (only === "burst") {
   console.log(`(d) 10,000 live sessions, the median of ${REPEATS} runs each`);
   console.table(medians);
   await Deno.writeTextFile("bench-results.json", JSON.stringify({ sessions: runs }, null, 2));
+  Deno.exit(0);
+}
+
+if (only === "routing") {
+  await broker.stop();
+  const rows = await routingBench();
+  const cost = decisionCost();
+  console.log(ROUTING_TITLE);
+  console.table(rows);
+  console.log(COST_TITLE);
+  console.table(cost);
+  await Deno.writeTextFile(
+    "bench-results.json",
+    JSON.stringify({ routing: rows, routing_cost: cost }, null, 2),
+  );
   Deno.exit(0);
 }
 
@@ -264,6 +286,9 @@ if (!cpuOnly) {
     results.flood = row;
     console.log(JSON.stringify(row));
   }
+  // (f): several engines, the routing policies side by side.
+  results.routing = await routingBench();
+  results.routing_cost = decisionCost();
 }
 await broker.stop();
 
@@ -288,5 +313,9 @@ if (!cpuOnly) {
   console.table([results.sessions]);
   console.log("(e) a flood 50 times the queue (queue_full quickly; accepted requests finish)");
   console.table([results.flood]);
+  console.log(ROUTING_TITLE);
+  console.table(results.routing);
+  console.log(COST_TITLE);
+  console.table(results.routing_cost);
 }
 await Deno.writeTextFile("bench-results.json", JSON.stringify(results, null, 2));

@@ -276,3 +276,71 @@ Deno.test("route ledger: two instances sharing the store keep a session on one e
     kv.close();
   }
 });
+
+Deno.test("router: a trimmed history (nothing repeated) still finds the system prompt cached", () => {
+  const { router: r } = router("cache-aware");
+  const first = turn(r, nth("p/a", 3));
+  const trimmed = r.route({ ...nth("p/a", 4), prefixTokens: 0 })!;
+  deepEqual([trimmed.engine, trimmed.uncachedTokens], [first.engine, 2500]);
+  // Not told what it repeats: taken to repeat all the previous prompt.
+  equal(r.route({ ...nth("p/a", 4), prefixTokens: undefined })!.uncachedTokens, 500);
+});
+
+Deno.test("router: a new session goes where it fits, not where it would evict what others will reuse", () => {
+  const engines = [
+    { id: "e0", models: ["m"], cacheTokens: 10_000 },
+    { id: "e1", models: ["m"], cacheTokens: 10_000 },
+  ];
+  const { router: r, clock } = router("cache-aware", {}, engines);
+  const session = (key: string, promptTokens: number) => ({
+    key,
+    model: "m",
+    promptTokens,
+    sharedPrefixTokens: 1000,
+  });
+  // Turns that say nothing of the prefill rate: both engines keep the one assumed.
+  const send = (t: TurnToRoute) => {
+    const d = r.route(t)!;
+    r.started(d.engine, d);
+    r.finished(d.engine, d, { ok: true });
+    return d;
+  };
+  // Engine `full` holds the project's system prompt and 8,500 tokens of its live sessions.
+  const full = send(session("p/a", 5500)).engine;
+  for (const key of ["p/b0", "p/b1"]) {
+    r.adopt(key, full);
+    send(session(key, 3000));
+  }
+  equal(r.snapshot().engines.find((e) => e.id === full)!.residentTokens, 9500);
+  clock.now += 60_000; // their recent work forgotten: only the caches differ
+  // There the new session would prefill 2,000 tokens and evict 1,500 others will need again;
+  // on the empty engine it prefills 3,000.
+  const d = r.route(session("p/new", 3000))!;
+  ok(d.engine !== full);
+  equal(d.uncachedTokens, 3000);
+});
+
+Deno.test("router: on a busy engine a move must save more, since its history's prefill delays others", () => {
+  const { router: r, clock } = router("cache-aware", { marginMs: 50, recentHalfLifeMs: 1000 });
+  const home = turn(r, { ...nth("p/a", 0), promptTokens: 6000, sharedPrefixTokens: 0 }).engine;
+  // Every engine has been about 60 % busy prefilling over the last seconds.
+  for (let step = 0; step < 20; step++) {
+    clock.now += 100;
+    for (const { id } of FOUR) {
+      const work = { engine: id, reason: "new" as const, uncachedTokens: 800 };
+      r.started(id, work);
+      r.finished(id, work, { ok: true });
+    }
+  }
+  // Home has 10,000 tokens queued (1 s), the others nothing: moving the 6,500-token history
+  // would save 400 ms for this turn, but delay the turns that come after it there by more.
+  r.started(home, { engine: home, reason: "new", uncachedTokens: 10_000 });
+  equal(r.route({ ...nth("p/a", 1), promptTokens: 6500, prefixTokens: 6000 })!.engine, home);
+  // Idle engines: the same queue at home is worth a move.
+  const { router: idle } = router("cache-aware", { marginMs: 50 });
+  const idleHome = turn(idle, { ...nth("p/a", 0), promptTokens: 6000, sharedPrefixTokens: 0 })
+    .engine;
+  idle.started(idleHome, { engine: idleHome, reason: "new", uncachedTokens: 10_000 });
+  const moved = idle.route({ ...nth("p/a", 1), promptTokens: 6500, prefixTokens: 6000 })!;
+  deepEqual([moved.reason, moved.engine !== idleHome], ["moved_for_load", true]);
+});
