@@ -13,16 +13,7 @@ import {
   waitFor,
   withService,
 } from "./_helpers.ts";
-
-/** A small seeded generator (mulberry32), so a failing run can be replayed. */
-function random(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { seededRandom } from "./_random.ts";
 
 const ODD_TEXT = [
   "",
@@ -86,7 +77,7 @@ test("10,000 random and mutated payloads: every valid request is still answered"
     { args: ["--max-queue=20000", "--rate-limit=0", "--rate-limit-client=0"] },
     async ({ client, broker, service }) => {
       const fuzzer = await TestClient.connect(broker.url);
-      const next = random(20261127);
+      const next = seededRandom(20261127);
       const tried = 10_000;
       let valid = 0;
       const validTraffic = (async () => {

@@ -35,6 +35,7 @@ import {
   type TurnToRoute,
 } from "../../lib/routing/router.ts";
 import { percentile, round } from "./harness.ts";
+import { seededRandom } from "../_random.ts";
 
 /** How much faster than life the benchmark's clock runs. */
 const TIME_SCALE = 10;
@@ -117,16 +118,6 @@ export interface RoutingRow {
   readonly lost: number;
 }
 
-/** A seeded generator (mulberry32), so that every policy meets the same sessions. */
-function random(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 const SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "po", "de", "gu", "fa"];
 const words = (next: () => number, count: number) =>
   Array.from(
@@ -176,7 +167,7 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
     prefillTokensPerMs: 10,
   });
   const projects = Array.from({ length: 4 }, (_, p) => {
-    const system = `# Project ${p}\n${words(random(1000 + p), 500)}`;
+    const system = `# Project ${p}\n${words(seededRandom(1000 + p), 500)}`;
     return {
       name: `p${p}`,
       system,
@@ -288,7 +279,7 @@ async function runOne(scenario: Scenario, policy: RoutePolicy): Promise<RoutingR
 
   /** A slot of the population: sessions one after another until the time is up. */
   const slot = async (index: number) => {
-    const next = random(index + 1);
+    const next = seededRandom(index + 1);
     const hot = index < scenario.hot;
     const think = () => -Math.log(1 - next()) * scenario.thinkMs * (hot ? 0.1 : 1);
     await new Promise((resolve) => setTimeout(resolve, next() * scenario.thinkMs));

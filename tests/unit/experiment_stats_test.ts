@@ -13,6 +13,7 @@ import {
   welchDifference,
   wilson,
 } from "../../lib/observability/experiment_stats.ts";
+import { seededRandom } from "../_random.ts";
 
 const close = (actual: number, expected: number, within: number, what: string) =>
   assert(Math.abs(actual - expected) <= within, `${what}: ${actual}, expected ${expected}`);
@@ -58,16 +59,6 @@ Deno.test("experiment stats: the sessions a test still needs, from effect and va
   assert.equal(sessionsNeeded(0, { varA: 0.25, varB: 0.25, nA: 10, nB: 10 }, zSum), undefined);
 });
 
-/** A deterministic generator of numbers in [0, 1) (mulberry32). */
-function random(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 interface Arm {
   readonly name: string;
   readonly sessions: number;
@@ -79,7 +70,7 @@ interface Arm {
 
 /** Outcomes and feedback of sessions of 1 to 8 turns, each arm as described. */
 function simulate(arms: readonly Arm[], seed: number) {
-  const next = random(seed);
+  const next = seededRandom(seed);
   const outcomes: OutcomeRecord[] = [];
   const feedback: SessionFeedback[] = [];
   let at = 0;
