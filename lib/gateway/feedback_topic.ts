@@ -31,6 +31,7 @@
 
 import { logger } from "../log.ts";
 import { ServiceError, SESSION_ID_PATTERN, type Topics } from "../protocol/mod.ts";
+import type { SessionFeedback } from "../observability/experiment_stats.ts";
 import type { Stats } from "../observability/stats.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { Experiments, FeedbackRecord } from "./experiments.ts";
@@ -64,6 +65,11 @@ export interface FeedbackTopicOptions extends Ownership {
     sessionId: string,
     requestId: string,
   ) => string | undefined;
+  /**
+   * Told of each record stored (not of a repeat): the experiments' live figures keep it.
+   * @default {undefined}
+   */
+  readonly stored?: (project: string, feedback: SessionFeedback) => void;
 }
 
 const log = logger("gateway");
@@ -132,7 +138,10 @@ export class FeedbackTopic {
         requestId,
         record,
       );
-      if (stored) stats.feedback(project, variant, score);
+      if (stored) {
+        stats.feedback(project, variant, score);
+        this.#options.stored?.(project, { ...record, sessionId, requestId });
+      }
       this.#options.send(
         topics.response(project, sessionId),
         JSON.stringify({

@@ -164,6 +164,8 @@ export class Gateway {
       answeredBy: options.experimentMonitor &&
         ((project, sessionId, requestId) =>
           options.experimentMonitor!.answeredBy(project, sessionId, requestId)),
+      stored: options.experimentMonitor &&
+        ((project, feedback) => options.experimentMonitor!.feedbackStored(project, feedback)),
     });
     this.#subscriptions = this.#filters();
     // Every project's input and control topics, served here or by another service on the
