@@ -9,7 +9,7 @@
  * allowed; the operator ends an experiment or stops a variant over HTTP.
  */
 
-import assert, { equal, match, notEqual } from "node:assert/strict";
+import assert, { deepEqual, equal, match, notEqual } from "node:assert/strict";
 import { join } from "node:path";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import { SessionSigner } from "../lib/gateway/session_signer.ts";
@@ -441,5 +441,60 @@ test("the operator stops a variant and ends the experiment over HTTP, with the t
     const report = await state.json();
     equal(report.control.winner, "b");
     notEqual(report.variants.length, 0);
+  });
+});
+
+test("the live page's try it is answered by a variant, as a player is, but counted in no figure of the experiment", async () => {
+  await withSetup({ a: 50, b: 50 }, async ({ client, start, dataDir }) => {
+    const port = freePort();
+    const service = await start([`--http-port=${port}`]);
+    const player = await turn(client, "player-1", "1");
+    const variants = (metrics: string) =>
+      [...metrics.matchAll(/^vllm_mqtt_variant_requests_total\{[^}]*\} (\d+)$/gm)]
+        .reduce((sum, m) => sum + Number(m[1]), 0);
+    const metrics = () => fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
+    equal(variants(await metrics()), 1);
+    // Several of the page's sessions, so that both variants are likely to answer one.
+    const seen = new Set<string>();
+    for (let i = 0; i < 6; i++) {
+      const response = await fetch(`http://127.0.0.1:${port}/dashboard/try`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({
+          project: "maze",
+          session_id: `dashboard-tryit${i}0000`,
+          message: "does the new guide help?",
+        }),
+      });
+      equal(response.status, 200);
+      const lines = (await response.text()).trim().split("\n").map((line) => JSON.parse(line));
+      const done = lines.at(-1);
+      equal(done.type, "done", JSON.stringify(done));
+      // Answered by its variant, as a player's turn is: the engine got that variant's model.
+      assert(done.variant === "a" || done.variant === "b", JSON.stringify(done));
+      equal(signature(done.response).model, done.variant === "b" ? ADAPTER : "sim-model");
+      seen.add(done.variant);
+    }
+    // No try-it turn among the experiment's figures: /metrics still counts the one player turn.
+    equal(variants(await metrics()), 1, await metrics());
+    match(
+      await metrics(),
+      new RegExp(
+        `vllm_mqtt_variant_requests_total\\{project="maze",variant="${player.variant}",outcome="answered"\\} 1\\n`,
+      ),
+    );
+    // Nor among the stored outcomes the report and a restart read.
+    await service.stop();
+    const kv = await Deno.openKv(join(dataDir, "sessions.kv"));
+    try {
+      const stored = [];
+      for await (const entry of kv.list<{ sessionId: string }>({ prefix: ["outcome", "maze"] })) {
+        stored.push(entry.value.sessionId);
+      }
+      deepEqual(stored, ["player-1"]);
+    } finally {
+      kv.close();
+    }
+    assert(seen.size >= 1);
   });
 });

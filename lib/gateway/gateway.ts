@@ -400,7 +400,8 @@ export class Gateway {
       if (failure.code === "storage_unavailable") this.#options.storageHealth?.failed(failure);
       this.#admission.refuse(job.target, failure, job);
       // A cancellation (the client's, or a shutdown's) is no fault of the variant's.
-      if (job.variant !== undefined && failure.code !== "cancelled") {
+      // Nor is a "try it" turn any player's.
+      if (job.variant !== undefined && failure.code !== "cancelled" && !job.tryIt) {
         this.#options.experimentMonitor?.turnEnded(
           job.request.project,
           job.request.sessionId,
