@@ -136,7 +136,7 @@ export class ExperimentMonitor {
     "vllm_mqtt_variant_parse_failures_total",
     "Hint or JSON answers that did not parse as the object the project asks for, by project and variant",
   );
-  readonly #metrics: readonly Metric[] = [
+  #metrics: readonly Metric[] = [
     this.#requests,
     this.#ttfd,
     this.#total,
@@ -149,6 +149,7 @@ export class ExperimentMonitor {
     this.#options = options;
     this.#now = options.now ?? Date.now;
     this.#log = new OutcomeLog(options.kv, { retentionMs: options.retentionMs });
+    this.#metrics = [...this.#metrics, this.#log.notStored];
     for (const [project, experiment] of options.experiments) {
       this.#records.set(project, []);
       this.#feedback.set(project, []);

@@ -14,6 +14,7 @@ import {
   readOutcomes,
 } from "../../lib/observability/outcome_log.ts";
 import { stopVariant } from "../../lib/gateway/experiments.ts";
+import { renderMetrics } from "../../lib/observability/prometheus.ts";
 
 const ok = (ttfdMs: number): TurnOutcome => ({
   ok: true,
@@ -100,6 +101,7 @@ Deno.test("experiment monitor: metrics, panels with feedback, and what a restart
       /^vllm_mqtt_variant_time_to_first_delta_seconds_sum\{project="maze",variant="a"\} 0\.4$/m,
     );
     match(metrics, /^vllm_mqtt_variant_parse_failures_total\{project="maze",variant="b"\} 1$/m);
+    match(metrics, /^vllm_mqtt_variant_outcomes_dropped_total\{reason="queue_full"\} 0$/m);
     match(metrics, /^vllm_mqtt_variant_prompt_tokens_total\{project="maze",variant="a"\} 20$/m);
 
     // As the feedback topic tells it of what it stored.
@@ -256,6 +258,67 @@ Deno.test("experiment monitor: the guardrail stops a failing variant once, and t
     const [panel] = await monitor.panels();
     match(panel.stopped.b, /^guardrail: error rate/);
     await monitor.close();
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("outcome log: while the store stalls the queue holds at most its bound, the rest dropped and counted", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let release!: () => void;
+  const stalled = new Promise<void>((resolve) => release = resolve);
+  // A store whose writes wait until released.
+  const slow = new Proxy(kv, {
+    get(target, prop) {
+      if (prop !== "atomic") {
+        const value = Reflect.get(target, prop);
+        return typeof value === "function" ? value.bind(target) : value;
+      }
+      return () => {
+        const op = target.atomic();
+        return new Proxy(op, {
+          get(o, name) {
+            if (name === "commit") return async () => (await stalled, o.commit());
+            const value = Reflect.get(o, name);
+            return typeof value === "function" ? value.bind(o) : value;
+          },
+        });
+      };
+    },
+  });
+  const record = (i: number) => ({
+    variant: "a",
+    sessionId: `s${i}`,
+    ok: true,
+    totalMs: 1,
+    tokensIn: 1,
+    tokensOut: 1,
+    at: i,
+  });
+  try {
+    const log = new OutcomeLog(slow, { maxPending: 5 });
+    log.add("maze", "x1", record(0));
+    // The first is being written (and waits on the store); what comes meanwhile queues, up to 5.
+    await Promise.resolve();
+    for (let i = 1; i <= 8; i++) log.add("maze", "x1", record(i));
+    equal(log.pending, 5);
+    equal(log.dropped, 3);
+    match(
+      renderMetrics([log.notStored]),
+      /^vllm_mqtt_variant_outcomes_dropped_total\{reason="queue_full"\} 3$/m,
+    );
+    match(
+      renderMetrics([log.notStored]),
+      /^vllm_mqtt_variant_outcomes_dropped_total\{reason="store_error"\} 0$/m,
+    );
+    release();
+    await log.flushed();
+    // The one in flight and the five queued: the oldest kept, the newest dropped.
+    deepEqual(
+      (await readOutcomes(kv, "maze")).get("x1")!.map((r) => r.sessionId),
+      ["s0", "s1", "s2", "s3", "s4", "s5"],
+    );
+    equal(log.pending, 0);
   } finally {
     kv.close();
   }
