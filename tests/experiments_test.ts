@@ -498,3 +498,35 @@ test("the live page's try it is answered by a variant, as a player is, but count
     assert(seen.size >= 1);
   });
 });
+
+test("feedback is rate-limited per session as turns are: a flooding session gets rate_limited, another is served", async () => {
+  await withSetup({ a: 50, b: 50 }, async ({ client, start }) => {
+    const port = freePort();
+    // Later flags win: 6 a minute after a burst of 3, for turns and, apart, for feedback.
+    await start([`--http-port=${port}`, "--rate-limit=6", "--rate-limit-burst=3"]);
+    await turn(client, "flood", "r1");
+    const { variant } = await turn(client, "calm", "r1");
+    const on = (session: string) =>
+      client.received.filter((m) =>
+        m.topic === `maze/assistant_response/${session}` &&
+        (m.json?.type === "feedback" || m.json?.type === "error")
+      );
+    for (let i = 0; i < 10; i++) {
+      await client.send("maze/feedback/flood", { request_id: "r1", score: 1 });
+    }
+    await waitFor(() => on("flood").length === 10, 10_000, "an answer to each of 10 ratings");
+    const answers = on("flood");
+    // The burst taken (the first stored, the repeats acknowledged as such), the rest refused.
+    equal(answers.filter((m) => m.json!.type === "feedback").length, 3);
+    const limited = answers.filter((m) => code(m) === "rate_limited");
+    equal(limited.length, 7, JSON.stringify(answers.map((m) => m.json)));
+    assert(Number((limited[0].json!.error as { retry_after_ms: number }).retry_after_ms) > 0);
+    // Another session is served meanwhile: its rating stored, its next turn answered.
+    await client.send("maze/feedback/calm", { request_id: "r1", score: 1 });
+    await waitFor(() => on("calm").length === 1, 10_000, "the other session's acknowledgement");
+    equal(on("calm")[0].json!.accepted, true, on("calm")[0].text);
+    equal((await turn(client, "calm", "r2")).variant, variant);
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    match(metrics, /vllm_mqtt_requests_total\{project="maze",outcome="rate_limited"\} 7\n/);
+  });
+});

@@ -24,7 +24,13 @@
  *   (the variant that answered r7, where this instance knows it; else the session's now);
  *   a bad payload is answered there with an error reply (`invalid_request`,
  *   `payload_too_large`; `overloaded` while 256 are being stored) and counted
- *   like any error.
+ *   like any error;
+ * - rate-limited per session as turns are (`--rate-limit` a minute after a
+ *   burst of `--rate-limit-burst`), in a bucket of its own (rating does not
+ *   use up a session's turns): `rate_limited` with the time to wait. A
+ *   session's own rate is the bound: feedback carries no client id, and a
+ *   client rotating session ids finds no request to rate in each new one
+ *   (`not_found`, one history read each, at most 256 at once).
  *
  * @module
  */
@@ -33,9 +39,11 @@ import { logger } from "../log.ts";
 import { ServiceError, SESSION_ID_PATTERN, type Topics } from "../protocol/mod.ts";
 import type { SessionFeedback } from "../observability/experiment_stats.ts";
 import type { Stats } from "../observability/stats.ts";
+import { sessionKey } from "../sessions/session_key.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { Experiments, FeedbackRecord } from "./experiments.ts";
 import { type Ownership, ownershipRefusal } from "./ownership.ts";
+import { RateLimiter } from "./rate_limiter.ts";
 import type { ReplyTarget } from "./reply_target.ts";
 
 /** The largest feedback payload taken, in bytes. */
@@ -70,6 +78,13 @@ export interface FeedbackTopicOptions extends Ownership {
    * @default {undefined}
    */
   readonly stored?: (project: string, feedback: SessionFeedback) => void;
+  /** Feedback messages per minute per session (0: off), after a burst (`--rate-limit`). */
+  readonly rateLimit: { readonly perSession: number; readonly burst: number };
+  /**
+   * The rate limit's clock, in milliseconds.
+   * @default {performance.now}
+   */
+  readonly now?: () => number;
 }
 
 const log = logger("gateway");
@@ -79,10 +94,21 @@ const FIELDS = ["request_id", "score", "label"];
 /** Takes feedback on `{project}/feedback/{session_id}`. */
 export class FeedbackTopic {
   readonly #options: FeedbackTopicOptions;
+  readonly #limit: RateLimiter;
   #inFlight = 0;
 
   constructor(options: FeedbackTopicOptions) {
     this.#options = options;
+    this.#limit = new RateLimiter({
+      perMinute: options.rateLimit.perSession,
+      burst: options.rateLimit.burst,
+      now: options.now,
+    });
+  }
+
+  /** Gives back the rate buckets of sessions that have filled up again. */
+  sweep(): void {
+    this.#limit.sweep();
   }
 
   /** Handles one feedback message. Never rejects. */
@@ -103,6 +129,15 @@ export class FeedbackTopic {
     const { requestId, score, label } = parsed;
     const owner = ownershipRefusal(this.#options, project, sessionId, sessionId);
     if (owner) return this.#options.refuse(target(requestId), owner);
+    const wait = this.#limit.take(sessionKey(project, sessionId));
+    if (wait > 0) {
+      return this.#options.refuse(
+        target(requestId),
+        new ServiceError("rate_limited", "too much feedback from this session: slow down", {
+          retryAfterMs: wait,
+        }),
+      );
+    }
     // A flood of feedback waits on the store: refused rather than held in memory.
     if (this.#inFlight >= MAX_IN_FLIGHT) {
       return this.#options.refuse(

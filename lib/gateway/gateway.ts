@@ -164,6 +164,8 @@ export class Gateway {
       answeredBy: options.experimentMonitor &&
         ((project, sessionId, requestId) =>
           options.experimentMonitor!.answeredBy(project, sessionId, requestId)),
+      rateLimit: options.rateLimit,
+      now,
       stored: options.experimentMonitor &&
         ((project, feedback) => options.experimentMonitor!.feedbackStored(project, feedback)),
     });
@@ -205,6 +207,7 @@ export class Gateway {
    */
   sweep(): void {
     this.#admission.sweep();
+    this.#feedback?.sweep();
     this.#options.directory.sweep();
   }
 
