@@ -329,6 +329,9 @@ test("feedback: stored and counted once per request_id, refused for a request th
     await errors(3);
     await client.send("maze/feedback/fb", { request_id: "r1", scroe: 1 });
     await errors(4);
+    // A score sum is a counter on /metrics: a negative score would break its rate().
+    await client.send("maze/feedback/fb", { request_id: "r1", score: -1 });
+    await errors(5);
     const got = client.received.filter((m) =>
       m.topic === "maze/assistant_response/fb" && m.json?.type === "error"
     );
@@ -337,6 +340,8 @@ test("feedback: stored and counted once per request_id, refused for a request th
     equal(code(got[1]), "invalid_request", got[1].text);
     equal(code(got[2]), "invalid_request", got[2].text);
     match(got[3].text, /'scroe' is not a feedback field/);
+    equal(code(got[4]), "invalid_request", got[4].text);
+    match(got[4].text, /'score' must be a finite number, 0 or more/);
     // Still one stored: the metrics did not move, and the service answers turns as before.
     const after = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
     match(

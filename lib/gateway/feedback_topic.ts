@@ -2,7 +2,7 @@
  * The feedback topic of a project with an experiment,
  * `{project}/feedback/{session_id}`: a session's client rates an answer it
  * got, by its `request_id`, with a score (thumbs up/down as 1/0, or any
- * finite number) and/or a label (a game's outcome, "maze solved in 12 moves"):
+ * finite number of 0 or more) and/or a label (a game's outcome, "maze solved in 12 moves"):
  *
  * ```json
  * {"request_id": "r7", "score": 1, "label": "maze solved in 12 moves"}
@@ -249,8 +249,11 @@ export function parseFeedback(payload: Uint8Array): ParsedFeedback {
     return fail(`'${unknown}' is not a feedback field (fields: ${FIELDS.join(", ")})`, requestId);
   }
   const { score, label } = body;
-  if (score !== undefined && (typeof score !== "number" || !Number.isFinite(score))) {
-    return fail("'score' must be a finite number (1/0 for thumbs up/down)", requestId);
+  // Not below 0: /metrics sums scores in a counter, whose rate() takes a fall for a restart.
+  if (
+    score !== undefined && (typeof score !== "number" || !Number.isFinite(score) || score < 0)
+  ) {
+    return fail("'score' must be a finite number, 0 or more (1/0 for thumbs up/down)", requestId);
   }
   if (label !== undefined && (typeof label !== "string" || label.length > MAX_LABEL_CHARS)) {
     return fail(`'label' must be a string of at most ${MAX_LABEL_CHARS} characters`, requestId);

@@ -233,7 +233,8 @@ Deno.test("feedback payloads: request_id and a score or label; anything else ref
   ok(good.ok);
   equal(good.requestId, "r7");
   equal(good.score, 1);
-  ok(read({ request_id: "r7", score: -2.5 }).ok);
+  ok(read({ request_id: "r7", score: 2.5 }).ok);
+  ok(read({ request_id: "r7", score: 0 }).ok);
   ok(read({ request_id: "r7", label: "lost" }).ok);
   const refused: [unknown, RegExp][] = [
     ["{", /not valid JSON/],
@@ -241,6 +242,8 @@ Deno.test("feedback payloads: request_id and a score or label; anything else ref
     [{ score: 1 }, /'request_id'/],
     [{ request_id: "r7" }, /'score' or a 'label'/],
     [{ request_id: "r7", score: "1" }, /finite number/],
+    // A score sum is a counter on /metrics: a negative score would read as a restart.
+    [{ request_id: "r7", score: -2.5 }, /0 or more/],
     [{ request_id: "r7", label: "x".repeat(501) }, /at most 500/],
     [{ request_id: "r7", score: 1, rating: 5 }, /'rating' is not a feedback field/],
   ];
