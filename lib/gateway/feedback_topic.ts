@@ -30,7 +30,10 @@
  *   use up a session's turns): `rate_limited` with the time to wait. A
  *   session's own rate is the bound: feedback carries no client id, and a
  *   client rotating session ids finds no request to rate in each new one
- *   (`not_found`, one history read each, at most 256 at once).
+ *   (`not_found`, one history read each, at most 256 at once);
+ * - at shutdown, as requests: feedback being stored is finished (the drain
+ *   waits for it, {@linkcode FeedbackTopic.settled}), feedback that arrives
+ *   once the service stops accepting is answered `cancelled` with a retry hint.
  *
  * @module
  */
@@ -42,6 +45,7 @@ import type { Stats } from "../observability/stats.ts";
 import { sessionKey } from "../sessions/session_key.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { Experiments, FeedbackRecord } from "./experiments.ts";
+import { shuttingDown } from "./jobs.ts";
 import { type Ownership, ownershipRefusal } from "./ownership.ts";
 import { RateLimiter } from "./rate_limiter.ts";
 import type { ReplyTarget } from "./reply_target.ts";
@@ -96,6 +100,9 @@ export class FeedbackTopic {
   readonly #options: FeedbackTopicOptions;
   readonly #limit: RateLimiter;
   #inFlight = 0;
+  #accepting = true;
+  /** Resolved when the last feedback in flight is done, while `settled` waits for it. */
+  #idle: PromiseWithResolvers<void> | undefined;
 
   constructor(options: FeedbackTopicOptions) {
     this.#options = options;
@@ -109,6 +116,18 @@ export class FeedbackTopic {
   /** Gives back the rate buckets of sessions that have filled up again. */
   sweep(): void {
     this.#limit.sweep();
+  }
+
+  /** Takes no new feedback (answered `cancelled`, retry later); what is in flight goes on. */
+  stopAccepting(): void {
+    this.#accepting = false;
+  }
+
+  /** Resolves once no feedback is being stored (the drain finishes it before the store closes). */
+  settled(): Promise<void> {
+    if (this.#inFlight === 0) return Promise.resolve();
+    this.#idle ??= Promise.withResolvers();
+    return this.#idle.promise;
   }
 
   /** Handles one feedback message. Never rejects. */
@@ -138,6 +157,7 @@ export class FeedbackTopic {
         }),
       );
     }
+    if (!this.#accepting) return this.#options.refuse(target(requestId), shuttingDown());
     // A flood of feedback waits on the store: refused rather than held in memory.
     if (this.#inFlight >= MAX_IN_FLIGHT) {
       return this.#options.refuse(
@@ -203,7 +223,10 @@ export class FeedbackTopic {
       }
       this.#options.refuse(target(requestId), failure);
     } finally {
-      this.#inFlight--;
+      if (--this.#inFlight === 0) {
+        this.#idle?.resolve();
+        this.#idle = undefined;
+      }
     }
   }
 }

@@ -263,6 +263,7 @@ export class Gateway {
    */
   stopAccepting(): void {
     this.#admission.stopAccepting();
+    this.#feedback?.stopAccepting();
   }
 
   /** Handles one incoming MQTT message. Never throws. */
@@ -323,6 +324,8 @@ export class Gateway {
     const idle = (async () => {
       await this.#line?.settled();
       await this.#scheduler.idle();
+      // Feedback being stored is finished too, before the store closes.
+      await this.#feedback?.settled();
     })();
     const outcome = await withTimeout(idle, Math.max(0, deadline - this.#now()))
       .catch(() => "timeout" as const);
