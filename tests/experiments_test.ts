@@ -9,7 +9,7 @@
  * allowed; the operator ends an experiment or stops a variant over HTTP.
  */
 
-import assert, { equal, match, notEqual } from "node:assert/strict";
+import assert, { deepEqual, equal, match, notEqual } from "node:assert/strict";
 import { join } from "node:path";
 import { startSimulator } from "../lib/engine/simulator.ts";
 import { SessionSigner } from "../lib/gateway/session_signer.ts";
@@ -329,6 +329,9 @@ test("feedback: stored and counted once per request_id, refused for a request th
     await errors(3);
     await client.send("maze/feedback/fb", { request_id: "r1", scroe: 1 });
     await errors(4);
+    // A score sum is a counter on /metrics: a negative score would break its rate().
+    await client.send("maze/feedback/fb", { request_id: "r1", score: -1 });
+    await errors(5);
     const got = client.received.filter((m) =>
       m.topic === "maze/assistant_response/fb" && m.json?.type === "error"
     );
@@ -337,6 +340,8 @@ test("feedback: stored and counted once per request_id, refused for a request th
     equal(code(got[1]), "invalid_request", got[1].text);
     equal(code(got[2]), "invalid_request", got[2].text);
     match(got[3].text, /'scroe' is not a feedback field/);
+    equal(code(got[4]), "invalid_request", got[4].text);
+    match(got[4].text, /'score' must be a finite number, 0 or more/);
     // Still one stored: the metrics did not move, and the service answers turns as before.
     const after = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
     match(
@@ -441,5 +446,92 @@ test("the operator stops a variant and ends the experiment over HTTP, with the t
     const report = await state.json();
     equal(report.control.winner, "b");
     notEqual(report.variants.length, 0);
+  });
+});
+
+test("the live page's try it is answered by a variant, as a player is, but counted in no figure of the experiment", async () => {
+  await withSetup({ a: 50, b: 50 }, async ({ client, start, dataDir }) => {
+    const port = freePort();
+    const service = await start([`--http-port=${port}`]);
+    const player = await turn(client, "player-1", "1");
+    const variants = (metrics: string) =>
+      [...metrics.matchAll(/^vllm_mqtt_variant_requests_total\{[^}]*\} (\d+)$/gm)]
+        .reduce((sum, m) => sum + Number(m[1]), 0);
+    const metrics = () => fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
+    equal(variants(await metrics()), 1);
+    // Several of the page's sessions, so that both variants are likely to answer one.
+    const seen = new Set<string>();
+    for (let i = 0; i < 6; i++) {
+      const response = await fetch(`http://127.0.0.1:${port}/dashboard/try`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({
+          project: "maze",
+          session_id: `dashboard-tryit${i}0000`,
+          message: "does the new guide help?",
+        }),
+      });
+      equal(response.status, 200);
+      const lines = (await response.text()).trim().split("\n").map((line) => JSON.parse(line));
+      const done = lines.at(-1);
+      equal(done.type, "done", JSON.stringify(done));
+      // Answered by its variant, as a player's turn is: the engine got that variant's model.
+      assert(done.variant === "a" || done.variant === "b", JSON.stringify(done));
+      equal(signature(done.response).model, done.variant === "b" ? ADAPTER : "sim-model");
+      seen.add(done.variant);
+    }
+    // No try-it turn among the experiment's figures: /metrics still counts the one player turn.
+    equal(variants(await metrics()), 1, await metrics());
+    match(
+      await metrics(),
+      new RegExp(
+        `vllm_mqtt_variant_requests_total\\{project="maze",variant="${player.variant}",outcome="answered"\\} 1\\n`,
+      ),
+    );
+    // Nor among the stored outcomes the report and a restart read.
+    await service.stop();
+    const kv = await Deno.openKv(join(dataDir, "sessions.kv"));
+    try {
+      const stored = [];
+      for await (const entry of kv.list<{ sessionId: string }>({ prefix: ["outcome", "maze"] })) {
+        stored.push(entry.value.sessionId);
+      }
+      deepEqual(stored, ["player-1"]);
+    } finally {
+      kv.close();
+    }
+    assert(seen.size >= 1);
+  });
+});
+
+test("feedback is rate-limited per session as turns are: a flooding session gets rate_limited, another is served", async () => {
+  await withSetup({ a: 50, b: 50 }, async ({ client, start }) => {
+    const port = freePort();
+    // Later flags win: 6 a minute after a burst of 3, for turns and, apart, for feedback.
+    await start([`--http-port=${port}`, "--rate-limit=6", "--rate-limit-burst=3"]);
+    await turn(client, "flood", "r1");
+    const { variant } = await turn(client, "calm", "r1");
+    const on = (session: string) =>
+      client.received.filter((m) =>
+        m.topic === `maze/assistant_response/${session}` &&
+        (m.json?.type === "feedback" || m.json?.type === "error")
+      );
+    for (let i = 0; i < 10; i++) {
+      await client.send("maze/feedback/flood", { request_id: "r1", score: 1 });
+    }
+    await waitFor(() => on("flood").length === 10, 10_000, "an answer to each of 10 ratings");
+    const answers = on("flood");
+    // The burst taken (the first stored, the repeats acknowledged as such), the rest refused.
+    equal(answers.filter((m) => m.json!.type === "feedback").length, 3);
+    const limited = answers.filter((m) => code(m) === "rate_limited");
+    equal(limited.length, 7, JSON.stringify(answers.map((m) => m.json)));
+    assert(Number((limited[0].json!.error as { retry_after_ms: number }).retry_after_ms) > 0);
+    // Another session is served meanwhile: its rating stored, its next turn answered.
+    await client.send("maze/feedback/calm", { request_id: "r1", score: 1 });
+    await waitFor(() => on("calm").length === 1, 10_000, "the other session's acknowledgement");
+    equal(on("calm")[0].json!.accepted, true, on("calm")[0].text);
+    equal((await turn(client, "calm", "r2")).variant, variant);
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    match(metrics, /vllm_mqtt_requests_total\{project="maze",outcome="rate_limited"\} 7\n/);
   });
 });

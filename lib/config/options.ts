@@ -832,7 +832,8 @@ export const OPTIONS = [
     default: 60,
     min: 0,
     group: "Scheduling",
-    help: "Requests per minute per session, after a burst of --rate-limit-burst; 0 turns it off",
+    help:
+      "Requests per minute per session, after a burst of --rate-limit-burst (and, apart, feedback messages per minute per session); 0 turns it off",
   }),
   num({
     name: "rate-limit-client",

@@ -392,6 +392,7 @@ export class Admission {
       receivedAt: this.#options.now(),
       dedupKey: `${key}#${from}:${id}`,
       ...(settled && { settled }),
+      ...(from === "ask" && { tryIt: true as const }),
     };
   }
 

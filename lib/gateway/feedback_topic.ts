@@ -2,7 +2,7 @@
  * The feedback topic of a project with an experiment,
  * `{project}/feedback/{session_id}`: a session's client rates an answer it
  * got, by its `request_id`, with a score (thumbs up/down as 1/0, or any
- * finite number) and/or a label (a game's outcome, "maze solved in 12 moves"):
+ * finite number of 0 or more) and/or a label (a game's outcome, "maze solved in 12 moves"):
  *
  * ```json
  * {"request_id": "r7", "score": 1, "label": "maze solved in 12 moves"}
@@ -24,17 +24,30 @@
  *   (the variant that answered r7, where this instance knows it; else the session's now);
  *   a bad payload is answered there with an error reply (`invalid_request`,
  *   `payload_too_large`; `overloaded` while 256 are being stored) and counted
- *   like any error.
+ *   like any error;
+ * - rate-limited per session as turns are (`--rate-limit` a minute after a
+ *   burst of `--rate-limit-burst`), in a bucket of its own (rating does not
+ *   use up a session's turns): `rate_limited` with the time to wait. A
+ *   session's own rate is the bound: feedback carries no client id, and a
+ *   client rotating session ids finds no request to rate in each new one
+ *   (`not_found`, one history read each, at most 256 at once);
+ * - at shutdown, as requests: feedback being stored is finished (the drain
+ *   waits for it, {@linkcode FeedbackTopic.settled}), feedback that arrives
+ *   once the service stops accepting is answered `cancelled` with a retry hint.
  *
  * @module
  */
 
 import { logger } from "../log.ts";
 import { ServiceError, SESSION_ID_PATTERN, type Topics } from "../protocol/mod.ts";
+import type { SessionFeedback } from "../observability/experiment_stats.ts";
 import type { Stats } from "../observability/stats.ts";
+import { sessionKey } from "../sessions/session_key.ts";
 import type { SessionStore } from "../sessions/session_store.ts";
 import type { Experiments, FeedbackRecord } from "./experiments.ts";
+import { shuttingDown } from "./jobs.ts";
 import { type Ownership, ownershipRefusal } from "./ownership.ts";
+import { RateLimiter } from "./rate_limiter.ts";
 import type { ReplyTarget } from "./reply_target.ts";
 
 /** The largest feedback payload taken, in bytes. */
@@ -64,6 +77,18 @@ export interface FeedbackTopicOptions extends Ownership {
     sessionId: string,
     requestId: string,
   ) => string | undefined;
+  /**
+   * Told of each record stored (not of a repeat): the experiments' live figures keep it.
+   * @default {undefined}
+   */
+  readonly stored?: (project: string, feedback: SessionFeedback) => void;
+  /** Feedback messages per minute per session (0: off), after a burst (`--rate-limit`). */
+  readonly rateLimit: { readonly perSession: number; readonly burst: number };
+  /**
+   * The rate limit's clock, in milliseconds.
+   * @default {performance.now}
+   */
+  readonly now?: () => number;
 }
 
 const log = logger("gateway");
@@ -73,10 +98,36 @@ const FIELDS = ["request_id", "score", "label"];
 /** Takes feedback on `{project}/feedback/{session_id}`. */
 export class FeedbackTopic {
   readonly #options: FeedbackTopicOptions;
+  readonly #limit: RateLimiter;
   #inFlight = 0;
+  #accepting = true;
+  /** Resolved when the last feedback in flight is done, while `settled` waits for it. */
+  #idle: PromiseWithResolvers<void> | undefined;
 
   constructor(options: FeedbackTopicOptions) {
     this.#options = options;
+    this.#limit = new RateLimiter({
+      perMinute: options.rateLimit.perSession,
+      burst: options.rateLimit.burst,
+      now: options.now,
+    });
+  }
+
+  /** Gives back the rate buckets of sessions that have filled up again. */
+  sweep(): void {
+    this.#limit.sweep();
+  }
+
+  /** Takes no new feedback (answered `cancelled`, retry later); what is in flight goes on. */
+  stopAccepting(): void {
+    this.#accepting = false;
+  }
+
+  /** Resolves once no feedback is being stored (the drain finishes it before the store closes). */
+  settled(): Promise<void> {
+    if (this.#inFlight === 0) return Promise.resolve();
+    this.#idle ??= Promise.withResolvers();
+    return this.#idle.promise;
   }
 
   /** Handles one feedback message. Never rejects. */
@@ -97,6 +148,16 @@ export class FeedbackTopic {
     const { requestId, score, label } = parsed;
     const owner = ownershipRefusal(this.#options, project, sessionId, sessionId);
     if (owner) return this.#options.refuse(target(requestId), owner);
+    const wait = this.#limit.take(sessionKey(project, sessionId));
+    if (wait > 0) {
+      return this.#options.refuse(
+        target(requestId),
+        new ServiceError("rate_limited", "too much feedback from this session: slow down", {
+          retryAfterMs: wait,
+        }),
+      );
+    }
+    if (!this.#accepting) return this.#options.refuse(target(requestId), shuttingDown());
     // A flood of feedback waits on the store: refused rather than held in memory.
     if (this.#inFlight >= MAX_IN_FLIGHT) {
       return this.#options.refuse(
@@ -132,7 +193,10 @@ export class FeedbackTopic {
         requestId,
         record,
       );
-      if (stored) stats.feedback(project, variant, score);
+      if (stored) {
+        stats.feedback(project, variant, score);
+        this.#options.stored?.(project, { ...record, sessionId, requestId });
+      }
       this.#options.send(
         topics.response(project, sessionId),
         JSON.stringify({
@@ -159,7 +223,10 @@ export class FeedbackTopic {
       }
       this.#options.refuse(target(requestId), failure);
     } finally {
-      this.#inFlight--;
+      if (--this.#inFlight === 0) {
+        this.#idle?.resolve();
+        this.#idle = undefined;
+      }
     }
   }
 }
@@ -205,8 +272,11 @@ export function parseFeedback(payload: Uint8Array): ParsedFeedback {
     return fail(`'${unknown}' is not a feedback field (fields: ${FIELDS.join(", ")})`, requestId);
   }
   const { score, label } = body;
-  if (score !== undefined && (typeof score !== "number" || !Number.isFinite(score))) {
-    return fail("'score' must be a finite number (1/0 for thumbs up/down)", requestId);
+  // Not below 0: /metrics sums scores in a counter, whose rate() takes a fall for a restart.
+  if (
+    score !== undefined && (typeof score !== "number" || !Number.isFinite(score) || score < 0)
+  ) {
+    return fail("'score' must be a finite number, 0 or more (1/0 for thumbs up/down)", requestId);
   }
   if (label !== undefined && (typeof label !== "string" || label.length > MAX_LABEL_CHARS)) {
     return fail(`'label' must be a string of at most ${MAX_LABEL_CHARS} characters`, requestId);

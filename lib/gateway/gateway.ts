@@ -164,6 +164,10 @@ export class Gateway {
       answeredBy: options.experimentMonitor &&
         ((project, sessionId, requestId) =>
           options.experimentMonitor!.answeredBy(project, sessionId, requestId)),
+      rateLimit: options.rateLimit,
+      now,
+      stored: options.experimentMonitor &&
+        ((project, feedback) => options.experimentMonitor!.feedbackStored(project, feedback)),
     });
     this.#subscriptions = this.#filters();
     // Every project's input and control topics, served here or by another service on the
@@ -203,6 +207,7 @@ export class Gateway {
    */
   sweep(): void {
     this.#admission.sweep();
+    this.#feedback?.sweep();
     this.#options.directory.sweep();
   }
 
@@ -258,6 +263,7 @@ export class Gateway {
    */
   stopAccepting(): void {
     this.#admission.stopAccepting();
+    this.#feedback?.stopAccepting();
   }
 
   /** Handles one incoming MQTT message. Never throws. */
@@ -318,6 +324,8 @@ export class Gateway {
     const idle = (async () => {
       await this.#line?.settled();
       await this.#scheduler.idle();
+      // Feedback being stored is finished too, before the store closes.
+      await this.#feedback?.settled();
     })();
     const outcome = await withTimeout(idle, Math.max(0, deadline - this.#now()))
       .catch(() => "timeout" as const);
@@ -398,7 +406,8 @@ export class Gateway {
       if (failure.code === "storage_unavailable") this.#options.storageHealth?.failed(failure);
       this.#admission.refuse(job.target, failure, job);
       // A cancellation (the client's, or a shutdown's) is no fault of the variant's.
-      if (job.variant !== undefined && failure.code !== "cancelled") {
+      // Nor is a "try it" turn any player's.
+      if (job.variant !== undefined && failure.code !== "cancelled" && !job.tryIt) {
         this.#options.experimentMonitor?.turnEnded(
           job.request.project,
           job.request.sessionId,

@@ -38,6 +38,12 @@ export interface TurnJob {
    * runs (`experiments.ts`); undefined for a project without an experiment.
    */
   variant?: string;
+  /**
+   * A turn of the live page's "try it": answered by its session's variant as a player's is (the
+   * operator sees what players see), but no outcome of the experiment's (the operator trying the
+   * page is no player: not in the figures, the report or the guardrail).
+   */
+  readonly tryIt?: true;
 }
 
 /**

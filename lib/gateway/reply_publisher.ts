@@ -99,7 +99,9 @@ export class ReplyPublisher {
   /** Sends `body` to `target` in its style (a style that sends nothing for it: nothing). */
   reply(target: ReplyTarget, body: ReplyBody): void {
     if (target.deliver) {
-      target.deliver(body);
+      // Named as on MQTT (`encodeReply`): "try it" shows which variant answered.
+      const named = target.variant !== undefined && body.type !== "delta";
+      target.deliver(named ? Object.assign({ variant: target.variant }, body) : body);
       return;
     }
     const refusal = this.#broker.topicRefusal(target.topic);

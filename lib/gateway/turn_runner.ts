@@ -220,7 +220,7 @@ export async function runTurnJob(
   // A repeat sent from history generated nothing: no engine figures to count.
   if (result.repeated) options.stats.ignored("duplicate");
   else options.stats.answered(request.project, timing, result.usage);
-  if (job.variant !== undefined && !result.repeated) {
+  if (job.variant !== undefined && !result.repeated && !job.tryIt) {
     options.experimentMonitor?.turnEnded(
       request.project,
       request.sessionId,

@@ -5,10 +5,15 @@
  * memory for the live page's experiment panel and the guardrail, which both
  * take their figures from `experiment_stats.ts` as the report does.
  *
- * The in-memory outcomes start with what the store holds of the current
- * experiments (within the retention), so a restart loses nothing; on a
- * shared store (`--kv-url`) they are this instance's turns from then on plus
- * what the store held at start, while the report reads every instance's.
+ * The in-memory outcomes and feedback start with what the store holds of the
+ * current experiments (within the retention, bounded as the outcomes are), so
+ * a restart loses nothing; from then on they are fed as turns end and as the
+ * feedback topic stores a rating ({@linkcode ExperimentMonitor.feedbackStored}),
+ * so the panels' refresh reads nothing from the store but the experiment's
+ * control (one key) and costs nothing that grows with the stored history. On
+ * a shared store (`--kv-url`) they are this instance's turns and feedback
+ * from then on plus what the store held at start, while the report reads
+ * every instance's.
  *
  * The guardrail (`--guardrail`, off by default) checks every
  * `--guardrail-interval` whether a variant is worse than the baseline beyond
@@ -29,6 +34,7 @@ import {
   guardrailBreaches,
   type GuardrailMargins,
   type OutcomeRecord,
+  type SessionFeedback,
 } from "./experiment_stats.ts";
 import { OutcomeLog, readFeedback, readOutcomes } from "./outcome_log.ts";
 import { Counter, Histogram, type Metric, renderMetrics, SECONDS_BUCKETS } from "./prometheus.ts";
@@ -79,7 +85,10 @@ export interface ExperimentMonitorOptions {
    * @default {undefined} (the guardrail only reports)
    */
   readonly stopVariant?: (project: string, variant: string, reason: string) => Promise<void>;
-  /** Outcomes kept in memory per project, the oldest dropped beyond. @default {100_000} */
+  /**
+   * Outcomes, and feedback records, kept in memory per project, the oldest dropped beyond.
+   * @default {100_000}
+   */
   readonly maxRecords?: number;
   /** Milliseconds the panels' figures are reused for. @default {2000} */
   readonly panelCacheMs?: number;
@@ -93,6 +102,7 @@ export class ExperimentMonitor {
   readonly #now: () => number;
   readonly #log: OutcomeLog;
   readonly #records = new Map<string, OutcomeRecord[]>();
+  readonly #feedback = new Map<string, SessionFeedback[]>();
   readonly #timer: ReturnType<typeof setInterval> | undefined;
   #checking: Promise<unknown> | undefined;
   #panels: { at: number; panels: Promise<ExperimentPanel[]> } | undefined;
@@ -126,7 +136,7 @@ export class ExperimentMonitor {
     "vllm_mqtt_variant_parse_failures_total",
     "Hint or JSON answers that did not parse as the object the project asks for, by project and variant",
   );
-  readonly #metrics: readonly Metric[] = [
+  #metrics: readonly Metric[] = [
     this.#requests,
     this.#ttfd,
     this.#total,
@@ -139,8 +149,10 @@ export class ExperimentMonitor {
     this.#options = options;
     this.#now = options.now ?? Date.now;
     this.#log = new OutcomeLog(options.kv, { retentionMs: options.retentionMs });
+    this.#metrics = [...this.#metrics, this.#log.notStored];
     for (const [project, experiment] of options.experiments) {
       this.#records.set(project, []);
+      this.#feedback.set(project, []);
       // A sample per variant from the start, so that a variant with no errors yet has a series.
       for (const variant of experiment.variants) {
         this.#requests.inc({ project, variant, outcome: "answered" }, 0);
@@ -163,10 +175,13 @@ export class ExperimentMonitor {
   static async open(options: ExperimentMonitorOptions): Promise<ExperimentMonitor> {
     const monitor = new ExperimentMonitor(options);
     const since = monitor.#now() - (options.retentionMs ?? 30 * 24 * 3_600_000);
+    const max = options.maxRecords ?? 100_000;
     for (const [project, experiment] of options.experiments) {
       await monitor.#log.describe(project, experiment.salt, experiment.variants);
       const stored = (await readOutcomes(options.kv, project, { since })).get(experiment.salt);
-      if (stored) monitor.#keep(project, stored.sort((a, b) => a.at - b.at));
+      if (stored) keep(monitor.#records.get(project)!, stored.sort((a, b) => a.at - b.at), max);
+      const feedback = await readFeedback(options.kv, project, { since });
+      keep(monitor.#feedback.get(project)!, feedback.sort((a, b) => a.at - b.at), max);
     }
     return monitor;
   }
@@ -206,8 +221,16 @@ export class ExperimentMonitor {
       ...(outcome.parseFailed && { parseFailed: true }),
       at: this.#now(),
     };
-    this.#keep(project, [record]);
+    this.#keep(this.#records, project, record);
     this.#log.add(project, experiment.salt, record);
+  }
+
+  /**
+   * Notes a rating or label the feedback topic just stored (once per request), for the panels:
+   * they read feedback from here, not from the store.
+   */
+  feedbackStored(project: string, feedback: SessionFeedback): void {
+    this.#keep(this.#feedback, project, feedback);
   }
 
   /**
@@ -264,7 +287,7 @@ export class ExperimentMonitor {
       if (control?.winner !== undefined) continue;
       const stopped = new Set(control?.stopped ?? []);
       const breaches = guardrailBreaches(
-        this.#current(project),
+        this.#current(this.#records, project),
         experiment.variants,
         guardrail,
       ).filter((breach) => !stopped.has(breach.variant));
@@ -299,11 +322,10 @@ export class ExperimentMonitor {
 
   async #computePanels(): Promise<ExperimentPanel[]> {
     const panels: ExperimentPanel[] = [];
-    const since = this.#now() - (this.#options.retentionMs ?? 30 * 24 * 3_600_000);
     for (const [project, experiment] of this.#options.experiments) {
-      const outcomes = this.#current(project);
+      const outcomes = this.#current(this.#records, project);
       const sessions = new Set(outcomes.map((o) => o.sessionId));
-      const feedback = (await readFeedback(this.#options.kv, project, { since }))
+      const feedback = this.#current(this.#feedback, project)
         .filter((f) => sessions.has(f.sessionId));
       const control = await this.#control(project, experiment);
       const stopped: Record<string, string> = {};
@@ -328,9 +350,9 @@ export class ExperimentMonitor {
     return readExperimentControl(this.#options.kv, project, experiment.salt);
   }
 
-  /** The outcomes of `project` within the retention. */
-  #current(project: string): OutcomeRecord[] {
-    const records = this.#records.get(project) ?? [];
+  /** The records of `project` in `lists` (its outcomes, its feedback) within the retention. */
+  #current<T extends { readonly at: number }>(lists: Map<string, T[]>, project: string): T[] {
+    const records = lists.get(project) ?? [];
     const since = this.#now() - (this.#options.retentionMs ?? 30 * 24 * 3_600_000);
     const first = records.findIndex((r) => r.at >= since);
     if (first > 0) records.splice(0, first);
@@ -338,12 +360,15 @@ export class ExperimentMonitor {
     return records;
   }
 
-  #keep(project: string, records: readonly OutcomeRecord[]): void {
-    const list = this.#records.get(project);
-    if (!list) return;
-    list.push(...records);
-    // Dropped a tenth at a time: one at a time would shift the whole list on every turn.
-    const max = this.#options.maxRecords ?? 100_000;
-    if (list.length > max) list.splice(0, list.length - Math.floor(max * 0.9));
+  #keep<T>(lists: Map<string, T[]>, project: string, record: T): void {
+    const list = lists.get(project);
+    if (list) keep(list, [record], this.#options.maxRecords ?? 100_000);
   }
+}
+
+/** Appends `records` to `list`, the oldest dropped beyond `max`. */
+function keep<T>(list: T[], records: readonly T[], max: number): void {
+  for (const record of records) list.push(record);
+  // Dropped a tenth at a time: one at a time would shift the whole list on every turn.
+  if (list.length > max) list.splice(0, list.length - Math.floor(max * 0.9));
 }

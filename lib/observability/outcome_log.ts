@@ -17,13 +17,19 @@
  * queues, and the queue goes to the store in atomic batches, one batch at a
  * time (what ends while one is written goes in the next), as turns are
  * grouped in `group_commit.ts`. An outcome the store refuses (a full disk) is
- * logged and dropped: figures are not worth failing a turn for.
+ * logged and dropped: figures are not worth failing a turn for. While the
+ * store stalls the queue grows, up to `maxPending` outcomes (10,000, a few
+ * megabytes); beyond, a new outcome is dropped (the queued ones keep their
+ * place) and counted. Both losses are counted on `/metrics`, in
+ * `vllm_mqtt_variant_outcomes_dropped_total{reason}` (`queue_full`,
+ * `store_error`); the live page's figures, kept in memory, still have them.
  *
  * @module
  */
 
-import { logger } from "../log.ts";
+import { logger, LogThrottle } from "../log.ts";
 import type { OutcomeRecord, SessionFeedback } from "./experiment_stats.ts";
+import { Counter } from "./prometheus.ts";
 
 const log = logger("experiments");
 
@@ -41,19 +47,33 @@ const BATCH = 500;
 export interface OutcomeLogOptions {
   /** Milliseconds an outcome is kept. @default {2_592_000_000} (30 days) */
   readonly retentionMs?: number;
+  /** Outcomes queued at most while the store is slow; more are dropped. @default {10_000} */
+  readonly maxPending?: number;
 }
 
 /** Writes outcome records to the store, batched, off the reply path. */
 export class OutcomeLog {
   readonly #kv: Deno.Kv;
   readonly #retentionMs: number;
+  readonly #maxPending: number;
   #pending: { key: Deno.KvKey; value: OutcomeRecord }[] = [];
   #writing: Promise<void> | undefined;
   #lost = 0;
+  #dropped = 0;
+  /** A stalled store drops outcomes on every turn: logged once a minute. */
+  readonly #throttle = new LogThrottle();
+  /** Outcomes not stored, by why: `/metrics` (the experiment monitor renders it). */
+  readonly notStored = new Counter(
+    "vllm_mqtt_variant_outcomes_dropped_total",
+    "Experiment outcomes not stored (so not in the report): the write queue was full while the store stalled (queue_full), or the store refused them (store_error)",
+  );
 
   constructor(kv: Deno.Kv, options: OutcomeLogOptions = {}) {
     this.#kv = kv;
     this.#retentionMs = options.retentionMs ?? 30 * 24 * 3_600_000;
+    this.#maxPending = options.maxPending ?? 10_000;
+    this.notStored.inc({ reason: "queue_full" }, 0);
+    this.notStored.inc({ reason: "store_error" }, 0);
   }
 
   /** Outcomes the store refused (dropped, logged). */
@@ -61,8 +81,29 @@ export class OutcomeLog {
     return this.#lost;
   }
 
+  /** Outcomes dropped because `maxPending` were queued already. */
+  get dropped(): number {
+    return this.#dropped;
+  }
+
+  /** Outcomes queued, not yet written. */
+  get pending(): number {
+    return this.#pending.length;
+  }
+
   /** Queues `record` of a turn of `project` in `experiment`; written soon, never awaited. */
   add(project: string, experiment: string, record: OutcomeRecord): void {
+    if (this.#pending.length >= this.#maxPending) {
+      this.#dropped++;
+      this.notStored.inc({ reason: "queue_full" });
+      if (this.#throttle.take("queue_full") !== undefined) {
+        log.warn("Experiment outcomes dropped: {n} wait for the store already ({dropped} so far)", {
+          n: this.#pending.length,
+          dropped: this.#dropped,
+        });
+      }
+      return;
+    }
     this.#pending.push({
       key: ["outcome", project, experiment, record.at, crypto.randomUUID()],
       value: record,
@@ -93,6 +134,7 @@ export class OutcomeLog {
           await op.commit();
         } catch (error) {
           this.#lost += batch.length;
+          this.notStored.inc({ reason: "store_error" }, batch.length);
           log.warn("{n} experiment outcomes not stored: {message}", {
             n: batch.length,
             message: String(error),

@@ -274,7 +274,7 @@ export class Stats {
   );
   readonly #feedbackScores = new Counter(
     "vllm_mqtt_feedback_score_sum",
-    "Sum of the scores of the stored feedback that has one, by project and variant",
+    "Sum of the scores (0 or more) of the stored feedback that has one, by project and variant",
   );
   readonly #feedbackScored = new Counter(
     "vllm_mqtt_feedback_scored_total",

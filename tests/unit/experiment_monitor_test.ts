@@ -14,6 +14,7 @@ import {
   readOutcomes,
 } from "../../lib/observability/outcome_log.ts";
 import { stopVariant } from "../../lib/gateway/experiments.ts";
+import { renderMetrics } from "../../lib/observability/prometheus.ts";
 
 const ok = (ttfdMs: number): TurnOutcome => ({
   ok: true,
@@ -100,11 +101,13 @@ Deno.test("experiment monitor: metrics, panels with feedback, and what a restart
       /^vllm_mqtt_variant_time_to_first_delta_seconds_sum\{project="maze",variant="a"\} 0\.4$/m,
     );
     match(metrics, /^vllm_mqtt_variant_parse_failures_total\{project="maze",variant="b"\} 1$/m);
+    match(metrics, /^vllm_mqtt_variant_outcomes_dropped_total\{reason="queue_full"\} 0$/m);
     match(metrics, /^vllm_mqtt_variant_prompt_tokens_total\{project="maze",variant="a"\} 20$/m);
 
-    await kv.set(["feedback", "maze", "s1", "r1"], { variant: "a", score: 1, at: now });
+    // As the feedback topic tells it of what it stored.
+    monitor.feedbackStored("maze", { sessionId: "s1", requestId: "r1", score: 1, at: now });
     // Feedback of a session with no turn in this experiment is not its.
-    await kv.set(["feedback", "maze", "elsewhere", "r1"], { variant: "a", score: 0, at: now });
+    monitor.feedbackStored("maze", { sessionId: "elsewhere", requestId: "r1", score: 0, at: now });
     const [panel] = await monitor.panels();
     equal(panel.project, "maze");
     equal(panel.experiment, "m1");
@@ -128,6 +131,93 @@ Deno.test("experiment monitor: metrics, panels with feedback, and what a restart
     await later.close();
   } finally {
     kv.close();
+  }
+});
+
+/** A store that counts the entries read from it by `list` and the keys by `get`. */
+function countingStore(kv: Deno.Kv): { kv: Deno.Kv; reads: { listed: number; got: number } } {
+  const reads = { listed: 0, got: 0 };
+  const counting = new Proxy(kv, {
+    get(target, prop) {
+      const value = Reflect.get(target, prop);
+      if (prop === "list") {
+        return (...args: Parameters<Deno.Kv["list"]>) =>
+          (async function* () {
+            for await (const entry of target.list(...args)) {
+              reads.listed++;
+              yield entry;
+            }
+          })();
+      }
+      if (prop === "get") {
+        return (...args: Parameters<Deno.Kv["get"]>) => {
+          reads.got++;
+          return target.get(...args);
+        };
+      }
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  return { kv: counting, reads };
+}
+
+Deno.test("experiment monitor: a panel refresh reads no stored feedback or outcome, however many", async () => {
+  const store = await Deno.openKv(":memory:");
+  let now = 1_000_000_000;
+  const n = 2000;
+  try {
+    // What earlier runs stored: a turn and a rating for each of n sessions.
+    for (let i = 0; i < n; i += 250) {
+      const op = store.atomic();
+      for (let j = i; j < i + 250; j++) {
+        const variant = j % 2 === 0 ? "a" : "b";
+        const at = now - 1000 + j % 500;
+        op.set(["outcome", "maze", "m1", at, `t${j}`], {
+          variant,
+          sessionId: `s${j}`,
+          requestId: "r1",
+          ok: true,
+          ttfdMs: 100,
+          totalMs: 300,
+          tokensIn: 1,
+          tokensOut: 1,
+          at,
+        });
+        op.set(["feedback", "maze", `s${j}`, "r1"], { variant, score: j % 4 === 0 ? 0 : 1, at });
+      }
+      await op.commit();
+    }
+    const { kv, reads } = countingStore(store);
+    const monitor = await ExperimentMonitor.open({
+      kv,
+      experiments: new Map([["maze", { salt: "m1", variants: ["a", "b"] }]]),
+      now: () => now,
+    });
+    // Loaded once at the start.
+    equal(reads.listed, 2 * n);
+    reads.listed = 0;
+    reads.got = 0;
+    for (let refresh = 0; refresh < 5; refresh++) {
+      now += 2000;
+      const [panel] = await monitor.panels();
+      const [a, b] = panel.figures.variants;
+      deepEqual([a.sessions, a.feedback, b.sessions, b.feedback], [n / 2, n / 2, n / 2, n / 2]);
+    }
+    // Each refresh read the experiment's control (one key), nothing that grows with history.
+    deepEqual(reads, { listed: 0, got: 5 });
+    // A rating stored since counts at the next refresh, still without reading the store.
+    monitor.turnEnded("maze", "new", "r1", "b", ok(100));
+    monitor.feedbackStored("maze", { sessionId: "new", requestId: "r1", score: 1, at: now });
+    now += 2000;
+    const [panel] = await monitor.panels();
+    deepEqual([panel.figures.variants[1].sessions, panel.figures.variants[1].feedback], [
+      n / 2 + 1,
+      n / 2 + 1,
+    ]);
+    equal(reads.listed, 0);
+    await monitor.close();
+  } finally {
+    store.close();
   }
 });
 
@@ -168,6 +258,67 @@ Deno.test("experiment monitor: the guardrail stops a failing variant once, and t
     const [panel] = await monitor.panels();
     match(panel.stopped.b, /^guardrail: error rate/);
     await monitor.close();
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("outcome log: while the store stalls the queue holds at most its bound, the rest dropped and counted", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let release!: () => void;
+  const stalled = new Promise<void>((resolve) => release = resolve);
+  // A store whose writes wait until released.
+  const slow = new Proxy(kv, {
+    get(target, prop) {
+      if (prop !== "atomic") {
+        const value = Reflect.get(target, prop);
+        return typeof value === "function" ? value.bind(target) : value;
+      }
+      return () => {
+        const op = target.atomic();
+        return new Proxy(op, {
+          get(o, name) {
+            if (name === "commit") return async () => (await stalled, o.commit());
+            const value = Reflect.get(o, name);
+            return typeof value === "function" ? value.bind(o) : value;
+          },
+        });
+      };
+    },
+  });
+  const record = (i: number) => ({
+    variant: "a",
+    sessionId: `s${i}`,
+    ok: true,
+    totalMs: 1,
+    tokensIn: 1,
+    tokensOut: 1,
+    at: i,
+  });
+  try {
+    const log = new OutcomeLog(slow, { maxPending: 5 });
+    log.add("maze", "x1", record(0));
+    // The first is being written (and waits on the store); what comes meanwhile queues, up to 5.
+    await Promise.resolve();
+    for (let i = 1; i <= 8; i++) log.add("maze", "x1", record(i));
+    equal(log.pending, 5);
+    equal(log.dropped, 3);
+    match(
+      renderMetrics([log.notStored]),
+      /^vllm_mqtt_variant_outcomes_dropped_total\{reason="queue_full"\} 3$/m,
+    );
+    match(
+      renderMetrics([log.notStored]),
+      /^vllm_mqtt_variant_outcomes_dropped_total\{reason="store_error"\} 0$/m,
+    );
+    release();
+    await log.flushed();
+    // The one in flight and the five queued: the oldest kept, the newest dropped.
+    deepEqual(
+      (await readOutcomes(kv, "maze")).get("x1")!.map((r) => r.sessionId),
+      ["s0", "s1", "s2", "s3", "s4", "s5"],
+    );
+    equal(log.pending, 0);
   } finally {
     kv.close();
   }

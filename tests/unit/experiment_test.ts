@@ -6,7 +6,7 @@
  * (first write wins, a weight change moves no stored session).
  */
 
-import { equal, match, ok, rejects, throws } from "node:assert/strict";
+import { deepEqual, equal, match, ok, rejects, throws } from "node:assert/strict";
 import { ConfigError } from "../../lib/config/config.ts";
 import {
   assignVariant,
@@ -18,7 +18,9 @@ import {
 import { parseProjectFile, type Project } from "../../lib/projects/project_file.ts";
 import { Experiments, readExperimentControl, stopVariant } from "../../lib/gateway/experiments.ts";
 import { ServiceError } from "../../lib/protocol/errors.ts";
-import { parseFeedback } from "../../lib/gateway/feedback_topic.ts";
+import { FeedbackTopic, parseFeedback } from "../../lib/gateway/feedback_topic.ts";
+import { Topics } from "../../lib/protocol/topics.ts";
+import type { Session } from "../../lib/sessions/records.ts";
 
 const file = (front: string) => `---\n${front}\n---\n# Maze\nGuide the player.\n`;
 
@@ -233,7 +235,8 @@ Deno.test("feedback payloads: request_id and a score or label; anything else ref
   ok(good.ok);
   equal(good.requestId, "r7");
   equal(good.score, 1);
-  ok(read({ request_id: "r7", score: -2.5 }).ok);
+  ok(read({ request_id: "r7", score: 2.5 }).ok);
+  ok(read({ request_id: "r7", score: 0 }).ok);
   ok(read({ request_id: "r7", label: "lost" }).ok);
   const refused: [unknown, RegExp][] = [
     ["{", /not valid JSON/],
@@ -241,6 +244,8 @@ Deno.test("feedback payloads: request_id and a score or label; anything else ref
     [{ score: 1 }, /'request_id'/],
     [{ request_id: "r7" }, /'score' or a 'label'/],
     [{ request_id: "r7", score: "1" }, /finite number/],
+    // A score sum is a counter on /metrics: a negative score would read as a restart.
+    [{ request_id: "r7", score: -2.5 }, /0 or more/],
     [{ request_id: "r7", label: "x".repeat(501) }, /at most 500/],
     [{ request_id: "r7", score: 1, rating: 5 }, /'rating' is not a feedback field/],
   ];
@@ -315,3 +320,59 @@ Deno.test(
     }
   }),
 );
+
+Deno.test("feedback topic at shutdown: feedback being stored is finished and acknowledged, later feedback is cancelled with a retry hint", async () => {
+  let release!: () => void;
+  const stalled = new Promise<void>((resolve) => release = resolve);
+  const sent: string[] = [];
+  const refused: string[] = [];
+  const stored: string[] = [];
+  const feedback = new FeedbackTopic({
+    topics: new Topics("", "vllm"),
+    experiments: {
+      assign: () => Promise.resolve(undefined),
+      storeFeedback: (_project, sessionId, requestId) => {
+        stored.push(`${sessionId}/${requestId}`);
+        return Promise.resolve(true);
+      },
+    },
+    // The session's history is read slowly: the feedback is in flight when the drain starts.
+    store: {
+      load: async (): Promise<Session> => {
+        await stalled;
+        return {
+          meta: undefined,
+          versionstamp: null,
+          history: [{ seq: 0, role: "user", content: "hi", tokens: 1, requestId: "r1" }],
+        };
+      },
+    },
+    stats: { feedback: () => {}, error: () => {} },
+    refuse: (_target, error) => refused.push(`${error.code} ${error.retryAfterMs ?? "-"}`),
+    send: (_topic, payload) => sent.push(payload),
+    rateLimit: { perSession: 0, burst: 1 },
+    sessionTopicsOnly: false,
+    signer: undefined,
+  });
+  const body = (requestId: string) =>
+    new TextEncoder().encode(JSON.stringify({ request_id: requestId, score: 1 }));
+  const first = feedback.handle("maze", "s1", body("r1"));
+  feedback.stopAccepting();
+  let settled = false;
+  const drained = feedback.settled().then(() => settled = true);
+  // Arriving now: not taken, told to retry (as a request is).
+  await feedback.handle("maze", "s1", body("r2"));
+  deepEqual(refused, ["cancelled 5000"]);
+  await Promise.resolve();
+  equal(settled, false);
+  release();
+  await first;
+  await drained;
+  // The one in flight was stored and acknowledged, not refused.
+  deepEqual(stored, ["s1/r1"]);
+  equal(sent.length, 1);
+  match(sent[0], /"type":"feedback".*"accepted":true/);
+  deepEqual(refused, ["cancelled 5000"]);
+  // Nothing in flight: settled at once.
+  await feedback.settled();
+});

@@ -504,7 +504,8 @@ function setupTryIt(hello) {
         const meta = document.createElement("span");
         meta.className = "meta";
         const t = reply.timing;
-        meta.textContent = `${reply.finish_reason} · first delta ${fmt(t.ttft_ms)} ms · ` +
+        meta.textContent = (reply.variant ? `variant ${reply.variant} · ` : "") +
+          `${reply.finish_reason} · first delta ${fmt(t.ttft_ms)} ms · ` +
           `total ${t.total_ms} ms · ${reply.usage?.completion_tokens ?? "?"} tokens`;
         answer.append(meta);
         answer.dataset.done = "true";
