@@ -29,9 +29,8 @@ import { logger } from "../log.ts";
 import type { ExperimentControl } from "../projects/experiment.ts";
 import {
   type ExperimentFigures,
-  experimentFigures,
+  ExperimentTally,
   type GuardrailBreach,
-  guardrailBreaches,
   type GuardrailMargins,
   type OutcomeRecord,
   type SessionFeedback,
@@ -103,6 +102,8 @@ export class ExperimentMonitor {
   readonly #log: OutcomeLog;
   readonly #records = new Map<string, OutcomeRecord[]>();
   readonly #feedback = new Map<string, SessionFeedback[]>();
+  /** Per project, its outcomes and feedback held above, as running sums. */
+  readonly #tallies = new Map<string, ExperimentTally>();
   readonly #timer: ReturnType<typeof setInterval> | undefined;
   #checking: Promise<unknown> | undefined;
   #panels: { at: number; panels: Promise<ExperimentPanel[]> } | undefined;
@@ -153,6 +154,7 @@ export class ExperimentMonitor {
     for (const [project, experiment] of options.experiments) {
       this.#records.set(project, []);
       this.#feedback.set(project, []);
+      this.#tallies.set(project, new ExperimentTally({ bucketed: true }));
       // A sample per variant from the start, so that a variant with no errors yet has a series.
       for (const variant of experiment.variants) {
         this.#requests.inc({ project, variant, outcome: "answered" }, 0);
@@ -179,9 +181,17 @@ export class ExperimentMonitor {
     for (const [project, experiment] of options.experiments) {
       await monitor.#log.describe(project, experiment.salt, experiment.variants);
       const stored = (await readOutcomes(options.kv, project, { since })).get(experiment.salt);
-      if (stored) keep(monitor.#records.get(project)!, stored.sort((a, b) => a.at - b.at), max);
-      const feedback = await readFeedback(options.kv, project, { since });
-      keep(monitor.#feedback.get(project)!, feedback.sort((a, b) => a.at - b.at), max);
+      const records = monitor.#records.get(project)!;
+      if (stored) keep(records, stored.sort((a, b) => a.at - b.at), max);
+      const feedback = monitor.#feedback.get(project)!;
+      keep(
+        feedback,
+        (await readFeedback(options.kv, project, { since })).sort((a, b) => a.at - b.at),
+        max,
+      );
+      const tally = monitor.#tallies.get(project)!;
+      for (const record of records) tally.addOutcome(record);
+      for (const rating of feedback) tally.addFeedback(rating);
     }
     return monitor;
   }
@@ -221,7 +231,9 @@ export class ExperimentMonitor {
       ...(outcome.parseFailed && { parseFailed: true }),
       at: this.#now(),
     };
-    this.#keep(this.#records, project, record);
+    const tally = this.#tallies.get(project)!;
+    tally.addOutcome(record);
+    for (const dropped of this.#keep(this.#records, project, record)) tally.removeOutcome(dropped);
     this.#log.add(project, experiment.salt, record);
   }
 
@@ -230,7 +242,12 @@ export class ExperimentMonitor {
    * they read feedback from here, not from the store.
    */
   feedbackStored(project: string, feedback: SessionFeedback): void {
-    this.#keep(this.#feedback, project, feedback);
+    const tally = this.#tallies.get(project);
+    if (!tally) return;
+    tally.addFeedback(feedback);
+    for (const dropped of this.#keep(this.#feedback, project, feedback)) {
+      tally.removeFeedback(dropped);
+    }
   }
 
   /**
@@ -286,11 +303,9 @@ export class ExperimentMonitor {
       const control = await this.#control(project, experiment);
       if (control?.winner !== undefined) continue;
       const stopped = new Set(control?.stopped ?? []);
-      const breaches = guardrailBreaches(
-        this.#current(this.#records, project),
-        experiment.variants,
-        guardrail,
-      ).filter((breach) => !stopped.has(breach.variant));
+      const breaches = this.#current(project).breaches(experiment.variants, guardrail).filter((
+        breach,
+      ) => !stopped.has(breach.variant));
       for (const breach of breaches) {
         const reason = `guardrail: ${breach.reason}`;
         log.warn("Experiment {experiment} of {project}: variant {variant} stopped, {reason}", {
@@ -323,10 +338,7 @@ export class ExperimentMonitor {
   async #computePanels(): Promise<ExperimentPanel[]> {
     const panels: ExperimentPanel[] = [];
     for (const [project, experiment] of this.#options.experiments) {
-      const outcomes = this.#current(this.#records, project);
-      const sessions = new Set(outcomes.map((o) => o.sessionId));
-      const feedback = this.#current(this.#feedback, project)
-        .filter((f) => sessions.has(f.sessionId));
+      const tally = this.#current(project);
       const control = await this.#control(project, experiment);
       const stopped: Record<string, string> = {};
       for (const variant of control?.stopped ?? []) {
@@ -335,7 +347,7 @@ export class ExperimentMonitor {
       panels.push({
         project,
         experiment: experiment.salt,
-        figures: experimentFigures(outcomes, feedback, { variants: experiment.variants }),
+        figures: tally.figures({ variants: experiment.variants }),
         stopped,
         winner: control?.winner ?? null,
       });
@@ -350,25 +362,35 @@ export class ExperimentMonitor {
     return readExperimentControl(this.#options.kv, project, experiment.salt);
   }
 
-  /** The records of `project` in `lists` (its outcomes, its feedback) within the retention. */
-  #current<T extends { readonly at: number }>(lists: Map<string, T[]>, project: string): T[] {
-    const records = lists.get(project) ?? [];
+  /**
+   * The running sums of `project`, once its outcomes and feedback older than
+   * the retention are taken out (the oldest first: a look at the first held
+   * when none is due).
+   */
+  #current(project: string): ExperimentTally {
+    const tally = this.#tallies.get(project)!;
     const since = this.#now() - (this.#options.retentionMs ?? 30 * 24 * 3_600_000);
-    const first = records.findIndex((r) => r.at >= since);
-    if (first > 0) records.splice(0, first);
-    else if (first < 0) records.length = 0;
-    return records;
+    for (const record of expired(this.#records.get(project)!, since)) tally.removeOutcome(record);
+    for (const rating of expired(this.#feedback.get(project)!, since)) tally.removeFeedback(rating);
+    return tally;
   }
 
-  #keep<T>(lists: Map<string, T[]>, project: string, record: T): void {
+  /** Appends `record` to the list of `project` in `lists`; returns the oldest dropped for it. */
+  #keep<T>(lists: Map<string, T[]>, project: string, record: T): T[] {
     const list = lists.get(project);
-    if (list) keep(list, [record], this.#options.maxRecords ?? 100_000);
+    return list ? keep(list, [record], this.#options.maxRecords ?? 100_000) : [];
   }
 }
 
-/** Appends `records` to `list`, the oldest dropped beyond `max`. */
-function keep<T>(list: T[], records: readonly T[], max: number): void {
+/** Appends `records` to `list`, the oldest dropped beyond `max`; returns those dropped. */
+function keep<T>(list: T[], records: readonly T[], max: number): T[] {
   for (const record of records) list.push(record);
   // Dropped a tenth at a time: one at a time would shift the whole list on every turn.
-  if (list.length > max) list.splice(0, list.length - Math.floor(max * 0.9));
+  return list.length > max ? list.splice(0, list.length - Math.floor(max * 0.9)) : [];
+}
+
+/** Takes the records before `since` out of `list` (kept in time order) and returns them. */
+function expired<T extends { readonly at: number }>(list: T[], since: number): T[] {
+  const first = list.findIndex((r) => r.at >= since);
+  return list.splice(0, first < 0 ? list.length : first);
 }

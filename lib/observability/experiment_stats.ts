@@ -154,18 +154,222 @@ interface SessionFigures {
   errors: number;
   parseFailures: number;
   feedback: number;
-  scores: number[];
-  ttfds: number[];
+  /** Scored feedback: how many, and the scores' sum (the session's mean is their ratio). */
+  scores: number;
+  scoreSum: number;
+  /** Times to first delta: how many, and their sum. */
+  ttfds: number;
+  ttfdSum: number;
+}
+
+/** The requests' durations of a variant, for their percentiles. */
+interface DurationSample {
+  add(ms: number): void;
+  remove(ms: number): void;
+  percentile(q: number): number | null;
 }
 
 /** Per variant: its sessions, and the request-level figures that need no clustering. */
 interface VariantData {
   readonly sessions: Map<string, SessionFigures>;
   readonly errors: Record<string, number>;
-  readonly ttfds: number[];
-  readonly totals: number[];
+  readonly ttfds: DurationSample;
+  readonly totals: DurationSample;
   tokensIn: number;
   tokensOut: number;
+}
+
+/** The outcomes and feedback of one request of a session (`session\0request`). */
+interface RequestEntry {
+  /** The variant that answered it (its latest outcome's); undefined with no outcome held. */
+  variant: string | undefined;
+  /** Its outcome records held. */
+  outcomes: number;
+  /** Its feedback held, counted for `variant` when there is one. */
+  readonly feedback: SessionFeedback[];
+}
+
+/** Options of {@linkcode ExperimentTally}. */
+export interface ExperimentTallyOptions {
+  /**
+   * Percentiles from a {@linkcode DurationHistogram} (bounded memory and cost,
+   * exact below 1,024 ms, within 0.6% above) instead of every duration.
+   * @default {false}
+   */
+  readonly bucketed?: boolean;
+}
+
+/**
+ * An experiment's figures kept as running sums: per variant and session,
+ * counts and sums (requests, errors, parse failures, feedback, scores, times
+ * to first delta), errors by code, tokens, and the durations for their
+ * percentiles. Outcomes and feedback are added as they come and removed as
+ * they leave (the oldest first), so the figures cost a pass over the sessions,
+ * not over every record. Feedback counts for the variant that answered the
+ * rated request (its latest outcome held), whichever comes first.
+ */
+export class ExperimentTally {
+  readonly #data = new Map<string, VariantData>();
+  readonly #requests = new Map<string, RequestEntry>();
+  readonly #bucketed: boolean;
+
+  constructor(options: ExperimentTallyOptions = {}) {
+    this.#bucketed = options.bucketed ?? false;
+  }
+
+  /** Counts an outcome. */
+  addOutcome(o: OutcomeRecord): void {
+    this.#outcome(o, 1);
+    if (o.requestId === undefined) return;
+    const key = `${o.sessionId}\0${o.requestId}`;
+    let entry = this.#requests.get(key);
+    if (!entry) this.#requests.set(key, entry = { variant: undefined, outcomes: 0, feedback: [] });
+    entry.outcomes++;
+    if (entry.variant !== o.variant) {
+      this.#rated(entry, -1);
+      entry.variant = o.variant;
+      this.#rated(entry, 1);
+    }
+  }
+
+  /** No longer counts an outcome added before (the oldest held go first). */
+  removeOutcome(o: OutcomeRecord): void {
+    this.#outcome(o, -1);
+    const key = `${o.sessionId}\0${o.requestId}`;
+    const entry = o.requestId === undefined ? undefined : this.#requests.get(key);
+    if (entry && --entry.outcomes === 0) {
+      this.#rated(entry, -1);
+      entry.variant = undefined;
+      if (entry.feedback.length === 0) this.#requests.delete(key);
+    }
+    this.#prune(o.variant, o.sessionId);
+  }
+
+  /** Counts a rating or label, for the variant that answered it (once its outcome is here). */
+  addFeedback(f: SessionFeedback): void {
+    const key = `${f.sessionId}\0${f.requestId}`;
+    let entry = this.#requests.get(key);
+    if (!entry) this.#requests.set(key, entry = { variant: undefined, outcomes: 0, feedback: [] });
+    entry.feedback.push(f);
+    if (entry.variant !== undefined) this.#feedback(entry.variant, f, 1);
+  }
+
+  /** No longer counts a rating or label added before (the same object). */
+  removeFeedback(f: SessionFeedback): void {
+    const key = `${f.sessionId}\0${f.requestId}`;
+    const entry = this.#requests.get(key);
+    const at = entry?.feedback.indexOf(f) ?? -1;
+    if (!entry || at < 0) return;
+    entry.feedback.splice(at, 1);
+    if (entry.variant !== undefined) this.#feedback(entry.variant, f, -1);
+    if (entry.outcomes === 0 && entry.feedback.length === 0) this.#requests.delete(key);
+  }
+
+  /** The figures of every variant, and each one's verdict against the baseline. */
+  figures(options: ExperimentStatsOptions = {}): ExperimentFigures {
+    const alpha = options.alpha ?? 0.05;
+    const power = options.power ?? 0.8;
+    const data = this.#data;
+    const listed = options.variants ?? [];
+    const names = [
+      ...listed,
+      ...[...data.keys()].filter((name) => !listed.includes(name)).sort(),
+    ];
+    const z = normalQuantile(1 - alpha / 2);
+    const variants = names.map((name) =>
+      variantFigures(name, data.get(name) ?? emptyVariant(false), z)
+    );
+    const baseline = names[0] ?? "a";
+    // More than one comparison with the same baseline: each at alpha / comparisons.
+    const comparisons = Math.max(1, names.length - 1);
+    const verdicts = names.slice(1).map((name) =>
+      verdict(
+        name,
+        baseline,
+        data.get(baseline) ?? emptyVariant(false),
+        data.get(name) ?? emptyVariant(false),
+        alpha / comparisons,
+        power,
+      )
+    );
+    return { baseline, variants, verdicts };
+  }
+
+  /** What {@linkcode guardrailBreaches} finds in the outcomes counted here. */
+  breaches(variants: readonly string[], margins: GuardrailMargins): GuardrailBreach[] {
+    return breachesOf(this.#data, variants, margins);
+  }
+
+  #session(variant: string, sessionId: string): SessionFigures {
+    let v = this.#data.get(variant);
+    if (!v) this.#data.set(variant, v = emptyVariant(this.#bucketed));
+    let s = v.sessions.get(sessionId);
+    if (!s) {
+      s = {
+        requests: 0,
+        errors: 0,
+        parseFailures: 0,
+        feedback: 0,
+        scores: 0,
+        scoreSum: 0,
+        ttfds: 0,
+        ttfdSum: 0,
+      };
+      v.sessions.set(sessionId, s);
+    }
+    return s;
+  }
+
+  /** Adds (`sign` 1) or takes away (−1) an outcome's figures. */
+  #outcome(o: OutcomeRecord, sign: 1 | -1): void {
+    const s = this.#session(o.variant, o.sessionId);
+    const v = this.#data.get(o.variant)!;
+    s.requests += sign;
+    if (!o.ok) {
+      s.errors += sign;
+      const code = o.errorCode ?? "internal";
+      v.errors[code] = (v.errors[code] ?? 0) + sign;
+      if (v.errors[code] <= 0) delete v.errors[code];
+    } else {
+      if (sign > 0) v.totals.add(o.totalMs);
+      else v.totals.remove(o.totalMs);
+      if (o.ttfdMs !== undefined) {
+        if (sign > 0) v.ttfds.add(o.ttfdMs);
+        else v.ttfds.remove(o.ttfdMs);
+        s.ttfds += sign;
+        // Back to exactly 0 with none left, so that no rounding of the removals lingers.
+        s.ttfdSum = s.ttfds === 0 ? 0 : s.ttfdSum + sign * o.ttfdMs;
+      }
+    }
+    if (o.parseFailed) s.parseFailures += sign;
+    v.tokensIn += sign * o.tokensIn;
+    v.tokensOut += sign * o.tokensOut;
+  }
+
+  /** Adds or takes away the feedback of a request for the variant that answered it. */
+  #rated(entry: RequestEntry, sign: 1 | -1): void {
+    if (entry.variant === undefined) return;
+    for (const f of entry.feedback) this.#feedback(entry.variant, f, sign);
+  }
+
+  #feedback(variant: string, f: SessionFeedback, sign: 1 | -1): void {
+    const s = this.#session(variant, f.sessionId);
+    s.feedback += sign;
+    if (typeof f.score === "number" && Number.isFinite(f.score)) {
+      s.scores += sign;
+      s.scoreSum = s.scores === 0 ? 0 : s.scoreSum + sign * f.score;
+    }
+    if (sign < 0) this.#prune(variant, f.sessionId);
+  }
+
+  /** Forgets a session with nothing left counted, and a variant with no session left. */
+  #prune(variant: string, sessionId: string): void {
+    const v = this.#data.get(variant);
+    const s = v?.sessions.get(sessionId);
+    if (!v || !s || s.requests > 0 || s.feedback > 0) return;
+    v.sessions.delete(sessionId);
+    if (v.sessions.size === 0) this.#data.delete(variant);
+  }
 }
 
 /** The figures of every variant, and each one's verdict against the baseline. */
@@ -174,113 +378,132 @@ export function experimentFigures(
   feedback: readonly SessionFeedback[],
   options: ExperimentStatsOptions = {},
 ): ExperimentFigures {
-  const alpha = options.alpha ?? 0.05;
-  const power = options.power ?? 0.8;
-  const data = gather(outcomes, feedback);
-  const listed = options.variants ?? [];
-  const names = [
-    ...listed,
-    ...[...data.keys()].filter((name) => !listed.includes(name)).sort(),
-  ];
-  const z = normalQuantile(1 - alpha / 2);
-  const variants = names.map((name) => variantFigures(name, data.get(name) ?? emptyVariant(), z));
-  const baseline = names[0] ?? "a";
-  // More than one comparison with the same baseline: each at alpha / comparisons.
-  const comparisons = Math.max(1, names.length - 1);
-  const verdicts = names.slice(1).map((name) =>
-    verdict(
-      name,
-      baseline,
-      data.get(baseline) ?? emptyVariant(),
-      data.get(name) ?? emptyVariant(),
-      alpha / comparisons,
-      power,
-    )
-  );
-  return { baseline, variants, verdicts };
+  const tally = new ExperimentTally();
+  for (const o of outcomes) tally.addOutcome(o);
+  for (const f of feedback) tally.addFeedback(f);
+  return tally.figures(options);
 }
 
-/** Per variant, each session's figures, from the records. */
-function gather(
-  outcomes: readonly OutcomeRecord[],
-  feedback: readonly SessionFeedback[],
-): Map<string, VariantData> {
-  const data = new Map<string, VariantData>();
-  /** The variant that answered each request (`session\0request`). */
-  const answeredBy = new Map<string, string>();
-  const session = (variant: string, sessionId: string): SessionFigures => {
-    let v = data.get(variant);
-    if (!v) data.set(variant, v = emptyVariant());
-    let s = v.sessions.get(sessionId);
-    if (!s) {
-      s = { requests: 0, errors: 0, parseFailures: 0, feedback: 0, scores: [], ttfds: [] };
-      v.sessions.set(sessionId, s);
+/** Durations below this many milliseconds have a bucket each in a {@linkcode DurationHistogram}. */
+const EXACT_BELOW_MS = 1024;
+/** Buckets per doubling above that: each spans 2^(1/64), about 1.09%. */
+const STEPS_PER_DOUBLING = 64;
+/** Doublings above 1,024 ms covered (to 2^31 ms, 24 days); longer ones fall in the last bucket. */
+const DOUBLINGS = 21;
+
+/**
+ * The percentiles of durations in milliseconds from fixed buckets, as a
+ * Prometheus histogram keeps them but finer: one bucket per millisecond below
+ * 1,024 ms (a percentile there is what {@linkcode percentile} gives on every
+ * value, which it rounds to the millisecond), then 64 per doubling, each
+ * answered by its geometric middle (within 0.55% of every value in it).
+ * Memory and a percentile's cost are fixed (2,368 buckets), whatever the count.
+ */
+export class DurationHistogram implements DurationSample {
+  readonly #counts = new Uint32Array(EXACT_BELOW_MS + STEPS_PER_DOUBLING * DOUBLINGS);
+  #count = 0;
+
+  add(ms: number): void {
+    this.#counts[this.#bucket(ms)]++;
+    this.#count++;
+  }
+
+  remove(ms: number): void {
+    const bucket = this.#bucket(ms);
+    if (this.#counts[bucket] === 0) return;
+    this.#counts[bucket]--;
+    this.#count--;
+  }
+
+  /** The value at rank ⌊q·n⌋ of the n held, as {@linkcode percentile} picks it. */
+  percentile(q: number): number | null {
+    if (this.#count === 0) return null;
+    const rank = Math.min(this.#count - 1, Math.floor(q * this.#count));
+    let seen = 0;
+    for (let bucket = 0; bucket < this.#counts.length; bucket++) {
+      seen += this.#counts[bucket];
+      if (seen > rank) return this.#value(bucket);
     }
-    return s;
+    return null;
+  }
+
+  #bucket(ms: number): number {
+    const rounded = Math.round(ms);
+    if (!(rounded > 0)) return 0;
+    if (rounded < EXACT_BELOW_MS) return rounded;
+    const step = Math.floor(STEPS_PER_DOUBLING * Math.log2(rounded / EXACT_BELOW_MS));
+    return Math.min(this.#counts.length - 1, EXACT_BELOW_MS + step);
+  }
+
+  #value(bucket: number): number {
+    if (bucket < EXACT_BELOW_MS) return bucket;
+    const low = EXACT_BELOW_MS * 2 ** ((bucket - EXACT_BELOW_MS) / STEPS_PER_DOUBLING);
+    return Math.round(low * 2 ** (0.5 / STEPS_PER_DOUBLING));
+  }
+}
+
+/** Every duration, for exact percentiles (the report's). */
+class ExactDurations implements DurationSample {
+  readonly #values: number[] = [];
+
+  add(ms: number): void {
+    this.#values.push(ms);
+  }
+
+  remove(ms: number): void {
+    const at = this.#values.indexOf(ms);
+    if (at >= 0) this.#values.splice(at, 1);
+  }
+
+  percentile(q: number): number | null {
+    return percentile(this.#values, q);
+  }
+}
+
+function emptyVariant(bucketed: boolean): VariantData {
+  const durations = () => bucketed ? new DurationHistogram() : new ExactDurations();
+  return {
+    sessions: new Map(),
+    errors: {},
+    ttfds: durations(),
+    totals: durations(),
+    tokensIn: 0,
+    tokensOut: 0,
   };
-  for (const o of outcomes) {
-    if (o.requestId !== undefined) answeredBy.set(`${o.sessionId}\0${o.requestId}`, o.variant);
-    const s = session(o.variant, o.sessionId);
-    const v = data.get(o.variant)!;
-    s.requests++;
-    if (!o.ok) {
-      s.errors++;
-      const code = o.errorCode ?? "internal";
-      v.errors[code] = (v.errors[code] ?? 0) + 1;
-    } else {
-      v.totals.push(o.totalMs);
-      if (o.ttfdMs !== undefined) {
-        v.ttfds.push(o.ttfdMs);
-        s.ttfds.push(o.ttfdMs);
-      }
-    }
-    if (o.parseFailed) s.parseFailures++;
-    v.tokensIn += o.tokensIn;
-    v.tokensOut += o.tokensOut;
-  }
-  for (const f of feedback) {
-    // The variant that answered the rated request, as its outcome says (the one stored with the
-    // feedback is the session's when it came: another once the operator stopped a variant or
-    // named a winner). A request with no outcome here (before the experiment, or the range)
-    // was no turn of the figures: its rating is no variant's.
-    const variant = answeredBy.get(`${f.sessionId}\0${f.requestId}`);
-    if (variant === undefined) continue;
-    const s = session(variant, f.sessionId);
-    s.feedback++;
-    if (typeof f.score === "number" && Number.isFinite(f.score)) s.scores.push(f.score);
-  }
-  return data;
-}
-
-function emptyVariant(): VariantData {
-  return { sessions: new Map(), errors: {}, ttfds: [], totals: [], tokensIn: 0, tokensOut: 0 };
 }
 
 function variantFigures(name: string, v: VariantData, z: number): VariantFigures {
   const sessions = [...v.sessions.values()];
-  const requests = sum(sessions.map((s) => s.requests));
-  const errors = sum(sessions.map((s) => s.errors));
-  const scored = sessions.filter((s) => s.scores.length > 0).map((s) => mean(s.scores));
-  const withTurns = sessions.filter((s) => s.requests > 0);
-  const feedback = sum(sessions.map((s) => s.feedback));
+  let requests = 0;
+  let errors = 0;
+  let parseFailures = 0;
+  let feedback = 0;
+  const turns: number[] = [];
+  const scored: number[] = [];
+  const ttfds: number[] = [];
+  for (const s of sessions) {
+    requests += s.requests;
+    errors += s.errors;
+    parseFailures += s.parseFailures;
+    feedback += s.feedback;
+    if (s.requests > 0) turns.push(s.requests);
+    if (s.scores > 0) scored.push(s.scoreSum / s.scores);
+    if (s.ttfds > 0) ttfds.push(s.ttfdSum / s.ttfds);
+  }
   return {
     name,
-    sessions: withTurns.length,
+    sessions: turns.length,
     requests,
     answered: requests - errors,
     errors: { ...v.errors },
     errorRate: clusteredWilson(sessions, (s) => s.errors, z),
-    ttfdMs: durations(
-      v.ttfds,
-      sessions.filter((s) => s.ttfds.length > 0).map((s) => mean(s.ttfds)),
-      z,
-    ),
+    ttfdMs: durations(v.ttfds, ttfds, z),
     totalMs: durations(v.totals, [], z),
     tokensIn: v.tokensIn,
     tokensOut: v.tokensOut,
-    parseFailures: sum(sessions.map((s) => s.parseFailures)),
+    parseFailures,
     parseFailureRate: clusteredWilson(sessions, (s) => s.parseFailures, z),
-    turnsPerSession: meanInterval(withTurns.map((s) => s.requests), z),
+    turnsPerSession: meanInterval(turns, z),
     feedback,
     feedbackRate: clusteredWilson(sessions, (s) => s.feedback, z),
     scoredSessions: scored.length,
@@ -289,10 +512,10 @@ function variantFigures(name: string, v: VariantData, z: number): VariantFigures
 }
 
 /** p50 and p95 of the requests' times; the mean over sessions of `perSession`, if given. */
-function durations(values: readonly number[], perSession: number[], z: number): DurationFigures {
+function durations(values: DurationSample, perSession: number[], z: number): DurationFigures {
   return {
-    p50: percentile(values, 0.5),
-    p95: percentile(values, 0.95),
+    p50: values.percentile(0.5),
+    p95: values.percentile(0.95),
     mean: perSession.length > 0 ? meanInterval(perSession, z) : null,
   };
 }
@@ -309,7 +532,7 @@ function verdict(
   const z = normalQuantile(1 - alpha / 2);
   const zPower = normalQuantile(power);
   const scoresOf = (v: VariantData) =>
-    [...v.sessions.values()].filter((s) => s.scores.length > 0).map((s) => mean(s.scores));
+    [...v.sessions.values()].filter((s) => s.scores > 0).map((s) => s.scoreSum / s.scores);
   const scoresA = scoresOf(baseline);
   const scoresB = scoresOf(variant);
   let metric: VerdictMetric;
@@ -612,9 +835,19 @@ export function guardrailBreaches(
   variants: readonly string[],
   margins: GuardrailMargins,
 ): GuardrailBreach[] {
+  const tally = new ExperimentTally();
+  for (const o of outcomes) tally.addOutcome(o);
+  return tally.breaches(variants, margins);
+}
+
+/** {@linkcode guardrailBreaches} on each variant's sessions. */
+function breachesOf(
+  data: ReadonlyMap<string, VariantData>,
+  variants: readonly string[],
+  margins: GuardrailMargins,
+): GuardrailBreach[] {
   const alpha = margins.alpha ?? 0.05;
   const z = normalQuantile(1 - alpha);
-  const data = gather(outcomes, []);
   const baseline = data.get(variants[0]);
   if (!baseline || baseline.sessions.size < margins.minSessions) return [];
   const breaches: GuardrailBreach[] = [];
@@ -634,8 +867,8 @@ export function guardrailBreaches(
       });
       continue;
     }
-    const ttfdA = a.filter((s) => s.ttfds.length > 0).map((s) => mean(s.ttfds));
-    const ttfdB = b.filter((s) => s.ttfds.length > 0).map((s) => mean(s.ttfds));
+    const ttfdA = a.filter((s) => s.ttfds > 0).map((s) => s.ttfdSum / s.ttfds);
+    const ttfdB = b.filter((s) => s.ttfds > 0).map((s) => s.ttfdSum / s.ttfds);
     if (ttfdA.length < margins.minSessions || ttfdB.length < margins.minSessions) continue;
     const slower = welchDifference(ttfdA, ttfdB, 2 * alpha);
     if (slower.low > margins.ttfd * mean(ttfdA)) {
