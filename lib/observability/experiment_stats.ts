@@ -553,14 +553,15 @@ function verdict(
     const a = [...baseline.sessions.values()];
     const b = [...variant.sessions.values()];
     difference = rateDifference(a, b, (s) => s.errors, z);
-    const pooled = rate([...a, ...b], (s) => s.errors);
-    const perSession = (sessions: SessionFigures[]) => {
-      const n = sum(sessions.map((s) => s.requests));
+    const ta = countOver(a, (s) => s.errors);
+    const tb = countOver(b, (s) => s.errors);
+    const pooled = ta.n + tb.n === 0 ? 0 : (ta.x + tb.x) / (ta.n + tb.n);
+    const perSession = (sessions: SessionFigures[], n: number) => {
       if (n === 0) return 0;
       // A session's share of the variance: p(1-p) times the design effect, per its mean turns.
       return pooled * (1 - pooled) * designEffect(sessions, (s) => s.errors) * n / sessions.length;
     };
-    sides = { varA: perSession(a), varB: perSession(b), nA: a.length, nB: b.length };
+    sides = { varA: perSession(a, ta.n), varB: perSession(b, tb.n), nA: a.length, nB: b.length };
   }
   // Lower is better for the error rate, higher for the feedback score.
   const better = metric === "feedback_score" ? difference.low > 0 : difference.high < 0;
@@ -610,8 +611,22 @@ export function sessionsNeeded(
 
 /** The share of requests of `sessions` that `count` counts. */
 function rate(sessions: readonly SessionFigures[], count: (s: SessionFigures) => number): number {
-  const n = sum(sessions.map((s) => s.requests));
-  return n === 0 ? 0 : sum(sessions.map(count)) / n;
+  const { n, x } = countOver(sessions, count);
+  return n === 0 ? 0 : x / n;
+}
+
+/** The requests of `sessions` (`n`) and what `count` counts of them (`x`), in one pass. */
+function countOver<S extends { readonly requests: number }>(
+  sessions: readonly S[],
+  count: (s: S) => number,
+): { n: number; x: number } {
+  let n = 0;
+  let x = 0;
+  for (const s of sessions) {
+    n += s.requests;
+    x += count(s);
+  }
+  return { n, x };
 }
 
 /**
@@ -623,9 +638,10 @@ export function designEffect<S extends { readonly requests: number }>(
   count: (s: S) => number,
 ): number {
   const k = sessions.length;
-  const n = sum(sessions.map((s) => s.requests));
-  if (k < 2 || n === 0) return 1;
-  const p = sum(sessions.map(count)) / n;
+  if (k < 2) return 1;
+  const { n, x } = countOver(sessions, count);
+  if (n === 0) return 1;
+  const p = x / n;
   if (p === 0 || p === 1) return 1;
   let squares = 0;
   for (const s of sessions) squares += (count(s) - p * s.requests) ** 2;
@@ -639,8 +655,7 @@ function clusteredWilson(
   count: (s: SessionFigures) => number,
   z: number,
 ): Interval {
-  const n = sum(sessions.map((s) => s.requests));
-  const x = sum(sessions.map(count));
+  const { n, x } = countOver(sessions, count);
   return wilson(x, n, z, designEffect(sessions, count));
 }
 
@@ -669,8 +684,7 @@ function rateDifference(
   z: number,
 ): Interval {
   const side = (sessions: readonly SessionFigures[]) => {
-    const n = sum(sessions.map((s) => s.requests));
-    const x = sum(sessions.map(count));
+    const { n, x } = countOver(sessions, count);
     const adjusted = (x + 1) / (n + 2);
     return {
       p: n === 0 ? 0 : x / n,

@@ -15,6 +15,13 @@ import {
 } from "../../lib/observability/outcome_log.ts";
 import { stopVariant } from "../../lib/gateway/experiments.ts";
 import { renderMetrics } from "../../lib/observability/prometheus.ts";
+import {
+  experimentFigures,
+  type OutcomeRecord,
+  type SessionFeedback,
+} from "../../lib/observability/experiment_stats.ts";
+import { abReport } from "../../tools/ab_report.ts";
+import { seededRandom } from "../_random.ts";
 
 const ok = (ttfdMs: number): TurnOutcome => ({
   ok: true,
@@ -23,6 +30,7 @@ const ok = (ttfdMs: number): TurnOutcome => ({
   tokensIn: 10,
   tokensOut: 5,
 });
+const failedTokens = { totalMs: 4, tokensIn: 0, tokensOut: 0 };
 const failed: TurnOutcome = {
   ok: false,
   errorCode: "context_overflow",
@@ -218,6 +226,151 @@ Deno.test("experiment monitor: a panel refresh reads no stored feedback or outco
     await monitor.close();
   } finally {
     store.close();
+  }
+});
+
+Deno.test("experiment monitor: the panel and the report give the same figures on the same turns and ratings", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let now = 1_000_000_000;
+  try {
+    const monitor = await ExperimentMonitor.open({
+      kv,
+      experiments: new Map([["maze", { salt: "m1", variants: ["a", "b"] }]]),
+      now: () => now,
+    });
+    const next = seededRandom(11);
+    for (let i = 0; i < 3000; i++) {
+      const session = Math.floor(next() * 400);
+      const variant = session % 3 === 0 ? "b" : "a";
+      const requestId = `r${i}`;
+      // First deltas from 20 ms to 5 s, totals to 20 s: both sides of the histogram's exact part.
+      const ttfdMs = 20 + next() ** 3 * 5000;
+      const outcome: TurnOutcome = next() < 0.06
+        ? { ok: false, errorCode: next() < 0.5 ? "engine_unavailable" : "timeout", ...failedTokens }
+        : {
+          ok: true,
+          ttfdMs,
+          totalMs: ttfdMs + next() * 15_000,
+          tokensIn: 40,
+          tokensOut: 10 + Math.floor(next() * 90),
+          ...(next() < 0.05 && { parseFailed: true }),
+        };
+      monitor.turnEnded("maze", `s${session}`, requestId, variant, outcome);
+      now += 7;
+      if (outcome.ok && next() < 0.4) {
+        const rating = next() < 0.2
+          ? { label: "solved", at: now }
+          : { score: variant === "b" ? Math.round(next() * 4) : Math.round(next() * 3), at: now };
+        // As the feedback topic stores it, and then tells the monitor.
+        await kv.set(["feedback", "maze", `s${session}`, requestId], { variant, ...rating });
+        monitor.feedbackStored("maze", { sessionId: `s${session}`, requestId, ...rating });
+      }
+    }
+    // A rating of a request that has no outcome counts on neither side.
+    await kv.set(["feedback", "maze", "s1", "unknown"], { score: 1, at: now });
+    monitor.feedbackStored("maze", { sessionId: "s1", requestId: "unknown", score: 1, at: now });
+    await monitor.flushed();
+    const [panel] = await monitor.panels();
+    const [report] = await abReport(kv, "maze", {});
+    const page = panel.figures;
+    const stored = report.figures;
+    deepEqual(page.verdicts, stored.verdicts);
+    equal(page.variants.length, 2);
+    for (const [i, variant] of page.variants.entries()) {
+      const expected = stored.variants[i];
+      // Percentiles come from the histogram's buckets: exact below 1,024 ms, within 0.55% above.
+      for (const duration of ["ttfdMs", "totalMs"] as const) {
+        for (const q of ["p50", "p95"] as const) {
+          const shown = variant[duration][q]!;
+          const exact = expected[duration][q]!;
+          if (exact < 1024) equal(shown, exact, `${variant.name} ${duration} ${q}`);
+          else {
+            const within = Math.abs(shown - exact) / exact;
+            equal(
+              within <= 0.0055 + 1 / exact,
+              true,
+              `${variant.name} ${duration} ${q}: ${shown} against ${exact}`,
+            );
+          }
+        }
+      }
+      const withoutPercentiles = (v: typeof variant) => ({
+        ...v,
+        ttfdMs: v.ttfdMs.mean,
+        totalMs: v.totalMs.mean,
+      });
+      deepEqual(withoutPercentiles(variant), withoutPercentiles(expected));
+    }
+    // Figures that exercise every part: both variants have errors of two codes, ratings, scores.
+    equal(page.verdicts[0].metric, "feedback_score");
+    equal(Object.keys(page.variants[1].errors).length, 2);
+    equal(page.variants[0].ttfdMs.p95! > 1024 && page.variants[0].ttfdMs.p50! < 1024, true);
+    await monitor.close();
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test("experiment monitor: turns and ratings past the bound or the retention leave the panel as they leave memory", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let now = 1_000_000_000;
+  try {
+    const monitor = await ExperimentMonitor.open({
+      kv,
+      experiments: new Map([["maze", { salt: "m1", variants: ["a", "b"] }]]),
+      maxRecords: 100,
+      retentionMs: 1_000_000,
+      panelCacheMs: 0,
+      now: () => now,
+    });
+    const outcomes: OutcomeRecord[] = [];
+    const feedback: SessionFeedback[] = [];
+    for (let i = 0; i < 250; i++) {
+      const sessionId = `s${i % 30}`;
+      const variant = i % 30 < 10 ? "b" : "a";
+      // Totals (three times the first delta) under 1,024 ms, where the histogram is exact.
+      const outcome = i % 9 === 0 ? failed : ok(50 + (i * 37) % 290);
+      monitor.turnEnded("maze", sessionId, `r${i}`, variant, outcome);
+      outcomes.push({ variant, sessionId, requestId: `r${i}`, ...outcome, at: now });
+      if (outcome.ok && i % 2 === 0) {
+        const rating = { sessionId, requestId: `r${i}`, score: i % 5, at: now };
+        monitor.feedbackStored("maze", rating);
+        feedback.push(rating);
+      }
+      now += 1000;
+    }
+    // Kept: the newest outcomes, a tenth dropped at a time beyond 100 (90 to 100 of them).
+    const held = (list: readonly { readonly at: number }[], max: number) => {
+      let count = 0;
+      for (let i = 0; i < list.length; i++) {
+        count = count + 1 > max ? Math.floor(max * 0.9) : count + 1;
+      }
+      return count;
+    };
+    const kept = outcomes.slice(-held(outcomes, 100));
+    const keptFeedback = feedback.slice(-held(feedback, 100));
+    const expected = experimentFigures(kept, keptFeedback, { variants: ["a", "b"] });
+    deepEqual((await monitor.panels())[0].figures, expected);
+    // Past the retention: what is older than 1,000 s leaves, at the next refresh.
+    now += 1_000_000 - 60_000;
+    const since = now - 1_000_000;
+    const recent = experimentFigures(
+      kept.filter((o) => o.at >= since),
+      keptFeedback.filter((f) => f.at >= since),
+      { variants: ["a", "b"] },
+    );
+    equal(recent.variants[0].requests + recent.variants[1].requests, 60);
+    deepEqual((await monitor.panels())[0].figures, recent);
+    now += 1_000_000;
+    const empty = (await monitor.panels())[0].figures;
+    deepEqual(empty.variants.map((v) => [v.requests, v.sessions, v.feedback]), [[0, 0, 0], [
+      0,
+      0,
+      0,
+    ]]);
+    await monitor.close();
+  } finally {
+    kv.close();
   }
 });
 
