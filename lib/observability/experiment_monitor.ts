@@ -10,7 +10,12 @@
  * a restart loses nothing; from then on they are fed as turns end and as the
  * feedback topic stores a rating ({@linkcode ExperimentMonitor.feedbackStored}),
  * so the panels' refresh reads nothing from the store but the experiment's
- * control (one key) and costs nothing that grows with the stored history. On
+ * control (one key) and costs nothing that grows with the stored history.
+ * They are also kept as running sums ({@linkcode ExperimentTally}, with a
+ * histogram for the percentiles), added to as they come and taken from as
+ * they leave (the bound, the retention): the panels and the guardrail run on
+ * the gateway's thread, so their refresh is a pass over the sessions' sums,
+ * not over every record held. On
  * a shared store (`--kv-url`) they are this instance's turns and feedback
  * from then on plus what the store held at start, while the report reads
  * every instance's.

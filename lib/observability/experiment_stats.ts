@@ -1,6 +1,10 @@
 /**
  * The figures of an A/B experiment, computed from its outcome records and
- * feedback (pure: no clock, no store). Per variant: requests, errors by code,
+ * feedback (pure: no clock, no store), through running sums per variant and
+ * session ({@linkcode ExperimentTally}): the report fills them from the
+ * records at once, the live page as turns end and ratings come, so both give
+ * the same figures; the page's percentiles come from a fixed-bucket
+ * histogram ({@linkcode DurationHistogram}). Per variant: requests, errors by code,
  * time to first delta and total time (p50/p95), tokens, answers that failed
  * to parse, turns per session, feedback rate and mean score, each with a 95%
  * confidence interval; and a plain verdict comparing each variant with the
