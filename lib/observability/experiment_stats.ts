@@ -280,8 +280,9 @@ export class ExperimentTally {
       ...[...data.keys()].filter((name) => !listed.includes(name)).sort(),
     ];
     const z = normalQuantile(1 - alpha / 2);
+    const sums = new Map(names.map((name) => [name, sessionSums(data.get(name))]));
     const variants = names.map((name) =>
-      variantFigures(name, data.get(name) ?? emptyVariant(false), z)
+      variantFigures(name, data.get(name) ?? emptyVariant(false), sums.get(name)!, z)
     );
     const baseline = names[0] ?? "a";
     // More than one comparison with the same baseline: each at alpha / comparisons.
@@ -290,8 +291,8 @@ export class ExperimentTally {
       verdict(
         name,
         baseline,
-        data.get(baseline) ?? emptyVariant(false),
-        data.get(name) ?? emptyVariant(false),
+        sums.get(baseline) ?? sessionSums(undefined),
+        sums.get(name)!,
         alpha / comparisons,
         power,
       )
@@ -476,47 +477,95 @@ function emptyVariant(bucketed: boolean): VariantData {
   };
 }
 
-function variantFigures(name: string, v: VariantData, z: number): VariantFigures {
-  const sessions = [...v.sessions.values()];
-  let requests = 0;
-  let errors = 0;
-  let parseFailures = 0;
-  let feedback = 0;
+/** What a rate counts, summed over a variant's sessions: Σc, Σc², Σc·r (r: a session's requests). */
+interface RateSums {
+  readonly x: number;
+  readonly xx: number;
+  readonly xr: number;
+}
+
+/**
+ * A variant's sessions summed in one pass: what every interval of the figures
+ * needs (the design effects from sums of squares, the per-session means for
+ * the t intervals).
+ */
+interface SessionSums {
+  /** Sessions. */
+  readonly k: number;
+  /** Requests (Σr) and Σr². */
+  readonly n: number;
+  readonly rr: number;
+  readonly errors: RateSums;
+  readonly parseFailures: RateSums;
+  readonly feedback: RateSums;
+  /** Requests of each session with turns. */
+  readonly turns: readonly number[];
+  /** Mean score of each session with a scored rating. */
+  readonly scored: readonly number[];
+  /** Mean time to first delta of each session with one. */
+  readonly ttfds: readonly number[];
+}
+
+function sessionSums(v: VariantData | undefined): SessionSums {
+  let n = 0;
+  let rr = 0;
+  const errors = { x: 0, xx: 0, xr: 0 };
+  const parseFailures = { x: 0, xx: 0, xr: 0 };
+  const feedback = { x: 0, xx: 0, xr: 0 };
+  const add = (sums: { x: number; xx: number; xr: number }, c: number, r: number) => {
+    sums.x += c;
+    sums.xx += c * c;
+    sums.xr += c * r;
+  };
   const turns: number[] = [];
   const scored: number[] = [];
   const ttfds: number[] = [];
-  for (const s of sessions) {
-    requests += s.requests;
-    errors += s.errors;
-    parseFailures += s.parseFailures;
-    feedback += s.feedback;
+  for (const s of v?.sessions.values() ?? []) {
+    n += s.requests;
+    rr += s.requests * s.requests;
+    add(errors, s.errors, s.requests);
+    add(parseFailures, s.parseFailures, s.requests);
+    add(feedback, s.feedback, s.requests);
     if (s.requests > 0) turns.push(s.requests);
     if (s.scores > 0) scored.push(s.scoreSum / s.scores);
     if (s.ttfds > 0) ttfds.push(s.ttfdSum / s.ttfds);
   }
+  return { k: v?.sessions.size ?? 0, n, rr, errors, parseFailures, feedback, turns, scored, ttfds };
+}
+
+function variantFigures(
+  name: string,
+  v: VariantData,
+  sums: SessionSums,
+  z: number,
+): VariantFigures {
   return {
     name,
-    sessions: turns.length,
-    requests,
-    answered: requests - errors,
+    sessions: sums.turns.length,
+    requests: sums.n,
+    answered: sums.n - sums.errors.x,
     errors: { ...v.errors },
-    errorRate: clusteredWilson(sessions, (s) => s.errors, z),
-    ttfdMs: durations(v.ttfds, ttfds, z),
+    errorRate: clusteredWilson(sums, sums.errors, z),
+    ttfdMs: durations(v.ttfds, sums.ttfds, z),
     totalMs: durations(v.totals, [], z),
     tokensIn: v.tokensIn,
     tokensOut: v.tokensOut,
-    parseFailures,
-    parseFailureRate: clusteredWilson(sessions, (s) => s.parseFailures, z),
-    turnsPerSession: meanInterval(turns, z),
-    feedback,
-    feedbackRate: clusteredWilson(sessions, (s) => s.feedback, z),
-    scoredSessions: scored.length,
-    meanScore: meanInterval(scored, z),
+    parseFailures: sums.parseFailures.x,
+    parseFailureRate: clusteredWilson(sums, sums.parseFailures, z),
+    turnsPerSession: meanInterval(sums.turns, z),
+    feedback: sums.feedback.x,
+    feedbackRate: clusteredWilson(sums, sums.feedback, z),
+    scoredSessions: sums.scored.length,
+    meanScore: meanInterval(sums.scored, z),
   };
 }
 
 /** p50 and p95 of the requests' times; the mean over sessions of `perSession`, if given. */
-function durations(values: DurationSample, perSession: number[], z: number): DurationFigures {
+function durations(
+  values: DurationSample,
+  perSession: readonly number[],
+  z: number,
+): DurationFigures {
   return {
     p50: values.percentile(0.5),
     p95: values.percentile(0.95),
@@ -528,17 +577,15 @@ function durations(values: DurationSample, perSession: number[], z: number): Dur
 function verdict(
   name: string,
   baselineName: string,
-  baseline: VariantData,
-  variant: VariantData,
+  a: SessionSums,
+  b: SessionSums,
   alpha: number,
   power: number,
 ): Verdict {
   const z = normalQuantile(1 - alpha / 2);
   const zPower = normalQuantile(power);
-  const scoresOf = (v: VariantData) =>
-    [...v.sessions.values()].filter((s) => s.scores > 0).map((s) => s.scoreSum / s.scores);
-  const scoresA = scoresOf(baseline);
-  const scoresB = scoresOf(variant);
+  const scoresA = a.scored;
+  const scoresB = b.scored;
   let metric: VerdictMetric;
   let difference: Interval;
   /** Per-session variances of each side, and their session counts, for the sample size. */
@@ -554,18 +601,14 @@ function verdict(
     };
   } else {
     metric = "error_rate";
-    const a = [...baseline.sessions.values()];
-    const b = [...variant.sessions.values()];
     difference = rateDifference(a, b, (s) => s.errors, z);
-    const ta = countOver(a, (s) => s.errors);
-    const tb = countOver(b, (s) => s.errors);
-    const pooled = ta.n + tb.n === 0 ? 0 : (ta.x + tb.x) / (ta.n + tb.n);
-    const perSession = (sessions: SessionFigures[], n: number) => {
-      if (n === 0) return 0;
+    const pooled = a.n + b.n === 0 ? 0 : (a.errors.x + b.errors.x) / (a.n + b.n);
+    const perSession = (sums: SessionSums) => {
+      if (sums.n === 0) return 0;
       // A session's share of the variance: p(1-p) times the design effect, per its mean turns.
-      return pooled * (1 - pooled) * designEffect(sessions, (s) => s.errors) * n / sessions.length;
+      return pooled * (1 - pooled) * designEffect(sums, sums.errors) * sums.n / sums.k;
     };
-    sides = { varA: perSession(a, ta.n), varB: perSession(b, tb.n), nA: a.length, nB: b.length };
+    sides = { varA: perSession(a), varB: perSession(b), nA: a.k, nB: b.k };
   }
   // Lower is better for the error rate, higher for the feedback score.
   const better = metric === "feedback_score" ? difference.low > 0 : difference.high < 0;
@@ -613,54 +656,25 @@ export function sessionsNeeded(
   return Math.max(1, Math.ceil(total - sides.nA - sides.nB));
 }
 
-/** The share of requests of `sessions` that `count` counts. */
-function rate(sessions: readonly SessionFigures[], count: (s: SessionFigures) => number): number {
-  const { n, x } = countOver(sessions, count);
-  return n === 0 ? 0 : x / n;
-}
-
-/** The requests of `sessions` (`n`) and what `count` counts of them (`x`), in one pass. */
-function countOver<S extends { readonly requests: number }>(
-  sessions: readonly S[],
-  count: (s: S) => number,
-): { n: number; x: number } {
-  let n = 0;
-  let x = 0;
-  for (const s of sessions) {
-    n += s.requests;
-    x += count(s);
-  }
-  return { n, x };
-}
-
 /**
- * The design effect of a rate over `sessions`: the ratio estimator's variance
- * with sessions as clusters, over the binomial variance; at least 1.
+ * The design effect of a rate over a variant's sessions: the ratio
+ * estimator's variance with sessions as clusters, over the binomial variance;
+ * at least 1. Its sum of squares Σ(c − p·r)² is expanded into the sums kept
+ * (Σc² − 2p·Σc·r + p²·Σr²), all integers.
  */
-export function designEffect<S extends { readonly requests: number }>(
-  sessions: readonly S[],
-  count: (s: S) => number,
-): number {
-  const k = sessions.length;
-  if (k < 2) return 1;
-  const { n, x } = countOver(sessions, count);
-  if (n === 0) return 1;
-  const p = x / n;
+function designEffect(sums: SessionSums, rate: RateSums): number {
+  const { k, n } = sums;
+  if (k < 2 || n === 0) return 1;
+  const p = rate.x / n;
   if (p === 0 || p === 1) return 1;
-  let squares = 0;
-  for (const s of sessions) squares += (count(s) - p * s.requests) ** 2;
+  const squares = Math.max(0, rate.xx - 2 * p * rate.xr + p * p * sums.rr);
   const clustered = (squares / (n * n)) * (k / (k - 1));
   return Math.max(1, clustered / (p * (1 - p) / n));
 }
 
-/** The Wilson interval of the rate `count` over the requests of `sessions`, per its design effect. */
-function clusteredWilson(
-  sessions: readonly SessionFigures[],
-  count: (s: SessionFigures) => number,
-  z: number,
-): Interval {
-  const { n, x } = countOver(sessions, count);
-  return wilson(x, n, z, designEffect(sessions, count));
+/** The Wilson interval of a rate over a variant's requests, per its design effect. */
+function clusteredWilson(sums: SessionSums, rate: RateSums, z: number): Interval {
+  return wilson(rate.x, sums.n, z, designEffect(sums, rate));
 }
 
 /**
@@ -682,19 +696,19 @@ export function wilson(x: number, n: number, z: number, designEffect = 1): Inter
  * widened by its design effect.
  */
 function rateDifference(
-  a: readonly SessionFigures[],
-  b: readonly SessionFigures[],
-  count: (s: SessionFigures) => number,
+  a: SessionSums,
+  b: SessionSums,
+  count: (s: SessionSums) => RateSums,
   z: number,
 ): Interval {
-  const side = (sessions: readonly SessionFigures[]) => {
-    const { n, x } = countOver(sessions, count);
+  const side = (sums: SessionSums) => {
+    const { n } = sums;
+    const { x } = count(sums);
     const adjusted = (x + 1) / (n + 2);
     return {
       p: n === 0 ? 0 : x / n,
       adjusted,
-      variance: (adjusted * (1 - adjusted) * designEffect(sessions, count)) /
-        (n + 2),
+      variance: (adjusted * (1 - adjusted) * designEffect(sums, count(sums))) / (n + 2),
     };
   };
   const sa = side(a);
@@ -869,24 +883,25 @@ function breachesOf(
   const baseline = data.get(variants[0]);
   if (!baseline || baseline.sessions.size < margins.minSessions) return [];
   const breaches: GuardrailBreach[] = [];
-  const a = [...baseline.sessions.values()];
+  const a = sessionSums(baseline);
+  const rate = (sums: SessionSums) => sums.n === 0 ? 0 : sums.errors.x / sums.n;
   for (const name of variants.slice(1)) {
     const v = data.get(name);
     if (!v || v.sessions.size < margins.minSessions) continue;
-    const b = [...v.sessions.values()];
+    const b = sessionSums(v);
     const errors = rateDifference(a, b, (s) => s.errors, z);
     if (errors.low > margins.errorRate) {
       breaches.push({
         variant: name,
         metric: "error_rate",
-        reason: `error rate ${percent(rate(b, (s) => s.errors))} against the baseline's ` +
-          `${percent(rate(a, (s) => s.errors))} (${b.length} and ${a.length} sessions): ` +
+        reason: `error rate ${percent(rate(b))} against the baseline's ` +
+          `${percent(rate(a))} (${b.k} and ${a.k} sessions): ` +
           `more than ${percent(margins.errorRate)} worse at ${percent(1 - alpha)} confidence`,
       });
       continue;
     }
-    const ttfdA = a.filter((s) => s.ttfds > 0).map((s) => s.ttfdSum / s.ttfds);
-    const ttfdB = b.filter((s) => s.ttfds > 0).map((s) => s.ttfdSum / s.ttfds);
+    const ttfdA = a.ttfds;
+    const ttfdB = b.ttfds;
     if (ttfdA.length < margins.minSessions || ttfdB.length < margins.minSessions) continue;
     const slower = welchDifference(ttfdA, ttfdB, 2 * alpha);
     if (slower.low > margins.ttfd * mean(ttfdA)) {
