@@ -308,9 +308,9 @@ export class ExperimentMonitor {
       const control = await this.#control(project, experiment);
       if (control?.winner !== undefined) continue;
       const stopped = new Set(control?.stopped ?? []);
-      const breaches = this.#current(project).breaches(experiment.variants, guardrail).filter((
-        breach,
-      ) => !stopped.has(breach.variant));
+      const breaches = this.#current(project)
+        .breaches(experiment.variants, guardrail)
+        .filter((breach) => !stopped.has(breach.variant));
       for (const breach of breaches) {
         const reason = `guardrail: ${breach.reason}`;
         log.warn("Experiment {experiment} of {project}: variant {variant} stopped, {reason}", {
