@@ -52,6 +52,7 @@
  * @module
  */
 
+import { mixedHash32 } from "../_util.ts";
 import type { EngineLoad } from "./engine_load.ts";
 
 /** How turns are spread over engines. */
@@ -321,7 +322,7 @@ export class Router {
     this.#ring = this.#order
       .flatMap((engine) =>
         Array.from({ length: RING_POINTS }, (_, i) => ({
-          point: hash32(`${engine.slot.id}#${i}`),
+          point: mixedHash32(`${engine.slot.id}#${i}`),
           engine,
         }))
       )
@@ -560,7 +561,7 @@ export class Router {
     let weight = -1;
     for (let i = 0; i < costs.length; i++) {
       if (costs[i] > costs[best] + this.#marginMs / 10) continue;
-      const w = hash32(`${turn.key}\u0000${candidates[i].slot.id}`);
+      const w = mixedHash32(`${turn.key}\u0000${candidates[i].slot.id}`);
       if (w > weight) [chosen, weight] = [i, w];
     }
     return candidates[chosen];
@@ -617,7 +618,7 @@ export class Router {
   }
 
   #onRing(key: string, candidates: ReadonlySet<EngineState>): EngineState {
-    const point = hash32(key);
+    const point = mixedHash32(key);
     let low = 0;
     let high = this.#ring.length;
     while (low < high) {
@@ -686,16 +687,4 @@ export class Router {
 /** The resident key of a project's shared system prompt: `project/`. */
 function sharedKey(sessionKey: string): string {
   return sessionKey.slice(0, sessionKey.indexOf("/") + 1);
-}
-
-/** FNV-1a over UTF-16 code units, then murmur3's finalizer (so that near keys spread). */
-function hash32(text: string): number {
-  let hash = 0x811c9dc5;
-  for (let i = 0; i < text.length; i++) hash = Math.imul(hash ^ text.charCodeAt(i), 0x01000193);
-  hash ^= hash >>> 16;
-  hash = Math.imul(hash, 0x85ebca6b);
-  hash ^= hash >>> 13;
-  hash = Math.imul(hash, 0xc2b2ae35);
-  hash ^= hash >>> 16;
-  return hash >>> 0;
 }
