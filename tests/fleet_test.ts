@@ -78,6 +78,16 @@ async function turn(
   return await client.final(session, requestId, 30_000);
 }
 
+/** Sends a control command for one session and waits for its acknowledgement. */
+async function control(client: TestClient, command: string, session: string): Promise<void> {
+  const before = client.received.length;
+  await client.send(`maze/${command}/${session}`, "");
+  const ack = await client.next((m) =>
+    client.received.indexOf(m) >= before && m.topic.endsWith(`/${session}`)
+  );
+  match(ack.text, /cleared|Deleted/);
+}
+
 /** The service's `/metrics`, as text. */
 async function metrics(port: number): Promise<string> {
   return await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
@@ -128,6 +138,20 @@ test("several engines: a session's turns stay on its engine under light load, an
           status.engine.engines.map((e: { id: string; state: string }) => [e.id, e.state]),
           [["e0", "ready"], ["e1", "ready"], ["e2", "ready"]],
         );
+        // A cleared or deleted session holds no prefix on its engine: its next turn is placed
+        // anew; a session left alone stays home.
+        await control(client, "clear_history", "s0");
+        await control(client, "delete_session", "s1");
+        for (const s of ["s0", "s1", "s2"]) equal((await turn(client, s, 4)).json!.type, "done");
+        const after = await metrics(port);
+        const decided = (reason: string) =>
+          [0, 1, 2].reduce(
+            (sum, i) =>
+              sum +
+              sample(after, "vllm_mqtt_route_decisions_total", `engine="e${i}",reason="${reason}"`),
+            0,
+          );
+        deepEqual([decided("new"), decided("home"), decided("moved_for_load")], [11, 19, 0]);
       },
     );
   });
@@ -566,6 +590,13 @@ test("several engines: two instances in a share group keep each session on one e
           const home = (await kv.get<string>(["route", "maze", session])).value;
           equal(home, `e${[...enginesOf(sims, session)][0]}`, session);
         }
+        // A session cleared or deleted (by whichever instance takes the command) is forgotten
+        // there: the instance that runs its next turn places it anew.
+        await control(client, "clear_history", "sg0");
+        await control(client, "delete_session", "sg1");
+        equal((await kv.get(["route", "maze", "sg0"])).value, null);
+        equal((await kv.get(["route", "maze", "sg1"])).value, null);
+        equal((await kv.get<string>(["route", "maze", "sg2"])).value?.startsWith("e"), true);
       } finally {
         kv.close();
       }

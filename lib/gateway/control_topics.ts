@@ -66,6 +66,12 @@ export interface ControlTopicsOptions {
    * turn would come back with that turn's save).
    */
   readonly inOrder: (target: ReplyTarget, run: () => Promise<void>) => void;
+  /**
+   * Told of each session whose history was cleared or that was deleted, so that its engine is
+   * chosen again (several engines: what they hold of it is no prefix of its next prompt).
+   * @default {undefined}
+   */
+  readonly forgetRoute?: (project: string, sessionId: string) => Promise<void>;
   /** Told of each command carried out for one session (a game's hint topic acknowledges some). */
   readonly acknowledged?: (project: string, command: ControlCommand, sessionId: string) => void;
 }
@@ -204,19 +210,23 @@ export class ControlTopics {
     sessionId: string,
     body: Record<string, unknown>,
   ): Promise<string> {
-    const { store, directory } = this.#options;
+    const { store, directory, forgetRoute } = this.#options;
     const sessions = sessionId === ALL ? directory.sessionsOf(project) : [sessionId];
     const scope = sessionId === ALL
       ? `all ${sessions.length} sessions of ${project}`
       : `session ${sessionId}`;
     switch (command) {
       case "clear_history":
-        for (const id of sessions) await store.clear(project, id);
+        for (const id of sessions) {
+          await store.clear(project, id);
+          await forgetRoute?.(project, id);
+        }
         return `History cleared for ${scope}.`;
       case "delete_session":
         for (const id of sessions) {
           await store.clear(project, id, true);
           directory.forget(project, id);
+          await forgetRoute?.(project, id);
         }
         return `Deleted ${scope}.`;
       case "template": {
@@ -235,7 +245,10 @@ export class ControlTopics {
           await store.setSystemPrompt(project, sessionId, prompt);
         }
         if (reset) {
-          for (const id of sessions) await store.clear(project, id);
+          for (const id of sessions) {
+            await store.clear(project, id);
+            await forgetRoute?.(project, id);
+          }
         }
         return `System prompt ${prompt === undefined ? "restored" : "set"} for ${
           sessionId === ALL ? `project ${project}` : scope

@@ -94,10 +94,19 @@ export class FleetRouting implements TurnEngines {
     this.#router.setHealthy(engine.id, ready && !engine.gaveUp);
   }
 
-  /** Forgets a session (reset): its next turn is a new one. */
-  forget(session: string): void {
+  /**
+   * Forgets a session (reset, cleared or deleted): its next turn is a new one, placed by cost,
+   * here and, through the shared ledger, on every instance that reads it. The project's system
+   * prompt, which the engines that served the project still hold, keeps counting as cached
+   * there: a reset session's next turn goes where that saves most, not necessarily back home.
+   */
+  async forget(session: string): Promise<void> {
     this.#last.delete(session);
     this.#router.forgetSession(session);
+    if (this.#ledger === undefined) return;
+    const slash = session.indexOf("/");
+    await this.#ledger.forget(session.slice(0, slash), session.slice(slash + 1))
+      .catch(() => {}); // The store failing: the recorded home is adopted and moves by cost.
   }
 
   async acquire(
@@ -108,7 +117,7 @@ export class FleetRouting implements TurnEngines {
   ): Promise<EngineLease> {
     const deadline = this.#now() + waitMs;
     // A reset empties the history: what the engines hold of the session is no prefix of it.
-    if (turn.reset) this.forget(turn.session);
+    if (turn.reset) await this.forget(turn.session);
     const routed = this.#routed(turn);
     const excluded = new Set([...exclude].map((index) => this.#fleet.engines[index].id));
     for (;;) {

@@ -127,6 +127,8 @@ export class Gateway {
       publish,
       setPrompt: (project, prompt) => this.#prompts.set(project, prompt),
       defaultPrompt: (project) => options.projects.get(project)!,
+      forgetRoute: async (project, sessionId) =>
+        await this.#turns.engines.forget?.(sessionKey(project, sessionId)),
       acknowledged: (project, command, sessionId) =>
         this.#acknowledgeOnHint(project, command, sessionId),
       inOrder: (target, run) =>

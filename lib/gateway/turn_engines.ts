@@ -67,6 +67,11 @@ export interface TurnEngines {
     waitMs: number,
     signal: AbortSignal,
   ): Promise<EngineLease>;
+  /**
+   * The session's history was cleared, or the session deleted: what the engines hold of it is
+   * no prefix of its next prompt, and its engine is chosen again (none with one engine).
+   */
+  forget?(session: string): Promise<void>;
 }
 
 /** The one engine of a service that has one: each turn waits for it while it is down. */

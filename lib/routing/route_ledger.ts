@@ -50,7 +50,7 @@ export class RouteLedger {
     await this.#kv.set(["route", project, sessionId], engine, { expireIn: this.#ttlMs });
   }
 
-  /** Forgets the session's home (the session was deleted). */
+  /** Forgets the session's home (the session was deleted, or its history cleared). */
   async forget(project: string, sessionId: string): Promise<void> {
     await this.#kv.delete(["route", project, sessionId]);
   }

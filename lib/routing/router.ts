@@ -22,10 +22,17 @@
  * lowest: that wait comes from the engine's recent prefill work (a decaying
  * sum, so paced sessions, which leave nothing in flight between turns, still
  * count), `u / (1 - u)` mean prefills, `u` its recent share of time
- * prefilling. What an engine still holds of a session is modelled per engine
- * as an LRU of sessions (and of each project's shared system prompt) sized in
- * tokens against the engine's KV cache: a session whose engine took more than
- * its cache of other tokens since is taken as evicted, as vLLM's LRU of blocks
+ * prefilling. There its project's system prompt counts as cached on an idle
+ * engine that lacks it (if it has room; the less the busier, none from `u`
+ * 0.5 on): an idle engine pays it once for all the project's sessions it
+ * takes, while counted only where it is, it drew every new session of a light
+ * load to that engine, whose sessions all had to move at the first burst,
+ * history and all; on busy engines, sessions of a project kept together save
+ * the room more copies of its prompt would take from histories. What an
+ * engine still holds of a session is modelled per engine as an LRU of
+ * sessions (and of each project's shared system prompt) sized in tokens
+ * against the engine's KV cache: a session whose engine took more than its
+ * cache of other tokens since is taken as evicted, as vLLM's LRU of blocks
  * would have evicted it. Each engine's prefill rate is measured from its
  * turns' times to first token (the uncached tokens ahead of a turn and its
  * own, over that time). An engine down is no candidate and forgets what it
@@ -52,6 +59,7 @@
  * @module
  */
 
+import { mixedHash32 } from "../_util.ts";
 import type { EngineLoad } from "./engine_load.ts";
 
 /** How turns are spread over engines. */
@@ -321,7 +329,7 @@ export class Router {
     this.#ring = this.#order
       .flatMap((engine) =>
         Array.from({ length: RING_POINTS }, (_, i) => ({
-          point: hash32(`${engine.slot.id}#${i}`),
+          point: mixedHash32(`${engine.slot.id}#${i}`),
           engine,
         }))
       )
@@ -534,7 +542,11 @@ export class Router {
    */
   #cheapest(turn: TurnToRoute, candidates: EngineState[], home?: EngineState): EngineState {
     const now = this.#now();
-    const estimates = candidates.map((engine) => this.#estimate(engine, turn, now));
+    // A new session's system prompt counts as cached on every idle engine with room for it: one
+    // that lacks it pays it once for every session of the project it will take, whereas all of
+    // them placed where it is (as under light load, nothing in flight to tell the engines apart)
+    // have to move, history and all, when the load comes.
+    const estimates = candidates.map((engine) => this.#estimate(engine, turn, now, !home));
     if (home) {
       const here = estimates[candidates.indexOf(home)];
       let best: number | undefined;
@@ -560,7 +572,7 @@ export class Router {
     let weight = -1;
     for (let i = 0; i < costs.length; i++) {
       if (costs[i] > costs[best] + this.#marginMs / 10) continue;
-      const w = hash32(`${turn.key}\u0000${candidates[i].slot.id}`);
+      const w = mixedHash32(`${turn.key}\u0000${candidates[i].slot.id}`);
       if (w > weight) [chosen, weight] = [i, w];
     }
     return candidates[chosen];
@@ -574,8 +586,21 @@ export class Router {
     engine: EngineState,
     turn: TurnToRoute,
     now: number,
+    sharedEverywhere: boolean,
   ): Estimate {
-    const uncached = this.#uncached(engine, turn);
+    // Paced sessions leave nothing in flight between turns: the wait over time comes from the
+    // engine's recent work, u / (1 - u) mean prefills, u its recent share of time prefilling.
+    const windowMs = this.#halfLifeMs / Math.LN2;
+    const utilization = Math.min(
+      MAX_UTILIZATION,
+      (this.#decayed(engine, now) * engine.msPerToken) / windowMs,
+    );
+    // The system prompt where it is not yet: paid once for the project's next sessions there
+    // when the engine is idle; busy, its caches fill, each copy of the prompt takes room from
+    // histories, and sessions of a project kept together save that room. In between, in
+    // proportion: all of it counted as held when idle, none from half busy on.
+    const credit = sharedEverywhere ? Math.max(0, 1 - 2 * utilization) : 0;
+    const uncached = this.#uncached(engine, turn, credit);
     // What is queued there: ours, and requests vLLM reports waiting beyond ours.
     let queuedTokens = engine.uncachedInFlight;
     if (engine.load?.waiting !== undefined && now - engine.loadAt <= this.#loadMaxAgeMs) {
@@ -584,13 +609,6 @@ export class Router {
     // Tokens it would have to evict from a full cache are prefilled again later by someone.
     const overflow = Math.max(0, engine.residentTokens + uncached - engine.cacheTokens);
     const evicted = Math.min(overflow, uncached);
-    // Paced sessions leave nothing in flight between turns: the wait over time comes from the
-    // engine's recent work, u / (1 - u) mean prefills, u its recent share of time prefilling.
-    const windowMs = this.#halfLifeMs / Math.LN2;
-    const utilization = Math.min(
-      MAX_UTILIZATION,
-      (this.#decayed(engine, now) * engine.msPerToken) / windowMs,
-    );
     return {
       uncached,
       msPerToken: engine.msPerToken,
@@ -600,14 +618,22 @@ export class Router {
     };
   }
 
-  /** Estimated tokens of the turn's prompt `engine` does not hold. */
-  #uncached(engine: EngineState, turn: TurnToRoute): number {
+  /**
+   * Estimated tokens of the turn's prompt `engine` does not hold; where it does not hold the
+   * project's system prompt but has room for it, that share of it (`sharedCredit`, 0 to 1) is
+   * counted as held (a full engine would evict others' tokens to hold it).
+   */
+  #uncached(engine: EngineState, turn: TurnToRoute, sharedCredit = 0): number {
     const shared = turn.sharedPrefixTokens ?? 0;
     // The session's previous prompt, where the engine holds it (its size when the caller does
     // not say how much of it this prompt repeats), else the project's system prompt.
     const own = engine.resident.get(turn.key);
     const ownCached = own ? turn.prefixTokens ?? own.tokens + shared : 0;
-    const sharedCached = engine.resident.has(sharedKey(turn.key)) ? shared : 0;
+    const sharedCached = engine.resident.has(sharedKey(turn.key))
+      ? shared
+      : engine.residentTokens + shared <= engine.cacheTokens
+      ? shared * sharedCredit
+      : 0;
     return Math.max(0, turn.promptTokens - Math.max(ownCached, sharedCached));
   }
 
@@ -617,7 +643,7 @@ export class Router {
   }
 
   #onRing(key: string, candidates: ReadonlySet<EngineState>): EngineState {
-    const point = hash32(key);
+    const point = mixedHash32(key);
     let low = 0;
     let high = this.#ring.length;
     while (low < high) {
@@ -686,16 +712,4 @@ export class Router {
 /** The resident key of a project's shared system prompt: `project/`. */
 function sharedKey(sessionKey: string): string {
   return sessionKey.slice(0, sessionKey.indexOf("/") + 1);
-}
-
-/** FNV-1a over UTF-16 code units, then murmur3's finalizer (so that near keys spread). */
-function hash32(text: string): number {
-  let hash = 0x811c9dc5;
-  for (let i = 0; i < text.length; i++) hash = Math.imul(hash ^ text.charCodeAt(i), 0x01000193);
-  hash ^= hash >>> 16;
-  hash = Math.imul(hash, 0x85ebca6b);
-  hash ^= hash >>> 13;
-  hash = Math.imul(hash, 0xc2b2ae35);
-  hash ^= hash >>> 16;
-  return hash >>> 0;
 }

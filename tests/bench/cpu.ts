@@ -95,6 +95,10 @@ export interface CpuResults {
     readonly service_workers_0: RequestFigure;
     /** The services of `BENCH_COMPARE`'s checkouts, default configuration, by checkout. */
     readonly compare?: Record<string, RequestFigure>;
+    /** The service over several engine stand-ins, by their number. */
+    readonly engines?: Record<string, RequestFigure>;
+    /** The service with its own simulated engines, by their number ({@linkcode SIM_ENGINES}). */
+    readonly sim_engines?: Record<string, RequestFigure>;
   };
   readonly per_token: {
     readonly unit: "µs";
@@ -124,6 +128,10 @@ interface Variant {
   readonly args: string[];
   /** Another checkout to run the service from. */
   readonly root?: string;
+  /** Engine stand-ins, each on a thread of the benchmark's process (`--engine-url` lists them). */
+  readonly engines?: number;
+  /** Simulated engines the service runs itself (`--engine sim`), in place of the stand-ins. */
+  readonly simEngines?: number;
 }
 
 /** `BENCH_COMPARE`'s checkouts, as paths ending in `/`. */
@@ -134,6 +142,28 @@ const VARIANTS: readonly Variant[] = [
   { name: "service", args: [] },
   { name: "service_workers_0", args: ["--workers=0"] },
   ...COMPARE_ROOTS.map((root) => ({ name: root, args: [], root })),
+];
+
+/** Simulated engines per answered request: the service's CPU must not grow with their number. */
+export const SIM_ENGINES = [1, 4] as const;
+
+/**
+ * Per answered request only: the service over several engines, routed by the default policy:
+ * {@linkcode SIM_ENGINES}'s last number of stand-ins (the service's own CPU alone), and its
+ * own zero-latency simulated engines, each number of them. The simulators run in the service's
+ * process (Web Workers), so their CPU counts too.
+ */
+const ENGINE_VARIANTS: readonly Variant[] = [
+  {
+    name: `service_engines_${SIM_ENGINES.at(-1)}`,
+    args: [],
+    engines: SIM_ENGINES.at(-1),
+  },
+  ...SIM_ENGINES.map((engines) => ({
+    name: `service_sim_${engines}`,
+    args: ["--engine=sim", `--sim-engines=${engines}`, "--sim-ttft=0", "--sim-itl=0"],
+    simEngines: engines,
+  })),
 ];
 
 /** Something measured: warmed up once, then measured {@linkcode REPEATS} times. */
@@ -169,11 +199,17 @@ async function requestSubject(
   brokerUrl: string,
   variant: Variant,
 ): Promise<Subject<{ cpu: number; rps: number; failed: number }>> {
-  const standIn = await startStandIn({
-    chunks: 1,
-    chunkText: "Noted; here is a short answer.",
-    gapMs: 0,
-  });
+  // With `--engine=sim` the service's own simulators answer (the URL given is not used).
+  const standIns = await Promise.all(
+    Array.from(
+      { length: variant.simEngines === undefined ? variant.engines ?? 1 : 0 },
+      () => startStandIn({ chunks: 1, chunkText: "Noted; here is a short answer.", gapMs: 0 }),
+    ),
+  );
+  const standIn = {
+    url: standIns.map((engine) => engine.url).join(",") || "http://127.0.0.1:9/v1",
+    close: async () => void await Promise.all(standIns.map((engine) => engine.close())),
+  };
   const bench = await run(brokerUrl, standIn, variant.args, 32, variant.root);
   const pid = bench.service.child.pid;
   const tag = crypto.randomUUID().slice(0, 8);
@@ -222,7 +258,7 @@ async function requestSubject(
 /** Service CPU per answered request, each variant. */
 async function perRequest(brokerUrl: string): Promise<CpuResults["per_request"]> {
   const runs = await interleaved(
-    Object.fromEntries(VARIANTS.map((variant) => [
+    Object.fromEntries([...VARIANTS, ...ENGINE_VARIANTS].map((variant) => [
       variant.name,
       () => requestSubject(brokerUrl, variant),
     ])),
@@ -244,6 +280,12 @@ async function perRequest(brokerUrl: string): Promise<CpuResults["per_request"]>
     service_workers_0: figure("service_workers_0"),
     ...(COMPARE_ROOTS.length > 0 &&
       { compare: Object.fromEntries(COMPARE_ROOTS.map((root) => [root, figure(root)])) }),
+    engines: {
+      [SIM_ENGINES.at(-1)!]: figure(ENGINE_VARIANTS[0].name),
+    },
+    sim_engines: Object.fromEntries(
+      SIM_ENGINES.map((engines) => [engines, figure(`service_sim_${engines}`)]),
+    ),
   };
 }
 
@@ -427,6 +469,25 @@ export function cpuTable(results: CpuResults): Record<string, unknown>[] {
   );
   for (const [root, figure] of Object.entries(request.compare ?? {})) {
     row(compared(root), figure, "ms", "", String(figure.rps));
+  }
+  for (const [engines, figure] of Object.entries(request.engines ?? {})) {
+    row(
+      `the same, ${engines} engines (${engines} stand-ins, --engine-url listing them)`,
+      figure,
+      "ms",
+      `≤ ${request.service.median} ms (1 engine)`,
+      String(figure.rps),
+    );
+  }
+  const one = request.sim_engines?.[SIM_ENGINES[0]];
+  for (const [engines, figure] of Object.entries(request.sim_engines ?? {})) {
+    row(
+      `the same, --engine sim --sim-engines ${engines} (zero latency, simulators in the process)`,
+      figure,
+      "ms",
+      Number(engines) === SIM_ENGINES[0] ? "" : `≤ ${one?.median} ms (1 engine)`,
+      String(figure.rps),
+    );
   }
   for (const rowsOf of [token.paced, token.back_to_back]) {
     const pacing = rowsOf.gap_ms > 0 ? `paced: a chunk every ${rowsOf.gap_ms} ms` : "back to back";

@@ -8,7 +8,9 @@
  * `gapMs` milliseconds, each its own chunked frame, as an engine sends tokens
  * while it generates them. It does as little work per request as it can
  * (events are encoded once), so that the machine's cores go to what is
- * measured.
+ * measured. Its `/metrics` is about as long as vLLM's (histograms with their
+ * buckets make most of it, 40 KB), so that reading it every few seconds, as the
+ * service does with several engines, costs what it costs against vLLM.
  *
  * @module
  */
@@ -26,6 +28,47 @@ export interface StandInOptions {
 }
 
 const encoder = new TextEncoder();
+
+/**
+ * A `/metrics` text of vLLM's length: the gauges and counters the service reads, and histograms
+ * (time to first token, between tokens, end to end, queue, prefill, decode, tokens...) with
+ * vLLM's label set and buckets.
+ */
+function metricsText(): string {
+  const labels = 'engine="0",model_name="bench-model"';
+  const lines = [
+    `vllm:num_requests_running{${labels}} 0.0`,
+    `vllm:num_requests_waiting{${labels}} 0.0`,
+    `vllm:kv_cache_usage_perc{${labels}} 0.0`,
+    `vllm:prefix_cache_queries_total{${labels}} 0.0`,
+    `vllm:prefix_cache_hits_total{${labels}} 0.0`,
+    'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="65536"} 1.0',
+  ];
+  const histograms = [
+    "time_to_first_token_seconds",
+    "inter_token_latency_seconds",
+    "e2e_request_latency_seconds",
+    "request_queue_time_seconds",
+    "request_inference_time_seconds",
+    "request_prefill_time_seconds",
+    "request_decode_time_seconds",
+    "request_prompt_tokens",
+    "request_generation_tokens",
+    "request_max_num_generation_tokens",
+    "request_params_max_tokens",
+    "iteration_tokens_total",
+    "request_time_per_output_token_seconds",
+  ];
+  for (const name of histograms) {
+    lines.push(`# HELP vllm:${name} Histogram of ${name}.`, `# TYPE vllm:${name} histogram`);
+    for (let bucket = 0; bucket < 30; bucket++) {
+      lines.push(`vllm:${name}_bucket{${labels},le="${2 ** (bucket - 10)}"} 0.0`);
+    }
+    lines.push(`vllm:${name}_bucket{${labels},le="+Inf"} 0.0`);
+    lines.push(`vllm:${name}_count{${labels}} 0.0`, `vllm:${name}_sum{${labels}} 0.0`);
+  }
+  return lines.join("\n") + "\n";
+}
 const event = (payload: unknown) => encoder.encode(`data: ${JSON.stringify(payload)}\n\n`);
 
 function serve({ chunks, chunkText, gapMs }: StandInOptions): string {
@@ -45,10 +88,14 @@ function serve({ chunks, chunkText, gapMs }: StandInOptions): string {
   // About 4 characters a token, at least one: within the service's bounds of a usage figure.
   const tokensOf = (chars: number) => Math.max(1, Math.ceil(chars / 4));
   const completionTokens = chunks;
+  const metrics = encoder.encode(metricsText());
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
     const path = new URL(req.url).pathname;
     if (path === "/v1/models") {
       return Response.json({ object: "list", data: [{ id: "bench-model", object: "model" }] });
+    }
+    if (path === "/metrics") {
+      return new Response(metrics, { headers: { "content-type": "text/plain; version=0.0.4" } });
     }
     if (path === "/tokenize") {
       const { prompt } = await req.json();

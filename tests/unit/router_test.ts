@@ -105,13 +105,15 @@ Deno.test("router: cache-aware keeps a session's turns on its home engine under 
   equal(r.homeOf("p/a"), first.engine);
 });
 
-Deno.test("router: a new session of a project finds its system prompt cached where the project ran", () => {
+Deno.test("router: a new session of a project finds its system prompt cached where the project ran, and only there", () => {
   const { router: r } = router("cache-aware");
   const first = turn(r, nth("p/a", 0));
-  const other = r.route(nth("p/b", 0))!;
+  const others = new Set(FOUR.map((e) => e.id).filter((id) => id !== first.engine));
   // Where the system prompt is, only the session's own 500 tokens are prefilled.
-  equal(other.engine, first.engine);
-  equal(other.uncachedTokens, 500);
+  const there = r.route(nth("p/b", 0), others)!;
+  deepEqual([there.engine, there.uncachedTokens], [first.engine, 500]);
+  const elsewhere = r.route(nth("p/b", 0), new Set([first.engine]))!;
+  equal(elsewhere.uncachedTokens, 1500);
 });
 
 Deno.test("router: a hot engine sheds new work, and a session moves when another engine saves the margin", () => {
@@ -343,4 +345,50 @@ Deno.test("router: on a busy engine a move must save more, since its history's p
   idle.started(idleHome, { engine: idleHome, reason: "new", uncachedTokens: 10_000 });
   const moved = idle.route({ ...nth("p/a", 1), promptTokens: 6500, prefixTokens: 6000 })!;
   deepEqual([moved.reason, moved.engine !== idleHome], ["moved_for_load", true]);
+});
+
+Deno.test("router: under light load new sessions spread over the engines, not all where the system prompt went first", () => {
+  const three = FOUR.slice(0, 3);
+  const { router: r, clock } = router("cache-aware", {}, three);
+  // One session at a time, nothing in flight when the next comes; the engines answer in a
+  // fixed 50 ms plus 0.1 ms a token not cached, as vLLM's time to first token goes.
+  const place = (key: string) => {
+    clock.now += 2000;
+    const d = r.route(nth(key, 0))!;
+    r.started(d.engine, d);
+    r.finished(d.engine, d, { ok: true, ttftMs: 50 + d.uncachedTokens / 10 });
+    return d.engine;
+  };
+  const first = place("p/s0");
+  const next = Array.from({ length: 9 }, (_, i) => place(`p/s${i + 1}`));
+  const counts = three.map(({ id }) => [first, ...next].filter((e) => e === id).length);
+  // Spreading costs each engine the system prompt once; piling up costs, at the first burst,
+  // moving sessions and prefilling their histories again.
+  ok(counts.every((n) => n >= 2), `sessions per engine: ${counts}`);
+  // Each decision still says what the engine it chose has to prefill.
+  for (const key of ["p/t0", "p/t1", "p/t2"]) {
+    const d = r.route(nth(key, 0))!;
+    equal(d.uncachedTokens, 500);
+  }
+});
+
+Deno.test("router: on busy engines a new session goes where its project's system prompt is", () => {
+  const two = FOUR.slice(0, 2);
+  const { router: r, clock } = router("cache-aware", { marginMs: 50, recentHalfLifeMs: 1000 }, two);
+  // Each project's prompt on one engine (idle, they spread).
+  const projects = Array.from({ length: 6 }, (_, i) => `q${i}`);
+  for (const p of projects) turn(r, nth(`${p}/first`, 0));
+  const homes = projects.map((p) => r.homeOf(`${p}/first`)!);
+  equal(new Set(homes).size, 2);
+  // Both engines busy prefilling most of the last two seconds.
+  for (let step = 0; step < 20; step++) {
+    clock.now += 100;
+    for (const { id } of two) {
+      const work = { engine: id, reason: "new" as const, uncachedTokens: 1100 };
+      r.started(id, work);
+      r.finished(id, work, { ok: true });
+    }
+  }
+  // Sessions of a project kept together save the cache room more copies of its prompt take.
+  deepEqual(projects.map((p) => r.route(nth(`${p}/new`, 0))!.engine), homes);
 });
