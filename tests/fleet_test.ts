@@ -419,6 +419,32 @@ test("several engines: an engine killed mid-run loses no acknowledged turn; it c
   });
 });
 
+/** Starts the service on two engines that do not serve `adapter`, which `project` asks for. */
+async function startRefusedForAdapter(dir: string, project: string, adapter: string) {
+  await withSimulators(2, {}, async (sims) => {
+    const broker = await startMosquitto();
+    const dataDir = await tempDir("vllm-mqtt-data-");
+    try {
+      const refused = await startService([
+        "--engine=url",
+        `--engine-url=${sims.map((sim) => sim.url).join(",")}`,
+        `--mqtt-url=${broker.url}`,
+        `--data-dir=${dataDir}`,
+        `--prompts-dir=${dir}`,
+        `--projects=${project}`,
+      ], { expectExit: true });
+      assert(await refused.stop() !== 0);
+      match(
+        refused.log(),
+        new RegExp(`asks for ${adapter}, which none of the engines \\(.*\\) serves`),
+      );
+    } finally {
+      await broker.close();
+      await removeTempDir(dataDir);
+    }
+  });
+}
+
 test("several engines: a project's adapter goes only to the engines that serve it", async () => {
   const dir = await tempDir("vllm-mqtt-prompts-");
   await Deno.writeTextFile(`${dir}/tuned.md`, "---\nmodel: maze-lora\n---\n# Tuned\n");
@@ -454,25 +480,7 @@ test("several engines: a project's adapter goes only to the engines that serve i
       },
     );
     // No engine serving it: the start stops, saying so.
-    await withSimulators(2, {}, async (sims) => {
-      const broker = await startMosquitto();
-      const dataDir = await tempDir("vllm-mqtt-data-");
-      try {
-        const refused = await startService([
-          "--engine=url",
-          `--engine-url=${sims.map((sim) => sim.url).join(",")}`,
-          `--mqtt-url=${broker.url}`,
-          `--data-dir=${dataDir}`,
-          `--prompts-dir=${dir}`,
-          "--projects=tuned",
-        ], { expectExit: true });
-        assert(await refused.stop() !== 0);
-        match(refused.log(), /asks for maze-lora, which none of the engines \(.*\) serves/);
-      } finally {
-        await broker.close();
-        await removeTempDir(dataDir);
-      }
-    });
+    await startRefusedForAdapter(dir, "tuned", "maze-lora");
   } finally {
     await removeTempDir(dir);
   }
@@ -529,25 +537,7 @@ test("several engines: an experiment's adapter variant goes only to the engines 
       },
     );
     // No engine serving it: the start stops, naming the adapter.
-    await withSimulators(2, {}, async (sims) => {
-      const broker = await startMosquitto();
-      const dataDir = await tempDir("vllm-mqtt-data-");
-      try {
-        const refused = await startService([
-          "--engine=url",
-          `--engine-url=${sims.map((sim) => sim.url).join(",")}`,
-          `--mqtt-url=${broker.url}`,
-          `--data-dir=${dataDir}`,
-          `--prompts-dir=${dir}`,
-          "--projects=maze",
-        ], { expectExit: true });
-        assert(await refused.stop() !== 0);
-        match(refused.log(), /asks for maze-lora-v2, which none of the engines \(.*\) serves/);
-      } finally {
-        await broker.close();
-        await removeTempDir(dataDir);
-      }
-    });
+    await startRefusedForAdapter(dir, "maze", "maze-lora-v2");
   } finally {
     await removeTempDir(dir);
   }
