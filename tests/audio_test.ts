@@ -27,8 +27,14 @@ import {
   type ServiceProcess,
   type TestClient,
   withService,
-  withServiceOn,
 } from "./_helpers.ts";
+import {
+  lastUserContent,
+  type Recorded,
+  type RecordingEngine,
+  startRecordingEngine,
+  withRecordingEngine,
+} from "./_recording_engine.ts";
 
 const FIXTURES = new URL("./fixtures/audio/", import.meta.url);
 const clip = (name: string) => Deno.readFileSync(new URL(name, FIXTURES));
@@ -455,19 +461,12 @@ Deno.test("audio: a clip sent without its base64 padding goes to the engine padd
 // ---------------------------------------------------------------------------------------------
 // End to end, against a stand-in engine that records what it is sent.
 
-interface Recorded {
-  messages: { role: string; content: unknown }[];
-}
-
-interface StandIn {
-  readonly url: string;
-  readonly requests: Recorded[];
+interface StandIn extends RecordingEngine {
   /**
    * `audio`: answers; `text-only`: refuses as vLLM 0.11 does for a text-only
    * model; `vision-only`: as it does for a model that takes images but no audio.
    */
   mode: "audio" | "text-only" | "vision-only" | "no-loader";
-  close(): Promise<void>;
 }
 
 const hasAudio = (body: Recorded) =>
@@ -477,47 +476,24 @@ const hasAudio = (body: Recorded) =>
   );
 
 function startStandIn(): StandIn {
-  const requests: Recorded[] = [];
   const standIn = { mode: "audio" as StandIn["mode"] };
-  const event = (body: unknown) => `data: ${JSON.stringify(body)}\n\n`;
-  const base = { id: "chatcmpl-1", object: "chat.completion.chunk", created: 0, model: "stand-in" };
-  const answer = [
-    event({
-      ...base,
-      choices: [{ index: 0, delta: { role: "assistant", content: "Heard." }, finish_reason: null }],
-    }),
-    event({ ...base, choices: [{ index: 0, delta: {}, finish_reason: "stop" }] }),
-    event({
-      ...base,
-      choices: [],
-      usage: { prompt_tokens: 300, completion_tokens: 2, total_tokens: 302 },
-    }),
-    "data: [DONE]\n\n",
-  ].join("");
   const refusal = (message: string) =>
     Response.json(
       { error: { message, type: "BadRequestError", param: null, code: 400 } },
       { status: 400 },
     );
-  const server = Deno.serve(
-    { port: 0, hostname: "127.0.0.1", onListen: () => {} },
-    async (request) => {
-      const { pathname } = new URL(request.url);
-      if (pathname === "/v1/models") {
-        return Response.json({ object: "list", data: [{ id: "stand-in", object: "model" }] });
-      }
-      if (pathname !== "/v1/chat/completions") return new Response("no", { status: 404 });
-      const body = await request.json() as Recorded;
-      requests.push(body);
+  const engine = startRecordingEngine({
+    text: "Heard.",
+    usage: { prompt_tokens: 300, completion_tokens: 2 },
+    refuse: (body) => {
+      if (!hasAudio(body)) return undefined;
       // vLLM's words: the processor's ValueError, with its cause ("None") appended.
-      if (hasAudio(body) && standIn.mode === "text-only") {
-        return refusal("stand-in is not a multimodal model None");
-      }
-      if (hasAudio(body) && standIn.mode === "vision-only") {
+      if (standIn.mode === "text-only") return refusal("stand-in is not a multimodal model None");
+      if (standIn.mode === "vision-only") {
         return refusal("At most 0 audio(s) may be provided in one prompt. None");
       }
       // A vLLM without its audio extra, where the loader's ImportError reaches the client.
-      if (hasAudio(body) && standIn.mode === "no-loader") {
+      if (standIn.mode === "no-loader") {
         return Response.json({
           error: {
             message: "Please install vllm[audio] for audio support",
@@ -527,34 +503,16 @@ function startStandIn(): StandIn {
           },
         }, { status: 500 });
       }
-      return new Response(answer, { headers: { "content-type": "text/event-stream" } });
     },
-  );
-  const { port } = server.addr as Deno.NetAddr;
-  return Object.assign(standIn, {
-    url: `http://127.0.0.1:${port}/v1`,
-    requests,
-    close: () => server.shutdown(),
   });
+  return Object.assign(standIn, engine);
 }
 
 /** Runs `fn` against a fresh broker, stand-in engine, service (one worker) and client. */
-async function withStandIn(
+const withStandIn = (
   args: string[],
   fn: (f: { engine: StandIn; client: TestClient; service: ServiceProcess }) => Promise<void>,
-): Promise<void> {
-  const engine = startStandIn();
-  try {
-    await withServiceOn(engine.url, {
-      args: ["--projects=maze", "--workers=1", "--rate-limit=0", "--engine-retries=2", ...args],
-    }, ({ client, service }) => fn({ engine, client, service }));
-  } finally {
-    await engine.close();
-  }
-}
-
-const lastUserContent = (engine: StandIn) =>
-  engine.requests.at(-1)!.messages.findLast((m) => m.role === "user")!.content;
+) => withRecordingEngine(startStandIn(), args, fn);
 
 test("a clip of each format reaches the engine as the part vLLM takes; the next turn's history holds their marker, not them", async () => {
   await withStandIn(

@@ -25,8 +25,14 @@ import {
   tempDir,
   type TestClient,
   withService,
-  withServiceOn,
 } from "./_helpers.ts";
+import {
+  lastUserContent,
+  type Recorded,
+  type RecordingEngine,
+  startRecordingEngine,
+  withRecordingEngine,
+} from "./_recording_engine.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Images made by hand.
@@ -281,16 +287,9 @@ Deno.test("images: token estimate follows Qwen2.5-VL's 28-pixel patches", () => 
 // ---------------------------------------------------------------------------------------------
 // End to end, against a stand-in engine that records what it is sent.
 
-interface Recorded {
-  messages: { role: string; content: unknown }[];
-}
-
-interface StandIn {
-  readonly url: string;
-  readonly requests: Recorded[];
+interface StandIn extends RecordingEngine {
   /** `vision` answers; `text-only` refuses images as vLLM does for a text-only model. */
   mode: "vision" | "text-only" | "text-only-old";
-  close(): Promise<void>;
 }
 
 const hasImages = (body: Recorded) =>
@@ -299,43 +298,13 @@ const hasImages = (body: Recorded) =>
   );
 
 function startStandIn(): StandIn {
-  const requests: Recorded[] = [];
-  const standIn = {
-    mode: "vision" as StandIn["mode"],
-  };
-  const sse = (text: string) => {
-    const event = (body: unknown) => `data: ${JSON.stringify(body)}\n\n`;
-    const base = {
-      id: "chatcmpl-1",
-      object: "chat.completion.chunk",
-      created: 0,
-      model: "stand-in",
-    };
-    return [
-      event({
-        ...base,
-        choices: [{ index: 0, delta: { role: "assistant", content: text }, finish_reason: null }],
-      }),
-      event({ ...base, choices: [{ index: 0, delta: {}, finish_reason: "stop" }] }),
-      event({
-        ...base,
-        choices: [],
-        usage: { prompt_tokens: 400, completion_tokens: 3, total_tokens: 403 },
-      }),
-      "data: [DONE]\n\n",
-    ].join("");
-  };
-  const server = Deno.serve(
-    { port: 0, hostname: "127.0.0.1", onListen: () => {} },
-    async (request) => {
-      const { pathname } = new URL(request.url);
-      if (pathname === "/v1/models") {
-        return Response.json({ object: "list", data: [{ id: "stand-in", object: "model" }] });
-      }
-      if (pathname !== "/v1/chat/completions") return new Response("no", { status: 404 });
-      const body = await request.json() as Recorded;
-      requests.push(body);
-      if (hasImages(body) && standIn.mode === "text-only") {
+  const standIn = { mode: "vision" as StandIn["mode"] };
+  const engine = startRecordingEngine({
+    text: "Answer.",
+    usage: { prompt_tokens: 400, completion_tokens: 3 },
+    refuse: (body) => {
+      if (!hasImages(body)) return undefined;
+      if (standIn.mode === "text-only") {
         return Response.json({
           error: {
             message: "stand-in is not a multimodal model None",
@@ -345,7 +314,7 @@ function startStandIn(): StandIn {
           },
         }, { status: 400 });
       }
-      if (hasImages(body) && standIn.mode === "text-only-old") {
+      if (standIn.mode === "text-only-old") {
         // vLLM before 0.10.1: the error at the top level.
         return Response.json({
           object: "error",
@@ -355,34 +324,16 @@ function startStandIn(): StandIn {
           code: 400,
         }, { status: 400 });
       }
-      return new Response(sse("Answer."), { headers: { "content-type": "text/event-stream" } });
     },
-  );
-  const { port } = server.addr as Deno.NetAddr;
-  return Object.assign(standIn, {
-    url: `http://127.0.0.1:${port}/v1`,
-    requests,
-    close: () => server.shutdown(),
   });
+  return Object.assign(standIn, engine);
 }
 
 /** Runs `fn` against a fresh broker, stand-in engine, service (one worker) and client. */
-async function withStandIn(
+const withStandIn = (
   args: string[],
   fn: (f: { engine: StandIn; client: TestClient; service: ServiceProcess }) => Promise<void>,
-): Promise<void> {
-  const engine = startStandIn();
-  try {
-    await withServiceOn(engine.url, {
-      args: ["--projects=maze", "--workers=1", "--rate-limit=0", "--engine-retries=2", ...args],
-    }, ({ client, service }) => fn({ engine, client, service }));
-  } finally {
-    await engine.close();
-  }
-}
-
-const lastUserContent = (engine: StandIn) =>
-  engine.requests.at(-1)!.messages.findLast((m) => m.role === "user")!.content;
+) => withRecordingEngine(startStandIn(), args, fn);
 
 test("a PNG and a JPEG reach the engine as content parts; the next turn's history holds their marker, not them", async () => {
   await withStandIn([], async ({ engine, client }) => {
