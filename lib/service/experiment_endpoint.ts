@@ -19,6 +19,7 @@
 import type { Experiments } from "../gateway/experiments.ts";
 import { isLoopback } from "../observability/dashboard.ts";
 import { DashboardAuth } from "../observability/dashboard_auth.ts";
+import { json, plainText } from "../observability/_util.ts";
 
 const PREFIX = "/operator/experiments";
 
@@ -144,15 +145,4 @@ function readDecision(
     stop: stop as string,
     reason: (reason as string | undefined) ?? "stopped by the operator",
   };
-}
-
-function plainText(body: string, status: number, headers: Record<string, string> = {}): Response {
-  return new Response(body, {
-    status,
-    headers: { "content-type": "text/plain; charset=utf-8", ...headers },
-  });
-}
-
-function json(body: unknown): Response {
-  return Response.json(body, { headers: { "cache-control": "no-store" } });
 }
