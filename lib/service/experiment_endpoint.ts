@@ -61,11 +61,8 @@ export class ExperimentEndpoint {
         403,
       );
     }
-    const throttled = this.#auth.throttled(client);
-    if (throttled) return throttled;
-    if (!(await this.#auth.authorized(request, client))) {
-      return this.#auth.throttled(client) ?? this.#auth.refusal(request, path);
-    }
+    const refused = await this.#auth.gate(request, client, path);
+    if (refused) return refused;
     const experiments = this.#options.experiments();
     const project = decodeURIComponent(path.slice(PREFIX.length + 1));
     const running = this.#options.projects.filter((p) => experiments?.experiment(p));
