@@ -34,6 +34,7 @@ import {
   readOutcomes,
   type TimeRange,
 } from "../lib/observability/outcome_log.ts";
+import { openKv } from "../lib/sessions/_util.ts";
 
 /** One experiment's report. */
 export interface ExperimentReport {
@@ -177,7 +178,8 @@ async function main(args: string[]): Promise<number> {
     }
     throw error;
   }
-  const kv = await Deno.openKv(path);
+  // The service may hold the store's lock a moment (its writes): tried again, as the service does.
+  const kv = await openKv(path);
   try {
     const reports = await abReport(kv, flags.project, range);
     if (reports.length === 0) {

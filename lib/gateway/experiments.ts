@@ -371,7 +371,7 @@ export async function stopVariant(
  * Ends `project`'s experiment `experiment` (its salt): every session, running
  * ones too, gets `winner`.
  */
-export async function endExperiment(
+async function endExperiment(
   kv: Deno.Kv,
   project: string,
   experiment: string,

@@ -119,13 +119,17 @@ export class FleetRouting implements TurnEngines {
     // A reset empties the history: what the engines hold of the session is no prefix of it.
     if (turn.reset) await this.forget(turn.session);
     const routed = this.#routed(turn);
-    const excluded = new Set([...exclude].map((index) => this.#fleet.engines[index].id));
+    // Most turns exclude none: no set built for them.
+    const excluded = exclude.size === 0
+      ? undefined
+      : new Set([...exclude].map((index) => this.#fleet.engines[index].id));
     for (;;) {
       signal.throwIfAborted();
-      // Another engine than those that failed the turn; failing that, one of those, back.
+      // Another engine than those that failed the turn; failing that, one of those, back (with
+      // none excluded, the same question again would get the same answer).
       const decision = (this.#ledger
         ? await this.#ledger.route(this.#router, routed, excluded)
-        : this.#router.route(routed, excluded)) ?? this.#router.route(routed);
+        : this.#router.route(routed, excluded)) ?? (excluded && this.#router.route(routed));
       const engine = decision && this.#fleet.engines.find((e) =>
         e.id === decision.engine
       );

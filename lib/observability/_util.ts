@@ -1,6 +1,6 @@
 /**
  * The live page's HTTP answers, with the headers every one of them needs.
- * Private to `lib/observability/`.
+ * Private to `lib/` (the operator's experiment paths answer with them too).
  *
  * @module
  */

@@ -109,11 +109,8 @@ export class Dashboard {
     if (path === "/dashboard/login" && request.method === "POST") {
       return await this.#auth.login(request, client);
     }
-    const throttled = this.#auth.throttled(client);
-    if (throttled) return throttled;
-    if (!(await this.#auth.authorized(request, client))) {
-      return this.#auth.throttled(client) ?? this.#auth.refusal(request, path);
-    }
+    const refused = await this.#auth.gate(request, client, path);
+    if (refused) return refused;
     if (path === "/dashboard/try") {
       if (!this.#options.tryIt) return plainText("try it is turned off on this service\n", 404);
       if (request.method !== "POST") {

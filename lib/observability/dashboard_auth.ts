@@ -56,6 +56,17 @@ export class DashboardAuth {
   }
 
   /**
+   * The answer to a request the token does not let through (`client` throttled, or no right
+   * token shown: {@linkcode refusal}); undefined when it may go on.
+   */
+  async gate(request: Request, client: string, path: string): Promise<Response | undefined> {
+    const throttled = this.throttled(client);
+    if (throttled) return throttled;
+    if (await this.authorized(request, client)) return undefined;
+    return this.throttled(client) ?? this.refusal(request, path);
+  }
+
+  /**
    * The answer to `client` (its address) while it is throttled for sending
    * wrong tokens: a 429 with the seconds to wait, its token left unchecked.
    */

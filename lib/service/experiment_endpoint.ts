@@ -19,6 +19,7 @@
 import type { Experiments } from "../gateway/experiments.ts";
 import { isLoopback } from "../observability/dashboard.ts";
 import { DashboardAuth } from "../observability/dashboard_auth.ts";
+import { json, plainText } from "../observability/_util.ts";
 
 const PREFIX = "/operator/experiments";
 
@@ -60,11 +61,8 @@ export class ExperimentEndpoint {
         403,
       );
     }
-    const throttled = this.#auth.throttled(client);
-    if (throttled) return throttled;
-    if (!(await this.#auth.authorized(request, client))) {
-      return this.#auth.throttled(client) ?? this.#auth.refusal(request, path);
-    }
+    const refused = await this.#auth.gate(request, client, path);
+    if (refused) return refused;
     const experiments = this.#options.experiments();
     const project = decodeURIComponent(path.slice(PREFIX.length + 1));
     const running = this.#options.projects.filter((p) => experiments?.experiment(p));
@@ -144,15 +142,4 @@ function readDecision(
     stop: stop as string,
     reason: (reason as string | undefined) ?? "stopped by the operator",
   };
-}
-
-function plainText(body: string, status: number, headers: Record<string, string> = {}): Response {
-  return new Response(body, {
-    status,
-    headers: { "content-type": "text/plain; charset=utf-8", ...headers },
-  });
-}
-
-function json(body: unknown): Response {
-  return Response.json(body, { headers: { "cache-control": "no-store" } });
 }

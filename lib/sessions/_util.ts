@@ -1,5 +1,6 @@
 /**
- * Helpers shared by the session modules. Private to `lib/sessions/`.
+ * Helpers shared by the modules that use a Deno KV store (sessions, experiments, the routing
+ * ledger, `tools/ab_report.ts`). Private to this repository.
  *
  * @module
  */
